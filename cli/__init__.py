@@ -1,0 +1,1 @@
+"""The `surgery` command line: thin Typer commands over the `surgery` library."""

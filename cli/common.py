@@ -1,0 +1,71 @@
+"""What every command shares: consoles, the error contract, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def console(stderr: bool = False):
+    """A rich console that writes plain text when NO_COLOR is set or the stream is not a terminal."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
+    return Console(file=stream, no_color=plain, highlight=False, soft_wrap=plain,
+                   force_terminal=False if plain else None, width=120 if plain else None)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    return typer.Exit(code)
+
+
+def handles_errors(fn: F) -> F:
+    """Map the library's SurgeryError to one line on stderr and exit code 2; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from surgery.errors import SurgeryError
+
+        try:
+            return fn(*args, **kwargs)
+        except SurgeryError as e:
+            raise fail(e.one_line(), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was left half-written", 130) from None
+        except BrokenPipeError:  # `surgery inspect x --keys | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    if n >= 1_000_000_000:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f}K"
+    return str(n)

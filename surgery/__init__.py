@@ -1,0 +1,41 @@
+"""surgery: inspect, clean, adapt and fine-tune PyTorch checkpoints.
+
+Importing the package is cheap: torch is imported only by functions that need tensors.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "open": ("surgery.formats", "open_checkpoint"),
+    "open_checkpoint": ("surgery.formats", "open_checkpoint"),
+    "Checkpoint": ("surgery.checkpoint", "Checkpoint"),
+    "TensorInfo": ("surgery.checkpoint", "TensorInfo"),
+    "SurgeryError": ("surgery.errors", "SurgeryError"),
+    "inspect": ("surgery.report", "inspect"),
+    "diff": ("surgery.report", "diff"),
+    "remap": ("surgery.remap", "remap"),
+    "Rules": ("surgery.remap", "Rules"),
+    "strip_prefix": ("surgery.remap", "strip_prefix"),
+    "add_prefix": ("surgery.remap", "add_prefix"),
+    "rename": ("surgery.remap", "rename"),
+    "drop": ("surgery.remap", "drop"),
+    "keep": ("surgery.remap", "keep"),
+    "auto_strip": ("surgery.remap", "auto_strip"),
+    "cast": ("surgery.remap", "cast"),
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        mod, attr = _EXPORTS[name]
+        value = getattr(import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")

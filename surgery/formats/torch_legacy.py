@@ -1,0 +1,52 @@
+"""torch.save's legacy format (torch < 1.6, or ``_use_new_zipfile_serialization=False``).
+
+A run of pickles: magic number, protocol version, system info, the object (storages as persistent
+ids), the list of storage keys; then each storage as an int64 element count and its raw bytes.
+Read with the restricted unpickler; storage bytes are located by seeking, never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, itemsize
+from ..errors import FormatError
+from .torch_pickle import unpickle
+from .torch_zip import checkpoint_from_pickle
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+# The first bytes of every legacy file: PROTO 2, LONG1 of 10 bytes, then the magic number.
+SIGNATURE = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+
+
+def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
+    src = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = [unpickle(f, src).obj for _ in range(3)]
+        if head[0] != MAGIC_NUMBER or head[1] != PROTOCOL_VERSION or not isinstance(head[2], dict):
+            raise FormatError(f"{src}: legacy torch header is corrupt (magic/protocol mismatch)")
+        if not head[2].get("little_endian", True):
+            raise FormatError(f"{src}: big-endian checkpoints are not supported")
+        up = unpickle(f, src, accept)
+        keys = unpickle(f, src).obj
+        if not isinstance(keys, list) or set(map(str, keys)) != set(up.storages):
+            raise FormatError(f"{src}: storage key list does not match the storages the checkpoint uses")
+        offsets: dict[str, tuple[int, int]] = {}
+        pos = f.tell()
+        for key in map(str, keys):
+            f.seek(pos)
+            hdr = f.read(8)
+            if len(hdr) != 8:
+                raise FormatError(f"{src}: file is truncated at storage {key!r} (offset {pos})")
+            (numel,) = struct.unpack("<q", hdr)
+            ref = up.storages[key]
+            nbytes = numel * itemsize(ref.dtype)
+            if numel < 0 or pos + 8 + nbytes > size:
+                raise FormatError(f"{src}: storage {key!r} declares {nbytes} bytes past the end of the file; the file is truncated")
+            offsets[key] = (pos + 8, nbytes)
+            pos += 8 + nbytes
+    return checkpoint_from_pickle(path, "torch-legacy", up.obj, offsets, src, select)

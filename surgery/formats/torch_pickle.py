@@ -1,0 +1,253 @@
+"""A restricted unpickler for torch checkpoints that never imports torch or runs foreign code.
+
+``find_class`` hands out only stand-ins: tensor rebuild functions become `TensorRef` records,
+storage classes become dtype markers, a few harmless containers are real. Any other global is
+recorded and replaced by an inert `Opaque` class, so a `__reduce__` payload such as
+``os.system`` is collected as a name and never called. After loading, any global that the
+caller did not explicitly accept raises `UnsafeCheckpointError` listing all of them at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..checkpoint import canonical_from_torch, itemsize
+from ..errors import FormatError, UnsafeCheckpointError
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
+    "UntypedStorage": "U8",
+}
+
+
+@dataclass(frozen=True)
+class StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DType:
+    dtype: str
+
+
+@dataclass
+class StorageRef:
+    key: str
+    dtype: str
+    location: str
+    numel: int
+
+
+@dataclass
+class TensorRef:
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+
+
+class Opaque:
+    """Inert stand-in for an accepted or refused global: records what it was built from."""
+
+    qualname = "?"
+    # class-level defaults: NEWOBJ builds instances without calling __init__
+    args: tuple = ()
+    kwargs: dict = {}
+    state: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def items(self) -> list:
+        if "_items" not in self.__dict__:
+            self.__dict__["_items"] = []
+        return self.__dict__["_items"]
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.items.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.items.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+def _opaque_class(qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (Opaque,), {"qualname": qualname})
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return _tensor(storage, storage_offset, size, stride, requires_grad, None)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _tensor(storage, storage_offset, size, stride, requires_grad, dtype)
+
+
+def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> TensorRef:
+    if not isinstance(storage, StorageRef):
+        raise FormatError(f"tensor is not backed by a storage record (got {type(storage).__name__})")
+    if isinstance(dtype, DType):
+        dt = dtype.dtype
+    elif dtype is None:
+        dt = storage.dtype
+    else:
+        raise FormatError(f"unsupported tensor dtype record {dtype!r}")
+    try:
+        shape = tuple(int(s) for s in size)
+        strides = tuple(int(s) for s in stride)
+        offset = int(storage_offset)
+    except (TypeError, ValueError):
+        raise FormatError("tensor record has a malformed size or stride") from None
+    if len(shape) != len(strides) or any(s < 0 for s in shape) or any(s < 0 for s in strides) or offset < 0:
+        raise FormatError(f"tensor record has an invalid shape {shape} / stride {strides} / offset {offset}")
+    return TensorRef(storage, offset, shape, strides, dt, bool(requires_grad))
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    if isinstance(data, TensorRef):
+        data.requires_grad = bool(requires_grad)
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    return func(*args)
+
+
+def _ordered_dict(*args, **kwargs):
+    return collections.OrderedDict(*args, **kwargs)
+
+
+def _torch_size(*args):
+    return tuple(*args)
+
+
+def _device(*args):
+    return ":".join(str(a) for a in args)
+
+
+def _codecs_encode(obj, encoding="utf-8"):
+    # protocol-2 pickles store bytes as latin1 text through _codecs.encode
+    if not isinstance(obj, str) or not isinstance(encoding, str):
+        raise FormatError("malformed bytes record")
+    return obj.encode(encoding)
+
+
+_SAFE: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch.nn.parameter", "Parameter"): _opaque_class("torch.nn.parameter.Parameter"),
+    ("torch", "Tensor"): _opaque_class("torch.Tensor"),
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _device,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): _codecs_encode,
+    # plain dict subclasses seen in Lightning/fairseq checkpoints behave like dicts here
+}
+
+
+@dataclass
+class Unpickled:
+    obj: Any
+    storages: dict[str, StorageRef]
+    opaque: list[str] = field(default_factory=list)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None):
+        super().__init__(f, encoding="utf-8")
+        self.accept = accept
+        self.extra = extra or {}
+        self.refused: list[str] = []
+        self.accepted: list[str] = []
+        self.storages: dict[str, StorageRef] = {}
+        self.pid_handler = pid_handler
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key in _SAFE:
+            return _SAFE[key]
+        if key in self.extra:
+            return self.extra[key]
+        if module == "torch":
+            if name in _STORAGE_DTYPES:
+                return StorageType(_STORAGE_DTYPES[name])
+            dt = canonical_from_torch(name)
+            if dt is not None:
+                return DType(dt)
+        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+            return StorageType("U8")
+        qualname = f"{module}.{name}"
+        (self.accepted if qualname in self.accept else self.refused).append(qualname)
+        return _opaque_class(qualname)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self.pid_handler is not None:
+            return self.pid_handler(pid)
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
+        stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
+        if len(pid) > 5 and pid[5] is not None:
+            raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
+        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+            raise FormatError(f"malformed storage record for storage {key!r}")
+        ref = self.storages.get(key)
+        if ref is None:
+            ref = self.storages[key] = StorageRef(key, stype.dtype, location, numel)
+        return ref
+
+
+def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str] | set[str] = frozenset(),
+             extra: dict[tuple[str, str], Any] | None = None, pid_handler: Callable | None = None) -> Unpickled:
+    """Unpickle without importing or calling anything outside the allowlist.
+
+    ``accept`` names globals (``module.Name``) the user allowed: they load as inert `Opaque`
+    records. Any other unknown global raises `UnsafeCheckpointError` naming all of them.
+    """
+    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    up = _Unpickler(f, set(accept), extra, pid_handler)
+    try:
+        obj = up.load()
+    except (FormatError, UnsafeCheckpointError) as e:
+        if up.refused:
+            raise UnsafeCheckpointError(source, up.refused) from None
+        raise FormatError(f"{source}: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{source}: pickle is nested too deeply to be a checkpoint") from None
+    except MemoryError:
+        raise FormatError(f"{source}: pickle asks for more memory than a checkpoint's metadata needs") from None
+    except Exception as e:  # pickle raises many types on corrupt input; all mean the same to a user
+        if up.refused:
+            raise UnsafeCheckpointError(source, up.refused) from None
+        raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
+    if up.refused:
+        raise UnsafeCheckpointError(source, up.refused)
+    return Unpickled(obj, up.storages, sorted(set(up.accepted)))
+
+
+def storage_nbytes(ref: StorageRef) -> int:
+    return ref.numel * itemsize(ref.dtype)

@@ -1,0 +1,142 @@
+"""torch.save's zip format (.pt/.pth/.bin/.ckpt since torch 1.6), read without torch.
+
+Storages are stored uncompressed, so each one is a byte range of the file: we read ``data.pkl``
+with the restricted unpickler and turn every tensor into a `TensorInfo` pointing into the zip.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, TensorInfo, itemsize
+from ..errors import FormatError
+from . import container
+from .torch_pickle import StorageRef, TensorRef, unpickle
+
+MAX_PICKLE_BYTES = 512 * 1024 * 1024
+
+
+class _Slice:
+    """A read-only file view of [start, start+length) so a zip embedded in a file can be read."""
+
+    def __init__(self, f, start: int, length: int):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, min(self.length, base + off))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _data_offset(f, info: zipfile.ZipInfo, base: int) -> int:
+    """Absolute offset of a stored entry's first byte: after its local header."""
+    f.seek(base + info.header_offset)
+    hdr = f.read(30)
+    if len(hdr) != 30 or hdr[:4] != b"PK\x03\x04":
+        raise FormatError(f"zip entry {info.filename!r} has a corrupt local header")
+    name_len, extra_len = struct.unpack("<HH", hdr[26:30])
+    return base + info.header_offset + 30 + name_len + extra_len
+
+
+def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None,
+             base: int = 0, length: int | None = None, display: str | None = None):
+    """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
+    src = display or str(path)
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        f = _Slice(raw, base, (size - base) if length is None else length)
+        try:
+            zf = zipfile.ZipFile(f)  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise FormatError(f"{src}: not a readable zip archive ({e}); the file may be truncated or corrupt") from None
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
+        if not pkl:
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+                raise FormatError(f"{src}: this is a TorchScript archive (torch.jit.save), not a state dict; "
+                                  f"load it with torch.jit.load and save model.state_dict()")
+            raise FormatError(f"{src}: zip archive has no data.pkl, so it is not a torch checkpoint "
+                              f"(entries: {', '.join(names[:5])})")
+        prefix = pkl[0][: -len("data.pkl")]
+        bo = prefix + "byteorder"
+        if bo in names and zf.read(bo).strip() not in (b"little", b""):
+            raise FormatError(f"{src}: big-endian checkpoints are not supported")
+        info = zf.getinfo(pkl[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise FormatError(f"{src}: data.pkl declares {info.file_size} bytes, far more than tensor metadata needs")
+        try:
+            data = zf.read(pkl[0])
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise FormatError(f"{src}: cannot read data.pkl ({e}); the file may be truncated") from None
+        up = unpickle(data, src, accept)
+        offsets: dict[str, tuple[int, int]] = {}
+        for key in up.storages:
+            entry = f"{prefix}data/{key}"
+            try:
+                zi = zf.getinfo(entry)
+            except KeyError:
+                raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete") from None
+            if zi.compress_type != zipfile.ZIP_STORED:
+                raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
+            start = _data_offset(raw, zi, base)
+            if start + zi.file_size > base + f.length:
+                raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
+            offsets[key] = (start, zi.file_size)
+    return up, offsets
+
+
+def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
+    out = {}
+    for name, t in refs.items():
+        start, nbytes = offsets[t.storage.key]
+        _check_extent(name, t, nbytes, src)
+        out[name] = TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=start,
+                               storage_nbytes=nbytes, storage_offset=t.storage_offset, stride=t.stride,
+                               storage_key=t.storage.key, device=t.storage.location)
+    return out
+
+
+def _check_extent(name: str, t: TensorRef, storage_bytes: int, src: str) -> None:
+    numel = 1
+    for s in t.shape:
+        numel *= s
+    if numel == 0:
+        return
+    last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+    if (last + 1) * itemsize(t.dtype) > storage_bytes:
+        raise FormatError(f"{src}: tensor {name!r} {list(t.shape)} reaches past the end of its storage "
+                          f"({storage_bytes} bytes); the file is corrupt")
+
+
+def open_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
+    up, offsets = read_zip(path, accept)
+    return checkpoint_from_pickle(path, "torch-zip", up.obj, offsets, str(path), select)
+
+
+def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select: str | None) -> Checkpoint:
+    chosen, listed = container.choose(obj, str(path), select)
+    return Checkpoint(
+        path=Path(path), format=fmt, file_size=os.path.getsize(file),
+        tensors=tensor_infos(chosen.tensors, offsets, file, str(path)),
+        container=chosen.path, containers=[f.path for f in listed],
+        extras=container.extras(obj, chosen), files=[file],
+    )
+
+
+__all__ = ["open_zip", "read_zip", "tensor_infos", "checkpoint_from_pickle", "StorageRef"]
