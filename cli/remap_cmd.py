@@ -25,7 +25,7 @@ class _KeepsArgOrder(TyperCommand):
 
 def ops_in_order(raw: list[str], values: dict[str, list]) -> list:
     """Rebuild the op list in command-line order from the raw args and each option's values."""
-    from surgery.remap import Op, parse_rename
+    from surgery.rules import Op, parse_rename
 
     seen = {k: 0 for k in _OP_FLAGS.values()}
     ops = []
@@ -81,7 +81,7 @@ def remap(
 
     Example: surgery remap dp.pth clean.safetensors --auto --drop 'num_batches_tracked$' --verify
     """
-    from surgery.remap import Rules, remap as run_remap
+    from surgery.rules import Rules, remap as run_remap
 
     rules = Rules.from_file(rules_file) if rules_file else Rules()
     values = {"strip_prefix": strip_prefix or [], "add_prefix": add_prefix or [], "rename": rename or [],

@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint, torch_dtype
 from .errors import FormatError, OutputError
 from .formats.safetensors_fmt import ALIASES_KEY, Entry, build_header, copy_ranges
 from .io import BackgroundHash, atomic_dir, atomic_file
-from .remap import PlanRow, RemapReport, Rules
+from .rules import PlanRow, RemapReport, Rules
 
 _PLACEHOLDER = "sha256-pending-" + "0" * 49  # 64 chars, replaced in place once the hash is known
 

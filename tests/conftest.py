@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+
+@pytest.fixture(scope="session")
+def make(tmp_path_factory):
+    """Build a named fixture (see fixtures/generate.py) once per test session; returns its path."""
+    from fixtures.generate import build
+
+    root = tmp_path_factory.mktemp("fixtures")
+    cache: dict[str, Path] = {}
+
+    def _make(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build(name, root / name)
+        return cache[name]
+
+    return _make
+
+
+@pytest.fixture
+def cli():
+    """Run the real CLI in-process: cli(*args) -> result with .exit_code, .stdout, .stderr."""
+    from cli.main import app
+
+    runner = CliRunner(env={"NO_COLOR": "1", "COLUMNS": "200"})
+
+    def _run(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return _run

@@ -1,0 +1,165 @@
+"""Every fixture format opens without torch.load and gives the same tensors torch.load gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import surgery
+from surgery.errors import FormatError, SelectError, UnsafeCheckpointError
+from surgery.formats import FORMATS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# fixture name -> (format, container, first-key prefix)
+CASES = {
+    "plain_pt": ("torch-zip", "", ""),
+    "dataparallel_pt": ("torch-zip", "", "module."),
+    "ddp_pt": ("torch-zip", "", "module."),
+    "compiled_pt": ("torch-zip", "", "_orig_mod."),
+    "compiled_dataparallel_pt": ("torch-zip", "", "_orig_mod.module."),
+    "dataparallel_compiled_pt": ("torch-zip", "", "module._orig_mod."),
+    "lightning_ckpt": ("torch-zip", "state_dict", "model."),
+    "timm_ema_pth": ("torch-zip", "state_dict", ""),
+    "nested_pt": ("torch-zip", "model.state_dict", ""),
+    "legacy_pt": ("torch-legacy", "", ""),
+    "legacy_cuda_pt": ("torch-legacy", "", ""),
+    "zip_cuda_pt": ("torch-zip", "", ""),
+    "fp16_safetensors": ("safetensors", "", ""),
+    "bf16_safetensors": ("safetensors", "", ""),
+    "plain_safetensors": ("safetensors", "", ""),
+    "tied_pt": ("torch-zip", "", ""),
+    "tied_view_pt": ("torch-zip", "", ""),
+    "sharded_safetensors": ("safetensors-index", "", ""),
+    "sharded_bin": ("safetensors-index", "", ""),
+    "hf_bin": ("torch-zip", "", ""),
+    "dcp_dir": ("torch-dcp", "", ""),
+}
+
+
+def reference(path, container):
+    """What torch itself loads, for parity."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, ".metadata")):
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            out = os.path.join(os.path.dirname(path), os.path.basename(path) + ".ref.pt")
+            if not os.path.exists(out):
+                dcp_to_torch_save(path, out)
+            return torch.load(out, weights_only=True)
+        import json
+
+        index = next(p for p in os.listdir(path) if p.endswith(".index.json"))
+        wm = json.load(open(os.path.join(path, index)))["weight_map"]
+        sd = {}
+        for shard in dict.fromkeys(wm.values()):
+            sp = os.path.join(path, shard)
+            if shard.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                sd.update(load_file(sp))
+            else:
+                sd.update(torch.load(sp, weights_only=True, map_location="cpu"))
+        return sd
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, weights_only=True, map_location="cpu")
+    for part in container.split(".") if container else []:
+        obj = obj[part]
+    return obj
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_open_matches_torch(make, name):
+    fmt, container, prefix = CASES[name]
+    path = make(name)
+    ckpt = surgery.open(path)
+    assert ckpt.format == fmt
+    assert ckpt.format in FORMATS
+    assert ckpt.container == container
+    assert all(k.startswith(prefix) for k in ckpt.tensors)
+    ref = reference(path, container)
+    assert list(ckpt.tensors) == list(ref) or set(ckpt.tensors) == set(ref)
+    sd = ckpt.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(sd[k], v, rtol=0, atol=0, equal_nan=True)
+        assert sd[k].dtype == v.dtype and sd[k].device.type == "cpu"
+
+
+def test_other_entries_are_reported(make):
+    ckpt = surgery.open(make("lightning_ckpt"))
+    assert ckpt.extras["epoch"] == "3"
+    assert ckpt.extras["optimizer_states"].startswith("list")
+    timm = surgery.open(make("timm_ema_pth"))
+    assert "state_dict_ema" in timm.containers and "state_dict_ema" in timm.extras
+
+
+def test_select_picks_the_ema_copy(make):
+    path = make("timm_ema_pth")
+    plain = surgery.open(path)
+    ema = surgery.open(path, select="state_dict_ema")
+    assert ema.container == "state_dict_ema" and set(ema.tensors) == set(plain.tensors)
+    ref = torch.load(path, weights_only=True)["state_dict_ema"]
+    k = next(k for k, v in ref.items() if v.is_floating_point())
+    torch.testing.assert_close(ema.tensor(k), ref[k], rtol=0, atol=0)
+    with pytest.raises(SelectError, match="names no tensor dict.*state_dict_ema"):
+        surgery.open(path, select="nope")
+
+
+def test_cuda_tagged_storages_open_on_cpu(make):
+    for name in ("legacy_cuda_pt", "zip_cuda_pt"):
+        ckpt = surgery.open(make(name))
+        assert {t.device for t in ckpt.tensors.values()} == {"cuda:0"}
+        assert all(v.device.type == "cpu" for v in ckpt.state_dict().values())
+
+
+def test_tied_tensors_are_detected(make):
+    ckpt = surgery.open(make("tied_pt"))
+    groups = ckpt.tied_groups()
+    assert groups and all(len(g) == 2 for g in groups)
+    sd = ckpt.state_dict()
+    a, b = groups[0]
+    assert sd[a] is sd[b]
+    assert ckpt.num_params == sum(t.numel for t in ckpt.unique_tensors())
+
+
+def test_unsafe_globals_are_named_not_run(make, tmp_path):
+    path = make("timm_args_pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace.*--allow-global argparse\.Namespace"):
+        surgery.open(path)
+    ckpt = surgery.open(path, allow_globals=["argparse.Namespace"])
+    assert ckpt.container == "state_dict"
+    assert ckpt.extras["args"] == "argparse.Namespace (opaque)"
+
+
+@pytest.mark.parametrize("name", ["malicious_pickle_pt", "malicious_legacy_pt"])
+def test_malicious_pickle_never_runs(tmp_path, name):
+    from fixtures.generate import build
+
+    marker = tmp_path / "PWNED"
+    path = build(name, tmp_path / "evil", marker=marker)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        surgery.open(path)
+    # even an explicit allow only yields an inert record: nothing is imported or called
+    surgery.open(path, allow_globals=["posix.system", "os.system"])
+    assert not marker.exists()
+
+
+def test_lfs_pointer_says_fetch(make):
+    with pytest.raises(FormatError, match="Git LFS pointer.*git lfs pull"):
+        surgery.open(make("lfs_pointer"))
+
+
+def test_metadata_paths_do_not_import_torch(make):
+    paths = [make("plain_pt"), make("plain_safetensors"), make("sharded_safetensors"), make("legacy_pt")]
+    code = ("import sys, surgery\n"
+            f"for p in {[str(p) for p in paths]!r}:\n"
+            "    c = surgery.open(p); assert len(c.tensors) > 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
