@@ -8,7 +8,7 @@ import typer
 
 from surgery import __version__
 
-from . import diff_cmd, inspect_cmd, remap_cmd
+from . import demo_cmd, diff_cmd, inspect_cmd, remap_cmd
 
 app = typer.Typer(
     name="surgery",
@@ -37,6 +37,7 @@ def _root(
 inspect_cmd.register(app)
 remap_cmd.register(app)
 diff_cmd.register(app)
+demo_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""`surgery inspect PATH`: what is in a checkpoint, from metadata only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import console, handles_errors, human_bytes, human_count, print_json
+
+_WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+
+
+@handles_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint file or folder (sharded, DCP).", show_default=False)],
+    keys: Annotated[bool, typer.Option("--keys", help="List every tensor: name, dtype, shape.")] = False,
+    filter: Annotated[Optional[str], typer.Option("--filter", metavar="REGEX", help="Only list tensors whose name matches (implies --keys).")] = None,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="Module tree depth (0 hides the tree).")] = 2,
+    select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
+    allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1).")] = False,
+) -> None:
+    """Show format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree and
+    the torchvision architecture the checkpoint fits. Reads no tensor data."""
+    from surgery.report import inspect as run_inspect
+
+    report = run_inspect(path, select=select, allow_globals=tuple(allow_global or ()), keys=keys,
+                         filter=filter, depth=depth or None)
+    if as_json:
+        data = report.to_json()
+        if depth == 0:
+            data["tree"] = []
+        print_json(data)
+        return
+    render(report, show_tree=depth > 0)
+
+
+def render(report, show_tree: bool = True) -> None:
+    from rich.table import Table
+
+    from surgery.formats import FORMATS
+
+    c = report.ckpt
+    out = console()
+    rows: list[tuple[str, str]] = [
+        ("checkpoint", str(c.path)),
+        ("format", f"{c.format} ({FORMATS[c.format].description}), {human_bytes(c.file_size)}"
+         + (f" in {len(c.files)} files" if len(c.files) > 1 else "")),
+    ]
+    others = [p for p in c.containers if p != c.container]
+    rows.append(("container", (c.container or "(top level)") + (f"   also: {', '.join(p or '(top level)' for p in others)} (pick with --select)" if others else "")))
+    if c.extras:
+        items = list(c.extras.items())
+        text = "; ".join(f"{k} = {v}" for k, v in items[:8]) + (f"; ... {len(items) - 8} more" if len(items) > 8 else "")
+        rows.append(("other entries", text))
+    nbytes = sum(t.nbytes for t in c.unique_tensors())
+    rows.append(("tensors", f"{len(c.tensors)} ({human_count(c.num_params)} parameters, {human_bytes(nbytes)})"))
+    rows.append(("dtypes", ", ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
+    devices = report.devices
+    if set(devices) != {"cpu"}:
+        rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))
+    if report.wrapper_prefixes or report.common_prefix:
+        parts = [f"{p} ({_WRAPPER_NAMES.get(p, 'wrapper')})" for p in report.wrapper_prefixes]
+        if report.common_prefix:
+            parts.append(f"{report.common_prefix} (shared by every key)")
+        rows.append(("prefixes", ", ".join(parts)))
+        rows.append(("clean with", report.remap_command or ""))
+    else:
+        rows.append(("prefixes", "none (keys are clean)"))
+    tied = c.tied_groups()
+    if tied:
+        rows.append(("tied", "; ".join(" = ".join(g) for g in tied[:5]) + (f"; ... {len(tied) - 5} more" if len(tied) > 5 else "")))
+    shared = report.shared_storage()
+    if shared:
+        rows.append(("shared storage", "; ".join(", ".join(g) for g in shared[:5])))
+    if c.metadata:
+        rows.append(("metadata", ", ".join(f"{k}={v if len(v) < 40 else v[:37] + '...'}" for k, v in list(c.metadata.items())[:6])))
+    if report.guesses:
+        g = report.guesses[0]
+        if g.score >= 0.5:
+            text = f"{g.arch}: {g.matched}/{g.total} keys match (score {g.score:.2f})"
+            if g.num_classes is not None:
+                text += f", classifier has {g.num_classes} outputs"
+            rest = [f"{x.arch} {x.score:.2f}" for x in report.guesses[1:]]
+            if rest:
+                text += f"; next: {', '.join(rest)}"
+        else:
+            text = f"no torchvision model fits (best: {g.arch}, score {g.score:.2f})"
+        rows.append(("architecture", text))
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for k, v in rows:
+        head.add_row(k, v)
+    out.print(head)
+    if show_tree and report.tree:
+        out.print(f"\n[bold]module tree[/bold] (depth {report.depth}; numbered siblings with identical structure collapse)")
+        t = Table(show_edge=False, box=None, padding=(0, 2))
+        t.add_column("module")
+        t.add_column("params", justify="right")
+        t.add_column("tensors", justify="right")
+        for r in report.tree:
+            label = "  " * (r.depth - 1) + r.name
+            if r.repeat > 1 and "{" in r.name:
+                label += f"  x{r.repeat}"
+            t.add_row(label, human_count(r.params), str(r.n_tensors))
+        out.print(t)
+    if report.keys is not None:
+        out.print()
+        t = Table(show_edge=False, box=None, padding=(0, 2))
+        t.add_column("name")
+        t.add_column("dtype")
+        t.add_column("shape")
+        t.add_column("params", justify="right")
+        for n in report.keys:
+            info = c.tensors[n]
+            t.add_row(n, info.dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
+        out.print(t)
+        out.print(f"{len(report.keys)} of {len(c.tensors)} tensors listed")

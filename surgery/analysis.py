@@ -1,0 +1,439 @@
+"""Pure analyses over tensor metadata: wrapper prefixes, module tree, dtype totals, diff.
+
+Everything here works on ``Mapping[str, TensorInfo]`` (or plain key lists) and never imports
+torch, so ``surgery inspect`` of a multi-GB checkpoint stays a header read. The one exception is
+:func:`compare_values`, which reads tensor data and imports torch inside the function.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import Checkpoint, TensorInfo
+
+# Same set, same rule as ``surgery remap --auto``: a prefix counts only when every key has it.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ----------------------------------------------------------------------------- prefixes
+
+def detect_wrapper_prefixes(keys: Iterable[str]) -> list[str]:
+    """Wrapper prefixes that every key carries, in the order they are peeled.
+
+    >>> detect_wrapper_prefixes(["_orig_mod.module.fc.weight", "_orig_mod.module.fc.bias"])
+    ['_orig_mod.', 'module.']
+    """
+    cur = list(keys)
+    peeled: list[str] = []
+    while cur:
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) and len(k) > len(p) for k in cur):
+                peeled.append(p)
+                cur = [k[len(p):] for k in cur]
+                break
+        else:
+            break
+    return peeled
+
+
+def strip_wrappers(keys: Iterable[str]) -> tuple[list[str], str]:
+    """Keys without their wrapper prefixes, and the joined prefix that was removed ('' if none)."""
+    keys = list(keys)
+    prefix = "".join(detect_wrapper_prefixes(keys))
+    return [k[len(prefix):] for k in keys], prefix
+
+
+def common_prefix(keys: Iterable[str]) -> str | None:
+    """First dotted component shared by every key (after wrapper prefixes), with its dot.
+
+    Lightning's ``model.``, a detector's ``backbone.``. None for a single key, or when some key
+    is that component alone (it would be left without a name).
+
+    >>> common_prefix(["module.model.fc.weight", "module.model.conv.weight"])
+    'model.'
+    """
+    stripped, _ = strip_wrappers(keys)
+    if len(stripped) < 2:
+        return None
+    first = stripped[0].split(".", 1)[0] + "."
+    if first == "." or not all(k.startswith(first) and len(k) > len(first) for k in stripped):
+        return None
+    return first
+
+
+def suggest_remap(keys: Iterable[str]) -> list[str]:
+    """``surgery remap`` options that remove the prefixes every key carries, in the order to apply.
+
+    ``['--auto']`` for DataParallel/DDP/torch.compile wrappers, ``['--auto', '--strip-prefix
+    model.']`` when a Lightning-style prefix follows them, ``['--strip-prefix backbone.']`` for a
+    prefix alone, ``[]`` when the keys are clean.
+    """
+    keys = list(keys)
+    opts = ["--auto"] if detect_wrapper_prefixes(keys) else []
+    prefix = common_prefix(keys)
+    if prefix is not None:
+        opts.append(f"--strip-prefix {prefix}")
+    return opts
+
+
+def remap_command(keys: Iterable[str], src: str = "SRC", dst: str = "DST") -> str | None:
+    """The whole command line that cleans the prefixes, or None when there is nothing to strip.
+
+    >>> remap_command(["module.fc.weight", "module.fc.bias"], "ddp.pth", "clean.safetensors")
+    'surgery remap ddp.pth clean.safetensors --auto'
+    """
+    opts = suggest_remap(keys)
+    return " ".join(["surgery", "remap", src, dst, *opts]) if opts else None
+
+
+# ----------------------------------------------------------------------------- key trie
+
+class _Node:
+    __slots__ = ("children", "info")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.info: Any = None  # the TensorInfo (or True for bare keys) when a key ends here
+
+
+def _trie(items: Iterable[tuple[str, Any]]) -> _Node:
+    root = _Node()
+    for key, info in items:
+        node = root
+        for part in key.split("."):
+            nxt = node.children.get(part)
+            if nxt is None:
+                nxt = node.children[part] = _Node()
+            node = nxt
+        node.info = info
+    return root
+
+
+def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable]) -> dict[int, int]:
+    """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures."""
+    interned: dict[tuple, int] = {}
+    out: dict[int, int] = {}
+
+    def visit(node: _Node) -> int:
+        kids = tuple(sorted((name, visit(child)) for name, child in node.children.items()))
+        key = (None if node.info is None else leaf_sig(node.info), kids)
+        sid = interned.setdefault(key, len(interned))
+        out[id(node)] = sid
+        return sid
+
+    visit(root)
+    return out
+
+
+_INDEXED = re.compile(r"^(.*[_\-])?(\d+)$")
+
+
+def _index_name(name: str) -> tuple[str, int] | None:
+    """'3' -> ('', 3); 'encoder_layer_11' -> ('encoder_layer_', 11); 'conv1' -> None.
+
+    Only bare numbers (nn.Sequential / ModuleList) and names numbered after a '_' or '-' count:
+    ``conv1``/``conv2`` are distinct modules that merely look alike.
+    """
+    m = _INDEXED.match(name)
+    return (m.group(1) or "", int(m.group(2))) if m else None
+
+
+def _brace(names: list[str]) -> str:
+    """Label for collapsed siblings: 'stem{0..5}' for a shared numbered stem, else '{a,b}'."""
+    if len(names) == 1:
+        return names[0]
+    idx = [_index_name(n) for n in names]
+    if all(i is not None for i in idx) and len({i[0] for i in idx}) == 1:  # type: ignore[index]
+        stem = idx[0][0]  # type: ignore[index]
+        ordered = sorted(zip((i[1] for i in idx), names))  # type: ignore[index]
+        parts, run = [], [ordered[0]]
+        for item in ordered[1:]:
+            if item[0] == run[-1][0] + 1:
+                run.append(item)
+            else:
+                parts.append(run)
+                run = [item]
+        parts.append(run)
+        text = []
+        for r in parts:
+            if len(r) >= 3:
+                text.append(f"{r[0][1][len(stem):]}..{r[-1][1][len(stem):]}")
+            else:
+                text.extend(n[len(stem):] for _, n in r)
+        return f"{stem}{{{','.join(text)}}}"
+    return "{" + ",".join(names) + "}"
+
+
+def _groups(node: _Node, sigs: dict[int, int], merge_leaves: bool) -> list[tuple[str, list[_Node]]]:
+    """Children of ``node`` as (label, members). Consecutive numbered siblings with the same stem
+    and the same signature become one group; with ``merge_leaves``, all childless siblings too."""
+    groups: list[tuple[list[str], list[_Node], Any]] = []
+    for name, child in node.children.items():
+        idx = _index_name(name)
+        if groups and idx is not None:
+            names, members, gkey = groups[-1]
+            if gkey == (idx[0], sigs[id(child)]):
+                names.append(name)
+                members.append(child)
+                continue
+        groups.append(([name], [child], None if idx is None else (idx[0], sigs[id(child)])))
+    if merge_leaves:
+        leaf_at = [i for i, g in enumerate(groups) if not g[1][0].children]
+        if len(leaf_at) > 1:
+            first = leaf_at[0]
+            names = [n for i in leaf_at for n in groups[i][0]]
+            members = [m for i in leaf_at for m in groups[i][1]]
+            merged = (names, members, None)
+            groups = [merged if i == first else g for i, g in enumerate(groups) if i == first or i not in leaf_at]
+    return [(_brace(names), members) for names, members, _ in groups]
+
+
+# ----------------------------------------------------------------------------- module tree
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One row of :func:`module_tree`.
+
+    ``path`` is the full dotted path with collapsed siblings in braces (``layer1.{0,1}.conv1``),
+    ``name`` its last component (what an indented rendering prints), ``depth`` the number of
+    components (1 for top-level). ``params`` counts elements over every instance the row stands
+    for (buffers included: a state dict does not tell them apart), ``n_tensors`` likewise;
+    ``repeat`` is how many identical instances the row stands for (ancestors' collapses
+    included); ``shape`` is the per-instance shape on rows that are tensors, else None.
+    """
+
+    path: str
+    name: str
+    depth: int
+    params: int
+    n_tensors: int
+    dtypes: tuple[str, ...]
+    shape: tuple[int, ...] | None = None
+    repeat: int = 1
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.shape is not None
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "name": self.name, "depth": self.depth, "params": self.params,
+                "tensors": self.n_tensors, "dtypes": list(self.dtypes),
+                "shape": None if self.shape is None else list(self.shape), "repeat": self.repeat}
+
+
+def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> list[TreeRow]:
+    """Rows of the module tree in key order, parents before children, identical numbered
+    siblings collapsed.
+
+    ResNet's ``layer1.0`` and ``layer1.1`` have the same keys and shapes, so they become one row
+    ``layer1.{0,1}`` (params summed, ``repeat=2``) with children such as
+    ``layer1.{0,1}.conv1.weight``; ``layer2.0`` carries a downsample branch and stays apart from
+    ``layer2.{1,2,3}``... Long runs read ``{0..11}``. ``depth`` keeps rows with at most that many
+    components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by ``row.depth - 1``.
+    """
+    root = _trie(infos.items())
+    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype))
+    stats: dict[int, tuple[int, int, frozenset]] = {}
+
+    def measure(node: _Node) -> tuple[int, int, frozenset]:
+        params, count, dts = 0, 0, set()
+        if node.info is not None:
+            params, count = node.info.numel, 1
+            dts.add(node.info.dtype)
+        for child in node.children.values():
+            p, c, d = measure(child)
+            params += p
+            count += c
+            dts |= d
+        stats[id(node)] = out = (params, count, frozenset(dts))
+        return out
+
+    measure(root)
+    rows: list[TreeRow] = []
+
+    def emit(node: _Node, prefix: str, level: int, mult: int) -> None:
+        if depth is not None and level > depth:
+            return
+        for label, members in _groups(node, sigs, merge_leaves=False):
+            rep = members[0]
+            n = len(members) * mult
+            params, count, dts = stats[id(rep)]
+            path = prefix + label
+            rows.append(TreeRow(path=path, name=label, depth=level, params=params * n, n_tensors=count * n,
+                                dtypes=tuple(sorted(dts)),
+                                shape=None if rep.info is None else tuple(rep.info.shape), repeat=n))
+            emit(rep, path + ".", level + 1, n)
+
+    emit(root, "", 1, 1)
+    return rows
+
+
+def collapse_keys(keys: Iterable[str]) -> list[str]:
+    """Key names with numbered siblings of identical structure and leaf alternatives in braces.
+
+    >>> collapse_keys(['layer4.0.bn2.weight', 'layer4.0.bn2.bias', 'layer4.1.bn2.weight', 'layer4.1.bn2.bias'])
+    ['layer4.{0,1}.bn2.{weight,bias}']
+
+    Only names are compared (no shapes). Top-level leaves stay one per line.
+    """
+    root = _trie((k, True) for k in keys)
+    sigs = _signatures(root, lambda _: 1)
+    out: list[str] = []
+
+    def emit(node: _Node, prefix: str) -> None:
+        for label, members in _groups(node, sigs, merge_leaves=node is not root):
+            rep = members[0]
+            if rep.info is not None:
+                out.append(prefix + label)
+            if rep.children:
+                emit(rep, prefix + label + ".")
+
+    emit(root, "")
+    return out
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+def dtype_bytes(infos: Mapping[str, "TensorInfo"]) -> dict[str, int]:
+    """dtype -> total bytes, largest first."""
+    out: dict[str, int] = {}
+    for t in infos.values():
+        out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def dtype_counts(infos: Mapping[str, "TensorInfo"]) -> dict[str, int]:
+    """dtype -> number of tensors, most first."""
+    out: dict[str, int] = {}
+    for t in infos.values():
+        out[t.dtype] = out.get(t.dtype, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ----------------------------------------------------------------------------- diff
+
+@dataclass
+class DiffReport:
+    """What differs between two checkpoints' tensor metadata (and values, once compared).
+
+    Names are compared after removing ``prefix_a``/``prefix_b`` (set only by
+    ``diff(..., strip_wrappers=True)``); ``common`` lists names in both, in A's order.
+    ``max_abs_diff`` is empty until :func:`compare_values` (or :meth:`compare`) fills it.
+    """
+
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    dtype_mismatch: list[tuple[str, str, str]] = field(default_factory=list)
+    common: list[str] = field(default_factory=list)
+    prefix_a: str = ""
+    prefix_b: str = ""
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def comparable(self) -> list[str]:
+        """Common names whose shapes agree: the ones whose values can be compared."""
+        bad = {name for name, _, _ in self.shape_mismatch}
+        return [n for n in self.common if n not in bad]
+
+    @property
+    def same_keys(self) -> bool:
+        return not (self.only_a or self.only_b or self.shape_mismatch)
+
+    @property
+    def identical(self) -> bool:
+        """Same names, shapes and dtypes, and every compared value equal."""
+        return (self.same_keys and not self.dtype_mismatch
+                and all(v == 0.0 for v in self.max_abs_diff.values()))
+
+    def compare(self, a: "Checkpoint", b: "Checkpoint", names: Iterable[str] | None = None) -> "DiffReport":
+        """Fill ``max_abs_diff`` for ``names`` (default: all comparable names). Imports torch."""
+        self.max_abs_diff.update(compare_values(a, b, self.comparable if names is None else names,
+                                                prefix_a=self.prefix_a, prefix_b=self.prefix_b))
+        return self
+
+    def to_json(self) -> dict:
+        return {
+            "prefix_a": self.prefix_a,
+            "prefix_b": self.prefix_b,
+            "n_common": len(self.common),
+            "only_a": list(self.only_a),
+            "only_b": list(self.only_b),
+            "shape_mismatch": [{"name": n, "shape_a": list(sa), "shape_b": list(sb)}
+                               for n, sa, sb in self.shape_mismatch],
+            "dtype_mismatch": [{"name": n, "dtype_a": da, "dtype_b": db} for n, da, db in self.dtype_mismatch],
+            "max_abs_diff": dict(self.max_abs_diff),
+            "identical": self.identical,
+        }
+
+
+def diff(a_infos: Mapping[str, "TensorInfo"], b_infos: Mapping[str, "TensorInfo"], *,
+         strip_wrappers: bool = False) -> DiffReport:
+    """Compare names, shapes and dtypes of two checkpoints; values are left to compare_values.
+
+    With ``strip_wrappers``, each side loses its own ``module.``/``_orig_mod.`` prefixes first, so
+    a DDP checkpoint diffs cleanly against a plain one.
+    """
+    pa = "".join(detect_wrapper_prefixes(a_infos)) if strip_wrappers else ""
+    pb = "".join(detect_wrapper_prefixes(b_infos)) if strip_wrappers else ""
+    a = {k[len(pa):]: v for k, v in a_infos.items()}
+    b = {k[len(pb):]: v for k, v in b_infos.items()}
+    rep = DiffReport(prefix_a=pa, prefix_b=pb)
+    rep.only_a = [k for k in a if k not in b]
+    rep.only_b = [k for k in b if k not in a]
+    for k, ta in a.items():
+        tb = b.get(k)
+        if tb is None:
+            continue
+        rep.common.append(k)
+        if tuple(ta.shape) != tuple(tb.shape):
+            rep.shape_mismatch.append((k, tuple(ta.shape), tuple(tb.shape)))
+        if ta.dtype != tb.dtype:
+            rep.dtype_mismatch.append((k, ta.dtype, tb.dtype))
+    return rep
+
+
+_CHUNK = 1 << 24  # elements per step: bounds the float copies made for one huge tensor
+
+
+def compare_values(a: "Checkpoint", b: "Checkpoint", names: Iterable[str], *,
+                   prefix_a: str = "", prefix_b: str = "") -> dict[str, float]:
+    """name -> max |a - b| for tensors of equal shape, read one pair at a time (imports torch).
+
+    Values are compared in the wider floating type of the two (at least float32; float64 for
+    integers). NaN in both places counts as equal; NaN on one side only gives inf. Empty: 0.0.
+    """
+    import torch
+
+    out: dict[str, float] = {}
+    for name in names:
+        ta, tb = a.tensor(prefix_a + name), b.tensor(prefix_b + name)
+        if ta.shape != tb.shape:
+            raise ValueError(f"{name!r}: shapes differ ({tuple(ta.shape)} vs {tuple(tb.shape)}); "
+                             f"compare only DiffReport.comparable names")
+        if ta.numel() == 0:
+            out[name] = 0.0
+            continue
+        if ta.is_floating_point() or tb.is_floating_point() or ta.is_complex() or tb.is_complex():
+            dt = torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
+        else:
+            dt = torch.float64
+        fa, fb = ta.reshape(-1), tb.reshape(-1)
+        worst = 0.0
+        for start in range(0, fa.numel(), _CHUNK):
+            ca = fa[start:start + _CHUNK].to(dt)
+            cb = fb[start:start + _CHUNK].to(dt)
+            d = (ca - cb).abs()  # real even for complex inputs
+            na, nb = torch.isnan(ca), torch.isnan(cb)
+            d = torch.where(na & nb, torch.zeros((), dtype=d.dtype), d)
+            d = torch.where(na ^ nb, torch.full((), float("inf"), dtype=d.dtype), d)
+            # inf - inf is nan: equal infinities are equal, unequal ones are infinitely apart
+            both_inf = torch.isinf(ca) & torch.isinf(cb)
+            if bool(both_inf.any()):
+                d = torch.where(both_inf, torch.where(ca == cb, 0.0, float("inf")).to(d.dtype), d)
+            worst = max(worst, float(d.max()))
+        out[name] = worst
+    return out

@@ -1,0 +1,142 @@
+"""The reports behind `surgery inspect` and `surgery diff`: plain data the CLI renders.
+
+No torch here except in `diff(..., values=True)`, which must read tensor values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .errors import RuleError
+
+SCHEMA = "surgery.inspect/1"
+DIFF_SCHEMA = "surgery.diff/1"
+
+
+@dataclass
+class InspectReport:
+    ckpt: Checkpoint
+    wrapper_prefixes: list[str]
+    common_prefix: str | None
+    remap_command: str | None
+    tree: list[Any]
+    guesses: list[Any]
+    keys: list[str] | None = None  # the tensors to list (--keys / --filter), in checkpoint order
+    depth: int | None = None
+
+    @property
+    def dtype_summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for t in self.ckpt.unique_tensors():
+            d = out.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["params"] += t.numel
+            d["bytes"] += t.nbytes
+        return out
+
+    @property
+    def devices(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.ckpt.tensors.values():
+            out[t.device] = out.get(t.device, 0) + 1
+        return out
+
+    def shared_storage(self) -> list[list[str]]:
+        """Names that view one storage differently (e.g. a weight and its transpose)."""
+        by_storage: dict[tuple, list[str]] = {}
+        for name, t in self.ckpt.tensors.items():
+            by_storage.setdefault((t.file, t.data_offset), []).append(name)
+        tied = {frozenset(g) for g in self.ckpt.tied_groups()}
+        return [g for g in by_storage.values() if len(g) > 1 and frozenset(g) not in tied]
+
+    def to_json(self) -> dict:
+        c = self.ckpt
+        data = {
+            "schema": SCHEMA,
+            "path": str(c.path),
+            "format": c.format,
+            "file_size": c.file_size,
+            "files": [str(f) for f in c.files],
+            "container": c.container,
+            "containers": c.containers,
+            "extras": c.extras,
+            "metadata": c.metadata,
+            "tensor_count": len(c.tensors),
+            "param_count": c.num_params,
+            "bytes": sum(t.nbytes for t in c.unique_tensors()),
+            "dtypes": self.dtype_summary,
+            "devices": self.devices,
+            "wrapper_prefixes": self.wrapper_prefixes,
+            "common_prefix": self.common_prefix,
+            "remap_command": self.remap_command,
+            "tied": c.tied_groups(),
+            "shared_storage": self.shared_storage(),
+            "tree": [r.to_json() for r in self.tree],
+            "architecture": [g.to_json() for g in self.guesses],
+        }
+        if self.keys is not None:
+            data["tensors"] = [{"name": n, "dtype": c.tensors[n].dtype, "shape": list(c.tensors[n].shape),
+                                "params": c.tensors[n].numel} for n in self.keys]
+        return data
+
+
+def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals: tuple[str, ...] = (),
+            keys: bool = False, filter: str | None = None, depth: int | None = 2, top: int = 3) -> InspectReport:
+    """What is in a checkpoint, from metadata only (no tensor data is read, torch is not imported).
+
+    >>> r = inspect("dp.pth"); r.wrapper_prefixes, r.guesses[0].arch  # doctest: +SKIP
+    (['module.'], 'resnet18')
+    """
+    from . import analysis, archsig
+    from .formats import open_checkpoint
+
+    rx = None
+    if filter is not None:
+        try:
+            rx = re.compile(filter)
+        except re.error as e:
+            raise RuleError(f"--filter {filter!r} is not a valid regular expression: {e}") from None
+    ckpt = open_checkpoint(path, select=select, allow_globals=allow_globals)
+    names = list(ckpt.tensors)
+    listed = [n for n in names if rx is None or rx.search(n)] if (keys or rx is not None) else None
+    return InspectReport(
+        ckpt=ckpt,
+        wrapper_prefixes=analysis.detect_wrapper_prefixes(names),
+        common_prefix=analysis.common_prefix(names),
+        remap_command=analysis.remap_command(names, str(path), "clean.safetensors"),
+        tree=analysis.module_tree(ckpt.tensors, depth=depth),
+        guesses=archsig.guess_architecture(ckpt.tensors, top=top),
+        keys=listed,
+        depth=depth,
+    )
+
+
+@dataclass
+class DiffResult:
+    a: Checkpoint
+    b: Checkpoint
+    report: Any  # analysis.DiffReport
+    values_compared: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"schema": DIFF_SCHEMA, "a": str(self.a.path), "b": str(self.b.path),
+                "values_compared": self.values_compared, **self.report.to_json()}
+
+
+def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = True, strip_wrappers: bool = True,
+         select_a: str | None = None, select_b: str | None = None, allow_globals: tuple[str, ...] = ()) -> DiffResult:
+    """Keys only in A, only in B, shape/dtype differences and (``values``) max |A - B| per tensor."""
+    from . import analysis
+    from .formats import open_checkpoint
+
+    ca = open_checkpoint(a, select=select_a, allow_globals=allow_globals)
+    cb = open_checkpoint(b, select=select_b, allow_globals=allow_globals)
+    rep = analysis.diff(ca.tensors, cb.tensors, strip_wrappers=strip_wrappers)
+    if values:
+        rep.compare(ca, cb)
+    return DiffResult(ca, cb, rep, values)
