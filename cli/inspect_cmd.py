@@ -61,7 +61,7 @@ def render(report, show_tree: bool = True) -> None:
         rows.append(("other entries", text))
     nbytes = sum(t.nbytes for t in c.unique_tensors())
     rows.append(("tensors", f"{len(c.tensors)} ({human_count(c.num_params)} parameters, {human_bytes(nbytes)})"))
-    rows.append(("dtypes", ", ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
+    rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
     devices = report.devices
     if set(devices) != {"cpu"}:
         rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))

@@ -116,4 +116,5 @@ def remap(
         out.print(f"{summary}; dry run, nothing written")
         return
     verified = ", verified bit for bit" if report.verified else ""
-    out.print(f"{summary}; wrote {report.dst_format} {report.dst} ({human_bytes(report.bytes_written)}){verified}")
+    files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
+    out.print(f"{summary}; wrote {report.dst_format} {report.dst} ({human_bytes(report.bytes_written)}{files}){verified}")

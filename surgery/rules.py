@@ -395,6 +395,8 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         t = ckpt.tensors[old]
         nd = target if (target and t.dtype in FLOAT_DTYPES) else t.dtype
         rows.append(PlanRow(old, new, t.dtype, nd, t.shape))
+    cast = sum(1 for r in rows if r.new is not None and r.new_dtype != r.dtype)
+    counts = [(op, cast if op.startswith("--dtype") else n) for op, n in plan.op_counts]
     # tied tensors: the first kept name of each shared view stores the bytes, later ones alias it
     first: dict[tuple, str] = {}
     for r in rows:
@@ -405,7 +407,7 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
             r.alias_of = first[key]
         else:
             first[key] = r.new
-    return rows, plan.op_counts
+    return rows, counts
 
 
 def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | None = None, *,
