@@ -20,6 +20,7 @@ _EXPORTS = {
     "diff": ("surgery.report", "diff"),
     "remap": ("surgery.rules", "remap"),
     "Rules": ("surgery.rules", "Rules"),
+    "Op": ("surgery.rules", "Op"),
     "strip_prefix": ("surgery.rules", "strip_prefix"),
     "add_prefix": ("surgery.rules", "add_prefix"),
     "rename": ("surgery.rules", "rename"),

@@ -410,12 +410,15 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     return rows, counts
 
 
-def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | None = None, *,
+def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None, *,
           force: bool = False, in_place: bool = False, dry_run: bool = False, verify: bool = False,
           shard_size: str | int = "5GB", allow_globals: Iterable[str] = ()) -> RemapReport:
     """Rewrite ``src`` to ``dst`` with ``rules``; the output format follows ``dst``'s suffix.
 
+    ``rules``: a `Rules`, a list of `Op`, a dict in the rules-file schema, or a rules file path.
+
     >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
+    >>> remap("dp.pth", "clean.pt", {"ops": [{"auto": True}, {"dtype": "bf16"}]})  # doctest: +SKIP
     """
     from .formats import open_checkpoint
     from .io import check_destination
@@ -423,7 +426,11 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     if rules is None:
         rules = Rules()
     elif isinstance(rules, list):
-        rules = Rules(ops=rules)
+        rules = Rules(ops=list(rules))
+    elif isinstance(rules, dict):
+        rules = Rules.from_json(rules)
+    elif isinstance(rules, (str, os.PathLike)):
+        rules = Rules.from_file(rules)
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
     fmt = output_format(dst_p)

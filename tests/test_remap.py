@@ -138,6 +138,10 @@ def test_rules_file_yaml_and_json(make, tmp_path):
     a = Rules.from_file(y)
     b = Rules.from_file(j)
     assert a.ops == b.ops
+    # the API takes a rules file path or a dict in the same schema
+    by_path = surgery.remap(make("dataparallel_pt"), tmp_path / "p.safetensors", y, dry_run=True)
+    by_dict = surgery.remap(make("dataparallel_pt"), tmp_path / "p.safetensors", json.loads(j.read_text()), dry_run=True)
+    assert [r.new for r in by_path.rows] == [r.new for r in by_dict.rows]
     report = surgery.remap(make("dataparallel_pt"), tmp_path / "x.safetensors", a, dry_run=True)
     assert report.rows[0].new.startswith("body.") and report.rows[0].new_dtype == "F16"
     assert not (tmp_path / "x.safetensors").exists()
