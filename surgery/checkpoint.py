@@ -168,7 +168,10 @@ class Checkpoint:
         rng = info.byte_range
         if rng is not None:
             return read_range(info.file, *rng)
-        return self.tensor(name).contiguous().numpy().tobytes()  # strided view: let torch gather it
+        import torch
+
+        # a strided view: let torch gather it; viewed as bytes so bf16 (which numpy lacks) works too
+        return self.tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
     def tensor(self, name: str) -> "torch.Tensor":
         """Materialise one tensor on the CPU (a fresh, writable copy)."""
