@@ -8,7 +8,7 @@ import typer
 
 from surgery import __version__
 
-from . import demo_cmd, diff_cmd, inspect_cmd, remap_cmd
+from . import adapt_cmd, demo_cmd, diff_cmd, inspect_cmd, remap_cmd
 
 app = typer.Typer(
     name="surgery",
@@ -36,6 +36,7 @@ def _root(
 
 inspect_cmd.register(app)
 remap_cmd.register(app)
+adapt_cmd.register(app)
 diff_cmd.register(app)
 demo_cmd.register(app)
 

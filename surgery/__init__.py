@@ -1,6 +1,10 @@
 """surgery: inspect, clean, adapt and fine-tune PyTorch checkpoints.
 
 Importing the package is cheap: torch is imported only by functions that need tensors.
+
+The API functions (``surgery.inspect``, ``surgery.remap``, ``surgery.adapt``, ...) live in modules
+whose names differ from theirs (``report``, ``rules``, ``adapter``, ``trainer``): a submodule named
+like a function would replace that function on this package as soon as it is imported.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ _EXPORTS = {
     "keep": ("surgery.rules", "keep"),
     "auto_strip": ("surgery.rules", "auto_strip"),
     "cast": ("surgery.rules", "cast"),
+    "adapt": ("surgery.adapter.core", "adapt"),
+    "load_adapted": ("surgery.adapter.core", "load_adapted"),
+    "param_groups": ("surgery.adapter.core", "param_groups"),
+    "apply_schedule": ("surgery.adapter.freeze", "apply_schedule"),
+    "apply_bn_policy": ("surgery.adapter.freeze", "apply_bn_policy"),
+    "read_manifest": ("surgery.adapter.manifest", "read_manifest"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,289 @@
+"""ARCH -> a model factory: torchvision names, ``timm:NAME``, ``file.py:fn``, ``package.module:fn``.
+
+A resolved :class:`ArchSpec` is plain data (kind, name, kwargs) that the manifest stores, so
+``load_adapted`` rebuilds the very same model later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect as pyinspect
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import AdaptError, ArchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What to build: ``kind`` is torchvision, timm, file or module; ``name`` what the user typed
+    without the ``timm:`` prefix (a file factory's path is made absolute)."""
+
+    kind: str
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        return f"timm:{self.name}" if self.kind == "timm" else self.name
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ArchSpec":
+        return cls(data["kind"], data["name"], dict(data.get("kwargs") or {}))
+
+
+def parse_arch_kwargs(text: str | dict | None) -> dict:
+    """``--arch-kwargs '{"width_mult": 0.5}'`` -> dict; refuses anything but a JSON object."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArchError(f"--arch-kwargs {text!r} is not valid JSON ({e}); pass an object like '{{\"dropout\": 0.2}}'") from None
+    if not isinstance(data, dict):
+        raise ArchError(f"--arch-kwargs must be a JSON object (got {type(data).__name__}), e.g. '{{\"dropout\": 0.2}}'")
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_models() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve_arch(arch: str, kwargs: dict | str | None = None) -> ArchSpec:
+    """Check that ``arch`` names something buildable and return its spec (imports nothing heavy
+    for torchvision names beyond torchvision itself).
+
+    >>> resolve_arch("resnet18").kind
+    'torchvision'
+    """
+    kw = parse_arch_kwargs(kwargs)
+    if not arch or not arch.strip():
+        raise ArchError("--arch is empty; name a torchvision model (e.g. resnet18), timm:NAME, or file.py:fn")
+    arch = arch.strip()
+    if arch.startswith("timm:"):
+        name = arch[5:]
+        timm = _import_timm()
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+            raise ArchError(f"unknown timm model {name!r}{hint}")
+        return ArchSpec("timm", name, kw)
+    if ":" in arch:
+        target, _, fn = arch.rpartition(":")
+        if not target or not fn or not fn.isidentifier():
+            raise ArchError(f"--arch {arch!r}: a factory is 'path/to/file.py:function' or 'package.module:function'")
+        if target.endswith(".py") or os.sep in target or "/" in target:
+            path = Path(target).expanduser().resolve()
+            spec = ArchSpec("file", f"{path}:{fn}", kw)
+        else:
+            spec = ArchSpec("module", arch, kw)
+        factory(spec)  # import now: a broken factory fails before any work
+        return spec
+    names = torchvision_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch.lower(), names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ArchError(f"unknown architecture {arch!r}: not a torchvision classification model{hint} "
+                        f"(also accepted: timm:NAME, path/to/file.py:fn, package.module:fn)")
+    return ArchSpec("torchvision", arch, kw)
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ArchError("timm is not installed; `pip install timm` to use timm:NAME architectures") from None
+    return timm
+
+
+def _load_file(path: Path):
+    if not path.is_file():
+        raise ArchError(f"{path}: factory file not found")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    mod_name = f"surgery_user_factory_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ArchError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - user code: any failure is bad input, reported in one line
+        del sys.modules[mod_name]
+        raise ArchError(f"{path}: importing the factory file failed: {type(e).__name__}: {e}") from None
+    return module
+
+
+def factory(spec: ArchSpec) -> Callable[..., "nn.Module"]:
+    """A callable ``(**kwargs) -> nn.Module`` for ``spec`` (weights never downloaded here)."""
+    if spec.kind == "torchvision":
+        import torchvision
+
+        return functools.partial(torchvision.models.get_model, spec.name, weights=None)
+    if spec.kind == "timm":
+        timm = _import_timm()
+        return functools.partial(timm.create_model, spec.name, pretrained=False)
+    target, _, fn = spec.name.rpartition(":")
+    if spec.kind == "file":
+        module = _load_file(Path(target))
+        where = target
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:  # noqa: BLE001
+            raise ArchError(f"--arch {spec.name!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from None
+        where = target
+    obj = getattr(module, fn, None)
+    if obj is None or not callable(obj):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:10]
+        raise ArchError(f"{where}: has no callable {fn!r}; callables there: {', '.join(public) or 'none'}")
+    return obj
+
+
+def accepts_num_classes(spec: ArchSpec) -> bool:
+    """Whether the factory takes ``num_classes`` itself (torchvision and timm always do)."""
+    if spec.kind in ("torchvision", "timm"):
+        return True
+    try:
+        params = pyinspect.signature(factory(spec)).parameters
+    except (TypeError, ValueError):
+        return False
+    return "num_classes" in params
+
+
+def build(spec: ArchSpec, num_classes: int | None = None, *, meta: bool = False) -> "nn.Module":
+    """Build the model; with ``num_classes`` when the factory accepts it. ``meta``: no memory."""
+    from torch import nn
+
+    fn = factory(spec)
+    kwargs = dict(spec.kwargs)
+    if num_classes is not None and accepts_num_classes(spec):
+        kwargs["num_classes"] = num_classes
+    try:
+        model = _meta_build(fn, kwargs) if meta else fn(**kwargs)
+    except AdaptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory or kwargs: bad input
+        raise ArchError(f"building {spec.display} with {kwargs or 'no arguments'} failed: "
+                        f"{type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ArchError(f"{spec.display}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _meta_build(fn: Callable[..., Any], kwargs: dict):
+    """Every parameter and buffer on the meta device. Builders that compute with tensors at
+    construction (regnet) cannot run under ``torch.device('meta')``; for those each tensor moves
+    to meta as it is registered (the same approach as ``surgery.archsig``)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return fn(**kwargs)
+    except (NotImplementedError, RuntimeError):
+        pass
+    nn = torch.nn
+    reg_p, reg_b = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self, name, param):
+        reg_p(self, name, param)
+        if param is not None and param.device.type != "meta":
+            p = self._parameters[name]
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        reg_b(self, name, tensor, persistent)
+        if tensor is not None and tensor.device.type != "meta":
+            self._buffers[name] = self._buffers[name].to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    try:
+        return fn(**kwargs)
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
+
+
+def torchvision_weights(arch: str, name: str):
+    """torchvision's weights enum member ``name`` (``DEFAULT``, ``IMAGENET1K_V2``) for ``arch``."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise AdaptError(f"torchvision has no weights for {arch!r}") from None
+    members = [m.name for m in enum]
+    key = name.split(".")[-1]
+    if key == "DEFAULT":
+        return enum.DEFAULT
+    if key not in members:
+        raise AdaptError(f"--weights {name!r}: {arch} has weights {', '.join(['DEFAULT', *members])}")
+    return enum[key]
+
+
+def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any = None) -> dict:
+    """Input size, channels and normalisation: torchvision's weights meta where known, timm's
+    pretrained_cfg for timm, else ImageNet defaults at 224."""
+    size, resize, mean, std, interp = 224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    source = "imagenet-default"
+    if spec.kind == "torchvision":
+        if weights is None:
+            try:
+                weights = torchvision_weights(spec.name, "DEFAULT")
+            except AdaptError:
+                weights = None
+        if weights is not None:
+            tf = weights.transforms
+            kw = dict(getattr(tf, "keywords", {}) or {})
+            size = kw.get("crop_size", size)
+            resize = kw.get("resize_size", resize)
+            mean = tuple(kw.get("mean", mean))
+            std = tuple(kw.get("std", std))
+            if "interpolation" in kw:
+                interp = getattr(kw["interpolation"], "value", str(kw["interpolation"]))
+            source = f"torchvision:{type(weights).__name__}.{weights.name}"
+        if "image_size" in spec.kwargs:
+            size = int(spec.kwargs["image_size"])
+            resize = int(round(size / 0.875))
+    elif spec.kind == "timm" and model is not None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if cfg.get("input_size"):
+            size = int(cfg["input_size"][-1])
+            resize = int(round(size / cfg.get("crop_pct", 0.875)))
+        mean = tuple(cfg.get("mean", mean))
+        std = tuple(cfg.get("std", std))
+        interp = cfg.get("interpolation", interp)
+        source = f"timm:{spec.name}"
+    elif "image_size" in spec.kwargs:
+        size = int(spec.kwargs["image_size"])
+        resize = int(round(size / 0.875))
+    fixed = getattr(model, "image_size", None)  # torchvision ViT accepts only the size it was built for
+    if isinstance(fixed, int) and fixed != size:
+        size, resize = fixed, int(round(fixed / 0.875))
+    if isinstance(resize, (list, tuple)):
+        resize = resize[0]
+    return {"size": [int(size), int(size)], "resize": int(resize), "channels": 3, "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "interpolation": interp, "source": source}

@@ -1,0 +1,349 @@
+"""Freeze policies, the four data-regime presets, parameter groups and the BatchNorm policy.
+
+Everything is decided once, by :func:`plan_freeze`, into plain data that the manifest stores;
+:func:`apply_schedule` and :func:`apply_bn_policy` replay it on a model at any epoch, which is
+all ``surgery train`` (or a user's own loop) needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .errors import AdaptError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+FREEZE_CHOICES = ("head-only", "none")
+BN_CHOICES = ("frozen", "train")
+
+
+
+class _Presets(dict):
+    """The four data regimes, as ``--preset NAME``.
+
+| preset            | data                          | frozen                                    | backbone lr | BatchNorm |
+|-------------------|-------------------------------|-------------------------------------------|-------------|-----------|
+| `small-similar`   | little data, similar domain   | the whole backbone: only the new head trains | x0.1 (unused while frozen) | frozen (eval, statistics kept) |
+| `small-different` | little data, different domain | the first half of the backbone's stages (rounded down); the later stages and the head train | x0.1 | frozen in the frozen stages |
+| `large-similar`   | much data, similar domain     | nothing: everything trains from the pretrained start | x0.1 | trains |
+| `large-different` | much data, different domain   | nothing: everything trains; the pretrained weights are only an initialisation | x1.0 (same lr as the head) | trains |
+
+Stages are the backbone's top-level children, opened up (to three levels at most) while there
+are fewer than four of them or one Sequential/ModuleList of three or more blocks holds over 70%
+of the backbone (``features`` -> ``features.0``, ``features.1``...; ViT's ``encoder.layers`` ->
+its blocks); parameters held directly by a module, such as ViT's ``class_token``, are stages of
+their own; the head is never frozen by a preset. Options given
+with a preset override its BatchNorm policy (``--bn``) and backbone multiplier
+(``--backbone-lr-mult``), and ``--freeze-regex``/``--train-regex``, ``--layer-decay``,
+``--unfreeze-at``, ``--gradual`` refine it; ``--freeze``, ``--freeze-until`` and
+``--freeze-first`` conflict with a preset.
+    """
+
+
+PRESETS: dict[str, dict[str, Any]] = _Presets({
+    "small-similar": {"freeze": "head-only", "bn": "frozen", "backbone_lr_mult": 0.1},
+    "small-different": {"freeze_fraction": 0.5, "bn": "frozen", "backbone_lr_mult": 0.1},
+    "large-similar": {"freeze": "none", "bn": "train", "backbone_lr_mult": 0.1},
+    "large-different": {"freeze": "none", "bn": "train", "backbone_lr_mult": 1.0},
+})
+PRESETS_DOC = _Presets.__doc__
+
+
+@dataclass
+class FreezeOptions:
+    freeze: str | None = None
+    freeze_until: str | None = None
+    freeze_first: int | None = None
+    freeze_regex: str | None = None
+    train_regex: str | None = None
+    preset: str | None = None
+    backbone_lr_mult: float | None = None
+    layer_decay: float | None = None
+    unfreeze_at: int | None = None
+    gradual: bool = False
+    bn: str | None = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    def resolved(self) -> tuple["FreezeOptions", float | None]:
+        """Check every option, fold the preset in; returns (options, freeze_fraction)."""
+        problems: list[str] = []
+        o = FreezeOptions(**self.__dict__)
+        fraction = None
+        if o.preset is not None:
+            if o.preset not in PRESETS:
+                raise AdaptError(f"--preset {o.preset!r}: choose one of {', '.join(PRESETS)}")
+            given = [f for f, v in (("--freeze", o.freeze), ("--freeze-until", o.freeze_until),
+                                    ("--freeze-first", o.freeze_first)) if v is not None]
+            if given:
+                problems.append(f"--preset {o.preset} decides what is frozen; drop {', '.join(given)} "
+                                f"or drop the preset")
+            p = PRESETS[o.preset]
+            o.freeze = p.get("freeze")
+            fraction = p.get("freeze_fraction")
+            o.bn = o.bn or p["bn"]
+            if o.backbone_lr_mult is None:
+                o.backbone_lr_mult = p["backbone_lr_mult"]
+        if o.freeze is not None and o.freeze not in FREEZE_CHOICES:
+            problems.append(f"--freeze {o.freeze!r}: choose one of {', '.join(FREEZE_CHOICES)} "
+                            f"(or --freeze-until MODULE, --freeze-first N, --freeze-regex)")
+        if o.freeze == "head-only" and (o.freeze_until is not None or o.freeze_first is not None):
+            problems.append("--freeze head-only already freezes the whole backbone; it conflicts with "
+                            "--freeze-until/--freeze-first")
+        if o.freeze_until is not None and o.freeze_first is not None:
+            problems.append("--freeze-until and --freeze-first both say where freezing stops; give one")
+        if o.freeze_first is not None and o.freeze_first < 1:
+            problems.append(f"--freeze-first must be at least 1, got {o.freeze_first}")
+        if o.unfreeze_at is not None and o.gradual:
+            problems.append("--unfreeze-at and --gradual are two different schedules; give one")
+        if o.unfreeze_at is not None and o.unfreeze_at < 1:
+            problems.append(f"--unfreeze-at must be an epoch >= 1, got {o.unfreeze_at}")
+        if o.backbone_lr_mult is None:
+            o.backbone_lr_mult = 0.1
+        if o.backbone_lr_mult < 0:
+            problems.append(f"--backbone-lr-mult must be >= 0, got {o.backbone_lr_mult}")
+        if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+            problems.append(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
+        o.bn = o.bn or "frozen"
+        if o.bn not in BN_CHOICES:
+            problems.append(f"--bn {o.bn!r}: choose one of {', '.join(BN_CHOICES)}")
+        for flag, rx in (("--freeze-regex", o.freeze_regex), ("--train-regex", o.train_regex)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    problems.append(f"{flag} {rx!r} is not a valid regular expression: {e}")
+        if problems:
+            raise AdaptError("; ".join(problems))
+        return o, fraction
+
+
+@dataclass
+class Stage:
+    name: str
+    params: list[str] = field(default_factory=list)
+    numel: int = 0
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def stages(model: "nn.Module", head_modules: list[str]) -> list[Stage]:
+    """The backbone split into stages, input side first (see PRESETS_DOC for the rule)."""
+    from torch import nn
+
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    backbone = [n for n in sizes if not any(_under(n, h) for h in head_modules)]
+    total = sum(sizes[n] for n in backbone) or 1
+    mods = dict(model.named_modules())
+
+    def items_of(path: str) -> list[str]:
+        """Children (with backbone params) and direct params of module ``path`` as stage names."""
+        prefix = path + "." if path else ""
+        out: list[str] = []
+        for n in backbone:
+            if not n.startswith(prefix):
+                continue
+            rest = n[len(prefix):].split(".")
+            item = prefix + rest[0]
+            if item not in out:
+                out.append(item)
+        return out
+
+    def numel(item: str) -> int:
+        return sum(sizes[n] for n in backbone if _under(n, item))
+
+    items = items_of("")
+    for _ in range(12):
+        expandable = [i for i in items if i in mods and sum(c in mods for c in items_of(i)) >= 2 and i.count(".") < 2]
+        if not expandable:
+            break
+        big = max(expandable, key=numel)
+        mod = mods[big]
+        seq = isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(items_of(big)) >= 3
+        if not (len(items) < 4 or (numel(big) / total > 0.7 and seq)):
+            break
+        at = items.index(big)
+        items[at:at + 1] = items_of(big)
+    out = []
+    for it in items:
+        params = [n for n in backbone if _under(n, it)]
+        out.append(Stage(it, params, sum(sizes[n] for n in params)))
+    return out
+
+
+def plan_freeze(model: "nn.Module", head_modules: list[str], opts: FreezeOptions) -> dict:
+    """Groups, per-parameter assignment and BatchNorm list, as manifest-ready data."""
+    from torch import nn
+
+    o, fraction = opts.resolved()
+    st = stages(model, head_modules)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    head = [n for n in names if any(_under(n, h) for h in head_modules)]
+    head_set = set(head)
+    frozen: set[str] = set()
+    if o.freeze == "head-only":
+        frozen = {n for n in names if n not in head_set}
+    if fraction is not None:
+        k = int(len(st) * fraction)
+        frozen = {n for s in st[:k] for n in s.params}
+    if o.freeze_until is not None:
+        target = o.freeze_until.strip(".")
+        hit = next((i for i, n in enumerate(names) if _under(n, target)), None)
+        if hit is None or target == "":
+            valid = list(dict.fromkeys([c for c, _ in model.named_children()] + [s.name for s in st]))
+            raise AdaptError(f"--freeze-until {o.freeze_until!r} names no module with parameters; "
+                             f"valid: {', '.join(valid)}")
+        frozen = {n for n in names[:hit] if n not in head_set}
+    if o.freeze_first is not None:
+        children = [c for c, _ in model.named_children()]
+        if o.freeze_first > len(children):
+            raise AdaptError(f"--freeze-first {o.freeze_first}: the model has only {len(children)} top-level "
+                             f"children ({', '.join(children)})")
+        first = children[:o.freeze_first]
+        frozen = {n for n in names if n not in head_set and any(_under(n, c) for c in first)}
+    if o.freeze_regex:
+        rx = re.compile(o.freeze_regex)
+        matched = {n for n in names if rx.search(n)}
+        if not matched:
+            raise AdaptError(f"--freeze-regex {o.freeze_regex!r} matches no parameter (names look like {names[0]!r})")
+        frozen |= matched
+    if o.train_regex:
+        rx = re.compile(o.train_regex)
+        matched = {n for n in names if rx.search(n)}
+        if not matched:
+            raise AdaptError(f"--train-regex {o.train_regex!r} matches no parameter (names look like {names[0]!r})")
+        frozen -= matched
+    if (o.unfreeze_at is not None or o.gradual) and not frozen:
+        raise AdaptError("--unfreeze-at/--gradual need something frozen first; add --freeze head-only, "
+                         "--freeze-until MODULE or a preset")
+
+    nst = len(st)
+    stage_of = {n: s.name for s in st for n in s.params}
+    stage_idx = {s.name: i for i, s in enumerate(st)}
+    mult = float(o.backbone_lr_mult)  # type: ignore[arg-type]
+
+    def lr_mult(stage: str) -> float:
+        if stage == "head":
+            return 1.0
+        if o.layer_decay is None:
+            return mult
+        return mult * o.layer_decay ** (nst - 1 - stage_idx[stage])
+
+    # gradual: the frozen stages, top first, one more per epoch
+    frozen_stages = [s.name for s in st if any(n in frozen for n in s.params)]
+    gradual_at = {name: i + 1 for i, name in enumerate(reversed(frozen_stages))} if o.gradual else {}
+
+    groups: dict[str, dict] = {}
+    params: dict[str, dict] = {}
+    for n in names:
+        stage = "head" if n in head_set else stage_of[n]
+        is_frozen = n in frozen
+        mixed = any((m in frozen) != is_frozen for m in (head if stage == "head" else st[stage_idx[stage]].params))
+        gname = f"{stage}:frozen" if (mixed and is_frozen) else stage
+        if gname not in groups:
+            unfreeze = None
+            if is_frozen:
+                unfreeze = o.unfreeze_at if o.unfreeze_at is not None else gradual_at.get(stage)
+            groups[gname] = {"name": gname, "stage": stage, "index": nst if stage == "head" else stage_idx[stage],
+                             "trainable": not is_frozen, "lr_mult": lr_mult(stage), "unfreeze_at": unfreeze,
+                             "params": 0, "numel": 0}
+        g = groups[gname]
+        g["params"] += 1
+        g["numel"] += int(torch_numel(shapes[n]))
+        params[n] = {"shape": shapes[n], "trainable": not is_frozen, "group": gname, "lr_mult": g["lr_mult"]}
+
+    bn_modules: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(_under(path, h) for h in head_modules):
+            w = f"{path}.weight"
+            if w in params:
+                bn_modules[path] = params[w]["group"]
+            else:  # no affine parameters: follows the stage that holds it
+                stage = next((s.name for s in st if _under(path, s.name)), None)
+                if stage is not None:
+                    bn_modules[path] = next(g for g in groups.values() if g["stage"] == stage)["name"]
+    schedule = "unfreeze_at" if o.unfreeze_at is not None else ("gradual" if o.gradual else "fixed")
+    return {
+        "options": o.to_json(),
+        "schedule": {"kind": schedule, "unfreeze_at": o.unfreeze_at,
+                     "order": [g for g in sorted(gradual_at, key=gradual_at.get)] if o.gradual else []},
+        "stages": [s.name for s in st],
+        "groups": list(groups.values()),
+        "params": params,
+        "bn": {"policy": o.bn, "modules": bn_modules},
+    }
+
+
+def torch_numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ----------------------------------------------------------------------------- replaying
+
+def _data(manifest: Any) -> Mapping[str, Any]:
+    return manifest.data if hasattr(manifest, "data") else manifest
+
+
+def group_trainable(group: Mapping[str, Any], epoch: int) -> bool:
+    if group["trainable"]:
+        return True
+    at = group.get("unfreeze_at")
+    return at is not None and epoch >= at
+
+
+def _keep_eval(module: "nn.Module", args: Any) -> None:
+    # runs before every forward: a frozen BatchNorm normalises with its running statistics and
+    # never updates them, whatever model.train() set
+    module.training = False
+
+
+def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[str]:
+    """Put the BatchNorm layers that are frozen at ``epoch`` in eval mode, and keep them there
+    across later ``model.train()`` calls (a forward pre-hook resets the flag). Layers whose group
+    trains at ``epoch`` follow ``model.training`` again. Returns the frozen layers' paths.
+    """
+    data = _data(manifest)
+    bn = data["bn"]
+    groups = {g["name"]: g for g in data["groups"]}
+    mods = dict(model.named_modules())
+    frozen = []
+    for path, gname in bn["modules"].items():
+        mod = mods.get(path)
+        if mod is None:
+            continue
+        is_frozen = bn["policy"] == "frozen" and not group_trainable(groups[gname], epoch)
+        handle = mod.__dict__.get("_surgery_bn_hook")
+        if is_frozen:
+            if handle is None:
+                mod.__dict__["_surgery_bn_hook"] = mod.register_forward_pre_hook(_keep_eval)
+            mod.training = False
+            frozen.append(path)
+        else:
+            if handle is not None:
+                handle.remove()
+                del mod.__dict__["_surgery_bn_hook"]
+            mod.training = model.training
+    return frozen
+
+
+def apply_schedule(model: "nn.Module", manifest: Any, epoch: int = 0) -> None:
+    """``requires_grad`` and BatchNorm modes as the manifest's schedule says for ``epoch``
+    (0: before any unfreezing). Call at the start of each epoch, after ``model.train()``."""
+    data = _data(manifest)
+    groups = {g["name"]: g for g in data["groups"]}
+    info = data["params"]
+    for name, p in model.named_parameters():
+        meta = info.get(name)
+        if meta is not None:
+            p.requires_grad_(group_trainable(groups[meta["group"]], epoch))
+    apply_bn_policy(model, manifest, epoch)

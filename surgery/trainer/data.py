@@ -1,0 +1,642 @@
+"""The data side of ``surgery train``: find the images, check them, transform and batch them.
+
+Three layouts are understood, resolved by :func:`discover` into :class:`Samples` (lists of
+``(path, label)``) before any image is decoded:
+
+- ``imagefolder``: ``DATA/train/<class>/*`` and ``DATA/val/<class>/*`` (``valid/`` and
+  ``validation/`` are accepted for ``val/``), the same class folders on both sides;
+- ``split``: one folder of class folders (``DATA/<class>/*``, or ``DATA/train/`` with no
+  ``val/``), split by ``val_split``, stratified and seeded;
+- ``csv``: a ``.csv`` of ``path,label[,split]``, paths relative to the CSV's folder or absolute,
+  header optional; without a ``split`` column ``val_split`` applies as above.
+
+Class names are the sorted folder names or unique CSV labels; when every name is an integer they
+sort numerically (``2`` before ``10``). The label of a sample is the index of its class there.
+
+    >>> samples = discover("data/", val_split=0.2, seed=0)
+    >>> check_num_classes(samples, manifest.num_classes)
+    >>> samples, bad = scan_images(samples)            # bad: [(path, reason)] for the run log
+    >>> train_dl, val_dl = make_loaders(samples, image_size=224, mean=m, std=s, channels=3,
+    ...                                 batch_size=64, num_workers=4, device="cuda")
+
+Every problem with the user's data raises :class:`DataError` with a one-line message that names
+the folder, file or CSV line and says what to do.
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import SurgeryError
+
+log = logging.getLogger(__name__)
+
+#: File name endings taken as images (case-insensitive); other files are ignored.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+_PATH_COLUMNS = ("path", "file", "filename", "filepath", "image", "img")
+_LABEL_COLUMNS = ("label", "class", "target", "category")
+_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+class DataError(SurgeryError):
+    """The training data cannot be used as given: missing, empty, malformed or inconsistent."""
+
+
+def _few(items: Sequence[Any], limit: int = 8) -> str:
+    """``a, b, c and 5 more``: a list short enough for a one-line message."""
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
+def sort_classes(names: Iterable[str]) -> list[str]:
+    """Sorted class names; numerically when every name is an integer (``['2', '10']``)."""
+    names = sorted(set(names))
+    if names and all(_INT.match(n.strip()) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return names
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@dataclass
+class Samples:
+    """A resolved dataset: class names and ``(path, label)`` lists, nothing decoded yet.
+
+    ``source`` says how it was found: ``'imagefolder'`` (train/ and val/), ``'split'`` (one folder
+    split by ``val_split``) or ``'csv'``. ``root`` is the DATA argument, for messages.
+    """
+
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    source: str
+    root: str = ""
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: ``{'train': {'cat': 40, ...}, 'val': {...}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for split, items in (("train", self.train), ("val", self.val)):
+            n = [0] * len(self.classes)
+            for _, label in items:
+                n[label] += 1
+            out[split] = dict(zip(self.classes, n))
+        return out
+
+
+@dataclass
+class DataSpec:
+    """What the caller passes: DATA, ``--val-split`` and ``--seed``. ``csv`` is set from the suffix."""
+
+    root: Path
+    val_split: float | None = None
+    seed: int = 0
+    csv: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.csv = self.root.suffix.lower() == ".csv"
+
+    def discover(self) -> Samples:
+        return discover(self.root, val_split=self.val_split, seed=self.seed)
+
+
+def discover(data: str | os.PathLike, *, val_split: float | None = None, seed: int = 0) -> Samples:
+    """Resolve DATA into :class:`Samples` without decoding an image.
+
+    ``val_split`` (a fraction in (0, 1)) is for a single folder of class folders or a CSV without
+    a ``split`` column; giving it where the validation set is already named is an error, not a
+    silent choice. The split is stratified (each class split on its own, so every class with at
+    least two images is in both) and depends only on ``seed`` and the class's own files.
+    """
+    root = Path(data).expanduser()
+    if val_split is not None:
+        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 < val_split < 1:
+            raise DataError(f"--val-split must be a fraction between 0 and 1 (exclusive), e.g. 0.2; got {val_split!r}")
+    if not root.exists():
+        raise DataError(
+            f"{root}: no such folder or file; --data takes an ImageFolder root (train/ and val/ with a "
+            f"folder per class, or just a folder per class) or a CSV of path,label")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{root}: is a file but not a .csv; --data takes a folder of class folders or a CSV of path,label")
+        return _discover_csv(root, val_split, seed)
+    if not root.is_dir():
+        raise DataError(f"{root}: is neither a folder nor a .csv file")
+
+    train_dir = root / "train"
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if train_dir.is_dir() and val_dir is not None:
+        if val_split is not None:
+            raise DataError(
+                f"{root}: already has train/ and {val_dir.name}/, so --val-split {val_split} has nothing to "
+                f"split; drop --val-split, or point --data at a single folder of class folders")
+        train = _class_folders(train_dir)
+        val = _class_folders(val_dir)
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        if only_train or only_val:
+            parts = []
+            if only_train:
+                parts.append(f"only in train/: {_few(only_train)}")
+            if only_val:
+                parts.append(f"only in {val_dir.name}/: {_few(only_val)}")
+            raise DataError(
+                f"{root}: train/ and {val_dir.name}/ have different class folders ({'; '.join(parts)}); "
+                f"give both the same class folders")
+        _refuse_empty(root, [(f"train/{c}", v) for c, v in train.items()]
+                      + [(f"{val_dir.name}/{c}", v) for c, v in val.items()])
+        classes = sort_classes(train)
+        index = {c: i for i, c in enumerate(classes)}
+        return Samples(
+            classes=classes,
+            train=[(str(p), index[c]) for c in classes for p in train[c]],
+            val=[(str(p), index[c]) for c in classes for p in val[c]],
+            source="imagefolder", root=str(root))
+    if val_dir is not None:
+        raise DataError(f"{root}: has {val_dir.name}/ but no train/; add train/<class>/ folders beside it")
+
+    folder = train_dir if train_dir.is_dir() else root
+    per_class = _class_folders(folder)
+    _refuse_empty(folder, list(per_class.items()))
+    if val_split is None:
+        if folder is train_dir:
+            where, layout = f"{root}: has train/ but no val/", "add val/<class>/ folders beside train/"
+        else:
+            where, layout = f"{root}: is one folder of class folders", "arrange it as train/<class>/ and val/<class>/"
+        raise DataError(f"{where}; pass --val-split (e.g. 0.2) to hold out a stratified validation set, or {layout}")
+    classes = sort_classes(per_class)
+    train_items, val_items = _stratified_split({c: [str(p) for p in per_class[c]] for c in classes},
+                                               classes, val_split, seed)
+    return Samples(classes=classes, train=train_items, val=val_items, source="split", root=str(root))
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    """``{class: sorted image paths}`` for each non-hidden subfolder (searched recursively)."""
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+        hint = (f" (it holds {len(loose)} images directly; move each class's images into its own subfolder)"
+                if loose else "")
+        raise DataError(f"{folder}: no class folders found{hint}; expected {folder}/<class>/<image>")
+    return {d.name: _images_under(d) for d in subdirs}
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
+    return sorted(found)
+
+
+def _refuse_empty(root: Path, classes: list[tuple[str, list[Path]]]) -> None:
+    empty = [name for name, paths in classes if not paths]
+    if empty:
+        raise DataError(
+            f"{root}: class folder{'s' if len(empty) > 1 else ''} with no images: {_few(empty)}; add images "
+            f"({' '.join(IMG_EXTENSIONS)}) or remove the folder")
+
+
+def _stratified_split(per_class: dict[str, list[str]], classes: list[str], frac: float,
+                      seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Each class shuffled on its own by a generator seeded with (seed, class name), so adding a
+    class or a file elsewhere does not move anyone else. A class of one image stays in train."""
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
+    for label, c in enumerate(classes):
+        paths = sorted(per_class[c])
+        random.Random(f"surgery.split:{seed}:{c}").shuffle(paths)  # str seeds hash with sha512: stable
+        n = len(paths)
+        n_val = 0 if n < 2 else min(n - 1, max(1, round(n * frac)))
+        val.extend((p, label) for p in sorted(paths[:n_val]))
+        train.extend((p, label) for p in sorted(paths[n_val:]))
+    return train, val
+
+
+def _discover_csv(path: Path, val_split: float | None, seed: int) -> Samples:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    base = path.parent
+    reader = _csv.reader(io.StringIO(text, newline=""))
+    problems: list[tuple[int, str]] = []
+    rows: list[tuple[int, str, str, str | None]] = []  # line, path, label, split
+    path_col, label_col, split_col = 0, 1, None
+    header_seen = False
+    first_data_line = None
+    try:
+        for fields in reader:
+            line = reader.line_num
+            fields = [f.strip() for f in fields]
+            if not any(fields) or fields[0].startswith("#"):
+                continue
+            if not header_seen:
+                header_seen = True
+                lower = [f.lower() for f in fields]
+                p = next((lower.index(n) for n in _PATH_COLUMNS if n in lower), None)
+                lab = next((lower.index(n) for n in _LABEL_COLUMNS if n in lower), None)
+                if p is not None and lab is not None:
+                    path_col, label_col = p, lab
+                    split_col = lower.index("split") if "split" in lower else None
+                    continue
+                split_col = 2 if len(fields) >= 3 else None
+            if first_data_line is None:
+                first_data_line = line
+            need = max(c for c in (path_col, label_col, split_col) if c is not None) + 1
+            if len(fields) < need:
+                cols = "path,label,split" if split_col is not None else "path,label"
+                problems.append((line, f"line {line}: expected {need} fields ({cols}), got {len(fields)}"))
+                continue
+            file, label = fields[path_col], fields[label_col]
+            split = fields[split_col] if split_col is not None else None
+            if not file:
+                problems.append((line, f"line {line}: empty path"))
+                continue
+            if not label:
+                problems.append((line, f"line {line}: empty label for {file}"))
+                continue
+            if split is not None and split.lower() not in _SPLITS:
+                problems.append((line, f"line {line}: split {split!r} is not train or val"))
+                continue
+            rows.append((line, file, label, _SPLITS[split.lower()] if split is not None else None))
+    except _csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+
+    resolved: list[tuple[str, str, str | None]] = []
+    relative_missing = False
+    for line, file, label, split in rows:
+        p = Path(file).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            hint = ""
+            if line == first_data_line and split_col is None:
+                hint = (" (if this line is a header, name its columns path,label[,split]: "
+                        f"{'/'.join(_PATH_COLUMNS)} and {'/'.join(_LABEL_COLUMNS)} are recognised)")
+            problems.append((line, f"line {line}: {file}: no such file{hint}"))
+            relative_missing = relative_missing or not Path(file).expanduser().is_absolute()
+            continue
+        resolved.append((str(p), label, split))
+    if problems:
+        msgs = [msg for _, msg in sorted(problems)]
+        more = f"; and {len(msgs) - 10} more" if len(msgs) > 10 else ""
+        where = f" (relative paths are read from {base}, the CSV's folder)" if relative_missing else ""
+        raise DataError(f"{path}: {len(msgs)} problem{'s' if len(msgs) > 1 else ''}: {'; '.join(msgs[:10])}{more}{where}")
+    if not resolved:
+        raise DataError(f"{path}: no rows; expected lines of path,label (an optional header path,label[,split])")
+
+    classes = sort_classes(label for _, label, _ in resolved)
+    index = {c: i for i, c in enumerate(classes)}
+    if split_col is not None:
+        if val_split is not None:
+            raise DataError(f"{path}: has a split column, so --val-split {val_split} has nothing to split; drop --val-split")
+        train = [(p, index[lab]) for p, lab, s in resolved if s == "train"]
+        val = [(p, index[lab]) for p, lab, s in resolved if s == "val"]
+        if not val:
+            raise DataError(f"{path}: the split column marks no row as val; mark some rows val, or drop the column and pass --val-split")
+        no_train = [c for c in classes if not any(classes[lab] == c for _, lab in train)]
+        if no_train:
+            raise DataError(f"{path}: class{'es' if len(no_train) > 1 else ''} with no train rows: {_few(no_train)}; "
+                            f"every class needs training images")
+        return Samples(classes=classes, train=train, val=val, source="csv", root=str(path))
+    if val_split is None:
+        raise DataError(f"{path}: has no split column; pass --val-split (e.g. 0.2) to hold out a stratified "
+                        f"validation set, or add a split column of train/val")
+    per_class: dict[str, list[str]] = {c: [] for c in classes}
+    for p, lab, _ in resolved:
+        per_class[lab].append(p)
+    train, val = _stratified_split(per_class, classes, val_split, seed)
+    return Samples(classes=classes, train=train, val=val, source="csv", root=str(path))
+
+
+def check_num_classes(samples: Samples, num_classes: int) -> None:
+    """Refuse data whose class count is not the model head's ``num_classes`` (from the manifest)."""
+    n = len(samples.classes)
+    if n != num_classes:
+        raise DataError(
+            f"{samples.root or 'the data'}: found {n} class{'es' if n != 1 else ''} ({_few(samples.classes, 12)}) but "
+            f"the adapted model's head has {num_classes} outputs (manifest num_classes={num_classes}); re-run "
+            f"surgery adapt with --num-classes {n}, or point --data at a dataset with {num_classes} classes")
+
+
+# ---------------------------------------------------------------- image checks
+
+
+def _image_problem(path: str) -> str | None:
+    """None if ``path`` decodes, else why not. Formats with a real ``verify()`` (PNG: every chunk's
+    CRC, up to IEND) use it; the rest (JPEG, ...) are fully decoded, JPEG at 1/8 scale via draft()."""
+    from PIL import Image, ImageFile
+
+    try:
+        with Image.open(path) as im:
+            if type(im).verify not in (Image.Image.verify, ImageFile.ImageFile.verify):
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (1, 1))
+                im.load()
+        return None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        msg = " ".join(str(e).replace(f" {path!r}", "").split()) or type(e).__name__
+        if isinstance(e, FileNotFoundError):
+            msg = "no such file"
+        return f"{type(e).__name__}: {msg}" if not isinstance(e, (OSError, SyntaxError)) else msg
+
+
+def scan_images(samples: Samples, *, workers: int | None = None) -> tuple[Samples, list[tuple[str, str]]]:
+    """Open every image once (threads: PIL decodes without the GIL) and drop those that fail.
+
+    Returns the cleaned :class:`Samples` and ``[(path, reason)]`` of what was dropped, for the
+    run log. Raises :class:`DataError` if a class is left without a readable image in a split
+    where it had some, naming the class and a few of the bad files.
+    """
+    paths = sorted({p for p, _ in samples.train} | {p for p, _ in samples.val})
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(paths) > 16:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = dict(zip(paths, pool.map(_image_problem, paths, chunksize=32)))
+    else:
+        reasons = {p: _image_problem(p) for p in paths}
+    bad = [(p, r) for p, r in reasons.items() if r is not None]
+    if not bad:
+        return samples, []
+
+    problems = []
+    kept: dict[str, list[tuple[str, int]]] = {}
+    for split, items in (("train", samples.train), ("val", samples.val)):
+        kept[split] = [(p, lab) for p, lab in items if reasons[p] is None]
+        had = {lab for _, lab in items}
+        left = {lab for _, lab in kept[split]}
+        for lab in sorted(had - left):
+            lost = [Path(p).name for p, lb in items if lb == lab]
+            problems.append(f"class {samples.classes[lab]!r} has no readable image left in {split} "
+                            f"({len(lost)} unreadable: {_few(lost, 3)})")
+    if problems:
+        raise DataError(f"{samples.root or 'the data'}: {'; '.join(problems)}; replace the broken files or remove the class")
+    return dataclasses.replace(samples, train=kept["train"], val=kept["val"]), bad
+
+
+# ---------------------------------------------------------------- transforms
+
+
+class _ToMode:
+    """PIL image to mode ``'RGB'`` or ``'L'`` (a class, not a lambda, so workers can pickle it)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img: Any) -> Any:
+        if img.mode == self.mode:
+            return img
+        if self.mode == "RGB" and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            img = img.convert("L")  # high-bit-depth grey: via 8-bit grey, as RGB has no direct path
+        return img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"
+
+
+def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        size = (image_size, image_size)
+    else:
+        try:
+            size = tuple(int(s) for s in image_size)  # type: ignore[union-attr]
+        except TypeError:
+            raise DataError(f"image size must be an int or (height, width), got {image_size!r}") from None
+        if len(size) == 1:
+            size = (size[0], size[0])
+    if len(size) != 2 or min(size) < 1:
+        raise DataError(f"image size must be a positive int or (height, width), got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _per_channel(name: str, values: Sequence[float], channels: int) -> list[float]:
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else list(values))]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise DataError(f"normalisation {name} has {len(values)} values for {channels} channel(s); give 1 or {channels}")
+    if name == "std" and any(v <= 0 for v in values):
+        raise DataError(f"normalisation std must be positive, got {values}")
+    return values
+
+
+def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], channels: int,
+                     *, train: bool, augment: bool = True, flip: bool = True, resize: int | None = None,
+                     interpolation: str = "bilinear", scale: tuple[float, float] = (0.35, 1.0)) -> Callable:
+    """PIL image -> normalised float tensor ``[channels, H, W]``.
+
+    Every image is first converted to the model's channel count (grey to RGB or RGB to grey).
+    Training with ``augment``: ``RandomResizedCrop(size, scale)`` and, with ``flip``, a random
+    horizontal flip (turn it off for digits, text, anything with a handedness). ``scale`` defaults
+    to (0.35, 1): fine-tuning on little data wants milder crops than ImageNet's (0.08, 1).
+    Evaluation (or training without ``augment``): ``Resize(resize)`` of the shorter side, then
+    ``CenterCrop(size)``; ``resize`` defaults to ``int(max(size) / 0.875)``. Pass the manifest's
+    ``input.resize`` only when not overriding its size. ``interpolation``: ``'bilinear'``,
+    ``'bicubic'``, ``'nearest'`` (the manifest's ``input.interpolation``).
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}")
+    size = _size_pair(image_size)
+    mean_c, std_c = _per_channel("mean", mean, channels), _per_channel("std", std, channels)
+    try:
+        interp = interpolation if isinstance(interpolation, InterpolationMode) else InterpolationMode(str(interpolation).lower())
+    except ValueError:
+        raise DataError(f"unknown interpolation {interpolation!r}; use one of "
+                        f"{', '.join(m.value for m in InterpolationMode)}") from None
+    steps: list[Any] = [_ToMode("RGB" if channels == 3 else "L")]
+    if train and augment:
+        steps.append(v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        resize = int(resize) if resize is not None else int(max(size) / 0.875)
+        if resize < min(size):
+            raise DataError(f"resize {resize} is smaller than the crop {size[0]}x{size[1]}")
+        steps += [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(size)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean_c, std_c)]
+    return v2.Compose(steps)
+
+
+# ---------------------------------------------------------------- dataset and loaders
+
+
+class ImageDataset(Dataset):
+    """``(path, label)`` pairs and a transform; ``ds[i]`` is ``(tensor, label)``.
+
+    A file that fails to decode here (after :func:`scan_images` passed it, or when it was not run)
+    is not fatal. ``ds[i]`` then returns the next index ``i+1, i+2, ...`` (wrapping) whose file
+    decodes, with that file's own label: the same substitute for the same ``i`` every time, so a
+    seeded run stays reproducible. The bad file is remembered (not retried in this process),
+    logged on the ``surgery.trainer.data`` logger, and, when ``failure_log`` is given, appended to
+    that file as a JSON line ``{"path", "reason"}``: the one record that DataLoader workers and
+    DDP ranks share. :meth:`collect_failures` merges both. More than ``max_substitutes`` bad files
+    in a row raise :class:`DataError` (the data is broken, not a file).
+    """
+
+    def __init__(self, items: Sequence[tuple[str, int]], transform: Callable | None = None, *,
+                 failure_log: str | os.PathLike | None = None, max_substitutes: int = 16):
+        self.items = [(str(p), int(lab)) for p, lab in items]
+        self.transform = transform
+        self.failure_log = Path(failure_log) if failure_log is not None else None
+        self.max_substitutes = max_substitutes
+        self.failures: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def targets(self) -> list[int]:
+        return [lab for _, lab in self.items]
+
+    @staticmethod
+    def load(path: str) -> Any:
+        """Decode ``path`` fully (lazy PIL decoding would fail later, outside our handling)."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            return im
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.items)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        tries = min(n, self.max_substitutes + 1)
+        for k in range(tries):
+            path, label = self.items[(index + k) % n]
+            if path in self.failures:
+                continue
+            try:
+                img = self.load(path)
+            except Exception as e:  # any decode failure: OSError, SyntaxError, ValueError, bomb errors
+                self._record(path, " ".join(str(e).split()) or type(e).__name__)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise DataError(f"{tries} images in a row from {self.items[index % n][0]} failed to decode "
+                        f"(e.g. {self.failures.get(self.items[index % n][0], 'see the log')}); check the data "
+                        f"folder is readable and run the image scan")
+
+    def _record(self, path: str, reason: str) -> None:
+        self.failures[path] = reason
+        log.warning("skipping unreadable image %s: %s", path, reason)
+        if self.failure_log is not None:
+            try:  # O_APPEND: one short write per line, safe across processes
+                with open(self.failure_log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+            except OSError as e:
+                log.warning("cannot append to %s: %s", self.failure_log, e)
+
+    def collect_failures(self) -> dict[str, str]:
+        """``{path: reason}`` for files that failed in this process or any worker or rank."""
+        out = dict(self.failures)
+        if self.failure_log is not None and self.failure_log.is_file():
+            for line in self.failure_log.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    out.setdefault(rec["path"], rec["reason"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash
+        return out
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` in order, without DistributedSampler's padding: each
+    validation image is seen exactly once across ranks. Ranks may get one batch more or less, so
+    all-reduce totals after the loop, never a collective per batch."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 channels: int, batch_size: int, num_workers: int = 0, seed: int = 0, augment: bool = True,
+                 flip: bool = True, device: str | torch.device = "cpu", distributed: bool = False,
+                 eval_batch_size: int | None = None, resize: int | None = None, interpolation: str = "bilinear",
+                 failure_log: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders for ``samples``.
+
+    Training order comes from a ``torch.Generator`` seeded with ``seed`` (a new permutation each
+    epoch, the same sequence every run); the same generator seeds the workers' augmentation
+    (with ``num_workers=0`` augmentation draws from torch's global generator: seed it). With
+    ``distributed`` (torch.distributed initialised), training uses ``DistributedSampler(seed=seed)``
+    (call :func:`set_epoch` each epoch) and validation a :class:`ShardSampler`.
+    ``pin_memory`` when ``device`` is CUDA and CUDA is available; ``persistent_workers`` when
+    ``num_workers > 0``. The last training batch is dropped only when it would hold a single
+    image (BatchNorm cannot train on one).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"--num-workers must be 0 or more, got {num_workers!r}")
+    if not samples.train:
+        raise DataError(f"{samples.root or 'the data'}: no training images")
+    train_tf = build_transforms(image_size, mean, std, channels, train=True, augment=augment, flip=flip,
+                                resize=resize, interpolation=interpolation)
+    eval_tf = build_transforms(image_size, mean, std, channels, train=False, resize=resize,
+                               interpolation=interpolation)
+    train_ds = ImageDataset(samples.train, train_tf, failure_log=failure_log)
+    val_ds = ImageDataset(samples.val, eval_tf, failure_log=failure_log)
+
+    pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    common: dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+    rank = 0
+    train_sampler: Sampler[int] | None = None
+    val_sampler: Sampler[int] | None = None
+    if distributed:
+        import torch.distributed as dist
+        from torch.utils.data.distributed import DistributedSampler
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DataError("distributed loading needs torch.distributed initialised first (launch with torchrun)")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        val_sampler = ShardSampler(len(val_ds), rank, world)
+        per_replica = len(train_sampler)
+    else:
+        per_replica = len(train_ds)
+    # distinct worker seeds per rank, or every rank would augment with the same random stream
+    gen = torch.Generator().manual_seed(seed + 7919 * rank)
+    drop_last = per_replica > batch_size and per_replica % batch_size == 1
+    train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
+                              generator=gen, drop_last=drop_last, **common)
+    val_loader = DataLoader(val_ds, batch_size=eval_batch_size or batch_size, shuffle=False, sampler=val_sampler,
+                            generator=torch.Generator().manual_seed(seed), **common)
+    return train_loader, val_loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a DistributedSampler which epoch it is (its shuffle depends on it); a no-op otherwise."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
