@@ -103,16 +103,38 @@ def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals
     ckpt = open_checkpoint(path, select=select, allow_globals=allow_globals)
     names = list(ckpt.tensors)
     listed = [n for n in names if rx is None or rx.search(n)] if (keys or rx is not None) else None
+    wrappers = analysis.detect_wrapper_prefixes(names)
+    guesses = archsig.guess_architecture(ckpt.tensors, top=top)
+    common = _strippable_prefix(analysis.common_prefix(names), wrappers, guesses)
+    opts = (["--auto"] if wrappers else []) + ([f"--strip-prefix {common}"] if common else [])
     return InspectReport(
         ckpt=ckpt,
-        wrapper_prefixes=analysis.detect_wrapper_prefixes(names),
-        common_prefix=analysis.common_prefix(names),
-        remap_command=analysis.remap_command(names, str(path), "clean.safetensors"),
+        wrapper_prefixes=wrappers,
+        common_prefix=common,
+        remap_command=" ".join(["surgery", "remap", str(path), "clean.safetensors", *opts]) if opts else None,
         tree=analysis.module_tree(ckpt.tensors, depth=depth),
-        guesses=archsig.guess_architecture(ckpt.tensors, top=top),
+        guesses=guesses,
         keys=listed,
         depth=depth,
     )
+
+
+# Names training code wraps a network in. A prefix every key shares is only worth stripping when
+# it is one of these, or when the architecture guess fits better without it: a model whose only
+# child is `layers` must keep that name.
+CONTAINER_PREFIXES = ("model.", "net.", "network.", "backbone.", "encoder.", "base_model.", "student.",
+                      "teacher.", "ema.", "model_ema.", "body.", "trunk.", "visual.", "image_encoder.")
+
+
+def _strippable_prefix(common: str | None, wrappers: list[str], guesses: list) -> str | None:
+    if common is None:
+        return None
+    if common in CONTAINER_PREFIXES:
+        return common
+    best = guesses[0] if guesses else None
+    if best is not None and best.score >= 0.5 and best.prefix_stripped.endswith(common):
+        return common
+    return None
 
 
 @dataclass

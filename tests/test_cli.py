@@ -105,3 +105,18 @@ def test_no_escape_codes_when_piped(make):
     out = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(make("plain_pt"))], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "\x1b[" not in out and "mobilenet_v3_small" in out
+
+
+def test_clean_command_strips_only_container_prefixes(cli, tmp_path):
+    import torch
+    import torchvision
+
+    layers = tmp_path / "layers.pt"
+    torch.save({f"module.layers.{i}.weight": torch.ones(2) for i in range(3)}, layers)
+    data = json.loads(cli("inspect", layers, "--json").stdout)
+    assert data["common_prefix"] is None and data["remap_command"].endswith("--auto")
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({f"wrapper.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}, wrapped)
+    data = json.loads(cli("inspect", wrapped, "--json").stdout)
+    assert data["common_prefix"] == "wrapper." and data["architecture"][0]["arch"] == "resnet18"
+    assert data["remap_command"].endswith("--strip-prefix wrapper.")
