@@ -100,13 +100,13 @@ def render(report) -> None:
         how = f" ({', '.join(bits)})"
     out.print(f"loaded {len(rep.loaded)} tensors, coverage {rep.coverage:.1%} of the model's parameters{how}")
     for title, keys in (("missing (newly initialised)", rep.missing), ("unexpected (unused)", rep.unexpected),
-                        ("new head", rep.head_new), ("old head (dropped)", rep.head_dropped)):
+                        ("new head", rep.head_new), ("old head, dropped", rep.head_dropped)):
         if keys:
             from surgery.analysis import collapse_keys
 
             grouped = collapse_keys(keys)
             shown = ", ".join(grouped[:8]) + (f", ... ({len(grouped) - 8} more)" if len(grouped) > 8 else "")
-            out.print(f"  {title}: {len(keys)}: {shown}")
+            out.print(f"  {title} ({len(keys)} tensors): {shown}")
     for ck, m, cs, ms in rep.mismatched:
         out.print(f"  [yellow]shape mismatch, skipped[/yellow]: {m} checkpoint {list(cs)} vs model {list(ms)}")
     for n, cs, ms in rep.resized:

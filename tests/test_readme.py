@@ -58,3 +58,13 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
     assert os.access(README.parent / ".ci" / "run", os.X_OK)
+
+
+def test_readme_python_examples_run(make, tmp_path, monkeypatch):
+    for name, fixture in FILES.items():
+        shutil.copy(make(fixture), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
