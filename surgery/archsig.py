@@ -234,8 +234,9 @@ def guess_architecture(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable
 
 # ----------------------------------------------------------------------------- rebuilding
 
-def _build(builder, kwargs: dict):
-    """Build a model with every parameter and buffer on the meta device: no memory, no init cost.
+def meta_build(fn, kwargs: dict):
+    """Call the model factory ``fn(**kwargs)`` with every parameter and buffer on the meta
+    device: no memory, no init cost.
 
     ``torch.device('meta')`` as a context is tried first; builders that compute their layout
     with tensors (regnet's block widths call ``.tolist()``) cannot run under it, so for those
@@ -246,7 +247,7 @@ def _build(builder, kwargs: dict):
 
     try:
         with torch.device("meta"):
-            return builder(weights=None, **kwargs)
+            return fn(**kwargs)
     except (NotImplementedError, RuntimeError):
         pass
     nn = torch.nn
@@ -265,9 +266,13 @@ def _build(builder, kwargs: dict):
 
     nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
     try:
-        return builder(weights=None, **kwargs)
+        return fn(**kwargs)
     finally:
         nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
+
+
+def _build(builder, kwargs: dict):
+    return meta_build(builder, {"weights": None, **kwargs})
 
 
 def _signature_of(model) -> dict[str, list[int]]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .analysis import detect_wrapper_prefixes
 from .checkpoint import DTYPE_ALIASES, FLOAT_DTYPES, Checkpoint, torch_dtype
 from .errors import RuleError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 OP_KINDS = ("auto", "strip_prefix", "add_prefix", "rename", "drop", "keep", "dtype")
 
 
@@ -169,25 +169,11 @@ class Rules:
 
 # ---------------------------------------------------------------- pure functions over names
 
-def _auto_prefixes(names: list[str]) -> list[str]:
-    peeled: list[str] = []
-    cur = list(names)
-    while cur:
-        for p in WRAPPER_PREFIXES:
-            if all(n.startswith(p) and len(n) > len(p) for n in cur):
-                peeled.append(p)
-                cur = [n[len(p):] for n in cur]
-                break
-        else:
-            break
-    return peeled
-
-
 def apply_op(op: Op, names: list[str]) -> tuple[list[str | None], int]:
     """New name for each of ``names`` (None: dropped), and how many names the op touched."""
     if op.kind == "auto":
         out = list(names)
-        for p in _auto_prefixes(names):
+        for p in detect_wrapper_prefixes(names):
             out = [n[len(p):] for n in out]
         return list(out), sum(a != b for a, b in zip(names, out))
     if op.kind == "strip_prefix":

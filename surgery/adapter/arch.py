@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..archsig import meta_build
 from .errors import AdaptError, ArchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,7 +185,7 @@ def build(spec: ArchSpec, num_classes: int | None = None, *, meta: bool = False)
     if num_classes is not None and accepts_num_classes(spec):
         kwargs["num_classes"] = num_classes
     try:
-        model = _meta_build(fn, kwargs) if meta else fn(**kwargs)
+        model = meta_build(fn, kwargs) if meta else fn(**kwargs)
     except AdaptError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory or kwargs: bad input
@@ -193,38 +194,6 @@ def build(spec: ArchSpec, num_classes: int | None = None, *, meta: bool = False)
     if not isinstance(model, nn.Module):
         raise ArchError(f"{spec.display}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _meta_build(fn: Callable[..., Any], kwargs: dict):
-    """Every parameter and buffer on the meta device. Builders that compute with tensors at
-    construction (regnet) cannot run under ``torch.device('meta')``; for those each tensor moves
-    to meta as it is registered (the same approach as ``surgery.archsig``)."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return fn(**kwargs)
-    except (NotImplementedError, RuntimeError):
-        pass
-    nn = torch.nn
-    reg_p, reg_b = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def register_parameter(self, name, param):
-        reg_p(self, name, param)
-        if param is not None and param.device.type != "meta":
-            p = self._parameters[name]
-            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    def register_buffer(self, name, tensor, persistent=True):
-        reg_b(self, name, tensor, persistent)
-        if tensor is not None and tensor.device.type != "meta":
-            self._buffers[name] = self._buffers[name].to("meta")
-
-    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-    try:
-        return fn(**kwargs)
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
 
 
 def torchvision_weights(arch: str, name: str):
