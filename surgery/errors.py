@@ -30,12 +30,19 @@ class UnsafeCheckpointError(SurgeryError):
     def __init__(self, path: str, names: list[str]):
         self.path = path
         self.names = sorted(set(names))
-        allow = " ".join(f"--allow-global {n}" for n in self.names)
-        super().__init__(
-            f"{path}: refusing to unpickle: the checkpoint needs globals that are not on the "
-            f"weights-only allowlist: {', '.join(self.names)}. Nothing was executed. If you trust "
-            f"the file, accept them as opaque data with {allow} (surgery never imports or calls them)"
-        )
+        if any(n.startswith("torch.nn.modules.") for n in self.names):
+            # torch.save(model): many classes; one pattern per package reads the weights
+            packages = sorted({n.split(".")[0] for n in self.names})
+            allow = " ".join(f"--allow-global '{p}.*'" for p in packages)
+            what = (f"this is a whole pickled model (torch.save(model)), which needs its classes: "
+                    f"{', '.join(self.names[:4])}{' ...' if len(self.names) > 4 else ''}. Nothing was executed. "
+                    f"To read its weights without running its code, accept the classes as opaque data with {allow}")
+        else:
+            allow = " ".join(f"--allow-global {n}" for n in self.names)
+            what = (f"the checkpoint needs globals that are not on the weights-only allowlist: "
+                    f"{', '.join(self.names)}. Nothing was executed. If you trust the file, accept them as "
+                    f"opaque data with {allow}")
+        super().__init__(f"{path}: refusing to unpickle: {what} (surgery never imports or calls them)")
 
 
 class SelectError(SurgeryError):

@@ -163,3 +163,19 @@ def test_metadata_paths_do_not_import_torch(make):
             "    c = surgery.open(p); assert len(c.tensors) > 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_whole_pickled_model_is_read_without_running_it(tmp_path, cli):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model[1].register_buffer("scratch", torch.ones(1), persistent=False)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"whole pickled model.*--allow-global 'torch\.\*'"):
+        surgery.open(path)
+    ckpt = surgery.open(path, allow_globals=["torch.*"])
+    ref = model.state_dict()
+    assert list(ckpt.tensors) == list(ref)  # the non-persistent buffer is left out, as state_dict does
+    for k, v in ckpt.state_dict().items():
+        assert torch.equal(v, ref[k])
+    r = cli("remap", path, tmp_path / "w.safetensors", "--allow-global", "torch.*", "--verify")
+    assert r.exit_code == 0, r.stderr

@@ -36,6 +36,34 @@ def _is_tensor_dict(d: dict) -> bool:
     return n > 0 and n * 2 >= len(d)
 
 
+def module_state(obj: Any) -> dict[str, TensorRef] | None:
+    """The state dict of a pickled ``nn.Module`` (read as an inert record), or None.
+
+    A module pickles its ``__dict__``: ``_parameters`` and ``_buffers`` (name -> tensor) and
+    ``_modules`` (name -> child). Walking those gives what ``model.state_dict()`` would, without
+    building a single module.
+    """
+    if not (isinstance(obj, Opaque) and isinstance(obj.state, dict) and "_modules" in obj.state):
+        return None
+    out: dict[str, TensorRef] = {}
+    stack: list[tuple[str, Any]] = [("", obj)]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_NODES:
+        prefix, mod = stack.pop()
+        if id(mod) in seen or not isinstance(mod, Opaque) or not isinstance(mod.state, dict):
+            continue
+        seen.add(id(mod))
+        st = mod.state
+        skip = st.get("_non_persistent_buffers_set") or set()
+        for section in ("_parameters", "_buffers"):
+            for k, v in (st.get(section) or {}).items():
+                if isinstance(v, TensorRef) and not (section == "_buffers" and k in skip):
+                    out[prefix + str(k)] = v
+        children = list((st.get("_modules") or {}).items())
+        stack.extend((f"{prefix}{k}.", c) for k, c in reversed(children))
+    return out
+
+
 def find_containers(obj: Any) -> list[Found]:
     """Every tensor dict reachable through dicts and lists, breadth first (shallow ones first)."""
     out: list[Found] = []
@@ -48,6 +76,10 @@ def find_containers(obj: Any) -> list[Found]:
         if id(node) in seen:
             continue
         seen.add(id(node))
+        pickled_module = module_state(node)
+        if pickled_module:
+            out.append(Found(path, pickled_module, {}))
+            continue
         if isinstance(node, dict):
             if _is_tensor_dict(node):
                 tensors = {k: v for k, v in node.items() if isinstance(v, TensorRef)}

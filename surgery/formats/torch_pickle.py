@@ -170,6 +170,16 @@ _SAFE: dict[tuple[str, str], Any] = {
 }
 
 
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def _accepted(qualname: str, accept: set[str]) -> bool:
+    """Exact names, or patterns with a trailing '*' such as 'torch.nn.*' or 'torchvision.*'."""
+    if qualname in accept:
+        return True
+    return any(a.endswith("*") and qualname.startswith(a[:-1]) for a in accept)
+
+
 @dataclass
 class Unpickled:
     obj: Any
@@ -188,6 +198,7 @@ class _Unpickler(pickle.Unpickler):
         self.pid_handler = pid_handler
 
     def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)  # protocol-2 pickles use Python 2 module names
         key = (module, name)
         if key in _SAFE:
             return _SAFE[key]
@@ -202,7 +213,7 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
             return StorageType("U8")
         qualname = f"{module}.{name}"
-        (self.accepted if qualname in self.accept else self.refused).append(qualname)
+        (self.accepted if _accepted(qualname, self.accept) else self.refused).append(qualname)
         return _opaque_class(qualname)
 
     def persistent_load(self, pid: Any) -> Any:

@@ -1,0 +1,184 @@
+"""Training checkpoints: ``last.pt`` / ``best.pt``, their fingerprint, RNG states, resume.
+
+A checkpoint is a plain dict of tensors and plain containers, written by ``torch.save`` through
+a temp file (``surgery.io.atomic_file``) and read back with ``torch.load(weights_only=True)``:
+nothing in it needs unpickling of arbitrary objects. RNG states are stored as tensors and lists.
+
+    {"format": "surgery.train/1", "epoch": epochs completed, "model": state dict (clean keys),
+     "optimizer", "scheduler", "scaler", "best": {"epoch", "val_acc", "val_loss"},
+     "bad_epochs": early-stopping counter, "rng": {...}, "fingerprint": {...},
+     "history": [per-epoch metrics], "args": {train arguments}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SurgeryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+FORMAT = "surgery.train/1"
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class TrainError(SurgeryError):
+    """A training run that cannot start or continue as asked."""
+
+
+class ResumeError(TrainError):
+    """A checkpoint that is missing, unreadable, or belongs to another model or dataset."""
+
+
+class TrainInterrupted(TrainError):
+    """Ctrl-C or SIGTERM: the state of the last finished epoch is in last.pt."""
+
+    exit_code = 130
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(manifest: Any, model: "nn.Module", classes: list[str]) -> dict:
+    """What must match for a checkpoint to continue this run: the model's structure (arch, head,
+    groups and schedule from the manifest; parameter names and shapes) and the data's classes."""
+    data = manifest.data if hasattr(manifest, "data") else manifest
+    structure = {k: data.get(k) for k in ("arch", "head", "num_classes", "groups", "schedule", "bn")}
+    structure["head"] = {k: v for k, v in (structure["head"] or {}).items() if k != "class_names"}
+    params = [[n, list(p.shape)] for n, p in model.named_parameters()]
+    return {"manifest_sha256": _sha(structure), "params_sha256": _sha(params), "num_params": len(params),
+            "classes": list(classes)}
+
+
+def check_fingerprint(saved: dict, current: dict, where: str) -> None:
+    """Raise ResumeError naming every difference between two fingerprints."""
+    problems = []
+    if saved.get("params_sha256") != current["params_sha256"]:
+        problems.append(f"the model's parameters differ ({saved.get('num_params')} tensors saved, "
+                        f"{current['num_params']} now)")
+    elif saved.get("manifest_sha256") != current["manifest_sha256"]:
+        problems.append("the adapted model's manifest differs (architecture, head, groups or schedule)")
+    if list(saved.get("classes") or []) != current["classes"]:
+        old, new = saved.get("classes") or [], current["classes"]
+        problems.append(f"the data's classes differ ({len(old)} saved: {', '.join(map(str, old[:6]))}; "
+                        f"{len(new)} now: {', '.join(new[:6])})")
+    if problems:
+        raise ResumeError(f"{where}: cannot resume from this checkpoint: {'; '.join(problems)}; resume with "
+                          f"the same adapted folder and data, or start a new run without --resume")
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def rng_state(extra: dict[str, "torch.Generator"] | None = None) -> dict:
+    """Python, numpy, torch CPU and CUDA generators (plus ``extra`` named torch generators) as
+    tensors and lists, so ``weights_only`` loading accepts them."""
+    import torch
+
+    version, internal, gauss = random.getstate()
+    out: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        out["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover - numpy is optional
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = list(torch.cuda.get_rng_state_all())
+    out["generators"] = {k: g.get_state() for k, g in (extra or {}).items()}
+    return out
+
+
+def set_rng_state(state: dict, extra: dict[str, "torch.Generator"] | None = None) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), float(cached)))
+        except ImportError:  # pragma: no cover
+            pass
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    for k, g in (extra or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+# ----------------------------------------------------------------------------- files
+
+def clean_state_dict(model: "nn.Module") -> dict:
+    """The model's state dict on the CPU with no ``module.``/``_orig_mod.`` wrappers."""
+    inner = unwrap(model)
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def unwrap(model: "nn.Module") -> "nn.Module":
+    """The user's module inside DDP/DataParallel/torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+            model = model.module  # type: ignore[assignment]
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """``torch.save`` through a temp file in the same folder, fsynced and renamed into place."""
+    import torch
+
+    from ..io import atomic_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; ``weights_only=True`` always."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_DIR / LAST if (path / CHECKPOINT_DIR / LAST).is_file() else path / LAST
+    if not path.is_file():
+        raise ResumeError(f"{path}: no checkpoint here; --resume continues OUT/checkpoints/last.pt of an "
+                          f"earlier run (or give --resume PATH to a last.pt/best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ResumeError(f"{path}: not a readable training checkpoint ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ResumeError(f"{path}: not a surgery training checkpoint (format {state.get('format') if isinstance(state, dict) else None!r}, "
+                          f"expected {FORMAT!r})")
+    state["path"] = str(path)
+    return state
+
+
+__all__ = ["TrainError", "ResumeError", "TrainInterrupted", "fingerprint", "check_fingerprint", "rng_state",
+           "set_rng_state", "save_checkpoint", "load_checkpoint", "clean_state_dict", "unwrap", "CHECKPOINT_DIR",
+           "LAST", "BEST"]
