@@ -38,6 +38,10 @@ _EXPORTS = {
     "apply_schedule": ("surgery.adapter.freeze", "apply_schedule"),
     "apply_bn_policy": ("surgery.adapter.freeze", "apply_bn_policy"),
     "read_manifest": ("surgery.adapter.manifest", "read_manifest"),
+    "train": ("surgery.trainer.runner", "train"),
+    "TrainResult": ("surgery.trainer.runner", "TrainResult"),
+    "evaluate": ("surgery.trainer.evaluate", "evaluate"),
+    "predict": ("surgery.trainer.evaluate", "predict"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import InputError, SurgeryError
 

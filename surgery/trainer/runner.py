@@ -297,12 +297,7 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     """
     import torch
 
-    from ..adapter.core import load_adapted
-    from ..adapter.freeze import apply_schedule
-    from ..adapter.manifest import read_manifest
-    from . import cache as cache_mod
     from . import distributed as D
-    from .data import DataError, check_num_classes, discover, make_loaders, scan_images, set_epoch
 
     obs: Observer = observer or (lambda event, info: None)
     args = dict(epochs=epochs, lr=lr, val_split=val_split, seed=seed, batch_size=batch_size, workers=workers,
@@ -523,15 +518,17 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                 obs("cache", {"done": done[0], "total": total})
 
             train_views = []
-            for v in range(max(views, 1)):
-                tf = aug_tf if views else plain_tf
-                ds = ImageDataset(samples.train, tf, failure_log=failure_log)
-                with torch.random.fork_rng(devices=[]):
+            # the cache draws its own random numbers: training then sees the same generator
+            # states as the uncached path, so both give the same result without augmentation
+            with torch.random.fork_rng(devices=[]):
+                for v in range(max(views, 1)):
+                    tf = aug_tf if views else plain_tf
+                    ds = ImageDataset(samples.train, tf, failure_log=failure_log)
                     torch.manual_seed(seed * 1009 + v)
                     train_views.append(cache_mod.extract(model, head_path, DataLoader(ds, **kw), dev, to_dev,
                                                          autocast, tick))
-            val_feats = cache_mod.extract(model, head_path, DataLoader(val_dl.dataset, **kw), dev, to_dev,
-                                          autocast, tick)
+                val_feats = cache_mod.extract(model, head_path, DataLoader(val_dl.dataset, **kw), dev, to_dev,
+                                              autocast, tick)
             feats = {"train": train_views, "val": val_feats}
             files.log(f"feature cache on: {len(samples.train)} train images x {max(views, 1)} "
                       f"{'augmented views' if views else 'view (no augmentation)'}, features "
@@ -700,7 +697,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         done = history[-1]["epoch"] if history else 0
         if is_main:
             files.log(f"interrupted during epoch {interrupted_at}; {out_p / CHECKPOINT_DIR / LAST} holds "
-                      f"{done} finished epoch{'s' if done != 1 else ''}")
+                      f"{done} finished epoch{'s' if done != 1 else ''}; continue with --resume")
             if history:
                 _plot_curves(history, out_p, manifest, epochs)
         raise TrainInterrupted(f"interrupted; {done} of {epochs} epochs are saved in {out_p / CHECKPOINT_DIR / LAST}; "

@@ -1,0 +1,57 @@
+"""`surgery evaluate DIR --data DATA`: accuracy, per-class accuracy and confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import console, handles_errors, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
+
+
+@handles_errors
+def evaluate(
+    folder: Annotated[Path, typer.Argument(help="A trained run (or an adapted folder).", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root, folder of class folders, or CSV.", show_default=False)] = None,
+    split: Annotated[str, typer.Option("--split", metavar="train|val|all", help="Which images to score.")] = "val",
+    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Fraction held out (default: the training run's).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Split seed (default: the training run's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Score a model on labelled images: accuracy, loss, per-class accuracy, confusion matrix.
+
+    Example: surgery evaluate run/ --data data/ --split val
+    """
+    from surgery.trainer.data import DataError
+    from surgery.trainer.evaluate import evaluate as run_eval
+
+    if data is None:
+        raise DataError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
+    rep = run_eval(folder, data, split=split, val_split=val_split, seed=seed, batch_size=batch_size,
+                   workers=workers, device=device, image_size=image_size)
+    if as_json:
+        print_json(rep.to_json())
+        return
+    from rich.table import Table
+
+    out = console()
+    out.print(f"{rep.split}: {rep.images} images, accuracy {rep.accuracy:.4f}, loss {rep.loss:.4f}", markup=False)
+    if rep.skipped:
+        out.print(f"skipped {len(rep.skipped)} unreadable images", markup=False)
+    table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left", show_edge=False)
+    table.add_column("class")
+    for c in rep.classes:
+        table.add_column(str(c), justify="right")
+    table.add_column("accuracy", justify="right")
+    for c, row, acc in zip(rep.classes, rep.confusion, rep.per_class):
+        table.add_row(str(c), *map(str, row), "-" if acc is None else f"{acc:.3f}")
+    out.print(table)

@@ -1,0 +1,39 @@
+"""`surgery predict DIR IMAGES...`: the top classes of each image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, handles_errors, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
+
+
+@handles_errors
+def predict(
+    folder: Annotated[Path, typer.Argument(help="A trained run (or an adapted folder).", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 1,
+    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
+    image_size: Annotated[int, typer.Option("--image-size", help="Override the manifest's input size (0: keep).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+) -> None:
+    """Classify images with a trained model; class names come from its manifest.
+
+    Example: surgery predict run/ cat.jpg dog.png --top-k 3
+    """
+    from surgery.trainer.evaluate import predict as run_predict
+
+    preds = run_predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None)
+    if as_json:
+        print_json(preds)
+        return
+    out = console()
+    for p in preds:
+        tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["top"])
+        out.print(f"{p['path']}: {tops}", markup=False)

@@ -1,0 +1,210 @@
+"""`surgery train DIR --data DATA --epochs N --lr LR --out OUT`: fine-tune an adapted model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from .common import console, handles_errors, print_json
+
+_RESUME_LAST = "\0last"
+
+
+class _OptionalResume(TyperCommand):
+    """``--resume`` alone continues OUT's last.pt; ``--resume PATH`` (an existing file) that one.
+    Click options cannot take an optional value, so the bare flag is rewritten before parsing."""
+
+    def parse_args(self, ctx, args):
+        fixed: list[str] = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--resume":
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is not None and not nxt.startswith("-") and os.path.isfile(nxt):
+                    fixed += ["--resume", nxt]
+                    i += 2
+                    continue
+                fixed.append(f"--resume={_RESUME_LAST}")
+            else:
+                fixed.append(a)
+            i += 1
+        ctx.meta["surgery.raw_args"] = list(args)
+        return super().parse_args(ctx, fixed)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", cls=_OptionalResume)(train)
+
+
+class Renderer:
+    """Turns the runner's events into rich progress bars (TTY), plain epoch lines, or nothing."""
+
+    def __init__(self, quiet: bool, as_json: bool):
+        self.quiet, self.as_json = quiet, as_json
+        self.out = console(stderr=as_json)
+        self.live = not quiet and self.out.is_terminal
+        self.progress = None
+        self.task = None
+        self.images = 0
+        self.t0 = 0.0
+
+    def __call__(self, event: str, info: dict) -> None:
+        if self.quiet or os.environ.get("RANK", "0") != "0":
+            return
+        import time
+
+        if event == "log" and not self.live:
+            msg = info["message"]
+            if not msg.startswith("epoch ") and not msg.startswith("  skipped"):
+                self.out.print(msg, markup=False)
+        elif event == "epoch_start" and self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            if self.progress is None:
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"),
+                                         TimeElapsedColumn(), TimeRemainingColumn(), console=self.out, transient=False)
+                self.progress.start()
+            self.task = self.progress.add_task(f"epoch {info['epoch']}/{info['epochs']} [{info['phase']}]",
+                                               total=info["steps"], rate="", loss="-")
+            self.images, self.t0 = 0, time.perf_counter()
+        elif event == "step" and self.live and self.task is not None:
+            self.images += info["images"]
+            dt = time.perf_counter() - self.t0
+            self.progress.update(self.task, advance=1, loss=f"{info['loss']:.4f}",
+                                 rate=f"{self.images / dt:.0f} img/s" if dt > 0 else "")
+        elif event == "epoch_end":
+            line = (f"epoch {info['epoch']} [{info['phase']}] train loss {info['train_loss']:.4f} acc "
+                    f"{info['train_acc']:.3f} | val loss {info['val_loss']:.4f} acc {info['val_acc']:.3f} | "
+                    f"{info['images_per_s'] or 0:.0f} img/s" + (" *" if info.get("improved") else ""))
+            if self.live and self.progress is not None:
+                self.progress.console.print(line, markup=False)
+            else:
+                self.out.print(line, markup=False)
+        elif event == "end":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@handles_errors
+def train(
+    ctx: typer.Context,
+    adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases).")] = 10,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the head; pretrained groups use lr x their multiplier.")] = 1e-3,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
+    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (per process).")] = 32,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    optimizer: Annotated[str, typer.Option("--optimizer", metavar="adamw|sgd", help="AdamW, or SGD with momentum 0.9.")] = "adamw",
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")] = None,
+    schedule: Annotated[str, typer.Option("--schedule", metavar="cosine|onecycle|constant", help="LR schedule over the whole run, per batch.")] = "cosine",
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length (default 1, 0 for one epoch).")] = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
+    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a better val accuracy.")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="No random crops or flips.")] = False,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="No horizontal flips (digits, text).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of everything random.")] = 0,
+    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="No bf16/fp16 autocast on CUDA.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    cache_features: Annotated[str, typer.Option("--cache-features", metavar="auto|on|off", help="Train the head on cached backbone features (auto: when the backbone stays frozen).")] = "auto",
+    cache_views: Annotated[int, typer.Option("--cache-views", help="Cache K augmented views per image (0: one plain view).")] = 0,
+    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout, nothing else there.")] = False,
+) -> None:
+    """Fine-tune an adapted model: head first, then the phases its manifest schedules, with
+    discriminative learning rates, checkpoints every epoch and a best model you can load with
+    surgery.load_adapted(OUT).
+
+    Example: surgery train adapted/ --data data/ --epochs 10 --lr 1e-3 --out run/
+    """
+    from surgery.trainer.state import TrainError
+
+    if data is None:
+        raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
+    if out is None:
+        raise TrainError("--out DIR is required: where to write the run")
+    if nproc is not None:
+        if nproc < 1:
+            raise TrainError(f"--nproc must be at least 1, got {nproc}")
+        from surgery.trainer.distributed import launch_command, strip_nproc
+
+        raw = ctx.meta.get("surgery.raw_args") or sys.argv[1:]
+        argv = strip_nproc(raw)
+        if argv and argv[0] == "train":
+            argv = argv[1:]
+        cmd = launch_command(nproc, argv)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        rc = subprocess.run(cmd, env=env).returncode
+        raise typer.Exit(rc)
+
+    from surgery.trainer.runner import train as run_train
+
+    renderer = Renderer(quiet, as_json)
+    try:
+        result = run_train(
+            adapted, data, epochs=epochs, lr=lr, out=out, val_split=val_split, seed=seed, batch_size=batch_size,
+            workers=workers, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, patience=patience,
+            image_size=image_size, augment=not no_augment, flip=not no_flip, device=device, amp=not no_amp,
+            compile=compile_, cache_features=cache_features, cache_views=cache_views,
+            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer)
+    finally:
+        renderer.close()
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if as_json:
+        print_json(result.to_json())
+        return
+    render(result)
+
+
+def render(result: Any) -> None:
+    out = console()
+    stop = " (stopped early)" if result.stopped_early else ""
+    out.print(f"best epoch {result.best_epoch} of {result.epochs_run}{stop}: val acc {result.best_val_acc:.4f}, "
+              f"val loss {result.best_val_loss:.4f}", markup=False)
+    if result.skipped:
+        out.print(f"skipped {len(result.skipped)} unreadable images (listed in run.log)", markup=False)
+    if result.cache_used:
+        out.print("trained the head on cached backbone features", markup=False)
+    out.print(f"wrote {result.out} (model.safetensors, manifest.json, metrics.jsonl, curves.png, confusion.png)",
+              markup=False)
+
+
+def _main() -> None:
+    """``python -m cli.train_cmd ARGS``: what ``--nproc`` launches under torchrun."""
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """surgery train (torchrun entry)"""
+
+    app(["train", *sys.argv[1:]], prog_name="surgery")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,112 @@
+"""`surgery train`, `evaluate`, `predict` through the CLI (a local app: the lead wires them into cli/main.py)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import evaluate_cmd, predict_cmd, train_cmd
+from fixtures.generate import digits_imagefolder
+from surgery.adapter.core import adapt, load_adapted
+from tests.test_train_runner import SIZE, load_factory, write_factory
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    app = typer.Typer(pretty_exceptions_enable=False)
+    for mod in (train_cmd, evaluate_cmd, predict_cmd):
+        mod.register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    runner = CliRunner(env={"NO_COLOR": "1", "COLUMNS": "200"})
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    arch = write_factory(root)
+    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=12, size=SIZE)
+    torch.manual_seed(0)
+    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=root / "ad",
+          freeze="head-only", unfreeze_at=1)
+    return root, data
+
+
+def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):
+    root, data = setup
+    out = tmp_path / "run"
+    r = cli("train", root / "ad", "--data", data, "--epochs", 2, "--lr", "5e-3", "--out", out, "--batch-size", 16,
+            "--no-flip", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["epochs_run"] == 2 and res["class_names"] == ["5", "6", "7", "8", "9"]
+    assert [m["phase"] for m in res["metrics"]] == ["frozen", "unfrozen"]
+    model = load_adapted(out)
+    sd = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    assert not torch.equal(sd["fc.weight"], load_file(str(root / "ad" / "model.safetensors"))["fc.weight"])
+
+    r = cli("evaluate", out, "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert ev["split"] == "val" and ev["images"] == 10
+    assert ev["accuracy"] == pytest.approx(res["best_val_acc"])
+    assert sum(map(sum, ev["confusion"])) == 10 and set(ev["per_class"]) == {"5", "6", "7", "8", "9"}
+    r = cli("evaluate", out, "--data", data, "--split", "all")
+    assert r.exit_code == 0 and "all: 60 images" in r.stdout and "confusion matrix" in r.stdout
+
+    imgs = sorted((data / "val" / "7").glob("*.png"))[:2]
+    r = cli("predict", out, *imgs, "--top-k", 3, "--json")
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.stdout)
+    assert [p["path"] for p in preds] == [str(i) for i in imgs]
+    assert all(len(p["top"]) == 3 and p["top"][0]["class"] in {"5", "6", "7", "8", "9"} for p in preds)
+    assert all(p["top"][0]["prob"] >= p["top"][1]["prob"] for p in preds)
+    r = cli("predict", out, imgs[0])
+    assert r.exit_code == 0 and str(imgs[0]) in r.stdout
+
+    # resume: the bare flag continues OUT's last.pt; more epochs extend the run
+    r = cli("train", root / "ad", "--data", data, "--epochs", 3, "--lr", "5e-3", "--out", out, "--batch-size", 16,
+            "--no-flip", "--resume", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "best epoch" in r.stdout and "train loss" not in r.stdout  # --quiet: the summary only
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_errors_are_one_line_exit_2(cli, setup, tmp_path):
+    root, data = setup
+    r = cli("train", root / "ad", "--data", tmp_path / "missing", "--epochs", 1, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "no such folder" in r.stderr and not (tmp_path / "o").exists()
+    r = cli("train", root / "ad", "--data", data, "--epochs", 2, "--out", tmp_path / "o", "--cache-features", "on")
+    assert r.exit_code == 2 and "--cache-features on" in r.stderr and not (tmp_path / "o").exists()
+    r = cli("predict", root / "ad", tmp_path / "nope.png")
+    assert r.exit_code == 2 and "nope.png" in r.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = cli("predict", root / "ad", bad, "--json")
+    assert r.exit_code == 2 and "bad.png" in r.stderr and r.stdout == ""
+    r = cli("evaluate", root / "ad", "--data", data, "--split", "test")
+    assert r.exit_code == 2 and "--split" in r.stderr
+
+
+def test_nproc_argv_is_rewritten():
+    from surgery.trainer.distributed import launch_command, strip_nproc
+
+    argv = strip_nproc(["ad", "--data", "d", "--nproc", "2", "--out", "o", "--nproc=3"])
+    assert argv == ["ad", "--data", "d", "--out", "o"]
+    cmd = launch_command(2, argv)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-5:] == argv
+    assert "cli.train_cmd" in cmd
