@@ -43,6 +43,7 @@ def atomic_file(dst: Path) -> Iterator[Path]:
     """Yield a temp path beside ``dst``; on success fsync and rename it over ``dst``."""
     dst = Path(dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or ".")
+    os.fchmod(fd, _default_mode())  # mkstemp makes 0600; outputs get the mode any new file would
     os.close(fd)
     try:
         yield Path(tmp)
@@ -61,6 +62,7 @@ def atomic_dir(dst: Path) -> Iterator[Path]:
     """Yield a temp folder beside ``dst``; on success it replaces ``dst`` in one rename."""
     dst = Path(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or "."))
+    os.chmod(tmp, _default_mode(folder=True))  # mkdtemp makes 0700
     try:
         yield tmp
         for p in tmp.iterdir():
@@ -80,6 +82,13 @@ def atomic_dir(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_mode(folder: bool = False) -> int:
+    """The mode open()/mkdir() would give under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -185,3 +185,19 @@ def test_bf16_strided_view_is_gathered(tmp_path):
     surgery.remap(src, dst, [], verify=True)
     out = load_file(dst)
     assert torch.equal(out["t"], w.t()) and torch.equal(out["w"], w)
+
+
+def test_outputs_get_the_usual_file_mode(make, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        f = tmp_path / "m.safetensors"
+        surgery.remap(make("plain_pt"), f, [])
+        d = tmp_path / "sharded"
+        surgery.remap(make("plain_pt"), d, [], shard_size="2MB")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755

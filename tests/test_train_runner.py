@@ -259,6 +259,13 @@ def test_feature_cache_matches_uncached(env, pretrained, tmp_path):
         assert m_on["train_loss"] == pytest.approx(m_off["train_loss"], rel=1e-4)
     assert "feature cache on" in (tmp_path / "on" / "run.log").read_text()
     assert load_adapted(tmp_path / "on")(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 5)
+    # a head-only run checkpoints only what can change: the head, not the frozen backbone
+    manifest = load_adapted(ad).state_dict()
+    head_keys = {k for k in manifest if k.startswith("fc.")}
+    assert set(a) == head_keys
+    final = load_adapted(tmp_path / "on").state_dict()
+    start = load_adapted(ad).state_dict()
+    assert all(torch.equal(final[k], start[k]) for k in start if k not in head_keys)
 
 
 # ----------------------------------------------------------------------------- data problems

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import OutputError
 from .state import (BEST, CHECKPOINT_DIR, LAST, ResumeError, TrainError, TrainInterrupted, check_fingerprint,
-                    clean_state_dict, fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap)
+                    changing_keys, clean_state_dict, fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -275,6 +275,15 @@ def _sigterm_as_interrupt():
 
 # ----------------------------------------------------------------------------- train
 
+def _load_moving(model: "nn.Module", state: dict, moving: set[str], where: str) -> None:
+    """Load a checkpoint's tensors: those the run can change. The rest are the adapted weights."""
+    missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    lacking = sorted(set(missing) & moving)
+    if lacking or unexpected:
+        raise ResumeError(f"{where}: does not match this run's model (missing {lacking[:3]}, unexpected "
+                          f"{sorted(unexpected)[:3]}); it was written by a different run")
+
+
 def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int, lr: float,
           out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
           workers: int = 0, optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
@@ -472,8 +481,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     # ---- restore
     start_epoch, best, bad_epochs, history = 0, {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")}, 0, []
     best_state: dict | None = None
+    moving = changing_keys(model, manifest)
     if ckpt is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
+        _load_moving(model, ckpt["model"], moving, str(ckpt["path"]))
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
@@ -579,7 +589,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         return loss_sum, correct, n
 
     def checkpoint_state(done_epochs: int) -> dict:
-        return {"epoch": done_epochs, "model": clean_state_dict(model), "optimizer": opt.state_dict(),
+        return {"epoch": done_epochs, "model": clean_state_dict(model, moving, copy=False), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                 "best": dict(best), "bad_epochs": bad_epochs, "rng": rng_state({"train_loader": gen}),
                 "fingerprint": fp, "history": list(history), "args": {**args, **resolved}}
@@ -672,7 +682,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                 if improved:
                     best = {"epoch": epoch + 1, "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
                     bad_epochs = 0
-                    best_state = clean_state_dict(model)
+                    best_state = clean_state_dict(model, moving)
                 else:
                     bad_epochs += 1
                 if is_main:
@@ -706,8 +716,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
 
     # ---- the best model, its confusion matrix, the outputs
     if best_state is None:
-        best_state = clean_state_dict(model)
-    unwrap(model).load_state_dict(best_state)
+        best_state = clean_state_dict(model, moving)
+    _load_moving(model, best_state, moving, "the best epoch's weights")
+    best_state = clean_state_dict(model)
     from .plots import confusion_matrix, per_class_accuracy, plot_confusion
 
     model.eval()

@@ -126,10 +126,44 @@ def set_rng_state(state: dict, extra: dict[str, "torch.Generator"] | None = None
 
 # ----------------------------------------------------------------------------- files
 
-def clean_state_dict(model: "nn.Module") -> dict:
-    """The model's state dict on the CPU with no ``module.``/``_orig_mod.`` wrappers."""
+def clean_state_dict(model: "nn.Module", keys: "set[str] | None" = None, copy: bool = True) -> dict:
+    """The model's state dict on the CPU with no ``module.``/``_orig_mod.`` wrappers; only
+    ``keys`` when given. ``copy=False`` for an immediate ``torch.save``, which copies anyway."""
     inner = unwrap(model)
-    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+    out = {}
+    for k, v in inner.state_dict().items():
+        if keys is None or k in keys:
+            v = v.detach().cpu()
+            out[k] = v.clone() if copy else v
+    return out
+
+
+def changing_keys(model: "nn.Module", manifest: Any) -> set[str]:
+    """State-dict keys that this run can change. Every other tensor stays bit-identical to the
+    adapted weights the run starts from (frozen groups that never unfreeze, and the statistics
+    of BatchNorm layers frozen with them), so checkpoints need not carry them: a head-only run on
+    a large backbone then saves kilobytes per epoch instead of the whole model.
+    """
+    data = manifest.data if hasattr(manifest, "data") else manifest
+    groups = {g["name"]: g for g in data["groups"]}
+
+    def ever_trains(group_name: str) -> bool:
+        g = groups[group_name]
+        return bool(g["trainable"]) or g.get("unfreeze_at") is not None
+
+    fixed = {name for name, meta in data["params"].items() if not ever_trains(meta["group"])}
+    bn = data["bn"]
+    if bn["policy"] == "frozen":
+        fixed_bn = {path for path, g in bn["modules"].items() if not ever_trains(g)}
+    else:
+        fixed_bn = set()
+    keys = set()
+    for k in unwrap(model).state_dict():
+        owner = k.rsplit(".", 1)[0] if "." in k else ""
+        if k in fixed or (owner in fixed_bn and k not in data["params"]):
+            continue
+        keys.add(k)
+    return keys
 
 
 def unwrap(model: "nn.Module") -> "nn.Module":
@@ -180,5 +214,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 __all__ = ["TrainError", "ResumeError", "TrainInterrupted", "fingerprint", "check_fingerprint", "rng_state",
-           "set_rng_state", "save_checkpoint", "load_checkpoint", "clean_state_dict", "unwrap", "CHECKPOINT_DIR",
+           "set_rng_state", "save_checkpoint", "load_checkpoint", "clean_state_dict", "changing_keys", "unwrap", "CHECKPOINT_DIR",
            "LAST", "BEST"]
