@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -113,7 +114,11 @@ def _write_torch(ckpt: Checkpoint, rows: list[PlanRow], dst: Path) -> None:
             t = cast_cache[id(t)]
         out[r.new] = t
     with atomic_file(dst) as tmp:
-        torch.save(out, tmp)
+        try:
+            torch.save(out, tmp)
+        except RuntimeError as e:  # torch's writer reports a failed write (EFBIG, ENOSPC) as RuntimeError
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise OSError(errno.EIO, f"torch.save could not finish writing ({first}); is the disk full?") from None
 
 
 def _write_sharded(ckpt, rows, rules, dst: Path, shard_bytes: int, aliases, hasher, report) -> None:

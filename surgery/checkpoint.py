@@ -204,9 +204,25 @@ def read_range(path: str, start: int, end: int) -> bytes:
     return data
 
 
+MAX_EXPANSION = 1 << 30  # bytes a strided view may add beyond its storage (stride-0 "expand" views)
+
+
+def _check_materializable(info: TensorInfo) -> None:
+    """Refuse, before torch allocates anything, shapes torch cannot represent and views that
+    would expand a small storage into gigabytes (shape [2**40] with stride [0])."""
+    extent = math.prod(max(n, 1) for n in info.shape)
+    if extent >= 1 << 62 or any(s >= 1 << 62 for s in info.stride or ()) or info.storage_offset >= 1 << 62:
+        raise FormatError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)[:8]}, too large for any "
+                          f"machine; the file is corrupt")
+    if info.nbytes > info.storage_nbytes + MAX_EXPANSION:
+        raise FormatError(f"{info.file}: tensor {info.name!r} {list(info.shape)[:8]} views {info.storage_nbytes} bytes "
+                          f"of storage as {info.nbytes} bytes; refusing to materialise that expansion")
+
+
 def materialize(info: TensorInfo) -> "torch.Tensor":
     import torch
 
+    _check_materializable(info)
     dt = torch_dtype(info.dtype)
     size = itemsize(info.dtype)
     rng = info.byte_range
@@ -215,8 +231,10 @@ def materialize(info: TensorInfo) -> "torch.Tensor":
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dt)
         return torch.frombuffer(bytearray(raw), dtype=dt).reshape(info.shape)
-    raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
-    flat = torch.frombuffer(bytearray(raw), dtype=dt)
-    if flat.numel() * size != info.storage_nbytes:
+    if info.storage_nbytes % size:  # checked first: torch.frombuffer raises a bare ValueError
         raise FormatError(f"{info.file}: storage of {info.name!r} has {info.storage_nbytes} bytes, not a multiple of {size}")
+    raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
+    if info.storage_nbytes == 0:
+        return torch.empty(info.shape, dtype=dt)
+    flat = torch.frombuffer(bytearray(raw), dtype=dt)
     return flat.as_strided(info.shape, info.stride, info.storage_offset).clone()

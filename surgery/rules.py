@@ -35,12 +35,13 @@ class Op:
         if self.kind in ("rename", "drop", "keep"):
             try:
                 re.compile(self.arg)
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError) as e:  # also 'a{9999999999}', '(((...'
+
                 raise RuleError(f"{self.kind} pattern {self.arg!r} is not a valid regular expression: {e}") from None
         if self.kind == "rename":
             try:
                 re.compile(self.arg).sub(self.repl, "")
-            except (re.error, IndexError) as e:
+            except (re.error, IndexError, OverflowError, RecursionError) as e:
                 raise RuleError(f"rename replacement {self.repl!r} is invalid for {self.arg!r}: {e}") from None
         if self.kind in ("strip_prefix", "add_prefix") and not self.arg:
             raise RuleError(f"{self.kind.replace('_', '-')} needs a non-empty prefix")
@@ -120,13 +121,13 @@ class Rules:
 
             try:
                 data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise RuleError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+            except (yaml.YAMLError, RecursionError, ValueError) as e:
+                raise RuleError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
         else:
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RuleError(f"{p}: not valid JSON: {e}") from None
+            except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit number, [[[[... nested
+                raise RuleError(f"{p}: not valid JSON: {str(e)[:300]}") from None
         return cls.from_json(data, str(p))
 
     @classmethod
@@ -137,7 +138,7 @@ class Rules:
             raise RuleError(f"{source}: expected a mapping with 'ops' (and optional 'select') or a list of ops")
         unknown = set(data) - {"ops", "select"}
         if unknown:
-            raise RuleError(f"{source}: unknown top-level keys {sorted(unknown)}; expected 'ops' and 'select'")
+            raise RuleError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}; expected 'ops' and 'select'")
         select = data.get("select")
         if select is not None and not isinstance(select, str):
             raise RuleError(f"{source}: 'select' must be a string")

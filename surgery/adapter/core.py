@@ -408,6 +408,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
 
 
 def _write(out: Path, model: "nn.Module", manifest: Manifest, rep: LoadReport, force: bool) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ..io import atomic_dir, sha256_file
@@ -426,8 +427,9 @@ def _write(out: Path, model: "nn.Module", manifest: Manifest, rep: LoadReport, f
             manifest.data["files"]["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
             write_json(tmp / MANIFEST_NAME, manifest.data)
             write_json(tmp / REPORT_NAME, rep.to_json())
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise OutputError(f"{out}: cannot write: {' '.join(str(e).split())}; is the disk full? "
+                          f"nothing was left at the destination") from None
 
 
 # ----------------------------------------------------------------------------- reading back

@@ -77,6 +77,12 @@ FORMATS: dict[str, Format] = {
 def sniff(path: str | os.PathLike) -> tuple[str, Path]:
     """The format name and the path to open (a folder resolves to its index or .metadata)."""
     p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # too long, a loop of symlinks, a NUL in the name, no permission
+        raise InputError(f"{str(p)[:200]}: cannot open: {getattr(e, 'strerror', None) or e}") from None
     if not p.exists():
         hint = " (it is a broken symlink)" if p.is_symlink() else ""
         raise InputError(f"{p}: no such file or folder{hint}")
@@ -149,6 +155,8 @@ def read_json_index(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read(64 * 1024 * 1024).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, a 5000-digit number, [[[[... nested
+        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     return data

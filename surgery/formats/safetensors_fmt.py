@@ -37,8 +37,8 @@ def read_header(path: Path, display: str | None = None) -> tuple[dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{src}: safetensors header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, a 5000-digit number, [[[[... nested
+        raise FormatError(f"{src}: safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{src}: safetensors header must be a JSON object")
     return header, 8 + n
@@ -88,7 +88,7 @@ def _read_aliases(meta: dict, tensors: dict, src: str) -> dict[str, str]:
         return {}
     try:
         aliases = json.loads(meta[ALIASES_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise FormatError(f"{src}: metadata {ALIASES_KEY!r} is not valid JSON") from None
     if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors and k not in tensors for k, v in aliases.items()):
         raise FormatError(f"{src}: metadata {ALIASES_KEY!r} names tensors the file does not hold")

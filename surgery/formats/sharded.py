@@ -26,7 +26,11 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Che
         if rp.is_absolute() or ".." in rp.parts or len(rp.parts) != 1:
             raise FormatError(f"{src}: shard {rel!r} is not a plain file name in the index's folder; refusing to follow it")
         shard_path = folder / rel
-        if not shard_path.is_file():
+        try:
+            present = shard_path.is_file()
+        except OSError as e:  # a name too long for the file system, ...
+            raise FormatError(f"{src}: shard {rel[:80]!r} cannot be looked up ({e.strerror})") from None
+        if not present:
             raise FormatError(f"{src}: shard {rel} is missing from {folder}")
         fmt, real = sniff(shard_path)
         if fmt not in ("safetensors", "torch-zip"):

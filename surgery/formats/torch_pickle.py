@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
+import pickletools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -232,6 +234,127 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
+# Bounds on the object graph a pickle may build, checked by `_check_graph` before anything is
+# unpickled. Hashing a tuple walks every element recursively with no depth guard (a deep tuple
+# used as a dict key crashes the interpreter) and no caching (a tuple of tuples that share one
+# memo entry, billion-laughs style, takes exponential time), so both are bounded up front.
+# The C unpickler also sizes its memo table by the largest index a PUT names, so one
+# LONG_BINPUT 0xFFFFFFFF allocates tens of GB; picklers number memo entries 0, 1, 2, ...
+MAX_DEPTH = 1000
+MAX_EXPANDED = 20_000_000
+MEMO_SLACK = 1 << 16
+_MARK, _SLICE = pickletools.markobject, pickletools.stackslice
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+class _Node:
+    """What the pre-scan knows of one stack object: its size if fully expanded, and its depth."""
+
+    __slots__ = ("size", "depth")
+
+    def __init__(self, size: int = 1, depth: int = 0):
+        self.size, self.depth = size, depth
+
+
+def _check_graph(f: Any, source: str) -> None:
+    """Simulate the pickle machine's stack over the opcodes (nothing is built or called) and
+    refuse a pickle whose objects nest deeper than MAX_DEPTH, expand through shared memo
+    references past MAX_EXPANDED nodes, or name memo slots far beyond those it filled. An opcode
+    stream the disassembler cannot read is refused too: what is not scanned is not unpickled."""
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[Any, _Node] = {}
+    try:
+        for op, arg, _pos in pickletools.genops(f):
+            name = op.name
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name in _PUTS:
+                if not isinstance(arg, int) or arg < 0 or arg > len(memo) + MEMO_SLACK:
+                    raise FormatError(f"{source}: pickle stores into memo slot {arg} after filling {len(memo)}; "
+                                      f"no pickler does that, refusing it")
+                if stack:
+                    memo[arg] = stack[-1]
+                continue
+            if name == "MEMOIZE":
+                if stack:
+                    memo[len(memo)] = stack[-1]
+                continue
+            if name in _GETS:
+                stack.append(memo.get(arg) or _Node())
+                continue
+            if name == "DUP":
+                stack.append(stack[-1] if stack else _Node())
+                continue
+            before = op.stack_before
+            popped: list[Any] = []
+            if _MARK in before:
+                k = marks.pop() if marks else 0
+                popped = stack[k:]
+                del stack[k:]
+                for _ in range(before.index(_MARK)):
+                    popped.insert(0, stack.pop() if stack else _Node())
+            else:
+                for _ in before:
+                    popped.insert(0, stack.pop() if stack else _Node())
+            after = op.stack_after
+            if not after:
+                continue
+            if name in _IN_PLACE and popped:
+                node = popped[0]
+                for child in popped[1:]:
+                    node.size += child.size
+                    node.depth = max(node.depth, child.depth + 1)
+            else:
+                node = _Node(1 + sum(c.size for c in popped), 1 + max((c.depth for c in popped), default=0))
+            if node.depth > MAX_DEPTH:
+                raise FormatError(f"{source}: pickle nests objects more than {MAX_DEPTH} levels deep; "
+                                  f"no checkpoint does that, refusing it")
+            if node.size > MAX_EXPANDED:
+                raise FormatError(f"{source}: pickle references shared objects so often that it expands to "
+                                  f"more than {MAX_EXPANDED} objects (a pickle bomb); refusing it")
+            stack.extend([node] * len(after))
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{source}: pickle is nested too deeply to be a checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - genops raises ValueError and friends on a corrupt stream
+        raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+class _Capped(io.RawIOBase):
+    """A file view that never reads past the end of the file: a length field in the pickle
+    claiming 2**60 bytes makes ``read`` ask for what is there, not allocate the claim."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.f.readline(limit)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+
 def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str] | set[str] = frozenset(),
              extra: dict[tuple[str, str], Any] | None = None, pid_handler: Callable | None = None) -> Unpickled:
     """Unpickle without importing or calling anything outside the allowlist.
@@ -239,7 +362,14 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
     ``accept`` names globals (``module.Name``) the user allowed: they load as inert `Opaque`
     records. Any other unknown global raises `UnsafeCheckpointError` naming all of them.
     """
-    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        _check_graph(io.BytesIO(data), source)
+        f: Any = io.BytesIO(data)
+    else:
+        f = _Capped(data) if hasattr(data, "fileno") else data
+        start = f.tell()
+        _check_graph(f, source)
+        f.seek(start)
     up = _Unpickler(f, set(accept), extra, pid_handler)
     try:
         obj = up.load()

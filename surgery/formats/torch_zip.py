@@ -17,6 +17,7 @@ from . import container
 from .torch_pickle import StorageRef, TensorRef, unpickle
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
+MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
 
 
 class _Slice:
@@ -63,7 +64,7 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         f = _Slice(raw, base, (size - base) if length is None else length)
         try:
             zf = zipfile.ZipFile(f)  # type: ignore[arg-type]
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - BadZipFile, struct.error, EOFError, ...: all mean corrupt
             raise FormatError(f"{src}: not a readable zip archive ({e}); the file may be truncated or corrupt") from None
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
@@ -75,15 +76,9 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
                               f"(entries: {', '.join(names[:5])})")
         prefix = pkl[0][: -len("data.pkl")]
         bo = prefix + "byteorder"
-        if bo in names and zf.read(bo).strip() not in (b"little", b""):
+        if bo in names and _read_entry(zf, bo, 64, f.length, src).strip() not in (b"little", b""):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
-        info = zf.getinfo(pkl[0])
-        if info.file_size > MAX_PICKLE_BYTES:
-            raise FormatError(f"{src}: data.pkl declares {info.file_size} bytes, far more than tensor metadata needs")
-        try:
-            data = zf.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise FormatError(f"{src}: cannot read data.pkl ({e}); the file may be truncated") from None
+        data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, f.length, src)
         up = unpickle(data, src, accept)
         offsets: dict[str, tuple[int, int]] = {}
         for key in up.storages:
@@ -99,6 +94,24 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
                 raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
             offsets[key] = (start, zi.file_size)
     return up, offsets
+
+
+def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, src: str) -> bytes:
+    """One small entry's bytes, its declared sizes checked against ``limit`` and the archive
+    before anything is allocated (a deflated entry can claim gigabytes in a few bytes)."""
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise FormatError(f"{src}: {name} declares {info.file_size} bytes, far more than it ever holds (limit {limit})")
+    if info.compress_size > archive_bytes or (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size):
+        raise FormatError(f"{src}: {name} declares sizes that do not fit the archive; the file is truncated or corrupt")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
+        # torch stores every entry; a deflated one inflating 1000x is a zip bomb, not a re-zipped checkpoint
+        raise FormatError(f"{src}: {name} inflates {info.compress_size} bytes to {info.file_size}; refusing a zip bomb")
+    try:
+        return zf.read(name)
+    except Exception as e:  # noqa: BLE001 - zipfile/zlib/lzma raise a dozen types on corrupt input
+        raise FormatError(f"{src}: cannot read {name} ({type(e).__name__}: {str(e)[:120]}); the file is truncated "
+                          f"or corrupt") from None
 
 
 def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
