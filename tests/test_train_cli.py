@@ -1,4 +1,4 @@
-"""`surgery train`, `evaluate`, `predict` through the CLI (a local app: the lead wires them into cli/main.py)."""
+"""`surgery train`, `evaluate`, `predict` through the CLI."""
 
 from __future__ import annotations
 
@@ -7,30 +7,13 @@ import warnings
 
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from cli import evaluate_cmd, predict_cmd, train_cmd
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted
 from tests.test_train_runner import SIZE, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer(pretty_exceptions_enable=False)
-    for mod in (train_cmd, evaluate_cmd, predict_cmd):
-        mod.register(app)
-
-    @app.callback()
-    def _root() -> None:
-        """test app"""
-
-    runner = CliRunner(env={"NO_COLOR": "1", "COLUMNS": "200"})
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +93,16 @@ def test_nproc_argv_is_rewritten():
     cmd = launch_command(2, argv)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-5:] == argv
     assert "cli.train_cmd" in cmd
+
+
+def test_image_size_override_is_recorded_for_evaluate(cli, setup, tmp_path):
+    root, data = setup
+    out = tmp_path / "small"
+    r = cli("train", root / "ad", "--data", data, "--epochs", 1, "--lr", "5e-3", "--out", out, "--batch-size", 16,
+            "--no-flip", "--image-size", SIZE + 8, "--json")
+    assert r.exit_code == 0, r.output
+    best = json.loads(r.stdout)["best_val_acc"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["size"] == [SIZE + 8, SIZE + 8]
+    ev = json.loads(cli("evaluate", out, "--data", data, "--json").stdout)
+    assert ev["accuracy"] == pytest.approx(best)

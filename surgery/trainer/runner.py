@@ -775,6 +775,10 @@ def _write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, class
     data = copy.deepcopy(manifest.data)
     data["class_names"] = list(classes)
     data["head"]["class_names"] = list(classes)
+    if train_args.get("image_size") is not None:
+        # the model now expects the size it was fine-tuned at: evaluate/predict/load_adapted read it here
+        size = int(train_args["image_size"])
+        data["input"].update(size=[size, size], resize=int(size / 0.875), source=f"surgery train --image-size {size}")
     data["files"]["weights"] = WEIGHTS_NAME
     data["files"]["weights_sha256"] = sha256_file(out_p / WEIGHTS_NAME)
     data["trained_from"] = {"path": str(adapted_p.resolve()),
