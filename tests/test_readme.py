@@ -31,9 +31,16 @@ def _examples() -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_readme_examples_run_as_shown(make, tmp_path, monkeypatch):
+def _setup(make, folder: Path) -> None:
+    from fixtures.generate import digits_imagefolder
+
     for name, fixture in FILES.items():
-        shutil.copy(make(fixture), tmp_path / name)
+        shutil.copy(make(fixture), folder / name)
+    digits_imagefolder(folder / "digits", classes=range(4), per_class=20, size=32)
+
+
+def test_readme_examples_run_as_shown(make, tmp_path, monkeypatch):
+    _setup(make, tmp_path)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner(env={"NO_COLOR": "1", "COLUMNS": "100"})
     examples = _examples()
@@ -61,8 +68,7 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
 
 
 def test_readme_python_examples_run(make, tmp_path, monkeypatch):
-    for name, fixture in FILES.items():
-        shutil.copy(make(fixture), tmp_path / name)
+    _setup(make, tmp_path)
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2
