@@ -1,0 +1,56 @@
+"""A training run killed with SIGKILL (no chance to save) resumes from its last finished epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fixtures.generate import digits_imagefolder
+from surgery.adapter.core import adapt
+from surgery.trainer.state import LAST, load_checkpoint
+from tests.test_train_runner import SIZE, load_factory, write_factory
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    arch = write_factory(tmp_path)
+    data = digits_imagefolder(tmp_path / "data", classes=range(5, 10), per_class=40, size=SIZE)
+    torch.manual_seed(0)
+    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=tmp_path / "ad",
+          freeze="none")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "cli.main", "train", str(tmp_path / "ad"), "--data", str(data), "--epochs", "40",
+            "--lr", "1e-3", "--batch-size", "8", "--no-flip", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = out / "checkpoints" / LAST
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # wait until at least two epochs are saved, then kill
+            if last.is_file() and (out / "metrics.jsonl").is_file() and \
+                    len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_checkpoint(last)  # whatever moment the kill hit, last.pt is a whole checkpoint
+    done = int(saved["epoch"])
+    assert 2 <= done < 40
+    assert not [p for p in os.listdir(out / "checkpoints") if p.startswith(".") and not p.endswith(".tmp")]
+    r = subprocess.run(args[:args.index("--epochs") + 1] + [str(done + 2)] + args[args.index("--epochs") + 2:]
+                       + ["--resume", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["epochs_run"] == done + 2
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-2:] == [done + 1, done + 2] and epochs == sorted(set(epochs))
+    assert (out / "model.safetensors").is_file()
