@@ -286,6 +286,20 @@ def _fmt(x: float | None, spec: str, unit: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{unit}"
 
 
+def print_grid(head: tuple, body: list[tuple], right: set[int]) -> None:
+    """A plain-text table: columns padded to their widest cell, those in ``right`` right-aligned."""
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+
+    def line(cells: tuple) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(line(head))
+    print("  ".join("-" * w for w in widths))
+    for cells in body:
+        print(line(cells))
+
+
 def print_table(rows: list[Row]) -> None:
     head = ("case", "surgery", "baseline", "base time", "ratio", "surg RSS", "base RSS", "goal", "result")
     body = []
@@ -297,14 +311,7 @@ def print_table(rows: list[Row]) -> None:
             _fmt(r.ratio, ".3f", "x"), _fmt(r.surgery.rss_mb, ".0f", " MB"), _fmt(b.rss_mb if b else None, ".0f", " MB"),
             r.goal_text, status + (f" ({','.join(failed)})" if failed else ""),
         ))
-    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
-    right = {1, 3, 4, 5, 6}
-    line = lambda cells: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    print(line(head))
-    print("  ".join("-" * w for w in widths))
-    for cells in body:
-        print(line(cells))
+    print_grid(head, body, right={1, 3, 4, 5, 6})
     for r in rows:
         for m in (r.surgery, r.baseline):
             if m is not None and m.error:

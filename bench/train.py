@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (REPO, BenchError, Measure, Run, Spec, _short, machine_facts,  # noqa: E402
+from foundation import (REPO, BenchError, Measure, Run, Spec, _short, machine_facts, print_grid,  # noqa: E402
                         run_once)
 
 # ---------------------------------------------------------------- child scripts (the parent never imports torch)
@@ -324,14 +324,7 @@ def print_table(rows: list[Row]) -> None:
                      _f(r.surgery.median("best_val_acc"), ".4f"), _f(r.baseline.median("best_val_acc"), ".4f"),
                      _f(sm.wall, ".2f", " s"), _f(bm.wall, ".2f", " s"), _f(sm.rss_mb, ".0f", " MB"),
                      _f(bm.rss_mb, ".0f", " MB"), r.goal_text, status + (f" ({','.join(failed)})" if failed else "")))
-    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
-    right = set(range(1, 10))
-    line = lambda cells: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    print(line(head))
-    print("  ".join("-" * w for w in widths))
-    for cells in body:
-        print(line(cells))
+    print_grid(head, body, right=set(range(1, 10)))
     for r in rows:
         for t in (r.surgery, r.baseline):
             if t.measure.error:
