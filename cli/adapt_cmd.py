@@ -52,8 +52,9 @@ def adapt(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Load a checkpoint into ARCH, replace its head with N outputs, freeze by policy, and write
-    a ready-to-train folder with its manifest.
+    """Load a checkpoint into ARCH with a new N-class head, frozen by policy, ready to train.
+
+    Writes DIR/model.safetensors, DIR/manifest.json and DIR/load_report.json.
 
     Example: surgery adapt ddp.pth --arch resnet18 --num-classes 4 --freeze head-only --out adapted/
     """

@@ -26,8 +26,10 @@ def inspect(
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1).")] = False,
 ) -> None:
-    """Show format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree and
-    the torchvision architecture the checkpoint fits. Reads no tensor data."""
+    """Show what is in a checkpoint, from metadata only (no tensor data is read).
+
+    Format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree, and the
+    torchvision architecture the checkpoint fits."""
     from surgery.report import inspect as run_inspect
 
     report = run_inspect(path, select=select, allow_globals=tuple(allow_global or ()), keys=keys,

@@ -131,8 +131,9 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout, nothing else there.")] = False,
 ) -> None:
-    """Fine-tune an adapted model: head first, then the phases its manifest schedules, with
-    discriminative learning rates, checkpoints every epoch and a best model you can load with
+    """Fine-tune an adapted model in the phases its manifest schedules.
+
+    Discriminative learning rates, checkpoints every epoch, and a best model you can load with
     surgery.load_adapted(OUT).
 
     Example: surgery train adapted/ --data data/ --epochs 10 --lr 1e-3 --out run/
