@@ -352,6 +352,23 @@ def test_timm_model():
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+def test_timm_vit_round_trip(tmp_path):
+    """A timm ViT (head named 'head'), wrapped in DataParallel's prefix, to 4 classes and back."""
+    pytest.importorskip("timm")
+    import timm
+
+    torch.manual_seed(0)
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    src = {"module." + k: v for k, v in timm.create_model("vit_tiny_patch16_224", **kw).state_dict().items()}
+    model, report = adapt(src, arch="timm:vit_tiny_patch16_224", arch_kwargs=kw, num_classes=4, input_size=32,
+                          freeze="head-only", out=tmp_path / "vit")
+    assert report.manifest.head["classifier"] == "head"
+    back = load_adapted(tmp_path / "vit")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert [n for n, p in back.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert back.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs,match", [
