@@ -16,7 +16,8 @@ from torch import nn
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted
 from surgery.errors import SurgeryError
-from surgery.trainer.runner import LrMultiplier, optimizer_groups, train
+from surgery.trainer.optim import LrMultiplier, optimizer_groups
+from surgery.trainer.runner import train
 from surgery.trainer.state import BEST, LAST, ResumeError, TrainError, TrainInterrupted, load_checkpoint
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -19,7 +19,6 @@ metrics), ``log`` (a run.log line), ``end``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import OutputError
+from .optim import LrMultiplier, optimizer_groups
+from .outputs import RunFiles, plot_run_curves, write_model
 from .state import (BEST, CHECKPOINT_DIR, LAST, ResumeError, TrainError, TrainInterrupted, check_fingerprint,
                     changing_keys, clean_state_dict, fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap)
 
@@ -45,8 +46,6 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 CACHE_CHOICES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
-_NO_DECAY_NAMES = ("pos_embed", "pos_embedding", "cls_token", "class_token", "position_embeddings",
-                   "absolute_pos_embed", "relative_position_bias_table")
 
 
 @dataclass
@@ -74,52 +73,6 @@ class TrainResult:
         return d
 
 
-# ----------------------------------------------------------------------------- schedule
-
-class LrMultiplier:
-    """Step -> factor on each group's base lr: linear warmup, then cosine / one-cycle / constant.
-    A plain object (its ``__dict__`` is all LambdaLR saves), so checkpoints stay weights-only."""
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int):
-        self.kind = kind
-        self.total = max(int(total_steps), 1)
-        self.warmup = min(max(int(warmup_steps), 0), self.total - 1)
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "onecycle":
-            start, final = 1 / 25, 1e-4
-            w = self.warmup if self.warmup > 0 else max(int(0.3 * self.total), 1) if self.total > 1 else 0
-            if step < w:
-                return start + (1 - start) * step / w
-            t = (step - w) / max(self.total - w, 1)
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        t = (step - self.warmup) / max(self.total - self.warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def optimizer_groups(model: "nn.Module", manifest: Any, lr: float, weight_decay: float) -> list[dict]:
-    """The manifest's groups (``param_groups``), each split into a decay and a no-decay part
-    (biases, norm weights, 1-d tensors, position embeddings): ``name`` and ``name/no_decay``."""
-    from ..adapter.core import param_groups
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for g in param_groups(model, manifest, lr):
-        decay, no_decay = [], []
-        for p in g["params"]:
-            n = names[id(p)]
-            (no_decay if p.ndim <= 1 or n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES else decay).append(p)
-        for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "/no_decay")):
-            if params:
-                out.append({"params": params, "lr": g["lr"], "weight_decay": wd, "name": g["name"] + suffix,
-                            "group": g["name"], "lr_mult": g["lr_mult"]})
-    return out
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def _phase(manifest: Any, epoch: int) -> str:
@@ -137,12 +90,6 @@ def _phase(manifest: Any, epoch: int) -> str:
     if manifest["schedule"].get("kind") == "gradual":
         return f"gradual {len({g.get('stage', g['name']) for g in opened})}"
     return "unfrozen"
-
-
-def _unfreeze_epochs(manifest: Any, epochs: int) -> list[int]:
-    """1-based epoch numbers where a group starts training (for the curves)."""
-    at = sorted({int(g["unfreeze_at"]) for g in manifest.groups if not g["trainable"] and g["unfreeze_at"] is not None})
-    return [a + 1 for a in at if 0 < a < epochs]
 
 
 def _resolve_device(device: str) -> "torch.device":
@@ -214,42 +161,6 @@ def _check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path
         raise OutputError(f"{out}: cannot create it: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: cannot write there: {probe} is not writable")
-
-
-class _Files:
-    """OUT's text outputs, kept in memory and rewritten atomically (rank 0 only)."""
-
-    def __init__(self, out: Path, enabled: bool, observer: Observer):
-        self.out, self.enabled, self.observer = out, enabled, observer
-        self.lines: list[str] = []
-
-    def load_existing(self) -> None:
-        p = self.out / "run.log"
-        if p.is_file():
-            self.lines = p.read_text(encoding="utf-8").splitlines()
-
-    def log(self, msg: str, write: bool = True) -> None:
-        if not self.enabled:
-            return
-        self.lines.append(msg)
-        self.observer("log", {"message": msg})
-        if write:
-            self.flush_log()
-
-    def flush_log(self) -> None:
-        if self.enabled:
-            self.write_text("run.log", "\n".join(self.lines) + "\n")
-
-    def write_text(self, name: str, text: str) -> None:
-        from ..io import atomic_file
-
-        if not self.enabled:
-            return
-        with atomic_file(self.out / name) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-
-    def metrics(self, history: list[dict]) -> None:
-        self.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
 
 @contextlib.contextmanager
@@ -414,7 +325,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
             shutil.rmtree(out_p) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
         (out_p / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(dist)
-    files = _Files(out_p, is_main, obs)
+    files = RunFiles(out_p, is_main, obs)
     if resuming_here:
         files.load_existing()
     failure_log = out_p / "failures.jsonl"  # shared by workers and ranks (one O_APPEND line each)
@@ -709,7 +620,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
             files.log(f"interrupted during epoch {interrupted_at}; {out_p / CHECKPOINT_DIR / LAST} holds "
                       f"{done} finished epoch{'s' if done != 1 else ''}; continue with --resume")
             if history:
-                _plot_curves(history, out_p, manifest, epochs)
+                plot_run_curves(history, out_p, manifest, epochs)
         raise TrainInterrupted(f"interrupted; {done} of {epochs} epochs are saved in {out_p / CHECKPOINT_DIR / LAST}; "
                                f"continue with: surgery train {adapted_p} --data {data_p} --out {out_p} "
                                f"--epochs {epochs} --resume")
@@ -744,57 +655,15 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                          cache_reason=cache_reason, skipped=list(skipped), device=str(dev),
                          world_size=dist.world_size, resumed_from=ckpt["path"] if ckpt is not None else None)
     if is_main:
-        _plot_curves(history, out_p, manifest, epochs)
+        plot_run_curves(history, out_p, manifest, epochs)
         plot_confusion(cm, samples.classes, out_p / "confusion.png")
-        _write_model(out_p, adapted_p, manifest, best_state, samples.classes, result, {**args, **resolved}, cm,
+        write_model(out_p, adapted_p, manifest, best_state, samples.classes, result, {**args, **resolved}, cm,
                      per_class_accuracy(cm))
         files.log(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss {result.best_val_loss:.4f}; "
                   f"wrote {out_p / 'model.safetensors'}")
     D.barrier(dist)
     obs("end", result.to_json())
     return result
-
-
-def _plot_curves(history: list[dict], out_p: Path, manifest: Any, epochs: int) -> None:
-    from .plots import plot_curves
-
-    plot_curves(history, out_p / "curves.png", unfreeze_epochs=_unfreeze_epochs(manifest, epochs))
-
-
-def _write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classes: list[str], result: TrainResult,
-                 train_args: dict, cm: list, per_class: list) -> None:
-    """model.safetensors (best weights, clean keys) and the updated manifest, each atomically."""
-    from safetensors.torch import save_file
-
-    from ..adapter.manifest import MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, write_json
-    from ..io import atomic_file, sha256_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    with atomic_file(out_p / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    data = copy.deepcopy(manifest.data)
-    data["class_names"] = list(classes)
-    data["head"]["class_names"] = list(classes)
-    if train_args.get("image_size") is not None:
-        # the model now expects the size it was fine-tuned at: evaluate/predict/load_adapted read it here
-        size = int(train_args["image_size"])
-        data["input"].update(size=[size, size], resize=int(size / 0.875), source=f"surgery train --image-size {size}")
-    data["files"]["weights"] = WEIGHTS_NAME
-    data["files"]["weights_sha256"] = sha256_file(out_p / WEIGHTS_NAME)
-    data["trained_from"] = {"path": str(adapted_p.resolve()),
-                            "weights_sha256": manifest["files"].get("weights_sha256")}
-    data["results"] = {"best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
-                       "val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
-                       "stopped_early": result.stopped_early, "per_class_val_acc": dict(zip(classes, per_class)),
-                       "confusion": cm, "train_args": train_args}
-    src_report = adapted_p / REPORT_NAME
-    if src_report.is_file():
-        with atomic_file(out_p / REPORT_NAME) as tmp:
-            shutil.copyfile(src_report, tmp)
-    else:
-        data["files"]["load_report"] = None
-    with atomic_file(out_p / MANIFEST_NAME) as tmp:
-        write_json(tmp, data)
 
 
 __all__ = ["train", "TrainResult", "LrMultiplier", "optimizer_groups", "TrainError", "TrainInterrupted"]
