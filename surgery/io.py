@@ -14,21 +14,26 @@ from typing import Iterator
 from .errors import OutputError
 
 
-def check_destination(dst: Path, inputs: list[Path], force: bool, in_place: bool = False) -> None:
-    """Refuse, before any work, a destination that would overwrite an input or an existing file."""
+def check_destination(dst: Path, inputs: list[Path], force: bool, in_place: bool | None = False) -> None:
+    """Refuse, before any work, a destination that would overwrite an input or an existing file.
+
+    ``in_place``: True allows DST == an input; False refuses it and points at ``--in-place``;
+    None refuses it for commands that have no such option.
+    """
     dst = Path(dst)
     for src in inputs:
+        if dst.is_symlink() and dst.resolve() == Path(src).resolve():
+            raise OutputError(f"{dst}: destination is a symlink to the source; refusing to write through it")
         same = False
         try:
             same = dst.exists() and os.path.samefile(dst, src)
         except OSError:
             pass
         if same or dst.resolve() == Path(src).resolve():
-            if not in_place:
-                raise OutputError(f"{dst}: destination is the source file; write to a new path, or pass --in-place to replace it")
-            return
-        if dst.is_symlink() and dst.resolve() == Path(src).resolve():
-            raise OutputError(f"{dst}: destination is a symlink to the source; refusing to write through it")
+            if in_place:
+                return
+            hint = ", or pass --in-place to replace it" if in_place is False else ""
+            raise OutputError(f"{dst}: destination is the source; write to a new path{hint}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise OutputError(f"{dst}: already exists; pass --force to replace it")
     parent = dst.parent if str(dst.parent) else Path(".")

@@ -98,6 +98,22 @@ class Rules:
         return {"select": self.select, "ops": ops}
 
     @classmethod
+    def coerce(cls, rules: "Rules | list[Op] | dict | str | os.PathLike | None") -> "Rules":
+        """A new `Rules` from what an API caller passes: Rules, a list of `Op`, a dict in the
+        rules-file schema, a rules file path, or None. The caller's object is never modified."""
+        if rules is None:
+            return cls()
+        if isinstance(rules, Rules):
+            return cls(ops=list(rules.ops), select=rules.select)
+        if isinstance(rules, list):
+            return cls(ops=list(rules))
+        if isinstance(rules, dict):
+            return cls.from_json(rules)
+        if isinstance(rules, (str, os.PathLike)):
+            return cls.from_file(rules)
+        raise RuleError(f"rules must be Rules, a list of Op, a dict or a rules file path, not {type(rules).__name__}")
+
+    @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Rules":
         """Read a rules file: JSON, or YAML when the suffix is .yml/.yaml. Schema::
 
@@ -410,14 +426,7 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     from .formats import open_checkpoint
     from .io import check_destination
 
-    if rules is None:
-        rules = Rules()
-    elif isinstance(rules, list):
-        rules = Rules(ops=list(rules))
-    elif isinstance(rules, dict):
-        rules = Rules.from_json(rules)
-    elif isinstance(rules, (str, os.PathLike)):
-        rules = Rules.from_file(rules)
+    rules = Rules.coerce(rules)
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
     fmt = output_format(dst_p)

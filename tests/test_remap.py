@@ -201,3 +201,14 @@ def test_outputs_get_the_usual_file_mode(make, tmp_path):
         os.umask(mask)
     assert stat.S_IMODE(f.stat().st_mode) == 0o644
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+def test_rules_coerce_copies_and_refuses_other_types():
+    mine = Rules([Op("auto")], select="state_dict")
+    copy = Rules.coerce(mine)
+    copy.ops.append(Op("drop", "x"))
+    copy.select = None
+    assert mine.ops == [Op("auto")] and mine.select == "state_dict"
+    assert Rules.coerce({"ops": [{"auto": True}]}).ops == [Op("auto")]
+    with pytest.raises(RuleError, match="rules must be"):
+        Rules.coerce(42)

@@ -104,10 +104,7 @@ def _open_source(ckpt: Any, weights: str | None, spec: arch_mod.ArchSpec, rules:
                  allow_globals: Iterable[str]) -> _Source:
     from ..rules import Rules, plan_names
 
-    if rules is None:
-        rules = Rules()
-    elif isinstance(rules, list):
-        rules = Rules(ops=rules)
+    rules = Rules.coerce(rules)
     if select is not None:
         rules.select = select
     info: dict[str, Any] = {"path": None, "sha256": None, "format": None, "container": None, "weights": None,
@@ -268,13 +265,10 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     opts.resolved()  # conflicts fail now, before the model is built
     out_p = Path(out) if out is not None else None
     if out_p is not None:
-        if (out_p.exists() or out_p.is_symlink()) and not force:
-            raise OutputError(f"{out_p}: already exists; pass --force to replace it")
-        parent = out_p.parent
-        if not parent.is_dir():
-            raise OutputError(f"{out_p}: folder {parent} does not exist; create it first")
-        if ckpt is not None and not isinstance(ckpt, Mapping) and out_p.resolve() == Path(ckpt).resolve():
-            raise OutputError(f"{out_p}: the output folder is the checkpoint; write elsewhere")
+        from ..io import check_destination
+
+        inputs = [Path(ckpt)] if ckpt is not None and not isinstance(ckpt, Mapping) else []
+        check_destination(out_p, inputs, force=force, in_place=None)
 
     spec = arch_mod.resolve_arch(arch, arch_kwargs)
     src = _open_source(ckpt, weights, spec, rules, select, allow_globals)
