@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import FormatError
 
@@ -176,10 +176,6 @@ class Checkpoint:
     def tensor(self, name: str) -> "torch.Tensor":
         """Materialise one tensor on the CPU (a fresh, writable copy)."""
         return materialize(self.tensors[name])
-
-    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
-        for name in names if names is not None else self.tensors:
-            yield name, self.tensor(name)
 
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, "torch.Tensor"]:
         """A plain ``dict[str, Tensor]``; tied names share one tensor, as torch.load would give."""

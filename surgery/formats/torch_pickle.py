@@ -17,7 +17,7 @@ import pickletools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import canonical_from_torch, itemsize
+from ..checkpoint import canonical_from_torch
 from ..errors import FormatError, UnsafeCheckpointError
 
 _STORAGE_DTYPES = {
@@ -388,7 +388,3 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
     return Unpickled(obj, up.storages, sorted(set(up.accepted)))
-
-
-def storage_nbytes(ref: StorageRef) -> int:
-    return ref.numel * itemsize(ref.dtype)

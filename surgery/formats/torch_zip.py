@@ -14,7 +14,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
 from . import container
-from .torch_pickle import StorageRef, TensorRef, unpickle
+from .torch_pickle import TensorRef, unpickle
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
@@ -152,4 +152,4 @@ def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select
     )
 
 
-__all__ = ["open_zip", "read_zip", "tensor_infos", "checkpoint_from_pickle", "StorageRef"]
+__all__ = ["open_zip", "read_zip", "tensor_infos", "checkpoint_from_pickle"]
