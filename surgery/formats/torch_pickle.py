@@ -95,6 +95,11 @@ def _opaque_class(qualname: str) -> type:
     return type(qualname.rsplit(".", 1)[-1], (Opaque,), {"qualname": qualname})
 
 
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    # torch 0.2-0.3 (before Variable and Tensor merged): no requires_grad, no hooks
+    return _tensor(storage, storage_offset, size, stride, False, None)
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     return _tensor(storage, storage_offset, size, stride, requires_grad, None)
 
@@ -153,6 +158,7 @@ def _codecs_encode(obj, encoding="utf-8"):
 
 
 _SAFE: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -206,6 +212,8 @@ class _Unpickler(pickle.Unpickler):
             return _SAFE[key]
         if key in self.extra:
             return self.extra[key]
+        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+            return StorageType(_STORAGE_DTYPES[name])  # old GPU-saved files name torch.cuda.FloatStorage
         if module == "torch":
             if name in _STORAGE_DTYPES:
                 return StorageType(_STORAGE_DTYPES[name])
