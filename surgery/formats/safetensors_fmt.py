@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..checkpoint import DTYPES, Checkpoint, TensorInfo, itemsize
+from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -58,8 +58,8 @@ def open_safetensors(path: Path, accept=frozenset(), select: str | None = None, 
         if not isinstance(e, dict):
             raise FormatError(f"{src}: header entry {name!r} is not an object")
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in DTYPES:
-            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise FormatError(f"{src}: tensor {name!r} has an invalid shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)

@@ -9,23 +9,34 @@ caller did not explicitly accept raises `UnsafeCheckpointError` listing all of t
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
+import math
 import os
 import pickle
 import pickletools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import canonical_from_torch
+from ..checkpoint import QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride
 from ..errors import FormatError, UnsafeCheckpointError
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
-    "UntypedStorage": "U8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",
+    "QInt8Storage": "QI8", "QUInt8Storage": "QU8", "QInt32Storage": "QI32", "QUInt4x2Storage": "QU4X2",
+    "QUInt2x4Storage": "QU2X4", "UntypedStorage": "U8",
 }
+# The legacy tensor types (torch.FloatTensor, torch.sparse.LongTensor, torch.cuda.HalfTensor, ...):
+# element type -> dtype. Sparse types exist for every one but Bool.
+_LEGACY_TENSOR_DTYPES = {
+    "Double": "F64", "Float": "F32", "Half": "F16", "BFloat16": "BF16", "Long": "I64", "Int": "I32",
+    "Short": "I16", "Char": "I8", "Byte": "U8", "Bool": "BOOL",
+}
+_QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
+             "per_channel_affine_float_qparams")
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,18 @@ class DType:
     dtype: str
 
 
+@dataclass(frozen=True)
+class Layout:
+    """``torch.serialization._get_layout('torch.sparse_coo')``: the name, never the object."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class QScheme:
+    name: str
+
+
 @dataclass
 class StorageRef:
     key: str
@@ -48,12 +71,17 @@ class StorageRef:
 
 @dataclass
 class TensorRef:
-    storage: StorageRef
+    """A tensor as the pickle describes it. ``kind`` other than "dense": see `TensorInfo`."""
+
+    storage: StorageRef | None
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: str
     requires_grad: bool = False
+    kind: str = "dense"
+    parts: dict[str, "TensorRef"] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 class Opaque:
@@ -95,6 +123,39 @@ def _opaque_class(qualname: str) -> type:
     return type(qualname.rsplit(".", 1)[-1], (Opaque,), {"qualname": qualname})
 
 
+def _what(x: Any) -> str:
+    """How a pickled value is named to a user: never after surgery's own record classes."""
+    if isinstance(x, TensorRef):
+        return "a tensor"
+    if isinstance(x, StorageRef):
+        return "a storage"
+    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)):
+        return x.qualname
+    return type(x).__name__
+
+
+def _expect(x: Any, cls: type, what: str) -> Any:
+    """``x`` if it is a ``cls`` record. A stand-in for an unknown global where tensor data belongs
+    marks that global as one that builds tensors: accepting it would not give the tensor."""
+    if isinstance(x, cls) and not (isinstance(x, TensorRef) and x.kind == "dense" and x.storage is None):
+        return x
+    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)):
+        opaque = x if isinstance(x, type) else type(x)
+        opaque.builds_tensor = True
+        raise FormatError(f"{what} is built by {opaque.qualname}, code surgery does not run")
+    raise FormatError(f"{what} is not {'a storage' if cls is StorageRef else 'a tensor'} (got {_what(x)})")
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in values)
+    except (TypeError, ValueError):
+        raise FormatError(f"tensor record has a malformed {what}") from None
+    if any(s < 0 for s in out):
+        raise FormatError(f"tensor record has a negative {what} {out}")
+    return out
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride):
     # torch 0.2-0.3 (before Variable and Tensor merged): no requires_grad, no hooks
     return _tensor(storage, storage_offset, size, stride, False, None)
@@ -109,14 +170,13 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
 
 
 def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> TensorRef:
-    if not isinstance(storage, StorageRef):
-        raise FormatError(f"tensor is not backed by a storage record (got {type(storage).__name__})")
+    _expect(storage, StorageRef, "a tensor's storage")
     if isinstance(dtype, DType):
         dt = dtype.dtype
     elif dtype is None:
         dt = storage.dtype
     else:
-        raise FormatError(f"unsupported tensor dtype record {dtype!r}")
+        raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
     try:
         shape = tuple(int(s) for s in size)
         strides = tuple(int(s) for s in stride)
@@ -129,13 +189,179 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
-    if isinstance(data, TensorRef):
-        data.requires_grad = bool(requires_grad)
+    data = _expect(data, TensorRef, "a parameter's data")
+    data.requires_grad = bool(requires_grad)
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
+    # new_type (torch.Tensor, nn.Parameter or a subclass) changes the Python class, not the data
     return func(*args)
+
+
+def _number(x: Any, kinds: tuple, what: str) -> Any:
+    if isinstance(x, bool) or not isinstance(x, kinds):
+        raise FormatError(f"quantized tensor has a malformed {what} ({_what(x)})")
+    return x
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False, hooks=None):
+    t = _tensor(storage, storage_offset, size, stride, requires_grad, None)
+    if t.dtype not in QUANTIZED_DTYPES:
+        raise FormatError(f"quantized tensor is backed by a {t.dtype} storage, not a quantized one")
+    qp = quantizer_params
+    if not isinstance(qp, tuple) or not qp or not isinstance(qp[0], QScheme):
+        raise FormatError("quantized tensor has a malformed quantizer record")
+    scheme = qp[0].name
+    t.kind, t.params = "quantized", {"qscheme": scheme}
+    if scheme == "per_tensor_affine" and len(qp) == 3:
+        t.params.update(scale=float(_number(qp[1], (int, float), "scale")), zero_point=_number(qp[2], (int,), "zero point"))
+        return t
+    if scheme not in ("per_channel_affine", "per_channel_affine_float_qparams") or len(qp) != 4:
+        raise FormatError(f"quantized tensor with qscheme torch.{scheme} cannot be rebuilt (torch.load refuses it too)")
+    axis = _number(qp[3], (int,), "axis")
+    if not 0 <= axis < len(t.shape):
+        raise FormatError(f"quantized tensor has axis {axis} out of range for shape {list(t.shape)}")
+    t.params["axis"] = axis
+    for key, value in (("scales", qp[1]), ("zero_points", qp[2])):
+        if isinstance(value, list):
+            t.params[key] = [_number(v, (int, float), key) for v in value]
+            n = len(value)
+        else:
+            part = t.parts[key] = _expect(value, TensorRef, f"a quantized tensor's {key}")
+            n = math.prod(part.shape)
+        if n != t.shape[axis]:
+            raise FormatError(f"quantized tensor has {n} {key} for {t.shape[axis]} channels")
+    return t
+
+
+_SPARSE_LAYOUTS = {"torch.sparse_coo": "sparse_coo", "torch.sparse_csr": "sparse_csr", "torch.sparse_csc": "sparse_csc",
+                   "torch.sparse_bsr": "sparse_bsr", "torch.sparse_bsc": "sparse_bsc"}
+
+
+def _rebuild_sparse_tensor(layout, data):
+    if not isinstance(layout, Layout) or layout.name not in _SPARSE_LAYOUTS:
+        raise FormatError(f"sparse tensor has layout {layout.name if isinstance(layout, Layout) else _what(layout)}, "
+                          f"which torch cannot rebuild either")
+    kind = _SPARSE_LAYOUTS[layout.name]
+    names = ("indices", "values") if kind == "sparse_coo" else ("compressed_indices", "plain_indices", "values")
+    if not isinstance(data, tuple) or len(data) not in ((3, 4) if kind == "sparse_coo" else (4,)):
+        raise FormatError(f"{kind.replace('_', ' ')} tensor record is malformed")
+    parts = {n: _expect(v, TensorRef, f"a sparse tensor's {n}") for n, v in zip(names, data)}
+    shape = _ints(data[len(names)], "sparse size")
+    params: dict[str, Any] = {}
+    if kind == "sparse_coo" and len(data) == 4:
+        if data[3] is not None and not isinstance(data[3], bool):
+            raise FormatError("sparse tensor record has a malformed is_coalesced flag")
+        params["coalesced"] = data[3]
+    return TensorRef(None, 0, shape, contiguous_stride(shape), parts["values"].dtype, False, kind, parts, params)
+
+
+def _rebuild_nested_tensor(buffer, sizes, strides, storage_offsets):
+    parts = {n: _expect(v, TensorRef, f"a nested tensor's {n}")
+             for n, v in (("buffer", buffer), ("sizes", sizes), ("strides", strides), ("offsets", storage_offsets))}
+    if len(parts["buffer"].shape) != 1 or len(parts["sizes"].shape) not in (1, 2):
+        raise FormatError("nested tensor record is malformed")
+    shape = parts["sizes"].shape[:1]
+    return TensorRef(None, 0, shape, (1,), parts["buffer"].dtype, False, "nested", parts)
+
+
+def _rebuild_meta_tensor_no_storage(dtype, size, stride, requires_grad=False):
+    if not isinstance(dtype, DType):
+        raise FormatError(f"meta tensor has a malformed dtype ({_what(dtype)})")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise FormatError(f"meta tensor has shape {list(shape)} but stride {list(strides)}")
+    return TensorRef(None, 0, shape, strides, dtype.dtype, bool(requires_grad), "meta")
+
+
+def _rebuild_device_tensor_from_cpu_tensor(data, dtype, device, requires_grad=False):
+    # a tensor of a storage-less backend (XLA, MTIA, ...), saved through a CPU copy
+    data = _expect(data, TensorRef, "a device tensor's CPU copy")
+    if not isinstance(dtype, DType) or dtype.dtype != data.dtype:
+        raise FormatError(f"device tensor converts {data.dtype} data to {_what(dtype)} on load; surgery reads "
+                          f"only the stored bytes")
+    data.requires_grad = bool(requires_grad)
+    return data
+
+
+def _rebuild_device_tensor_from_numpy(data, dtype, device, requires_grad=False):
+    _expect(data, TensorRef, "a device tensor's numpy data")  # numpy arrays are never on the allowlist
+    raise FormatError("a device tensor rebuilt from a numpy array cannot be read")
+
+
+def _rebuild_wrapper_subclass(cls, *args):
+    if isinstance(cls, type) and issubclass(cls, Opaque):
+        cls.builds_tensor = True  # accepting the subclass would not give its data
+    raise FormatError(f"tensor subclass {_what(cls)} keeps its data in its own code; surgery cannot read it")
+
+
+class _Parameter:
+    """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor itself, as torch.load does."""
+
+    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
+        data = _expect(data, TensorRef, "a parameter's data")
+        data.requires_grad = bool(requires_grad)
+        return data
+
+
+class _LegacyTensor(TensorRef):
+    """``torch.Tensor`` built by NEWOBJ and filled by BUILD with (storage, offset, size, stride),
+    as very old torch pickled it (or the 5-tuple of a pre-0.4 Variable)."""
+
+    storage = None
+    kind = "dense"
+
+    def __new__(cls, *args: Any) -> Any:
+        if args:
+            raise FormatError("torch.Tensor(...) called with arguments is not a pickled tensor")
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any) -> None:  # pragma: no cover - pickle never calls it
+        raise FormatError("torch.Tensor(...) called with arguments is not a pickled tensor")
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 4:
+            t = _tensor(*state, False, None)
+        elif isinstance(state, tuple) and len(state) == 5:
+            t = _expect(state[0], TensorRef, "a legacy Variable's data")
+            t = TensorRef(t.storage, t.storage_offset, t.shape, t.stride, t.dtype, bool(state[3]))
+        else:
+            raise FormatError("legacy tensor record is malformed")
+        self.__dict__.update(t.__dict__)
+
+
+@dataclass(frozen=True)
+class LegacyTensorType:
+    """``torch.FloatTensor``, ``torch.sparse.LongTensor``, ``torch.cuda.HalfTensor``, ...: a value
+    as a class reference; called, a tensor over a whole storage or a sparse tensor."""
+
+    qualname: str
+    dtype: str
+    sparse: bool
+
+    def __call__(self, *args: Any) -> TensorRef:
+        if self.sparse and len(args) == 3:
+            t = _rebuild_sparse_tensor(Layout("torch.sparse_coo"), tuple(args))
+            if t.dtype == self.dtype:
+                return t
+        elif not self.sparse and len(args) == 1 and isinstance(args[0], StorageRef) and args[0].dtype == self.dtype:
+            return TensorRef(args[0], 0, (args[0].numel,), (1,), self.dtype)
+        raise FormatError(f"{self.qualname}({', '.join(_what(a) for a in args)}) builds a tensor surgery cannot read")
+
+
+def _get_layout(name):
+    if not isinstance(name, str):
+        raise FormatError(f"layout record is malformed ({_what(name)})")
+    return Layout(name)
+
+
+def _bytearray(data=b""):
+    if isinstance(data, (bytes, bytearray)):
+        return bytearray(data)
+    if isinstance(data, list) and all(isinstance(b, int) and 0 <= b < 256 for b in data):
+        return bytearray(data)
+    raise FormatError(f"malformed bytearray record ({_what(data)})")
 
 
 def _ordered_dict(*args, **kwargs):
@@ -163,22 +389,57 @@ _SAFE: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
+    ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_sparse_tensor,
+    ("torch._utils", "_rebuild_nested_tensor"): _rebuild_nested_tensor,
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta_tensor_no_storage,
+    ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _rebuild_device_tensor_from_cpu_tensor,
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"): _rebuild_device_tensor_from_numpy,
+    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch.nn.parameter", "Parameter"): _opaque_class("torch.nn.parameter.Parameter"),
-    ("torch", "Tensor"): _opaque_class("torch.Tensor"),
+    ("torch.serialization", "_get_layout"): _get_layout,
+    ("torch.nn.parameter", "Parameter"): _Parameter,
+    ("torch", "Tensor"): _LegacyTensor,
     ("collections", "OrderedDict"): _ordered_dict,
+    ("collections", "Counter"): collections.Counter,
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _device,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     # plain dict subclasses seen in Lightning/fairseq checkpoints behave like dicts here
 }
 
 
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+def _py3_name(module: str, name: str) -> tuple[str, str]:
+    """Python 2 names in protocol-2 pickles (``__builtin__.long``, ``copy_reg._reconstructor``) as
+    Python 3 spells them, by the table Python's own unpickler uses."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _torch_global(module: str, name: str) -> Any:
+    """Stand-ins for the torch names torch.load(weights_only=True) accepts, or None."""
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+        return StorageType(_STORAGE_DTYPES[name])  # old GPU-saved files name torch.cuda.FloatStorage
+    if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+        return StorageType("U8")
+    if module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse") and name.endswith("Tensor"):
+        sparse = module.endswith("sparse")
+        elem = name[: -len("Tensor")]
+        if elem in _LEGACY_TENSOR_DTYPES and not (sparse and elem == "Bool"):
+            return LegacyTensorType(f"{module}.{name}", _LEGACY_TENSOR_DTYPES[elem], sparse)
+    if module == "torch":
+        if name in _QSCHEMES:
+            return QScheme(name)
+        dt = canonical_from_torch(name)
+        if dt is not None:
+            return DType(dt)
+    return None
 
 
 def _accepted(qualname: str, accept: set[str]) -> bool:
@@ -195,6 +456,45 @@ class Unpickled:
     opaque: list[str] = field(default_factory=list)
 
 
+class Refused(list):
+    """The refused global names, with what accepting them would give: ``builds_tensors`` names
+    those that build tensor data by running code (accepting them loses the tensors), and
+    ``tensors_found`` says whether surgery finds any tensor with every refused name accepted."""
+
+    builds_tensors: list[str]
+    tensors_found: bool = True
+
+
+def _explain(refused: list[str], obj: Any, classes: dict[str, type]) -> Refused:
+    """Which refused globals hold tensor data in what they were called with (accepting them
+    would lose those tensors), and whether any tensor is found with all of them accepted."""
+    out = Refused(refused)
+    builds = {q for q, c in classes.items() if getattr(c, "builds_tensor", False)}
+    found = obj is None  # a pickle that failed part way: nothing more is known
+    stack: list[tuple[Any, str | None]] = [(obj, None)]
+    seen: set[int] = set()
+    while stack and len(seen) < 1_000_000:
+        node, holder = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, (TensorRef, StorageRef)):
+            if holder is not None:
+                builds.add(holder)
+            found = found or holder is None
+        elif isinstance(node, dict):
+            stack.extend((v, holder) for v in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, holder) for v in node)
+        elif isinstance(node, Opaque):
+            stack.extend([(node.state, holder), (node.__dict__.get("_items", ()), holder)])
+            caller = node.qualname if getattr(type(node), "refused", False) else holder
+            stack.extend((a, caller) for a in (*node.args, *node.kwargs.values()))
+    out.builds_tensors = sorted(builds & set(refused))
+    out.tensors_found = found
+    return out
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None):
         super().__init__(f, encoding="utf-8")
@@ -204,27 +504,34 @@ class _Unpickler(pickle.Unpickler):
         self.accepted: list[str] = []
         self.storages: dict[str, StorageRef] = {}
         self.pid_handler = pid_handler
+        self.opaque: dict[str, type] = {}
+
+    def load(self) -> Any:
+        obj = None
+        try:
+            obj = super().load()
+            return obj
+        finally:
+            if self.refused:
+                self.refused = _explain(self.refused, obj, self.opaque)
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)  # protocol-2 pickles use Python 2 module names
+        module, name = _py3_name(module, name)  # protocol-2 pickles use Python 2 names
         key = (module, name)
         if key in _SAFE:
             return _SAFE[key]
         if key in self.extra:
             return self.extra[key]
-        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-            return StorageType(_STORAGE_DTYPES[name])  # old GPU-saved files name torch.cuda.FloatStorage
-        if module == "torch":
-            if name in _STORAGE_DTYPES:
-                return StorageType(_STORAGE_DTYPES[name])
-            dt = canonical_from_torch(name)
-            if dt is not None:
-                return DType(dt)
-        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
-            return StorageType("U8")
+        known = _torch_global(module, name)
+        if known is not None:
+            return known
         qualname = f"{module}.{name}"
-        (self.accepted if _accepted(qualname, self.accept) else self.refused).append(qualname)
-        return _opaque_class(qualname)
+        accepted = _accepted(qualname, self.accept)
+        (self.accepted if accepted else self.refused).append(qualname)
+        if qualname not in self.opaque:
+            self.opaque[qualname] = _opaque_class(qualname)
+            self.opaque[qualname].refused = not accepted
+        return self.opaque[qualname]
 
     def persistent_load(self, pid: Any) -> Any:
         if self.pid_handler is not None:
