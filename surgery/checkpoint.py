@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -292,6 +293,12 @@ def materialize(info: TensorInfo) -> "torch.Tensor":
     """The tensor torch.load would give, on the CPU (a fresh, writable copy where torch has one)."""
     if info.kind == "dense":
         return _dense(info)
+    with warnings.catch_warnings():  # torch's "beta"/"deprecated" notes on these kinds are not the user's concern
+        warnings.simplefilter("ignore")
+        return _other_kind(info)
+
+
+def _other_kind(info: TensorInfo) -> "torch.Tensor":
     if info.kind == "quantized":
         return _quantized(info)
     if info.kind in SPARSE_KINDS:
