@@ -239,6 +239,9 @@ class Checkpoint:
     def read_bytes(self, name: str) -> bytes:
         """The tensor's bytes in C order. Contiguous tensors are read with one pread."""
         info = self.tensors[name]
+        if info.kind != "dense":
+            raise FormatError(f"{self.path}: tensor {name!r} is {info.kind.replace('_', ' ')}, not one run of bytes; "
+                              f"use tensor({name!r})")
         rng = info.byte_range
         if rng is not None:
             return read_range(info.file, *rng)

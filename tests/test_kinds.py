@@ -214,3 +214,9 @@ def test_unknown_dtype_in_safetensors_output_is_refused(tmp_path):
     with pytest.raises(RuleError, match=r"'c' \(dtype C128\): --drop '\^c\$'"):
         surgery.remap(tmp_path / "a.pt", tmp_path / "o.safetensors")
     surgery.remap(tmp_path / "a.pt", tmp_path / "o.pt", verify=True)
+
+
+def test_diff_compares_the_values_of_every_kind(kinds_file, tmp_path):
+    surgery.remap(kinds_file, tmp_path / "out.pt", {"ops": []})
+    result = surgery.diff(kinds_file, tmp_path / "out.pt")
+    assert result.report.to_json()["max_abs_diff"] == {k: 0.0 for k in ("w", "sp", "csr", "q", "qc", "nest")}
