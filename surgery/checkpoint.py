@@ -311,8 +311,8 @@ def _other_kind(info: TensorInfo) -> "torch.Tensor":
     if info.kind == "meta":
         import torch
 
-        return torch.empty_strided(info.shape, info.stride or contiguous_stride(info.shape), dtype=torch_dtype(info.dtype),
-                                   device="meta")
+        return _torch_call(info, "meta tensor", torch.empty_strided, info.shape, info.stride or contiguous_stride(info.shape),
+                           dtype=torch_dtype(info.dtype), device="meta")
     raise FormatError(f"{info.file}: tensor {info.name!r} is of an unknown kind {info.kind!r}")
 
 
@@ -354,7 +354,8 @@ def _quantized(info: TensorInfo) -> "torch.Tensor":
 
     _check_materializable(info)
     raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
-    untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
+    # a storage over the bytes read, never resizable: a view reaching past it is refused, not grown
+    untyped = torch.frombuffer(bytearray(raw or b"\0"), dtype=torch.uint8)[: len(raw)].untyped_storage()
     storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=torch_dtype(info.dtype), _internal=True)
     p = info.params
     scheme = getattr(torch, p["qscheme"])

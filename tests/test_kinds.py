@@ -220,3 +220,31 @@ def test_diff_compares_the_values_of_every_kind(kinds_file, tmp_path):
     surgery.remap(kinds_file, tmp_path / "out.pt", {"ops": []})
     result = surgery.diff(kinds_file, tmp_path / "out.pt")
     assert result.report.to_json()["max_abs_diff"] == {k: 0.0 for k in ("w", "sp", "csr", "q", "qc", "nest")}
+
+
+def _qstorage(n: int):
+    q = torch.quantize_per_tensor(torch.zeros(n), 0.1, 0, torch.qint8)
+    return torch.storage.TypedStorage(wrap_storage=q.untyped_storage(), dtype=torch.qint8, _internal=True)
+
+
+@pytest.mark.parametrize("record, at_open, message", [
+    (Via(torch._utils._rebuild_nested_tensor, (torch.arange(4.0), torch.tensor([[3], [2]]), torch.tensor([[1], [1]]),
+                                               torch.tensor([0, 3]))), False, r"nested tensor 'x' has components outside"),
+    (Via(torch._utils._rebuild_qtensor, (_qstorage(4), 0, (4,), (1,),
+                                         (torch.per_channel_affine, [0.1, 0.2], [0, 0], 0), False, {})),
+     True, r"2 scales for 4 channels"),
+    (Via(torch._utils._rebuild_qtensor, (_qstorage(4), 0, (100,), (1,), (torch.per_tensor_affine, 0.1, 0), False, {})),
+     True, r"reaches past the end of its storage"),
+    (Via(torch._utils._rebuild_qtensor, (_qstorage(4), 0, (4,), (1,), (torch.per_tensor_symmetric, 0.1, 0), False, {})),
+     True, r"qscheme torch\.per_tensor_symmetric cannot be rebuilt"),
+    (Via(torch._utils._rebuild_meta_tensor_no_storage, (torch.float32, (1 << 62, 1 << 62), (1, 1), False)),
+     False, r"meta tensor 'x' is inconsistent"),
+    (Via(torch._utils._rebuild_sparse_tensor, (torch.strided, (torch.ones(1), torch.ones(1), (1,)))),
+     True, r"sparse tensor has layout torch\.strided"),
+])
+def test_inconsistent_records_are_refused_not_crashed_on(tmp_path, record, at_open, message):
+    torch.save({"x": record, "w": torch.ones(1)}, tmp_path / "a.pt")
+    with pytest.raises(FormatError, match=message):
+        surgery.open(tmp_path / "a.pt").state_dict()
+    if not at_open:
+        assert set(surgery.open(tmp_path / "a.pt").tensors) == {"x", "w"}
