@@ -315,3 +315,22 @@ def test_non_tensor_values_are_summarised_without_internal_names(files):
     for internal in ("TensorRef", "StorageRef", "StorageType", "DType", "QScheme", "Layout", "LegacyTensorType"):
         assert internal not in text
     assert ckpt.extras["device"] == "'cpu:0'" and ckpt.extras["bytes"] == repr(b"\x00\xff\x10")
+
+
+def test_every_allowlisted_dtype_has_a_name_and_torch_itemsize():
+    from surgery.checkpoint import DTYPES, canonical_from_torch, itemsize, torch_dtype
+
+    allowed = [v for v in _get_allowed_globals().values() if isinstance(v, torch.dtype)]
+    for dt in allowed:
+        name = canonical_from_torch(str(dt))
+        assert name is not None, f"{dt} has no canonical name"
+        assert torch_dtype(name) == dt and itemsize(name) == torch.empty(0, dtype=dt).element_size(), dt
+    assert len({canonical_from_torch(str(d)) for d in allowed}) == len(allowed) == len(DTYPES)
+
+
+def test_values_are_named_as_torch_names_them(tmp_path):
+    torch.save({"w": torch.ones(1), "dtype": torch.float16, "layout": torch.sparse_coo, "qscheme": torch.per_tensor_affine,
+                "type": torch.cuda.FloatTensor, "storage": torch.storage.TypedStorage}, tmp_path / "v.pt")
+    assert surgery.open(tmp_path / "v.pt").extras == {
+        "dtype": "dtype F16", "layout": "torch.sparse_coo", "qscheme": "torch.per_tensor_affine",
+        "type": "torch.cuda.FloatTensor", "storage": "storage type U8"}

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..checkpoint import PACKED_DTYPES, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
-from .torch_pickle import Opaque, StorageRef, TensorRef
+from .torch_pickle import DType, Layout, LegacyTensorType, Opaque, QScheme, StorageRef, StorageType, TensorRef
 
 # Most preferred first. EMA copies come after every plain name: they are picked only by --select
 # or when nothing else holds tensors.
@@ -238,12 +238,19 @@ def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> 
 
 
 def _plain_type(value: Any) -> str:
-    """A value's type as a user knows it (layouts, dtypes, qschemes stand in for torch's own)."""
-    name = getattr(value, "qualname", None) or getattr(value, "name", None)
-    if isinstance(name, str):
-        return name
-    dtype = getattr(value, "dtype", None)
-    return f"torch dtype {dtype}" if isinstance(dtype, str) else type(value).__name__
+    """A value as a user knows it: the stand-ins for torch's dtypes, layouts, qschemes, storage
+    and tensor types are named as torch names them."""
+    if isinstance(value, DType):
+        return f"dtype {value.dtype}"
+    if isinstance(value, StorageType):
+        return f"storage type {value.dtype}"
+    if isinstance(value, Layout):
+        return value.name
+    if isinstance(value, QScheme):
+        return f"torch.{value.name}"
+    if isinstance(value, LegacyTensorType):
+        return value.qualname
+    return type(value).__name__
 
 
 def _count_tensors(value: Any) -> int:

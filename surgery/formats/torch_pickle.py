@@ -129,9 +129,10 @@ def _what(x: Any) -> str:
         return "a tensor"
     if isinstance(x, StorageRef):
         return "a storage"
-    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)):
+    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)) or isinstance(x, LegacyTensorType):
         return x.qualname
-    return type(x).__name__
+    plain = {DType: "a dtype", StorageType: "a storage type", Layout: "a layout", QScheme: "a qscheme"}
+    return plain.get(type(x)) or type(x).__name__
 
 
 def _expect(x: Any, cls: type, what: str) -> Any:
