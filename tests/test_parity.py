@@ -13,7 +13,6 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import copyreg
-import io
 import pickletools
 import warnings
 import zipfile
