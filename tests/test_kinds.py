@@ -259,3 +259,12 @@ def test_every_kind_reads_from_the_legacy_format_too(tmp_path):
     assert list(got) == list(want)
     for k in want:
         assert_same(k, got[k], want[k])
+
+
+@pytest.mark.parametrize("value, shown", [(torch.float32, "only the value dtype F32"), (5, "only the value 5"),
+                                          ([1, 2], "a list of 2 items, none of them tensors"),
+                                          (torch.sparse_coo, "only the value torch.sparse_coo")])
+def test_a_file_without_tensors_says_what_it_holds(tmp_path, value, shown):
+    torch.save(value, tmp_path / "a.pt")
+    with pytest.raises(SelectError, match=rf"holds no tensors \(entries: {shown}\)$"):
+        surgery.open(tmp_path / "a.pt")

@@ -193,7 +193,7 @@ def describe_keys(obj: Any) -> str:
         return f"a {type(obj).__name__} of {len(obj)} items, none of them tensors"
     if isinstance(obj, Opaque):
         return f"a {obj.qualname} record"
-    return f"a single {type(obj).__name__} value"
+    return f"only the value {summarize(obj)}"
 
 
 def file_shape(obj: Any, chosen: Found, listed: list[Found]) -> dict[str, str]:
