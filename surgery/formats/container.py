@@ -8,6 +8,7 @@ the most familiar name (EMA copies only when asked), else the largest.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,7 +89,7 @@ def find_containers(obj: Any) -> list[Found]:
                 continue
             for k, v in node.items():
                 if isinstance(v, (dict, list, tuple)):
-                    queue.append((f"{path}.{k}" if path else str(k), v))
+                    queue.append((f"{path}.{label(k)}" if path else label(k), v))
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
                 if isinstance(v, (dict, list, tuple)):
@@ -128,7 +129,7 @@ def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found
 
 def describe_keys(obj: Any) -> str:
     if isinstance(obj, dict):
-        return ", ".join(str(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
+        return ", ".join(label(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
     return type(obj).__name__
 
 
@@ -141,8 +142,8 @@ def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> 
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, (str, bytes)):
-        r = repr(value)
-        return r if len(r) <= 60 else r[:57] + "..."
+        r = repr(value[:60])  # never the repr of a whole (maybe huge) string
+        return r if len(r) <= 60 and len(value) <= 60 else r[:57] + "..."
     n = _count_tensors(value)
     extra = f", {n} tensors" if n else ""
     if isinstance(value, dict):
@@ -176,8 +177,8 @@ def extras(obj: Any, chosen: Found) -> dict[str, str]:
     for part in parts:
         if isinstance(node, dict):
             for k, v in node.items():
-                if str(k) != part:
-                    out[f"{prefix}{k}"] = summarize(v)
+                if label(k) != part:
+                    out[f"{prefix}{label(k)}"] = summarize(v)
             node = node.get(part, node.get(int(part)) if part.isdigit() else None)
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
@@ -186,5 +187,12 @@ def extras(obj: Any, chosen: Found) -> dict[str, str]:
             node = node[int(part)]
         prefix += part + "."
     for k, v in chosen.others.items():
-        out[f"{prefix}{k}"] = summarize(v)
+        out[f"{prefix}{label(k)}"] = summarize(v)
     return out
+
+
+def label(key: Any) -> str:
+    """A dict key as text, bounded: a pickle's keys may be megabyte strings or huge tuples."""
+    if isinstance(key, str):
+        return key if len(key) <= 200 else key[:197] + "..."
+    return reprlib.repr(key)
