@@ -124,12 +124,12 @@ def _bottom_up(root: _Node) -> list[_Node]:
     return order
 
 
-def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable]) -> dict[int, int]:
+def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable], order: list[_Node] | None = None) -> dict[int, int]:
     """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures."""
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
-    for node in _bottom_up(root):
-        kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items()))
+    for node in order or _bottom_up(root):
+        kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
         key = (None if node.info is None else leaf_sig(node.info), kids)
         out[id(node)] = interned.setdefault(key, len(interned))
     return out
@@ -242,19 +242,21 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by ``row.depth - 1``.
     """
     root = _trie(infos.items())
-    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype))
+    order = _bottom_up(root)
+    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype), order)
     stats: dict[int, tuple[int, int, frozenset]] = {}
-    for node in _bottom_up(root):
-        params, count, dts = 0, 0, set()
+    one_dtype: dict[str, frozenset] = {}
+    for node in order:
+        params, count, dts = 0, 0, frozenset()
         if node.info is not None:
             params, count = node.info.numel, 1
-            dts.add(node.info.dtype)
+            dts = one_dtype.setdefault(node.info.dtype, frozenset((node.info.dtype,)))
         for child in node.children.values():
             p, c, d = stats[id(child)]
             params += p
             count += c
-            dts |= d
-        stats[id(node)] = (params, count, frozenset(dts))
+            dts = d if d <= dts else dts | d
+        stats[id(node)] = (params, count, dts)
     rows: list[TreeRow] = []
     todo = [(label, members, "", 1, 1) for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
     while todo:  # depth first, parents before children, in key order

@@ -39,7 +39,7 @@ class Truncated(Exception):
 
 
 # Opcode categories: what the scanner does with each byte value. Anything not listed is refused.
-_PUT, _GET, _LEAF, _MARK, _SIZED, _BUILD, _MARKED, _LINE, _SKIP, _STOP, _MEMOIZE, _DUP = range(1, 13)
+_PUT, _GET, _LEAF, _MARK, _SIZED, _BUILD, _MARKED, _LINE, _SKIP, _STOP, _MEMOIZE, _DUP, _WRAP1, _WRAP2 = range(1, 15)
 _CAT = [0] * 256
 _ARG = [0] * 256     # fixed argument bytes (_PUT/_GET/_LEAF/_SKIP); length-field bytes (_SIZED)
 _POPS = [0] * 256    # _BUILD: objects popped
@@ -69,6 +69,10 @@ _FRESH = frozenset(b"]}\x8f")
 for _ch in b"ILFSVPgpci":  # protocol 0: arguments end at a newline (GLOBAL and INST have two lines)
     _CAT[_ch] = _LINE
 _CAT[b"("[0]], _CAT[b"."[0]], _CAT[b"\x94"[0]], _CAT[b"2"[0]] = _MARK, _STOP, _MEMOIZE, _DUP
+for _ch in b"\x85Q":  # the commonest new objects, counted inline: TUPLE1, BINPERSID ...
+    _CAT[_ch] = _WRAP1
+for _ch in b"\x86R\x81\x93":  # ... TUPLE2, REDUCE, NEWOBJ, STACK_GLOBAL
+    _CAT[_ch] = _WRAP2
 _CAT[0x80], _ARG[0x80] = _SKIP, 1   # PROTO
 _CAT[0x95], _ARG[0x95] = _SKIP, 8   # FRAME: its opcodes follow inline
 _INT_OPS = frozenset(b"\x8a\x8b")
@@ -113,34 +117,49 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
                 if idx > len(memo) + MEMO_SLACK:
                     raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
                 memo[idx] = stack[-1]
-            elif cat == _GET:
-                push(memo[data[pos + 1] if op == 104 else u32(data, pos + 1)[0]])
-                pos += arg_of[op] + 1
             elif cat == _LEAF:
                 pos += arg_of[op] + 1
                 push([1, 0] if op in _FRESH else leaf)
+            elif cat == _GET:
+                push(memo[data[pos + 1] if op == 104 else u32(data, pos + 1)[0]])
+                pos += arg_of[op] + 1
+            elif cat == _WRAP1:
+                pos += 1
+                a = stack[-1]
+                stack[-1] = [a[0] + 1, a[1] + 1]
+                work_left -= a[0] + 1
+                if a[1] >= MAX_DEPTH or a[0] >= limit or work_left < 0:
+                    raise _too_big(a[1] + 1, source)
+            elif cat == _WRAP2:
+                pos += 1
+                b = stack.pop()
+                a = stack[-1]
+                size, depth = a[0] + b[0] + 1, (a[1] if a[1] > b[1] else b[1]) + 1
+                stack[-1] = [size, depth]
+                work_left -= size
+                if depth > MAX_DEPTH or size > limit or work_left < 0:
+                    raise _too_big(depth, source)
+            elif cat == _MARKED and mode_of[op] == _NEW:  # TUPLE, LIST, DICT, FROZENSET, OBJ
+                pos += 1
+                k = marks.pop()
+                size, depth = 1, 0
+                for c in stack[k:]:
+                    size += c[0]
+                    if c[1] > depth:
+                        depth = c[1]
+                del stack[k:]
+                push([size, depth + 1])
+                work_left -= size
+                if depth >= MAX_DEPTH or size > limit or work_left < 0:
+                    raise _too_big(depth + 1, source)
             elif cat == _BUILD:
                 pos += 1
-                mode = mode_of[op]
                 k = pops_of[op]
-                if mode == _NEW and k <= 2 and len(stack) >= 2:  # TUPLE1/2, REDUCE, BINPERSID, NEWOBJ: inline
-                    a = stack[-1]
-                    if k == 1:
-                        size, depth = a[0] + 1, a[1] + 1
-                    else:
-                        b = stack.pop()
-                        a = stack[-1]
-                        size, depth = a[0] + b[0] + 1, (a[1] if a[1] > b[1] else b[1]) + 1
-                    stack[-1] = [size, depth]
-                    work_left -= size
-                    if depth > MAX_DEPTH or size > limit or work_left < 0:
-                        raise _too_big(depth, source)
-                    continue
                 if len(stack) < k:
                     raise _refuse(source, "pops an empty stack")
                 kids = stack[-k:]
                 del stack[-k:]
-                work_left = _attach(stack, kids, mode, limit, work_left, source)
+                work_left = _attach(stack, kids, mode_of[op], limit, work_left, source)
             elif cat == _MARK:
                 pos += 1
                 marks.append(len(stack))
