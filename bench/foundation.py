@@ -85,6 +85,7 @@ class Run:
     rc: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # the child's user + system time: steadier than wall on a shared machine
 
 
 @dataclass
@@ -94,10 +95,15 @@ class Measure:
     walls: list[float] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
     error: str | None = None
+    cpus: list[float] = field(default_factory=list)
 
     @property
     def wall(self) -> float | None:
         return statistics.median(self.walls) if self.walls and self.error is None else None
+
+    @property
+    def cpu(self) -> float | None:
+        return statistics.median(self.cpus) if self.cpus and self.error is None else None
 
     @property
     def rss_mb(self) -> float | None:
@@ -105,7 +111,8 @@ class Measure:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "argv": self.argv, "median_wall_s": self.wall, "walls_s": self.walls,
-                "peak_rss_mb": self.rss_mb, "rss_kb": self.rss_kb, "error": self.error}
+                "peak_rss_mb": self.rss_mb, "rss_kb": self.rss_kb, "error": self.error,
+                "median_cpu_s": self.cpu, "cpus_s": self.cpus}
 
 
 def run_once(argv: list[str], logdir: Path) -> Run:
@@ -118,7 +125,8 @@ def run_once(argv: list[str], logdir: Path) -> Run:
         wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc  # reaped by wait4: tell Popen, so it neither waits again nor warns
-    return Run(wall, usage.ru_maxrss, rc, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
+    return Run(wall, usage.ru_maxrss, rc, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"),
+               usage.ru_utime + usage.ru_stime)
 
 
 @dataclass
@@ -162,11 +170,13 @@ def measure_group(specs: list[Spec], repeat: int, logdir: Path,
                 continue
             m.walls.append(r.wall_s)
             m.rss_kb.append(r.maxrss_kb)
+            m.cpus.append(r.cpu_s)
     for m in ms:
         if m.error:
             print(f"  {m.name:<40s} ERROR {m.error}")
         else:
-            print(f"  {m.name:<40s} {m.wall:8.3f} s  {m.rss_mb:8.1f} MB   runs: {', '.join(f'{w:.3f}' for w in m.walls)}")
+            print(f"  {m.name:<40s} {m.wall:8.3f} s  {m.rss_mb:8.1f} MB  cpu {m.cpu:7.3f} s   "
+                  f"runs: {', '.join(f'{w:.3f}' for w in m.walls)}")
     return ms
 
 
@@ -419,6 +429,9 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
         goal = {"max_ratio": 0.25}
         rows.append(Row(f"inspect pt, {n} small tensors", insp, base, goal, "ratio<=0.25"))
         rows.append(Row(f"surgery.open pt, {n} small tensors", opened, base, goal, "ratio<=0.25"))
+        if base.cpu and insp.cpu and opened.cpu:
+            print(f"  cpu time ratios at {n}: inspect {insp.cpu / base.cpu:.3f}x, surgery.open {opened.cpu / base.cpu:.3f}x "
+                  f"of torch.load")
     return rows
 
 
