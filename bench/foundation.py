@@ -8,6 +8,7 @@ median wall time and the largest peak RSS seen.
 
     python bench/foundation.py                          # ~2 GB checkpoints, 3 repeats
     python bench/foundation.py --size-gb 0.1 --repeat 1 # a quick smoke run
+    python bench/foundation.py --cases small            # only torch files of many small tensors
 
 Results go to stdout as a table and to ``WORKDIR/foundation.json``. The exit status is 0 when
 every command ran, whether or not it met its goal (this is a report); 1 when a command failed.
@@ -59,6 +60,13 @@ LOAD_RENAME_SAVE = (
     "sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}\n"
     "save_file(sd, dst, metadata={'format': 'pt'})\n"
 )
+OPEN_PT = "import sys, surgery\nprint(len(surgery.open(sys.argv[1]).tensors))\n"
+# torch files of many small tensors: what the reader's per-opcode checks cost next to torch.load
+SMALL_COUNTS = (1000, 10_000, 50_000)
+SMALL_SHAPE = 4
+MAKE_SMALL = ("import sys, torch\n"
+              "torch.save({f'layers.{i}.weight': torch.full((%d,), float(i)) for i in range(int(sys.argv[2]))}, sys.argv[1])\n"
+              % SMALL_SHAPE)
 # cp, then fsync the copy: surgery writes through a temp file and fsyncs before renaming, cp does not
 CP_FSYNC = 'cp -- "$1" "$2" && sync -- "$2"'
 
@@ -77,6 +85,7 @@ class Run:
     rc: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # the child's user + system time: steadier than wall on a shared machine
 
 
 @dataclass
@@ -86,10 +95,15 @@ class Measure:
     walls: list[float] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
     error: str | None = None
+    cpus: list[float] = field(default_factory=list)
 
     @property
     def wall(self) -> float | None:
         return statistics.median(self.walls) if self.walls and self.error is None else None
+
+    @property
+    def cpu(self) -> float | None:
+        return statistics.median(self.cpus) if self.cpus and self.error is None else None
 
     @property
     def rss_mb(self) -> float | None:
@@ -97,7 +111,8 @@ class Measure:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "argv": self.argv, "median_wall_s": self.wall, "walls_s": self.walls,
-                "peak_rss_mb": self.rss_mb, "rss_kb": self.rss_kb, "error": self.error}
+                "peak_rss_mb": self.rss_mb, "rss_kb": self.rss_kb, "error": self.error,
+                "median_cpu_s": self.cpu, "cpus_s": self.cpus}
 
 
 def run_once(argv: list[str], logdir: Path) -> Run:
@@ -110,7 +125,8 @@ def run_once(argv: list[str], logdir: Path) -> Run:
         wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc  # reaped by wait4: tell Popen, so it neither waits again nor warns
-    return Run(wall, usage.ru_maxrss, rc, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
+    return Run(wall, usage.ru_maxrss, rc, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"),
+               usage.ru_utime + usage.ru_stime)
 
 
 @dataclass
@@ -154,11 +170,13 @@ def measure_group(specs: list[Spec], repeat: int, logdir: Path,
                 continue
             m.walls.append(r.wall_s)
             m.rss_kb.append(r.maxrss_kb)
+            m.cpus.append(r.cpu_s)
     for m in ms:
         if m.error:
             print(f"  {m.name:<40s} ERROR {m.error}")
         else:
-            print(f"  {m.name:<40s} {m.wall:8.3f} s  {m.rss_mb:8.1f} MB   runs: {', '.join(f'{w:.3f}' for w in m.walls)}")
+            print(f"  {m.name:<40s} {m.wall:8.3f} s  {m.rss_mb:8.1f} MB  cpu {m.cpu:7.3f} s   "
+                  f"runs: {', '.join(f'{w:.3f}' for w in m.walls)}")
     return ms
 
 
@@ -231,6 +249,13 @@ def check_inspect(n: int, as_json: bool) -> Callable[[Run], None]:
                 raise BenchError(f"--json says tensor_count={data['tensor_count']}, the file has {n}")
         elif not re.search(rf"\b{n}\b", r.stdout):
             raise BenchError(f"output never mentions the file's {n} tensors")
+    return check
+
+
+def check_count(n: int) -> Callable[[Run], None]:
+    def check(r: Run) -> None:
+        if r.stdout.split()[:1] != [str(n)]:
+            raise BenchError(f"printed {r.stdout.strip()[:80]!r}, expected {n} first")
     return check
 
 
@@ -364,9 +389,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"checkpoint size in GB (1e9 bytes): float32 [{ROWS}, {COLS}] tensors, 40 for 2.0")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per command; the median is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints (reused next run)")
+    p.add_argument("--cases", default="large,small",
+                   help="comma-separated: 'large' (inspect/remap of --size-gb files, --help), 'small' (torch files of "
+                        f"{', '.join(map(str, SMALL_COUNTS))} small tensors: inspect and surgery.open vs torch.load)")
     args = p.parse_args(argv)
-    if args.size_gb <= 0 or args.repeat < 1:
-        p.error("--size-gb must be > 0 and --repeat >= 1")
+    args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    if args.size_gb <= 0 or args.repeat < 1 or not args.cases or args.cases - {"large", "small"}:
+        p.error("--size-gb must be > 0, --repeat >= 1, --cases a list of 'large' and 'small'")
     return args
 
 
@@ -378,6 +407,34 @@ def _short(p: Path) -> str:
         return str(p)
 
 
+def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
+    """torch files of many small tensors: the pickle, not the data, is the whole read. Times
+    `surgery inspect` (the CLI, run as ``python -m cli.main`` from this checkout) and
+    ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group."""
+    py = sys.executable
+    rows: list[Row] = []
+    for n in SMALL_COUNTS:
+        path = workdir / f"small_{n}x{SMALL_SHAPE}.pt"
+        if not path.exists():
+            subprocess.run([py, "-c", MAKE_SMALL, str(path), str(n)], cwd=REPO, check=True)
+        warm_page_cache(path)
+        try:
+            base, insp, opened = measure_group([
+                Spec(f"torch.load {n} small", [py, "-c", LOAD_PT, str(path)], check_count(n)),
+                Spec(f"surgery inspect {n} small", [py, "-m", "cli.main", "inspect", str(path)], check_inspect(n, False)),
+                Spec(f"surgery.open {n} small", [py, "-c", OPEN_PT, str(path)], check_count(n)),
+            ], repeat, logdir)
+        finally:
+            path.unlink(missing_ok=True)
+        goal = {"max_ratio": 0.25}
+        rows.append(Row(f"inspect pt, {n} small tensors", insp, base, goal, "ratio<=0.25"))
+        rows.append(Row(f"surgery.open pt, {n} small tensors", opened, base, goal, "ratio<=0.25"))
+        if base.cpu and insp.cpu and opened.cpu:
+            print(f"  cpu time ratios at {n}: inspect {insp.cpu / base.cpu:.3f}x, surgery.open {opened.cpu / base.cpu:.3f}x "
+                  f"of torch.load")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir: Path = args.workdir.resolve()
@@ -387,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     n = n_tensors_for(args.size_gb)
 
     cmd = [_short(Path(sys.executable)), "bench/foundation.py", "--workdir", _short(workdir), "--size-gb", f"{args.size_gb:g}",
-           "--repeat", str(args.repeat)] + (["--keep"] if args.keep else [])
+           "--repeat", str(args.repeat), "--cases", ",".join(sorted(args.cases))] + (["--keep"] if args.keep else [])
     print("reproduce: " + shlex.join(cmd))
     facts = machine_facts()
     print("machine:   " + ", ".join(f"{k}={facts[k]}" for k in ("nproc", "cpu", "mem_gb", "kernel", "python", "torch",
@@ -415,57 +472,66 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()  # no dirty pages from the previous run get flushed during this one
 
     rows: list[Row] = []
-    floor_mb = None
+    floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if "small" in args.cases:
+        print(f"\nsmall tensors: torch files of {', '.join(map(str, SMALL_COUNTS))} float32 [{SMALL_SHAPE}] tensors "
+              f"(1 untimed warm-up each, then {args.repeat} interleaved rounds):")
+        try:
+            rows += small_tensor_rows(workdir, logdir, args.repeat)
+        except subprocess.CalledProcessError as e:
+            print(f"error: generating a small-tensor file failed (exit {e.returncode})", file=sys.stderr)
+            return 1
     try:
-        print(f"\ncheckpoints: {n} x float32 [{ROWS}, {COLS}] = {n * TENSOR_BYTES / 1e9:.2f} GB each, keys '{PREFIX}layers.i.weight'")
-        for path, fmt in ((st, "safetensors"), (pt, "pt")):
-            try:
-                _, reused = ensure_checkpoint(path, fmt, n)
-            except subprocess.CalledProcessError as e:
-                print(f"error: generating {path.name} failed (exit {e.returncode}); see the traceback above",
-                      file=sys.stderr)
-                return 1
-            if reused:
-                print(f"  reused {path.name} ({path.stat().st_size / 1e9:.2f} GB)")
-        clear_outputs()
-        for path in (st, pt):
-            warm_page_cache(path)
+        if "large" in args.cases:
+            print(f"\ncheckpoints: {n} x float32 [{ROWS}, {COLS}] = {n * TENSOR_BYTES / 1e9:.2f} GB each, keys '{PREFIX}layers.i.weight'")
+            for path, fmt in ((st, "safetensors"), (pt, "pt")):
+                try:
+                    _, reused = ensure_checkpoint(path, fmt, n)
+                except subprocess.CalledProcessError as e:
+                    print(f"error: generating {path.name} failed (exit {e.returncode}); see the traceback above",
+                          file=sys.stderr)
+                    return 1
+                if reused:
+                    print(f"  reused {path.name} ({path.stat().st_size / 1e9:.2f} GB)")
+            clear_outputs()
+            for path in (st, pt):
+                warm_page_cache(path)
 
-        print(f"\ntiming (1 untimed warm-up each, then {args.repeat} interleaved rounds; median wall, max peak RSS):")
-        floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"  (a child's peak RSS includes this process's, {floor_mb:.0f} MB, inherited before exec)")
-        inspect_goal = {"max_wall_s": 0.5, "max_ratio": 0.1, "max_rss_mb": 150}
-        inspect_text = "<=0.5s, ratio<=0.1, RSS<=150MB"
-        for path, label, script in ((st, "safetensors", LOAD_SAFETENSORS), (pt, "pt", LOAD_PT)):
-            base, text, js = measure_group([
-                Spec(f"baseline load {label}", [py, "-c", script, str(path)], check_baseline_load(n)),
-                Spec(f"surgery inspect {label}", [surgery, "inspect", str(path)], check_inspect(n, False)),
-                Spec(f"surgery inspect {label} --json", [surgery, "inspect", str(path), "--json"], check_inspect(n, True)),
-            ], args.repeat, logdir)
-            for m in (text, js):
-                rows.append(Row(m.name.removeprefix("surgery "), m, base, inspect_goal, inspect_text))
+            print(f"\ntiming (1 untimed warm-up each, then {args.repeat} interleaved rounds; median wall, max peak RSS):")
+            floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"  (a child's peak RSS includes this process's, {floor_mb:.0f} MB, inherited before exec)")
+            inspect_goal = {"max_wall_s": 0.5, "max_ratio": 0.1, "max_rss_mb": 150}
+            inspect_text = "<=0.5s, ratio<=0.1, RSS<=150MB"
+            for path, label, script in ((st, "safetensors", LOAD_SAFETENSORS), (pt, "pt", LOAD_PT)):
+                base, text, js = measure_group([
+                    Spec(f"baseline load {label}", [py, "-c", script, str(path)], check_baseline_load(n)),
+                    Spec(f"surgery inspect {label}", [surgery, "inspect", str(path)], check_inspect(n, False)),
+                    Spec(f"surgery inspect {label} --json", [surgery, "inspect", str(path), "--json"], check_inspect(n, True)),
+                ], args.repeat, logdir)
+                for m in (text, js):
+                    rows.append(Row(m.name.removeprefix("surgery "), m, base, inspect_goal, inspect_text))
 
-        dst, cp_dst, cps_dst, lrs_dst = outputs
-        remap_goal = {"max_ratio": 1.5, "max_rss_mb": 200}
-        remap_text = "ratio<=1.5, RSS<=200MB"
-        for path, label in ((st, "safetensors->safetensors"), (pt, "pt->safetensors")):
-            m, cp, cps, lrs = measure_group([
-                Spec(f"surgery remap {label}", [surgery, "remap", str(path), str(dst), "--strip-prefix", PREFIX, "--force"],
-                     check_remap_output(dst, n)),
-                Spec(f"cp {path.suffix}", ["cp", "--", str(path), str(cp_dst)]),
-                Spec(f"cp+fsync {path.suffix}", ["sh", "-c", CP_FSYNC, "sh", str(path), str(cps_dst)]),
-                Spec(f"load-rename-save {path.suffix}", [py, "-c", LOAD_RENAME_SAVE, str(path), str(lrs_dst), PREFIX],
-                     check_remap_output(lrs_dst, n)),
-            ], args.repeat, logdir, before=clear_outputs)
-            case = f"remap {label}"
-            rows.append(Row(case, m, cp, remap_goal, remap_text))
-            rows.append(Row(case, m, cps, {}, "(info)"))
-            rows.append(Row(case, m, lrs, {}, "(info)"))
-        clear_outputs()
+            dst, cp_dst, cps_dst, lrs_dst = outputs
+            remap_goal = {"max_ratio": 1.5, "max_rss_mb": 200}
+            remap_text = "ratio<=1.5, RSS<=200MB"
+            for path, label in ((st, "safetensors->safetensors"), (pt, "pt->safetensors")):
+                m, cp, cps, lrs = measure_group([
+                    Spec(f"surgery remap {label}", [surgery, "remap", str(path), str(dst), "--strip-prefix", PREFIX, "--force"],
+                         check_remap_output(dst, n)),
+                    Spec(f"cp {path.suffix}", ["cp", "--", str(path), str(cp_dst)]),
+                    Spec(f"cp+fsync {path.suffix}", ["sh", "-c", CP_FSYNC, "sh", str(path), str(cps_dst)]),
+                    Spec(f"load-rename-save {path.suffix}", [py, "-c", LOAD_RENAME_SAVE, str(path), str(lrs_dst), PREFIX],
+                         check_remap_output(lrs_dst, n)),
+                ], args.repeat, logdir, before=clear_outputs)
+                case = f"remap {label}"
+                rows.append(Row(case, m, cp, remap_goal, remap_text))
+                rows.append(Row(case, m, cps, {}, "(info)"))
+                rows.append(Row(case, m, lrs, {}, "(info)"))
+            clear_outputs()
 
-        m, base = measure_group([Spec("surgery --help", [surgery, "--help"]),
-                                 Spec("python -c pass", [py, "-c", "pass"])], args.repeat, logdir)
-        rows.append(Row("--help", m, base, {"max_wall_s": 0.3}, "<=0.3s"))
+            m, base = measure_group([Spec("surgery --help", [surgery, "--help"]),
+                                     Spec("python -c pass", [py, "-c", "pass"])], args.repeat, logdir)
+            rows.append(Row("--help", m, base, {"max_wall_s": 0.3}, "<=0.3s"))
     finally:
         for o in outputs:
             o.unlink(missing_ok=True)

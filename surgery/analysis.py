@@ -112,19 +112,26 @@ def _trie(items: Iterable[tuple[str, Any]]) -> _Node:
     return root
 
 
-def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable]) -> dict[int, int]:
+def _bottom_up(root: _Node) -> list[_Node]:
+    """Every node, children before their parent. A loop, not recursion: a key may hold
+    thousands of dots."""
+    order, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(node.children.values())
+    order.reverse()
+    return order
+
+
+def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable], order: list[_Node] | None = None) -> dict[int, int]:
     """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures."""
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
-
-    def visit(node: _Node) -> int:
-        kids = tuple(sorted((name, visit(child)) for name, child in node.children.items()))
+    for node in order or _bottom_up(root):
+        kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
         key = (None if node.info is None else leaf_sig(node.info), kids)
-        sid = interned.setdefault(key, len(interned))
-        out[id(node)] = sid
-        return sid
-
-    visit(root)
+        out[id(node)] = interned.setdefault(key, len(interned))
     return out
 
 
@@ -235,39 +242,35 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by ``row.depth - 1``.
     """
     root = _trie(infos.items())
-    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype))
+    order = _bottom_up(root)
+    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype), order)
     stats: dict[int, tuple[int, int, frozenset]] = {}
-
-    def measure(node: _Node) -> tuple[int, int, frozenset]:
-        params, count, dts = 0, 0, set()
+    one_dtype: dict[str, frozenset] = {}
+    for node in order:
+        params, count, dts = 0, 0, frozenset()
         if node.info is not None:
             params, count = node.info.numel, 1
-            dts.add(node.info.dtype)
+            dts = one_dtype.setdefault(node.info.dtype, frozenset((node.info.dtype,)))
         for child in node.children.values():
-            p, c, d = measure(child)
+            p, c, d = stats[id(child)]
             params += p
             count += c
-            dts |= d
-        stats[id(node)] = out = (params, count, frozenset(dts))
-        return out
-
-    measure(root)
+            dts = d if d <= dts else dts | d
+        stats[id(node)] = (params, count, dts)
     rows: list[TreeRow] = []
-
-    def emit(node: _Node, prefix: str, level: int, mult: int) -> None:
+    todo = [(label, members, "", 1, 1) for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
+    while todo:  # depth first, parents before children, in key order
+        label, members, prefix, level, mult = todo.pop()
         if depth is not None and level > depth:
-            return
-        for label, members in _groups(node, sigs, merge_leaves=False):
-            rep = members[0]
-            n = len(members) * mult
-            params, count, dts = stats[id(rep)]
-            path = prefix + label
-            rows.append(TreeRow(path=path, name=label, depth=level, params=params * n, n_tensors=count * n,
-                                dtypes=tuple(sorted(dts)),
-                                shape=None if rep.info is None else tuple(rep.info.shape), repeat=n))
-            emit(rep, path + ".", level + 1, n)
-
-    emit(root, "", 1, 1)
+            continue
+        rep = members[0]
+        n = len(members) * mult
+        params, count, dts = stats[id(rep)]
+        path = prefix + label
+        rows.append(TreeRow(path=path, name=label, depth=level, params=params * n, n_tensors=count * n,
+                            dtypes=tuple(sorted(dts)), shape=None if rep.info is None else tuple(rep.info.shape),
+                            repeat=n))
+        todo.extend((lb, ms, path + ".", level + 1, n) for lb, ms in reversed(_groups(rep, sigs, merge_leaves=False)))
     return rows
 
 
@@ -282,16 +285,14 @@ def collapse_keys(keys: Iterable[str]) -> list[str]:
     root = _trie((k, True) for k in keys)
     sigs = _signatures(root, lambda _: 1)
     out: list[str] = []
-
-    def emit(node: _Node, prefix: str) -> None:
-        for label, members in _groups(node, sigs, merge_leaves=node is not root):
-            rep = members[0]
-            if rep.info is not None:
-                out.append(prefix + label)
-            if rep.children:
-                emit(rep, prefix + label + ".")
-
-    emit(root, "")
+    todo = [(label, members, "") for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
+    while todo:  # depth first, in key order; a loop, since keys may hold thousands of dots
+        label, members, prefix = todo.pop()
+        rep = members[0]
+        if rep.info is not None:
+            out.append(prefix + label)
+        if rep.children:
+            todo.extend((lb, ms, prefix + label + ".") for lb, ms in reversed(_groups(rep, sigs, merge_leaves=True)))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -132,7 +133,7 @@ def find_containers(obj: Any, share: float = 0.5) -> list[Found]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        path = ".".join(map(str, keys))
+        path = ".".join(map(label, keys))
         pickled_module = module_state(node)
         if pickled_module:
             out.append(Found(path, pickled_module, {}, keys, module=True))
@@ -188,7 +189,7 @@ def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found
 
 def describe_keys(obj: Any) -> str:
     if isinstance(obj, dict):
-        return ", ".join(str(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
+        return ", ".join(label(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
     if isinstance(obj, (list, tuple)):
         return f"a {type(obj).__name__} of {len(obj)} items, none of them tensors"
     if isinstance(obj, Opaque):
@@ -226,8 +227,8 @@ def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> 
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, (str, bytes)):
-        r = repr(value)
-        return r if len(r) <= 60 else r[:57] + "..."
+        r = repr(value[:60])  # never the repr of a whole (maybe huge) string
+        return r if len(r) <= 60 and len(value) <= 60 else r[:57] + "..."
     n = _count_tensors(value)
     extra = f", {n} tensors" if n else ""
     if isinstance(value, dict):
@@ -279,16 +280,16 @@ def extras(obj: Any, chosen: Found) -> dict[str, str]:
         if isinstance(node, dict):
             for k, v in node.items():
                 if k != key:
-                    out[f"{prefix}{k}"] = summarize(v)
+                    out[f"{prefix}{label(k)}"] = summarize(v)
             node = node.get(key)
         elif isinstance(node, (list, tuple)) and isinstance(key, int) and 0 <= key < len(node):
             for i, v in enumerate(node):
                 if i != key:
                     out[f"{prefix}{i}"] = summarize(v)
             node = node[key]
-        prefix += f"{key}."
+        prefix += f"{label(key)}."
     for k, v in chosen.others.items():
-        out[f"{prefix}{k}"] = summarize(v)
+        out[f"{prefix}{label(k)}"] = summarize(v)
     return out
 
 
@@ -311,3 +312,10 @@ def tensor_info(name: str, t: TensorRef, offsets: dict[str, tuple[int, int]], fi
     device = parts["values"].device if "values" in parts else parts["buffer"].device if "buffer" in parts else "meta"
     return TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=0, storage_nbytes=0,
                       stride=t.stride, device=device, kind=t.kind, parts=parts, params=dict(t.params))
+
+
+def label(key: Any) -> str:
+    """A dict key as text, bounded: a pickle's keys may be megabyte strings or huge tuples."""
+    if isinstance(key, str):
+        return key if len(key) <= 200 else key[:197] + "..."
+    return reprlib.repr(key)

@@ -59,12 +59,12 @@ def open_safetensors(path: Path, accept=frozenset(), select: str | None = None, 
             raise FormatError(f"{src}: header entry {name!r} is not an object")
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
-            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise FormatError(f"{src}: tensor {name!r} has an invalid shape {shape!r}")
+            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {_short(dtype)} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
+        if not _valid_shape(shape):
+            raise FormatError(f"{src}: tensor {name!r} has an invalid shape {_short(shape)}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise FormatError(f"{src}: tensor {name!r} has data_offsets {offs!r} outside the {data_len}-byte data section")
+            raise FormatError(f"{src}: tensor {name!r} has data_offsets {_short(offs)} outside the {data_len}-byte data section")
         nbytes = math.prod(shape) * itemsize(dtype)
         if nbytes != offs[1] - offs[0]:
             raise FormatError(f"{src}: tensor {name!r} {dtype}{shape} needs {nbytes} bytes but its offsets span {offs[1] - offs[0]}")
@@ -93,6 +93,27 @@ def _read_aliases(meta: dict, tensors: dict, src: str) -> dict[str, str]:
     if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors and k not in tensors for k, v in aliases.items()):
         raise FormatError(f"{src}: metadata {ALIASES_KEY!r} names tensors the file does not hold")
     return aliases
+
+
+# Bounds checked before any arithmetic on a header's numbers: safetensors stores sizes as u64
+# and torch as int64; numpy's NPY_MAXDIMS is 64. A JSON number may hold 4000 digits.
+MAX_RANK = 64
+MAX_DIM = (1 << 63) - 1
+
+
+def _valid_shape(shape: object) -> bool:
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        return False
+    if not all(type(s) is int and 0 <= s <= MAX_DIM for s in shape):
+        return False
+    return math.prod(shape) <= MAX_DIM
+
+
+def _short(value: object) -> str:
+    """A header value in an error message: never the text of a 4000-digit number or a huge list."""
+    import reprlib
+
+    return reprlib.repr(value)
 
 
 @dataclass

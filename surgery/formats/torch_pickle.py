@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import contextvars
 import io
 import math
 import os
 import pickle
-import pickletools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride
+from ..checkpoint import DTYPES, PACKED_DTYPES, QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride, itemsize
 from ..errors import FormatError, UnsafeCheckpointError
+from .pickle_scan import Truncated, scan
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
@@ -39,13 +40,36 @@ _QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", 
              "per_channel_affine_float_qparams")
 
 
+class _Frozen(type):
+    """The metaclass of the record classes `find_class` hands out as classes (NEWOBJ needs a
+    type): BUILD with slot state would otherwise set attributes on them inside this process."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise FormatError(f"pickle sets attribute {name[:40]!r} on the class {cls.__name__}")
+
+
+# The tensor records made during the current load that no `_Call` sees being made (a
+# `torch.Tensor` built by NEWOBJ, then filled by BUILD): `check_records` checks them too.
+_LOADING: contextvars.ContextVar[list] = contextvars.ContextVar("surgery_loading")
+
+
+class _Sealed:
+    """A record the reader makes itself: pickle's BUILD opcode (which sets an object's state
+    after it is made) may not rewrite it, so a record checked once stays as checked."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise FormatError(f"pickle sets state (BUILD) on a {type(self).__name__} record; no checkpoint does that")
+
+
 @dataclass(frozen=True)
-class StorageType:
+class StorageType(_Sealed):
     dtype: str
 
 
 @dataclass(frozen=True)
-class DType:
+class DType(_Sealed):
     dtype: str
 
 
@@ -62,7 +86,7 @@ class QScheme:
 
 
 @dataclass
-class StorageRef:
+class StorageRef(_Sealed):
     key: str
     dtype: str
     location: str
@@ -70,7 +94,7 @@ class StorageRef:
 
 
 @dataclass
-class TensorRef:
+class TensorRef(_Sealed):
     """A tensor as the pickle describes it. ``kind`` other than "dense": see `TensorInfo`."""
 
     storage: StorageRef | None
@@ -125,6 +149,8 @@ def _opaque_class(qualname: str) -> type:
 
 def _what(x: Any) -> str:
     """How a pickled value is named to a user: never after surgery's own record classes."""
+    if isinstance(x, _Call):
+        x = x.fn
     if isinstance(x, TensorRef):
         return "a tensor"
     if isinstance(x, StorageRef):
@@ -297,7 +323,7 @@ def _rebuild_wrapper_subclass(cls, *args):
     raise FormatError(f"tensor subclass {_what(cls)} keeps its data in its own code; surgery cannot read it")
 
 
-class _Parameter:
+class _Parameter(metaclass=_Frozen):
     """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor itself, as torch.load does."""
 
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
@@ -306,7 +332,7 @@ class _Parameter:
         return data
 
 
-class _LegacyTensor(TensorRef):
+class _LegacyTensor(TensorRef, metaclass=_Frozen):
     """``torch.Tensor`` built by NEWOBJ and filled by BUILD with (storage, offset, size, stride),
     as very old torch pickled it (or the 5-tuple of a pre-0.4 Variable)."""
 
@@ -330,10 +356,13 @@ class _LegacyTensor(TensorRef):
         else:
             raise FormatError("legacy tensor record is malformed")
         self.__dict__.update(t.__dict__)
+        made = _LOADING.get(None)
+        if made is not None:
+            made.append(self)
 
 
 @dataclass(frozen=True)
-class LegacyTensorType:
+class LegacyTensorType(_Sealed):
     """``torch.FloatTensor``, ``torch.sparse.LongTensor``, ``torch.cuda.HalfTensor``, ...: a value
     as a class reference; called, a tensor over a whole storage or a sparse tensor."""
 
@@ -342,6 +371,13 @@ class LegacyTensorType:
     sparse: bool
 
     def __call__(self, *args: Any) -> TensorRef:
+        t = self._build(args)
+        made = _LOADING.get(None)
+        if made is not None:
+            made.append(t)
+        return t
+
+    def _build(self, args: tuple) -> TensorRef:
         if self.sparse and len(args) == 3:
             t = _rebuild_sparse_tensor(Layout("torch.sparse_coo"), tuple(args))
             if t.dtype == self.dtype:
@@ -366,7 +402,7 @@ def _bytearray(data=b""):
 
 
 def _ordered_dict(*args, **kwargs):
-    return collections.OrderedDict(*args, **kwargs)
+    return _Dict(*args, **kwargs)
 
 
 def _torch_size(*args):
@@ -377,11 +413,30 @@ def _device(*args):
     return ":".join(str(a) for a in args)
 
 
-def _codecs_encode(obj, encoding="utf-8"):
-    # protocol-2 pickles store bytes as latin1 text through _codecs.encode
-    if not isinstance(obj, str) or not isinstance(encoding, str):
-        raise FormatError("malformed bytes record")
-    return obj.encode(encoding)
+# Protocol-2 pickles store bytes as text: CPython's ``save_bytes`` writes
+# ``codecs.encode(str(obj, 'latin1'), 'latin1')``. Any other codec would import a codec module and
+# run it on our input (punycode takes seconds per kilobyte), so only latin1 and its aliases pass.
+_LATIN1 = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
+
+
+def _codecs_encode(obj, encoding):
+    if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1:
+        shown = repr(encoding)[:40] if isinstance(encoding, str) else type(encoding).__name__
+        raise FormatError(f"pickle encodes bytes with codec {shown}; pickle itself only writes 'latin1'")
+    return obj.encode("latin-1")
+
+
+class _Dict(collections.OrderedDict):
+    """An OrderedDict as unpickled. ``state_dict()`` attaches ``_metadata`` to it, which pickle
+    restores with BUILD; the state is kept as data, never set as attributes (an attribute named
+    ``items`` would shadow the method every reader calls)."""
+
+    pickled_state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise FormatError("pickle sets state (BUILD) on an OrderedDict that is not a dict of attributes")
+        self.__dict__["pickled_state"] = state
 
 
 _SAFE: dict[tuple[str, str], Any] = {
@@ -550,97 +605,6 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
-# Bounds on the object graph a pickle may build, checked by `_check_graph` before anything is
-# unpickled. Hashing a tuple walks every element recursively with no depth guard (a deep tuple
-# used as a dict key crashes the interpreter) and no caching (a tuple of tuples that share one
-# memo entry, billion-laughs style, takes exponential time), so both are bounded up front.
-# The C unpickler also sizes its memo table by the largest index a PUT names, so one
-# LONG_BINPUT 0xFFFFFFFF allocates tens of GB; picklers number memo entries 0, 1, 2, ...
-MAX_DEPTH = 1000
-MAX_EXPANDED = 20_000_000
-MEMO_SLACK = 1 << 16
-_MARK, _SLICE = pickletools.markobject, pickletools.stackslice
-_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
-_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_GETS = {"GET", "BINGET", "LONG_BINGET"}
-
-
-class _Node:
-    """What the pre-scan knows of one stack object: its size if fully expanded, and its depth."""
-
-    __slots__ = ("size", "depth")
-
-    def __init__(self, size: int = 1, depth: int = 0):
-        self.size, self.depth = size, depth
-
-
-def _check_graph(f: Any, source: str) -> None:
-    """Simulate the pickle machine's stack over the opcodes (nothing is built or called) and
-    refuse a pickle whose objects nest deeper than MAX_DEPTH, expand through shared memo
-    references past MAX_EXPANDED nodes, or name memo slots far beyond those it filled. An opcode
-    stream the disassembler cannot read is refused too: what is not scanned is not unpickled."""
-    stack: list[Any] = []
-    marks: list[int] = []
-    memo: dict[Any, _Node] = {}
-    try:
-        for op, arg, _pos in pickletools.genops(f):
-            name = op.name
-            if name == "MARK":
-                marks.append(len(stack))
-                continue
-            if name in _PUTS:
-                if not isinstance(arg, int) or arg < 0 or arg > len(memo) + MEMO_SLACK:
-                    raise FormatError(f"{source}: pickle stores into memo slot {arg} after filling {len(memo)}; "
-                                      f"no pickler does that, refusing it")
-                if stack:
-                    memo[arg] = stack[-1]
-                continue
-            if name == "MEMOIZE":
-                if stack:
-                    memo[len(memo)] = stack[-1]
-                continue
-            if name in _GETS:
-                stack.append(memo.get(arg) or _Node())
-                continue
-            if name == "DUP":
-                stack.append(stack[-1] if stack else _Node())
-                continue
-            before = op.stack_before
-            popped: list[Any] = []
-            if _MARK in before:
-                k = marks.pop() if marks else 0
-                popped = stack[k:]
-                del stack[k:]
-                for _ in range(before.index(_MARK)):
-                    popped.insert(0, stack.pop() if stack else _Node())
-            else:
-                for _ in before:
-                    popped.insert(0, stack.pop() if stack else _Node())
-            after = op.stack_after
-            if not after:
-                continue
-            if name in _IN_PLACE and popped:
-                node = popped[0]
-                for child in popped[1:]:
-                    node.size += child.size
-                    node.depth = max(node.depth, child.depth + 1)
-            else:
-                node = _Node(1 + sum(c.size for c in popped), 1 + max((c.depth for c in popped), default=0))
-            if node.depth > MAX_DEPTH:
-                raise FormatError(f"{source}: pickle nests objects more than {MAX_DEPTH} levels deep; "
-                                  f"no checkpoint does that, refusing it")
-            if node.size > MAX_EXPANDED:
-                raise FormatError(f"{source}: pickle references shared objects so often that it expands to "
-                                  f"more than {MAX_EXPANDED} objects (a pickle bomb); refusing it")
-            stack.extend([node] * len(after))
-    except FormatError:
-        raise
-    except RecursionError:
-        raise FormatError(f"{source}: pickle is nested too deeply to be a checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - genops raises ValueError and friends on a corrupt stream
-        raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
-
-
 class _Capped(io.RawIOBase):
     """A file view that never reads past the end of the file: a length field in the pickle
     claiming 2**60 bytes makes ``read`` ask for what is there, not allocate the claim."""
@@ -671,6 +635,153 @@ class _Capped(io.RawIOBase):
         return self.f.seek(pos, whence)
 
 
+class _Call:
+    """A function or builtin type that `find_class` hands out, as the pickle sees it: callable
+    (REDUCE), but BUILD and setattr cannot reach the real function (its ``__defaults__`` would
+    change inside this process). Tensor records it returns are kept for `check_records`."""
+
+    __slots__ = ("fn", "made")
+
+    def __init__(self, fn: Callable, made: list):
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "made", made)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, TensorRef):
+            self.made.append(out)
+        return out
+
+    def __setstate__(self, state: Any) -> None:
+        raise FormatError(f"pickle sets state (BUILD) on the function {self!r}; no checkpoint does that")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FormatError(f"pickle sets attribute {name[:40]!r} on the function {self!r}")
+
+    def __repr__(self) -> str:
+        return f"<{getattr(self.fn, '__qualname__', type(self.fn).__name__)}>"
+
+
+class _Guarded(_Unpickler):
+    """The restricted unpickler with every callable it hands out wrapped in `_Call`. Classes of
+    inert records stay classes (NEWOBJ needs a type); their instances take state by BUILD."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.made: list[TensorRef] = []
+
+    def load(self) -> Any:
+        token = _LOADING.set(self.made)
+        try:
+            return super().load()
+        finally:
+            _LOADING.reset(token)
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name)
+        if isinstance(obj, type) and (issubclass(obj, Opaque) or isinstance(obj, _Frozen)):
+            return obj
+        if isinstance(obj, LegacyTensorType):  # a sealed value that records what it builds
+            return obj
+        return _Call(obj, self.made) if callable(obj) else obj
+
+
+# Bounds on tensor records, checked once the pickle is done. torch keeps sizes, strides, offsets
+# and byte counts in int64 (``computeStorageNbytes`` refuses overflow); numpy's NPY_MAXDIMS is 64.
+MAX_RANK = 64
+MAX_INT64 = (1 << 63) - 1
+MAX_NAME = 4096
+
+
+def _int64(x: Any) -> bool:
+    return type(x) is int and 0 <= x <= MAX_INT64
+
+
+def _storage_problem(s: StorageRef) -> str | None:
+    if s.dtype not in DTYPES:
+        return f"storage {str(s.key)[:60]!r} has unknown dtype {str(s.dtype)[:30]!r}"
+    if not (isinstance(s.key, str) and len(s.key) <= MAX_NAME and isinstance(s.location, str) and len(s.location) <= MAX_NAME):
+        return "storage record has a malformed key or location"
+    if not _int64(s.numel) or s.numel * itemsize(s.dtype) > MAX_INT64:
+        return f"storage {s.key[:60]!r} declares an impossible size"
+    return None
+
+
+def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None:
+    s = t.storage
+    if s is None and t.kind != "dense":
+        return _shape_problem(t)  # sparse, nested, meta: their parts are records checked on their own
+    if not isinstance(s, StorageRef) or storages.get(s.key) is not s:
+        return "tensor record points at a storage the checkpoint does not declare"
+    problem = _shape_problem(t)
+    if problem:
+        return problem
+    shape, stride = t.shape, t.stride
+    numel = math.prod(shape)
+    if numel == 0:
+        return None
+    size = itemsize(t.dtype)
+    if numel * size > MAX_INT64:
+        return "tensor holds more than 2**63 bytes"
+    pack = PACKED_DTYPES.get(t.dtype, 1)  # quint4x2: two values a byte, its storage counted in bytes
+    last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
+    if -(-(last + 1) // pack) * size > s.numel * itemsize(s.dtype):
+        return (f"tensor {list(shape)} (offset {t.storage_offset}, stride {list(stride)}) reaches past the end of "
+                f"storage {s.key[:60]!r} ({s.numel} elements)")
+    return None
+
+
+def _shape_problem(t: TensorRef) -> str | None:
+    if t.dtype not in DTYPES:
+        return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
+    shape, stride = t.shape, t.stride
+    if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_RANK):
+        return "tensor record's size and stride are not two tuples of one rank (at most 64)"
+    if not (all(map(_int64, shape)) and all(map(_int64, stride)) and _int64(t.storage_offset)):
+        return "tensor record has a size, stride or offset outside 0..2**63-1"
+    numel = 1
+    for n in shape:
+        numel *= n
+        if numel > MAX_INT64:
+            return f"tensor's {len(shape)} dimensions hold more than 2**63 elements"
+    return None
+
+
+def check_records(tensors: list[TensorRef], storages: dict[str, StorageRef], source: str) -> None:
+    """Validate the final tensor and storage records in one pass, after the pickle is done (so
+    nothing a later opcode changed escapes): dtypes known, sizes, strides and offsets in int64,
+    rank at most MAX_RANK, every view inside its storage. Raises one FormatError for all."""
+    problems = [p for p in map(_storage_problem, storages.values()) if p]
+    if not problems:
+        seen: set[int] = set()
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                p = _tensor_problem(t, storages)
+                if p:
+                    problems.append(p)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise FormatError(f"{source}: {'; '.join(problems[:3])}{more}; the file is corrupt or crafted")
+
+
+def _scan_stream(f: Any, source: str) -> None:
+    """`scan` the pickle that starts at ``f``'s position, reading only as much as it needs: a
+    legacy checkpoint is a few pickles followed by gigabytes of storage bytes."""
+    start = f.tell()
+    want = 1 << 20
+    while True:
+        f.seek(start)
+        buf = f.read(want)
+        try:
+            scan(buf, source)
+            return
+        except Truncated:
+            if len(buf) < want:
+                raise FormatError(f"{source}: pickle is truncated; the file is incomplete") from None
+            want *= 4
+
+
 def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str] | set[str] = frozenset(),
              extra: dict[tuple[str, str], Any] | None = None, pid_handler: Callable | None = None) -> Unpickled:
     """Unpickle without importing or calling anything outside the allowlist.
@@ -679,14 +790,18 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
     records. Any other unknown global raises `UnsafeCheckpointError` naming all of them.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
-        _check_graph(io.BytesIO(data), source)
-        f: Any = io.BytesIO(data)
+        buf = bytes(data)
+        try:
+            scan(buf, source)
+        except Truncated:
+            raise FormatError(f"{source}: pickle is truncated; the file is incomplete") from None
+        f: Any = io.BytesIO(buf)
     else:
         f = _Capped(data) if hasattr(data, "fileno") else data
         start = f.tell()
-        _check_graph(f, source)
+        _scan_stream(f, source)
         f.seek(start)
-    up = _Unpickler(f, set(accept), extra, pid_handler)
+    up = _Guarded(f, set(accept), extra, pid_handler)
     try:
         obj = up.load()
     except (FormatError, UnsafeCheckpointError) as e:
@@ -703,4 +818,5 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
         raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
+    check_records(up.made, up.storages, source)
     return Unpickled(obj, up.storages, sorted(set(up.accepted)))

@@ -190,6 +190,33 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+def _prescan(path: Path) -> None:
+    """Bound the file's pickles before torch's unpickler sees them: a 1M-deep tuple in data.pkl
+    crashes torch.load with SIGSEGV, a memo bomb stalls it. Every entry named ``*.pkl`` is
+    scanned (whichever torch picks), then the checkpoint is read once with surgery's own reader;
+    globals that reader does not know are left to ``weights_only``'s allowlist."""
+    import zipfile
+
+    from ..errors import FormatError, UnsafeCheckpointError
+    from ..formats.pickle_scan import Truncated, scan
+    from ..formats.torch_zip import MAX_PICKLE_BYTES, read_zip
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".pkl"):
+                    if info.file_size > MAX_PICKLE_BYTES:
+                        raise FormatError(f"{info.filename} declares {info.file_size} bytes")
+                    scan(zf.read(info), f"{path}:{info.filename}")
+        read_zip(path)
+    except UnsafeCheckpointError:
+        pass
+    except (FormatError, Truncated) as e:
+        raise ResumeError(f"{path}: not a readable training checkpoint ({e.one_line() if isinstance(e, FormatError) else 'truncated pickle'})") from None
+    except Exception as e:  # noqa: BLE001 - zipfile and zlib raise a dozen types on a corrupt archive
+        raise ResumeError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; ``weights_only=True`` always."""
     import pickle
@@ -202,6 +229,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ResumeError(f"{path}: no checkpoint here; --resume continues OUT/checkpoints/last.pt of an "
                           f"earlier run (or give --resume PATH to a last.pt/best.pt)")
+    _prescan(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:

@@ -1,0 +1,276 @@
+"""Bound what a pickle can build by reading its opcode bytes, before anything is unpickled.
+
+The C unpickler is fast and never calls foreign code through `torch_pickle`'s hooks, but some of
+its own work is unbounded: it sizes its memo table by the largest index a PUT names (one
+LONG_BINPUT 0xFFFFFFFF allocates tens of GB), and it hashes dict keys and set members, which
+walks a tuple recursively with no depth guard (a deep tuple crashes the interpreter) and no
+caching (tuples that share one memo entry, billion-laughs style, take exponential time). Later
+``str()`` of such an object has the same blow-up in memory. So `scan` simulates the pickle
+machine's stack over the raw bytes, one table lookup per opcode (no `pickletools.genops`, no
+decoding of arguments), and refuses a pickle that:
+
+- nests objects deeper than MAX_DEPTH;
+- builds any object, or does in all, more than a budget of work: an object's *expanded size*
+  counts every element it reaches, shared ones as often as they are reached, and every byte of
+  the strings among them; the budget is MAX_EXPANDED plus EXPANSION_PER_BYTE per byte of pickle
+  (a checkpoint's objects expand to a few units per byte; a bomb to millions);
+- names memo slots far beyond those it filled, holds an integer wider than MAX_INT_BYTES, or
+  uses an opcode no checkpoint writer emits (protocol-5 buffers, copyreg extension codes).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..errors import FormatError
+
+MAX_DEPTH = 1000
+MAX_EXPANDED = 4_000_000
+EXPANSION_PER_BYTE = 32
+WORK_FACTOR = 4  # all building work together: a few times the largest object allowed
+MEMO_SLACK = 1 << 16
+MAX_INT_BYTES = 1024  # 2466 decimal digits: below Python's int-to-str limit, far above any real count
+MAX_INT_DIGITS = 2466
+
+
+class Truncated(Exception):
+    """The opcode stream runs past the bytes given: the caller may read more and scan again."""
+
+
+# Opcode categories: what the scanner does with each byte value. Anything not listed is refused.
+_PUT, _GET, _LEAF, _MARK, _SIZED, _BUILD, _MARKED, _LINE, _SKIP, _STOP, _MEMOIZE, _DUP, _WRAP1, _WRAP2 = range(1, 15)
+_CAT = [0] * 256
+_ARG = [0] * 256     # fixed argument bytes (_PUT/_GET/_LEAF/_SKIP); length-field bytes (_SIZED)
+_POPS = [0] * 256    # _BUILD: objects popped
+_MODE = [0] * 256    # _BUILD/_MARKED: 0 new object, 1 in place into the object below, 2 discard
+
+for _ch, _n in ((b"q", 1), (b"r", 4)):
+    _CAT[_ch[0]], _ARG[_ch[0]] = _PUT, _n
+for _ch, _n in ((b"h", 1), (b"j", 4)):
+    _CAT[_ch[0]], _ARG[_ch[0]] = _GET, _n
+for _ch, _n in ((b"N", 0), (b"\x88", 0), (b"\x89", 0), (b"J", 4), (b"K", 1), (b"M", 2), (b"G", 8), (b")", 0)):
+    _CAT[_ch[0]], _ARG[_ch[0]] = _LEAF, _n
+# strings, bytes and long integers: a length field, then that many bytes
+for _ch, _n in ((b"T", 4), (b"U", 1), (b"X", 4), (b"\x8c", 1), (b"\x8d", 8), (b"B", 4), (b"C", 1), (b"\x8e", 8),
+                (b"\x96", 8), (b"\x8a", 1), (b"\x8b", 4)):
+    _CAT[_ch[0]], _ARG[_ch[0]] = _SIZED, _n
+_NEW, _IN_PLACE, _DISCARD = 0, 1, 2
+for _ch, _n, _m in ((b"\x85", 1, _NEW), (b"\x86", 2, _NEW), (b"\x87", 3, _NEW), (b"R", 2, _NEW), (b"Q", 1, _NEW),
+                    (b"\x81", 2, _NEW), (b"\x92", 3, _NEW), (b"\x93", 2, _NEW), (b"0", 1, _DISCARD),
+                    (b"a", 1, _IN_PLACE), (b"s", 2, _IN_PLACE), (b"b", 1, _IN_PLACE)):
+    _CAT[_ch[0]], _POPS[_ch[0]], _MODE[_ch[0]] = _BUILD, _n, _m
+for _ch, _m in ((b"t", _NEW), (b"l", _NEW), (b"d", _NEW), (b"\x91", _NEW), (b"o", _NEW), (b"e", _IN_PLACE),
+                (b"u", _IN_PLACE), (b"\x90", _IN_PLACE), (b"1", _DISCARD)):
+    _CAT[_ch[0]], _MODE[_ch[0]] = _MARKED, _m
+for _ch in b"]}\x8f":  # empty list, dict, set: filled in place later
+    _CAT[_ch] = _LEAF
+_FRESH = frozenset(b"]}\x8f")
+for _ch in b"ILFSVPgpci":  # protocol 0: arguments end at a newline (GLOBAL and INST have two lines)
+    _CAT[_ch] = _LINE
+_CAT[b"("[0]], _CAT[b"."[0]], _CAT[b"\x94"[0]], _CAT[b"2"[0]] = _MARK, _STOP, _MEMOIZE, _DUP
+for _ch in b"\x85Q":  # the commonest new objects, counted inline: TUPLE1, BINPERSID ...
+    _CAT[_ch] = _WRAP1
+for _ch in b"\x86R\x81\x93":  # ... TUPLE2, REDUCE, NEWOBJ, STACK_GLOBAL
+    _CAT[_ch] = _WRAP2
+_CAT[0x80], _ARG[0x80] = _SKIP, 1   # PROTO
+_CAT[0x95], _ARG[0x95] = _SKIP, 8   # FRAME: its opcodes follow inline
+_INT_OPS = frozenset(b"\x8a\x8b")
+_SIGNED = frozenset(b"T\x8b")
+_U32 = struct.Struct("<I")
+_LEAF_NODE = (1, 0)
+
+
+def scan(data: bytes, source: str, start: int = 0) -> int:
+    """Check the pickle that starts at ``data[start]``; return the offset just past its STOP.
+
+    Raises `FormatError` for a pickle outside the bounds above or a corrupt one, and
+    `Truncated` when the opcodes run past the end of ``data``."""
+    try:
+        return _run(data, start, MAX_EXPANDED + EXPANSION_PER_BYTE * len(data), source)
+    except (FormatError, Truncated):
+        raise
+    except (IndexError, ValueError, KeyError) as e:
+        raise FormatError(f"{source}: corrupt pickle ({type(e).__name__} while reading its opcodes)") from None
+
+
+def _refuse(source: str, what: str) -> FormatError:
+    return FormatError(f"{source}: pickle {what}; no checkpoint does that, refusing it")
+
+
+def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 - one loop is the point
+    end = len(data)
+    cat_of, arg_of, pops_of, mode_of, u32 = _CAT, _ARG, _POPS, _MODE, _U32.unpack_from
+    stack: list[Any] = []
+    push = stack.append
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+    leaf = _LEAF_NODE
+    work_left = WORK_FACTOR * limit
+    try:
+        while True:
+            op = data[pos]
+            cat = cat_of[op]
+            if cat == _PUT:
+                idx = data[pos + 1] if op == 113 else u32(data, pos + 1)[0]
+                pos += arg_of[op] + 1
+                if idx > len(memo) + MEMO_SLACK:
+                    raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
+                memo[idx] = stack[-1]
+            elif cat == _LEAF:
+                pos += arg_of[op] + 1
+                push([1, 0] if op in _FRESH else leaf)
+            elif cat == _GET:
+                push(memo[data[pos + 1] if op == 104 else u32(data, pos + 1)[0]])
+                pos += arg_of[op] + 1
+            elif cat == _WRAP1:
+                pos += 1
+                a = stack[-1]
+                stack[-1] = [a[0] + 1, a[1] + 1]
+                work_left -= a[0] + 1
+                if a[1] >= MAX_DEPTH or a[0] >= limit or work_left < 0:
+                    raise _too_big(a[1] + 1, source)
+            elif cat == _WRAP2:
+                pos += 1
+                b = stack.pop()
+                a = stack[-1]
+                size, depth = a[0] + b[0] + 1, (a[1] if a[1] > b[1] else b[1]) + 1
+                stack[-1] = [size, depth]
+                work_left -= size
+                if depth > MAX_DEPTH or size > limit or work_left < 0:
+                    raise _too_big(depth, source)
+            elif cat == _MARKED and mode_of[op] == _NEW:  # TUPLE, LIST, DICT, FROZENSET, OBJ
+                pos += 1
+                k = marks.pop()
+                size, depth = 1, 0
+                for c in stack[k:]:
+                    size += c[0]
+                    if c[1] > depth:
+                        depth = c[1]
+                del stack[k:]
+                push([size, depth + 1])
+                work_left -= size
+                if depth >= MAX_DEPTH or size > limit or work_left < 0:
+                    raise _too_big(depth + 1, source)
+            elif cat == _BUILD:
+                pos += 1
+                k = pops_of[op]
+                if len(stack) < k:
+                    raise _refuse(source, "pops an empty stack")
+                kids = stack[-k:]
+                del stack[-k:]
+                work_left = _attach(stack, kids, mode_of[op], limit, work_left, source)
+            elif cat == _MARK:
+                pos += 1
+                marks.append(len(stack))
+            elif cat == _SIZED:
+                w = arg_of[op]
+                if w == 4:
+                    n = u32(data, pos + 1)[0]
+                    if n >= 1 << 31 and op in _SIGNED:
+                        raise _refuse(source, "declares a negative length")
+                else:
+                    n = data[pos + 1] if w == 1 else int.from_bytes(data[pos + 1:pos + 9], "little")
+                if n > MAX_INT_BYTES and op in _INT_OPS:
+                    raise _refuse(source, f"holds a {n}-byte integer")
+                pos += 1 + w + n
+                if pos > end:
+                    raise Truncated()
+                push((1 + n, 0))
+            elif cat == _MARKED:
+                k = marks.pop()
+                kids = stack[k:]
+                del stack[k:]
+                pos += 1
+                work_left = _attach(stack, kids, mode_of[op], limit, work_left, source)
+            elif cat == _MEMOIZE:
+                pos += 1
+                memo[len(memo)] = stack[-1]
+            elif cat == _DUP:
+                pos += 1
+                push(stack[-1])
+            elif cat == _SKIP:
+                pos += arg_of[op] + 1
+            elif cat == _LINE:
+                pos, work_left = _line_op(data, pos, op, stack, marks, memo, limit, work_left, source)
+            elif cat == _STOP:
+                if len(stack) != 1 or marks:
+                    raise _refuse(source, "stops with a malformed stack")
+                return pos + 1
+            else:
+                raise _refuse(source, f"uses opcode 0x{op:02x} at offset {pos}")
+    except (IndexError, struct.error):
+        if pos >= end - 8:  # an argument or the next opcode lies past the bytes given
+            raise Truncated() from None
+        raise _refuse(source, "pops an empty stack or mark") from None
+
+
+def _attach(stack: list, kids: list, mode: int, limit: int, work_left: int, source: str) -> int:
+    """Account for ``kids`` joining a new object (pushed) or the object now on top of the stack."""
+    size = 0
+    depth = 0
+    for c in kids:
+        size += c[0]
+        if c[1] > depth:
+            depth = c[1]
+    if mode == _NEW:
+        node = [size + 1, depth + 1]
+        stack.append(node)
+    elif mode == _IN_PLACE:
+        if not stack:
+            raise _refuse(source, "pops an empty stack")
+        node = stack[-1]
+        if type(node) is tuple:  # a string or number: the unpickler fails on it, nothing grows
+            return work_left
+        node[0] += size
+        if depth + 1 > node[1]:
+            node[1] = depth + 1
+    else:
+        return work_left
+    work_left -= size
+    if node[1] > MAX_DEPTH or node[0] > limit or work_left < 0:
+        raise _too_big(node[1], source)
+    return work_left
+
+
+def _too_big(depth: int, source: str) -> FormatError:
+    if depth > MAX_DEPTH:
+        return _refuse(source, f"nests objects more than {MAX_DEPTH} levels deep")
+    return _refuse(source, "references shared objects so often that it expands past the elements and bytes "
+                           "its size allows (a pickle bomb)")
+
+
+def _line_op(data: bytes, pos: int, op: int, stack: list, marks: list, memo: dict, limit: int, work_left: int,
+             source: str) -> tuple[int, int]:
+    """Protocol-0 opcodes, whose arguments are text lines."""
+    nl = data.find(b"\n", pos + 1)
+    if nl < 0:
+        raise Truncated()
+    arg = data[pos + 1:nl]
+    if op in b"ci":  # GLOBAL / INST: module and name lines
+        nl = data.find(b"\n", nl + 1)
+        if nl < 0:
+            raise Truncated()
+    pos = nl + 1
+    if op in b"IL" and len(arg) > MAX_INT_DIGITS:
+        raise _refuse(source, f"holds a {len(arg)}-digit integer")
+    if op == b"p"[0]:
+        idx = int(arg)
+        if idx > len(memo) + MEMO_SLACK:
+            raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
+        memo[idx] = stack[-1]
+    elif op == b"g"[0]:
+        stack.append(memo[int(arg)])
+    elif op == b"i"[0]:
+        k = marks.pop()
+        kids = stack[k:]
+        del stack[k:]
+        work_left = _attach(stack, kids, _NEW, limit, work_left, source)
+    elif op == b"P"[0] or op == b"c"[0]:
+        stack.append([1, 0])
+    else:
+        stack.append((1 + len(arg), 0))
+    return pos, work_left
+
+
+__all__ = ["scan", "Truncated", "MAX_DEPTH", "MAX_EXPANDED", "MAX_INT_BYTES"]
