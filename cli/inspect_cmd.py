@@ -55,6 +55,8 @@ def render(report, show_tree: bool = True) -> None:
         ("format", f"{c.format} ({FORMATS[c.format].description}), {human_bytes(c.file_size)}"
          + (f" in {len(c.files)} files" if len(c.files) > 1 else "")),
     ]
+    if c.description and c.file_kind != "state_dict":
+        rows.append(("contents", c.description))
     others = [p for p in c.containers if p != c.container]
     rows.append(("container", (c.container or "(top level)") + (f"   also: {', '.join(p or '(top level)' for p in others)} (pick with --select)" if others else "")))
     if c.extras:
@@ -62,7 +64,8 @@ def render(report, show_tree: bool = True) -> None:
         text = "; ".join(f"{k} = {v}" for k, v in items[:8]) + (f"; ... {len(items) - 8} more" if len(items) > 8 else "")
         rows.append(("other entries", text))
     nbytes = sum(t.nbytes for t in c.unique_tensors())
-    rows.append(("tensors", f"{len(c.tensors)} ({human_count(c.num_params)} parameters, {human_bytes(nbytes)})"))
+    kinds = "".join(f", {n} {k.replace('_', ' ')}" for k, n in c.kinds.items())
+    rows.append(("tensors", f"{len(c.tensors)} ({human_count(c.num_params)} parameters, {human_bytes(nbytes)}{kinds})"))
     rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
     devices = report.devices
     if set(devices) != {"cpu"}:
@@ -122,6 +125,7 @@ def render(report, show_tree: bool = True) -> None:
         t.add_column("params", justify="right")
         for n in report.keys:
             info = c.tensors[n]
-            t.add_row(n, info.dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
+            dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
+            t.add_row(n, dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
         out.print(t)
         out.print(f"{len(report.keys)} of {len(c.tensors)} tensors listed")

@@ -12,7 +12,8 @@ from .common import console, handles_errors, human_bytes, print_json
 
 # option flag -> op kind; the order on the command line is the order ops apply
 _OP_FLAGS = {"--auto": "auto", "--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix",
-             "--rename": "rename", "--drop": "drop", "--keep": "keep", "--dtype": "dtype"}
+             "--rename": "rename", "--drop": "drop", "--keep": "keep", "--dtype": "dtype",
+             "--densify": "densify", "--dequantize": "dequantize"}
 
 
 class _KeepsArgOrder(TyperCommand):
@@ -25,7 +26,7 @@ class _KeepsArgOrder(TyperCommand):
 
 def ops_in_order(raw: list[str], values: dict[str, list]) -> list:
     """Rebuild the op list in command-line order from the raw args and each option's values."""
-    from surgery.rules import Op, parse_rename
+    from surgery.rules import FLAG_OPS, Op, parse_rename
 
     seen = {k: 0 for k in _OP_FLAGS.values()}
     ops = []
@@ -37,8 +38,8 @@ def ops_in_order(raw: list[str], values: dict[str, list]) -> list:
         flag = tok.split("=", 1)[0]
         kind = _OP_FLAGS.get(flag)
         if kind is not None:
-            if kind == "auto":
-                ops.append(Op("auto"))
+            if kind in FLAG_OPS:
+                ops.append(Op(kind))
             else:
                 vals = values[kind]
                 if seen[kind] < len(vals):
@@ -67,6 +68,8 @@ def remap(
     drop: Annotated[Optional[list[str]], typer.Option("--drop", metavar="REGEX", help="Drop keys matching REGEX (re.search).")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="REGEX", help="Keep only keys matching REGEX.")] = None,
     dtype: Annotated[Optional[list[str]], typer.Option("--dtype", metavar="fp16|bf16|fp32", help="Cast floating tensors.")] = None,
+    densify: Annotated[bool, typer.Option("--densify", help="Write sparse tensors (COO, CSR, ...) as dense ones.")] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write quantized tensors as float32 (t.dequantize()).")] = False,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="YAML or JSON rules file; its ops run before the command-line ones.")] = None,
     select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
@@ -107,7 +110,10 @@ def remap(
             new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else r.new)
             if r.alias_of:
                 new += f" (tied to {r.alias_of})"
-            table.add_row(r.old, new, r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}")
+            dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
+            if r.kind != "dense" or r.new_kind != "dense":
+                dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
+            table.add_row(r.old, new, dt)
         out.print(table)
     for op, n in report.op_counts:
         out.print(f"  {op}: {n} keys" + ("  [yellow](matched nothing)[/yellow]" if n == 0 else ""))

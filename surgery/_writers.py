@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import Checkpoint, torch_dtype
+from .checkpoint import SPARSE_KINDS, Checkpoint, torch_dtype
 from .errors import FormatError, OutputError
 from .formats.safetensors_fmt import ALIASES_KEY, Entry, build_header, copy_ranges
 from .io import BackgroundHash, atomic_dir, atomic_file
@@ -21,6 +21,8 @@ _PLACEHOLDER = "sha256-pending-" + "0" * 49  # 64 chars, replaced in place once 
 def _source(ckpt: Checkpoint, row: PlanRow) -> tuple[str, int, int] | Callable[[], bytes]:
     info = ckpt.tensors[row.old]
     rng = info.byte_range
+    if row.kind != "dense":  # --densify / --dequantize: refuse_unsafetensorable let only those through
+        return lambda: _cast_bytes(ckpt, row)
     if row.new_dtype == row.dtype and rng is not None:
         return (info.file, rng[0], rng[1])
     if row.new_dtype == row.dtype:
@@ -31,8 +33,50 @@ def _source(ckpt: Checkpoint, row: PlanRow) -> tuple[str, int, int] | Callable[[
 def _cast_bytes(ckpt: Checkpoint, row: PlanRow) -> bytes:
     import torch
 
-    t = ckpt.tensor(row.old).to(torch_dtype(row.new_dtype)).contiguous()
+    t = converted(ckpt.tensor(row.old), row).contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def converted(t: "torch.Tensor", row: PlanRow) -> "torch.Tensor":
+    """The tensor as the plan row writes it: densified, dequantized, cast."""
+    if row.new_kind == "dense" and row.kind in SPARSE_KINDS:
+        t = t.to_dense()
+    elif row.new_kind == "dense" and row.kind == "quantized":
+        t = t.dequantize()
+    target = torch_dtype(row.new_dtype)
+    return t.to(target) if t.dtype != target else t
+
+
+def _tensor_digest(t: "torch.Tensor") -> str:
+    """A digest of everything that makes a tensor the tensor it is, for every kind."""
+    import torch
+
+    h = hashlib.sha256(repr((str(t.dtype), str(t.layout), t.device.type, t.is_nested)).encode())
+    if t.is_nested:
+        parts = list(t.unbind())
+    elif t.device.type == "meta":
+        h.update(repr((tuple(t.shape), t.stride())).encode())
+        parts = []
+    elif t.layout == torch.sparse_coo:
+        parts = [t._indices(), t._values()]
+        h.update(repr((tuple(t.shape), t.is_coalesced())).encode())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = [t.crow_indices(), t.col_indices(), t.values()]
+        h.update(repr(tuple(t.shape)).encode())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = [t.ccol_indices(), t.row_indices(), t.values()]
+        h.update(repr(tuple(t.shape)).encode())
+    elif t.is_quantized:
+        per_tensor = t.qscheme() == torch.per_tensor_affine
+        h.update(repr((t.q_scale(), t.q_zero_point()) if per_tensor else t.q_per_channel_axis()).encode())
+        parts = [t.int_repr()] if per_tensor else [t.int_repr(), t.q_per_channel_scales(), t.q_per_channel_zero_points()]
+    else:
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        parts = []
+    for p in parts:
+        h.update(_tensor_digest(p).encode())
+    return h.hexdigest()
 
 
 def _entries(ckpt: Checkpoint, rows: list[PlanRow]) -> list[Entry]:
@@ -108,9 +152,9 @@ def _write_torch(ckpt: Checkpoint, rows: list[PlanRow], dst: Path) -> None:
     out = {}
     for r in kept:
         t = sd[r.old]
-        if r.new_dtype != r.dtype:
+        if r.converted:
             if id(t) not in cast_cache:
-                cast_cache[id(t)] = t.to(torch_dtype(r.new_dtype))
+                cast_cache[id(t)] = converted(t, r)
             t = cast_cache[id(t)]
         out[r.new] = t
     with atomic_file(dst) as tmp:
@@ -189,8 +233,13 @@ def verify(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, repor
         if t is None:
             problems.append(f"{r.new!r} missing")
             continue
-        if t.dtype != r.new_dtype or t.shape != r.shape:
-            problems.append(f"{r.new!r} is {t.dtype}{list(t.shape)}, expected {r.new_dtype}{list(r.shape)}")
+        if t.dtype != r.new_dtype or t.shape != r.shape or t.kind != r.new_kind:
+            problems.append(f"{r.new!r} is {t.dtype}{list(t.shape)} {t.kind}, expected {r.new_dtype}{list(r.shape)} "
+                            f"{r.new_kind}")
+            continue
+        if r.new_kind != "dense":  # kept as it is in a torch file: compare what makes it that tensor
+            if _tensor_digest(out.tensor(r.new)) != _tensor_digest(converted(ckpt.tensor(r.old), r)):
+                problems.append(f"{r.new!r} differs from the source")
             continue
         if _digest(out, r.new) != _digest(ckpt, r.old, _source(ckpt, r)):
             problems.append(f"{r.new!r} bytes differ from the source")

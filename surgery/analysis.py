@@ -397,6 +397,23 @@ def diff(a_infos: Mapping[str, "TensorInfo"], b_infos: Mapping[str, "TensorInfo"
     return rep
 
 
+def _plain(t: Any) -> Any:
+    """The values of a sparse, quantized or nested tensor as one dense tensor; None for meta."""
+    if t.device.type == "meta":
+        return None
+    if t.is_nested:
+        return t.values()
+    if t.is_quantized:
+        return t.dequantize()
+    return t.to_dense() if t.layout != _strided() else t
+
+
+def _strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
 _CHUNK = 1 << 24  # elements per step: bounds the float copies made for one huge tensor
 
 
@@ -411,7 +428,9 @@ def compare_values(a: "Checkpoint", b: "Checkpoint", names: Iterable[str], *,
 
     out: dict[str, float] = {}
     for name in names:
-        ta, tb = a.tensor(prefix_a + name), b.tensor(prefix_b + name)
+        ta, tb = _plain(a.tensor(prefix_a + name)), _plain(b.tensor(prefix_b + name))
+        if ta is None or tb is None:  # a meta tensor has no values to compare
+            continue
         if ta.shape != tb.shape:
             raise ValueError(f"{name!r}: shapes differ ({tuple(ta.shape)} vs {tuple(tb.shape)}); "
                              f"compare only DiffReport.comparable names")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -17,7 +18,11 @@ from .errors import FormatError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-# Canonical dtype names are safetensors' own; each entry: (itemsize, torch dtype attribute).
+# Canonical dtype names are safetensors' own where safetensors has the dtype; the others are
+# named in the same style (C128, QI8, ...). Each entry: (itemsize in bytes as torch stores one
+# element, torch dtype attribute). Packed and sub-byte dtypes take one byte per element in torch
+# (``float4_e2m1fn_x2`` holds two 4-bit values per element, ``uint4`` one value per byte), which
+# is why F4_E2M1FN_X2 is not safetensors' F4: F4 counts 4-bit values, not bytes.
 DTYPES: dict[str, tuple[int, str]] = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
@@ -25,6 +30,10 @@ DTYPES: dict[str, tuple[int, str]] = {
     "BF16": (2, "bfloat16"),
     "F8_E4M3": (1, "float8_e4m3fn"),
     "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "F4_E2M1FN_X2": (1, "float4_e2m1fn_x2"),
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),
@@ -35,8 +44,29 @@ DTYPES: dict[str, tuple[int, str]] = {
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
     "C64": (8, "complex64"),
+    "C128": (16, "complex128"),
+    "C32": (4, "complex32"),
+    "BC32": (4, "bcomplex32"),
+    "BITS8": (1, "bits8"),
+    "BITS16": (2, "bits16"),
+    "BITS1X8": (1, "bits1x8"),
+    "BITS2X4": (1, "bits2x4"),
+    "BITS4X2": (1, "bits4x2"),
+    **{f"U{n}": (1, f"uint{n}") for n in range(1, 8)},
+    **{f"I{n}": (1, f"int{n}") for n in range(1, 8)},
+    # quantized: the integer representation; scale and zero point travel beside the tensor
+    "QI8": (1, "qint8"),
+    "QU8": (1, "quint8"),
+    "QI32": (4, "qint32"),
+    "QU4X2": (1, "quint4x2"),
+    "QU2X4": (1, "quint2x4"),
 }
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# The dtypes a safetensors file can hold (safetensors' Dtype enum, minus its sub-byte F4/F6 kinds).
+SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+                                "F8_E8M0", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64"})
+PACKED_DTYPES = {"QU4X2": 2, "QU2X4": 4}  # values per byte: torch counts their storages in bytes
+QUANTIZED_DTYPES = {"QI8": "I8", "QU8": "U8", "QI32": "I32", "QU4X2": "U8", "QU2X4": "U8"}  # -> integer repr
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"}
 # Names users type for --dtype, mapped to canonical names.
 DTYPE_ALIASES = {
     "fp32": "F32", "float32": "F32", "f32": "F32",
@@ -70,12 +100,23 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+# Kinds of tensor a torch checkpoint can hold. Only "dense" fits safetensors; the others are
+# rebuilt by torch from component tensors (``parts``) and scalars (``params``).
+KINDS = ("dense", "quantized", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "nested", "meta")
+SPARSE_KINDS = ("sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor's metadata and the location of its bytes.
 
     ``file``/``data_offset`` locate the storage the tensor views (absolute offset of the storage's
     first byte in the file); ``storage_offset`` and ``stride`` are in elements, as in torch.
+
+    ``kind`` is "dense" for an ordinary tensor. A quantized tensor views its integer storage like a
+    dense one and keeps its quantizer in ``params`` (per-channel scales and zero points in
+    ``parts``); a sparse or nested tensor has no storage of its own, only ``parts`` (indices,
+    values, buffer, ...); a meta tensor has a shape and a dtype and no data at all.
     """
 
     name: str
@@ -88,14 +129,27 @@ class TensorInfo:
     stride: tuple[int, ...] | None = None
     storage_key: str | None = None
     device: str = "cpu"
+    kind: str = "dense"
+    parts: dict[str, "TensorInfo"] = field(default_factory=dict, compare=False)
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def has_storage(self) -> bool:
+        return self.kind in ("dense", "quantized")
 
     @property
     def numel(self) -> int:
+        if self.kind == "nested":  # the elements of every component, all in one buffer
+            return self.parts["buffer"].numel
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        if self.dtype in PACKED_DTYPES:
+            return -(-self.numel // PACKED_DTYPES[self.dtype])
+        if self.has_storage:
+            return self.numel * itemsize(self.dtype)
+        return sum(p.nbytes for p in self.parts.values())
 
     @property
     def is_contiguous(self) -> bool:
@@ -108,7 +162,7 @@ class TensorInfo:
     @property
     def byte_range(self) -> tuple[int, int] | None:
         """Absolute [start, end) of the tensor's bytes in ``file``, when they are one run."""
-        if not self.is_contiguous:
+        if not self.has_storage or not self.is_contiguous or self.dtype in PACKED_DTYPES:
             return None
         start = self.data_offset + self.storage_offset * itemsize(self.dtype)
         return start, start + self.nbytes
@@ -116,6 +170,13 @@ class TensorInfo:
     @property
     def view_key(self) -> tuple:
         """Equal for two names that are the very same view of the same bytes (tied weights)."""
+        if self.kind == "meta":  # torch.save keeps no sharing between meta tensors
+            return ("meta", self.name)
+        if self.kind != "dense":
+            parts = tuple((k, p.view_key) for k, p in sorted(self.parts.items()))
+            params = tuple(sorted((k, repr(v)) for k, v in self.params.items()))
+            return (self.kind, self.file, self.data_offset, self.storage_offset, self.shape, self.stride,
+                    self.dtype, parts, params)
         return (self.file, self.data_offset, self.storage_offset, self.shape, self.stride, self.dtype)
 
 
@@ -134,6 +195,19 @@ class Checkpoint:
     files: list[str] = field(default_factory=list)
     # alias name -> name whose bytes it shares, for formats that store a tied tensor once.
     aliases: dict[str, str] = field(default_factory=dict)
+    # what the file is: "state_dict", "tensor" (torch.save(t)), "tensor_list", "state_dict_list",
+    # "optimizer" (torch.save(opt.state_dict())) or "model" (torch.save(model)); and in words
+    file_kind: str = "state_dict"
+    description: str = ""
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """How many tensors of each kind other than "dense" (sparse, quantized, nested, meta)."""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            if t.kind != "dense":
+                out[t.kind] = out.get(t.kind, 0) + 1
+        return out
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -165,6 +239,9 @@ class Checkpoint:
     def read_bytes(self, name: str) -> bytes:
         """The tensor's bytes in C order. Contiguous tensors are read with one pread."""
         info = self.tensors[name]
+        if info.kind != "dense":
+            raise FormatError(f"{self.path}: tensor {name!r} is {info.kind.replace('_', ' ')}, not one run of bytes; "
+                              f"use tensor({name!r})")
         rng = info.byte_range
         if rng is not None:
             return read_range(info.file, *rng)
@@ -216,6 +293,30 @@ def _check_materializable(info: TensorInfo) -> None:
 
 
 def materialize(info: TensorInfo) -> "torch.Tensor":
+    """The tensor torch.load would give, on the CPU (a fresh, writable copy where torch has one)."""
+    if info.kind == "dense":
+        return _dense(info)
+    with warnings.catch_warnings():  # torch's "beta"/"deprecated" notes on these kinds are not the user's concern
+        warnings.simplefilter("ignore")
+        return _other_kind(info)
+
+
+def _other_kind(info: TensorInfo) -> "torch.Tensor":
+    if info.kind == "quantized":
+        return _quantized(info)
+    if info.kind in SPARSE_KINDS:
+        return _sparse(info)
+    if info.kind == "nested":
+        return _nested(info)
+    if info.kind == "meta":
+        import torch
+
+        return _torch_call(info, "meta tensor", torch.empty_strided, info.shape, info.stride or contiguous_stride(info.shape),
+                           dtype=torch_dtype(info.dtype), device="meta")
+    raise FormatError(f"{info.file}: tensor {info.name!r} is of an unknown kind {info.kind!r}")
+
+
+def _dense(info: TensorInfo) -> "torch.Tensor":
     import torch
 
     _check_materializable(info)
@@ -234,3 +335,63 @@ def materialize(info: TensorInfo) -> "torch.Tensor":
         return torch.empty(info.shape, dtype=dt)
     flat = torch.frombuffer(bytearray(raw), dtype=dt)
     return flat.as_strided(info.shape, info.stride, info.storage_offset).clone()
+
+
+def _torch_call(info: TensorInfo, what: str, fn: Any, *args: Any, **kwargs: Any) -> "torch.Tensor":
+    """Run torch's own constructor on components read from the file; torch's checks on them
+    (index bounds, quantizer shapes) become a FormatError naming the tensor."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise FormatError(f"{info.file}: {what} {info.name!r} is inconsistent ({first}); the file is corrupt") from None
+
+
+def _quantized(info: TensorInfo) -> "torch.Tensor":
+    import collections
+
+    import torch
+
+    _check_materializable(info)
+    raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
+    # a storage over the bytes read, never resizable: a view reaching past it is refused, not grown
+    untyped = torch.frombuffer(bytearray(raw or b"\0"), dtype=torch.uint8)[: len(raw)].untyped_storage()
+    storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=torch_dtype(info.dtype), _internal=True)
+    p = info.params
+    scheme = getattr(torch, p["qscheme"])
+    if p["qscheme"] == "per_tensor_affine":
+        qparams: tuple = (scheme, p["scale"], p["zero_point"])
+    else:
+        scales = info.parts["scales"] if "scales" in info.parts else None
+        zeros = info.parts["zero_points"] if "zero_points" in info.parts else None
+        qparams = (scheme, materialize(scales) if scales else p["scales"],
+                   materialize(zeros) if zeros else p["zero_points"], p["axis"])
+    return _torch_call(info, "quantized tensor", torch._utils._rebuild_qtensor, storage, info.storage_offset,
+                       info.shape, info.stride, qparams, False, collections.OrderedDict())
+
+
+def _sparse(info: TensorInfo) -> "torch.Tensor":
+    import torch
+
+    parts = {k: materialize(v) for k, v in info.parts.items()}
+    if info.kind == "sparse_coo":
+        return _torch_call(info, "sparse tensor", torch.sparse_coo_tensor, parts["indices"], parts["values"], info.shape,
+                           check_invariants=True, is_coalesced=info.params.get("coalesced"))
+    layout = getattr(torch, info.kind)
+    return _torch_call(info, "sparse tensor", torch.sparse_compressed_tensor, parts["compressed_indices"],
+                       parts["plain_indices"], parts["values"], info.shape, layout=layout, check_invariants=True)
+
+
+def _nested(info: TensorInfo) -> "torch.Tensor":
+    import torch
+
+    buf, sizes, strides, offsets = (materialize(info.parts[k]) for k in ("buffer", "sizes", "strides", "offsets"))
+    ok = (buf.dim() == 1 and sizes.dtype == strides.dtype == offsets.dtype == torch.int64 and sizes.dim() == 2
+          and sizes.shape == strides.shape and offsets.shape == sizes.shape[:1]
+          and bool((sizes >= 0).all()) and bool((strides >= 0).all()) and bool((offsets >= 0).all()))
+    if ok and sizes.numel():  # every component must lie inside the buffer: torch does not check
+        last = offsets + ((sizes - 1).clamp(min=0) * strides).sum(dim=1)
+        ok = bool((last[(sizes > 0).all(dim=1)] < buf.numel()).all())
+    if not ok:
+        raise FormatError(f"{info.file}: nested tensor {info.name!r} has components outside its buffer; the file is corrupt")
+    return _torch_call(info, "nested tensor", torch._nested_view_from_buffer, buf, sizes, strides, offsets)

@@ -25,17 +25,33 @@ class FormatError(SurgeryError):
 
 
 class UnsafeCheckpointError(SurgeryError):
-    """A pickle that needs globals outside the allowlist; nothing of it was run."""
+    """A pickle that needs globals outside the allowlist; nothing of it was run.
+
+    ``--allow-global`` is suggested only where accepting the names as inert records still gives
+    the tensors: ``names`` may carry ``builds_tensors`` (globals that build tensor data by running
+    code) and ``tensors_found`` (whether any tensor is left with every name accepted).
+    """
 
     def __init__(self, path: str, names: list[str]):
         self.path = path
+        builds = sorted(set(getattr(names, "builds_tensors", ())))
+        found = getattr(names, "tensors_found", True)
         self.names = sorted(set(names))
-        if any(n.startswith("torch.nn.modules.") for n in self.names):
+        if builds:
+            others = [n for n in self.names if n not in builds]
+            also = f" (it also needs {_listed(others)})" if others else ""
+            what = (f"its tensors are built by code: {_listed(builds)}{also}. Nothing was executed. surgery never runs "
+                    f"such code, and accepting these names as data would lose those tensors; load the file with torch "
+                    f"where you trust it and save model.state_dict()")
+        elif not found:
+            what = (f"the checkpoint needs globals that are not on the weights-only allowlist: {_listed(self.names)}, "
+                    f"and even accepted as opaque data they leave no tensor surgery can read. Nothing was executed")
+        elif any(n.startswith("torch.nn.modules.") for n in self.names):
             # torch.save(model): many classes; one pattern per package reads the weights
             packages = sorted({n.split(".")[0] for n in self.names})
             allow = " ".join(f"--allow-global '{p}.*'" for p in packages)
             what = (f"this is a whole pickled model (torch.save(model)), which needs its classes: "
-                    f"{', '.join(self.names[:4])}{' ...' if len(self.names) > 4 else ''}. Nothing was executed. "
+                    f"{_listed(self.names)}. Nothing was executed. "
                     f"To read its weights without running its code, accept the classes as opaque data with {allow}")
         else:
             allow = " ".join(f"--allow-global {n}" for n in self.names)
@@ -43,6 +59,10 @@ class UnsafeCheckpointError(SurgeryError):
                     f"{', '.join(self.names)}. Nothing was executed. If you trust the file, accept them as "
                     f"opaque data with {allow}")
         super().__init__(f"{path}: refusing to unpickle: {what} (surgery never imports or calls them)")
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" ... ({len(names)} in all)" if len(names) > 4 else "")
 
 
 class SelectError(SurgeryError):

@@ -49,6 +49,8 @@ class InspectReport:
         """Names that view one storage differently (e.g. a weight and its transpose)."""
         by_storage: dict[tuple, list[str]] = {}
         for name, t in self.ckpt.tensors.items():
+            if not t.has_storage:  # sparse, nested, meta: their parts are theirs alone
+                continue
             by_storage.setdefault((t.file, t.data_offset), []).append(name)
         tied = {frozenset(g) for g in self.ckpt.tied_groups()}
         return [g for g in by_storage.values() if len(g) > 1 and frozenset(g) not in tied]
@@ -63,12 +65,15 @@ class InspectReport:
             "files": [str(f) for f in c.files],
             "container": c.container,
             "containers": c.containers,
+            "file_kind": c.file_kind,
+            "description": c.description,
             "extras": c.extras,
             "metadata": c.metadata,
             "tensor_count": len(c.tensors),
             "param_count": c.num_params,
             "bytes": sum(t.nbytes for t in c.unique_tensors()),
             "dtypes": self.dtype_summary,
+            "kinds": c.kinds,
             "devices": self.devices,
             "wrapper_prefixes": self.wrapper_prefixes,
             "common_prefix": self.common_prefix,
@@ -80,7 +85,7 @@ class InspectReport:
         }
         if self.keys is not None:
             data["tensors"] = [{"name": n, "dtype": c.tensors[n].dtype, "shape": list(c.tensors[n].shape),
-                                "params": c.tensors[n].numel} for n in self.keys]
+                                "params": c.tensors[n].numel, "kind": c.tensors[n].kind} for n in self.keys]
         return data
 
 

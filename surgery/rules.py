@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .analysis import detect_wrapper_prefixes
-from .checkpoint import DTYPE_ALIASES, FLOAT_DTYPES, Checkpoint, torch_dtype
-from .errors import RuleError
+from .checkpoint import DTYPE_ALIASES, FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, torch_dtype
+from .errors import RuleError, SelectError
 
-OP_KINDS = ("auto", "strip_prefix", "add_prefix", "rename", "drop", "keep", "dtype")
+OP_KINDS = ("auto", "strip_prefix", "add_prefix", "rename", "drop", "keep", "dtype", "densify", "dequantize")
+FLAG_OPS = ("auto", "densify", "dequantize")  # ops that take no argument
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Op:
 
     def __str__(self) -> str:
         flag = "--" + self.kind.replace("_", "-")
-        if self.kind == "auto":
+        if self.kind in FLAG_OPS:
             return flag
         if self.kind == "rename":
             return f"{flag} '{self.arg}=>{self.repl}'"
@@ -89,8 +90,8 @@ class Rules:
     def to_json(self) -> dict:
         ops: list[dict] = []
         for o in self.ops:
-            if o.kind == "auto":
-                ops.append({"auto": True})
+            if o.kind in FLAG_OPS:
+                ops.append({o.kind: True})
             elif o.kind == "rename":
                 ops.append({"rename": [o.arg, o.repl]})
             else:
@@ -124,6 +125,8 @@ class Rules:
               - rename: ["^fc\\\\.", "head."]   # or "REGEX=>REPLACEMENT"
               - drop: "num_batches_tracked$"
               - dtype: bf16
+              - densify: true               # sparse tensors -> dense
+              - dequantize: true            # quantized tensors -> float32
         """
         p = Path(path)
         try:
@@ -164,10 +167,10 @@ class Rules:
                 raise RuleError(f"{source}: op #{i + 1} must be a mapping with one key, e.g. {{strip_prefix: 'module.'}}")
             (kind, arg), = item.items()
             kind = str(kind).replace("-", "_")
-            if kind == "auto":
+            if kind in FLAG_OPS:
                 if arg not in (True, None):
-                    raise RuleError(f"{source}: op #{i + 1}: 'auto' takes true")
-                ops.append(Op("auto"))
+                    raise RuleError(f"{source}: op #{i + 1}: '{kind}' takes true")
+                ops.append(Op(kind))
             elif kind == "rename":
                 if isinstance(arg, str):
                     ops.append(parse_rename(arg))
@@ -218,7 +221,7 @@ def apply_op(op: Op, names: list[str]) -> tuple[list[str | None], int]:
         rx = re.compile(op.arg)
         out4 = [n if rx.search(n) else None for n in names]
         return out4, sum(o is not None for o in out4)
-    return list(names), 0  # dtype: names unchanged
+    return list(names), 0  # dtype, densify, dequantize: names unchanged
 
 
 @dataclass
@@ -262,6 +265,11 @@ def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     """``dict[str, Tensor] -> dict[str, Tensor]``: names by ``ops``, then the cast if any."""
     plan = plan_names(sd.keys(), ops)
     out = {new: sd[old] for old, new in plan.kept.items()}
+    kinds = {o.kind for o in ops}
+    if "densify" in kinds:
+        out = densify(out)
+    if "dequantize" in kinds:
+        out = dequantize(out)
     casts = [o.arg for o in ops if o.kind == "dtype"]
     return cast(out, casts[-1]) if casts else out
 
@@ -306,6 +314,33 @@ def cast(sd: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     return out
 
 
+def densify(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Sparse tensors (COO, CSR, CSC, BSR, BSC) as dense ones; other tensors unchanged.
+    Tensors that were shared stay shared."""
+    return _convert_each(sd, lambda t: t.to_dense() if t.layout != _strided() else t)
+
+
+def dequantize(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Quantized tensors as float32 (``t.dequantize()``); other tensors unchanged."""
+    return _convert_each(sd, lambda t: t.dequantize() if t.is_quantized else t)
+
+
+def _strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
+def _convert_each(sd: Mapping[str, Any], fn: Any) -> dict[str, Any]:
+    done: dict[int, Any] = {}
+    out = {}
+    for k, t in sd.items():
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        out[k] = done[id(t)]
+    return out
+
+
 # ------------------------------------------------------------------------- file-level remap
 
 @dataclass
@@ -316,6 +351,12 @@ class PlanRow:
     new_dtype: str
     shape: tuple[int, ...]
     alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
+    kind: str = "dense"  # see TensorInfo.kind
+    new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
+
+    @property
+    def converted(self) -> bool:
+        return self.new_kind != self.kind or self.new_dtype != self.dtype
 
 
 @dataclass
@@ -355,6 +396,8 @@ class RemapReport:
             "source_sha256": self.source_sha256,
             "tensors": [{"old": r.old, "new": r.new, "dtype": r.new_dtype, "shape": list(r.shape),
                          **({"from_dtype": r.dtype} if r.dtype != r.new_dtype else {}),
+                         **({"kind": r.new_kind} if r.new_kind != "dense" or r.kind != "dense" else {}),
+                         **({"from_kind": r.kind} if r.kind != r.new_kind else {}),
                          **({"alias_of": r.alias_of} if r.alias_of else {})} for r in self.rows],
         }
 
@@ -390,16 +433,30 @@ def parse_size(text: str) -> int:
     return n
 
 
+def _after_conversion(t: Any, ops: set[str]) -> tuple[str, str]:
+    """(kind, dtype) of a tensor once --densify / --dequantize have applied."""
+    if "densify" in ops and t.kind in SPARSE_KINDS:
+        return "dense", t.dtype
+    if "dequantize" in ops and t.kind == "quantized":
+        return "dense", "F32"
+    return t.kind, t.dtype
+
+
 def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tuple[str, int]]]:
     plan = plan_names(ckpt.tensors.keys(), rules.ops)
     target = rules.dtype
+    ops = {o.kind for o in rules.ops}
     rows = []
+    matched = {"--dtype": 0, "--densify": 0, "--dequantize": 0}
     for old, new in plan.mapping.items():
         t = ckpt.tensors[old]
-        nd = target if (target and t.dtype in FLOAT_DTYPES) else t.dtype
-        rows.append(PlanRow(old, new, t.dtype, nd, t.shape))
-    cast = sum(1 for r in rows if r.new is not None and r.new_dtype != r.dtype)
-    counts = [(op, cast if op.startswith("--dtype") else n) for op, n in plan.op_counts]
+        kind, dtype = _after_conversion(t, ops)
+        nd = target if (target and dtype in FLOAT_DTYPES) else dtype
+        rows.append(PlanRow(old, new, t.dtype, nd, t.shape, kind=t.kind, new_kind=kind))
+        if new is not None:
+            matched["--dtype"] += nd != dtype
+            matched["--densify" if t.kind in SPARSE_KINDS else "--dequantize"] += kind != t.kind
+    counts = [(op, matched.get(op.split(" ")[0], n)) for op, n in plan.op_counts]
     # tied tensors: the first kept name of each shared view stores the bytes, later ones alias it
     first: dict[tuple, str] = {}
     for r in rows:
@@ -411,6 +468,27 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         else:
             first[key] = r.new
     return rows, counts
+
+
+def refuse_unsafetensorable(src: Path, rows: list[PlanRow]) -> None:
+    """Every kept tensor safetensors cannot hold, named with the options that resolve it, in one
+    error raised before anything is written: a sparse or quantized tensor is never dropped or
+    converted unless asked."""
+    fixes = {"quantized": "--dequantize", "nested": None, "meta": None, **{k: "--densify" for k in SPARSE_KINDS}}
+    problems = []
+    for r in rows:
+        if r.new is None or (r.new_kind == "dense" and r.new_dtype in SAFETENSORS_DTYPES):
+            continue
+        what = f"{r.new_kind} tensor" if r.new_kind != "dense" else f"dtype {r.new_dtype}"
+        if r.new_kind == "meta":
+            what = "meta tensor, which has no data"
+        fix = fixes.get(r.new_kind)
+        drop = f"--drop '^{re.escape(r.new)}$'"
+        problems.append(f"{r.new!r} ({what}): {f'{fix} or ' if fix else ''}{drop}")
+    if problems:
+        more = f"; ... {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise RuleError(f"{src}: safetensors cannot hold {len(problems)} of the tensors: {'; '.join(problems[:6])}{more}. "
+                        f"Nothing was written; resolve each one, or write a torch file (.pt), which keeps them")
 
 
 def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None, *,
@@ -429,8 +507,14 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     rules = Rules.coerce(rules)
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
+    if ckpt.file_kind == "optimizer" and rules.select is None:
+        raise SelectError(f"{src_p}: this is {ckpt.description}, not a model's weights; name the tensor dict to "
+                          f"write with --select (one of: {', '.join(ckpt.containers[:6])}"
+                          f"{' ...' if len(ckpt.containers) > 6 else ''})")
     fmt = output_format(dst_p)
     rows, counts = build_plan(ckpt, rules)
+    if fmt != "torch-zip":
+        refuse_unsafetensorable(src_p, rows)
     shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt, ckpt.container, rows, counts, dry_run)
     if not any(r.new is not None for r in rows):

@@ -8,12 +8,15 @@ the most familiar name (EMA copies only when asked), else the largest.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import SelectError
-from .torch_pickle import Opaque, TensorRef
+from ..checkpoint import PACKED_DTYPES, TensorInfo, contiguous_stride
+from ..errors import FormatError, SelectError
+from .torch_pickle import DType, Layout, LegacyTensorType, Opaque, QScheme, StorageRef, StorageType, TensorRef
 
 # Most preferred first. EMA copies come after every plain name: they are picked only by --select
 # or when nothing else holds tensors.
@@ -23,18 +26,43 @@ EMA_NAMES = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model"
 _MAX_NODES = 1_000_000
 
 
+BARE_TENSOR_NAME = "tensor"  # the one name of a file that is a single tensor (torch.save(t))
+
+
 @dataclass
 class Found:
     path: str
     tensors: dict[str, TensorRef]
     others: dict[str, Any]
+    keys: tuple = ()  # the keys (list indices) leading to it, as the pickle has them
+    module: bool = False  # read from a pickled nn.Module rather than a dict
 
 
-def _is_tensor_dict(d: dict) -> bool:
-    if not d or not all(isinstance(k, str) for k in d):
-        return False
-    n = sum(isinstance(v, TensorRef) for v in d.values())
-    return n > 0 and n * 2 >= len(d)
+def as_tensor(v: Any) -> TensorRef | None:
+    """The tensor record ``v`` is, or None. A bare storage (torch.save({'s': t.untyped_storage()}))
+    reads as the 1-D tensor of its elements."""
+    if isinstance(v, TensorRef):
+        return v if (v.kind != "dense" or isinstance(v.storage, StorageRef)) else None
+    if isinstance(v, StorageRef):
+        return TensorRef(v, 0, (v.numel,), (1,), v.dtype)
+    return None
+
+
+def _tensor_entries(d: dict | list | tuple, share: float = 0.5) -> tuple[dict[str, TensorRef], dict[str, Any]] | None:
+    """A tensor dict or list: string keys (list indices), values mostly (``share``) tensors; else None."""
+    items = list(d.items()) if isinstance(d, dict) else [(str(i), v) for i, v in enumerate(d)]
+    if not items or not all(isinstance(k, str) for k, _ in items):
+        return None
+    tensors = {k: t for k, v in items if (t := as_tensor(v)) is not None}
+    if not tensors or len(tensors) < share * len(items):
+        return None
+    return tensors, {k: v for k, v in items if k not in tensors}
+
+
+def _children(obj: Any, key: str) -> dict | None:
+    """``obj[key]`` when both are dicts, else None (a record may hold anything under any name)."""
+    v = obj.get(key) if isinstance(obj, dict) else None
+    return v if isinstance(v, dict) else None
 
 
 def module_state(obj: Any) -> dict[str, TensorRef] | None:
@@ -55,46 +83,77 @@ def module_state(obj: Any) -> dict[str, TensorRef] | None:
             continue
         seen.add(id(mod))
         st = mod.state
-        skip = st.get("_non_persistent_buffers_set") or set()
+        skip = st.get("_non_persistent_buffers_set")
+        skip = skip if isinstance(skip, (set, frozenset, list, tuple, dict)) else ()
         for section in ("_parameters", "_buffers"):
-            for k, v in (st.get(section) or {}).items():
-                if isinstance(v, TensorRef) and not (section == "_buffers" and k in skip):
-                    out[prefix + str(k)] = v
-        children = list((st.get("_modules") or {}).items())
+            for k, v in (_children(st, section) or {}).items():
+                t = as_tensor(v)
+                if t is not None and not (section == "_buffers" and _member(k, skip)):
+                    out[prefix + str(k)] = t
+        children = list((_children(st, "_modules") or {}).items())
         stack.extend((f"{prefix}{k}.", c) for k, c in reversed(children))
     return out
 
 
-def find_containers(obj: Any) -> list[Found]:
-    """Every tensor dict reachable through dicts and lists, breadth first (shallow ones first)."""
+def _member(k: Any, group: Any) -> bool:
+    try:
+        return k in group
+    except TypeError:  # an unhashable name
+        return False
+
+
+def _record_dict(node: Opaque) -> dict | None:
+    """What an accepted record holds like a dict: its pickled __dict__, or the items a dict
+    subclass (an addict.Dict, an omegaconf container) was filled with."""
+    if isinstance(node.state, dict):
+        return node.state
+    items = node.__dict__.get("_items")
+    if items and all(isinstance(i, tuple) and len(i) == 2 for i in items):
+        try:
+            return dict(items)
+        except TypeError:  # an unhashable key
+            return None
+    return None
+
+
+def find_containers(obj: Any, share: float = 0.5) -> list[Found]:
+    """Every tensor dict reachable through dicts, lists and records, breadth first (shallow ones
+    first). A file that is one tensor is a tensor dict of one, named `BARE_TENSOR_NAME`.
+    ``share``: the least fraction of a dict's values that must be tensors."""
+    bare = as_tensor(obj)
+    if bare is not None:
+        return [Found("", {BARE_TENSOR_NAME: bare}, {})]
     out: list[Found] = []
     seen: set[int] = set()
-    queue: list[tuple[str, Any]] = [("", obj)]
+    queue: list[tuple[tuple, Any]] = [((), obj)]
     visited = 0
     while queue and visited < _MAX_NODES:
-        path, node = queue.pop(0)
+        keys, node = queue.pop(0)
         visited += 1
         if id(node) in seen:
             continue
         seen.add(id(node))
+        path = ".".join(map(label, keys))
         pickled_module = module_state(node)
         if pickled_module:
-            out.append(Found(path, pickled_module, {}))
+            out.append(Found(path, pickled_module, {}, keys, module=True))
             continue
-        if isinstance(node, dict):
-            if _is_tensor_dict(node):
-                tensors = {k: v for k, v in node.items() if isinstance(v, TensorRef)}
-                others = {k: v for k, v in node.items() if not isinstance(v, TensorRef)}
-                out.append(Found(path, tensors, others))
+        if isinstance(node, Opaque):
+            node = _record_dict(node)
+        if isinstance(node, (dict, list, tuple)):
+            entries = _tensor_entries(node, share)
+            if entries is not None:
+                out.append(Found(path, *entries, keys))
                 continue
-            for k, v in node.items():
-                if isinstance(v, (dict, list, tuple)):
-                    queue.append((f"{path}.{label(k)}" if path else label(k), v))
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                if isinstance(v, (dict, list, tuple)):
-                    queue.append((f"{path}.{i}" if path else str(i), v))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                if isinstance(v, (dict, list, tuple, Opaque)):
+                    queue.append(((*keys, k), v))
     return out
+
+
+def _numbered(part: str) -> bool:
+    return part.isdecimal()
 
 
 def _rank(found: Found) -> tuple:
@@ -107,14 +166,15 @@ def _rank(found: Found) -> tuple:
     if last in EMA_NAMES or "ema" in last.lower():
         return (3, len(parts), 0, -len(found.tensors))
     # a numbered path is almost always optimizer state; rank it last
-    numbered = any(p.isdigit() for p in parts)
+    numbered = any(_numbered(p) for p in parts)
     return (4 if numbered else 2, len(parts), 0, -len(found.tensors))
 
 
 def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found]]:
     """The container to use and all candidates; ``select`` is a dotted path chosen by the user."""
-    found = find_containers(obj)
-    listed = [f for f in found if not any(p.isdigit() for p in f.path.split("."))] or found
+    # a dict mostly of tensors; failing that, any dict with a tensor (a config beside one tensor)
+    found = find_containers(obj) or find_containers(obj, share=0)
+    listed = [f for f in found if not any(_numbered(p) for p in f.path.split("."))] or found
     if select is not None:
         sel = select.strip(".")
         for f in found:
@@ -130,13 +190,38 @@ def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found
 def describe_keys(obj: Any) -> str:
     if isinstance(obj, dict):
         return ", ".join(label(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
-    return type(obj).__name__
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} items, none of them tensors"
+    if isinstance(obj, Opaque):
+        return f"a {obj.qualname} record"
+    return f"only the value {summarize(obj)}"
+
+
+def file_shape(obj: Any, chosen: Found, listed: list[Found]) -> dict[str, str]:
+    """What the file is, for `Checkpoint.file_kind` / `Checkpoint.description`."""
+    if not chosen.path and len(chosen.keys) == 0 and as_tensor(obj) is not None:
+        return {"file_kind": "tensor", "description": f"a single tensor (read as {BARE_TENSOR_NAME!r})"}
+    if isinstance(obj, (list, tuple)) and not chosen.keys:
+        return {"file_kind": "tensor_list", "description": f"{type(obj).__name__} of {len(chosen.tensors)} tensors"}
+    state = obj.get("state") if isinstance(obj, dict) else None
+    if isinstance(state, dict) and "param_groups" in obj and chosen.keys[:1] == ("state",):
+        return {"file_kind": "optimizer",
+                "description": f"optimizer state (param_groups + state for {len(state)} params)"}
+    if isinstance(obj, (list, tuple)) and len(chosen.keys) == 1:
+        n = sum(1 for f in listed if len(f.keys) == 1)
+        return {"file_kind": "state_dict_list", "description": f"{type(obj).__name__} of {n} state dicts"}
+    if chosen.module:
+        return {"file_kind": "model", "description": "a whole pickled model (torch.save(model))"}
+    return {"file_kind": "state_dict", "description": "state dict"}
 
 
 def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> str:
     """One short line for a non-tensor entry: '12', 'dict (3 entries, 40 tensors)', ..."""
-    if isinstance(value, TensorRef):
-        return f"tensor {value.dtype} {list(value.shape)}"
+    if isinstance(value, (TensorRef, StorageRef)):
+        t = as_tensor(value)
+        if t is None:
+            return "tensor (unreadable)"
+        return f"tensor {t.dtype} {list(t.shape)}" + (f" ({t.kind})" if t.kind != "dense" else "")
     if isinstance(value, Opaque):
         return f"{value.qualname} (opaque)"
     if isinstance(value, (bool, int, float)) or value is None:
@@ -150,6 +235,22 @@ def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> 
         return f"dict ({len(value)} entries{extra})"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} ({len(value)} items{extra})"
+    return _plain_type(value)
+
+
+def _plain_type(value: Any) -> str:
+    """A value as a user knows it: the stand-ins for torch's dtypes, layouts, qschemes, storage
+    and tensor types are named as torch names them."""
+    if isinstance(value, DType):
+        return f"dtype {value.dtype}"
+    if isinstance(value, StorageType):
+        return f"storage type {value.dtype}"
+    if isinstance(value, Layout):
+        return value.name
+    if isinstance(value, QScheme):
+        return f"torch.{value.name}"
+    if isinstance(value, LegacyTensorType):
+        return value.qualname
     return type(value).__name__
 
 
@@ -160,7 +261,7 @@ def _count_tensors(value: Any) -> int:
         if id(v) in seen:
             continue
         seen.add(id(v))
-        if isinstance(v, TensorRef):
+        if as_tensor(v) is not None:
             n += 1
         elif isinstance(v, dict):
             stack.extend(v.values())
@@ -172,20 +273,21 @@ def _count_tensors(value: Any) -> int:
 def extras(obj: Any, chosen: Found) -> dict[str, str]:
     """Summaries of every entry that is not the chosen container, along the path to it."""
     out: dict[str, str] = {}
-    parts = chosen.path.split(".") if chosen.path else []
     node, prefix = obj, ""
-    for part in parts:
+    for key in chosen.keys:
+        if isinstance(node, Opaque):
+            node = _record_dict(node)
         if isinstance(node, dict):
             for k, v in node.items():
-                if label(k) != part:
+                if k != key:
                     out[f"{prefix}{label(k)}"] = summarize(v)
-            node = node.get(part, node.get(int(part)) if part.isdigit() else None)
-        elif isinstance(node, (list, tuple)):
+            node = node.get(key)
+        elif isinstance(node, (list, tuple)) and isinstance(key, int) and 0 <= key < len(node):
             for i, v in enumerate(node):
-                if str(i) != part:
+                if i != key:
                     out[f"{prefix}{i}"] = summarize(v)
-            node = node[int(part)]
-        prefix += part + "."
+            node = node[key]
+        prefix += f"{label(key)}."
     for k, v in chosen.others.items():
         out[f"{prefix}{label(k)}"] = summarize(v)
     return out
@@ -196,3 +298,24 @@ def label(key: Any) -> str:
     if isinstance(key, str):
         return key if len(key) <= 200 else key[:197] + "..."
     return reprlib.repr(key)
+
+
+def tensor_info(name: str, t: TensorRef, offsets: dict[str, tuple[int, int]], file: str, src: str) -> TensorInfo:
+    """The `TensorInfo` of a quantized, sparse, nested or meta tensor record: its parts located
+    like any dense tensor, its quantizer and flags kept as they are."""
+    from .torch_zip import tensor_infos
+
+    if any(p.kind != "dense" for p in t.parts.values()):
+        raise FormatError(f"{src}: tensor {name!r} ({t.kind}) is built from tensors that are not plain ones")
+    located = tensor_infos({f"{name}.{k}": p for k, p in t.parts.items()}, offsets, file, src)
+    parts = {k: located[f"{name}.{k}"] for k in t.parts}
+    if t.kind == "quantized":
+        # a packed dtype (quint4x2: two values a byte) is checked as the bytes its values fill
+        pack = PACKED_DTYPES.get(t.dtype, 1)
+        shape = (-(-math.prod(t.shape) // pack),) if pack > 1 else t.shape
+        plain = TensorRef(t.storage, t.storage_offset, shape, contiguous_stride(shape) if pack > 1 else t.stride, t.dtype)
+        info = dataclasses.replace(tensor_infos({name: plain}, offsets, file, src)[name], shape=t.shape, stride=t.stride)
+        return dataclasses.replace(info, kind=t.kind, parts=parts, params=dict(t.params))
+    device = parts["values"].device if "values" in parts else parts["buffer"].device if "buffer" in parts else "meta"
+    return TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=0, storage_nbytes=0,
+                      stride=t.stride, device=device, kind=t.kind, parts=parts, params=dict(t.params))

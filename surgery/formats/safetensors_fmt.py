@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..checkpoint import DTYPES, Checkpoint, TensorInfo, itemsize
+from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -58,8 +58,8 @@ def open_safetensors(path: Path, accept=frozenset(), select: str | None = None, 
         if not isinstance(e, dict):
             raise FormatError(f"{src}: header entry {name!r} is not an object")
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in DTYPES:
-            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"{src}: tensor {name!r} has unknown dtype {_short(dtype)} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
         if not _valid_shape(shape):
             raise FormatError(f"{src}: tensor {name!r} has an invalid shape {_short(shape)}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)

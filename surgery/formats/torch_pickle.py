@@ -9,23 +9,34 @@ caller did not explicitly accept raises `UnsafeCheckpointError` listing all of t
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import DTYPES, canonical_from_torch, itemsize
+from ..checkpoint import DTYPES, PACKED_DTYPES, QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride, itemsize
 from ..errors import FormatError, UnsafeCheckpointError
 from .pickle_scan import Truncated, scan
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
-    "UntypedStorage": "U8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",
+    "QInt8Storage": "QI8", "QUInt8Storage": "QU8", "QInt32Storage": "QI32", "QUInt4x2Storage": "QU4X2",
+    "QUInt2x4Storage": "QU2X4", "UntypedStorage": "U8",
 }
+# The legacy tensor types (torch.FloatTensor, torch.sparse.LongTensor, torch.cuda.HalfTensor, ...):
+# element type -> dtype. Sparse types exist for every one but Bool.
+_LEGACY_TENSOR_DTYPES = {
+    "Double": "F64", "Float": "F32", "Half": "F16", "BFloat16": "BF16", "Long": "I64", "Int": "I32",
+    "Short": "I16", "Char": "I8", "Byte": "U8", "Bool": "BOOL",
+}
+_QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
+             "per_channel_affine_float_qparams")
 
 
 class _Sealed:
@@ -48,6 +59,18 @@ class DType(_Sealed):
     dtype: str
 
 
+@dataclass(frozen=True)
+class Layout(_Sealed):
+    """``torch.serialization._get_layout('torch.sparse_coo')``: the name, never the object."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class QScheme(_Sealed):
+    name: str
+
+
 @dataclass
 class StorageRef(_Sealed):
     key: str
@@ -58,12 +81,17 @@ class StorageRef(_Sealed):
 
 @dataclass
 class TensorRef(_Sealed):
-    storage: StorageRef
+    """A tensor as the pickle describes it. ``kind`` other than "dense": see `TensorInfo`."""
+
+    storage: StorageRef | None
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: str
     requires_grad: bool = False
+    kind: str = "dense"
+    parts: dict[str, "TensorRef"] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 class Opaque:
@@ -105,6 +133,40 @@ def _opaque_class(qualname: str) -> type:
     return type(qualname.rsplit(".", 1)[-1], (Opaque,), {"qualname": qualname})
 
 
+def _what(x: Any) -> str:
+    """How a pickled value is named to a user: never after surgery's own record classes."""
+    if isinstance(x, TensorRef):
+        return "a tensor"
+    if isinstance(x, StorageRef):
+        return "a storage"
+    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)) or isinstance(x, LegacyTensorType):
+        return x.qualname
+    plain = {DType: "a dtype", StorageType: "a storage type", Layout: "a layout", QScheme: "a qscheme"}
+    return plain.get(type(x)) or type(x).__name__
+
+
+def _expect(x: Any, cls: type, what: str) -> Any:
+    """``x`` if it is a ``cls`` record. A stand-in for an unknown global where tensor data belongs
+    marks that global as one that builds tensors: accepting it would not give the tensor."""
+    if isinstance(x, cls) and not (isinstance(x, TensorRef) and x.kind == "dense" and x.storage is None):
+        return x
+    if isinstance(x, Opaque) or (isinstance(x, type) and issubclass(x, Opaque)):
+        opaque = x if isinstance(x, type) else type(x)
+        opaque.builds_tensor = True
+        raise FormatError(f"{what} is built by {opaque.qualname}, code surgery does not run")
+    raise FormatError(f"{what} is not {'a storage' if cls is StorageRef else 'a tensor'} (got {_what(x)})")
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in values)
+    except (TypeError, ValueError):
+        raise FormatError(f"tensor record has a malformed {what}") from None
+    if any(s < 0 for s in out):
+        raise FormatError(f"tensor record has a negative {what} {out}")
+    return out
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride):
     # torch 0.2-0.3 (before Variable and Tensor merged): no requires_grad, no hooks
     return _tensor(storage, storage_offset, size, stride, False, None)
@@ -119,14 +181,13 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
 
 
 def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> TensorRef:
-    if not isinstance(storage, StorageRef):
-        raise FormatError(f"tensor is not backed by a storage record (got {type(storage).__name__})")
+    _expect(storage, StorageRef, "a tensor's storage")
     if isinstance(dtype, DType):
         dt = dtype.dtype
     elif dtype is None:
         dt = storage.dtype
     else:
-        raise FormatError(f"unsupported tensor dtype record {dtype!r}")
+        raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
     try:
         shape = tuple(int(s) for s in size)
         strides = tuple(int(s) for s in stride)
@@ -139,13 +200,181 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
-    if isinstance(data, TensorRef):
-        data.requires_grad = bool(requires_grad)
+    data = _expect(data, TensorRef, "a parameter's data")
+    data.requires_grad = bool(requires_grad)
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
+    # new_type (torch.Tensor, nn.Parameter or a subclass) changes the Python class, not the data
     return func(*args)
+
+
+def _number(x: Any, kinds: tuple, what: str) -> Any:
+    if isinstance(x, bool) or not isinstance(x, kinds):
+        raise FormatError(f"quantized tensor has a malformed {what} ({_what(x)})")
+    return x
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False, hooks=None):
+    t = _tensor(storage, storage_offset, size, stride, requires_grad, None)
+    if t.dtype not in QUANTIZED_DTYPES:
+        raise FormatError(f"quantized tensor is backed by a {t.dtype} storage, not a quantized one")
+    qp = quantizer_params
+    if not isinstance(qp, tuple) or not qp or not isinstance(qp[0], QScheme):
+        raise FormatError("quantized tensor has a malformed quantizer record")
+    scheme = qp[0].name
+    t.kind, t.params = "quantized", {"qscheme": scheme}
+    if scheme == "per_tensor_affine" and len(qp) == 3:
+        t.params.update(scale=float(_number(qp[1], (int, float), "scale")), zero_point=_number(qp[2], (int,), "zero point"))
+        return t
+    if scheme not in ("per_channel_affine", "per_channel_affine_float_qparams") or len(qp) != 4:
+        raise FormatError(f"quantized tensor with qscheme torch.{scheme} cannot be rebuilt (torch.load refuses it too)")
+    axis = _number(qp[3], (int,), "axis")
+    if not 0 <= axis < len(t.shape):
+        raise FormatError(f"quantized tensor has axis {axis} out of range for shape {list(t.shape)}")
+    t.params["axis"] = axis
+    for key, value in (("scales", qp[1]), ("zero_points", qp[2])):
+        if isinstance(value, list):
+            t.params[key] = [_number(v, (int, float), key) for v in value]
+            n = len(value)
+        else:
+            part = t.parts[key] = _expect(value, TensorRef, f"a quantized tensor's {key}")
+            n = math.prod(part.shape)
+        if n != t.shape[axis]:
+            raise FormatError(f"quantized tensor has {n} {key} for {t.shape[axis]} channels")
+    return t
+
+
+_SPARSE_LAYOUTS = {"torch.sparse_coo": "sparse_coo", "torch.sparse_csr": "sparse_csr", "torch.sparse_csc": "sparse_csc",
+                   "torch.sparse_bsr": "sparse_bsr", "torch.sparse_bsc": "sparse_bsc"}
+
+
+def _rebuild_sparse_tensor(layout, data):
+    if not isinstance(layout, Layout) or layout.name not in _SPARSE_LAYOUTS:
+        raise FormatError(f"sparse tensor has layout {layout.name if isinstance(layout, Layout) else _what(layout)}, "
+                          f"which torch cannot rebuild either")
+    kind = _SPARSE_LAYOUTS[layout.name]
+    names = ("indices", "values") if kind == "sparse_coo" else ("compressed_indices", "plain_indices", "values")
+    if not isinstance(data, tuple) or len(data) not in ((3, 4) if kind == "sparse_coo" else (4,)):
+        raise FormatError(f"{kind.replace('_', ' ')} tensor record is malformed")
+    parts = {n: _expect(v, TensorRef, f"a sparse tensor's {n}") for n, v in zip(names, data)}
+    shape = _ints(data[len(names)], "sparse size")
+    params: dict[str, Any] = {}
+    if kind == "sparse_coo" and len(data) == 4:
+        if data[3] is not None and not isinstance(data[3], bool):
+            raise FormatError("sparse tensor record has a malformed is_coalesced flag")
+        params["coalesced"] = data[3]
+    return TensorRef(None, 0, shape, contiguous_stride(shape), parts["values"].dtype, False, kind, parts, params)
+
+
+def _rebuild_nested_tensor(buffer, sizes, strides, storage_offsets):
+    parts = {n: _expect(v, TensorRef, f"a nested tensor's {n}")
+             for n, v in (("buffer", buffer), ("sizes", sizes), ("strides", strides), ("offsets", storage_offsets))}
+    if len(parts["buffer"].shape) != 1 or len(parts["sizes"].shape) not in (1, 2):
+        raise FormatError("nested tensor record is malformed")
+    shape = parts["sizes"].shape[:1]
+    return TensorRef(None, 0, shape, (1,), parts["buffer"].dtype, False, "nested", parts)
+
+
+def _rebuild_meta_tensor_no_storage(dtype, size, stride, requires_grad=False):
+    if not isinstance(dtype, DType):
+        raise FormatError(f"meta tensor has a malformed dtype ({_what(dtype)})")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise FormatError(f"meta tensor has shape {list(shape)} but stride {list(strides)}")
+    return TensorRef(None, 0, shape, strides, dtype.dtype, bool(requires_grad), "meta")
+
+
+def _rebuild_device_tensor_from_cpu_tensor(data, dtype, device, requires_grad=False):
+    # a tensor of a storage-less backend (XLA, MTIA, ...), saved through a CPU copy
+    data = _expect(data, TensorRef, "a device tensor's CPU copy")
+    if not isinstance(dtype, DType) or dtype.dtype != data.dtype:
+        raise FormatError(f"device tensor converts {data.dtype} data to {_what(dtype)} on load; surgery reads "
+                          f"only the stored bytes")
+    data.requires_grad = bool(requires_grad)
+    return data
+
+
+def _rebuild_device_tensor_from_numpy(data, dtype, device, requires_grad=False):
+    _expect(data, TensorRef, "a device tensor's numpy data")  # numpy arrays are never on the allowlist
+    raise FormatError("a device tensor rebuilt from a numpy array cannot be read")
+
+
+def _rebuild_wrapper_subclass(cls, *args):
+    if isinstance(cls, type) and issubclass(cls, Opaque):
+        cls.builds_tensor = True  # accepting the subclass would not give its data
+    raise FormatError(f"tensor subclass {_what(cls)} keeps its data in its own code; surgery cannot read it")
+
+
+class _Parameter:
+    """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor itself, as torch.load does."""
+
+    __setstate__ = _Sealed.__setstate__  # BUILD on the class itself then fails instead of setattr
+
+    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
+        data = _expect(data, TensorRef, "a parameter's data")
+        data.requires_grad = bool(requires_grad)
+        return data
+
+
+class _LegacyTensor(TensorRef):
+    """``torch.Tensor`` built by NEWOBJ and filled by BUILD with (storage, offset, size, stride),
+    as very old torch pickled it (or the 5-tuple of a pre-0.4 Variable)."""
+
+    storage = None
+    kind = "dense"
+
+    def __new__(cls, *args: Any) -> Any:
+        if args:
+            raise FormatError("torch.Tensor(...) called with arguments is not a pickled tensor")
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any) -> None:  # pragma: no cover - pickle never calls it
+        raise FormatError("torch.Tensor(...) called with arguments is not a pickled tensor")
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 4:
+            t = _tensor(*state, False, None)
+        elif isinstance(state, tuple) and len(state) == 5:
+            t = _expect(state[0], TensorRef, "a legacy Variable's data")
+            t = TensorRef(t.storage, t.storage_offset, t.shape, t.stride, t.dtype, bool(state[3]))
+        else:
+            raise FormatError("legacy tensor record is malformed")
+        self.__dict__.update(t.__dict__)
+
+
+@dataclass(frozen=True)
+class LegacyTensorType(_Sealed):
+    """``torch.FloatTensor``, ``torch.sparse.LongTensor``, ``torch.cuda.HalfTensor``, ...: a value
+    as a class reference; called, a tensor over a whole storage or a sparse tensor."""
+
+    qualname: str
+    dtype: str
+    sparse: bool
+
+    def __call__(self, *args: Any) -> TensorRef:
+        if self.sparse and len(args) == 3:
+            t = _rebuild_sparse_tensor(Layout("torch.sparse_coo"), tuple(args))
+            if t.dtype == self.dtype:
+                return t
+        elif not self.sparse and len(args) == 1 and isinstance(args[0], StorageRef) and args[0].dtype == self.dtype:
+            return TensorRef(args[0], 0, (args[0].numel,), (1,), self.dtype)
+        raise FormatError(f"{self.qualname}({', '.join(_what(a) for a in args)}) builds a tensor surgery cannot read")
+
+
+def _get_layout(name):
+    if not isinstance(name, str):
+        raise FormatError(f"layout record is malformed ({_what(name)})")
+    return Layout(name)
+
+
+def _bytearray(data=b""):
+    if isinstance(data, (bytes, bytearray)):
+        return bytearray(data)
+    if isinstance(data, list) and all(isinstance(b, int) and 0 <= b < 256 for b in data):
+        return bytearray(data)
+    raise FormatError(f"malformed bytearray record ({_what(data)})")
 
 
 def _ordered_dict(*args, **kwargs):
@@ -192,22 +421,57 @@ _SAFE: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
+    ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_sparse_tensor,
+    ("torch._utils", "_rebuild_nested_tensor"): _rebuild_nested_tensor,
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta_tensor_no_storage,
+    ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _rebuild_device_tensor_from_cpu_tensor,
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"): _rebuild_device_tensor_from_numpy,
+    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch.nn.parameter", "Parameter"): _opaque_class("torch.nn.parameter.Parameter"),
-    ("torch", "Tensor"): _opaque_class("torch.Tensor"),
+    ("torch.serialization", "_get_layout"): _get_layout,
+    ("torch.nn.parameter", "Parameter"): _Parameter,
+    ("torch", "Tensor"): _LegacyTensor,
     ("collections", "OrderedDict"): _ordered_dict,
+    ("collections", "Counter"): collections.Counter,
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _device,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     # plain dict subclasses seen in Lightning/fairseq checkpoints behave like dicts here
 }
 
 
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+def _py3_name(module: str, name: str) -> tuple[str, str]:
+    """Python 2 names in protocol-2 pickles (``__builtin__.long``, ``copy_reg._reconstructor``) as
+    Python 3 spells them, by the table Python's own unpickler uses."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _torch_global(module: str, name: str) -> Any:
+    """Stand-ins for the torch names torch.load(weights_only=True) accepts, or None."""
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+        return StorageType(_STORAGE_DTYPES[name])  # old GPU-saved files name torch.cuda.FloatStorage
+    if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+        return StorageType("U8")
+    if module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse") and name.endswith("Tensor"):
+        sparse = module.endswith("sparse")
+        elem = name[: -len("Tensor")]
+        if elem in _LEGACY_TENSOR_DTYPES and not (sparse and elem == "Bool"):
+            return LegacyTensorType(f"{module}.{name}", _LEGACY_TENSOR_DTYPES[elem], sparse)
+    if module == "torch":
+        if name in _QSCHEMES:
+            return QScheme(name)
+        dt = canonical_from_torch(name)
+        if dt is not None:
+            return DType(dt)
+    return None
 
 
 def _accepted(qualname: str, accept: set[str]) -> bool:
@@ -224,6 +488,45 @@ class Unpickled:
     opaque: list[str] = field(default_factory=list)
 
 
+class Refused(list):
+    """The refused global names, with what accepting them would give: ``builds_tensors`` names
+    those that build tensor data by running code (accepting them loses the tensors), and
+    ``tensors_found`` says whether surgery finds any tensor with every refused name accepted."""
+
+    builds_tensors: list[str]
+    tensors_found: bool = True
+
+
+def _explain(refused: list[str], obj: Any, classes: dict[str, type]) -> Refused:
+    """Which refused globals hold tensor data in what they were called with (accepting them
+    would lose those tensors), and whether any tensor is found with all of them accepted."""
+    out = Refused(refused)
+    builds = {q for q, c in classes.items() if getattr(c, "builds_tensor", False)}
+    found = obj is None  # a pickle that failed part way: nothing more is known
+    stack: list[tuple[Any, str | None]] = [(obj, None)]
+    seen: set[int] = set()
+    while stack and len(seen) < 1_000_000:
+        node, holder = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, (TensorRef, StorageRef)):
+            if holder is not None:
+                builds.add(holder)
+            found = found or holder is None
+        elif isinstance(node, dict):
+            stack.extend((v, holder) for v in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, holder) for v in node)
+        elif isinstance(node, Opaque):
+            stack.extend([(node.state, holder), (node.__dict__.get("_items", ()), holder)])
+            caller = node.qualname if getattr(type(node), "refused", False) else holder
+            stack.extend((a, caller) for a in (*node.args, *node.kwargs.values()))
+    out.builds_tensors = sorted(builds & set(refused))
+    out.tensors_found = found
+    return out
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None):
         super().__init__(f, encoding="utf-8")
@@ -233,27 +536,34 @@ class _Unpickler(pickle.Unpickler):
         self.accepted: list[str] = []
         self.storages: dict[str, StorageRef] = {}
         self.pid_handler = pid_handler
+        self.opaque: dict[str, type] = {}
+
+    def load(self) -> Any:
+        obj = None
+        try:
+            obj = super().load()
+            return obj
+        finally:
+            if self.refused:
+                self.refused = _explain(self.refused, obj, self.opaque)
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)  # protocol-2 pickles use Python 2 module names
+        module, name = _py3_name(module, name)  # protocol-2 pickles use Python 2 names
         key = (module, name)
         if key in _SAFE:
             return _SAFE[key]
         if key in self.extra:
             return self.extra[key]
-        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-            return StorageType(_STORAGE_DTYPES[name])  # old GPU-saved files name torch.cuda.FloatStorage
-        if module == "torch":
-            if name in _STORAGE_DTYPES:
-                return StorageType(_STORAGE_DTYPES[name])
-            dt = canonical_from_torch(name)
-            if dt is not None:
-                return DType(dt)
-        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
-            return StorageType("U8")
+        known = _torch_global(module, name)
+        if known is not None:
+            return known
         qualname = f"{module}.{name}"
-        (self.accepted if _accepted(qualname, self.accept) else self.refused).append(qualname)
-        return _opaque_class(qualname)
+        accepted = _accepted(qualname, self.accept)
+        (self.accepted if accepted else self.refused).append(qualname)
+        if qualname not in self.opaque:
+            self.opaque[qualname] = _opaque_class(qualname)
+            self.opaque[qualname].refused = not accepted
+        return self.opaque[qualname]
 
     def persistent_load(self, pid: Any) -> Any:
         if self.pid_handler is not None:
@@ -304,19 +614,15 @@ class _Capped(io.RawIOBase):
 class _Call:
     """A function or builtin type that `find_class` hands out, as the pickle sees it: callable
     (REDUCE), but BUILD and setattr cannot reach the real function (its ``__defaults__`` would
-    change inside this process). Tensor records it returns are kept for `check_records`."""
+    change inside this process)."""
 
-    __slots__ = ("fn", "made")
+    __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable, made: list):
+    def __init__(self, fn: Callable):
         object.__setattr__(self, "fn", fn)
-        object.__setattr__(self, "made", made)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.fn(*args, **kwargs)
-        if isinstance(out, TensorRef):
-            self.made.append(out)
-        return out
+        return self.fn(*args, **kwargs)
 
     def __setstate__(self, state: Any) -> None:
         raise FormatError(f"pickle sets state (BUILD) on the function {self!r}; no checkpoint does that")
@@ -329,24 +635,25 @@ class _Call:
 
 
 class _Guarded(_Unpickler):
-    """The restricted unpickler with every callable it hands out wrapped in `_Call`. Classes of
-    inert records stay classes (NEWOBJ needs a type); their instances take state by BUILD."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.made: list[TensorRef] = []
+    """The restricted unpickler with every function it hands out wrapped in `_Call`. Records
+    (`_Sealed`) refuse BUILD themselves; classes with a ``__setstate__`` (inert records, torch's
+    legacy tensor and parameter) stay classes, since NEWOBJ needs a type, and BUILD on the class
+    object calls that method unbound, which fails."""
 
     def find_class(self, module: str, name: str) -> Any:
         obj = super().find_class(module, name)
-        if isinstance(obj, type) and issubclass(obj, Opaque):
+        if isinstance(obj, _Sealed) or not callable(obj):
             return obj
-        return _Call(obj, self.made) if callable(obj) else obj
+        if isinstance(obj, type) and hasattr(obj, "__setstate__"):
+            return obj
+        return _Call(obj)
 
 
 # Bounds on tensor records, checked once the pickle is done. torch keeps sizes, strides, offsets
 # and byte counts in int64 (``computeStorageNbytes`` refuses overflow); numpy's NPY_MAXDIMS is 64.
 MAX_RANK = 64
 MAX_INT64 = (1 << 63) - 1
+MAX_LOGICAL = 1 << 256
 MAX_NAME = 4096
 
 
@@ -364,47 +671,84 @@ def _storage_problem(s: StorageRef) -> str | None:
     return None
 
 
-def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None:
-    s = t.storage
-    if not isinstance(s, StorageRef) or storages.get(s.key) is not s:
-        return "tensor record points at a storage the checkpoint does not declare"
-    if t.dtype not in DTYPES:
-        return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
+def _shape_problem(t: TensorRef) -> str | None:
+    if not all(hasattr(t, a) for a in ("shape", "stride", "storage_offset", "dtype", "kind", "parts")):
+        return "tensor record is incomplete (a legacy tensor never given its state)"
     shape, stride = t.shape, t.stride
     if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_RANK):
         return "tensor record's size and stride are not two tuples of one rank (at most 64)"
     if not (all(map(_int64, shape)) and all(map(_int64, stride)) and _int64(t.storage_offset)):
         return "tensor record has a size, stride or offset outside 0..2**63-1"
+    if t.dtype not in DTYPES:
+        return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
+    # a tensor with bytes fits int64 as torch counts them; one without (meta, the logical shape of
+    # a sparse or nested one) is only kept far below the float range that sums and reports use
+    limit = MAX_INT64 if t.storage is not None else MAX_LOGICAL
     numel = 1
     for n in shape:
         numel *= n
-        if numel > MAX_INT64:
-            return f"tensor's {len(shape)} dimensions hold more than 2**63 elements"
-    if numel == 0:
-        return None
-    size = itemsize(t.dtype)
-    if numel * size > MAX_INT64:
+        if numel > limit:
+            return f"tensor's {len(shape)} dimensions hold more than {'2**63' if limit == MAX_INT64 else '2**256'} elements"
+    if t.storage is not None and numel * itemsize(t.dtype) > MAX_INT64:
         return "tensor holds more than 2**63 bytes"
-    last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
-    if (last + 1) * size > s.numel * itemsize(s.dtype):
-        return (f"tensor {list(shape)} (offset {t.storage_offset}, stride {list(stride)}) reaches past the end of "
+    return None
+
+
+def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None:
+    problem = _shape_problem(t)
+    if problem:
+        return problem
+    s = t.storage
+    if s is None:  # sparse, nested, meta: their parts (indices, values, ...) have the storages
+        if t.kind == "dense":
+            return "dense tensor record has no storage"
+        for part in t.parts.values():
+            problem = _tensor_problem(part, storages) if isinstance(part, TensorRef) else "tensor part is not a tensor"
+            if problem:
+                return problem
+        return None
+    if not isinstance(s, StorageRef) or storages.get(s.key) is not s:
+        return "tensor record points at a storage the checkpoint does not declare"
+    if 0 in t.shape:
+        return None
+    last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+    per_byte = PACKED_DTYPES.get(t.dtype, 0)
+    need = -(-(last + 1) // per_byte) if per_byte else (last + 1) * itemsize(t.dtype)
+    if need > s.numel * itemsize(s.dtype):
+        return (f"tensor {list(t.shape)} (offset {t.storage_offset}, stride {list(t.stride)}) reaches past the end of its "
                 f"storage {s.key[:60]!r} ({s.numel} elements)")
     return None
+
+
+def _records(obj: Any) -> list[TensorRef]:
+    """Every tensor record reachable from the unpickled object, each once (a loop: no recursion)."""
+    out: list[TensorRef] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or isinstance(x, (str, bytes, int, float)):
+            continue
+        seen.add(id(x))
+        if isinstance(x, TensorRef):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, Opaque):
+            stack.extend((x.state, x.args, x.kwargs, x.__dict__.get("_items", ())))
+    return out
 
 
 def check_records(tensors: list[TensorRef], storages: dict[str, StorageRef], source: str) -> None:
     """Validate the final tensor and storage records in one pass, after the pickle is done (so
     nothing a later opcode changed escapes): dtypes known, sizes, strides and offsets in int64,
-    rank at most MAX_RANK, every view inside its storage. Raises one FormatError for all."""
+    rank at most MAX_RANK, every view inside its storage; parts of sparse, nested and quantized
+    tensors likewise. Raises one FormatError for all."""
     problems = [p for p in map(_storage_problem, storages.values()) if p]
     if not problems:
-        seen: set[int] = set()
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                p = _tensor_problem(t, storages)
-                if p:
-                    problems.append(p)
+        problems = [p for p in (_tensor_problem(t, storages) for t in tensors) if p]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FormatError(f"{source}: {'; '.join(problems[:3])}{more}; the file is corrupt or crafted")
@@ -463,5 +807,5 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
         raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
-    check_records(up.made, up.storages, source)
+    check_records(_records(obj), up.storages, source)
     return Unpickled(obj, up.storages, sorted(set(up.accepted)))

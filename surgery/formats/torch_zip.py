@@ -117,6 +117,9 @@ def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, 
 def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
     out = {}
     for name, t in refs.items():
+        if t.kind != "dense":  # quantized, sparse, nested, meta: built from parts
+            out[name] = container.tensor_info(name, t, offsets, file, src)
+            continue
         start, nbytes = offsets[t.storage.key]
         _check_extent(name, t, nbytes, src)
         out[name] = TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=start,
@@ -148,7 +151,7 @@ def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select
         path=Path(path), format=fmt, file_size=os.path.getsize(file),
         tensors=tensor_infos(chosen.tensors, offsets, file, str(path)),
         container=chosen.path, containers=[f.path for f in listed],
-        extras=container.extras(obj, chosen), files=[file],
+        extras=container.extras(obj, chosen), files=[file], **container.file_shape(obj, chosen, listed),
     )
 
 
