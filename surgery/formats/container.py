@@ -293,6 +293,13 @@ def extras(obj: Any, chosen: Found) -> dict[str, str]:
     return out
 
 
+def label(key: Any) -> str:
+    """A dict key as text, bounded: a pickle's keys may be megabyte strings or huge tuples."""
+    if isinstance(key, str):
+        return key if len(key) <= 200 else key[:197] + "..."
+    return reprlib.repr(key)
+
+
 def tensor_info(name: str, t: TensorRef, offsets: dict[str, tuple[int, int]], file: str, src: str) -> TensorInfo:
     """The `TensorInfo` of a quantized, sparse, nested or meta tensor record: its parts located
     like any dense tensor, its quantizer and flags kept as they are."""
@@ -312,10 +319,3 @@ def tensor_info(name: str, t: TensorRef, offsets: dict[str, tuple[int, int]], fi
     device = parts["values"].device if "values" in parts else parts["buffer"].device if "buffer" in parts else "meta"
     return TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=0, storage_nbytes=0,
                       stride=t.stride, device=device, kind=t.kind, parts=parts, params=dict(t.params))
-
-
-def label(key: Any) -> str:
-    """A dict key as text, bounded: a pickle's keys may be megabyte strings or huge tuples."""
-    if isinstance(key, str):
-        return key if len(key) <= 200 else key[:197] + "..."
-    return reprlib.repr(key)

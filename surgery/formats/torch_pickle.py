@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
-import contextvars
 import io
 import math
 import os
@@ -40,19 +39,6 @@ _QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", 
              "per_channel_affine_float_qparams")
 
 
-class _Frozen(type):
-    """The metaclass of the record classes `find_class` hands out as classes (NEWOBJ needs a
-    type): BUILD with slot state would otherwise set attributes on them inside this process."""
-
-    def __setattr__(cls, name: str, value: Any) -> None:
-        raise FormatError(f"pickle sets attribute {name[:40]!r} on the class {cls.__name__}")
-
-
-# The tensor records made during the current load that no `_Call` sees being made (a
-# `torch.Tensor` built by NEWOBJ, then filled by BUILD): `check_records` checks them too.
-_LOADING: contextvars.ContextVar[list] = contextvars.ContextVar("surgery_loading")
-
-
 class _Sealed:
     """A record the reader makes itself: pickle's BUILD opcode (which sets an object's state
     after it is made) may not rewrite it, so a record checked once stays as checked."""
@@ -74,14 +60,14 @@ class DType(_Sealed):
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(_Sealed):
     """``torch.serialization._get_layout('torch.sparse_coo')``: the name, never the object."""
 
     name: str
 
 
 @dataclass(frozen=True)
-class QScheme:
+class QScheme(_Sealed):
     name: str
 
 
@@ -149,8 +135,6 @@ def _opaque_class(qualname: str) -> type:
 
 def _what(x: Any) -> str:
     """How a pickled value is named to a user: never after surgery's own record classes."""
-    if isinstance(x, _Call):
-        x = x.fn
     if isinstance(x, TensorRef):
         return "a tensor"
     if isinstance(x, StorageRef):
@@ -323,8 +307,10 @@ def _rebuild_wrapper_subclass(cls, *args):
     raise FormatError(f"tensor subclass {_what(cls)} keeps its data in its own code; surgery cannot read it")
 
 
-class _Parameter(metaclass=_Frozen):
+class _Parameter:
     """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor itself, as torch.load does."""
+
+    __setstate__ = _Sealed.__setstate__  # BUILD on the class itself then fails instead of setattr
 
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
         data = _expect(data, TensorRef, "a parameter's data")
@@ -332,7 +318,7 @@ class _Parameter(metaclass=_Frozen):
         return data
 
 
-class _LegacyTensor(TensorRef, metaclass=_Frozen):
+class _LegacyTensor(TensorRef):
     """``torch.Tensor`` built by NEWOBJ and filled by BUILD with (storage, offset, size, stride),
     as very old torch pickled it (or the 5-tuple of a pre-0.4 Variable)."""
 
@@ -356,9 +342,6 @@ class _LegacyTensor(TensorRef, metaclass=_Frozen):
         else:
             raise FormatError("legacy tensor record is malformed")
         self.__dict__.update(t.__dict__)
-        made = _LOADING.get(None)
-        if made is not None:
-            made.append(self)
 
 
 @dataclass(frozen=True)
@@ -371,13 +354,6 @@ class LegacyTensorType(_Sealed):
     sparse: bool
 
     def __call__(self, *args: Any) -> TensorRef:
-        t = self._build(args)
-        made = _LOADING.get(None)
-        if made is not None:
-            made.append(t)
-        return t
-
-    def _build(self, args: tuple) -> TensorRef:
         if self.sparse and len(args) == 3:
             t = _rebuild_sparse_tensor(Layout("torch.sparse_coo"), tuple(args))
             if t.dtype == self.dtype:
@@ -638,19 +614,15 @@ class _Capped(io.RawIOBase):
 class _Call:
     """A function or builtin type that `find_class` hands out, as the pickle sees it: callable
     (REDUCE), but BUILD and setattr cannot reach the real function (its ``__defaults__`` would
-    change inside this process). Tensor records it returns are kept for `check_records`."""
+    change inside this process)."""
 
-    __slots__ = ("fn", "made")
+    __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable, made: list):
+    def __init__(self, fn: Callable):
         object.__setattr__(self, "fn", fn)
-        object.__setattr__(self, "made", made)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.fn(*args, **kwargs)
-        if isinstance(out, TensorRef):
-            self.made.append(out)
-        return out
+        return self.fn(*args, **kwargs)
 
     def __setstate__(self, state: Any) -> None:
         raise FormatError(f"pickle sets state (BUILD) on the function {self!r}; no checkpoint does that")
@@ -663,33 +635,25 @@ class _Call:
 
 
 class _Guarded(_Unpickler):
-    """The restricted unpickler with every callable it hands out wrapped in `_Call`. Classes of
-    inert records stay classes (NEWOBJ needs a type); their instances take state by BUILD."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.made: list[TensorRef] = []
-
-    def load(self) -> Any:
-        token = _LOADING.set(self.made)
-        try:
-            return super().load()
-        finally:
-            _LOADING.reset(token)
+    """The restricted unpickler with every function it hands out wrapped in `_Call`. Records
+    (`_Sealed`) refuse BUILD themselves; classes with a ``__setstate__`` (inert records, torch's
+    legacy tensor and parameter) stay classes, since NEWOBJ needs a type, and BUILD on the class
+    object calls that method unbound, which fails."""
 
     def find_class(self, module: str, name: str) -> Any:
         obj = super().find_class(module, name)
-        if isinstance(obj, type) and (issubclass(obj, Opaque) or isinstance(obj, _Frozen)):
+        if isinstance(obj, _Sealed) or not callable(obj):
             return obj
-        if isinstance(obj, LegacyTensorType):  # a sealed value that records what it builds
+        if isinstance(obj, type) and hasattr(obj, "__setstate__"):
             return obj
-        return _Call(obj, self.made) if callable(obj) else obj
+        return _Call(obj)
 
 
 # Bounds on tensor records, checked once the pickle is done. torch keeps sizes, strides, offsets
 # and byte counts in int64 (``computeStorageNbytes`` refuses overflow); numpy's NPY_MAXDIMS is 64.
 MAX_RANK = 64
 MAX_INT64 = (1 << 63) - 1
+MAX_LOGICAL = 1 << 256
 MAX_NAME = 4096
 
 
@@ -707,59 +671,84 @@ def _storage_problem(s: StorageRef) -> str | None:
     return None
 
 
-def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None:
-    s = t.storage
-    if s is None and t.kind != "dense":
-        return _shape_problem(t)  # sparse, nested, meta: their parts are records checked on their own
-    if not isinstance(s, StorageRef) or storages.get(s.key) is not s:
-        return "tensor record points at a storage the checkpoint does not declare"
-    problem = _shape_problem(t)
-    if problem:
-        return problem
-    shape, stride = t.shape, t.stride
-    numel = math.prod(shape)
-    if numel == 0:
-        return None
-    size = itemsize(t.dtype)
-    if numel * size > MAX_INT64:
-        return "tensor holds more than 2**63 bytes"
-    pack = PACKED_DTYPES.get(t.dtype, 1)  # quint4x2: two values a byte, its storage counted in bytes
-    last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
-    if -(-(last + 1) // pack) * size > s.numel * itemsize(s.dtype):
-        return (f"tensor {list(shape)} (offset {t.storage_offset}, stride {list(stride)}) reaches past the end of "
-                f"storage {s.key[:60]!r} ({s.numel} elements)")
-    return None
-
-
 def _shape_problem(t: TensorRef) -> str | None:
-    if t.dtype not in DTYPES:
-        return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
+    if not all(hasattr(t, a) for a in ("shape", "stride", "storage_offset", "dtype", "kind", "parts")):
+        return "tensor record is incomplete (a legacy tensor never given its state)"
     shape, stride = t.shape, t.stride
     if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_RANK):
         return "tensor record's size and stride are not two tuples of one rank (at most 64)"
     if not (all(map(_int64, shape)) and all(map(_int64, stride)) and _int64(t.storage_offset)):
         return "tensor record has a size, stride or offset outside 0..2**63-1"
+    if t.dtype not in DTYPES:
+        return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
+    # a tensor with bytes fits int64 as torch counts them; one without (meta, the logical shape of
+    # a sparse or nested one) is only kept far below the float range that sums and reports use
+    limit = MAX_INT64 if t.storage is not None else MAX_LOGICAL
     numel = 1
     for n in shape:
         numel *= n
-        if numel > MAX_INT64:
-            return f"tensor's {len(shape)} dimensions hold more than 2**63 elements"
+        if numel > limit:
+            return f"tensor's {len(shape)} dimensions hold more than {'2**63' if limit == MAX_INT64 else '2**256'} elements"
+    if t.storage is not None and numel * itemsize(t.dtype) > MAX_INT64:
+        return "tensor holds more than 2**63 bytes"
     return None
+
+
+def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None:
+    problem = _shape_problem(t)
+    if problem:
+        return problem
+    s = t.storage
+    if s is None:  # sparse, nested, meta: their parts (indices, values, ...) have the storages
+        if t.kind == "dense":
+            return "dense tensor record has no storage"
+        for part in t.parts.values():
+            problem = _tensor_problem(part, storages) if isinstance(part, TensorRef) else "tensor part is not a tensor"
+            if problem:
+                return problem
+        return None
+    if not isinstance(s, StorageRef) or storages.get(s.key) is not s:
+        return "tensor record points at a storage the checkpoint does not declare"
+    if 0 in t.shape:
+        return None
+    last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+    per_byte = PACKED_DTYPES.get(t.dtype, 0)
+    need = -(-(last + 1) // per_byte) if per_byte else (last + 1) * itemsize(t.dtype)
+    if need > s.numel * itemsize(s.dtype):
+        return (f"tensor {list(t.shape)} (offset {t.storage_offset}, stride {list(t.stride)}) reaches past the end of its "
+                f"storage {s.key[:60]!r} ({s.numel} elements)")
+    return None
+
+
+def _records(obj: Any) -> list[TensorRef]:
+    """Every tensor record reachable from the unpickled object, each once (a loop: no recursion)."""
+    out: list[TensorRef] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or isinstance(x, (str, bytes, int, float)):
+            continue
+        seen.add(id(x))
+        if isinstance(x, TensorRef):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, Opaque):
+            stack.extend((x.state, x.args, x.kwargs, x.__dict__.get("_items", ())))
+    return out
 
 
 def check_records(tensors: list[TensorRef], storages: dict[str, StorageRef], source: str) -> None:
     """Validate the final tensor and storage records in one pass, after the pickle is done (so
     nothing a later opcode changed escapes): dtypes known, sizes, strides and offsets in int64,
-    rank at most MAX_RANK, every view inside its storage. Raises one FormatError for all."""
+    rank at most MAX_RANK, every view inside its storage; parts of sparse, nested and quantized
+    tensors likewise. Raises one FormatError for all."""
     problems = [p for p in map(_storage_problem, storages.values()) if p]
     if not problems:
-        seen: set[int] = set()
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                p = _tensor_problem(t, storages)
-                if p:
-                    problems.append(p)
+        problems = [p for p in (_tensor_problem(t, storages) for t in tensors) if p]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FormatError(f"{source}: {'; '.join(problems[:3])}{more}; the file is corrupt or crafted")
@@ -818,5 +807,5 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
         raise FormatError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:120]})") from None
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
-    check_records(up.made, up.storages, source)
+    check_records(_records(obj), up.storages, source)
     return Unpickled(obj, up.storages, sorted(set(up.accepted)))
