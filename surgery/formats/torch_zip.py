@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
-from . import container
+from . import container, torchscript
 from .torch_pickle import TensorRef, unpickle
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
@@ -67,11 +67,12 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         except Exception as e:  # noqa: BLE001 - BadZipFile, struct.error, EOFError, ...: all mean corrupt
             raise FormatError(f"{src}: not a readable zip archive ({e}); the file may be truncated or corrupt") from None
         names = zf.namelist()
+        _check_names(names, src)
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
         if not pkl:
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-                raise FormatError(f"{src}: this is a TorchScript archive (torch.jit.save), not a state dict; "
-                                  f"load it with torch.jit.load and save model.state_dict()")
+            if any(n.endswith("model.json") for n in names) and any("/code/" in n or n.startswith("code/") for n in names):
+                raise FormatError(f"{src}: a TorchScript archive of torch < 1.4 (model.json); load it with a torch of "
+                                  f"that era (torch.jit.load) and save model.state_dict()")
             raise FormatError(f"{src}: zip archive has no data.pkl, so it is not a torch checkpoint "
                               f"(entries: {', '.join(names[:5])})")
         prefix = pkl[0][: -len("data.pkl")]
@@ -79,7 +80,14 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         if bo in names and _read_entry(zf, bo, 64, f.length, src).strip() not in (b"little", b""):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
         data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, f.length, src)
-        up = unpickle(data, src, accept)
+        if torchscript.is_torchscript(names, prefix):
+            def read_code(name: str) -> bytes | None:
+                return _read_entry(zf, name, torchscript.MAX_CODE_BYTES, f.length, src) if name in names else None
+
+            up = torchscript.read_torchscript(data, src, accept, torchscript.Declarations(read_code, prefix, src))
+            up.torchscript = True  # type: ignore[attr-defined]
+        else:
+            up = unpickle(data, src, accept)
         offsets: dict[str, tuple[int, int]] = {}
         for key in up.storages:
             entry = f"{prefix}data/{key}"
@@ -94,6 +102,17 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
                 raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
             offsets[key] = (start, zi.file_size)
     return up, offsets
+
+
+def _check_names(names: list[str], src: str) -> None:
+    """Refuse an archive that names one entry twice: Python's zipfile reads the last copy, torch the
+    first, so what surgery shows would not be what torch.load runs."""
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if dups:
+        raise FormatError(f"{src}: zip archive holds {len(dups)} entr{'y' if len(dups) == 1 else 'ies'} twice "
+                          f"({', '.join(repr(d) for d in dups[:3])}); torch and other zip readers would disagree on "
+                          f"its content, refusing it")
 
 
 def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, src: str) -> bytes:
@@ -139,7 +158,8 @@ def _check_extent(name: str, t: TensorRef, storage_bytes: int, src: str) -> None
 
 def open_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
     up, offsets = read_zip(path, accept)
-    return checkpoint_from_pickle(path, "torch-zip", up.obj, offsets, str(path), select)
+    fmt = "torchscript" if getattr(up, "torchscript", False) else "torch-zip"
+    return checkpoint_from_pickle(path, fmt, up.obj, offsets, str(path), select)
 
 
 def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select: str | None) -> Checkpoint:
