@@ -108,3 +108,95 @@ def test_remap_verify_every_era(make, cli, tmp_path):
         r = cli("remap", make(name), out, "--auto", "--verify")
         assert r.exit_code == 0, (name, r.stderr)
         assert out.is_file()
+
+
+# ---------------------------------------------------------------- zip and link safety
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code == 2, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_duplicate_zip_entry_is_refused(make, cli, tmp_path):
+    """Python's zipfile reads the last data.pkl, torch the first: a payload could hide from inspect."""
+    import zipfile
+
+    src, bad = make("plain_pt"), tmp_path / "dup.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+        zout.writestr("plain_pt/data.pkl", zin.read("plain_pt/data.pkl"))
+    line = one_line_error(cli("inspect", bad))
+    assert "holds 1 entry twice ('plain_pt/data.pkl')" in line
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -(1 << 20), 1 << 40])
+def test_lying_central_directory_offset_is_one_line(make, cli, tmp_path, delta):
+    import struct
+
+    data = bytearray(make("plain_pt").read_bytes())
+    z64 = data.rfind(b"PK\x06\x06")
+    (off,) = struct.unpack("<Q", data[z64 + 48:z64 + 56])
+    data[z64 + 48:z64 + 56] = struct.pack("<Q", max(0, off + delta) % (1 << 64))
+    bad = tmp_path / "cd.pt"
+    bad.write_bytes(bytes(data))
+    one_line_error(cli("inspect", bad))
+
+
+def _copy_tree(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_dcp_metadata_with_wrong_field_types_is_one_line(make, cli, tmp_path):
+    import pickle
+
+    folder = _copy_tree(make("dcp_dir"), tmp_path / "dcp")
+    md = pickle.loads((folder / ".metadata").read_bytes())  # our own fixture: a full unpickle is fine
+    for info in md.storage_data.values():
+        info.offset = "zero"
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    line = one_line_error(cli("inspect", folder))
+    assert "DCP metadata has a field of the wrong type" in line
+
+
+def test_dcp_file_linking_outside_is_refused(make, cli, tmp_path):
+    folder = _copy_tree(make("dcp_dir"), tmp_path / "dcp")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for f in folder.glob("*.distcp"):
+        target = outside / f.name
+        f.rename(target)
+        f.symlink_to(target)
+    line = one_line_error(cli("inspect", folder))
+    assert "outside the checkpoint's folder" in line
+
+
+def test_shard_linking_outside_is_refused(make, cli, tmp_path):
+    folder = _copy_tree(make("sharded_safetensors"), tmp_path / "shards")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.rename(outside / shard.name)
+    shard.symlink_to(outside / shard.name)
+    line = one_line_error(cli("inspect", folder))
+    assert f"shard {shard.name} is a link to" in line and "outside the checkpoint's folder" in line
+
+
+def test_hugging_face_cache_links_still_open(make, tmp_path):
+    """A Hugging Face cache snapshot links every file, index included, into one blobs folder."""
+    src = make("sharded_safetensors")
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        blob = blobs / f"sha{i}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blob)
+    assert len(surgery.open(snap).tensors) == len(surgery.open(src).tensors)

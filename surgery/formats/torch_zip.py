@@ -47,6 +47,8 @@ class _Slice:
 
 def _data_offset(f, info: zipfile.ZipInfo, base: int) -> int:
     """Absolute offset of a stored entry's first byte: after its local header."""
+    if info.header_offset < 0:
+        raise FormatError(f"zip entry {info.filename!r} has a local header before the archive starts; the central directory is corrupt")
     f.seek(base + info.header_offset)
     hdr = f.read(30)
     if len(hdr) != 30 or hdr[:4] != b"PK\x03\x04":
@@ -59,6 +61,13 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
              base: int = 0, length: int | None = None, display: str | None = None):
     """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
     src = display or str(path)
+    try:
+        return _read_zip(path, accept, base, length, src)
+    except OSError as e:  # a seek or read that a lying central directory sent astray
+        raise FormatError(f"{src}: zip archive cannot be read ({e.strerror or e}); its central directory is corrupt") from None
+
+
+def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None, src: str):
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
         f = _Slice(raw, base, (size - base) if length is None else length)
