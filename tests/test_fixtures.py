@@ -18,7 +18,9 @@ MOBILENET = "mobilenet_v3_small"
 LEGACY_SIGNATURE = b"\x80\x02\x8a\x0a"  # pickle protocol 2, then a 10-byte long: the magic number
 # Legacy files name storages by memory address and DCP metadata holds a fresh uuid: only their
 # tensors are reproducible. Every other file must come out byte-identical.
-NOT_BYTE_EXACT = {"legacy_pt", "legacy_cuda_pt", "malicious_legacy_pt", "dcp_dir/.metadata"}
+NOT_BYTE_EXACT = {"legacy_pt", "legacy_cuda_pt", "malicious_legacy_pt", "dcp_dir/.metadata",
+                  # torch.jit.save draws a random serialization id and numbers re-scripted classes
+                  "torchscript_pt", "torchscript_traced_pt", "torchscript_nested_pt", "torchscript_resnet18_pt"}
 
 
 def load(path: Path, **kw):
@@ -67,6 +69,8 @@ def test_registry_names():
         "legacy_pt", "legacy_cuda_pt", "zip_cuda_pt", "plain_safetensors", "fp16_safetensors",
         "bf16_safetensors", "sharded_safetensors", "sharded_bin", "hf_bin", "lfs_pointer", "tied_pt",
         "tied_view_pt", "dcp_dir", "malicious_pickle_pt", "malicious_legacy_pt", "digits_imagefolder",
+        "tar_pt", "lpips_v00_pth", "cifar_dp_th", "legacy_v1_dp_pth", "legacy_module_pt", "torchscript_pt",
+        "torchscript_traced_pt", "torchscript_nested_pt", "torchscript_resnet18_pt",
     }
     with pytest.raises(KeyError, match="unknown fixture 'nope'"):
         build("nope", Path("unused"))

@@ -16,7 +16,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, InputError
 
-SNIFF_BYTES = 64
+SNIFF_BYTES = 512  # a tar names its format at byte 257
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -50,6 +50,12 @@ def _open_legacy(path, accept, select):
     return open_legacy(path, accept, select)
 
 
+def _open_tar(path, accept, select):
+    from .torch_tar import open_tar
+
+    return open_tar(path, accept, select)
+
+
 def _open_index(path, accept, select):
     from .sharded import open_index
 
@@ -68,7 +74,9 @@ FORMATS: dict[str, Format] = {
         Format("safetensors", "safetensors file (.safetensors)", _open_safetensors, writable=True),
         Format("safetensors-index", "sharded checkpoint: *.index.json naming safetensors or torch shards", _open_index, writable=True),
         Format("torch-zip", "torch.save zip archive (.pt/.pth/.bin/.ckpt)", _open_zip, writable=True),
+        Format("torchscript", "torch.jit.save archive: its weights, its code never run", _open_zip),
         Format("torch-legacy", "torch.save legacy pickle (torch < 1.6)", _open_legacy),
+        Format("torch-tar", "torch.save tar archive (torch <= 0.1.10)", _open_tar),
         Format("torch-dcp", "torch.distributed.checkpoint folder (.metadata + *.distcp)", _open_dcp),
     )
 }
@@ -132,8 +140,10 @@ def sniff_bytes(head: bytes, size: int, p: Path) -> str:
     if head.startswith(b"\x80"):
         raise FormatError(f"{p}: a pickle file, but not one written by torch.save (no torch magic number); "
                           f"surgery only reads torch checkpoints and safetensors")
-    if head[:262].startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
-        raise FormatError(f"{p}: a gzip/tar archive; extract it first (very old torch tar checkpoints are not supported)")
+    if head[257:262] == b"ustar":
+        return "torch-tar"  # torch <= 0.1.10; any other tar is refused by its reader, members named
+    if head.startswith(b"\x1f\x8b"):
+        raise FormatError(f"{p}: a gzip archive; extract it first")
     raise FormatError(f"{p}: unrecognised format (first bytes {head[:12].hex()}): not safetensors, a torch zip, "
                       f"a legacy torch pickle, a shard index or a DCP folder")
 

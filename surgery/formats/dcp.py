@@ -15,6 +15,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import FormatError, SelectError
 from .torch_pickle import DType, Opaque, _opaque_class, unpickle
+from .sharded import check_inside
 from .torch_zip import read_zip, tensor_infos
 
 _MD = "torch.distributed.checkpoint.metadata"
@@ -49,7 +50,15 @@ def open_dcp(path: Path, accept=frozenset(), select: str | None = None) -> Check
     src = str(path)
     meta_file = Path(path) / ".metadata"
     up = unpickle(meta_file.read_bytes(), str(meta_file), accept, extra=_RECORDS)
-    md = up.obj
+    try:
+        tensors, extras = _tensors(path, up.obj, src)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        raise FormatError(f"{src}: DCP metadata has a field of the wrong type ({type(e).__name__}: {str(e)[:100]}); "
+                          f"the .metadata file is corrupt or from an unsupported torch") from None
+    return _select(path, tensors, extras, select, src, meta_file)
+
+
+def _tensors(path: Path, md: Any, src: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     sd_meta = _field(md, "state_dict_metadata", src)
     storage = _field(md, "storage_data", src)
     if not isinstance(sd_meta, dict) or not isinstance(storage, dict):
@@ -79,6 +88,7 @@ def open_dcp(path: Path, accept=frozenset(), select: str | None = None) -> Check
         file = str(Path(path) / rel)
         if not os.path.isfile(file):
             raise FormatError(f"{src}: {rel} is missing from the checkpoint folder")
+        check_inside(Path(file), Path(path) / ".metadata", src, rel)
         blob, offsets = read_zip(Path(file), base=off, length=length, display=f"{file}@{off}")
         if not hasattr(blob.obj, "storage") and type(blob.obj).__name__ != "TensorRef":
             raise FormatError(f"{src}: chunk of {fqn!r} is not a tensor")
@@ -86,6 +96,11 @@ def open_dcp(path: Path, accept=frozenset(), select: str | None = None) -> Check
         if isinstance(dtype, DType) and dtype.dtype != info.dtype:
             raise FormatError(f"{src}: tensor {fqn!r} is {info.dtype} on disk but {dtype.dtype} in .metadata")
         tensors[fqn] = info
+    return tensors, extras
+
+
+def _select(path: Path, tensors: dict[str, TensorInfo], extras: dict[str, str], select: str | None, src: str,
+            meta_file: Path) -> Checkpoint:
     container = ""
     if select not in (None, ""):
         # DCP flattens nested dicts into dotted names: selecting 'model' keeps 'model.*', unprefixed

@@ -32,6 +32,7 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Che
             raise FormatError(f"{src}: shard {rel[:80]!r} cannot be looked up ({e.strerror})") from None
         if not present:
             raise FormatError(f"{src}: shard {rel} is missing from {folder}")
+        check_inside(shard_path, path, src, f"shard {rel}")
         fmt, real = sniff(shard_path)
         if fmt not in ("safetensors", "torch-zip"):
             raise FormatError(f"{src}: shard {rel} is {fmt}, expected safetensors or a torch zip")
@@ -54,3 +55,15 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Che
     return Checkpoint(path=Path(path), format="safetensors-index", file_size=sum(c.file_size for c in shards.values()),
                       tensors=tensors, extras=extra, metadata={**first.metadata, **meta} if first.format == "safetensors" else meta,
                       files=files)
+
+
+def check_inside(file: Path, anchor: Path, src: str, what: str) -> None:
+    """Refuse ``file`` when it resolves (through symlinks) outside the anchor's folder. A Hugging
+    Face cache links every file of a snapshot into one ``blobs`` folder, so the folder the anchor
+    itself resolves into counts as inside too."""
+    import os
+
+    real = os.path.realpath(file)
+    homes = {os.path.realpath(Path(anchor).parent), os.path.dirname(os.path.realpath(anchor))}
+    if not any(os.path.commonpath([real, h]) == h for h in homes):
+        raise FormatError(f"{src}: {what} is a link to {real}, outside the checkpoint's folder; refusing to follow it")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
-from .torch_pickle import unpickle
+from .torch_pickle import StorageRef, StorageType, unpickle
 from .torch_zip import checkpoint_from_pickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -31,7 +32,9 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
             raise FormatError(f"{src}: legacy torch header is corrupt (magic/protocol mismatch)")
         if not head[2].get("little_endian", True):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
-        up = unpickle(f, src, accept)
+        storages: dict[str, StorageRef] = {}
+        up = unpickle(f, src, accept, pid_handler=lambda pid: _persistent(pid, storages))
+        up.storages = storages
         keys = unpickle(f, src).obj
         if not isinstance(keys, list) or set(map(str, keys)) != set(up.storages):
             raise FormatError(f"{src}: storage key list does not match the storages the checkpoint uses")
@@ -50,3 +53,21 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
             offsets[key] = (pos + 8, nbytes)
             pos += 8 + nbytes
     return checkpoint_from_pickle(path, "torch-legacy", up.obj, offsets, src, select)
+
+
+def _persistent(pid: Any, storages: dict[str, StorageRef]) -> Any:
+    """The legacy writer's persistent ids: ``('storage', type, key, location, numel, view)``, and
+    ``('module', class, source_file, source)`` naming each module class of a whole pickled model
+    once; that class is whatever the restricted unpickler made of the global (an inert record)."""
+    if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+        return pid[1]
+    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+        raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
+    stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
+    if len(pid) > 5 and pid[5] is not None:
+        raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
+    if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+        raise FormatError(f"malformed storage record for storage {key!r}")
+    if key not in storages:
+        storages[key] = StorageRef(key, stype.dtype, location, numel)
+    return storages[key]

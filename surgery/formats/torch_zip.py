@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
-from . import container
+from . import container, torchscript
 from .torch_pickle import TensorRef, unpickle
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
@@ -47,6 +47,8 @@ class _Slice:
 
 def _data_offset(f, info: zipfile.ZipInfo, base: int) -> int:
     """Absolute offset of a stored entry's first byte: after its local header."""
+    if info.header_offset < 0:
+        raise FormatError(f"zip entry {info.filename!r} has a local header before the archive starts; the central directory is corrupt")
     f.seek(base + info.header_offset)
     hdr = f.read(30)
     if len(hdr) != 30 or hdr[:4] != b"PK\x03\x04":
@@ -59,6 +61,13 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
              base: int = 0, length: int | None = None, display: str | None = None):
     """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
     src = display or str(path)
+    try:
+        return _read_zip(path, accept, base, length, src)
+    except OSError as e:  # a seek or read that a lying central directory sent astray
+        raise FormatError(f"{src}: zip archive cannot be read ({e.strerror or e}); its central directory is corrupt") from None
+
+
+def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None, src: str):
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
         f = _Slice(raw, base, (size - base) if length is None else length)
@@ -67,11 +76,12 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         except Exception as e:  # noqa: BLE001 - BadZipFile, struct.error, EOFError, ...: all mean corrupt
             raise FormatError(f"{src}: not a readable zip archive ({e}); the file may be truncated or corrupt") from None
         names = zf.namelist()
+        _check_names(names, src)
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
         if not pkl:
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-                raise FormatError(f"{src}: this is a TorchScript archive (torch.jit.save), not a state dict; "
-                                  f"load it with torch.jit.load and save model.state_dict()")
+            if any(n.endswith("model.json") for n in names) and any("/code/" in n or n.startswith("code/") for n in names):
+                raise FormatError(f"{src}: a TorchScript archive of torch < 1.4 (model.json); load it with a torch of "
+                                  f"that era (torch.jit.load) and save model.state_dict()")
             raise FormatError(f"{src}: zip archive has no data.pkl, so it is not a torch checkpoint "
                               f"(entries: {', '.join(names[:5])})")
         prefix = pkl[0][: -len("data.pkl")]
@@ -79,7 +89,14 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         if bo in names and _read_entry(zf, bo, 64, f.length, src).strip() not in (b"little", b""):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
         data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, f.length, src)
-        up = unpickle(data, src, accept)
+        if torchscript.is_torchscript(names, prefix):
+            def read_code(name: str) -> bytes | None:
+                return _read_entry(zf, name, torchscript.MAX_CODE_BYTES, f.length, src) if name in names else None
+
+            up = torchscript.read_torchscript(data, src, accept, torchscript.Declarations(read_code, prefix, src))
+            up.torchscript = True  # type: ignore[attr-defined]
+        else:
+            up = unpickle(data, src, accept)
         offsets: dict[str, tuple[int, int]] = {}
         for key in up.storages:
             entry = f"{prefix}data/{key}"
@@ -94,6 +111,17 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
                 raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
             offsets[key] = (start, zi.file_size)
     return up, offsets
+
+
+def _check_names(names: list[str], src: str) -> None:
+    """Refuse an archive that names one entry twice: Python's zipfile reads the last copy, torch the
+    first, so what surgery shows would not be what torch.load runs."""
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if dups:
+        raise FormatError(f"{src}: zip archive holds {len(dups)} entr{'y' if len(dups) == 1 else 'ies'} twice "
+                          f"({', '.join(repr(d) for d in dups[:3])}); torch and other zip readers would disagree on "
+                          f"its content, refusing it")
 
 
 def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, src: str) -> bytes:
@@ -142,7 +170,8 @@ def _check_extent(name: str, t: TensorRef, storage_bytes: int, src: str) -> None
 
 def open_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
     up, offsets = read_zip(path, accept)
-    return checkpoint_from_pickle(path, "torch-zip", up.obj, offsets, str(path), select)
+    fmt = "torchscript" if getattr(up, "torchscript", False) else "torch-zip"
+    return checkpoint_from_pickle(path, fmt, up.obj, offsets, str(path), select)
 
 
 def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select: str | None) -> Checkpoint:

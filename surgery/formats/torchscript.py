@@ -1,0 +1,167 @@
+"""TorchScript archives (``torch.jit.save``): their weights, read without running any of their code.
+
+A TorchScript archive is a torch zip whose ``data.pkl`` pickles ``__torch__.*`` module objects;
+each object's state (BUILD) holds its parameters, buffers, submodules and other attributes by name.
+Which attributes are parameters and buffers is declared by the class in the archive's
+``code/__torch__/...py`` (``__parameters__ = ["weight", "bias", ]``, ``__buffers__ = [...]``): those
+files are parsed as text with `ast`, never executed. Tensors are named as
+``torch.jit.load(f).state_dict()`` names them: per module its parameters, then its buffers (in the
+order the object holds them), then each submodule. TorchScript keeps no non-persistent buffers:
+every buffer is in its state dict.
+"""
+
+from __future__ import annotations
+
+import ast
+import pickletools
+import re
+from typing import Any, Callable
+
+from ..errors import FormatError
+from .torch_pickle import TensorRef, Unpickled, unpickle
+
+MAX_CODE_BYTES = 64 * 1024 * 1024
+_MAX_MODULES = 1_000_000
+
+
+class ScriptObject:
+    """An inert record of one ``__torch__`` object: its class name and the state BUILD gave it."""
+
+    qualname = "__torch__.?"
+    state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+def _identity(value: Any, *_: Any) -> Any:
+    return value
+
+
+# Helpers TorchScript's pickler names for typed containers: each returns its first argument.
+_JIT_HELPERS = {("torch.jit._pickle", n): _identity for n in (
+    "restore_type_tag", "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")}
+
+
+def is_torchscript(names: list[str], prefix: str) -> bool:
+    """The archive has the files only torch.jit.save writes: compiled code and constants."""
+    return f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
+
+
+def _script_globals(data: bytes) -> dict[tuple[str, str], type]:
+    """A record class for every ``__torch__`` global the pickle names (found by its opcodes)."""
+    found: dict[tuple[str, str], type] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" and isinstance(arg, str) and arg.startswith("__torch__"):
+                module, _, name = arg.partition(" ")
+                found[(module, name)] = type(name, (ScriptObject,), {"qualname": f"{module}.{name}"})
+    except Exception:  # noqa: BLE001 - a corrupt stream is reported by the unpickler itself
+        pass
+    return found
+
+
+class Declarations:
+    """``__parameters__``/``__buffers__`` of each class, read from the archive's code files."""
+
+    def __init__(self, read: Callable[[str], bytes | None], prefix: str, src: str):
+        self.read, self.prefix, self.src = read, prefix, src
+        self.files: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+
+    def of(self, qualname: str) -> tuple[list[str], list[str]] | None:
+        """(parameters, buffers) of a module class, or None for a class that is not a module."""
+        module, _, name = qualname.rpartition(".")
+        path = f"{self.prefix}code/{module.replace('.', '/')}.py"
+        if path not in self.files:
+            text = self.read(path)
+            if text is None:
+                raise FormatError(f"{self.src}: TorchScript archive has no code for class {qualname} ({path}); "
+                                  f"the file is incomplete")
+            self.files[path] = _parse_declarations(text.decode("utf-8", "replace"), path, self.src)
+        return self.files[path].get(name)
+
+
+def _parse_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Class name -> (parameters, buffers) for each class of a code file that declares them."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return _scan_declarations(text)
+    out = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        lists: dict[str, list[str]] = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                target = stmt.targets[0].id
+                if target in ("__parameters__", "__buffers__"):
+                    lists[target] = _string_list(stmt.value, f"{src}: {path}: class {node.name}")
+        if "__parameters__" in lists:
+            out[node.name] = (lists["__parameters__"], lists.get("__buffers__", []))
+    return out
+
+
+def _string_list(node: ast.AST, where: str) -> list[str]:
+    if isinstance(node, (ast.List, ast.Tuple)) and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                       for e in node.elts):
+        return [e.value for e in node.elts]  # type: ignore[attr-defined]
+    raise FormatError(f"{where} declares its parameters or buffers as something other than a list of names")
+
+
+_CLASS = re.compile(r"^class (\w+)\(")
+_DECL = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
+
+
+def _scan_declarations(text: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Line by line, for code Python's parser does not take: class headers and their two lists."""
+    out: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _CLASS.match(line)
+        if m:
+            current = out.setdefault(m.group(1), {})
+            continue
+        d = _DECL.match(line)
+        if d and current is not None:
+            current[d.group(1)] = re.findall(r'"([^"]*)"', d.group(2))
+    return {k: (v["__parameters__"], v.get("__buffers__", [])) for k, v in out.items() if "__parameters__" in v}
+
+
+def read_torchscript(data: bytes, src: str, accept: frozenset[str], decl: Declarations) -> Unpickled:
+    """Unpickle ``data.pkl`` with inert records for the ``__torch__`` classes; its object becomes
+    the flat state dict ``torch.jit.load(f).state_dict()`` would return."""
+    up = unpickle(data, src, accept, extra={**_JIT_HELPERS, **_script_globals(data)})
+    root = up.obj
+    if not isinstance(root, ScriptObject):
+        raise FormatError(f"{src}: TorchScript archive does not hold a module (its data.pkl holds {type(root).__name__})")
+    up.obj = _state_dict(root, decl, src)
+    return up
+
+
+def _state_dict(root: ScriptObject, decl: Declarations, src: str) -> dict[str, TensorRef]:
+    out: dict[str, TensorRef] = {}
+    stack: list[tuple[str, ScriptObject]] = [("", root)]
+    seen: set[int] = set()
+    while stack:
+        prefix, obj = stack.pop()
+        if id(obj) in seen or len(seen) >= _MAX_MODULES:
+            continue
+        seen.add(id(obj))
+        declared = decl.of(obj.qualname)
+        if declared is None or not isinstance(obj.state, dict):
+            continue
+        params, buffers = declared
+        for names in (set(params), set(buffers)):
+            for k, v in obj.state.items():
+                if k in names and isinstance(v, TensorRef):
+                    out[prefix + k] = v
+        children = [(k, v) for k, v in obj.state.items() if isinstance(v, ScriptObject) and decl.of(v.qualname) is not None]
+        stack.extend((f"{prefix}{k}.", v) for k, v in reversed(children))
+    return out
+
+
+__all__ = ["is_torchscript", "read_torchscript", "Declarations", "ScriptObject"]
