@@ -567,7 +567,13 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if self.pid_handler is not None:
-            return self.pid_handler(pid)
+            # a format's own persistent ids (legacy, tar): what it hands back is declared here too,
+            # so `check_records` holds its tensors to their storages like any other
+            out = self.pid_handler(pid)
+            for ref in (out, getattr(out, "storage", None)):
+                if isinstance(ref, StorageRef):
+                    self.storages.setdefault(ref.key, ref)
+            return out
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
             raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
         stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
