@@ -21,6 +21,7 @@ _EXPORTS = {
     "TensorInfo": ("surgery.checkpoint", "TensorInfo"),
     "SurgeryError": ("surgery.errors", "SurgeryError"),
     "inspect": ("surgery.report", "inspect"),
+    "scan": ("surgery.zoo", "scan"),
     "diff": ("surgery.report", "diff"),
     "remap": ("surgery.rules", "remap"),
     "Rules": ("surgery.rules", "Rules"),
