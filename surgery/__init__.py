@@ -43,6 +43,7 @@ _EXPORTS = {
     "TrainResult": ("surgery.trainer.runner", "TrainResult"),
     "evaluate": ("surgery.trainer.evaluate", "evaluate"),
     "predict": ("surgery.trainer.evaluate", "predict"),
+    "export": ("surgery.deploy", "export"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
