@@ -77,11 +77,12 @@ def snapshot(repo_id: str, revision: str | None = None, *, shown: str | None = N
     cache = cache_dir()
     org, name = repo_id.split("/")
     repo = cache / f"models--{org}--{name}"
-    fetch = f"fetch it with `huggingface-cli download {repo_id}` (or pass a local path)"
+    rev = revision or "main"
+    fetch = (f"fetch it with `huggingface-cli download {repo_id}" + (f" --revision {rev}" if revision else "")
+             + "` (or pass a local path)")
     if not repo.is_dir():
         raise InputError(f"{shown}: no such file or folder, and not in the Hugging Face cache "
                          f"(looked for {repo}; set HF_HUB_CACHE or HF_HOME if it is elsewhere); {fetch}")
-    rev = revision or "main"
     snaps = repo / "snapshots"
     if _COMMIT.match(rev) and (snaps / rev).is_dir():
         return snaps / rev
@@ -96,7 +97,7 @@ def snapshot(repo_id: str, revision: str | None = None, *, shown: str | None = N
             if (repo / "refs").is_dir() else []
         raise InputError(f"{shown}: revision {rev!r} is not in the Hugging Face cache at {repo} "
                          f"(refs there: {', '.join(refs) or 'none'}; snapshots: {', '.join(h[:12] for h in have) or 'none'}); "
-                         f"{fetch.replace(repo_id, f'{repo_id} --revision {rev}', 1)}")
+                         f"{fetch}")
     folder = snaps / commit
     if not _COMMIT.match(commit) or not folder.is_dir():
         raise InputError(f"{shown}: refs/{rev} names commit {commit[:40]!r} but {snaps} has no such snapshot; "
