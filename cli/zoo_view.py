@@ -20,6 +20,12 @@ def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> i
         raise InputError("--keys/--filter list one checkpoint's tensors; with many checkpoints add --json "
                          "(each line then holds its 'tensors')")
     found = scan(paths, workers=workers, **options)
+    if not len(found):
+        from surgery.errors import InputError
+        from surgery.zoo import CHECKPOINT_SUFFIXES
+
+        raise InputError(f"{' '.join(paths)[:200]}: no checkpoints found (looked for files ending in "
+                         f"{', '.join(CHECKPOINT_SUFFIXES)}, and sharded or DCP folders)")
     rows, failed = [], 0
     with _progress(len(found)) as advance:
         for row in found:
@@ -34,7 +40,7 @@ def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> i
         _table(rows)
     elif failed:
         sys.stderr.write(f"error: {failed} of {len(found)} checkpoints could not be read (the lines with an \"error\")\n")
-    return 2 if failed or not len(found) else 0
+    return 2 if failed else 0
 
 
 def _progress(total: int):
@@ -78,9 +84,6 @@ def _table(rows: list) -> None:
     """Plain aligned columns, never wrapped or cut: a long path widens its column, so that the
     lines stay one per checkpoint for grep and awk."""
     out = sys.stdout
-    if not rows:
-        out.write("no checkpoints found\n")
-        return
     cells = [list(COLUMNS)] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     for line in cells:

@@ -86,6 +86,15 @@ def test_a_single_checkpoint_prints_the_full_report(zoo, cli):
     assert r.exit_code == 2 and r.stdout == "" and "unrecognised format" in r.stderr
 
 
+def test_a_folder_without_checkpoints_is_one_error(cli, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("x")
+    r = cli("inspect", tmp_path, "--json")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path}: no checkpoints found (looked for files ending in .safetensors, .pt, .pth, " \
+                       f".bin, .ckpt, .pth.tar, and sharded or DCP folders)\n"
+
+
 def test_keys_need_json_in_a_scan(zoo, cli):
     r = cli("inspect", zoo, "--keys")
     assert r.exit_code == 2 and "--keys/--filter list one checkpoint's tensors" in r.stderr
