@@ -64,7 +64,8 @@ def preprocess_info(manifest: Any) -> dict:
             "scale": "pixel values / 255, then (x - mean) / std per channel",
             "mean": list(inp["mean"]), "std": list(inp["std"]), "channels": int(inp.get("channels", 3)),
             "num_classes": manifest.num_classes, "class_names": [str(n) for n in names],
-            "output": "logits; softmax over dim 1 for probabilities", "created_by": f"surgery {__version__}"}
+            "output": "logits; softmax over dim 1 for probabilities",
+            "weights_sha256": manifest["files"].get("weights_sha256"), "created_by": f"surgery {__version__}"}
 
 
 def export(folder: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None, *,
@@ -73,7 +74,7 @@ def export(folder: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
     ``FOLDER/model.onnx``, ``model.torchscript.pt`` or ``model.pt2``), with a dynamic batch size,
     and its preprocessing beside it. Nothing is written when anything fails."""
     from .adapter.manifest import read_manifest
-    from .io import check_destination
+    from .io import atomic_file, check_destination
 
     if format not in SUFFIXES:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(SUFFIXES)}")
@@ -89,8 +90,6 @@ def export(folder: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
     model, example = _model(folder, m)
     pre = preprocess_info(m)
     text = json.dumps(pre, indent=2) + "\n"
-    from .io import atomic_file
-
     with atomic_file(out_p) as tmp, _quiet():
         exporter(model, example, tmp, text)
         diff, out_shape = _check(format, tmp, model, example) if verify else (None, None)
