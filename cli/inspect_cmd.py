@@ -1,8 +1,7 @@
-"""`surgery inspect PATH`: what is in a checkpoint, from metadata only."""
+"""`surgery inspect PATH...`: what is in a checkpoint (or a model zoo of them), from metadata only."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -18,20 +17,31 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file or folder (sharded, DCP).", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False, help=(
+        "Checkpoint file or folder (sharded, DCP), or ORG/NAME in the Hugging Face cache. Several paths, "
+        "folders of checkpoints (walked) and glob patterns ('zoo/**/*.pt') scan a model zoo: one table row, "
+        "or with --json one JSON line, per checkpoint."))],
     keys: Annotated[bool, typer.Option("--keys", help="List every tensor: name, dtype, shape.")] = False,
     filter: Annotated[Optional[str], typer.Option("--filter", metavar="REGEX", help="Only list tensors whose name matches (implies --keys).")] = None,
     depth: Annotated[int, typer.Option("--depth", min=0, help="Module tree depth (0 hides the tree).")] = 2,
     select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1); a scan prints one JSON object per line.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes for a scan (default: one per CPU).")] = None,
 ) -> None:
     """Show what is in a checkpoint, from metadata only (no tensor data is read).
 
     Format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree, and the
-    torchvision architecture the checkpoint fits."""
+    torchvision architecture the checkpoint fits. Given many checkpoints, a table of them; the
+    exit code is 2 when any could not be read (each is one error row, the scan goes on)."""
     from surgery.report import inspect as run_inspect
 
+    if not _is_single(paths):
+        from . import zoo_view
+
+        raise typer.Exit(zoo_view.run(paths, as_json=as_json, keys=keys, filter=filter, depth=depth, select=select,
+                                      allow_globals=tuple(allow_global or ()), workers=workers))
+    path = paths[0]
     report = run_inspect(path, select=select, allow_globals=tuple(allow_global or ()), keys=keys,
                          filter=filter, depth=depth or None)
     if as_json:
@@ -41,6 +51,31 @@ def inspect(
         print_json(data)
         return
     render(report, show_tree=depth > 0)
+
+
+def _is_single(paths: list[str]) -> bool:
+    """One checkpoint named: inspect prints its full report. Else (several paths, a pattern, a
+    folder with subfolders or with several weights files) it scans."""
+    import glob
+    import os
+
+    from surgery.errors import InputError
+    from surgery.formats import sniff
+    from surgery.zoo import is_checkpoint_folder
+
+    if len(paths) != 1:
+        return False
+    path = paths[0]
+    if glob.has_magic(path) and not os.path.lexists(path):
+        return False
+    if os.path.isdir(path) and not is_checkpoint_folder(path):
+        if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path)):
+            return False  # a tree of checkpoints
+        try:
+            sniff(path)
+        except InputError:
+            return False  # not one checkpoint: a folder of them
+    return True
 
 
 def render(report, show_tree: bool = True) -> None:

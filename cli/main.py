@@ -8,7 +8,7 @@ import typer
 
 from surgery import __version__
 
-from . import adapt_cmd, demo_cmd, diff_cmd, evaluate_cmd, inspect_cmd, predict_cmd, remap_cmd, train_cmd
+from . import adapt_cmd, demo_cmd, diff_cmd, evaluate_cmd, export_cmd, inspect_cmd, predict_cmd, remap_cmd, train_cmd
 
 app = typer.Typer(
     name="surgery",
@@ -40,6 +40,7 @@ adapt_cmd.register(app)
 train_cmd.register(app)
 evaluate_cmd.register(app)
 predict_cmd.register(app)
+export_cmd.register(app)
 diff_cmd.register(app)
 demo_cmd.register(app)
 

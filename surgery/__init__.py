@@ -21,6 +21,7 @@ _EXPORTS = {
     "TensorInfo": ("surgery.checkpoint", "TensorInfo"),
     "SurgeryError": ("surgery.errors", "SurgeryError"),
     "inspect": ("surgery.report", "inspect"),
+    "scan": ("surgery.zoo", "scan"),
     "diff": ("surgery.report", "diff"),
     "remap": ("surgery.rules", "remap"),
     "Rules": ("surgery.rules", "Rules"),
@@ -42,6 +43,7 @@ _EXPORTS = {
     "TrainResult": ("surgery.trainer.runner", "TrainResult"),
     "evaluate": ("surgery.trainer.evaluate", "evaluate"),
     "predict": ("surgery.trainer.evaluate", "predict"),
+    "export": ("surgery.deploy", "export"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -246,6 +246,10 @@ def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any 
         std = tuple(cfg.get("std", std))
         interp = cfg.get("interpolation", interp)
         source = f"timm:{spec.name}"
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # img_size=... overrides the cfg
+        if isinstance(built, (tuple, list)) and built and int(built[-1]) != size:
+            size = int(built[-1])
+            resize = int(round(size / cfg.get("crop_pct", 0.875)))
     elif "image_size" in spec.kwargs:
         size = int(spec.kwargs["image_size"])
         resize = int(round(size / 0.875))

@@ -138,9 +138,10 @@ def _open_source(ckpt: Any, weights: str | None, spec: arch_mod.ArchSpec, rules:
         raise AdaptError("nothing to load: give a checkpoint path or --weights NAME")
     else:
         from ..formats import open_checkpoint
+        from ..hub import resolve
         from ..io import sha256_file
 
-        path = Path(ckpt)
+        path = resolve(ckpt)  # a local path, or ORG/NAME in the Hugging Face cache
         c = open_checkpoint(path, select=rules.select, allow_globals=tuple(allow_globals))
         if path.is_file():
             digest = sha256_file(path)

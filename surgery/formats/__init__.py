@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import hub
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, InputError
 
@@ -155,6 +156,7 @@ def open_checkpoint(path: str | os.PathLike, select: str | None = None,
     >>> ckpt = open_checkpoint("resnet.pth")  # doctest: +SKIP
     >>> ckpt.format, len(ckpt.tensors), ckpt.container
     """
+    path = hub.resolve(path)  # ORG/NAME or hf:ORG/NAME: a model in the local Hugging Face cache
     fmt, real = sniff(path)
     ckpt = FORMATS[fmt].opener(real, frozenset(allow_globals), select)
     ckpt.path = Path(path)
