@@ -130,6 +130,7 @@ def train(
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout, nothing else there.")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Fine-tune an adapted model in the phases its manifest schedules.
 
@@ -171,7 +172,8 @@ def train(
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, patience=patience,
             image_size=image_size, augment=not no_augment, flip=not no_flip, device=device, amp=not no_amp,
             compile=compile_, cache_features=cache_features, cache_views=cache_views,
-            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer)
+            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer,
+            trust_code=trust_code)
     finally:
         renderer.close()
     if os.environ.get("RANK", "0") != "0":

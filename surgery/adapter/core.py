@@ -374,7 +374,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
         "schema": SCHEMA,
         "created_by": f"surgery {__version__}",
         "source": {**src.info, **(align.to_json())},
-        "arch": {**spec.to_json(), "num_classes_kwarg": took},
+        "arch": {**spec.to_json(out_p), "num_classes_kwarg": took},
         "num_classes": num_classes,
         "class_names": class_names,
         "head": head_json,
@@ -436,19 +436,25 @@ def _manifest(m: Any) -> Manifest:
     return read_manifest(m)
 
 
-def build_from_manifest(manifest: Any, *, meta: bool = False) -> "nn.Module":
-    """The adapted model's structure (freshly initialised) from the manifest's spec."""
+def build_from_manifest(manifest: Any, *, meta: bool = False, trust_code: bool = False) -> "nn.Module":
+    """The adapted model's structure (freshly initialised) from the manifest's spec. A factory
+    named there is code: it runs only with ``trust_code`` and only with its pinned sha256."""
     from .heads import HeadPlan
 
     m = _manifest(manifest)
-    spec = arch_mod.ArchSpec.from_json(m["arch"])
+    spec = arch_mod.check_trust(arch_mod.ArchSpec.from_json(m["arch"]), m.path or "manifest", trust_code)
     plan = HeadPlan.from_json(m.head)
     return _build(spec, m.num_classes, plan, int(m.data.get("seed", 0)), meta=meta)
 
 
-def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 0, verify: bool = True) -> "nn.Module":
+def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 0, verify: bool = True,
+                 trust_code: bool = False) -> "nn.Module":
     """The model written by ``surgery adapt``, ready to train: weights loaded strictly, in train
     mode, ``requires_grad`` and BatchNorm modes as the manifest's schedule says at ``epoch``.
+
+    The folder is data: torchvision and timm models are rebuilt by name. A file or module
+    factory in its manifest is code and runs only with ``trust_code=True`` (a file factory
+    only while its sha256 is the one adapt pinned).
 
     >>> model = load_adapted("adapted/")  # doctest: +SKIP
     """
@@ -464,7 +470,7 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     want = m["files"].get("weights_sha256")
     if verify and want and sha256_file(wpath) != want:
         raise ManifestError(f"{wpath}: sha256 differs from the manifest's; the weights were changed after adapt")
-    model = build_from_manifest(m)
+    model = build_from_manifest(m, trust_code=trust_code)
     names = {n: list(p.shape) for n, p in model.named_parameters()}
     diff = sorted(set(names) ^ set(m.params))
     if diff:

@@ -203,13 +203,14 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
           augment: bool = True, flip: bool = True, device: str = "auto", amp: bool = True,
           compile: bool = False, cache_features: str = "auto", cache_views: int = 0,
           resume: bool | str | os.PathLike | None = None, force: bool = False,
-          observer: Optional[Observer] = None) -> TrainResult:
+          observer: Optional[Observer] = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune the model in ``adapted_dir`` (written by ``surgery adapt``) on ``data`` and
     write the run into ``out``: checkpoints, metrics.jsonl, curves.png, confusion.png, run.log,
     and the best weights as model.safetensors with an updated manifest.json, so that
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
-    ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
+    ``trust_code``: run a file or module factory named by the folder's manifest (see
+    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -238,13 +239,13 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
         return _train(adapted_p, Path(data), out_p, args, dict(weight_decay=weight_decay, warmup_epochs=warmup_epochs),
-                      dev, dist, resume, force, obs)
+                      dev, dist, resume, force, obs, trust_code)
     finally:
         D.teardown(dist)
 
 
 def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dict, dev: "torch.device",
-           dist: Any, resume: Any, force: bool, obs: Observer) -> TrainResult:
+           dist: Any, resume: Any, force: bool, obs: Observer, trust_code: bool = False) -> TrainResult:
     import torch
     from torch import nn
 
@@ -270,7 +271,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     if not samples.val:
         raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
     samples, skipped = scan_images(samples)
-    model = load_adapted(adapted_p)
+    model = load_adapted(adapted_p, trust_code=trust_code)
     inp = manifest["input"]
     channels = int(inp.get("channels", 3))
     if args["image_size"] is not None:
