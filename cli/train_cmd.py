@@ -14,6 +14,7 @@ from typer.core import TyperCommand
 from .common import console, handles_errors, print_json
 
 _RESUME_LAST = "\0last"
+_ENTRY = __spec__.name if __spec__ is not None else __name__  # what --nproc starts under torchrun: this module
 
 
 class _OptionalResume(TyperCommand):
@@ -154,10 +155,8 @@ def train(
         argv = strip_nproc(raw)
         if argv and argv[0] == "train":
             argv = argv[1:]
-        cmd = launch_command(nproc, argv)
+        cmd = launch_command(nproc, argv, module=_ENTRY)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         rc = subprocess.run(cmd, env=env).returncode
         raise typer.Exit(rc)

@@ -90,9 +90,9 @@ def test_nproc_argv_is_rewritten():
 
     argv = strip_nproc(["ad", "--data", "d", "--nproc", "2", "--out", "o", "--nproc=3"])
     assert argv == ["ad", "--data", "d", "--out", "o"]
-    cmd = launch_command(2, argv)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-5:] == argv
-    assert "cli.train_cmd" in cmd
+    cmd = launch_command(2, argv, module="cli.train_cmd")
+    assert cmd[1] == "-c" and cmd[4:7] == ["torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[-6:] == ["cli.train_cmd", *argv] and "-m" not in cmd  # no `python -m`: the cwd is not imported
 
 
 def test_image_size_override_is_recorded_for_evaluate(cli, setup, tmp_path):
