@@ -265,10 +265,10 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     opts.resolved()  # conflicts fail now, before the model is built
     out_p = Path(out) if out is not None else None
     if out_p is not None:
-        from ..io import check_destination
+        from ..io import OUTPUTS, check_destination
 
         inputs = [Path(ckpt)] if ckpt is not None and not isinstance(ckpt, Mapping) else []
-        check_destination(out_p, inputs, force=force, in_place=None)
+        check_destination(out_p, inputs, force=force, in_place=None, kind="folder", owned=OUTPUTS["adapt"])
 
     spec = arch_mod.resolve_arch(arch, arch_kwargs)
     src = _open_source(ckpt, weights, spec, rules, select, allow_globals)

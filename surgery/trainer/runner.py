@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import OutputError
+from ..io import OUTPUTS, check_replaceable, remove_outputs
 from .optim import LrMultiplier, optimizer_groups
 from .outputs import RunFiles, plot_run_curves, write_model
 from .state import (BEST, CHECKPOINT_DIR, LAST, ResumeError, TrainError, TrainInterrupted, check_fingerprint,
@@ -154,6 +154,8 @@ def _check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path
             raise ResumeError(f"{out}: --resume continues a run in OUT, but there is no such folder")
     elif (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it, or --resume to continue its run")
+    elif out.exists() or out.is_symlink():
+        check_replaceable(out, "folder", OUTPUTS["train"])
     probe = out if out.exists() else out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -323,7 +325,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     # ---- from here on OUT is ours
     if is_main:
         if out_p.exists() and not resuming_here and force:
-            shutil.rmtree(out_p) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
+            remove_outputs(out_p, OUTPUTS["train"]) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
         (out_p / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(dist)
     files = RunFiles(out_p, is_main, obs)
