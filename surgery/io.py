@@ -210,6 +210,22 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+def remove_temps(folder: Path) -> list[str]:
+    """Delete the temp files and folders (``.NAME.XXXXXXXX.tmp``/``.old``) that atomic_file and
+    atomic_dir leave in ``folder`` and its subfolders when a process is killed mid-write;
+    returns their paths relative to ``folder``. Call only on a folder this process owns."""
+    pat = re.compile(_TEMP)
+    gone = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            full = os.path.join(root, name)
+            if pat.fullmatch(name):
+                shutil.rmtree(full) if name in dirs and not os.path.islink(full) else os.unlink(full)
+                gone.append(os.path.relpath(full, folder))
+        dirs[:] = [d for d in dirs if not pat.fullmatch(d)]
+    return gone
+
+
 def remove_outputs(folder: Path, owned: Iterable[str]) -> None:
     """Delete what ``owned`` names in ``folder`` (checked by :func:`check_replaceable` first),
     deepest first; the folder itself stays."""

@@ -470,12 +470,8 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     want = m["files"].get("weights_sha256")
     if verify and want and sha256_file(wpath) != want:
         raise ManifestError(f"{wpath}: sha256 differs from the manifest's; the weights were changed after adapt")
+    _check_shapes(build_from_manifest(m, meta=True, trust_code=trust_code), m, wpath)  # before any allocation
     model = build_from_manifest(m, trust_code=trust_code)
-    names = {n: list(p.shape) for n, p in model.named_parameters()}
-    diff = sorted(set(names) ^ set(m.params))
-    if diff:
-        raise ManifestError(f"{folder}: the rebuilt model's parameters differ from the manifest's "
-                            f"({', '.join(diff[:5])}); the architecture code changed since adapt")
     sd = load_file(str(wpath))
     try:
         model.load_state_dict(sd, strict=True)
@@ -486,6 +482,28 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     model.train()
     apply_schedule(model, m, epoch)
     return model
+
+
+def _check_shapes(meta_model: "nn.Module", m: Manifest, wpath: Path) -> None:
+    """The model the manifest describes, built on the meta device, against the manifest's
+    parameters and the weights file's header: a manifest cannot make surgery allocate more than
+    its weights file holds."""
+    from safetensors import SafetensorError, safe_open
+
+    names = {n: list(p.shape) for n, p in meta_model.named_parameters()}
+    diff = sorted(set(names) ^ set(m.params))
+    if diff:
+        raise ManifestError(f"{wpath.parent}: the rebuilt model's parameters differ from the manifest's "
+                            f"({', '.join(diff[:5])}); the architecture code changed since adapt")
+    try:
+        with safe_open(str(wpath), "pt", device="cpu") as f:  # the header only: get_slice reads no data
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ManifestError(f"{wpath}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
+    wrong = [f"{k} {v} vs {stored.get(k)}" for k, v in {**names, **{k: list(t.shape) for k, t in
+             meta_model.named_buffers() if k in stored}}.items() if stored.get(k) != v]
+    if wrong:
+        raise ManifestError(f"{wpath}: does not fit the model the manifest describes ({'; '.join(wrong[:3])})")
 
 
 def param_groups(model: "nn.Module", manifest: Any, lr: float, weight_decay: float | None = None) -> list[dict]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import OutputError
-from ..io import OUTPUTS, check_replaceable, remove_outputs
+from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
 from .optim import LrMultiplier, optimizer_groups
 from .outputs import RunFiles, plot_run_curves, write_model
 from .state import (BEST, CHECKPOINT_DIR, LAST, ResumeError, TrainError, TrainInterrupted, check_fingerprint,
@@ -326,6 +326,8 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     if is_main:
         if out_p.exists() and not resuming_here and force:
             remove_outputs(out_p, OUTPUTS["train"]) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
+        if resuming_here:
+            remove_temps(out_p)  # what a process killed mid-write left
         (out_p / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(dist)
     files = RunFiles(out_p, is_main, obs)
