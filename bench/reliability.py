@@ -741,38 +741,12 @@ def run_chunk(parser: str, seed: int, start: int, count: int, workdir: Path, sta
     end = start + count
     while i < end:
         cmd = [sys.executable, __file__, "--worker", parser, str(seed), str(i), str(end - i), str(workdir)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        current = None
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        last = time.monotonic()
-        hung = False
-        while True:
-            if not sel.select(timeout=1.0):
-                if current is not None and time.monotonic() - last > stall_s:
-                    proc.kill()
-                    hung = True
-                    break
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            last = time.monotonic()
-            if line.startswith("#"):
-                current = int(line[1:])
-            elif line.startswith("="):
-                tally[line[1:].strip()] += 1
-                current = None
-            elif line.startswith("rss "):
-                rss = max(rss, int(line.split()[1]))
-            elif line.startswith("{"):
-                problems.append(json.loads(line))
-        proc.wait()
-        sel.close()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+        state = {"current": None, "rss": 0}
+        hung = _follow(proc, stall_s, lambda line: _record(line, state, tally, problems),
+                       busy=lambda: state["current"] is not None)
+        rss = max(rss, state["rss"])
+        current = state["current"]
         if current is None:
             break  # finished (or died between inputs, which cannot happen: it only exits at the end)
         outcome = "hung" if hung else "crashed"
@@ -780,6 +754,51 @@ def run_chunk(parser: str, seed: int, start: int, count: int, workdir: Path, sta
         problems.append({"i": current, "outcome": outcome, "detail": f"worker exit {proc.returncode}"})
         i = current + 1
     return {"parser": parser, "tally": tally, "problems": problems, "rss_kb": rss}
+
+
+def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy) -> bool:
+    """Feed the worker's output lines to ``on_line`` as they come (raw reads: no line waits in a
+    buffer the poll cannot see); kill it when ``busy()`` (an input in progress) for ``stall_s``
+    seconds without output. Returns whether it was killed as hung."""
+    import selectors
+
+    fd = proc.stdout.fileno()
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    pending, last, hung = b"", time.monotonic(), False
+    try:
+        while True:
+            if not sel.select(timeout=1.0):
+                if busy() and time.monotonic() - last > stall_s:
+                    proc.kill()
+                    hung = True
+                    break
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            last = time.monotonic()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                on_line(line.decode())
+    finally:
+        sel.close()
+        proc.wait()
+    return hung
+
+
+def _record(line: str, state: dict, tally: dict, problems: list) -> None:
+    if line.startswith("#"):
+        state["current"] = int(line[1:])
+    elif line.startswith("="):
+        tally[line[1:].strip()] += 1
+        state["current"] = None
+    elif line.startswith("rss "):
+        state["rss"] = max(state["rss"], int(line.split()[1]))
+    elif line.startswith("{"):
+        problems.append(json.loads(line))
 
 
 # ---------------------------------------------------------------------------------- the report
