@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from surgery.launch import module_command
+
 from .common import console, handles_errors
 
 EPOCHS, LR, PER_CLASS = 10, "3e-3", 4
@@ -30,7 +32,7 @@ class _Steps:
         self.out.print(f"\n[bold]$ surgery {' '.join(shlex.quote(a) for a in args)}[/bold]")
         sys.stdout.flush()
         t0 = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", "cli.main", *args],
+        code = subprocess.call(module_command(f"{__package__}.main", args),  # never imports from the cwd
                                stdout=subprocess.DEVNULL if quiet else None)
         if code != 0:
             raise typer.Exit(code)

@@ -26,6 +26,7 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Score a model on labelled images: accuracy, loss, per-class accuracy, confusion matrix.
 
@@ -37,7 +38,7 @@ def evaluate(
     if data is None:
         raise DataError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
     rep = run_eval(folder, data, split=split, val_split=val_split, seed=seed, batch_size=batch_size,
-                   workers=workers, device=device, image_size=image_size)
+                   workers=workers, device=device, image_size=image_size, trust_code=trust_code)
     if as_json:
         print_json(rep.to_json())
         return

@@ -22,6 +22,7 @@ def predict(
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
     image_size: Annotated[int, typer.Option("--image-size", help="Override the manifest's input size (0: keep).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Classify images with a trained model; class names come from its manifest.
 
@@ -29,7 +30,8 @@ def predict(
     """
     from surgery.trainer.evaluate import predict as run_predict
 
-    preds = run_predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None)
+    preds = run_predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None,
+                        trust_code=trust_code)
     if as_json:
         print_json(preds)
         return

@@ -14,6 +14,7 @@ from typer.core import TyperCommand
 from .common import console, handles_errors, print_json
 
 _RESUME_LAST = "\0last"
+_ENTRY = __spec__.name if __spec__ is not None else __name__  # what --nproc starts under torchrun: this module
 
 
 class _OptionalResume(TyperCommand):
@@ -130,6 +131,7 @@ def train(
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout, nothing else there.")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Fine-tune an adapted model in the phases its manifest schedules.
 
@@ -153,10 +155,8 @@ def train(
         argv = strip_nproc(raw)
         if argv and argv[0] == "train":
             argv = argv[1:]
-        cmd = launch_command(nproc, argv)
+        cmd = launch_command(nproc, argv, module=_ENTRY)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         rc = subprocess.run(cmd, env=env).returncode
         raise typer.Exit(rc)
@@ -171,7 +171,8 @@ def train(
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, patience=patience,
             image_size=image_size, augment=not no_augment, flip=not no_flip, device=device, amp=not no_amp,
             compile=compile_, cache_features=cache_features, cache_views=cache_views,
-            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer)
+            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer,
+            trust_code=trust_code)
     finally:
         renderer.close()
     if os.environ.get("RANK", "0") != "0":

@@ -12,7 +12,7 @@ from typing import Callable
 from .checkpoint import SPARSE_KINDS, Checkpoint, torch_dtype
 from .errors import FormatError, OutputError
 from .formats.safetensors_fmt import ALIASES_KEY, Entry, build_header, copy_ranges
-from .io import BackgroundHash, atomic_dir, atomic_file
+from .io import BackgroundHash, atomic_dir, atomic_file, same_path
 from .rules import PlanRow, RemapReport, Rules
 
 _PLACEHOLDER = "sha256-pending-" + "0" * 49  # 64 chars, replaced in place once the hash is known
@@ -182,7 +182,7 @@ def _write_sharded(ckpt, rows, rules, dst: Path, shard_bytes: int, aliases, hash
     for r in rows:
         if r.new is not None:
             weight_map[r.new] = where[r.alias_of] if r.alias_of else where[r.new]
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, keep=_kept_in_place(ckpt, dst)) as tmp:
         patches = []
         for name, shard in zip(names, shards):
             shard_aliases = {a: t for a, t in aliases.items() if where[t] == name}
@@ -195,6 +195,25 @@ def _write_sharded(ckpt, rows, rules, dst: Path, shard_bytes: int, aliases, hash
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         report.source_sha256 = sha
     report.files = [str(dst / n) for n in names] + [str(dst / "model.safetensors.index.json")]
+
+
+def _kept_in_place(ckpt: Checkpoint, dst: Path) -> list[str]:
+    """Rewriting a sharded folder in place replaces its shards and the index naming them;
+    everything else there (config.json, tokenizer files, other formats' shards) moves into the
+    new folder."""
+    if not dst.is_dir() or not same_path(dst, ckpt.path):
+        return []
+    shards = {os.path.realpath(f) for f in ckpt.files}
+    own = {os.path.basename(f) for f in shards}
+    for entry in os.scandir(dst):
+        if entry.name.endswith(".index.json") and entry.is_file():
+            try:
+                names = set(json.loads(Path(entry.path).read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+            if names and names <= own:
+                own.add(entry.name)
+    return [e.name for e in os.scandir(dst) if e.name not in own and os.path.realpath(e.path) not in shards]
 
 
 def _digest(ckpt: Checkpoint, name: str, rng: tuple[str, int, int] | Callable[[], bytes] | None = None) -> str:

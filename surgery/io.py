@@ -5,37 +5,136 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import OutputError
 
 
-def check_destination(dst: Path, inputs: list[Path], force: bool, in_place: bool | None = False) -> None:
-    """Refuse, before any work, a destination that would overwrite an input or an existing file.
+# What each command writes into a folder it owns: replacing such a folder removes only these
+# (and surgery's own temp files); anything else there makes --force refuse, listing it.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "adapt": (r"manifest\.json", r"model\.safetensors", r"load_report\.json"),
+    "remap": (r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors"),
+    "train": (r"manifest\.json", r"model\.safetensors", r"load_report\.json", r"metrics\.jsonl", r"run\.log",
+              r"curves\.png", r"confusion\.png", r"failures\.jsonl", r"checkpoints/", r"checkpoints/(last|best)\.pt"),
+}
+_TEMP = r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)/?"  # atomic_file / atomic_dir leftovers: ".NAME.XXXXXXXX.tmp"
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket"}
 
-    ``in_place``: True allows DST == an input; False refuses it and points at ``--in-place``;
-    None refuses it for commands that have no such option.
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """"a FIFO", "a character device", ... when ``path`` (through symlinks) is no regular file
+    or folder; None otherwise (or when it does not exist)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return _SPECIAL.get(stat.S_IFMT(mode))
+
+
+def check_source(path: str | os.PathLike) -> None:
+    """Refuse a source that reading would hang on or that is no file (FIFO, device, socket)."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise OutputError(f"{path}: is {kind}, not a checkpoint file; surgery reads regular files and folders")
+
+
+def foreign_entries(folder: Path, owned: Iterable[str]) -> list[str]:
+    """Entries of ``folder`` (one level, and inside owned subfolders) that no pattern in ``owned``
+    names: what replacing the folder must not delete. Subfolders are matched as ``name/``."""
+    pats = [re.compile(p) for p in (*owned, _TEMP)]
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        prefix = "" if rel == "." else rel + "/"
+        for name in sorted(dirs) + sorted(files):
+            full = os.path.join(root, name)
+            entry = prefix + name + ("/" if name in dirs and not os.path.islink(full) else "")
+            if not any(p.fullmatch(entry) for p in pats) or (name in files and special_kind(full)):
+                out.append(entry)
+        dirs[:] = [d for d in dirs if any(p.fullmatch(prefix + d + "/") for p in pats) and not os.path.islink(os.path.join(root, d))]
+    return out
+
+
+def check_replaceable(dst: Path, kind: str, owned: Iterable[str] = ()) -> None:
+    """An existing ``dst`` that --force may replace: never a FIFO, device or socket; a file
+    output never replaces a folder and a folder output never a file; a folder only when it holds
+    nothing but what ``owned`` names (the patterns of the command that writes it)."""
+    what = special_kind(dst)
+    if what is not None:
+        raise OutputError(f"{dst}: is {what}; surgery writes only regular files and folders, choose another destination")
+    if kind == "file" and dst.is_dir():
+        raise OutputError(f"{dst}: is a folder; surgery would write a file here: remove it or choose another name")
+    if kind == "folder" and dst.exists() and not dst.is_dir():
+        raise OutputError(f"{dst}: is a file, not a folder surgery wrote; remove it or choose another name")
+    if kind == "folder" and dst.is_dir():
+        foreign = foreign_entries(dst, owned)
+        if foreign:
+            more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+            raise OutputError(f"{dst}: holds files surgery did not write ({', '.join(foreign[:8])}{more}); "
+                              f"--force replaces only its own outputs: move them or choose another folder")
+
+
+def _relation(dst: Path, src: Path) -> str | None:
+    """"same", "dst-inside" (DST lies inside SRC), "src-inside" (DST contains SRC), or None;
+    paths compared after resolving every symlink."""
+    rd, rs = Path(os.path.realpath(dst)), Path(os.path.realpath(src))
+    same = rd == rs
+    with contextlib.suppress(OSError):
+        same = same or (dst.exists() and os.path.samefile(dst, src))
+    if same:
+        return "same"
+    if rs in rd.parents:
+        return "dst-inside"
+    if rd in rs.parents:
+        return "src-inside"
+    return None
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file or folder (through symlinks)."""
+    return _relation(Path(a), Path(b)) == "same"
+
+
+def check_destination(dst: Path, inputs: list[Path], force: bool, in_place: bool | None = False, *,
+                      kind: str = "file", owned: Iterable[str] = ()) -> None:
+    """Refuse, before any work, a destination that would overwrite, contain or lie inside an
+    input, replace a special file, or replace an existing file without ``force``.
+
+    ``in_place``: True allows DST == the first input (a rewrite of SRC's own files); False
+    refuses it and points at ``--in-place``; None refuses it for commands that have no such
+    option. ``kind``: "file" or "folder"; ``owned``: patterns of what this command writes into
+    a folder (see :data:`OUTPUTS`), the only entries --force may replace.
     """
     dst = Path(dst)
-    for src in inputs:
-        if dst.is_symlink() and dst.resolve() == Path(src).resolve():
-            raise OutputError(f"{dst}: destination is a symlink to the source; refusing to write through it")
-        same = False
-        try:
-            same = dst.exists() and os.path.samefile(dst, src)
-        except OSError:
-            pass
-        if same or dst.resolve() == Path(src).resolve():
-            if in_place:
-                return
+    inputs = [Path(p) for p in inputs]
+    rewriting = False
+    for i, src in enumerate(inputs):
+        rel = _relation(dst, src)
+        if rel is None or (rewriting and rel in ("same", "src-inside")):
+            continue  # an in-place rewrite replaces SRC's own files
+        if rel == "same":
+            if dst.is_symlink():
+                raise OutputError(f"{dst}: destination is a symlink to the source; refusing to write through it")
+            if in_place and i == 0:
+                rewriting = True
+                continue
             hint = ", or pass --in-place to replace it" if in_place is False else ""
             raise OutputError(f"{dst}: destination is the source; write to a new path{hint}")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise OutputError(f"{dst}: already exists; pass --force to replace it")
+        if rel == "dst-inside":
+            raise OutputError(f"{dst}: destination lies inside the source {src}; write outside it")
+        raise OutputError(f"{dst}: destination contains the source {src}; replacing it would delete the source")
+    if (dst.exists() or dst.is_symlink()) and not rewriting:
+        if not force:
+            raise OutputError(f"{dst}: already exists; pass --force to replace it")
+        check_replaceable(dst, kind, owned)
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{dst}: folder {parent} does not exist; create it first")
@@ -63,16 +162,23 @@ def atomic_file(dst: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(dst: Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``dst``; on success it replaces ``dst`` in one rename."""
+def atomic_dir(dst: Path, keep: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a temp folder beside ``dst``; on success it replaces ``dst`` in one rename.
+
+    ``keep``: entries of the existing ``dst`` to carry into the new folder (hard links, or copies
+    across devices) before the swap: the files an in-place rewrite must not lose.
+    """
     dst = Path(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or "."))
     os.chmod(tmp, _default_mode(folder=True))  # mkdtemp makes 0700
     try:
         yield tmp
         for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        for name in keep:
+            _carry(dst / name, tmp / name)
         old = None
         if dst.exists() or dst.is_symlink():
             if dst.is_dir() and not dst.is_symlink():
@@ -87,6 +193,57 @@ def atomic_dir(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (a file, symlink or folder tree) at ``dst``; copy where links fail."""
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def remove_temps(folder: Path) -> list[str]:
+    """Delete the temp files and folders (``.NAME.XXXXXXXX.tmp``/``.old``) that atomic_file and
+    atomic_dir leave in ``folder`` and its subfolders when a process is killed mid-write;
+    returns their paths relative to ``folder``. Call only on a folder this process owns."""
+    pat = re.compile(_TEMP)
+    gone = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            full = os.path.join(root, name)
+            if pat.fullmatch(name):
+                shutil.rmtree(full) if name in dirs and not os.path.islink(full) else os.unlink(full)
+                gone.append(os.path.relpath(full, folder))
+        dirs[:] = [d for d in dirs if not pat.fullmatch(d)]
+    return gone
+
+
+def remove_outputs(folder: Path, owned: Iterable[str]) -> None:
+    """Delete what ``owned`` names in ``folder`` (checked by :func:`check_replaceable` first),
+    deepest first; the folder itself stays."""
+    pats = [re.compile(p) for p in (*owned, _TEMP)]
+    for root, dirs, files in os.walk(folder, topdown=False):
+        rel = os.path.relpath(root, folder)
+        prefix = "" if rel == "." else rel + "/"
+        for name in files:
+            if any(p.fullmatch(prefix + name) for p in pats):
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            full = os.path.join(root, name)
+            if any(p.fullmatch(prefix + name + "/") for p in pats):
+                if os.path.islink(full):
+                    os.unlink(full)
+                else:
+                    with contextlib.suppress(OSError):  # not empty: something foreign, kept
+                        os.rmdir(full)
 
 
 def _default_mode(folder: bool = False) -> int:

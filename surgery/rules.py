@@ -502,10 +502,11 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     >>> remap("dp.pth", "clean.pt", {"ops": [{"auto": True}, {"dtype": "bf16"}]})  # doctest: +SKIP
     """
     from .formats import open_checkpoint
-    from .io import check_destination
+    from .io import OUTPUTS, check_destination, check_source
 
     rules = Rules.coerce(rules)
     src_p, dst_p = Path(src), Path(dst)
+    check_source(src_p)
     ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
     if ckpt.file_kind == "optimizer" and rules.select is None:
         raise SelectError(f"{src_p}: this is {ckpt.description}, not a model's weights; name the tensor dict to "
@@ -522,7 +523,8 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     if dry_run:
         return report
     inputs = [src_p, *map(Path, ckpt.files)]
-    check_destination(dst_p, inputs, force=force, in_place=in_place)
+    check_destination(dst_p, inputs, force=force, in_place=in_place,
+                      kind="folder" if fmt == "safetensors-index" else "file", owned=OUTPUTS["remap"])
     from . import _writers
 
     _writers.write(ckpt, rows, rules, dst_p, fmt, shard_bytes, report)

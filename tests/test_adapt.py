@@ -181,7 +181,7 @@ def test_user_factory_without_num_classes(factory_file, tmp_path):
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     assert torch.equal(model.mid.weight, src["mid.weight"])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["scorer_of_things.weight", "scorer_of_things.bias"]
-    again = load_adapted(out)
+    again = load_adapted(out, trust_code=True)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 

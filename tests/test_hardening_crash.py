@@ -1,12 +1,15 @@
 """Crash safety: SIGKILL mid-write, a full disk, two writers racing. DST is absent or complete.
 
-Every test runs the real CLI (``python -m cli.main``) in a subprocess on a ~160 MB checkpoint so the
-write is in progress when the signal lands. Temp files (``.NAME.*.tmp``) that a SIGKILL leaves
-behind are reported, and must match surgery's own naming pattern; DST itself is never partial.
+Every test runs the real CLI (``python -m cli.main``) in a subprocess on a ~160 MB checkpoint. The
+SIGKILL test aims its kills at a write in flight (DST's temp file exists and is growing; the process
+is stopped, checked and killed) and counts how many landed mid-write. Temp files (``.NAME.*.tmp``)
+that a SIGKILL leaves behind are reported, and must match surgery's own naming pattern; DST itself
+is never partial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -76,31 +79,68 @@ def _kill_at(args: list[str], delay: float, watch: Path | None, dst: Path) -> in
     return rc
 
 
+def _temp_bytes(folder: Path, dst: Path) -> int | None:
+    """Bytes written so far into DST's temp file or folder; None while there is none."""
+    total = None
+    for e in os.scandir(folder):
+        if e.name.startswith(f".{dst.name}.") and e.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                total = (total or 0) + (sum(f.stat().st_size for f in os.scandir(e.path)) if e.is_dir()
+                                        else e.stat().st_size)
+    return total
+
+
+def _kill_mid_write(args: list[str], folder: Path, dst: Path, at_bytes: int) -> tuple[int | None, bool]:
+    """SIGKILL the CLI once DST's temp holds ``at_bytes``. Returns (exit status if it finished
+    first, whether the kill landed mid-write: temp present, growing, DST not yet renamed)."""
+    proc = subprocess.Popen(CLI + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    seen = 0
+    while time.monotonic() - t0 < 120 and proc.poll() is None:
+        n = _temp_bytes(folder, dst)
+        if n is not None and n >= at_bytes and n > seen > 0 and not dst.exists():
+            proc.send_signal(signal.SIGSTOP)  # freeze it, then look again: the kill lands exactly here
+            n2 = _temp_bytes(folder, dst)
+            mid = n2 is not None and n2 > 0 and not dst.exists()
+            proc.kill()
+            proc.wait()
+            return None, mid
+        seen = n or 0
+        time.sleep(0.0005)
+    rc = proc.wait()
+    return rc, False
+
+
 REMAP_CASES = {
-    "safetensors copy": ("safetensors", "o.safetensors", ["--auto"]),
-    "cast to bf16": ("safetensors", "o.safetensors", ["--auto", "--dtype", "bf16"]),
-    "sharded folder": ("safetensors", "o_sharded", ["--auto", "--shard-size", "40MB"]),
-    "torch zip out": ("pt", "o.pt", ["--auto"]),
+    "safetensors copy": ("safetensors", "o.safetensors", ["--auto"], 168 << 20),
+    "cast to bf16": ("safetensors", "o.safetensors", ["--auto", "--dtype", "bf16"], 84 << 20),
+    "sharded folder": ("safetensors", "o_sharded", ["--auto", "--shard-size", "40MB"], 168 << 20),
+    "torch zip out": ("pt", "o.pt", ["--auto"], 168 << 20),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REMAP_CASES))
 def test_sigkill_remap_leaves_dst_absent_or_complete(big, tmp_path, case, record_property):
-    src_kind, name, extra = REMAP_CASES[case]
-    outcomes = []
-    for delay, watch in ((0.05, False), (0.2, False), (0.5, False), (0.0, True), (0.05, True), (0.2, True)):
-        folder = tmp_path / f"d{len(outcomes)}"
+    """Kills aimed at a write in flight (the temp exists and is growing) leave DST absent and the
+    temp named as surgery names it. Most aimed kills must land mid-write, or the test proves
+    nothing."""
+    src_kind, name, extra, size = REMAP_CASES[case]
+    outcomes, mid_write = [], 0
+    for frac in (0.15, 0.5, 0.85):
+        folder = tmp_path / f"m{len(outcomes)}"
         folder.mkdir()
         dst = folder / name
-        rc = _kill_at(["remap", str(big[src_kind]), str(dst), *extra], delay, folder if watch else None, dst)
+        rc, mid = _kill_mid_write(["remap", str(big[src_kind]), str(dst), *extra], folder, dst, int(size * frac))
         exists, temps = _state(folder, dst)
-        if exists:
+        if mid:
+            mid_write += 1
+            assert not exists and temps, f"killed mid-write at {frac:.0%}, yet DST exists or no temp is left"
+        elif exists:
             _check_complete(dst)
-        else:
-            assert rc in (None, 2), rc
-        outcomes.append((delay, watch, "complete" if exists else "absent", len(temps)))
+        outcomes.append((frac, "mid-write" if mid else "missed", "complete" if exists else "absent", len(temps)))
     record_property("outcomes", outcomes)
     print(case, outcomes)
+    assert mid_write >= 2, f"only {mid_write} of 3 aimed kills landed mid-write: {outcomes}"
 
 
 def test_sigkill_adapt_leaves_out_absent_or_complete(make, tmp_path):
@@ -132,7 +172,7 @@ def _limit_fsize(nbytes: int):
 
 @pytest.mark.parametrize("case", sorted(REMAP_CASES))
 def test_disk_full_remap(big, tmp_path, case):
-    src_kind, name, extra = REMAP_CASES[case]
+    src_kind, name, extra, _ = REMAP_CASES[case]
     dst = tmp_path / name
     r = subprocess.run(CLI + ["remap", str(big[src_kind]), str(dst), *extra], cwd=REPO, capture_output=True,
                        text=True, preexec_fn=_limit_fsize(4 << 20), timeout=300)

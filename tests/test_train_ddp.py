@@ -30,7 +30,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "cli.train_cmd", str(tmp_path / "ad"), "--data", str(data), "--epochs", "2",
-           "--lr", "5e-3", "--out", str(out), "--batch-size", "16", "--device", "cpu", "--nproc", "2", "--json"]
+           "--lr", "5e-3", "--out", str(out), "--batch-size", "16", "--device", "cpu", "--nproc", "2", "--json", "--trust-code"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout[p.stdout.index("{"):])  # rank 0 alone prints
@@ -38,6 +38,6 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert [m["phase"] for m in res["metrics"]] == ["frozen", "unfrozen"]
     sd = load_file(str(out / "model.safetensors"))
     assert not any(k.startswith("module.") for k in sd)
-    model = load_adapted(out)
+    model = load_adapted(out, trust_code=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     assert "x2 processes" in (out / "run.log").read_text()

@@ -1,11 +1,15 @@
 """ARCH -> a model factory: torchvision names, ``timm:NAME``, ``file.py:fn``, ``package.module:fn``.
 
 A resolved :class:`ArchSpec` is plain data (kind, name, kwargs) that the manifest stores, so
-``load_adapted`` rebuilds the very same model later.
+``load_adapted`` rebuilds the very same model later. torchvision and timm models are rebuilt by
+name and run no other code; a file or module factory is code: when it comes from a folder's
+manifest it runs only with ``trust_code`` (:func:`check_trust`), and a file factory only while
+its bytes still have the sha256 that adapt pinned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -15,12 +19,14 @@ import inspect as pyinspect
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..archsig import meta_build
+from ..io import sha256_file
 from .errors import AdaptError, ArchError
+from .manifest import ARCH_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -37,17 +43,88 @@ class ArchSpec:
     kind: str
     name: str
     kwargs: dict = field(default_factory=dict)
+    sha256: str | None = None  # a file factory's bytes, pinned when adapt ran it
+    relative: str | None = None  # a file factory's path relative to the folder holding the manifest
 
     @property
     def display(self) -> str:
         return f"timm:{self.name}" if self.kind == "timm" else self.name
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs)}
+    @property
+    def is_code(self) -> bool:
+        """Whether building runs code the user wrote (a factory), or kwargs reach timm's loaders."""
+        return self.kind in ("file", "module") or (self.kind == "timm" and bool(LOADER_KWARGS & set(self.kwargs)))
+
+    def to_json(self, folder: str | os.PathLike | None = None) -> dict:
+        """The manifest's ``arch``; ``folder``: where the manifest goes (a file factory's path is
+        also stored relative to it, so the pair moves together)."""
+        data = {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs)}
+        if self.kind == "file":
+            data["sha256"] = self.sha256
+            if folder is not None:
+                with contextlib.suppress(ValueError):  # another drive: the absolute path only
+                    data["relative"] = os.path.relpath(self.name.rpartition(":")[0], Path(folder).resolve())
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ArchSpec":
-        return cls(data["kind"], data["name"], dict(data.get("kwargs") or {}))
+        return cls(data["kind"], data["name"], dict(data.get("kwargs") or {}), data.get("sha256"), data.get("relative"))
+
+
+KINDS = ARCH_KINDS
+# timm.create_model kwargs that read files or the network (checkpoint_path goes through
+# torch.load): from a manifest they need the same consent as a factory
+LOADER_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
+
+
+class TrustError(ArchError):
+    """A folder's manifest names code (a factory) and the caller did not pass trust_code."""
+
+
+def check_trust(spec: ArchSpec, folder: str | os.PathLike, trust_code: bool) -> ArchSpec:
+    """The spec to build from a folder's manifest: torchvision and timm names always; a factory
+    only with ``trust_code``, and a file factory only while its sha256 is the pinned one (the
+    file is looked for beside the folder first, then at its absolute path). Runs nothing."""
+    if spec.kind not in KINDS:
+        raise ArchError(f"{folder}: manifest arch.kind {spec.kind!r} is not one of {', '.join(KINDS)}")
+    if spec.kind == "timm" and not spec.is_code and not _timm_is_model(spec.name):
+        raise ArchError(f"{folder}: manifest names timm model {spec.name!r}, which timm does not list; "
+                        f"surgery rebuilds only listed models from a folder")
+    if not spec.is_code:
+        return spec
+    what = (f"{spec.kind} factory {spec.name}" if spec.kind != "timm"
+            else f"timm:{spec.name} with {', '.join(sorted(LOADER_KWARGS & set(spec.kwargs)))}")
+    if not trust_code:
+        raise TrustError(f"{folder}: its manifest builds the model with code ({what}); surgery ran nothing. "
+                         f"If you trust this folder, pass --trust-code (trust_code=True in Python)")
+    if spec.kind != "file":
+        return spec
+    return _pinned_file(spec, Path(folder))
+
+
+def _pinned_file(spec: ArchSpec, folder: Path) -> ArchSpec:
+    target, _, fn = spec.name.rpartition(":")
+    if not spec.sha256:
+        raise TrustError(f"{folder}: the manifest's file factory {target} has no pinned sha256; "
+                         f"re-run surgery adapt to record it")
+    candidates = [folder / spec.relative] if spec.relative else []
+    candidates.append(Path(target))
+    found = []
+    for c in candidates:
+        if c.is_file():
+            digest = sha256_file(c)
+            if digest == spec.sha256:
+                return replace(spec, name=f"{c.resolve()}:{fn}")
+            found.append(f"{c} has sha256 {digest}")
+    if not found:
+        raise TrustError(f"{folder}: the manifest's factory file {target} is not there "
+                         f"({' or '.join(map(str, candidates))})")
+    raise TrustError(f"{folder}: the factory file changed since adapt: the manifest pins sha256 {spec.sha256}, "
+                     f"{'; '.join(found)}; re-run surgery adapt if the change is yours")
+
+
+def _timm_is_model(name: str) -> bool:
+    return bool(_import_timm().is_model(name))
 
 
 def parse_arch_kwargs(text: str | dict | None) -> dict:
@@ -97,7 +174,8 @@ def resolve_arch(arch: str, kwargs: dict | str | None = None) -> ArchSpec:
             raise ArchError(f"--arch {arch!r}: a factory is 'path/to/file.py:function' or 'package.module:function'")
         if target.endswith(".py") or os.sep in target or "/" in target:
             path = Path(target).expanduser().resolve()
-            spec = ArchSpec("file", f"{path}:{fn}", kw)
+            digest = sha256_file(path) if path.is_file() else None
+            spec = ArchSpec("file", f"{path}:{fn}", kw, digest)
         else:
             spec = ArchSpec("module", arch, kw)
         factory(spec)  # import now: a broken factory fails before any work
@@ -119,20 +197,24 @@ def _import_timm():
     return timm
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, sha256: str | None = None):
+    """Import the factory file; with ``sha256`` the bytes executed are the bytes hashed."""
     if not path.is_file():
         raise ArchError(f"{path}: factory file not found")
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    mod_name = f"surgery_user_factory_{digest}"
+    source = path.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise TrustError(f"{path}: the factory file changed: expected sha256 {sha256}, found {digest}")
+    mod_name = f"surgery_user_factory_{digest[:16]}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, path)
-    if spec is None or spec.loader is None:
+    if spec is None:
         raise ArchError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the user named this file
     except Exception as e:  # noqa: BLE001 - user code: any failure is bad input, reported in one line
         del sys.modules[mod_name]
         raise ArchError(f"{path}: importing the factory file failed: {type(e).__name__}: {e}") from None
@@ -148,9 +230,11 @@ def factory(spec: ArchSpec) -> Callable[..., "nn.Module"]:
     if spec.kind == "timm":
         timm = _import_timm()
         return functools.partial(timm.create_model, spec.name, pretrained=False)
+    if spec.kind not in KINDS:
+        raise ArchError(f"arch kind {spec.kind!r} is not one of {', '.join(KINDS)}")
     target, _, fn = spec.name.rpartition(":")
     if spec.kind == "file":
-        module = _load_file(Path(target))
+        module = _load_file(Path(target), spec.sha256)
         where = target
     else:
         try:

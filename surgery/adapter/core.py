@@ -266,10 +266,10 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     opts.resolved()  # conflicts fail now, before the model is built
     out_p = Path(out) if out is not None else None
     if out_p is not None:
-        from ..io import check_destination
+        from ..io import OUTPUTS, check_destination
 
         inputs = [Path(ckpt)] if ckpt is not None and not isinstance(ckpt, Mapping) else []
-        check_destination(out_p, inputs, force=force, in_place=None)
+        check_destination(out_p, inputs, force=force, in_place=None, kind="folder", owned=OUTPUTS["adapt"])
 
     spec = arch_mod.resolve_arch(arch, arch_kwargs)
     src = _open_source(ckpt, weights, spec, rules, select, allow_globals)
@@ -375,7 +375,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
         "schema": SCHEMA,
         "created_by": f"surgery {__version__}",
         "source": {**src.info, **(align.to_json())},
-        "arch": {**spec.to_json(), "num_classes_kwarg": took},
+        "arch": {**spec.to_json(out_p), "num_classes_kwarg": took},
         "num_classes": num_classes,
         "class_names": class_names,
         "head": head_json,
@@ -437,19 +437,25 @@ def _manifest(m: Any) -> Manifest:
     return read_manifest(m)
 
 
-def build_from_manifest(manifest: Any, *, meta: bool = False) -> "nn.Module":
-    """The adapted model's structure (freshly initialised) from the manifest's spec."""
+def build_from_manifest(manifest: Any, *, meta: bool = False, trust_code: bool = False) -> "nn.Module":
+    """The adapted model's structure (freshly initialised) from the manifest's spec. A factory
+    named there is code: it runs only with ``trust_code`` and only with its pinned sha256."""
     from .heads import HeadPlan
 
     m = _manifest(manifest)
-    spec = arch_mod.ArchSpec.from_json(m["arch"])
+    spec = arch_mod.check_trust(arch_mod.ArchSpec.from_json(m["arch"]), m.path or "manifest", trust_code)
     plan = HeadPlan.from_json(m.head)
     return _build(spec, m.num_classes, plan, int(m.data.get("seed", 0)), meta=meta)
 
 
-def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 0, verify: bool = True) -> "nn.Module":
+def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 0, verify: bool = True,
+                 trust_code: bool = False) -> "nn.Module":
     """The model written by ``surgery adapt``, ready to train: weights loaded strictly, in train
     mode, ``requires_grad`` and BatchNorm modes as the manifest's schedule says at ``epoch``.
+
+    The folder is data: torchvision and timm models are rebuilt by name. A file or module
+    factory in its manifest is code and runs only with ``trust_code=True`` (a file factory
+    only while its sha256 is the one adapt pinned).
 
     >>> model = load_adapted("adapted/")  # doctest: +SKIP
     """
@@ -465,12 +471,8 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     want = m["files"].get("weights_sha256")
     if verify and want and sha256_file(wpath) != want:
         raise ManifestError(f"{wpath}: sha256 differs from the manifest's; the weights were changed after adapt")
-    model = build_from_manifest(m)
-    names = {n: list(p.shape) for n, p in model.named_parameters()}
-    diff = sorted(set(names) ^ set(m.params))
-    if diff:
-        raise ManifestError(f"{folder}: the rebuilt model's parameters differ from the manifest's "
-                            f"({', '.join(diff[:5])}); the architecture code changed since adapt")
+    _check_shapes(build_from_manifest(m, meta=True, trust_code=trust_code), m, wpath)  # before any allocation
+    model = build_from_manifest(m, trust_code=trust_code)
     sd = load_file(str(wpath))
     try:
         model.load_state_dict(sd, strict=True)
@@ -481,6 +483,28 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     model.train()
     apply_schedule(model, m, epoch)
     return model
+
+
+def _check_shapes(meta_model: "nn.Module", m: Manifest, wpath: Path) -> None:
+    """The model the manifest describes, built on the meta device, against the manifest's
+    parameters and the weights file's header: a manifest cannot make surgery allocate more than
+    its weights file holds."""
+    from safetensors import SafetensorError, safe_open
+
+    names = {n: list(p.shape) for n, p in meta_model.named_parameters()}
+    diff = sorted(set(names) ^ set(m.params))
+    if diff:
+        raise ManifestError(f"{wpath.parent}: the rebuilt model's parameters differ from the manifest's "
+                            f"({', '.join(diff[:5])}); the architecture code changed since adapt")
+    try:
+        with safe_open(str(wpath), "pt", device="cpu") as f:  # the header only: get_slice reads no data
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ManifestError(f"{wpath}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
+    wrong = [f"{k} {v} vs {stored.get(k)}" for k, v in {**names, **{k: list(t.shape) for k, t in
+             meta_model.named_buffers() if k in stored}}.items() if stored.get(k) != v]
+    if wrong:
+        raise ManifestError(f"{wpath}: does not fit the model the manifest describes ({'; '.join(wrong[:3])})")
 
 
 def param_groups(model: "nn.Module", manifest: Any, lr: float, weight_decay: float | None = None) -> list[dict]:

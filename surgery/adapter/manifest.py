@@ -6,7 +6,7 @@ is checked on read and every problem is reported at once.
     {"schema": "surgery.manifest/1",
      "source": {"path", "sha256", "format", "container", "wrappers_stripped", "ckpt_prefix",
                 "model_prefix", "rules", "weights"},
-     "arch": {"kind", "name", "kwargs", "num_classes_kwarg"},
+     "arch": {"kind", "name", "kwargs", "num_classes_kwarg", "sha256", "relative"},
      "num_classes": 7, "class_names": null,
      "head": {"kind", "module", "classifier", "aux", "replace", "pool", "block", "in_features",
               "out_features", "hidden", "dropout", "first_conv", "in_chans", "num_classes", "class_names"},
@@ -34,6 +34,7 @@ SCHEMA = "surgery.manifest/1"
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "load_report.json"
+ARCH_KINDS = ("torchvision", "timm", "file", "module")  # file and module are code: see arch.check_trust
 
 # key -> (type or types, required keys inside when a dict)
 _SECTIONS: dict[str, tuple[Any, tuple[str, ...]]] = {
@@ -102,6 +103,11 @@ def validate(data: Any, where: str = "manifest") -> Manifest:
             if r not in val:
                 problems.append(f"{key}.{r} is missing")
     if not problems:
+        arch = data["arch"]
+        if arch["kind"] not in ARCH_KINDS:
+            problems.append(f"arch.kind {arch['kind']!r} is not one of {', '.join(ARCH_KINDS)}")
+        if not isinstance(arch["name"], str) or not isinstance(arch["kwargs"], dict):
+            problems.append("arch.name must be a string and arch.kwargs an object")
         if data["num_classes"] < 1:
             problems.append(f"num_classes must be >= 1, got {data['num_classes']}")
         if data["head"]["kind"] not in ("linear", "mlp"):

@@ -112,10 +112,16 @@ def wrap(model: "nn.Module", info: DistInfo, device: "torch.device") -> "nn.Modu
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
 
 
-def launch_command(nproc: int, argv: Sequence[str], module: str = "cli.train_cmd") -> list[str]:
-    """``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGV``: a one-node launch."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", module, *argv]
+def launch_command(nproc: int, argv: Sequence[str], module: str) -> list[str]:
+    """A one-node torchrun launch of ``module`` (the caller's entry point, e.g. its ``train``
+    command) with ``argv``: torchrun and every worker start through
+    :func:`surgery.launch.module_command`, so nothing is imported from the working directory."""
+    from ..launch import import_root, module_command
+
+    root = import_root(module)
+    worker = module_command(module, argv, root=root)
+    return module_command("torch.distributed.run", ["--standalone", f"--nproc-per-node={nproc}", "--no-python",
+                                                    *worker], root=import_root("torch"))
 
 
 def strip_nproc(argv: Sequence[str]) -> list[str]:

@@ -34,7 +34,7 @@ class EvalReport:
         return d
 
 
-def _setup(folder: str | os.PathLike, device: str, image_size: int | None):
+def _setup(folder: str | os.PathLike, device: str, image_size: int | None, trust_code: bool = False):
     import torch
 
     from ..adapter.core import load_adapted
@@ -44,7 +44,7 @@ def _setup(folder: str | os.PathLike, device: str, image_size: int | None):
 
     m = read_manifest(folder)
     dev = _resolve_device(device)
-    model = load_adapted(folder, device=dev)
+    model = load_adapted(folder, device=dev, trust_code=trust_code)
     model.eval()
     inp = m["input"]
     if image_size is not None:
@@ -60,11 +60,12 @@ def _setup(folder: str | os.PathLike, device: str, image_size: int | None):
 
 def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str = "val",
              val_split: float | None = None, seed: int | None = None, batch_size: int = 64, workers: int = 0,
-             device: str = "auto", image_size: int | None = None) -> EvalReport:
+             device: str = "auto", image_size: int | None = None, trust_code: bool = False) -> EvalReport:
     """Accuracy, loss, per-class accuracy and confusion matrix of the model in ``folder`` on
     ``data``'s ``split`` (``val``, ``train`` or ``all``). For a single folder of class folders
     the split of the training run (its ``--val-split`` and ``--seed``, from the manifest's
-    results) is reproduced unless given; ``split='all'`` needs no split at all."""
+    results) is reproduced unless given; ``split='all'`` needs no split at all. ``trust_code``:
+    as in :func:`surgery.load_adapted`."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -73,7 +74,7 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
 
     if split not in SPLITS:
         raise SurgeryError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    m, dev, model, tf, names = _setup(folder, device, image_size)
+    m, dev, model, tf, names = _setup(folder, device, image_size, trust_code)
     targs = (m.data.get("results") or {}).get("train_args") or {}
     if seed is None:
         seed = int(targs.get("seed") or 0)
@@ -110,9 +111,10 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
 
 
 def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 1, device: str = "auto",
-            image_size: int | None = None, batch_size: int = 64) -> list[dict]:
+            image_size: int | None = None, batch_size: int = 64, trust_code: bool = False) -> list[dict]:
     """``[{"path", "top": [{"class", "index", "prob"}, ...]}]`` for each image, in order; class
-    names from the manifest. A missing or unreadable image is an error naming it."""
+    names from the manifest. A missing or unreadable image is an error naming it. ``trust_code``:
+    as in :func:`surgery.load_adapted`."""
     import torch
 
     from .data import _image_problem
@@ -128,7 +130,7 @@ def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, t
             bad.append(f"{img}: {why}")
     if bad:
         raise InputError(f"cannot read {len(bad)} image{'s' if len(bad) > 1 else ''}: {'; '.join(bad[:5])}")
-    m, dev, model, tf, names = _setup(folder, device, image_size)
+    m, dev, model, tf, names = _setup(folder, device, image_size, trust_code)
     k = min(top_k, m.num_classes)
     from PIL import Image
 

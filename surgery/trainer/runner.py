@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import OutputError
+from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
 from .optim import LrMultiplier, optimizer_groups
 from .outputs import RunFiles, plot_run_curves, write_model
 from .state import (BEST, CHECKPOINT_DIR, LAST, ResumeError, TrainError, TrainInterrupted, check_fingerprint,
@@ -154,6 +154,8 @@ def _check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path
             raise ResumeError(f"{out}: --resume continues a run in OUT, but there is no such folder")
     elif (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it, or --resume to continue its run")
+    elif out.exists() or out.is_symlink():
+        check_replaceable(out, "folder", OUTPUTS["train"])
     probe = out if out.exists() else out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -203,13 +205,14 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
           augment: bool = True, flip: bool = True, device: str = "auto", amp: bool = True,
           compile: bool = False, cache_features: str = "auto", cache_views: int = 0,
           resume: bool | str | os.PathLike | None = None, force: bool = False,
-          observer: Optional[Observer] = None) -> TrainResult:
+          observer: Optional[Observer] = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune the model in ``adapted_dir`` (written by ``surgery adapt``) on ``data`` and
     write the run into ``out``: checkpoints, metrics.jsonl, curves.png, confusion.png, run.log,
     and the best weights as model.safetensors with an updated manifest.json, so that
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
-    ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
+    ``trust_code``: run a file or module factory named by the folder's manifest (see
+    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -238,13 +241,13 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
         return _train(adapted_p, Path(data), out_p, args, dict(weight_decay=weight_decay, warmup_epochs=warmup_epochs),
-                      dev, dist, resume, force, obs)
+                      dev, dist, resume, force, obs, trust_code)
     finally:
         D.teardown(dist)
 
 
 def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dict, dev: "torch.device",
-           dist: Any, resume: Any, force: bool, obs: Observer) -> TrainResult:
+           dist: Any, resume: Any, force: bool, obs: Observer, trust_code: bool = False) -> TrainResult:
     import torch
     from torch import nn
 
@@ -270,7 +273,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     if not samples.val:
         raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
     samples, skipped = scan_images(samples)
-    model = load_adapted(adapted_p)
+    model = load_adapted(adapted_p, trust_code=trust_code)
     inp = manifest["input"]
     channels = int(inp.get("channels", 3))
     if args["image_size"] is not None:
@@ -322,7 +325,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     # ---- from here on OUT is ours
     if is_main:
         if out_p.exists() and not resuming_here and force:
-            shutil.rmtree(out_p) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
+            remove_outputs(out_p, OUTPUTS["train"]) if out_p.is_dir() and not out_p.is_symlink() else out_p.unlink()
+        if resuming_here:
+            remove_temps(out_p)  # what a process killed mid-write left
         (out_p / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(dist)
     files = RunFiles(out_p, is_main, obs)
