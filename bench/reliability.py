@@ -706,6 +706,9 @@ def worker(cls: str, seed: int, start: int, count: int, workdir: Path) -> None:
     elif cls == "destination":
         env.tiny_ckpt
     out = sys.stdout
+    import resource
+
+    out.write(f"base {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n")  # torch and the scratch files loaded
     for i in range(start, start + count):
         rng = random.Random(f"{cls}:{seed}:{i}")
         out.write(f"#{i}\n")
@@ -726,8 +729,6 @@ def worker(cls: str, seed: int, start: int, count: int, workdir: Path) -> None:
         if outcome not in ("ok", "refused"):
             out.write(json.dumps({"i": i, "outcome": outcome, "detail": detail, "ops": [(k, p, b.hex()) for k, p, b in ops],
                                   "which": which}) + "\n")
-    import resource
-
     out.write(f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n")
     out.flush()
 
@@ -736,16 +737,17 @@ def run_chunk(parser: str, seed: int, start: int, count: int, workdir: Path, sta
     """Run a worker over a chunk, restarting past inputs that crash the process or hang it."""
     tally = dict.fromkeys(OUTCOMES, 0)
     problems: list[dict] = []
-    rss = 0
+    rss = base = 0
     i = start
     end = start + count
     while i < end:
         cmd = [sys.executable, __file__, "--worker", parser, str(seed), str(i), str(end - i), str(workdir)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
-        state = {"current": None, "rss": 0}
+        state = {"current": None, "rss": 0, "base": 0}
         hung = _follow(proc, stall_s, lambda line: _record(line, state, tally, problems),
                        busy=lambda: state["current"] is not None)
         rss = max(rss, state["rss"])
+        base = max(base, state["base"])
         current = state["current"]
         if current is None:
             break  # finished (or died between inputs, which cannot happen: it only exits at the end)
@@ -753,7 +755,7 @@ def run_chunk(parser: str, seed: int, start: int, count: int, workdir: Path, sta
         tally[outcome] += 1
         problems.append({"i": current, "outcome": outcome, "detail": f"worker exit {proc.returncode}"})
         i = current + 1
-    return {"parser": parser, "tally": tally, "problems": problems, "rss_kb": rss}
+    return {"parser": parser, "tally": tally, "problems": problems, "rss_kb": rss, "base_kb": base}
 
 
 def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy) -> bool:
@@ -795,8 +797,9 @@ def _record(line: str, state: dict, tally: dict, problems: list) -> None:
     elif line.startswith("="):
         tally[line[1:].strip()] += 1
         state["current"] = None
-    elif line.startswith("rss "):
-        state["rss"] = max(state["rss"], int(line.split()[1]))
+    elif line.startswith(("rss ", "base ")):
+        key, value = line.split()
+        state[key] = max(state[key], int(value))
     elif line.startswith("{"):
         problems.append(json.loads(line))
 
@@ -834,11 +837,13 @@ def hostile_pickles(workdir: Path) -> list[tuple[str, str]]:
 def render(results: list[dict], args, elapsed: float, hostile: list[tuple[str, str]]) -> str:
     by_class: dict[str, dict] = {}
     for r in results:
-        d = by_class.setdefault(r["parser"], {"tally": dict.fromkeys(OUTCOMES, 0), "problems": [], "rss_kb": 0})
+        d = by_class.setdefault(r["parser"], {"tally": dict.fromkeys(OUTCOMES, 0), "problems": [], "rss_kb": 0,
+                                              "base_kb": 0})
         for k, v in r["tally"].items():
             d["tally"][k] = d["tally"].get(k, 0) + v
         d["problems"] += r["problems"]
         d["rss_kb"] = max(d["rss_kb"], r["rss_kb"])
+        d["base_kb"] = max(d["base_kb"], r.get("base_kb", 0))
     total = sum(sum(d["tally"].values()) for d in by_class.values())
     classes = " ".join(f"--classes {c}" for c in args.classes) if args.classes != list(CLASSES) else ""
     lines = [
@@ -867,17 +872,20 @@ def render(results: list[dict], args, elapsed: float, hostile: list[tuple[str, s
         f"worker died), **hung** (no progress for {args.stall:g} s), **partial** (an output left after a failure, "
         f"an output that does not open, or a pre-existing file changed), **marker** (the file a payload would "
         f"create exists afterwards: code ran). Peak RSS: the largest resident size of one worker process over "
-        f"its chunk of inputs (goal: under {RSS_GOAL_MB} MB).",
+        f"its chunk of inputs (goal: under {RSS_GOAL_MB} MB); before inputs: its resident size once torch, "
+        f"surgery and the class's scratch files (the adapted folder for `manifest`) are loaded, so the "
+        f"difference is what the inputs cost.",
         "",
-        "| class | inputs | ok | refused | crashed | hung | partial | marker | peak RSS of a worker |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| class | inputs | ok | refused | crashed | hung | partial | marker | peak RSS of a worker | before inputs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in CLASSES:
         if c not in by_class:
             continue
-        t, rss = by_class[c]["tally"], by_class[c]["rss_kb"] / 1024
+        t, rss, base = by_class[c]["tally"], by_class[c]["rss_kb"] / 1024, by_class[c]["base_kb"] / 1024
         lines.append(f"| {c} | {sum(t.values()):,} | {t['ok']:,} | {t['refused']:,} | {t['crashed']} | {t['hung']} | "
-                     f"{t['partial']} | {t['marker']} | {rss:.0f} MB{'' if rss < RSS_GOAL_MB else ' (over the goal)'} |")
+                     f"{t['partial']} | {t['marker']} | {rss:.0f} MB{'' if rss < RSS_GOAL_MB else ' (over the goal)'} | "
+                     f"{base:.0f} MB |")
     problems = [(c, x) for c, d in by_class.items() for x in d["problems"]]
     lines.append("")
     if problems:
