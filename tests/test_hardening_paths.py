@@ -267,6 +267,21 @@ def test_special_file_sources_fail_fast(make, tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (tmp_path / "a").exists()
 
 
+def test_a_shard_index_linked_to_a_fifo_fails_fast(tmp_path):
+    """A folder whose only index links to a FIFO: one line and exit 2, never an open that blocks."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (folder / "model.safetensors.index.json").symlink_to(tmp_path / "pipe")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(folder)], cwd=repo, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_train_force_replaces_only_its_own_run(tmp_path, cli):
     import torch
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -165,7 +166,12 @@ def open_checkpoint(path: str | os.PathLike, select: str | None = None,
 
 def read_json_index(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: an index that is (or links to) a FIFO must not block the open forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{path}: not a regular file; a shard index must be a file")
+        with open(fd, "rb") as f:
             data = json.loads(f.read(64 * 1024 * 1024).decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, a 5000-digit number, [[[[... nested
         raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
