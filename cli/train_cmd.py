@@ -103,7 +103,7 @@ def train(
     ctx: typer.Context,
     adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases).")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, more extend the run.")] = 10,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of the head; pretrained groups use lr x their multiplier.")] = 1e-3,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,
@@ -125,7 +125,7 @@ def train(
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     cache_features: Annotated[str, typer.Option("--cache-features", metavar="auto|on|off", help="Train the head on cached backbone features (auto: when the backbone stays frozen).")] = "auto",
     cache_views: Annotated[int, typer.Option("--cache-views", help="Cache K augmented views per image (0: one plain view).")] = 0,
-    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH, with the run's saved arguments.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
@@ -162,6 +162,11 @@ def train(
         raise typer.Exit(rc)
 
     from surgery.trainer.runner import train as run_train
+
+    if resume is not None:  # what the command line leaves out comes from the checkpoint
+        given = {n for n in ("epochs", "lr") if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+        epochs = epochs if "epochs" in given else None  # type: ignore[assignment]
+        lr = lr if "lr" in given else None  # type: ignore[assignment]
 
     renderer = Renderer(quiet, as_json)
     try:

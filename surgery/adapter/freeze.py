@@ -8,6 +8,7 @@ all ``surgery train`` (or a user's own loop) needs.
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -307,10 +308,18 @@ def _keep_eval(module: "nn.Module", args: Any) -> None:
     module.training = False
 
 
+def _frozen_train(module: "nn.Module", mode: bool = True) -> "nn.Module":
+    # a frozen BatchNorm's own ``train``: ``model.train()`` reaches it and leaves it in eval
+    from torch import nn
+
+    return nn.Module.train(module, False)
+
+
 def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[str]:
     """Put the BatchNorm layers that are frozen at ``epoch`` in eval mode, and keep them there
-    across later ``model.train()`` calls (a forward pre-hook resets the flag). Layers whose group
-    trains at ``epoch`` follow ``model.training`` again. Returns the frozen layers' paths.
+    across later ``model.train()`` calls (their ``train`` is replaced, and a forward pre-hook
+    resets the flag if it is set by hand). Layers whose group trains at ``epoch`` follow
+    ``model.training`` again. Returns the frozen layers' paths.
     """
     data = _data(manifest)
     bn = data["bn"]
@@ -326,12 +335,14 @@ def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[s
         if is_frozen:
             if handle is None:
                 mod.__dict__["_surgery_bn_hook"] = mod.register_forward_pre_hook(_keep_eval)
+                mod.__dict__["train"] = types.MethodType(_frozen_train, mod)
             mod.training = False
             frozen.append(path)
         else:
             if handle is not None:
                 handle.remove()
                 del mod.__dict__["_surgery_bn_hook"]
+                mod.__dict__.pop("train", None)
             mod.training = model.training
     return frozen
 

@@ -46,6 +46,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 CACHE_CHOICES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEMA = "surgery.train/1"  # of TrainResult.to_json, what `surgery train --json` prints
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TrainResult:
     resumed_from: str | None = None
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {"schema": SCHEMA, **asdict(self)}
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         return d
 
@@ -188,15 +189,94 @@ def _sigterm_as_interrupt():
 
 def _load_moving(model: "nn.Module", state: dict, moving: set[str], where: str) -> None:
     """Load a checkpoint's tensors: those the run can change. The rest are the adapted weights."""
-    missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    from ..adapter.core import load_weights
+
+    missing, unexpected = load_weights(unwrap(model), state, strict=False)
     lacking = sorted(set(missing) & moving)
     if lacking or unexpected:
         raise ResumeError(f"{where}: does not match this run's model (missing {lacking[:3]}, unexpected "
                           f"{sorted(unexpected)[:3]}); it was written by a different run")
 
 
-def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int, lr: float,
-          out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
+# what a resumed run may do differently: how it runs, not what it computes
+_MAY_CHANGE = ("workers", "device")
+_NEGATED = {"augment": "--no-augment", "flip": "--no-flip", "amp": "--no-amp"}
+
+
+def _flag(name: str, value: Any) -> str:
+    if name in _NEGATED:
+        return _NEGATED[name] if not value else f"{name} on"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"no --{name}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def _open_resume(resume: Any, out_p: Path) -> tuple[dict, bool]:
+    """The checkpoint ``resume`` names (True: OUT's last.pt), and whether it continues OUT."""
+    if resume is True:
+        where = out_p / CHECKPOINT_DIR / LAST
+        if not where.is_file():
+            raise ResumeError(f"{where}: no checkpoint to resume from; --resume continues a run in OUT "
+                              f"(or give --resume PATH)")
+        return load_checkpoint(where), True
+    where = Path(resume)
+    return load_checkpoint(where), out_p.is_dir() and _inside(where, out_p)
+
+
+def _restore_args(args: dict, saved: dict, where: str) -> tuple[dict, list[str]]:
+    """The run's arguments as the checkpoint saved them. An argument left at its default takes
+    the saved value; one given differently is refused, naming both, so that a resumed run never
+    silently computes something else. More epochs, other workers or device are allowed."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    out, restored, conflicts = dict(args), [], []
+    for k, was in saved.items():
+        if k not in args or args[k] == was:
+            continue
+        now = args[k]
+        if now is None or (k in defaults and now == defaults[k]):
+            out[k] = was
+            restored.append(_flag(k, was))
+        elif (k == "epochs" and isinstance(was, int) and now > was) or k in _MAY_CHANGE:
+            continue
+        else:
+            conflicts.append(f"{_flag(k, now)} (the run was started with {_flag(k, was)})")
+    if conflicts:
+        raise ResumeError(f"{where}: --resume continues a run with its own arguments, but {'; '.join(conflicts)}; "
+                          f"drop them to continue the same run (more --epochs are allowed), or start a new run")
+    return out, restored
+
+
+def continue_command(adapted: Path, data: Path, out: Path) -> str:
+    """The command that continues an interrupted run (its other arguments are in the checkpoint)."""
+    import shlex
+
+    return " ".join(["surgery train", shlex.quote(str(adapted)), "--data", shlex.quote(str(data)),
+                     "--out", shlex.quote(str(out)), "--resume"])
+
+
+def _check_image_size(model: "nn.Module", manifest: Any, size: int, channels: int) -> None:
+    """``--image-size`` other than adapt's: one image through the model first, so that a model
+    built for one size (a ViT) is refused in one line, not with a traceback after the setup."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except Exception as e:  # noqa: BLE001 - any model code: reported as a refusal
+        adapted = "x".join(map(str, manifest["input"]["size"]))
+        raise TrainError(f"--image-size {size}: the model does not take {size}x{size} images "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); it was adapted for {adapted}: "
+                         f"drop --image-size, or re-run surgery adapt with --input-size {size}") from None
+    finally:
+        model.train(was)
+
+
+def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int | None = None,
+          lr: float | None = None, out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
           workers: int = 0, optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
           schedule: str = "cosine", warmup_epochs: float | None = None, label_smoothing: float = 0.0,
           clip_grad: float | None = None, patience: int | None = None, image_size: int | None = None,
@@ -209,7 +289,10 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     and the best weights as model.safetensors with an updated manifest.json, so that
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
-    ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
+    ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint. The
+    run's arguments come back from the checkpoint: those left at their defaults (``None`` for
+    ``epochs`` and ``lr``) take the saved values, and one given with another value is refused,
+    naming both (except more ``epochs``, which extends the run, and ``workers``/``device``).
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -220,31 +303,39 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     from . import distributed as D
 
     obs: Observer = observer or (lambda event, info: None)
+    out_p = Path(out)
+    adapted_p = Path(adapted_dir)
+    ckpt, resuming_here = _open_resume(resume, out_p) if resume else (None, False)
     args = dict(epochs=epochs, lr=lr, val_split=val_split, seed=seed, batch_size=batch_size, workers=workers,
                 optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad,
                 patience=patience, image_size=image_size, augment=augment, flip=flip, device=device, amp=amp,
                 compile=compile, cache_features=cache_features, cache_views=cache_views)
+    restored: list[str] = []
+    if ckpt is not None:
+        args, restored = _restore_args(args, ckpt.get("args") or {}, ckpt["path"])
+    if args["epochs"] is None or args["lr"] is None:
+        raise TrainError("--epochs and --lr are required (they come from the checkpoint only with --resume)")
     _check_options(**args)
+    epochs, optimizer, weight_decay, warmup_epochs = (args[k] for k in ("epochs", "optimizer", "weight_decay",
+                                                                         "warmup_epochs"))
     if weight_decay is None:
         weight_decay = 0.05 if optimizer == "adamw" else 1e-4
     if warmup_epochs is None:
         warmup_epochs = 1.0 if epochs > 1 else 0.0
-    out_p = Path(out)
-    adapted_p = Path(adapted_dir)
-    dev = _resolve_device(device)
+    dev = _resolve_device(args["device"])
     dist = D.setup(dev.type)
     try:
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
         return _train(adapted_p, Path(data), out_p, args, dict(weight_decay=weight_decay, warmup_epochs=warmup_epochs),
-                      dev, dist, resume, force, obs)
+                      dev, dist, (ckpt, resuming_here, restored), force, obs)
     finally:
         D.teardown(dist)
 
 
 def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dict, dev: "torch.device",
-           dist: Any, resume: Any, force: bool, obs: Observer) -> TrainResult:
+           dist: Any, resume: tuple, force: bool, obs: Observer) -> TrainResult:
     import torch
     from torch import nn
 
@@ -275,6 +366,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     channels = int(inp.get("channels", 3))
     if args["image_size"] is not None:
         size, resize = args["image_size"], None
+        _check_image_size(model, manifest, size, channels)
     else:
         size, resize = list(inp["size"]), inp.get("resize")
     if not any(g["trainable"] for g in manifest.groups) and not any(
@@ -299,19 +391,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         use_cache, cache_reason = ok, why
 
     # resume
-    ckpt = None
-    resuming_here = False
-    if resume:
-        if resume is True:
-            resuming_here = True
-            where = out_p / CHECKPOINT_DIR / LAST
-            if not where.is_file():
-                raise ResumeError(f"{where}: no checkpoint to resume from; --resume continues a run in OUT "
-                                  f"(or give --resume PATH)")
-        else:
-            where = Path(resume)
-            resuming_here = out_p.is_dir() and _inside(where, out_p)
-        ckpt = load_checkpoint(where)
+    ckpt, resuming_here, restored = resume
+    if ckpt is not None:
+        where = ckpt["path"]
         check_fingerprint(ckpt.get("fingerprint") or {}, fingerprint(manifest, model, samples.classes), str(where))
         if int(ckpt["epoch"]) > epochs:
             raise ResumeError(f"{where}: holds {ckpt['epoch']} finished epochs but --epochs is {epochs}; "
@@ -396,7 +478,10 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     if ckpt is not None:
         _load_moving(model, ckpt["model"], moving, str(ckpt["path"]))
         opt.load_state_dict(ckpt["optimizer"])
+        length = dict(vars(mult))
         sched.load_state_dict(ckpt["scheduler"])
+        for f in sched.lr_lambdas:  # LambdaLR restores the saved length; more --epochs stretch it
+            f.__dict__.update(length)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
@@ -406,7 +491,12 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         best_file = Path(ckpt["path"]).parent / BEST
         if best_file.is_file() and best["epoch"] > 0:
             best_state = load_checkpoint(best_file)["model"]
-        files.log(f"resumed from {ckpt['path']} after epoch {start_epoch}")
+        files.log(f"resumed from {ckpt['path']} after epoch {start_epoch}"
+                  + (f"; from the checkpoint: {', '.join(restored)}" if restored else ""))
+        saved_epochs = (ckpt.get("args") or {}).get("epochs")
+        if saved_epochs is not None and saved_epochs != epochs:
+            files.log(f"--epochs {epochs} (the run was started with {saved_epochs}): the schedule now runs over "
+                      f"{total_steps} steps")
 
     # ---- feature cache
     feats = None
@@ -618,12 +708,13 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         done = history[-1]["epoch"] if history else 0
         if is_main:
             files.log(f"interrupted during epoch {interrupted_at}; {out_p / CHECKPOINT_DIR / LAST} holds "
-                      f"{done} finished epoch{'s' if done != 1 else ''}; continue with --resume")
+                      f"{done} finished epoch{'s' if done != 1 else ''}; continue with: "
+                      f"{continue_command(adapted_p, data_p, out_p)}")
             if history:
                 plot_run_curves(history, out_p, manifest, epochs)
         raise TrainInterrupted(f"interrupted; {done} of {epochs} epochs are saved in {out_p / CHECKPOINT_DIR / LAST}; "
-                               f"continue with: surgery train {adapted_p} --data {data_p} --out {out_p} "
-                               f"--epochs {epochs} --resume")
+                               f"continue with: {continue_command(adapted_p, data_p, out_p)} (the run's other "
+                               f"arguments come from the checkpoint)")
 
     # ---- the best model, its confusion matrix, the outputs
     if best_state is None:
