@@ -60,16 +60,17 @@ class Renderer:
             return
         import time
 
-        if event == "log" and not self.live:
+        if event == "log":
             msg = info["message"]
+            # epoch lines come from epoch_end below; each skipped file is in run.log
             if not msg.startswith("epoch ") and not msg.startswith("  skipped"):
-                self.out.print(msg, markup=False)
+                self.out.print(msg, markup=False)  # above the live progress bar when there is one
         elif event == "epoch_start" and self.live:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
             if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                          TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"),
                                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.out, transient=False)
                 self.progress.start()
@@ -85,10 +86,7 @@ class Renderer:
             line = (f"epoch {info['epoch']} [{info['phase']}] train loss {info['train_loss']:.4f} acc "
                     f"{info['train_acc']:.3f} | val loss {info['val_loss']:.4f} acc {info['val_acc']:.3f} | "
                     f"{info['images_per_s'] or 0:.0f} img/s" + (" *" if info.get("improved") else ""))
-            if self.live and self.progress is not None:
-                self.progress.console.print(line, markup=False)
-            else:
-                self.out.print(line, markup=False)
+            self.out.print(line, markup=False)
         elif event == "end":
             self.close()
 

@@ -21,6 +21,9 @@ from .errors import RuleError
 OP_KINDS = ("auto", "strip_prefix", "add_prefix", "rename", "drop", "keep", "dtype")
 
 
+REMAP_SCHEMA = "surgery.remap/1"  # of RemapReport.to_json, what `surgery remap --json` prints
+
+
 @dataclass(frozen=True)
 class Op:
     """One rule. ``arg`` is the prefix, regex or dtype; ``repl`` the replacement for rename."""
@@ -347,7 +350,7 @@ class RemapReport:
 
     def to_json(self) -> dict:
         return {
-            "src": self.src, "dst": self.dst, "src_format": self.src_format, "dst_format": self.dst_format,
+            "schema": REMAP_SCHEMA, "src": self.src, "dst": self.dst, "src_format": self.src_format, "dst_format": self.dst_format,
             "container": self.container, "dry_run": self.dry_run,
             "ops": [{"op": o, "matched": n} for o, n in self.op_counts],
             "kept": self.kept, "renamed": self.renamed, "dropped": self.dropped,

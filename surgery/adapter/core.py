@@ -27,6 +27,9 @@ _POS_EMBED = re.compile(r"(^|\.)(pos_embed|pos_embedding|position_embeddings?|ab
 
 # ----------------------------------------------------------------------------- reports
 
+ADAPT_SCHEMA = "surgery.adapt/1"  # of AdaptReport.to_json, what `surgery adapt --json` prints
+
+
 @dataclass
 class LoadReport:
     """What loaded. Model names unless said otherwise; ``mismatched`` rows are
@@ -78,7 +81,7 @@ class AdaptReport:
         return self.manifest.groups
 
     def to_json(self) -> dict:
-        return {"out": self.out, "warnings": list(self.warnings), "load_report": self.load.to_json(),
+        return {"schema": ADAPT_SCHEMA, "out": self.out, "warnings": list(self.warnings), "load_report": self.load.to_json(),
                 "groups": self.manifest.groups, "head": self.manifest.head, "arch": self.manifest["arch"],
                 "bn": {"policy": self.manifest["bn"]["policy"], "frozen_modules": len(self.frozen_bn())},
                 "schedule": self.manifest["schedule"]}
