@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -56,6 +57,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+# warnings torch and torchvision print that a user can do nothing about: GoogLeNet's and
+# Inception's notice about their future default init (the weights are loaded anyway), DDP's
+# buffer broadcast notes, torch.compile's internals
+_NOISE = ((r"The default weight initialization of", FutureWarning, ""),
+          (r".*broadcast_buffers", UserWarning, ""),
+          (r"", UserWarning, r"torch\._dynamo|torch\._inductor"))
+
+
 def handles_errors(fn: F) -> F:
     """Map the library's SurgeryError to one line on stderr and exit code 2; never a traceback."""
 
@@ -64,7 +73,10 @@ def handles_errors(fn: F) -> F:
         from surgery.errors import SurgeryError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                for message, category, module in _NOISE:
+                    warnings.filterwarnings("ignore", message=message, category=category, module=module)
+                return fn(*args, **kwargs)
         except SurgeryError as e:
             raise fail(e.one_line(), e.exit_code) from None
         except KeyboardInterrupt:

@@ -108,3 +108,20 @@ def test_a_toml_rules_file_is_named_as_such(tmp_path):
     p.write_text('[[ops]]\nauto = true\n')
     with pytest.raises(RuleError, match=r"rules.toml: rules files are JSON or YAML \(.yml/.yaml\); TOML is not read"):
         Rules.from_file(p)
+
+
+def test_torchvisions_init_notice_does_not_leak(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torchvision
+
+    torch.save(torchvision.models.googlenet(init_weights=False, aux_logits=True, num_classes=10).state_dict(),
+               tmp_path / "g.pth")
+    r = subprocess.run([sys.executable, "-m", "cli.main", "adapt", str(tmp_path / "g.pth"), "--arch", "googlenet",
+                        "--num-classes", "3", "--input-size", "64", "--out", str(tmp_path / "ad"), "-q"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout == f"wrote {tmp_path / 'ad'}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,12 @@ def test_piped_output_is_plain_text_without_padding(cli, setup, tmp_path):
     for want in HEADER:
         assert any(want in line for line in lines), (want, r.stdout)
     assert any(line.startswith("epoch 1 [frozen] train loss") for line in lines)
+    # metrics.jsonl: which groups were frozen, and the lr they trained at (0 while frozen)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["frozen"]["head"] is False and metrics[0]["lr"]["head"] > 0
+    backbone = [g for g, f in metrics[0]["frozen"].items() if f]
+    assert backbone and all(metrics[0]["lr"][g] == 0.0 for g in backbone)
+    assert not any(metrics[1]["frozen"].values()) and all(v > 0 for v in metrics[1]["lr"].values())
     r = cli("evaluate", tmp_path / "run", "--data", data)
     assert r.exit_code == 0 and all(line == line.rstrip() for line in r.stdout.splitlines())
 

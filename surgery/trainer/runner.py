@@ -340,7 +340,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     from torch import nn
 
     from ..adapter.core import load_adapted
-    from ..adapter.freeze import apply_schedule
+    from ..adapter.freeze import apply_schedule, group_trainable
     from ..adapter.manifest import read_manifest
     from . import cache as cache_mod
     from . import distributed as D
@@ -669,13 +669,17 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                     for p in new:
                         skipped.append((p, fails[p]))
                         files.log(f"  skipped {p}: {fails[p]} (failed while training)", write=False)
+                # the lr each group trained at: 0 for a group frozen this epoch (the schedule's value
+                # is not what it saw), and which groups were frozen
+                frozen_now = {g["name"]: not group_trainable(g, epoch) for g in manifest.groups}
                 by_group: dict[str, float] = {}
                 for g, l_ in zip(opt.param_groups, last_lrs):
-                    by_group.setdefault(g.get("group", g.get("name")), l_)
+                    name = g.get("group", g.get("name"))
+                    by_group.setdefault(name, 0.0 if frozen_now.get(name) else l_)
                 m = {"epoch": epoch + 1, "phase": phase,
                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                      "val_loss": v_loss / max(v_n, 1), "val_acc": v_correct / max(v_n, 1),
-                     "lr": by_group, "images_per_s": seen / train_secs if train_secs > 0 else None,
+                     "lr": by_group, "frozen": frozen_now, "images_per_s": seen / train_secs if train_secs > 0 else None,
                      "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": feats is not None}
                 history.append(m)
                 improved = (m["val_acc"] > best["val_acc"]
@@ -746,8 +750,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                          cache_reason=cache_reason, skipped=list(skipped), device=str(dev),
                          world_size=dist.world_size, resumed_from=ckpt["path"] if ckpt is not None else None)
     if is_main:
-        plot_run_curves(history, out_p, manifest, epochs)
-        plot_confusion(cm, samples.classes, out_p / "confusion.png")
+        plot_run_curves(history, out_p, manifest, epochs, result.best_epoch, stopped_early)
+        plot_confusion(cm, samples.classes, out_p / "confusion.png",
+                       title=f"Confusion matrix (validation, best epoch {result.best_epoch})")
         write_model(out_p, adapted_p, manifest, best_state, samples.classes, result, {**args, **resolved}, cm,
                      per_class_accuracy(cm))
         files.log(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss {result.best_val_loss:.4f}; "
