@@ -66,6 +66,9 @@ def strip_wrappers(keys: Iterable[str]) -> tuple[list[str], str]:
     return keys, "".join(prefixes)
 
 
+_strip = strip_wrappers  # for diff(), whose keyword argument of that name hides it
+
+
 def common_prefix(keys: Iterable[str]) -> str | None:
     """First dotted component shared by every key (after wrapper prefixes), with its dot.
 
@@ -399,8 +402,8 @@ def diff(a_infos: Mapping[str, "TensorInfo"], b_infos: Mapping[str, "TensorInfo"
     """
     pa = "".join(detect_wrapper_prefixes(a_infos)) if strip_wrappers else ""
     pb = "".join(detect_wrapper_prefixes(b_infos)) if strip_wrappers else ""
-    a = dict(zip(strip_wrappers(a_infos)[0], a_infos.values())) if pa else dict(a_infos)
-    b = dict(zip(strip_wrappers(b_infos)[0], b_infos.values())) if pb else dict(b_infos)
+    a = dict(zip(_strip(a_infos)[0], a_infos.values())) if pa else dict(a_infos)
+    b = dict(zip(_strip(b_infos)[0], b_infos.values())) if pb else dict(b_infos)
     rep = DiffReport(prefix_a=pa, prefix_b=pb)
     rep.only_a = [k for k in a if k not in b]
     rep.only_b = [k for k in b if k not in a]
