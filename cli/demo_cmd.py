@@ -46,14 +46,13 @@ def _result(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["results"]
 
 
-def table_rows(workdir: Path, runs: dict[str, tuple[Path, int, float]]) -> list[tuple[str, ...]]:
-    """The comparison: run, epochs, val accuracy, best epoch, train wall time, plots."""
+def table_rows(runs: dict[str, tuple[Path, int, float]]) -> list[tuple[str, ...]]:
+    """The comparison: run, epochs, val accuracy, best epoch, train wall time."""
     rows = []
     for name in RUNS:
         run, epochs, secs = runs[name]
         r = _result(run)
-        rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{secs:.1f} s",
-                     f"{run / 'curves.png'}, {run / 'confusion.png'}"))
+        rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{secs:.1f} s"))
     return rows
 
 
@@ -127,11 +126,12 @@ def demo(
 
     table = Table(title=f"digits 5-9, {n_train // 5} images per class, validation on {n_val} images",
                   title_justify="left", show_edge=False)
-    for col in ("run", "epochs", "val accuracy", "best epoch", "train wall time", "plots"):
-        table.add_column(col, justify="left" if col in ("run", "plots") else "right")
-    for row in table_rows(w, runs):
+    for col in ("run", "epochs", "val accuracy", "best epoch", "train wall time"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for row in table_rows(runs):
         table.add_row(*row)
     out.print()
     out.print(table)
+    out.print(f"plots: {rd}/{{scratch,head-only,two-phase}}/{{curves,confusion}}.png", markup=False)
     out.print(f"\nDone in {time.perf_counter() - t_start:.0f} s. Each step above is a command you can run on your own "
               f"checkpoint and images; `surgery COMMAND --help` lists the options.")
