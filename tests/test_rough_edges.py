@@ -125,3 +125,18 @@ def test_torchvisions_init_notice_does_not_leak(tmp_path):
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and r.stdout == f"wrote {tmp_path / 'ad'}\n"
+
+
+def test_curves_show_learning_rates_and_mark_the_best_epoch_and_early_stop(tmp_path, monkeypatch):
+    from surgery.trainer import plots
+
+    drawn: list[tuple[int, str]] = []
+    real = plots._mark
+    monkeypatch.setattr(plots, "_mark", lambda ax, e, label, style: (drawn.append((e, label)), real(ax, e, label, style)))
+    metrics = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 0.2 * e, "val_acc": 0.18 * e,
+                "lr": {"head": 1e-3 / e, "layer4": 0.0 if e < 3 else 1e-4 / e}} for e in range(1, 5)]
+    path = plots.plot_curves(metrics, tmp_path / "curves.png", unfreeze_epochs=[3], best_epoch=2, stopped_at=4)
+    assert path.read_bytes().startswith(b"\x89PNG")
+    # every panel (loss, accuracy, learning rate) carries the three marks
+    assert sorted(set(drawn)) == [(2, "best"), (3, "unfreeze"), (4, "early stop")] and len(drawn) == 9
+    plots.plot_confusion([[2, 0], [1, 1]], ["a", "b"], tmp_path / "cm.png", title="Confusion matrix (validation, best epoch 2)")
