@@ -67,6 +67,8 @@ def demo(
     fine-tuned in two phases; the head alone and the same network from random weights give the
     comparison. Needs scikit-learn (pip install 'surgery[demo]').
     """
+    from rich.markup import escape
+
     from surgery.demo import Plan, digits_imagefolder, pretrained_digits, random_init
 
     out = console()
@@ -84,7 +86,7 @@ def demo(
     n_val = sum(1 for _ in (data / "val").rglob("*.png"))
     plan = Plan.for_data(n_train)
     out.print(f"\n[bold]2. The new task[/bold]: digits 5-9 with {n_train // 5} labelled images per class "
-              f"({n_train} to train on, {n_val} to validate): {data}/{{train,val}}/<class>/*.png", markup=False)
+              f"({n_train} to train on, {n_val} to validate): {escape(str(data))}/{{train,val}}/<class>/*.png")
 
     out.print("\n[bold]3. What is in the checkpoint[/bold]")
     step.run("inspect", str(ckpt), "--depth", "1")
@@ -93,6 +95,8 @@ def demo(
     step.run("remap", str(ckpt), str(clean), "--auto", "--verify", "--force")
 
     ad, rd = w / "adapted", w / "runs"
+    ad.mkdir(parents=True, exist_ok=True)
+    rd.mkdir(parents=True, exist_ok=True)
     runs: dict[str, tuple[Path, int, float]] = {}
     common = ["--data", str(data), "--lr", LR, "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
     adapt_args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "32", "--force"]
