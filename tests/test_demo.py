@@ -42,7 +42,7 @@ def test_the_readme_table_is_what_the_demo_prints(tmp_path, monkeypatch):
     got_title, got = _table(r.stdout)
     assert (got_title, _without_times(got)) == (title, _without_times(rows)), r.stdout[-3000:]
     # the narration says what train did
-    assert "feature cache on:" in r.stdout  # the head-only run: announced in step 7
+    assert "trained the head on cached backbone features" in r.stdout  # the head-only run, as step 7 says
     assert "feature cache off: " in r.stdout  # the two-phase run: its backbone trains later
 
 
