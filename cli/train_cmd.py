@@ -101,7 +101,7 @@ def train(
     ctx: typer.Context,
     adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, more extend the run.")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, another count changes the run's length.")] = 10,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of the head; pretrained groups use lr x their multiplier.")] = 1e-3,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,

@@ -198,8 +198,8 @@ def _load_moving(model: "nn.Module", state: dict, moving: set[str], where: str) 
                           f"{sorted(unexpected)[:3]}); it was written by a different run")
 
 
-# what a resumed run may do differently: how it runs, not what it computes
-_MAY_CHANGE = ("workers", "device")
+# what a resumed run may do differently: its length (the schedule follows it), and how it runs
+_MAY_CHANGE = ("epochs", "workers", "device")
 _NEGATED = {"augment": "--no-augment", "flip": "--no-flip", "amp": "--no-amp"}
 
 
@@ -226,7 +226,8 @@ def _open_resume(resume: Any, out_p: Path) -> tuple[dict, bool]:
 def _restore_args(args: dict, saved: dict, where: str) -> tuple[dict, list[str]]:
     """The run's arguments as the checkpoint saved them. An argument left at its default takes
     the saved value; one given differently is refused, naming both, so that a resumed run never
-    silently computes something else. More epochs, other workers or device are allowed."""
+    silently computes something else. Other epochs (the schedule follows), workers or device are
+    allowed."""
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
@@ -238,13 +239,13 @@ def _restore_args(args: dict, saved: dict, where: str) -> tuple[dict, list[str]]
         if now is None or (k in defaults and now == defaults[k]):
             out[k] = was
             restored.append(_flag(k, was))
-        elif (k == "epochs" and isinstance(was, int) and now > was) or k in _MAY_CHANGE:
+        elif k in _MAY_CHANGE:
             continue
         else:
             conflicts.append(f"{_flag(k, now)} (the run was started with {_flag(k, was)})")
     if conflicts:
         raise ResumeError(f"{where}: --resume continues a run with its own arguments, but {'; '.join(conflicts)}; "
-                          f"drop them to continue the same run (more --epochs are allowed), or start a new run")
+                          f"drop them to continue the same run (--epochs may change), or start a new run")
     return out, restored
 
 
@@ -292,7 +293,8 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint. The
     run's arguments come back from the checkpoint: those left at their defaults (``None`` for
     ``epochs`` and ``lr``) take the saved values, and one given with another value is refused,
-    naming both (except more ``epochs``, which extends the run, and ``workers``/``device``).
+    naming both (except ``epochs``, whose change stretches or shrinks the schedule, and
+    ``workers``/``device``).
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -480,7 +482,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         opt.load_state_dict(ckpt["optimizer"])
         length = dict(vars(mult))
         sched.load_state_dict(ckpt["scheduler"])
-        for f in sched.lr_lambdas:  # LambdaLR restores the saved length; more --epochs stretch it
+        for f in sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
             f.__dict__.update(length)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
