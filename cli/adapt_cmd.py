@@ -21,7 +21,7 @@ def adapt(
     ctx: typer.Context,
     ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint to load (any format surgery reads); omit with --weights.", show_default=False)] = None,
     arch: Annotated[str, typer.Option("--arch", help="torchvision model name, timm:NAME, path/to/file.py:fn or package.module:fn.", show_default=False)] = "",
-    num_classes: Annotated[int, typer.Option("--num-classes", help="Outputs of the new head.", show_default=False)] = 0,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Outputs of the new head.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write model.safetensors, manifest.json, load_report.json.", show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", metavar="NAME", help="Start from torchvision's weights (DEFAULT, IMAGENET1K_V2, ...) instead of CKPT.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the model factory, a JSON object.")] = None,
@@ -32,13 +32,13 @@ def adapt(
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input size for the probe and the manifest (default: the weights' or 224).")] = None,
     freeze: Annotated[Optional[str], typer.Option("--freeze", metavar="head-only|none", help="Base freeze policy.")] = None,
     freeze_until: Annotated[Optional[str], typer.Option("--freeze-until", metavar="MODULE", help="Freeze everything before MODULE (e.g. layer3).")] = None,
-    freeze_first: Annotated[Optional[int], typer.Option("--freeze-first", metavar="N", help="Freeze the first N top-level children.")] = None,
+    freeze_first: Annotated[Optional[int], typer.Option("--freeze-first", metavar="N", help="Freeze the first N top-level children that have parameters.")] = None,
     freeze_regex: Annotated[Optional[str], typer.Option("--freeze-regex", metavar="REGEX", help="Also freeze parameters matching REGEX.")] = None,
     train_regex: Annotated[Optional[str], typer.Option("--train-regex", metavar="REGEX", help="Keep parameters matching REGEX trainable (applied last).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", metavar="small-similar|small-different|large-similar|large-different", help="Data-regime preset.")] = None,
     backbone_lr_mult: Annotated[Optional[float], typer.Option("--backbone-lr-mult", help="LR multiplier of pretrained layers (default 0.1).")] = None,
     layer_decay: Annotated[Optional[float], typer.Option("--layer-decay", help="Multiply the LR by this per stage, going down from the top.")] = None,
-    unfreeze_at: Annotated[Optional[int], typer.Option("--unfreeze-at", metavar="EPOCH", help="Everything trains from EPOCH on.")] = None,
+    unfreeze_at: Annotated[Optional[int], typer.Option("--unfreeze-at", metavar="EPOCH", help="Everything trains after EPOCH epochs (from epoch EPOCH+1, as train counts them).")] = None,
     gradual: Annotated[bool, typer.Option("--gradual", help="Unfreeze one stage more per epoch, from the top.")] = False,
     bn: Annotated[Optional[str], typer.Option("--bn", metavar="frozen|train", help="Frozen BatchNorm layers stay in eval mode (default frozen).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Anything missing besides the new head is an error.")] = False,
@@ -50,6 +50,7 @@ def adapt(
     select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and the folder written.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Load a checkpoint into ARCH with a new N-class head, frozen by policy, ready to train.
@@ -63,6 +64,8 @@ def adapt(
 
     if not arch:
         raise AdaptError("--arch is required (a torchvision name such as resnet18, timm:NAME, or file.py:fn)")
+    if num_classes is None:
+        raise AdaptError("--num-classes N is required: how many classes the new head predicts")
     if out is None:
         raise AdaptError("--out DIR is required: where to write the adapted model")
     rules = Rules.from_file(rules_file) if rules_file else Rules()
@@ -82,13 +85,24 @@ def adapt(
     if as_json:
         print_json(report.to_json())
         return
-    render(report)
+    render(report, quiet=quiet)
 
 
-def render(report) -> None:
-    from rich.table import Table
+def render(report, quiet: bool = False) -> None:
+    from rich.markup import escape
 
     out = console()
+    if not quiet:
+        _render_load(out, report)
+    for w in report.warnings:
+        out.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    out.print(f"wrote {report.out}", markup=False)
+
+
+def _render_load(out, report) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     rep = report.load
     a = rep.alignment
     how = ""
@@ -107,9 +121,9 @@ def render(report) -> None:
 
             grouped = collapse_keys(keys)
             shown = ", ".join(grouped[:8]) + (f", ... ({len(grouped) - 8} more)" if len(grouped) > 8 else "")
-            out.print(f"  {title} ({len(keys)} tensors): {shown}")
+            out.print(f"  {title} ({len(keys)} tensors): {escape(shown)}")
     for ck, m, cs, ms in rep.mismatched:
-        out.print(f"  [yellow]shape mismatch, skipped[/yellow]: {m} checkpoint {list(cs)} vs model {list(ms)}")
+        out.print(f"  [yellow]shape mismatch, skipped[/yellow]: {escape(m)} checkpoint {list(cs)} vs model {list(ms)}")
     for n, cs, ms in rep.resized:
         out.print(f"  interpolated {n}: {list(cs)} -> {list(ms)}")
     for n in rep.adapted:
@@ -118,14 +132,12 @@ def render(report) -> None:
     for col in ("group", "params", "trainable now", "lr mult", "unfreezes"):
         table.add_column(col)
     for g in report.groups:
-        when = "-" if g["trainable"] else (f"epoch {g['unfreeze_at']}" if g["unfreeze_at"] is not None else "never")
+        # epochs counted from 1, as train prints them: --unfreeze-at 3 trains the group from epoch 4
+        when = "-" if g["trainable"] else (f"epoch {g['unfreeze_at'] + 1}" if g["unfreeze_at"] is not None else "never")
         table.add_row(g["name"], human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}", when)
     out.print(table)
     bn = report.manifest["bn"]
     out.print(f"BatchNorm: {bn['policy']} ({len(report.frozen_bn())} of {len(bn['modules'])} layers held in eval mode)")
-    for w in report.warnings:
-        out.print(f"[yellow]warning[/yellow]: {w}")
-    out.print(f"wrote {report.out}")
 
 
 __all__ = ["register", "adapt", "render", "json"]

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -13,19 +14,55 @@ import typer
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _NoTrailingSpace:
+    """A text stream that drops the spaces rich pads lines with (table cells, justified text):
+    piped output is for grep and diff, not for a screen."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        if lines:
+            self.stream.write("\n".join(line.rstrip() for line in lines) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ...
+        return getattr(self.stream, name)
+
+
 def console(stderr: bool = False):
-    """A rich console that writes plain text when NO_COLOR is set or the stream is not a terminal."""
+    """A rich console: colours and live progress on a terminal; plain text with no markup
+    styling and no trailing padding when NO_COLOR is set or the stream is not a terminal."""
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
-    return Console(file=stream, no_color=plain, highlight=False, soft_wrap=plain,
-                   force_terminal=False if plain else None, width=120 if plain else None)
+    return Console(file=_NoTrailingSpace(stream) if plain else stream, no_color=plain, highlight=False,
+                   soft_wrap=plain, force_terminal=False if plain else None, width=120 if plain else None)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     sys.stderr.write(f"error: {' '.join(message.split())}\n")
     return typer.Exit(code)
+
+
+# warnings torch and torchvision print that a user can do nothing about: GoogLeNet's and
+# Inception's notice about their future default init (the weights are loaded anyway), DDP's
+# buffer broadcast notes, torch.compile's internals
+_NOISE = ((r"The default weight initialization of", FutureWarning, ""),
+          (r".*broadcast_buffers", UserWarning, ""),
+          (r"", UserWarning, r"torch\._dynamo|torch\._inductor"))
 
 
 def handles_errors(fn: F) -> F:
@@ -36,7 +73,10 @@ def handles_errors(fn: F) -> F:
         from surgery.errors import SurgeryError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                for message, category, module in _NOISE:
+                    warnings.filterwarnings("ignore", message=message, category=category, module=module)
+                return fn(*args, **kwargs)
         except SurgeryError as e:
             raise fail(e.one_line(), e.exit_code) from None
         except KeyboardInterrupt:

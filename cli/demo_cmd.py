@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,11 +11,10 @@ from typing import Annotated
 
 import typer
 
-from surgery.launch import module_command
-
 from .common import console, handles_errors
 
-EPOCHS, LR, PER_CLASS = 10, "3e-3", 4
+PER_CLASS, VAL_PER_CLASS, LR = 4, 60, "3e-3"
+RUNS = ("from scratch", "head only", "two phases (head, then all)")
 
 
 def register(app: typer.Typer) -> None:
@@ -24,23 +22,38 @@ def register(app: typer.Typer) -> None:
 
 
 class _Steps:
+    """Each step is a `surgery` command, echoed as a user would type it and run in this process
+    by the same code the shell command runs."""
+
     def __init__(self, out):
         self.out = out
 
-    def run(self, *args: str, quiet: bool = False) -> float:
-        """Echo and run one `surgery` command in a child process, as a user would type it."""
+    def run(self, *args: str) -> float:
+        import typer.main
+
+        from .main import app
+
         self.out.print(f"\n[bold]$ surgery {' '.join(shlex.quote(a) for a in args)}[/bold]")
         sys.stdout.flush()
         t0 = time.perf_counter()
-        code = subprocess.call(module_command(f"{__package__}.main", args),  # never imports from the cwd
-                               stdout=subprocess.DEVNULL if quiet else None)
-        if code != 0:
+        code = typer.main.get_command(app).main(list(args), prog_name="surgery", standalone_mode=False)
+        if code:
             raise typer.Exit(code)
         return time.perf_counter() - t0
 
 
 def _result(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["results"]
+
+
+def table_rows(runs: dict[str, tuple[Path, int, float]]) -> list[tuple[str, ...]]:
+    """The comparison: run, epochs, val accuracy, best epoch, train wall time."""
+    rows = []
+    for name in RUNS:
+        run, epochs, secs = runs[name]
+        r = _result(run)
+        rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{secs:.1f} s"))
+    return rows
 
 
 @handles_errors
@@ -51,10 +64,12 @@ def demo(
 
     A ResNet-18 trained on digits 0-4 and saved through nn.DataParallel (made on first use, then
     cached) is inspected, cleaned, adapted to digits 5-9 with 4 labelled images per class, and
-    fine-tuned in two phases; the same budget head-only and from scratch gives the comparison.
+    fine-tuned in two phases; the head alone and the same network from random weights give the
+    comparison. Needs scikit-learn (pip install 'surgery[demo]').
     """
-    from fixtures.generate import digits_imagefolder
-    from fixtures.pretrained import pretrained_digits, random_init
+    from rich.markup import escape
+
+    from surgery.demo import Plan, digits_imagefolder, pretrained_digits, random_init
 
     out = console()
     t_start = time.perf_counter()
@@ -63,15 +78,15 @@ def demo(
     out.print("[bold]1. A checkpoint the way users get them[/bold]: torchvision ResNet-18 trained by a plain PyTorch "
               "loop on scikit-learn's digits 0-4 (32 px), saved through nn.DataParallel (made once, then cached)")
     ckpt, info = pretrained_digits(w / "pretrained")
-    out.print(f"   {ckpt}  (validation accuracy on digits 0-4: {info['val_acc']:.3f})")
+    out.print(f"   {ckpt}  (validation accuracy on digits 0-4: {info['val_acc']:.3f})", markup=False)
     data = w / f"digits5-9_{PER_CLASS}-per-class"
     if not (data / "val").is_dir():
-        # a few labelled images per class; all the others are the validation set
-        digits_imagefolder(data, classes=range(5, 10), size=32, val_fraction=1 - PER_CLASS / 181)
+        digits_imagefolder(data, classes=range(5, 10), size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS)
     n_train = sum(1 for _ in (data / "train").rglob("*.png"))
     n_val = sum(1 for _ in (data / "val").rglob("*.png"))
+    plan = Plan.for_data(n_train)
     out.print(f"\n[bold]2. The new task[/bold]: digits 5-9 with {n_train // 5} labelled images per class "
-              f"({n_train} to train on, {n_val} to validate): {data}/{{train,val}}/<class>/*.png")
+              f"({n_train} to train on, {n_val} to validate): {escape(str(data))}/{{train,val}}/<class>/*.png")
 
     out.print("\n[bold]3. What is in the checkpoint[/bold]")
     step.run("inspect", str(ckpt), "--depth", "1")
@@ -79,48 +94,48 @@ def demo(
     clean = w / "resnet18_digits0-4.safetensors"
     step.run("remap", str(ckpt), str(clean), "--auto", "--verify", "--force")
 
-    out.print("\n[bold]5. Adapt it to 5 new classes[/bold]: new head, backbone frozen for the first epochs "
-              "(preset small-similar), then everything trains with the backbone at 0.1x the head's learning rate")
-    runs: dict[str, tuple[Path, float]] = {}
-    adapted = w / "adapted"
-    adapted.mkdir(parents=True, exist_ok=True)
-    (w / "runs").mkdir(parents=True, exist_ok=True)
-    train_args = ["--data", str(data), "--epochs", str(EPOCHS), "--lr", LR, "--batch-size", "16", "--no-flip", "--force"]
-    step.run("adapt", str(clean), "--arch", "resnet18", "--num-classes", "5", "--preset", "small-similar",
-             "--unfreeze-at", "3", "--input-size", "32", "--out", str(adapted / "two-phase"), "--force")
-    out.print("\n[bold]6. Fine-tune[/bold]: 3 epochs head only (on cached backbone features), then 7 with everything unfrozen")
-    runs["two phases (head, then all)"] = (w / "runs" / "two-phase",
-                                           step.run("train", str(adapted / "two-phase"), *train_args,
-                                                    "--out", str(w / "runs" / "two-phase")))
-    step.run("evaluate", str(w / "runs" / "two-phase"), "--data", str(data))
+    ad, rd = w / "adapted", w / "runs"
+    ad.mkdir(parents=True, exist_ok=True)
+    rd.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, tuple[Path, int, float]] = {}
+    common = ["--data", str(data), "--lr", LR, "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
+    adapt_args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "32", "--force"]
+    out.print(f"\n[bold]5. Adapt it to 5 new classes[/bold]: new head, backbone frozen for the first "
+              f"{plan.unfreeze_at} epochs (preset small-similar), then everything trains with the backbone at 0.1x "
+              f"the head's learning rate")
+    step.run("adapt", str(clean), *adapt_args, "--preset", "small-similar", "--unfreeze-at", str(plan.unfreeze_at),
+             "--out", str(ad / "two-phase"))
+    out.print(f"\n[bold]6. Fine-tune[/bold]: {plan.unfreeze_at} epochs head only, then "
+              f"{plan.epochs - plan.unfreeze_at} with everything unfrozen (the backbone trains later, so every "
+              f"epoch runs the whole network: no feature cache)")
+    runs[RUNS[2]] = (rd / "two-phase", plan.epochs,
+                     step.run("train", str(ad / "two-phase"), *common, "--epochs", str(plan.epochs),
+                              "--out", str(rd / "two-phase")))
+    step.run("evaluate", str(rd / "two-phase"), "--data", str(data))
 
-    out.print(f"\n[bold]7. The comparison[/bold]: the same {EPOCHS}-epoch budget with only the head trained, "
-              f"and the same architecture from random weights")
-    step.run("adapt", str(clean), "--arch", "resnet18", "--num-classes", "5", "--freeze", "head-only",
-             "--input-size", "32", "--out", str(adapted / "head-only"), "--force", quiet=True)
-    runs["head only"] = (w / "runs" / "head-only",
-                         step.run("train", str(adapted / "head-only"), *train_args, "--out", str(w / "runs" / "head-only"),
-                                  "--quiet"))
+    out.print(f"\n[bold]7. The comparison[/bold]: the head alone ({plan.head_epochs} epochs: the backbone never "
+              f"trains, so it runs once per image and each epoch trains the head on cached features), and the "
+              f"same network from random weights for the same {plan.epochs} epochs as step 6")
+    step.run("adapt", str(clean), *adapt_args, "--freeze", "head-only", "--out", str(ad / "head-only"), "-q")
+    runs[RUNS[1]] = (rd / "head-only", plan.head_epochs,
+                     step.run("train", str(ad / "head-only"), *common, "--epochs", str(plan.head_epochs),
+                              "--out", str(rd / "head-only"), "--quiet"))
     scratch_ckpt = random_init(w / "pretrained" / "resnet18_random.pth")
-    step.run("adapt", str(scratch_ckpt), "--arch", "resnet18", "--num-classes", "5", "--freeze", "none",
-             "--input-size", "32", "--out", str(adapted / "scratch"), "--force", quiet=True)
-    runs["from scratch"] = (w / "runs" / "scratch",
-                            step.run("train", str(adapted / "scratch"), *train_args, "--out", str(w / "runs" / "scratch"),
-                                     "--quiet"))
+    step.run("adapt", str(scratch_ckpt), *adapt_args, "--freeze", "none", "--out", str(ad / "scratch"), "-q")
+    runs[RUNS[0]] = (rd / "scratch", plan.epochs,
+                     step.run("train", str(ad / "scratch"), *common, "--epochs", str(plan.epochs),
+                              "--out", str(rd / "scratch"), "--quiet"))
 
     from rich.table import Table
 
-    table = Table(title=f"digits 5-9, {n_train // 5} images per class, {EPOCHS} epochs, validation on {n_val} images",
+    table = Table(title=f"digits 5-9, {n_train // 5} images per class, validation on {n_val} images",
                   title_justify="left", show_edge=False)
-    for col in ("run", "val accuracy", "best epoch", "train wall time", "plots"):
-        table.add_column(col, justify="right" if col in ("val accuracy", "best epoch", "train wall time") else "left")
-    order = ["from scratch", "head only", "two phases (head, then all)"]
-    for name in order:
-        run, secs = runs[name]
-        r = _result(run)
-        table.add_row(name, f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{secs:.1f} s",
-                      f"{run / 'curves.png'}, {run / 'confusion.png'}")
+    for col in ("run", "epochs", "val accuracy", "best epoch", "train wall time"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for row in table_rows(runs):
+        table.add_row(*row)
     out.print()
     out.print(table)
+    out.print(f"plots: {rd}/{{scratch,head-only,two-phase}}/{{curves,confusion}}.png", markup=False)
     out.print(f"\nDone in {time.perf_counter() - t_start:.0f} s. Each step above is a command you can run on your own "
               f"checkpoint and images; `surgery COMMAND --help` lists the options.")

@@ -107,6 +107,9 @@ def render(report, show_tree: bool = True) -> None:
         rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))
     if report.wrapper_prefixes or report.common_prefix:
         parts = [f"{p} ({_WRAPPER_NAMES.get(p, 'wrapper')})" for p in report.wrapper_prefixes]
+        own = [k for k in c.tensors if report.wrapper_prefixes and not k.startswith(report.wrapper_prefixes[0])]
+        if own:  # the wrapper's own entries (AveragedModel's n_averaged) keep their names
+            parts[-1] += f" on {len(c.tensors) - len(own)} of {len(c.tensors)} keys; not on {', '.join(own[:3])}"
         if report.common_prefix:
             parts.append(f"{report.common_prefix} (shared by every key)")
         rows.append(("prefixes", ", ".join(parts)))

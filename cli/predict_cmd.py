@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ def register(app: typer.Typer) -> None:
 @handles_errors
 def predict(
     folder: Annotated[Path, typer.Argument(help="A trained run (or an adapted folder).", show_default=False)],
-    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images.", show_default=False)],
     top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 1,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
     image_size: Annotated[int, typer.Option("--image-size", help="Override the manifest's input size (0: keep).")] = 0,
@@ -26,16 +27,23 @@ def predict(
 ) -> None:
     """Classify images with a trained model; class names come from its manifest.
 
-    Example: surgery predict run/ cat.jpg dog.png --top-k 3
+    An image that cannot be read is reported (a warning, or "error" in --json) and the others are
+    still classified.
+
+    Example: surgery predict run/ cat.jpg dog.png photos/ --top-k 3
     """
+    from surgery.trainer.evaluate import PREDICT_SCHEMA
     from surgery.trainer.evaluate import predict as run_predict
 
     preds = run_predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None,
                         trust_code=trust_code)
     if as_json:
-        print_json(preds)
+        print_json({"schema": PREDICT_SCHEMA, "model": str(folder), "predictions": preds})
         return
     out = console()
     for p in preds:
+        if "error" in p:
+            sys.stderr.write(f"warning: skipped {p['path']}: {p['error']}\n")
+            continue
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["top"])
         out.print(f"{p['path']}: {tops}", markup=False)

@@ -61,16 +61,17 @@ class Renderer:
             return
         import time
 
-        if event == "log" and not self.live:
+        if event == "log":
             msg = info["message"]
+            # epoch lines come from epoch_end below; each skipped file is in run.log
             if not msg.startswith("epoch ") and not msg.startswith("  skipped"):
-                self.out.print(msg, markup=False)
+                self.out.print(msg, markup=False)  # above the live progress bar when there is one
         elif event == "epoch_start" and self.live:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
             if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                          TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"),
                                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.out, transient=False)
                 self.progress.start()
@@ -86,10 +87,7 @@ class Renderer:
             line = (f"epoch {info['epoch']} [{info['phase']}] train loss {info['train_loss']:.4f} acc "
                     f"{info['train_acc']:.3f} | val loss {info['val_loss']:.4f} acc {info['val_acc']:.3f} | "
                     f"{info['images_per_s'] or 0:.0f} img/s" + (" *" if info.get("improved") else ""))
-            if self.live and self.progress is not None:
-                self.progress.console.print(line, markup=False)
-            else:
-                self.out.print(line, markup=False)
+            self.out.print(line, markup=False)
         elif event == "end":
             self.close()
 
@@ -104,7 +102,7 @@ def train(
     ctx: typer.Context,
     adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases).")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, another count changes the run's length.")] = 10,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of the head; pretrained groups use lr x their multiplier.")] = 1e-3,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,
@@ -126,7 +124,7 @@ def train(
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     cache_features: Annotated[str, typer.Option("--cache-features", metavar="auto|on|off", help="Train the head on cached backbone features (auto: when the backbone stays frozen).")] = "auto",
     cache_views: Annotated[int, typer.Option("--cache-views", help="Cache K augmented views per image (0: one plain view).")] = 0,
-    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH, with the run's saved arguments.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
@@ -162,6 +160,11 @@ def train(
         raise typer.Exit(rc)
 
     from surgery.trainer.runner import train as run_train
+
+    if resume is not None:  # what the command line leaves out comes from the checkpoint
+        given = {n for n in ("epochs", "lr") if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+        epochs = epochs if "epochs" in given else None  # type: ignore[assignment]
+        lr = lr if "lr" in given else None  # type: ignore[assignment]
 
     renderer = Renderer(quiet, as_json)
     try:

@@ -20,19 +20,37 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # ----------------------------------------------------------------------------- prefixes
 
+def _wraps(p: str, keys: list[str]) -> bool:
+    """``p`` wraps these keys: every key carries it, or all but a few top-level names the wrapper
+    keeps beside the wrapped model (``n_averaged`` of torch's AveragedModel, a step counter): at
+    most one key in ten, none dotted, none clashing with a stripped name."""
+    has = [k for k in keys if k.startswith(p) and len(k) > len(p)]
+    rest = [k for k in keys if not (k.startswith(p) and len(k) > len(p))]
+    if not has or len(rest) * 10 > len(keys) or any("." in k for k in rest):
+        return False
+    return not rest or not set(rest) & {k[len(p):] for k in has}
+
+
+def peel(key: str, prefix: str) -> str:
+    """``key`` without ``prefix`` when it carries it (a wrapper's own entries do not)."""
+    return key[len(prefix):] if prefix and key.startswith(prefix) and len(key) > len(prefix) else key
+
+
 def detect_wrapper_prefixes(keys: Iterable[str]) -> list[str]:
-    """Wrapper prefixes that every key carries, in the order they are peeled.
+    """Wrapper prefixes the keys carry (see ``_wraps``), in the order they are peeled.
 
     >>> detect_wrapper_prefixes(["_orig_mod.module.fc.weight", "_orig_mod.module.fc.bias"])
     ['_orig_mod.', 'module.']
+    >>> detect_wrapper_prefixes(["module.fc.weight", "module.fc.bias", "n_averaged"])
+    ['module.']
     """
     cur = list(keys)
     peeled: list[str] = []
     while cur:
         for p in WRAPPER_PREFIXES:
-            if all(k.startswith(p) and len(k) > len(p) for k in cur):
+            if _wraps(p, cur):
                 peeled.append(p)
-                cur = [k[len(p):] for k in cur]
+                cur = [peel(k, p) for k in cur]
                 break
         else:
             break
@@ -42,8 +60,13 @@ def detect_wrapper_prefixes(keys: Iterable[str]) -> list[str]:
 def strip_wrappers(keys: Iterable[str]) -> tuple[list[str], str]:
     """Keys without their wrapper prefixes, and the joined prefix that was removed ('' if none)."""
     keys = list(keys)
-    prefix = "".join(detect_wrapper_prefixes(keys))
-    return [k[len(prefix):] for k in keys], prefix
+    prefixes = detect_wrapper_prefixes(keys)
+    for p in prefixes:
+        keys = [peel(k, p) for k in keys]
+    return keys, "".join(prefixes)
+
+
+_strip = strip_wrappers  # for diff(), whose keyword argument of that name hides it
 
 
 def common_prefix(keys: Iterable[str]) -> str | None:
@@ -380,8 +403,8 @@ def diff(a_infos: Mapping[str, "TensorInfo"], b_infos: Mapping[str, "TensorInfo"
     """
     pa = "".join(detect_wrapper_prefixes(a_infos)) if strip_wrappers else ""
     pb = "".join(detect_wrapper_prefixes(b_infos)) if strip_wrappers else ""
-    a = {k[len(pa):]: v for k, v in a_infos.items()}
-    b = {k[len(pb):]: v for k, v in b_infos.items()}
+    a = dict(zip(_strip(a_infos)[0], a_infos.values())) if pa else dict(a_infos)
+    b = dict(zip(_strip(b_infos)[0], b_infos.values())) if pb else dict(b_infos)
     rep = DiffReport(prefix_a=pa, prefix_b=pb)
     rep.only_a = [k for k in a if k not in b]
     rep.only_b = [k for k in b if k not in a]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import SurgeryError
-from .analysis import common_prefix, detect_wrapper_prefixes
+from .analysis import common_prefix, strip_wrappers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import TensorInfo
@@ -171,8 +171,8 @@ class ArchGuess:
 
 def _candidates(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
     """The key set as is (wrappers removed), then with shared leading components peeled."""
-    wrap = "".join(detect_wrapper_prefixes(shapes))
-    cur = {k[len(wrap):]: v for k, v in shapes.items()}
+    stripped, wrap = strip_wrappers(shapes)
+    cur = dict(zip(stripped, shapes.values()))
     out = [(wrap, cur)]
     prefix = wrap
     for _ in range(3):  # model.backbone.body. at most

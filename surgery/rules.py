@@ -7,6 +7,7 @@ tensor's byte range from the source, so peak memory does not grow with the file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -14,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .analysis import detect_wrapper_prefixes
+from .analysis import detect_wrapper_prefixes, peel
 from .checkpoint import DTYPE_ALIASES, FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, torch_dtype
 from .errors import RuleError, SelectError
 
 OP_KINDS = ("auto", "strip_prefix", "add_prefix", "rename", "drop", "keep", "dtype", "densify", "dequantize")
 FLAG_OPS = ("auto", "densify", "dequantize")  # ops that take no argument
+
+
+REMAP_SCHEMA = "surgery.remap/1"  # of RemapReport.to_json, what `surgery remap --json` prints
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ class Rules:
             raise RuleError(f"{p}: rules file not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise RuleError(f"{p}: cannot read rules file: {e}") from None
+        if p.suffix.lower() == ".toml":
+            raise RuleError(f"{p}: rules files are JSON or YAML (.yml/.yaml); TOML is not read: write the same "
+                            f"'select' and 'ops' as JSON or YAML")
         if p.suffix.lower() in (".yml", ".yaml"):
             import yaml
 
@@ -194,7 +201,7 @@ def apply_op(op: Op, names: list[str]) -> tuple[list[str | None], int]:
     if op.kind == "auto":
         out = list(names)
         for p in detect_wrapper_prefixes(names):
-            out = [n[len(p):] for n in out]
+            out = [peel(n, p) for n in out]
         return list(out), sum(a != b for a, b in zip(names, out))
     if op.kind == "strip_prefix":
         out = [n[len(op.arg):] if n.startswith(op.arg) else n for n in names]
@@ -239,8 +246,19 @@ def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
     names = list(names)
     current: list[str | None] = list(names)
     counts = []
-    for op in ops:
+    for k, op in enumerate(ops):
         alive = [i for i, n in enumerate(current) if n is not None]
+        if op.kind == "keep" and k > 0 and ops[k - 1].kind == "keep":
+            continue  # applied with the first of its run
+        if op.kind == "keep":  # adjacent --keep ops keep a name any of them matches: a union
+            run = list(itertools.takewhile(lambda o: o.kind == "keep", ops[k:]))
+            hits = [{i for i in alive if re.search(o.arg, current[i])} for o in run]  # type: ignore[arg-type]
+            keep_any = set().union(*hits)
+            for i in alive:
+                if i not in keep_any:
+                    current[i] = None
+            counts += [(str(o), len(h)) for o, h in zip(run, hits)]
+            continue
         new, touched = apply_op(op, [current[i] for i in alive])  # type: ignore[misc]
         for i, n in zip(alive, new):
             current[i] = n
@@ -388,7 +406,7 @@ class RemapReport:
 
     def to_json(self) -> dict:
         return {
-            "src": self.src, "dst": self.dst, "src_format": self.src_format, "dst_format": self.dst_format,
+            "schema": REMAP_SCHEMA, "src": self.src, "dst": self.dst, "src_format": self.src_format, "dst_format": self.dst_format,
             "container": self.container, "dry_run": self.dry_run,
             "ops": [{"op": o, "matched": n} for o, n in self.op_counts],
             "kept": self.kept, "renamed": self.renamed, "dropped": self.dropped,

@@ -374,7 +374,7 @@ def test_timm_vit_round_trip(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"arch": "resnet19"}, r"unknown architecture 'resnet19'.*did you mean resnet18"),
     ({"num_classes": 0}, r"--num-classes must be a positive integer"),
-    ({"freeze_until": "layer9"}, r"--freeze-until 'layer9' names no module.*valid: conv1, bn1, relu, maxpool, layer1"),
+    ({"freeze_until": "layer9"}, r"--freeze-until 'layer9' names no module.*valid: conv1, bn1, layer1, layer2"),
     ({"preset": "small-similar", "freeze": "none"}, r"--preset small-similar decides what is frozen"),
     ({"unfreeze_at": 2, "gradual": True, "freeze": "head-only"}, r"--unfreeze-at and --gradual"),
     ({"unfreeze_at": 2}, r"need something frozen"),

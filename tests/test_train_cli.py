@@ -44,6 +44,7 @@ def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):
     r = cli("evaluate", "--trust-code", out, "--data", data, "--json")
     assert r.exit_code == 0, r.output
     ev = json.loads(r.stdout)
+    assert ev["schema"] == "surgery.evaluate/1"
     assert ev["split"] == "val" and ev["images"] == 10
     assert ev["accuracy"] == pytest.approx(res["best_val_acc"])
     assert sum(map(sum, ev["confusion"])) == 10 and set(ev["per_class"]) == {"5", "6", "7", "8", "9"}
@@ -53,12 +54,27 @@ def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):
     imgs = sorted((data / "val" / "7").glob("*.png"))[:2]
     r = cli("predict", "--trust-code", out, *imgs, "--top-k", 3, "--json")
     assert r.exit_code == 0, r.output
-    preds = json.loads(r.stdout)
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "surgery.predict/1" and doc["model"] == str(out)
+    preds = doc["predictions"]
     assert [p["path"] for p in preds] == [str(i) for i in imgs]
     assert all(len(p["top"]) == 3 and p["top"][0]["class"] in {"5", "6", "7", "8", "9"} for p in preds)
     assert all(p["top"][0]["prob"] >= p["top"][1]["prob"] for p in preds)
     r = cli("predict", "--trust-code", out, imgs[0])
     assert r.exit_code == 0 and str(imgs[0]) in r.stdout
+    # a folder stands for its images; one unreadable image is reported, the others still classified
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    r = cli("predict", out, data / "val" / "7", bad, "--json")
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.stdout)["predictions"]
+    assert [p["path"] for p in preds] == [*map(str, sorted((data / "val" / "7").glob("*.png"))), str(bad)]
+    assert preds[-1]["top"] == [] and "cannot identify image" in preds[-1]["error"]
+    assert all(p["top"] for p in preds[:-1])
+    r = cli("predict", out, bad, imgs[0])
+    assert r.exit_code == 0 and f"warning: skipped {bad}: " in r.stderr and str(imgs[0]) in r.stdout
+    r = cli("predict", out, tmp_path / "empty_dir_that_is_missing")
+    assert r.exit_code == 2 and "no such file" in r.stderr
 
     # resume: the bare flag continues OUT's last.pt; more epochs extend the run
     r = cli("train", "--trust-code", root / "ad", "--data", data, "--epochs", 3, "--lr", "5e-3", "--out", out, "--batch-size", 16,

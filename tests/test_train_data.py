@@ -272,8 +272,23 @@ def test_train_transform_options():
     assert "CenterCrop" in names(build_transforms(20, [0.5], [0.5], 3, train=True, augment=False))
     with pytest.raises(DataError, match=r"mean has 2 values for 3 channel"):
         build_transforms(20, [0.5, 0.5], [0.5], 3, train=False)
-    with pytest.raises(DataError, match=r"channels must be 1 or 3"):
-        build_transforms(20, [0.5], [0.5], 4, train=False)
+    with pytest.raises(DataError, match=r"channels must be a positive integer, got 0"):
+        build_transforms(20, [0.5], [0.5], 0, train=False)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+def test_transforms_follow_the_models_input_channels(channels):
+    rgb = Image.new("RGB", (32, 32), (0, 128, 255))
+    for img in (rgb, rgb.convert("L"), rgb.convert("RGBA")):
+        for train in (True, False):
+            x = build_transforms(20, [0.5], [0.5], channels, train=train)(img)
+            assert x.shape == (channels, 20, 20)
+    x = build_transforms(20, [0.0], [1.0], channels, train=False)(rgb)
+    want = {1: None, 3: [0.0, 128 / 255, 1.0], 4: [0.0, 128 / 255, 1.0, 1.0]}.get(channels)
+    if channels in (2, 5):  # other counts repeat R, G, B cyclically
+        want = [[0.0, 128 / 255, 1.0][i % 3] for i in range(channels)]
+    if want is not None:
+        torch.testing.assert_close(x[:, 3, 3], torch.tensor(want), atol=1e-6, rtol=0)
 
 
 def test_loaders_yield_batches_with_the_right_shapes_and_labels(digits):

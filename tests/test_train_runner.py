@@ -322,7 +322,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(env, adapted_random, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _refused(tmp_path, blocker / "out", r"is not a folder", adapted=adapted_random, data=env["data"])
-    _refused(tmp_path, out, r"--cache-features on: not possible.*from epoch 1",
+    _refused(tmp_path, out, r"--cache-features on: not possible.*from epoch 2",
              adapted=adapted_random, data=env["data"], cache_features="on", epochs=2)
     _refused(tmp_path, out, r"--epochs must be a positive", adapted=adapted_random, data=env["data"], epochs=0)
     _refused(tmp_path, out, r"no checkpoint to resume", adapted=adapted_random, data=env["data"], resume=True)

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from ..analysis import detect_wrapper_prefixes
+from ..analysis import detect_wrapper_prefixes, strip_wrappers
 from .errors import AlignError
 
 Shape = tuple[int, ...]
@@ -118,10 +118,10 @@ def align_keys(ckpt: Mapping[str, Shape], model: Mapping[str, Shape], ignore: It
     {'module.backbone.fc.weight': 'fc.weight'}
     """
     ignore = set(ignore)
+    stripped, _ = strip_wrappers(list(ckpt))
     wrappers = detect_wrapper_prefixes(list(ckpt))
-    wrap = "".join(wrappers)
-    clean = {k[len(wrap):]: tuple(v) for k, v in ckpt.items()}
-    back = {k[len(wrap):]: k for k in ckpt}
+    clean = {s: tuple(v) for s, v in zip(stripped, ckpt.values())}
+    back = dict(zip(stripped, ckpt))
     cp, mp, n = best_prefix_mapping(clean, model, ignore)
 
     def moved(k: str) -> str:

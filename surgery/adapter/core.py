@@ -27,6 +27,9 @@ _POS_EMBED = re.compile(r"(^|\.)(pos_embed|pos_embedding|position_embeddings?|ab
 
 # ----------------------------------------------------------------------------- reports
 
+ADAPT_SCHEMA = "surgery.adapt/1"  # of AdaptReport.to_json, what `surgery adapt --json` prints
+
+
 @dataclass
 class LoadReport:
     """What loaded. Model names unless said otherwise; ``mismatched`` rows are
@@ -78,7 +81,7 @@ class AdaptReport:
         return self.manifest.groups
 
     def to_json(self) -> dict:
-        return {"out": self.out, "warnings": list(self.warnings), "load_report": self.load.to_json(),
+        return {"schema": ADAPT_SCHEMA, "out": self.out, "warnings": list(self.warnings), "load_report": self.load.to_json(),
                 "groups": self.manifest.groups, "head": self.manifest.head, "arch": self.manifest["arch"],
                 "bn": {"policy": self.manifest["bn"]["policy"], "frozen_modules": len(self.frozen_bn())},
                 "schedule": self.manifest["schedule"]}
@@ -217,6 +220,27 @@ def _build(spec: arch_mod.ArchSpec, num_classes: int, head: Any, seed: int, meta
         return apply_head(model, head, num_classes)
 
 
+def _meta_build(spec: arch_mod.ArchSpec, num_classes: int, seed: int,
+                input_size: int | None) -> tuple[arch_mod.ArchSpec, "nn.Module"]:
+    """The model on the meta device. A torchvision ViT built for another image size than
+    ``input_size`` is rebuilt for it (``image_size``), so its position embedding is interpolated."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = arch_mod.build(spec, num_classes, meta=True)
+        built = getattr(model, "image_size", None)
+        if (spec.kind == "torchvision" and input_size is not None and isinstance(built, int)
+                and built != input_size and "image_size" not in spec.kwargs):
+            patch = int(getattr(model, "patch_size", 1))
+            if input_size % patch:
+                raise AdaptError(f"--input-size {input_size}: {spec.name} cuts images into {patch}x{patch} "
+                                 f"patches; use a multiple of {patch}")
+            spec = arch_mod.ArchSpec(spec.kind, spec.name, {**spec.kwargs, "image_size": input_size})
+            model = arch_mod.build(spec, num_classes, meta=True)
+    return spec, model
+
+
 # ----------------------------------------------------------------------------- adapt
 
 def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLike | None = None,
@@ -241,7 +265,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     """
     import torch
 
-    from .heads import HEAD_KINDS, adapt_input_conv, plan_head
+    from .heads import HEAD_KINDS, adapt_input_conv, plan_head, probe
 
     # ---- every option checked before any work
     problems = []
@@ -276,12 +300,11 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     weights_obj = arch_mod.torchvision_weights(spec.name, weights) if weights else None
 
     took = arch_mod.accepts_num_classes(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        meta_model = arch_mod.build(spec, num_classes, meta=True)
+    spec, meta_model = _meta_build(spec, num_classes, seed, input_size)
     inp = arch_mod.input_config(spec, meta_model, weights_obj)
     if input_size is not None:
         inp["size"], inp["resize"] = [input_size, input_size], int(round(input_size / 0.875))
+        probe(meta_model, 3, input_size)  # a model fixed to another size is refused here, not in train
     plan = plan_head(spec, meta_model, num_classes=num_classes, kind=head, took_num_classes=took,
                      in_chans=in_chans, size=tuple(inp["size"]), hidden=hidden, dropout=dropout)
     del meta_model
@@ -448,6 +471,17 @@ def build_from_manifest(manifest: Any, *, meta: bool = False, trust_code: bool =
     return _build(spec, m.num_classes, plan, int(m.data.get("seed", 0)), meta=meta)
 
 
+def load_weights(model: "nn.Module", state: Mapping[str, Any], *, strict: bool = True) -> Any:
+    """``model.load_state_dict(state)`` whatever ``state`` carries: a safetensors dict has no
+    ``_metadata``, and modules with a versioned ``_load_from_state_dict`` (MNASNet) need the
+    version. The weights were written from this same model code, so its own versions apply."""
+    from collections import OrderedDict
+
+    sd = OrderedDict(state)
+    sd._metadata = getattr(model.state_dict(keep_vars=True), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return model.load_state_dict(sd, strict=strict)
+
+
 def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 0, verify: bool = True,
                  trust_code: bool = False) -> "nn.Module":
     """The model written by ``surgery adapt``, ready to train: weights loaded strictly, in train
@@ -475,7 +509,7 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
     model = build_from_manifest(m, trust_code=trust_code)
     sd = load_file(str(wpath))
     try:
-        model.load_state_dict(sd, strict=True)
+        load_weights(model, sd, strict=True)
     except RuntimeError as e:
         raise ManifestError(f"{wpath}: does not fit the rebuilt model: {' '.join(str(e).split())[:300]}") from None
     if device is not None:

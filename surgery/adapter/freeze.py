@@ -8,6 +8,7 @@ all ``surgery train`` (or a user's own loop) needs.
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -82,6 +83,7 @@ class FreezeOptions:
             if given:
                 problems.append(f"--preset {o.preset} decides what is frozen; drop {', '.join(given)} "
                                 f"or drop the preset")
+                o.freeze_until = o.freeze_first = None  # said once: no second complaint about them
             p = PRESETS[o.preset]
             o.freeze = p.get("freeze")
             fraction = p.get("freeze_fraction")
@@ -177,6 +179,11 @@ def stages(model: "nn.Module", head_modules: list[str]) -> list[Stage]:
     return out
 
 
+def _with_params(model: "nn.Module") -> list[str]:
+    """The model's top-level children that hold parameters, in order."""
+    return [c for c, m in model.named_children() if next(m.parameters(), None) is not None]
+
+
 def plan_freeze(model: "nn.Module", head_modules: list[str], opts: FreezeOptions) -> dict:
     """Groups, per-parameter assignment and BatchNorm list, as manifest-ready data."""
     from torch import nn
@@ -197,15 +204,15 @@ def plan_freeze(model: "nn.Module", head_modules: list[str], opts: FreezeOptions
         target = o.freeze_until.strip(".")
         hit = next((i for i, n in enumerate(names) if _under(n, target)), None)
         if hit is None or target == "":
-            valid = list(dict.fromkeys([c for c, _ in model.named_children()] + [s.name for s in st]))
+            valid = list(dict.fromkeys(_with_params(model) + [s.name for s in st]))
             raise AdaptError(f"--freeze-until {o.freeze_until!r} names no module with parameters; "
                              f"valid: {', '.join(valid)}")
         frozen = {n for n in names[:hit] if n not in head_set}
     if o.freeze_first is not None:
-        children = [c for c, _ in model.named_children()]
+        children = _with_params(model)  # a ReLU or a pooling layer has nothing to freeze
         if o.freeze_first > len(children):
             raise AdaptError(f"--freeze-first {o.freeze_first}: the model has only {len(children)} top-level "
-                             f"children ({', '.join(children)})")
+                             f"children with parameters ({', '.join(children)})")
         first = children[:o.freeze_first]
         frozen = {n for n in names if n not in head_set and any(_under(n, c) for c in first)}
     if o.freeze_regex:
@@ -307,10 +314,18 @@ def _keep_eval(module: "nn.Module", args: Any) -> None:
     module.training = False
 
 
+def _frozen_train(module: "nn.Module", mode: bool = True) -> "nn.Module":
+    # a frozen BatchNorm's own ``train``: ``model.train()`` reaches it and leaves it in eval
+    from torch import nn
+
+    return nn.Module.train(module, False)
+
+
 def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[str]:
     """Put the BatchNorm layers that are frozen at ``epoch`` in eval mode, and keep them there
-    across later ``model.train()`` calls (a forward pre-hook resets the flag). Layers whose group
-    trains at ``epoch`` follow ``model.training`` again. Returns the frozen layers' paths.
+    across later ``model.train()`` calls (their ``train`` is replaced, and a forward pre-hook
+    resets the flag if it is set by hand). Layers whose group trains at ``epoch`` follow
+    ``model.training`` again. Returns the frozen layers' paths.
     """
     data = _data(manifest)
     bn = data["bn"]
@@ -326,12 +341,14 @@ def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[s
         if is_frozen:
             if handle is None:
                 mod.__dict__["_surgery_bn_hook"] = mod.register_forward_pre_hook(_keep_eval)
+                mod.__dict__["train"] = types.MethodType(_frozen_train, mod)
             mod.training = False
             frozen.append(path)
         else:
             if handle is not None:
                 handle.remove()
                 del mod.__dict__["_surgery_bn_hook"]
+                mod.__dict__.pop("train", None)
             mod.training = model.training
     return frozen
 

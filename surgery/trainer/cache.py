@@ -51,7 +51,7 @@ def eligibility(model: "nn.Module", manifest: Any, epochs: int) -> tuple[bool, s
             training.append((n, g))
     if training:
         n, g = training[0]
-        when = "from the start" if g["trainable"] else f"from epoch {g['unfreeze_at']}"
+        when = "from the start" if g["trainable"] else f"from epoch {g['unfreeze_at'] + 1}"  # counted from 1
         return False, (f"{len(training)} parameters outside the head train ({n} in group {g['name']!r} {when}); "
                        f"the cache needs the whole backbone frozen for the whole run")
     has_bn = any(not _under(m, path) for m in data["bn"]["modules"])

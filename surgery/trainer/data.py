@@ -417,6 +417,24 @@ class _ToMode:
         return f"ToMode({self.mode!r})"
 
 
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class _TileChannels:
+    """``[3, H, W]`` -> ``[n, H, W]``: the RGB channels repeated cyclically, as ``adapt`` tiles
+    the first conv's pretrained weights for ``--in-chans n``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, x: Any) -> Any:
+        reps = -(-self.n // x.shape[-3])
+        return x.repeat(reps, 1, 1)[: self.n]
+
+    def __repr__(self) -> str:
+        return f"TileChannels({self.n})"
+
+
 def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         size = (image_size, image_size)
@@ -448,7 +466,8 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
                      interpolation: str = "bilinear", scale: tuple[float, float] = (0.35, 1.0)) -> Callable:
     """PIL image -> normalised float tensor ``[channels, H, W]``.
 
-    Every image is first converted to the model's channel count (grey to RGB or RGB to grey).
+    Every image is first converted to the model's channel count: 1 grey, 3 RGB, 4 RGBA (an
+    opaque image gets alpha 1); any other count repeats the RGB channels cyclically.
     Training with ``augment``: ``RandomResizedCrop(size, scale)`` and, with ``flip``, a random
     horizontal flip (turn it off for digits, text, anything with a handedness). ``scale`` defaults
     to (0.35, 1): fine-tuning on little data wants milder crops than ImageNet's (0.08, 1).
@@ -459,8 +478,8 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
     """
     from torchvision.transforms import InterpolationMode, v2
 
-    if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels!r}")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise DataError(f"channels must be a positive integer, got {channels!r}")
     size = _size_pair(image_size)
     mean_c, std_c = _per_channel("mean", mean, channels), _per_channel("std", std, channels)
     try:
@@ -468,7 +487,7 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
     except ValueError:
         raise DataError(f"unknown interpolation {interpolation!r}; use one of "
                         f"{', '.join(m.value for m in InterpolationMode)}") from None
-    steps: list[Any] = [_ToMode("RGB" if channels == 3 else "L")]
+    steps: list[Any] = [_ToMode(_PIL_MODES.get(channels, "RGB"))]
     if train and augment:
         steps.append(v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True))
         if flip:
@@ -478,7 +497,10 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
         if resize < min(size):
             raise DataError(f"resize {resize} is smaller than the crop {size[0]}x{size[1]}")
         steps += [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(size)]
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean_c, std_c)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if channels not in _PIL_MODES:
+        steps.append(_TileChannels(channels))
+    steps.append(v2.Normalize(mean_c, std_c))
     return v2.Compose(steps)
 
 

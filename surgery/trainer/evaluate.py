@@ -8,12 +8,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from ..errors import InputError, SurgeryError
 
 SPLITS = ("train", "val", "all")
+
+
+EVALUATE_SCHEMA = "surgery.evaluate/1"  # of EvalReport.to_json, what `surgery evaluate --json` prints
+PREDICT_SCHEMA = "surgery.predict/1"  # what `surgery predict --json` prints
 
 
 @dataclass
@@ -28,7 +33,7 @@ class EvalReport:
     skipped: list[tuple[str, str]]
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {"schema": EVALUATE_SCHEMA, **asdict(self)}
         d["per_class"] = dict(zip(self.classes, self.per_class))
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         return d
@@ -110,32 +115,51 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
                       classes=list(samples.classes), per_class=per_class_accuracy(cm), confusion=cm, skipped=skipped)
 
 
+def _expand(images: Sequence[str | os.PathLike]) -> tuple[list[str], dict[str, str]]:
+    """Every image path in the order given, a folder standing for the images under it; and
+    ``{path: why}`` for those that cannot be read."""
+    from .data import _image_problem, _images_under
+
+    paths: list[str] = []
+    bad: dict[str, str] = {}
+    for img in images:
+        if os.path.isdir(img):
+            found = [str(p) for p in _images_under(Path(img))]
+            if not found:
+                bad[str(img)] = "a folder with no images in it"
+            paths += found or [str(img)]
+        else:
+            paths.append(str(img))
+    for p in paths:
+        if p not in bad:
+            why = _image_problem(p)
+            if why is not None:
+                bad[p] = why
+    return list(dict.fromkeys(paths)), bad
+
+
 def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 1, device: str = "auto",
             image_size: int | None = None, batch_size: int = 64, trust_code: bool = False) -> list[dict]:
     """``[{"path", "top": [{"class", "index", "prob"}, ...]}]`` for each image, in order; class
-    names from the manifest. A missing or unreadable image is an error naming it. ``trust_code``:
-    as in :func:`surgery.load_adapted`."""
+    names from the manifest. A folder stands for the images under it. An image that cannot be
+    read gets ``"top": []`` and ``"error"`` (why) while the others are classified; when none can
+    be read, an error names them. ``trust_code``: as in :func:`surgery.load_adapted`."""
     import torch
-
-    from .data import _image_problem
 
     if top_k < 1:
         raise SurgeryError(f"--top-k must be at least 1, got {top_k}")
     if not images:
         raise InputError("no images given; pass one or more image paths")
-    bad = []
-    for img in images:
-        why = _image_problem(str(img))
-        if why is not None:
-            bad.append(f"{img}: {why}")
-    if bad:
-        raise InputError(f"cannot read {len(bad)} image{'s' if len(bad) > 1 else ''}: {'; '.join(bad[:5])}")
+    order, bad = _expand(images)
+    paths = [p for p in order if p not in bad]
+    if not paths:
+        listed = "; ".join(f"{p}: {why}" for p, why in list(bad.items())[:5])
+        raise InputError(f"cannot read {len(bad)} image{'s' if len(bad) > 1 else ''}: {listed}")
     m, dev, model, tf, names = _setup(folder, device, image_size, trust_code)
     k = min(top_k, m.num_classes)
     from PIL import Image
 
-    out = []
-    paths = [str(p) for p in images]
+    found: dict[str, dict] = {}
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
@@ -147,9 +171,9 @@ def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, t
             probs = torch.softmax(model(torch.stack(xs).to(dev)).float(), 1).cpu()
             top = probs.topk(k, 1)
             for p, vals, idx in zip(chunk, top.values, top.indices):
-                out.append({"path": p, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
-                                               for v, j in zip(vals.tolist(), idx.tolist())]})
-    return out
+                found[p] = {"path": p, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
+                                               for v, j in zip(vals.tolist(), idx.tolist())]}
+    return [found[p] if p in found else {"path": p, "top": [], "error": bad[p]} for p in order]
 
 
 __all__ = ["evaluate", "predict", "EvalReport"]

@@ -57,10 +57,12 @@ def unfreeze_epochs(manifest: Any, epochs: int) -> list[int]:
     return [a + 1 for a in at if 0 < a < epochs]
 
 
-def plot_run_curves(history: list[dict], out_p: Path, manifest: Any, epochs: int) -> None:
+def plot_run_curves(history: list[dict], out_p: Path, manifest: Any, epochs: int, best_epoch: int | None = None,
+                    stopped_early: bool = False) -> None:
     from .plots import plot_curves
 
-    plot_curves(history, out_p / "curves.png", unfreeze_epochs=unfreeze_epochs(manifest, epochs))
+    plot_curves(history, out_p / "curves.png", unfreeze_epochs=unfreeze_epochs(manifest, epochs),
+                best_epoch=best_epoch, stopped_at=history[-1]["epoch"] if stopped_early and history else None)
 
 
 def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classes: list[str], result: "TrainResult",

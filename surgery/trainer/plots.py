@@ -76,15 +76,47 @@ def _finite(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def plot_curves(metrics: Sequence[dict], path: str | os.PathLike, unfreeze_epochs: Iterable[int] = ()) -> Path:
-    """Loss and accuracy per epoch, train and val, in two panels; a dashed line labelled
-    'unfreeze' at each epoch in ``unfreeze_epochs``. ``metrics``: dicts with ``epoch``,
-    ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc`` (missing, None, NaN: not drawn)."""
+def _mark(ax: Any, epoch: int, label: str, style: str) -> None:
+    ax.axvline(epoch, linestyle=style, color="0.45", linewidth=1)
+    ax.text(epoch, 0.98, f" {label}", transform=ax.get_xaxis_transform(), rotation=90,
+            va="top", ha="right", fontsize=8, color="0.3")
+
+
+def _plot_lr(ax: Any, metrics: Sequence[dict]) -> None:
+    """Each group's learning rate at the end of each epoch (0 while the group is frozen)."""
+    groups = list(dict.fromkeys(g for m in metrics for g in (m.get("lr") or {})))
+    for g in groups:
+        pts = [(m["epoch"], _finite((m.get("lr") or {}).get(g))) for m in metrics if "epoch" in m]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=".", label=g)
+    ax.set_title("learning rate")
+    if groups:
+        ax.legend(fontsize=7)
+
+
+def plot_curves(metrics: Sequence[dict], path: str | os.PathLike, unfreeze_epochs: Iterable[int] = (),
+                best_epoch: int | None = None, stopped_at: int | None = None) -> Path:
+    """Loss, accuracy (train and val) and each group's learning rate per epoch, in three panels;
+    dashed lines at each epoch in ``unfreeze_epochs``, a dotted one at ``best_epoch`` (whose
+    weights were kept) and at ``stopped_at`` (early stopping). ``metrics``: dicts with ``epoch``,
+    ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``, ``lr`` (missing, None, NaN: not drawn)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(10, 4)
-    axes = fig.subplots(1, 2)
+    fig = _figure(14, 4)
+    axes = fig.subplots(1, 3)
     unfreeze = sorted({int(e) for e in unfreeze_epochs})
+    _plot_lr(axes[2], metrics)
+    for ax in axes:
+        for e in unfreeze:
+            _mark(ax, e, "unfreeze", "--")
+        if best_epoch:
+            _mark(ax, best_epoch, "best", ":")
+        if stopped_at:
+            _mark(ax, stopped_at, "early stop", "-.")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         drawn = []
         for split, style in (("train", "-o"), ("val", "--s")):
@@ -93,16 +125,9 @@ def plot_curves(metrics: Sequence[dict], path: str | os.PathLike, unfreeze_epoch
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, markersize=4, label=split)
                 drawn.extend(y for _, y in pts)
-        for e in unfreeze:
-            ax.axvline(e, linestyle="--", color="0.45", linewidth=1)
-            ax.text(e, 0.98, " unfreeze", transform=ax.get_xaxis_transform(), rotation=90,
-                    va="top", ha="right", fontsize=8, color="0.3")
         if key == "acc" and drawn and max(drawn) <= 1.0:
             ax.set_ylim(0, 1.02)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
         if drawn:
             ax.legend()
         else:

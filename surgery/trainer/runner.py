@@ -46,6 +46,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 CACHE_CHOICES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEMA = "surgery.train/1"  # of TrainResult.to_json, what `surgery train --json` prints
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TrainResult:
     resumed_from: str | None = None
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {"schema": SCHEMA, **asdict(self)}
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         return d
 
@@ -190,15 +191,95 @@ def _sigterm_as_interrupt():
 
 def _load_moving(model: "nn.Module", state: dict, moving: set[str], where: str) -> None:
     """Load a checkpoint's tensors: those the run can change. The rest are the adapted weights."""
-    missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    from ..adapter.core import load_weights
+
+    missing, unexpected = load_weights(unwrap(model), state, strict=False)
     lacking = sorted(set(missing) & moving)
     if lacking or unexpected:
         raise ResumeError(f"{where}: does not match this run's model (missing {lacking[:3]}, unexpected "
                           f"{sorted(unexpected)[:3]}); it was written by a different run")
 
 
-def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int, lr: float,
-          out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
+# what a resumed run may do differently: its length (the schedule follows it), and how it runs
+_MAY_CHANGE = ("epochs", "workers", "device")
+_NEGATED = {"augment": "--no-augment", "flip": "--no-flip", "amp": "--no-amp"}
+
+
+def _flag(name: str, value: Any) -> str:
+    if name in _NEGATED:
+        return _NEGATED[name] if not value else f"{name} on"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"no --{name}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def _open_resume(resume: Any, out_p: Path) -> tuple[dict, bool]:
+    """The checkpoint ``resume`` names (True: OUT's last.pt), and whether it continues OUT."""
+    if resume is True:
+        where = out_p / CHECKPOINT_DIR / LAST
+        if not where.is_file():
+            raise ResumeError(f"{where}: no checkpoint to resume from; --resume continues a run in OUT "
+                              f"(or give --resume PATH)")
+        return load_checkpoint(where), True
+    where = Path(resume)
+    return load_checkpoint(where), out_p.is_dir() and _inside(where, out_p)
+
+
+def _restore_args(args: dict, saved: dict, where: str) -> tuple[dict, list[str]]:
+    """The run's arguments as the checkpoint saved them. An argument left at its default takes
+    the saved value; one given differently is refused, naming both, so that a resumed run never
+    silently computes something else. Other epochs (the schedule follows), workers or device are
+    allowed."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    out, restored, conflicts = dict(args), [], []
+    for k, was in saved.items():
+        if k not in args or args[k] == was:
+            continue
+        now = args[k]
+        if now is None or (k in defaults and now == defaults[k]):
+            out[k] = was
+            restored.append(_flag(k, was))
+        elif k in _MAY_CHANGE:
+            continue
+        else:
+            conflicts.append(f"{_flag(k, now)} (the run was started with {_flag(k, was)})")
+    if conflicts:
+        raise ResumeError(f"{where}: --resume continues a run with its own arguments, but {'; '.join(conflicts)}; "
+                          f"drop them to continue the same run (--epochs may change), or start a new run")
+    return out, restored
+
+
+def continue_command(adapted: Path, data: Path, out: Path) -> str:
+    """The command that continues an interrupted run (its other arguments are in the checkpoint)."""
+    import shlex
+
+    return " ".join(["surgery train", shlex.quote(str(adapted)), "--data", shlex.quote(str(data)),
+                     "--out", shlex.quote(str(out)), "--resume"])
+
+
+def _check_image_size(model: "nn.Module", manifest: Any, size: int, channels: int) -> None:
+    """``--image-size`` other than adapt's: one image through the model first, so that a model
+    built for one size (a ViT) is refused in one line, not with a traceback after the setup."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except Exception as e:  # noqa: BLE001 - any model code: reported as a refusal
+        adapted = "x".join(map(str, manifest["input"]["size"]))
+        raise TrainError(f"--image-size {size}: the model does not take {size}x{size} images "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); it was adapted for {adapted}: "
+                         f"drop --image-size, or re-run surgery adapt with --input-size {size}") from None
+    finally:
+        model.train(was)
+
+
+def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int | None = None,
+          lr: float | None = None, out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
           workers: int = 0, optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
           schedule: str = "cosine", warmup_epochs: float | None = None, label_smoothing: float = 0.0,
           clip_grad: float | None = None, patience: int | None = None, image_size: int | None = None,
@@ -212,7 +293,11 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
     ``trust_code``: run a file or module factory named by the folder's manifest (see
-    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint.
+    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint. The
+    run's arguments come back from the checkpoint: those left at their defaults (``None`` for
+    ``epochs`` and ``lr``) take the saved values, and one given with another value is refused,
+    naming both (except ``epochs``, whose change stretches or shrinks the schedule, and
+    ``workers``/``device``).
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -223,36 +308,44 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     from . import distributed as D
 
     obs: Observer = observer or (lambda event, info: None)
+    out_p = Path(out)
+    adapted_p = Path(adapted_dir)
+    ckpt, resuming_here = _open_resume(resume, out_p) if resume else (None, False)
     args = dict(epochs=epochs, lr=lr, val_split=val_split, seed=seed, batch_size=batch_size, workers=workers,
                 optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad,
                 patience=patience, image_size=image_size, augment=augment, flip=flip, device=device, amp=amp,
                 compile=compile, cache_features=cache_features, cache_views=cache_views)
+    restored: list[str] = []
+    if ckpt is not None:
+        args, restored = _restore_args(args, ckpt.get("args") or {}, ckpt["path"])
+    if args["epochs"] is None or args["lr"] is None:
+        raise TrainError("--epochs and --lr are required (they come from the checkpoint only with --resume)")
     _check_options(**args)
+    epochs, optimizer, weight_decay, warmup_epochs = (args[k] for k in ("epochs", "optimizer", "weight_decay",
+                                                                         "warmup_epochs"))
     if weight_decay is None:
         weight_decay = 0.05 if optimizer == "adamw" else 1e-4
     if warmup_epochs is None:
         warmup_epochs = 1.0 if epochs > 1 else 0.0
-    out_p = Path(out)
-    adapted_p = Path(adapted_dir)
-    dev = _resolve_device(device)
+    dev = _resolve_device(args["device"])
     dist = D.setup(dev.type)
     try:
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
         return _train(adapted_p, Path(data), out_p, args, dict(weight_decay=weight_decay, warmup_epochs=warmup_epochs),
-                      dev, dist, resume, force, obs, trust_code)
+                      dev, dist, (ckpt, resuming_here, restored), force, obs, trust_code)
     finally:
         D.teardown(dist)
 
 
 def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dict, dev: "torch.device",
-           dist: Any, resume: Any, force: bool, obs: Observer, trust_code: bool = False) -> TrainResult:
+           dist: Any, resume: tuple, force: bool, obs: Observer, trust_code: bool = False) -> TrainResult:
     import torch
     from torch import nn
 
     from ..adapter.core import load_adapted
-    from ..adapter.freeze import apply_schedule
+    from ..adapter.freeze import apply_schedule, group_trainable
     from ..adapter.manifest import read_manifest
     from . import cache as cache_mod
     from . import distributed as D
@@ -278,6 +371,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     channels = int(inp.get("channels", 3))
     if args["image_size"] is not None:
         size, resize = args["image_size"], None
+        _check_image_size(model, manifest, size, channels)
     else:
         size, resize = list(inp["size"]), inp.get("resize")
     if not any(g["trainable"] for g in manifest.groups) and not any(
@@ -302,19 +396,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         use_cache, cache_reason = ok, why
 
     # resume
-    ckpt = None
-    resuming_here = False
-    if resume:
-        if resume is True:
-            resuming_here = True
-            where = out_p / CHECKPOINT_DIR / LAST
-            if not where.is_file():
-                raise ResumeError(f"{where}: no checkpoint to resume from; --resume continues a run in OUT "
-                                  f"(or give --resume PATH)")
-        else:
-            where = Path(resume)
-            resuming_here = out_p.is_dir() and _inside(where, out_p)
-        ckpt = load_checkpoint(where)
+    ckpt, resuming_here, restored = resume
+    if ckpt is not None:
+        where = ckpt["path"]
         check_fingerprint(ckpt.get("fingerprint") or {}, fingerprint(manifest, model, samples.classes), str(where))
         if int(ckpt["epoch"]) > epochs:
             raise ResumeError(f"{where}: holds {ckpt['epoch']} finished epochs but --epochs is {epochs}; "
@@ -401,7 +485,10 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     if ckpt is not None:
         _load_moving(model, ckpt["model"], moving, str(ckpt["path"]))
         opt.load_state_dict(ckpt["optimizer"])
+        length = dict(vars(mult))
         sched.load_state_dict(ckpt["scheduler"])
+        for f in sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
+            f.__dict__.update(length)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
@@ -411,7 +498,12 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         best_file = Path(ckpt["path"]).parent / BEST
         if best_file.is_file() and best["epoch"] > 0:
             best_state = load_checkpoint(best_file)["model"]
-        files.log(f"resumed from {ckpt['path']} after epoch {start_epoch}")
+        files.log(f"resumed from {ckpt['path']} after epoch {start_epoch}"
+                  + (f"; from the checkpoint: {', '.join(restored)}" if restored else ""))
+        saved_epochs = (ckpt.get("args") or {}).get("epochs")
+        if saved_epochs is not None and saved_epochs != epochs:
+            files.log(f"--epochs {epochs} (the run was started with {saved_epochs}): the schedule now runs over "
+                      f"{total_steps} steps")
 
     # ---- feature cache
     feats = None
@@ -584,13 +676,17 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                     for p in new:
                         skipped.append((p, fails[p]))
                         files.log(f"  skipped {p}: {fails[p]} (failed while training)", write=False)
+                # the lr each group trained at: 0 for a group frozen this epoch (the schedule's value
+                # is not what it saw), and which groups were frozen
+                frozen_now = {g["name"]: not group_trainable(g, epoch) for g in manifest.groups}
                 by_group: dict[str, float] = {}
                 for g, l_ in zip(opt.param_groups, last_lrs):
-                    by_group.setdefault(g.get("group", g.get("name")), l_)
+                    name = g.get("group", g.get("name"))
+                    by_group.setdefault(name, 0.0 if frozen_now.get(name) else l_)
                 m = {"epoch": epoch + 1, "phase": phase,
                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                      "val_loss": v_loss / max(v_n, 1), "val_acc": v_correct / max(v_n, 1),
-                     "lr": by_group, "images_per_s": seen / train_secs if train_secs > 0 else None,
+                     "lr": by_group, "frozen": frozen_now, "images_per_s": seen / train_secs if train_secs > 0 else None,
                      "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": feats is not None}
                 history.append(m)
                 improved = (m["val_acc"] > best["val_acc"]
@@ -623,12 +719,13 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         done = history[-1]["epoch"] if history else 0
         if is_main:
             files.log(f"interrupted during epoch {interrupted_at}; {out_p / CHECKPOINT_DIR / LAST} holds "
-                      f"{done} finished epoch{'s' if done != 1 else ''}; continue with --resume")
+                      f"{done} finished epoch{'s' if done != 1 else ''}; continue with: "
+                      f"{continue_command(adapted_p, data_p, out_p)}")
             if history:
                 plot_run_curves(history, out_p, manifest, epochs)
         raise TrainInterrupted(f"interrupted; {done} of {epochs} epochs are saved in {out_p / CHECKPOINT_DIR / LAST}; "
-                               f"continue with: surgery train {adapted_p} --data {data_p} --out {out_p} "
-                               f"--epochs {epochs} --resume")
+                               f"continue with: {continue_command(adapted_p, data_p, out_p)} (the run's other "
+                               f"arguments come from the checkpoint)")
 
     # ---- the best model, its confusion matrix, the outputs
     if best_state is None:
@@ -660,8 +757,9 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
                          cache_reason=cache_reason, skipped=list(skipped), device=str(dev),
                          world_size=dist.world_size, resumed_from=ckpt["path"] if ckpt is not None else None)
     if is_main:
-        plot_run_curves(history, out_p, manifest, epochs)
-        plot_confusion(cm, samples.classes, out_p / "confusion.png")
+        plot_run_curves(history, out_p, manifest, epochs, result.best_epoch, stopped_early)
+        plot_confusion(cm, samples.classes, out_p / "confusion.png",
+                       title=f"Confusion matrix (validation, best epoch {result.best_epoch})")
         write_model(out_p, adapted_p, manifest, best_state, samples.classes, result, {**args, **resolved}, cm,
                      per_class_accuracy(cm))
         files.log(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss {result.best_val_loss:.4f}; "
