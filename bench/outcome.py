@@ -18,7 +18,8 @@ architecture from scratch (``--compare-scratch``'s baseline); and ``surgery advi
 The table gives means and spreads (min-max) over seeds.
 
     .venv/bin/python bench/outcome.py                   # 3 seeds, 32 px, 8 epochs
-    .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 4 epochs, fewer images
+    .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 3 epochs, fewer images
+    .venv/bin/python bench/outcome.py --table A.json B.json   # one table from runs split by --regimes
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
         if p == preset:
             row["auto"], row["auto_lr"] = row["presets"][p], found.get("lr")
     for lr in GRID:
-        row["grid"][lr] = run(adapted[preset], lr, f"{preset}-{lr:g}")
+        row["grid"][f"{lr:g}"] = run(adapted[preset], lr, f"{preset}-{lr:g}")
     init = scratch_init(adapted[preset], work / "scratch-init", seed)
     row["scratch"] = run(init, "auto", "scratch")
     t = time.perf_counter()
@@ -107,11 +108,11 @@ def table(results: dict) -> str:
             + " | advise picks | scratch |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for regime, rows in results.items():
-        best_lr = max(GRID, key=lambda lr: statistics.mean(r["grid"][lr] for r in rows))
+        best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(r["grid"][lr] for r in rows))
         picks = sorted({r["advise"] for r in rows})
         cells = [regime, spread([r["auto"] for r in rows]),
                  ", ".join(f"{r['auto_lr']:.1e}" for r in rows),
-                 f"{spread([r['grid'][best_lr] for r in rows])} at {best_lr:g}"]
+                 f"{spread([r['grid'][best_lr] for r in rows])} at {best_lr}"]
         cells += [spread([r["presets"][p] for r in rows]) for p in PRESETS]
         cells += [", ".join(picks), spread([r["scratch"] for r in rows])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -128,10 +129,18 @@ def main() -> None:
     ap.add_argument("--large", default="all")
     ap.add_argument("--val", type=int, default=30)
     ap.add_argument("--regimes", default="small-similar,small-different,large-similar,large-different")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 16 px, 4 epochs, 60 images per class for 'large'")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 16 px, 3 epochs, 50 train and 10 val images per class")
+    ap.add_argument("--table", nargs="+", type=Path, help="only print the table of these outcome-*.json files")
     a = ap.parse_args()
+    if a.table:
+        merged: dict = {}
+        for f in a.table:
+            for regime, rows in json.loads(f.read_text())["results"].items():
+                merged.setdefault(regime, []).extend(rows)
+        print(table(merged))
+        return
     if a.quick:
-        a.seeds, a.size, a.epochs, a.large = 1, 16, 4, "60"
+        a.seeds, a.size, a.epochs, a.large, a.val = 1, 16, 3, "50", 10
     from fixtures.pretrained import pretrained_digits
 
     t0 = time.perf_counter()
@@ -146,7 +155,7 @@ def main() -> None:
             row = one_regime(a.workdir / regime / f"seed{seed}", ckpt, data, regime, seed, a)
             results.setdefault(regime, []).append(row)
             print(regime, seed, json.dumps(row), flush=True)
-    out = a.workdir / "outcome.json"
+    out = a.workdir / f"outcome-{a.regimes.replace(',', '_')}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=2))
     print(table(results))
     print(f"({time.perf_counter() - t0:.0f}s; every run in {out})")

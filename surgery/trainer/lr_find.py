@@ -204,10 +204,11 @@ def curve_text(found: LrFind, points: int = 12) -> list[str]:
 
 def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path: str, loader: Any, prepare: Callable,
             autocast: Callable, optimizer: str, weight_decay: float, momentum: float, label_smoothing: float,
-            seed: int) -> LrFind:
+            seed: int, run_steps: int | None = None) -> LrFind:
     """The range test a train run does for ``--lr auto``: on the cached features (the head alone,
-    200 steps) when the backbone is frozen, else on the whole model over the training images
-    (100 steps), with the run's optimizer, weight decay, groups and loss."""
+    200 steps) when the backbone is frozen, else on the whole model over the training images:
+    100 steps, or as many as the run has when it is shorter (at least 40), so that the test never
+    costs much more than the training it tunes."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -232,7 +233,7 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
                     collate_fn=loader.collate_fn)
     return range_test(model, lambda: dl, groups=lambda m: optimizer_groups(m, manifest, 1.0, weight_decay),
                       optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                      steps=100, prepare=prepare, autocast=autocast)
+                      steps=min(100, max(40, run_steps or 100)), prepare=prepare, autocast=autocast)
 
 
 def use(found: LrFind, lr: float, opt: Any, sched: Any, out: Any, write: bool) -> None:

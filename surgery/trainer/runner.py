@@ -464,7 +464,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
 
         found = lr_find.for_run(model, manifest, feats=feats, head_path=head_path, loader=train_dl, prepare=lambda x, y: (
             to_dev(x), y.to(dev)), autocast=autocast, optimizer=args["optimizer"], weight_decay=resolved["weight_decay"],
-            momentum=args["momentum"], label_smoothing=args["label_smoothing"], seed=seed)
+            momentum=args["momentum"], label_smoothing=args["label_smoothing"], seed=seed, run_steps=total_steps)
         lr = D.all_reduce_sum(dist, [found.suggestion], dev if dev.type == "cuda" else "cpu")[0] / dist.world_size
         lr_find.use(found, lr, opt, sched, out_p, write=is_main)
         resolved["lr_find"] = dict(found.summary(), lr=lr)
