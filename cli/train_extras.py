@@ -24,14 +24,14 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     c = console()
     where = " on cached features" if found.cached else ""
     c.print(f"lr range test: {found.steps} steps{where}, lr {fmt_lr(found.lrs[0])} to {fmt_lr(found.lrs[-1])}"
-            f" ({'stopped: the loss diverged' if found.stopped == 'diverged' else 'the whole sweep'}), "
-            f"{found.seconds:.1f}s", markup=False)
+            f" ({'stopped: the loss diverged' if found.stopped == 'diverged' else 'the whole sweep'})", markup=False)
     for row in curve_text(found):
         c.print(row, markup=False)
     c.print(f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}", markup=False)
     c.print(f"suggested lr {fmt_lr(found.suggestion)} (the lowest point / 10)", markup=False)
     if out is not None:
         c.print(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'}", markup=False)
+    c.print(f"({found.seconds:.1f}s)", markup=False)
 
 
 def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bool, options: dict) -> None:

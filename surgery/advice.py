@@ -208,7 +208,7 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
         acc = linear_probe(_features(net, path, train_items, tf_val, dev), _features(net, path, val_items, tf_val, dev),
                            len(classes), seed)
         probes.append(Probe(name, acc, time.perf_counter() - t,
-                            f"linear probe on the {'checkpoint' if name == 'pretrained' else 'randomly initialised'}'s "
+                            f"linear probe on the {'checkpoint' if name == 'pretrained' else 'random initialisation'}'s "
                             f"frozen features"))
     t = time.perf_counter()
     acc = _scratch_run(_fresh(build_from_manifest, m, seed), train_items, _images(val_items, tf_val), path,
@@ -247,7 +247,7 @@ def _warnings(d: dict, probes: list[Probe]) -> list[str]:
     if not d["negative_transfer"]:
         return []
     p = {x.name: x.val_acc for x in probes}
-    return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) do not beat random ones "
+    return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) do not clearly beat random ones "
             f"({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
 
 

@@ -266,8 +266,8 @@ def fmt_lr(lr: float) -> str:
 
 
 def message(found: LrFind, lr: float) -> str:
-    return (f"lr {fmt_lr(lr)} (found): range test of {found.steps} steps{' on cached features' if found.cached else ''} "
-            f"in {found.seconds:.1f}s, smoothed loss lowest at lr {fmt_lr(found.min_lr)}; wrote lr_find.png")
+    return (f"lr {fmt_lr(lr)} (found): range test of {found.steps} steps{' on cached features' if found.cached else ''}, "
+            f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}; wrote lr_find.png")
 
 
 # ----------------------------------------------------------------------------- the test alone
