@@ -40,6 +40,9 @@ _EXPORTS = {
     "read_manifest": ("surgery.adapter.manifest", "read_manifest"),
     "train": ("surgery.trainer.runner", "train"),
     "TrainResult": ("surgery.trainer.runner", "TrainResult"),
+    "find_lr": ("surgery.trainer.lr_find", "find_lr"),
+    "compare_scratch": ("surgery.trainer.compare", "compare_scratch"),
+    "advise": ("surgery.advice", "advise"),
     "evaluate": ("surgery.trainer.evaluate", "evaluate"),
     "predict": ("surgery.trainer.evaluate", "predict"),
 }
