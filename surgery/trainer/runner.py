@@ -470,6 +470,8 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         resolved["lr_find"] = dict(found.summary(), lr=lr)
         obs("lr_find", dict(found.to_json(), lr=lr))
         files.log(lr_find.message(found, lr))
+    elif args["lr"] == "auto":
+        resolved["lr_find"] = (ckpt.get("args") or {}).get("lr_find")
     if ckpt is not None:
         set_rng_state(ckpt["rng"], {"train_loader": gen})
 
