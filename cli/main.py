@@ -8,7 +8,8 @@ import typer
 
 from surgery import __version__
 
-from . import adapt_cmd, demo_cmd, diff_cmd, evaluate_cmd, export_cmd, inspect_cmd, predict_cmd, remap_cmd, train_cmd
+from . import (adapt_cmd, advise_cmd, demo_cmd, diff_cmd, evaluate_cmd, export_cmd, inspect_cmd, predict_cmd,
+               remap_cmd, train_cmd)
 
 app = typer.Typer(
     name="surgery",
@@ -37,6 +38,7 @@ def _root(
 inspect_cmd.register(app)
 remap_cmd.register(app)
 adapt_cmd.register(app)
+advise_cmd.register(app)
 train_cmd.register(app)
 evaluate_cmd.register(app)
 predict_cmd.register(app)

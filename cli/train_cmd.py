@@ -88,6 +88,11 @@ class Renderer:
                     f"{info['train_acc']:.3f} | val loss {info['val_loss']:.4f} acc {info['val_acc']:.3f} | "
                     f"{info['images_per_s'] or 0:.0f} img/s" + (" *" if info.get("improved") else ""))
             self.out.print(line, markup=False)
+        elif event == "lr_find" and self.live:  # plain output prints the run.log line instead
+            from surgery.trainer.lr_find import fmt_lr
+
+            line = f"lr {fmt_lr(info['lr'])} (found){' for the scratch run' if info.get('run') == 'scratch' else ''}"
+            self.out.print(line, markup=False)  # above the live progress bar when there is one
         elif event == "end":
             self.close()
 
@@ -103,7 +108,9 @@ def train(
     adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, another count changes the run's length.")] = 10,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the head; pretrained groups use lr x their multiplier.")] = 1e-3,
+    lr: Annotated[str, typer.Option("--lr", metavar="auto|LR", help="Learning rate of the head (pretrained groups use lr x their multiplier); auto: found by a range test before training.")] = "auto",
+    find_lr: Annotated[bool, typer.Option("--find-lr", help="Only run the learning-rate range test: print the curve and the lr it suggests.")] = False,
+    compare_scratch: Annotated[bool, typer.Option("--compare-scratch", help="Also train the same architecture from random weights with the same budget, and compare.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (per process).")] = 32,
@@ -136,13 +143,13 @@ def train(
     Discriminative learning rates, checkpoints every epoch, and a best model you can load with
     surgery.load_adapted(OUT).
 
-    Example: surgery train adapted/ --data data/ --epochs 10 --lr 1e-3 --out run/
+    Example: surgery train adapted/ --data data/ --epochs 10 --out run/
     """
     from surgery.trainer.state import TrainError
 
     if data is None:
         raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
-    if out is None:
+    if out is None and not find_lr:
         raise TrainError("--out DIR is required: where to write the run")
     if nproc is not None:
         if nproc < 1:
@@ -159,17 +166,31 @@ def train(
         rc = subprocess.run(cmd, env=env).returncode
         raise typer.Exit(rc)
 
+    lr_value = _parse_lr(lr)
+    common = dict(val_split=val_split, seed=seed, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+                  label_smoothing=label_smoothing, image_size=image_size, augment=not no_augment, flip=not no_flip,
+                  device=device, cache_features=cache_features, force=force)
+    if find_lr:
+        from .train_extras import run_find_lr
+
+        return run_find_lr(adapted, data, out, common, as_json)
+    renderer = Renderer(quiet, as_json)
+    if compare_scratch:
+        from .train_extras import run_compare
+
+        return run_compare(adapted, data, out, renderer, as_json, dict(
+            common, epochs=epochs, lr=lr_value, workers=workers, schedule=schedule, warmup_epochs=warmup_epochs,
+            clip_grad=clip_grad, patience=patience, amp=not no_amp, compile=compile_, cache_views=cache_views))
     from surgery.trainer.runner import train as run_train
 
     if resume is not None:  # what the command line leaves out comes from the checkpoint
         given = {n for n in ("epochs", "lr") if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
         epochs = epochs if "epochs" in given else None  # type: ignore[assignment]
-        lr = lr if "lr" in given else None  # type: ignore[assignment]
+        lr_value = lr_value if "lr" in given else None  # type: ignore[assignment]
 
-    renderer = Renderer(quiet, as_json)
     try:
         result = run_train(
-            adapted, data, epochs=epochs, lr=lr, out=out, val_split=val_split, seed=seed, batch_size=batch_size,
+            adapted, data, epochs=epochs, lr=lr_value, out=out, val_split=val_split, seed=seed, batch_size=batch_size,
             workers=workers, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, patience=patience,
             image_size=image_size, augment=not no_augment, flip=not no_flip, device=device, amp=not no_amp,
@@ -184,6 +205,17 @@ def train(
         print_json(result.to_json())
         return
     render(result)
+
+
+def _parse_lr(text: str) -> float | str:
+    from surgery.trainer.state import TrainError
+
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise TrainError(f"--lr {text!r}: give a number (e.g. 3e-3) or auto") from None
 
 
 def render(result: Any) -> None:

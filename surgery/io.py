@@ -21,8 +21,11 @@ from .errors import OutputError
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "adapt": (r"manifest\.json", r"model\.safetensors", r"load_report\.json"),
     "remap": (r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors"),
-    "train": (r"manifest\.json", r"model\.safetensors", r"load_report\.json", r"metrics\.jsonl", r"run\.log",
-              r"curves\.png", r"confusion\.png", r"failures\.jsonl", r"checkpoints/", r"checkpoints/(last|best)\.pt"),
+    "train": (r"(scratch/)?(manifest\.json|model\.safetensors|load_report\.json|metrics\.jsonl|run\.log|curves\.png|"
+              r"confusion\.png|lr_find\.png|failures\.jsonl|checkpoints/|checkpoints/(last|best)\.pt)",
+              # --compare-scratch: the scratch run beside the pretrained one, the comparison, a killed run's init
+              r"scratch/", r"compare\.json", r"compare\.png", r"\.scratch-init-[A-Za-z0-9_]{8}/.*",
+              r"\.scratch-init-[A-Za-z0-9_]{8}/"),
 }
 _TEMP = r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)/?"  # atomic_file / atomic_dir leftovers: ".NAME.XXXXXXXX.tmp"
 _SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",

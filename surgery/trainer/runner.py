@@ -109,8 +109,8 @@ def _check_options(**o: Any) -> None:
     problems = []
     if not isinstance(o["epochs"], int) or o["epochs"] < 1:
         problems.append(f"--epochs must be a positive integer, got {o['epochs']!r}")
-    if not (isinstance(o["lr"], (int, float)) and o["lr"] > 0 and math.isfinite(o["lr"])):
-        problems.append(f"--lr must be a positive number, got {o['lr']!r}")
+    if o["lr"] != "auto" and not (isinstance(o["lr"], (int, float)) and o["lr"] > 0 and math.isfinite(o["lr"])):
+        problems.append(f"--lr must be a positive number or 'auto', got {o['lr']!r}")
     if o["optimizer"] not in OPTIMIZERS:
         problems.append(f"--optimizer {o['optimizer']!r}: choose one of {', '.join(OPTIMIZERS)}")
     if o["schedule"] not in SCHEDULES:
@@ -279,7 +279,7 @@ def _check_image_size(model: "nn.Module", manifest: Any, size: int, channels: in
 
 
 def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int | None = None,
-          lr: float | None = None, out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
+          lr: float | str | None = None, out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
           workers: int = 0, optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
           schedule: str = "cosine", warmup_epochs: float | None = None, label_smoothing: float = 0.0,
           clip_grad: float | None = None, patience: int | None = None, image_size: int | None = None,
@@ -292,12 +292,13 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     and the best weights as model.safetensors with an updated manifest.json, so that
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
-    ``trust_code``: run a file or module factory named by the folder's manifest (see
-    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path continues that checkpoint. The
-    run's arguments come back from the checkpoint: those left at their defaults (``None`` for
-    ``epochs`` and ``lr``) take the saved values, and one given with another value is refused,
-    naming both (except ``epochs``, whose change stretches or shrinks the schedule, and
-    ``workers``/``device``).
+    ``lr="auto"`` (the default): a learning-rate range test (:mod:`.lr_find`) picks it before the
+    first epoch. ``trust_code``: run a file or module factory named by the folder's manifest (see
+    :func:`surgery.load_adapted`). ``resume``: True continues ``out/checkpoints/last.pt``; a path
+    continues that checkpoint. The run's arguments come back from the checkpoint: those left at
+    their defaults (``None`` for ``epochs`` and ``lr``) take the saved values, and one given with
+    another value is refused, naming both (except ``epochs``, whose change stretches or shrinks
+    the schedule, and ``workers``/``device``).
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -319,8 +320,10 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     restored: list[str] = []
     if ckpt is not None:
         args, restored = _restore_args(args, ckpt.get("args") or {}, ckpt["path"])
-    if args["epochs"] is None or args["lr"] is None:
-        raise TrainError("--epochs and --lr are required (they come from the checkpoint only with --resume)")
+    if args["lr"] is None:
+        args["lr"] = "auto"  # the default: found by a range test (a resumed run takes its own)
+    if args["epochs"] is None:
+        raise TrainError("--epochs is required (it comes from the checkpoint only with --resume)")
     _check_options(**args)
     epochs, optimizer, weight_decay, warmup_epochs = (args[k] for k in ("epochs", "optimizer", "weight_decay",
                                                                          "warmup_epochs"))
@@ -352,6 +355,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     from .data import DataError, check_num_classes, discover, make_loaders, scan_images, set_epoch
 
     epochs, lr, seed = args["epochs"], args["lr"], args["seed"]
+    lr = 1e-3 if lr == "auto" else lr  # "auto": a placeholder until the range test has run
     is_main = dist.is_main
 
     # ---- every input checked before anything is written
@@ -474,7 +478,7 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         for p, r in skipped:
             files.log(f"  skipped {p}: {r}")
     files.log(f"device {dev}{' x' + str(dist.world_size) + ' processes' if dist.enabled else ''}; "
-              f"amp {amp_dtype if amp_dtype is not None else 'off'}; optimizer {args['optimizer']} lr {lr:g} "
+              f"amp {amp_dtype if amp_dtype is not None else 'off'}; optimizer {args['optimizer']} lr {args['lr']} "
               f"weight decay {resolved['weight_decay']:g}; schedule {args['schedule']} over {total_steps} steps, "
               f"warmup {mult.warmup} steps")
 
@@ -554,6 +558,19 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
     elif cache_reason and args["cache_features"] == "auto":
         files.log(f"feature cache off: {cache_reason}")
 
+    if args["lr"] == "auto" and ckpt is None:  # resuming: the optimizer's state holds the lr found
+        from . import lr_find
+
+        found = lr_find.for_run(model, manifest, feats=feats, head_path=head_path, loader=train_dl, prepare=lambda x, y: (
+            to_dev(x), y.to(dev)), autocast=autocast, optimizer=args["optimizer"], weight_decay=resolved["weight_decay"],
+            momentum=args["momentum"], label_smoothing=args["label_smoothing"], seed=seed, run_steps=total_steps)
+        lr = D.all_reduce_sum(dist, [found.suggestion], dev if dev.type == "cuda" else "cpu")[0] / dist.world_size
+        lr_find.use(found, lr, opt, sched, out_p, write=is_main)
+        resolved["lr_find"] = dict(found.summary(), lr=lr)
+        obs("lr_find", dict(found.to_json(), lr=lr))
+        files.log(lr_find.message(found, lr))
+    elif args["lr"] == "auto":
+        resolved["lr_find"] = (ckpt.get("args") or {}).get("lr_find")
     if ckpt is not None:
         set_rng_state(ckpt["rng"], {"train_loader": gen})
 

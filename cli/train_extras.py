@@ -1,0 +1,55 @@
+"""`surgery train --find-lr` and `surgery train --compare-scratch`: the renderers of two
+variations of a training run (the options live in train_cmd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .common import console, print_json
+
+
+def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_json: bool) -> None:
+    """Only the range test; the curve as text, the suggestion, and the command that trains with it."""
+    from surgery.trainer.lr_find import find_lr, fmt_lr
+
+    keep = ("val_split", "seed", "batch_size", "optimizer", "weight_decay", "label_smoothing", "image_size",
+            "augment", "flip", "device", "cache_features", "force")
+    found = find_lr(adapted, data, out=out, **{k: options[k] for k in keep})
+    if as_json:
+        print_json(found.to_json())
+        return
+    from surgery.trainer.lr_find import curve_text
+
+    c = console()
+    where = " on cached features" if found.cached else ""
+    c.print(f"lr range test: {found.steps} steps{where}, lr {fmt_lr(found.lrs[0])} to {fmt_lr(found.lrs[-1])}"
+            f" ({'stopped: the loss diverged' if found.stopped == 'diverged' else 'the whole sweep'})", markup=False)
+    for row in curve_text(found):
+        c.print(row, markup=False)
+    c.print(f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}", markup=False)
+    c.print(f"suggested lr {fmt_lr(found.suggestion)} (the lowest point / 10)", markup=False)
+    if out is not None:
+        c.print(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'}", markup=False)
+    c.print(f"({found.seconds:.1f}s)", markup=False)
+
+
+def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bool, options: dict) -> None:
+    """The run, then the same budget from random weights in OUT/scratch, then the verdict."""
+    from surgery.trainer.compare import compare_scratch
+
+    try:
+        report = compare_scratch(adapted, data, out=out, observer=renderer, **options)
+    finally:
+        renderer.close()
+    if as_json:
+        print_json(report)
+        return
+    c = console()
+    for name in ("pretrained", "scratch"):
+        r = report[name]
+        c.print(f"{name:<10} best epoch {r['best_epoch']} of {r['epochs_run']}: val acc {r['best_val_acc']:.4f}, "
+                f"val loss {r['best_val_loss']:.4f}  ({r['out']})", markup=False)
+    c.print(f"verdict: {report['verdict']['text']}", markup=False)
+    c.print(f"wrote {out} (compare.json, compare.png, metrics.jsonl with scratch_* columns; the scratch run in "
+            f"{out / 'scratch'})", markup=False)

@@ -1,0 +1,261 @@
+"""``surgery advise CKPT --arch ARCH --data DATA``: which of the four presets, measured on the data.
+
+The four regimes (small/large data x similar/different domain) are decided from numbers:
+
+- **data size**: training images per class in DATA (the smallest class). ``small`` below
+  :data:`LARGE_PER_CLASS` images per class, else ``large``.
+- **domain similarity**, from three quick probes on a fixed, seeded subset (at most
+  :data:`PROBE_PER_CLASS` training and as many validation images per class):
+
+  1. ``pretrained``: a linear probe (multinomial logistic regression) on the checkpoint's frozen
+     features (the input of the new head);
+  2. ``random``: the same probe on the same architecture's features at a random initialisation;
+  3. ``scratch``: the same architecture trained from random weights, everything, for
+     :data:`SCRATCH_EPOCHS` short epochs on the subset.
+
+  The domain is ``similar`` when the pretrained probe beats both the random probe and the short
+  scratch run by more than the noise of the probe (two standard errors of the difference on the
+  probe's validation images), else ``different``. Negative transfer is flagged when the
+  pretrained probe does not beat the random one beyond the noise.
+
+The preset is the regime's name (``small-similar``, ``small-different``, ``large-similar``,
+``large-different``). Each probe reports its accuracy and its seconds.
+
+    >>> advice = advise("resnet18.pth", arch="resnet18", data="data/")  # doctest: +SKIP
+    >>> advice.preset
+    'small-similar'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA = "surgery.advice/1"
+LARGE_PER_CLASS = 50
+PROBE_PER_CLASS = 40
+SCRATCH_EPOCHS = 4
+
+
+@dataclass
+class Probe:
+    name: str
+    val_acc: float
+    seconds: float
+    detail: str
+
+
+@dataclass
+class Advice:
+    """What ``surgery advise`` decided and why. ``to_json()`` is the ``--json`` output."""
+
+    preset: str
+    size: str
+    domain: str
+    per_class: int
+    classes: list[str]
+    probes: list[Probe]
+    noise: float
+    negative_transfer: bool
+    reasons: list[str]
+    commands: list[str]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def decide(per_class: int, pretrained: float, random: float, scratch: float, n_val: int) -> dict:
+    """The regime from the measured numbers (pure; the rule of the module docstring)."""
+    def noise_of(a: float, b: float) -> float:
+        return 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(n_val, 1))
+
+    size = "large" if per_class >= LARGE_PER_CLASS else "small"
+    beats_random = pretrained - random > noise_of(pretrained, random)
+    beats_scratch = pretrained - scratch > noise_of(pretrained, scratch)
+    domain = "similar" if beats_random and beats_scratch else "different"
+    return {"size": size, "domain": domain, "preset": f"{size}-{domain}", "negative_transfer": not beats_random,
+            "noise": noise_of(pretrained, max(random, scratch))}
+
+
+def _subset(samples: Any, per_class: int, seed: int) -> tuple[list, list]:
+    import random as rnd
+
+    rng = rnd.Random(seed)
+    out = []
+    for items in (samples.train, samples.val):
+        by: dict[int, list] = {}
+        for p, y in items:
+            by.setdefault(int(y), []).append((p, y))
+        pick = []
+        for y in sorted(by):
+            rows = sorted(by[y])
+            rng.shuffle(rows)
+            pick += rows[:per_class]
+        out.append(pick)
+    return out[0], out[1]
+
+
+def _features(model: Any, path: str, items: list, tf: Any, dev: Any) -> tuple[Any, Any]:
+    import contextlib
+
+    from torch.utils.data import DataLoader
+
+    from .trainer.cache import extract
+    from .trainer.data import ImageDataset
+
+    dl = DataLoader(ImageDataset(items, tf), batch_size=64)
+    return extract(model, path, dl, dev, lambda x: x.to(dev), contextlib.nullcontext)
+
+
+def linear_probe(train: tuple, val: tuple, num_classes: int, seed: int = 0, steps: int = 300) -> float:
+    """Validation accuracy of a multinomial logistic regression on standardised features
+    (full-batch AdamW, light weight decay)."""
+    import torch
+
+    (xt, yt), (xv, yv) = train, val
+    xt, xv = xt.flatten(1).float(), xv.flatten(1).float()
+    mean, std = xt.mean(0), xt.std(0) + 1e-6
+    xt, xv = (xt - mean) / std, (xv - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(xt.shape[1], num_classes)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.01, generator=g)
+        lin.bias.zero_()
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(xt), yt).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((lin(xv).argmax(1) == yv).float().mean())
+
+
+def _scratch_run(model: Any, train_items: list, val: tuple, path: str, tf_train: Any, tf_val: Any, dev: Any,
+                 seed: int) -> float:
+    """Train every parameter of ``model`` (random init) for a few epochs; val accuracy at the end."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .trainer.data import ImageDataset
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    dl = DataLoader(ImageDataset(train_items, tf_train), batch_size=16, shuffle=True, generator=g,
+                    drop_last=len(train_items) > 16)
+    total = SCRATCH_EPOCHS * len(dl)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(total, 1))
+    model.to(dev).train()
+    for _ in range(SCRATCH_EPOCHS):
+        for x, y in dl:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            opt.step()
+            sched.step()
+    vx, vy = val
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(vx[i:i + 128].to(dev)).argmax(1).cpu() for i in range(0, len(vy), 128)])
+    return float((pred == vy).float().mean())
+
+
+def _images(items: list, tf: Any) -> tuple[Any, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .trainer.data import ImageDataset
+
+    xs, ys = zip(*DataLoader(ImageDataset(items, tf), batch_size=128))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_split: float | None = None,
+           input_size: int | None = None, arch_kwargs: dict | str | None = None, flip: bool = True,
+           seed: int = 0, device: str = "auto") -> Advice:
+    """Measure the probes on ``data`` and recommend a preset (see the module docstring)."""
+    from .adapter.core import adapt, build_from_manifest
+    from .trainer.cache import head_path
+    from .trainer.data import DataError, build_transforms, discover, scan_images
+    from .trainer.runner import _resolve_device
+
+    t0 = time.perf_counter()
+    samples = discover(data, val_split=val_split, seed=seed)
+    if not samples.val:
+        raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
+    samples, _ = scan_images(samples)
+    classes = list(samples.classes)
+    counts = samples.counts()["train"]
+    per_class = min(int(counts.get(c, 0)) for c in classes)
+    dev = _resolve_device(device)
+    model, report = adapt(ckpt, arch=arch, num_classes=len(classes), arch_kwargs=arch_kwargs, freeze="head-only",
+                          input_size=input_size, seed=seed)
+    m = report.manifest
+    inp, path = m["input"], head_path(m)
+    channels = int(inp.get("channels", 3))
+    kw = dict(resize=inp.get("resize"), interpolation=inp.get("interpolation") or "bilinear")
+    tf_val = build_transforms(list(inp["size"]), inp["mean"], inp["std"], channels, train=False, **kw)
+    tf_train = build_transforms(list(inp["size"]), inp["mean"], inp["std"], channels, train=True, flip=flip, **kw)
+    train_items, val_items = _subset(samples, PROBE_PER_CLASS, seed)
+    probes = []
+    for name, net in (("pretrained", model.to(dev)), ("random", _fresh(build_from_manifest, m, seed).to(dev))):
+        t = time.perf_counter()
+        acc = linear_probe(_features(net, path, train_items, tf_val, dev), _features(net, path, val_items, tf_val, dev),
+                           len(classes), seed)
+        probes.append(Probe(name, acc, time.perf_counter() - t,
+                            f"linear probe on the {'checkpoint' if name == 'pretrained' else 'random initialisation'}'s "
+                            f"frozen features"))
+    t = time.perf_counter()
+    acc = _scratch_run(_fresh(build_from_manifest, m, seed), train_items, _images(val_items, tf_val), path,
+                       tf_train, tf_val, dev, seed)
+    probes.append(Probe("scratch", acc, time.perf_counter() - t,
+                        f"{SCRATCH_EPOCHS} epochs from random weights, everything trains"))
+    d = decide(per_class, probes[0].val_acc, probes[1].val_acc, probes[2].val_acc, len(val_items))
+    return Advice(preset=d["preset"], size=d["size"], domain=d["domain"], per_class=per_class, classes=classes,
+                  probes=probes, noise=d["noise"], negative_transfer=d["negative_transfer"],
+                  reasons=_reasons(d, per_class, probes, len(train_items), len(val_items)),
+                  commands=_commands(ckpt, arch, data, len(classes), d, input_size),
+                  seconds=time.perf_counter() - t0, warnings=_warnings(d, probes))
+
+
+def _fresh(build: Any, manifest: Any, seed: int) -> Any:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return build(manifest)
+
+
+def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: int) -> list[str]:
+    p = {x.name: x.val_acc for x in probes}
+    cut = LARGE_PER_CLASS
+    return [f"data: {per_class} training images in the smallest class ({'>=' if d['size'] == 'large' else '<'} {cut} "
+            f"per class: {d['size']})",
+            f"probes on {n_train} training / {n_val} validation images: pretrained features {p['pretrained']:.3f}, "
+            f"random features {p['random']:.3f}, short scratch run {p['scratch']:.3f} (noise +-{d['noise']:.3f})",
+            (f"domain {d['domain']}: the pretrained features "
+             + ("beat both random features and a short scratch run" if d["domain"] == "similar" else
+                "do not beat both random features and a short scratch run"))]
+
+
+def _warnings(d: dict, probes: list[Probe]) -> list[str]:
+    if not d["negative_transfer"]:
+        return []
+    p = {x.name: x.val_acc for x in probes}
+    return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) do not clearly beat random ones "
+            f"({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
+
+
+def _commands(ckpt: Any, arch: str, data: Any, n: int, d: dict, input_size: int | None) -> list[str]:
+    import shlex
+
+    size = f" --input-size {input_size}" if input_size else ""
+    scratch = " --compare-scratch" if d["negative_transfer"] else ""
+    return [f"surgery adapt {shlex.quote(str(ckpt))} --arch {shlex.quote(arch)} --num-classes {n} --preset "
+            f"{d['preset']}{size} --out adapted/",
+            f"surgery train adapted/ --data {shlex.quote(str(data))} --out run/{scratch}"]

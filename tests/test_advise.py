@@ -1,0 +1,72 @@
+"""surgery advise: the regime from the data size and the probes, the rule, the CLI and its JSON."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fixtures.generate import digits_imagefolder
+from surgery.advice import LARGE_PER_CLASS, decide
+from tests.test_train_runner import SIZE, load_factory, write_factory
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.mark.parametrize("per_class,pre,rnd,scr,preset,negative", [
+    (6, 0.90, 0.40, 0.45, "small-similar", False),           # pretrained features far ahead of both
+    (6, 0.60, 0.58, 0.40, "small-different", True),          # no better than random features
+    (LARGE_PER_CLASS, 0.95, 0.50, 0.70, "large-similar", False),
+    (200, 0.70, 0.40, 0.85, "large-different", False),       # a short scratch run beats the frozen features
+    (200, 0.50, 0.55, 0.90, "large-different", True),
+])
+def test_the_preset_follows_the_measured_numbers(per_class, pre, rnd, scr, preset, negative):
+    d = decide(per_class, pre, rnd, scr, n_val=200)
+    assert d["preset"] == preset and d["negative_transfer"] is negative
+
+
+def test_a_gap_within_the_noise_is_not_transfer():
+    assert decide(6, 0.70, 0.60, 0.30, n_val=20)["domain"] == "different"  # 10 points on 20 images: noise
+    assert decide(6, 0.70, 0.60, 0.30, n_val=5000)["domain"] == "similar"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("advise")
+    arch = write_factory(root)
+    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=12, size=SIZE)
+    torch.manual_seed(0)
+    ckpt = root / "random.pth"
+    torch.save(load_factory(arch)(5).state_dict(), ckpt)
+    return root, arch, data, ckpt
+
+
+def test_cli_json_has_the_documented_fields_and_a_consistent_choice(cli, setup):
+    root, arch, data, ckpt = setup
+    r = cli("advise", ckpt, "--arch", arch, "--data", data, "--input-size", SIZE, "--no-flip", "--json")
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.stdout)
+    assert a["schema"] == "surgery.advice/1"
+    assert {"preset", "size", "domain", "per_class", "classes", "probes", "noise", "negative_transfer", "reasons",
+            "commands", "seconds", "warnings"} <= set(a)
+    assert [p["name"] for p in a["probes"]] == ["pretrained", "random", "scratch"]
+    assert all(0 <= p["val_acc"] <= 1 and p["seconds"] >= 0 for p in a["probes"])
+    acc = {p["name"]: p["val_acc"] for p in a["probes"]}
+    n_val = 5 * 2  # 12 per class: 10 train, 2 val
+    assert a["preset"] == decide(a["per_class"], acc["pretrained"], acc["random"], acc["scratch"], n_val)["preset"]
+    assert a["per_class"] == 10 and a["size"] == "small"
+    assert a["commands"][0].startswith(f"surgery adapt {ckpt} --arch") and f"--preset {a['preset']}" in a["commands"][0]
+    assert a["commands"][1].startswith("surgery train adapted/ --data")
+    assert bool(a["warnings"]) is a["negative_transfer"]
+
+
+def test_cli_text_and_errors(cli, setup, tmp_path):
+    root, arch, data, ckpt = setup
+    r = cli("advise", ckpt, "--arch", arch, "--data", data, "--input-size", SIZE, "--no-flip")
+    assert r.exit_code == 0, r.output
+    assert "regime: small data (10 per class)" in r.stdout and "probe pretrained" in r.stdout
+    assert "surgery adapt" in r.stdout and "surgery train" in r.stdout
+    r = cli("advise", ckpt, "--arch", arch, "--data", tmp_path / "nope")
+    assert r.exit_code == 2 and r.stderr.startswith("error:")
