@@ -169,7 +169,7 @@ def train(
     lr_value = _parse_lr(lr)
     common = dict(val_split=val_split, seed=seed, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
                   label_smoothing=label_smoothing, image_size=image_size, augment=not no_augment, flip=not no_flip,
-                  device=device, cache_features=cache_features, force=force)
+                  device=device, cache_features=cache_features, force=force, trust_code=trust_code)
     if find_lr:
         from .train_extras import run_find_lr
 

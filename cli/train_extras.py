@@ -14,7 +14,7 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     from surgery.trainer.lr_find import find_lr, fmt_lr
 
     keep = ("val_split", "seed", "batch_size", "optimizer", "weight_decay", "label_smoothing", "image_size",
-            "augment", "flip", "device", "cache_features", "force")
+            "augment", "flip", "device", "cache_features", "force", "trust_code")
     found = find_lr(adapted, data, out=out, **{k: options[k] for k in keep})
     if as_json:
         print_json(found.to_json())

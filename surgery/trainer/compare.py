@@ -54,7 +54,7 @@ def verdict(pre: float, scratch: float, n_val: int) -> Verdict:
     return Verdict(pre, scratch, diff, noise, n, winner, text)
 
 
-def scratch_init(adapted_dir: str | os.PathLike, dest: Path, seed: int) -> Path:
+def scratch_init(adapted_dir: str | os.PathLike, dest: Path, seed: int, trust_code: bool = False) -> Path:
     """An adapted folder for the same architecture, head and input size from random weights, with
     everything training at one learning rate. Written to ``dest``."""
     from ..adapter.arch import ArchSpec
@@ -66,7 +66,7 @@ def scratch_init(adapted_dir: str | os.PathLike, dest: Path, seed: int) -> Path:
     m = read_manifest(adapted_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        state = build_from_manifest(m).state_dict()
+        state = build_from_manifest(m, trust_code=trust_code).state_dict()
     spec, head, inp = ArchSpec.from_json(m["arch"]), m.head, m["input"]
     adapt(state, arch=spec.display, arch_kwargs=spec.kwargs, num_classes=m.num_classes, out=dest, force=True,
           head=head.get("kind") or "linear", hidden=head.get("hidden") or 512,
@@ -86,7 +86,7 @@ def compare_scratch(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, 
     pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, **train_kwargs)
     tmp = Path(tempfile.mkdtemp(prefix=".scratch-init-", dir=out_p))
     try:
-        init = scratch_init(adapted_dir, tmp / "adapted", seed)
+        init = scratch_init(adapted_dir, tmp / "adapted", seed, trust_code=bool(train_kwargs.get("trust_code")))
         kw = dict(train_kwargs, force=True, resume=None)
         scratch = train(init, data, out=out_p / "scratch", seed=seed, observer=_tagged(observer), **kw)
     finally:

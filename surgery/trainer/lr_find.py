@@ -275,7 +275,8 @@ def message(found: LrFind, lr: float) -> str:
 def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
             optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
             label_smoothing: float = 0.0, image_size: int | None = None, augment: bool = True, flip: bool = True,
-            device: str = "auto", cache_features: str = "auto", out: Any = None, force: bool = False) -> LrFind:
+            device: str = "auto", cache_features: str = "auto", out: Any = None, force: bool = False,
+            trust_code: bool = False) -> LrFind:
     """``surgery train --find-lr``: only the range test a run with ``--lr auto`` would do first.
     With ``out``, writes ``lr_find.json`` and ``lr_find.png`` there (a new folder, or ``force``)."""
     import torch
@@ -299,7 +300,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     check_num_classes(samples, manifest.num_classes)
     samples, _ = scan_images(samples)
     dev = _resolve_device(device)
-    model = load_adapted(adapted_dir, device=dev)
+    model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
     inp = manifest["input"]
     size, resize = ((image_size, None) if image_size is not None else (list(inp["size"]), inp.get("resize")))
     train_dl, _ = make_loaders(samples, image_size=size, mean=inp["mean"], std=inp["std"],
