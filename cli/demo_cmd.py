@@ -67,6 +67,19 @@ def demo(
     fine-tuned in two phases; the head alone and the same network from random weights give the
     comparison. Needs scikit-learn (pip install 'surgery[demo]').
     """
+    import torch
+
+    # one thread: CPU kernels split their sums by thread count, and the demo's numbers (the
+    # README's table) must be the same on every machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _demo(workdir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(workdir: Path) -> None:
     from rich.markup import escape
 
     from surgery.demo import Plan, digits_imagefolder, pretrained_digits, random_init
