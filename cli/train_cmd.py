@@ -151,6 +151,8 @@ def train(
         raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
     if out is None and not find_lr:
         raise TrainError("--out DIR is required: where to write the run")
+    if compare_scratch and (resume is not None or nproc is not None or find_lr):
+        raise TrainError("--compare-scratch runs both trainings afresh in one process; drop --resume, --nproc, --find-lr")
     if nproc is not None:
         if nproc < 1:
             raise TrainError(f"--nproc must be at least 1, got {nproc}")
