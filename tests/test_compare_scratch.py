@@ -32,7 +32,7 @@ def test_compare_scratch_writes_both_runs_and_the_verdict(cli, tmp_path):
     adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=tmp_path / "ad",
           freeze="head-only")
     out = tmp_path / "run"
-    r = cli("train", tmp_path / "ad", "--data", data, "--epochs", 2, "--lr", "1e-2", "--batch-size", 16,
+    r = cli("train", "--trust-code", tmp_path / "ad", "--data", data, "--epochs", 2, "--lr", "1e-2", "--batch-size", 16,
             "--no-flip", "--out", out, "--compare-scratch", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -51,7 +51,7 @@ def test_compare_scratch_writes_both_runs_and_the_verdict(cli, tmp_path):
     assert not torch.equal(a["features.0.weight"], s["features.0.weight"])
     assert not list(out.glob(".scratch-init-*"))  # the temporary init is gone
 
-    r = cli("train", tmp_path / "ad", "--data", data, "--epochs", 1, "--lr", "1e-2", "--batch-size", 16,
+    r = cli("train", "--trust-code", tmp_path / "ad", "--data", data, "--epochs", 1, "--lr", "1e-2", "--batch-size", 16,
             "--no-flip", "--out", out, "--compare-scratch", "--force")
     assert r.exit_code == 0, r.output
     assert "verdict:" in r.stdout and "scratch" in r.stdout

@@ -77,7 +77,7 @@ def setup(tmp_path_factory):
 def test_lr_auto_trains_exactly_as_the_lr_it_found(setup, tmp_path, folder, cached):
     root, data = setup
     seen = {}
-    r = train(root / folder, data, epochs=1, out=tmp_path / "auto", batch_size=16, flip=False,
+    r = train(root / folder, data, epochs=1, out=tmp_path / "auto", trust_code=True, batch_size=16, flip=False,
               observer=lambda e, i: seen.update(i) if e == "lr_find" else None)
     assert seen["cached"] is cached and seen["lrs"][0] <= seen["lr"] <= seen["lrs"][-1]
     assert (tmp_path / "auto" / "lr_find.png").stat().st_size > 1000
@@ -85,21 +85,21 @@ def test_lr_auto_trains_exactly_as_the_lr_it_found(setup, tmp_path, folder, cach
     recorded = json.loads((tmp_path / "auto" / "manifest.json").read_text())["results"]["train_args"]
     assert recorded["lr"] == "auto" and recorded["lr_find"]["lr"] == seen["lr"]
     assert "(found)" in (tmp_path / "auto" / "run.log").read_text()
-    fixed = train(root / folder, data, epochs=1, lr=seen["lr"], out=tmp_path / "fixed", batch_size=16, flip=False)
+    fixed = train(root / folder, data, epochs=1, lr=seen["lr"], out=tmp_path / "fixed", trust_code=True, batch_size=16, flip=False)
     assert [m["val_loss"] for m in r.metrics] == pytest.approx([m["val_loss"] for m in fixed.metrics], rel=1e-5)
     assert not (tmp_path / "fixed" / "lr_find.png").exists()  # a given --lr is used as is
 
 
 def test_cli_find_lr_prints_the_curve_and_writes_nothing_without_out(cli, setup, tmp_path):
     root, data = setup
-    r = cli("train", root / "head", "--data", data, "--find-lr", "--batch-size", 16, "--no-flip")
+    r = cli("train", "--trust-code", root / "head", "--data", data, "--find-lr", "--batch-size", 16, "--no-flip")
     assert r.exit_code == 0, r.output
     assert "on cached features" in r.stdout and "suggested lr" in r.stdout and "loss" in r.stdout
-    r = cli("train", root / "head", "--data", data, "--find-lr", "--json", "--out", tmp_path / "f")
+    r = cli("train", "--trust-code", root / "head", "--data", data, "--find-lr", "--json", "--out", tmp_path / "f")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["schema"] == "surgery.lr_find/1"
     assert (tmp_path / "f" / "lr_find.png").is_file()
-    r = cli("train", root / "head", "--data", data, "--lr", "fast", "--out", tmp_path / "x")
+    r = cli("train", "--trust-code", root / "head", "--data", data, "--lr", "fast", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--lr 'fast': give a number" in r.stderr
-    r = cli("train", root / "head", "--data", data, "--epochs", 1, "--out", tmp_path / "run", "--no-flip")
+    r = cli("train", "--trust-code", root / "head", "--data", data, "--epochs", 1, "--out", tmp_path / "run", "--no-flip")
     assert r.exit_code == 0 and "(found)" in r.stdout

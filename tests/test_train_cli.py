@@ -65,15 +65,15 @@ def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):
     # a folder stands for its images; one unreadable image is reported, the others still classified
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    r = cli("predict", out, data / "val" / "7", bad, "--json")
+    r = cli("predict", "--trust-code", out, data / "val" / "7", bad, "--json")
     assert r.exit_code == 0, r.output
     preds = json.loads(r.stdout)["predictions"]
     assert [p["path"] for p in preds] == [*map(str, sorted((data / "val" / "7").glob("*.png"))), str(bad)]
     assert preds[-1]["top"] == [] and "cannot identify image" in preds[-1]["error"]
     assert all(p["top"] for p in preds[:-1])
-    r = cli("predict", out, bad, imgs[0])
+    r = cli("predict", "--trust-code", out, bad, imgs[0])
     assert r.exit_code == 0 and f"warning: skipped {bad}: " in r.stderr and str(imgs[0]) in r.stdout
-    r = cli("predict", out, tmp_path / "empty_dir_that_is_missing")
+    r = cli("predict", "--trust-code", out, tmp_path / "empty_dir_that_is_missing")
     assert r.exit_code == 2 and "no such file" in r.stderr
 
     # resume: the bare flag continues OUT's last.pt; more epochs extend the run

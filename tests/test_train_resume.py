@@ -20,7 +20,7 @@ from tests.test_train_runner import SIZE, load_factory, write_factory
 warnings.filterwarnings("ignore", category=UserWarning)
 
 # everything but the defaults: a resumed run that dropped one of them would compute something else
-RUN = dict(epochs=3, lr=4e-3, batch_size=8, seed=5, image_size=SIZE + 4, flip=False, label_smoothing=0.1)
+RUN = dict(trust_code=True, epochs=3, lr=4e-3, batch_size=8, seed=5, image_size=SIZE + 4, flip=False, label_smoothing=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_the_printed_command_continues_the_same_run(cli, setup, tmp_path):
     full = train(root / "ad", data, out=tmp_path / "full", **RUN)
     with pytest.raises(TrainInterrupted) as ei:
         train(root / "ad", data, out=tmp_path / "cut", observer=_interrupt_after(1), **RUN)
-    command = re.search(r"continue with: (surgery train .*--resume)", str(ei.value)).group(1)
+    command = re.search(r"continue with: (surgery train .*--resume(?: --trust-code)?)", str(ei.value)).group(1)
     assert "--image-size" not in command  # nothing to repeat: the checkpoint holds the arguments
     argv = shlex.split(command)[1:]
     r = cli(*argv, "--json")
@@ -66,14 +66,14 @@ def test_a_different_argument_is_refused_naming_both_values(cli, setup, tmp_path
     with pytest.raises(TrainInterrupted):
         train(root / "ad", data, out=tmp_path / "cut", observer=_interrupt_after(1), **RUN)
     before = (tmp_path / "cut" / "checkpoints" / "last.pt").read_bytes()
-    r = cli("train", root / "ad", "--data", data, "--out", tmp_path / "cut", "--resume", "--batch-size", 16,
+    r = cli("train", "--trust-code", root / "ad", "--data", data, "--out", tmp_path / "cut", "--resume", "--batch-size", 16,
             "--lr", "1e-3")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
     assert "--batch-size 16 (the run was started with --batch-size 8)" in r.stderr
     assert "--lr 0.001 (the run was started with --lr 0.004)" in r.stderr
     assert (tmp_path / "cut" / "checkpoints" / "last.pt").read_bytes() == before
     with pytest.raises(ResumeError, match=r"--seed 1 \(the run was started with --seed 5\)"):
-        train(root / "ad", data, out=tmp_path / "cut", resume=True, seed=1)
+        train(root / "ad", data, out=tmp_path / "cut", resume=True, seed=1, trust_code=True)
 
 
 def test_more_epochs_extend_the_run_and_stretch_the_schedule(setup, tmp_path):
@@ -81,7 +81,7 @@ def test_more_epochs_extend_the_run_and_stretch_the_schedule(setup, tmp_path):
     with pytest.raises(TrainInterrupted):
         train(root / "ad", data, out=tmp_path / "cut", observer=_interrupt_after(1), **RUN)
     lrs: list[float] = []
-    res = train(root / "ad", data, out=tmp_path / "cut", resume=True, epochs=5,
+    res = train(root / "ad", data, out=tmp_path / "cut", resume=True, epochs=5, trust_code=True,
                 observer=lambda e, i: lrs.append(i["lrs"][-1]) if e == "step" else None)
     assert res.epochs_run == 5
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] > 0  # cosine over 5 epochs: still decaying at the end

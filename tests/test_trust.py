@@ -108,7 +108,7 @@ def test_trusted_factory_works_everywhere(cli, setup, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["images"] > 0, r.output
     img = next((data / "val" / "5").glob("*.png"))
     r = cli("predict", out, img, "--json", "--trust-code")
-    assert r.exit_code == 0 and json.loads(r.stdout)[0]["top"][0]["class"] in "56789", r.output
+    assert r.exit_code == 0 and json.loads(r.stdout)["predictions"][0]["top"][0]["class"] in "56789", r.output
 
 
 def test_edited_factory_is_refused_even_when_trusted(setup, tmp_path):

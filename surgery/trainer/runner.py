@@ -251,12 +251,13 @@ def _restore_args(args: dict, saved: dict, where: str) -> tuple[dict, list[str]]
     return out, restored
 
 
-def continue_command(adapted: Path, data: Path, out: Path) -> str:
-    """The command that continues an interrupted run (its other arguments are in the checkpoint)."""
+def continue_command(adapted: Path, data: Path, out: Path, trust_code: bool = False) -> str:
+    """The command that continues an interrupted run (its other arguments are in the checkpoint;
+    consent to run the folder's factory is not, so it is repeated when it was given)."""
     import shlex
 
     return " ".join(["surgery train", shlex.quote(str(adapted)), "--data", shlex.quote(str(data)),
-                     "--out", shlex.quote(str(out)), "--resume"])
+                     "--out", shlex.quote(str(out)), "--resume", *(["--trust-code"] if trust_code else [])])
 
 
 def _check_image_size(model: "nn.Module", manifest: Any, size: int, channels: int) -> None:
@@ -737,11 +738,11 @@ def _train(adapted_p: Path, data_p: Path, out_p: Path, args: dict, resolved: dic
         if is_main:
             files.log(f"interrupted during epoch {interrupted_at}; {out_p / CHECKPOINT_DIR / LAST} holds "
                       f"{done} finished epoch{'s' if done != 1 else ''}; continue with: "
-                      f"{continue_command(adapted_p, data_p, out_p)}")
+                      f"{continue_command(adapted_p, data_p, out_p, trust_code)}")
             if history:
                 plot_run_curves(history, out_p, manifest, epochs)
         raise TrainInterrupted(f"interrupted; {done} of {epochs} epochs are saved in {out_p / CHECKPOINT_DIR / LAST}; "
-                               f"continue with: {continue_command(adapted_p, data_p, out_p)} (the run's other "
+                               f"continue with: {continue_command(adapted_p, data_p, out_p, trust_code)} (the run's other "
                                f"arguments come from the checkpoint)")
 
     # ---- the best model, its confusion matrix, the outputs
