@@ -14,7 +14,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
-from .torch_pickle import StorageRef, StorageType, unpickle
+from .torch_pickle import StorageRef, storage_ref, unpickle
 from .torch_zip import checkpoint_from_pickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -61,13 +61,4 @@ def _persistent(pid: Any, storages: dict[str, StorageRef]) -> Any:
     once; that class is whatever the restricted unpickler made of the global (an inert record)."""
     if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
         return pid[1]
-    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-        raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
-    stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
-    if len(pid) > 5 and pid[5] is not None:
-        raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
-    if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-        raise FormatError(f"malformed storage record for storage {key!r}")
-    if key not in storages:
-        storages[key] = StorageRef(key, stype.dtype, location, numel)
-    return storages[key]
+    return storage_ref(pid, storages)

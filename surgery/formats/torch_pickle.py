@@ -574,17 +574,23 @@ class _Unpickler(pickle.Unpickler):
                 if isinstance(ref, StorageRef):
                     self.storages.setdefault(ref.key, ref)
             return out
-        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-            raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
-        stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
-        if len(pid) > 5 and pid[5] is not None:
-            raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
-        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-            raise FormatError(f"malformed storage record for storage {key!r}")
-        ref = self.storages.get(key)
-        if ref is None:
-            ref = self.storages[key] = StorageRef(key, stype.dtype, location, numel)
-        return ref
+        return storage_ref(pid, self.storages)
+
+
+def storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
+    """torch's storage persistent id ``('storage', type, key, location, numel[, view])`` as the
+    one `StorageRef` of ``key`` in ``storages`` (made on first sight)."""
+    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+        raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
+    stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
+    if len(pid) > 5 and pid[5] is not None:
+        raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
+    if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+        raise FormatError(f"malformed storage record for storage {key!r}")
+    ref = storages.get(key)
+    if ref is None:
+        ref = storages[key] = StorageRef(key, stype.dtype, location, numel)
+    return ref
 
 
 class _Capped(io.RawIOBase):
