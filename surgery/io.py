@@ -27,7 +27,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
               r"scratch/", r"compare\.json", r"compare\.png", r"\.scratch-init-[A-Za-z0-9_]{8}/.*",
               r"\.scratch-init-[A-Za-z0-9_]{8}/"),
 }
-_TEMP = r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)/?"  # atomic_file / atomic_dir leftovers: ".NAME.XXXXXXXX.tmp"
+_TEMP = r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)/?"  # atomic_file / atomic_dir leftovers: ".NAME.<8 random chars>.tmp"
 _SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFSOCK: "a socket"}
 
@@ -214,7 +214,7 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def remove_temps(folder: Path) -> list[str]:
-    """Delete the temp files and folders (``.NAME.XXXXXXXX.tmp``/``.old``) that atomic_file and
+    """Delete the temp files and folders (``.NAME.<random>.tmp``/``.old``) that atomic_file and
     atomic_dir leave in ``folder`` and its subfolders when a process is killed mid-write;
     returns their paths relative to ``folder``. Call only on a folder this process owns."""
     pat = re.compile(_TEMP)
