@@ -9,10 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.generate import digits_imagefolder
-from surgery.adapter.core import adapt
 from surgery.trainer.compare import verdict
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from tests.test_train_runner import adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -26,11 +24,7 @@ def test_verdict_weighs_the_difference_against_the_noise():
 
 
 def test_compare_scratch_writes_both_runs_and_the_verdict(cli, tmp_path):
-    arch = write_factory(tmp_path)
-    data = digits_imagefolder(tmp_path / "data", classes=range(5, 10), per_class=12, size=SIZE)
-    torch.manual_seed(0)
-    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=tmp_path / "ad",
-          freeze="head-only")
+    data = adapted_factory_folder(tmp_path, 12, freeze="head-only")
     out = tmp_path / "run"
     r = cli("train", "--trust-code", tmp_path / "ad", "--data", data, "--epochs", 2, "--lr", "1e-2", "--batch-size", 16,
             "--no-flip", "--out", out, "--compare-scratch", "--json")

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.generate import digits_imagefolder
-from surgery.adapter.core import adapt, load_adapted
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from surgery.adapter.core import load_adapted
+from tests.test_train_runner import SIZE, adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -19,12 +18,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=12, size=SIZE)
-    torch.manual_seed(0)
-    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=root / "ad",
-          freeze="head-only", unfreeze_at=1)
-    return root, data
+    return root, adapted_factory_folder(root, 12, freeze="head-only", unfreeze_at=1)
 
 
 def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):

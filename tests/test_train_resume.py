@@ -11,11 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.generate import digits_imagefolder
-from surgery.adapter.core import adapt
 from surgery.trainer.runner import train
 from surgery.trainer.state import ResumeError, TrainInterrupted
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from tests.test_train_runner import SIZE, adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -26,12 +24,7 @@ RUN = dict(trust_code=True, epochs=3, lr=4e-3, batch_size=8, seed=5, image_size=
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=8, size=SIZE)
-    torch.manual_seed(0)
-    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=root / "ad",
-          freeze="head-only", unfreeze_at=1, bn="train")
-    return root, data
+    return root, adapted_factory_folder(root, 8, freeze="head-only", unfreeze_at=1, bn="train")
 
 
 def _interrupt_after(epoch: int):

@@ -71,6 +71,16 @@ def load_factory(arch: str):
     return getattr(mod, fn)
 
 
+def adapted_factory_folder(root: Path, per_class: int, **adapt_kw) -> Path:
+    """The small CNN of ``root/models.py`` (seeded weights) adapted into ``root/ad`` for digits
+    5-9, and those digits as an ImageFolder in ``root/data`` (returned)."""
+    arch = write_factory(root)
+    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=per_class, size=SIZE)
+    torch.manual_seed(0)
+    make_adapted(load_factory(arch)(5).state_dict(), arch, root / "ad", **adapt_kw)
+    return data
+
+
 def make_adapted(ckpt, arch: str, out: Path, **kw) -> Path:
     adapt(ckpt, arch=arch, num_classes=5, input_size=SIZE, out=out, **kw)
     return out

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.generate import digits_imagefolder
 from surgery.adapter.arch import TrustError
-from surgery.adapter.core import adapt, load_adapted
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from surgery.adapter.core import load_adapted
+from tests.test_train_runner import SIZE, adapted_factory_folder, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -32,12 +31,7 @@ def small_cnn(num_classes=5, width=16):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=6, size=SIZE)
-    torch.manual_seed(0)
-    adapt(load_factory(arch)(5).state_dict(), arch=arch, num_classes=5, input_size=SIZE, out=root / "ad",
-          freeze="head-only")
-    return root, data
+    return root, adapted_factory_folder(root, 6, freeze="head-only")
 
 
 def _hostile(adapted: Path, root: Path, name: str, arch: dict) -> Path:
