@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..archsig import meta_build
 from ..io import sha256_file
+from ..preprocess import CROP_PCT, resize_for
 from .errors import AdaptError, ArchError
 from .manifest import ARCH_KINDS
 
@@ -320,12 +321,12 @@ def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any 
             source = f"torchvision:{type(weights).__name__}.{weights.name}"
         if "image_size" in spec.kwargs:
             size = int(spec.kwargs["image_size"])
-            resize = int(round(size / 0.875))
+            resize = resize_for(size)
     elif spec.kind == "timm" and model is not None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if cfg.get("input_size"):
             size = int(cfg["input_size"][-1])
-            resize = int(round(size / cfg.get("crop_pct", 0.875)))
+            resize = resize_for(size, cfg.get("crop_pct", CROP_PCT))
         mean = tuple(cfg.get("mean", mean))
         std = tuple(cfg.get("std", std))
         interp = cfg.get("interpolation", interp)
@@ -333,13 +334,13 @@ def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any 
         built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # img_size=... overrides the cfg
         if isinstance(built, (tuple, list)) and built and int(built[-1]) != size:
             size = int(built[-1])
-            resize = int(round(size / cfg.get("crop_pct", 0.875)))
+            resize = resize_for(size, cfg.get("crop_pct", CROP_PCT))
     elif "image_size" in spec.kwargs:
         size = int(spec.kwargs["image_size"])
-        resize = int(round(size / 0.875))
+        resize = resize_for(size)
     fixed = getattr(model, "image_size", None)  # torchvision ViT accepts only the size it was built for
     if isinstance(fixed, int) and fixed != size:
-        size, resize = fixed, int(round(fixed / 0.875))
+        size, resize = fixed, resize_for(fixed)
     if isinstance(resize, (list, tuple)):
         resize = resize[0]
     return {"size": [int(size), int(size)], "resize": int(resize), "channels": 3, "mean": [float(m) for m in mean],

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ..analysis import collapse_keys
 from ..errors import OutputError
+from ..preprocess import resize_for
 from . import arch as arch_mod
 from .align import Alignment, align_keys
 from .errors import AdaptError, AlignError, ManifestError
@@ -303,7 +304,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     spec, meta_model = _meta_build(spec, num_classes, seed, input_size)
     inp = arch_mod.input_config(spec, meta_model, weights_obj)
     if input_size is not None:
-        inp["size"], inp["resize"] = [input_size, input_size], int(round(input_size / 0.875))
+        inp["size"], inp["resize"] = [input_size, input_size], resize_for(input_size)
         probe(meta_model, 3, input_size)  # a model fixed to another size is refused here, not in train
     plan = plan_head(spec, meta_model, num_classes=num_classes, kind=head, took_num_classes=took,
                      in_chans=in_chans, size=tuple(inp["size"]), hidden=hidden, dropout=dropout)

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SurgeryError
+from ..preprocess import resize_for
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +473,7 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
     horizontal flip (turn it off for digits, text, anything with a handedness). ``scale`` defaults
     to (0.35, 1): fine-tuning on little data wants milder crops than ImageNet's (0.08, 1).
     Evaluation (or training without ``augment``): ``Resize(resize)`` of the shorter side, then
-    ``CenterCrop(size)``; ``resize`` defaults to ``int(max(size) / 0.875)``. Pass the manifest's
+    ``CenterCrop(size)``; ``resize`` defaults to ``preprocess.resize_for(max(size))``. Pass the manifest's
     ``input.resize`` only when not overriding its size. ``interpolation``: ``'bilinear'``,
     ``'bicubic'``, ``'nearest'`` (the manifest's ``input.interpolation``).
     """
@@ -493,7 +494,7 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
         if flip:
             steps.append(v2.RandomHorizontalFlip())
     else:
-        resize = int(resize) if resize is not None else int(max(size) / 0.875)
+        resize = int(resize) if resize is not None else resize_for(max(size))
         if resize < min(size):
             raise DataError(f"resize {resize} is smaller than the crop {size[0]}x{size[1]}")
         steps += [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(size)]

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..preprocess import resize_for
+
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import TrainResult
 
@@ -82,7 +84,7 @@ def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classe
     if train_args.get("image_size") is not None:
         # the model now expects the size it was fine-tuned at: evaluate/predict/load_adapted read it here
         size = int(train_args["image_size"])
-        data["input"].update(size=[size, size], resize=int(size / 0.875), source=f"surgery train --image-size {size}")
+        data["input"].update(size=[size, size], resize=resize_for(size), source=f"surgery train --image-size {size}")
     data["files"]["weights"] = WEIGHTS_NAME
     data["files"]["weights_sha256"] = sha256_file(out_p / WEIGHTS_NAME)
     data["trained_from"] = {"path": str(adapted_p.resolve()),
