@@ -1122,7 +1122,7 @@ def run_all(args, root: Path) -> tuple[list[dict], float]:
     load average."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    per = args.inputs // len(args.classes)
+    per = -(-args.inputs // len(args.classes))  # at least --inputs in all
     jobs = [(c, args.seed, s, min(args.chunk, per - s), root / f"w-{c}-{k}")
             for c in reversed(args.classes) for k, s in enumerate(range(0, per, args.chunk))]
     results, loads = [], []
@@ -1140,7 +1140,7 @@ def run_all(args, root: Path) -> tuple[list[dict], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--inputs", type=int, default=100_000, help="inputs in total, split evenly across classes")
+    ap.add_argument("--inputs", type=int, default=100_000, help="inputs in total (at least), split evenly across classes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--chunk", type=int, default=10_000, help="inputs per worker process")
