@@ -760,7 +760,7 @@ def run_input(cls: str, seed: int, i: int, env: Env, seeds: dict[str, list[bytes
 
 def worker(cls: str, seed: int, start: int, count: int, workdir: Path) -> None:
     """Inputs start..start+count-1 of (class, seed). Prints 'base RSS ANON FILE CPU EXACT' once
-    warmed up, '#i' before each input, '=OUTCOME HWM RSS ANON' after it (kB; HWM is the kernel's
+    warmed up, '#i' before each input, '=OUTCOME HWM RSS ANON CPU' after it (kB; HWM is the kernel's
     peak RSS since the previous input when EXACT is 1: VmHWM is reset after each input), a JSON
     line per problem, and 'end CPU' (CPU seconds, as in 'base')."""
     import resource
@@ -780,7 +780,8 @@ def worker(cls: str, seed: int, start: int, count: int, workdir: Path) -> None:
         st = proc_status()
         if exact:
             reset_peak()
-        out.write(f"={outcome} {st['VmHWM']} {st['VmRSS']} {st['RssAnon']}\n")
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        out.write(f"={outcome} {st['VmHWM']} {st['VmRSS']} {st['RssAnon']} {ru.ru_utime + ru.ru_stime:.3f}\n")
         if outcome not in ("ok", "refused"):
             out.write(json.dumps({"i": i, "outcome": outcome, "detail": detail, **extra}) + "\n")
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -802,7 +803,8 @@ class Chunk:
         self.workers, self.exact = 0, True
         self.current: int | None = None
         self.last_done = start - 1
-        self.prev_rss = 0
+        self.prev_rss, self.prev_cpu = 0, 0.0
+        self.slowest = (0.0, -1)  # CPU seconds of the dearest input, and which
         self.started = self.ended = False
 
     def line(self, line: str) -> None:
@@ -810,6 +812,7 @@ class Chunk:
         if head == "base":
             rss, anon, file, cpu, exact = rest
             self.started, self.prev_rss, self.segment_setup = True, int(rss), float(cpu)
+            self.prev_cpu = float(cpu)
             self.exact = self.exact and exact == "1"
             for key, value in (("base_rss", rss), ("base_anon", anon), ("base_file", file), ("peak_hwm", rss),
                                ("peak_anon", anon)):
@@ -817,8 +820,10 @@ class Chunk:
         elif head.startswith("#"):
             self.current = int(head[1:])
         elif head.startswith("="):
-            hwm, rss, anon = map(int, rest)
+            hwm, rss, anon, cpu = int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3])
             self.tally[head[1:]] += 1
+            self.slowest = max(self.slowest, (cpu - self.prev_cpu, self.current))
+            self.prev_cpu = cpu
             self.mem["peak_hwm"] = max(self.mem["peak_hwm"], hwm)
             self.mem["peak_anon"] = max(self.mem["peak_anon"], anon)
             if hwm - self.prev_rss > self.mem["rise"]:
@@ -834,14 +839,15 @@ class Chunk:
         self.mem["peak_anon"] = max(self.mem["peak_anon"], anon)
         self.mem["samples"] += 1
 
-    def lost(self, hung: bool, returncode: int, err: Path) -> int:
+    def lost(self, hung: bool, returncode: int, err: Path, cpu: float) -> int:
         """The worker stopped inside an input (or, dying between inputs, before the next one):
-        count it and return where the next worker starts."""
+        count it and return where the next worker starts. ``cpu``: the worker's CPU seconds."""
         i = self.current if self.current is not None else self.last_done + 1
         outcome = "hung" if hung else "crashed"
         tail = err.read_text(errors="replace").strip().splitlines()[-3:] if err.is_file() else []
         self.tally[outcome] += 1
-        self.problems.append({"i": i, "outcome": outcome, "detail": f"worker exit {returncode}"
+        self.problems.append({"i": i, "outcome": outcome, "detail": f"worker exit {returncode} after "
+                              f"{cpu - self.prev_cpu:.1f} s of CPU in the input"
                               + (f"; stderr: {' | '.join(tail)}" if tail and not hung else "")})
         self.current, self.last_done = None, i
         return i + 1
@@ -849,6 +855,7 @@ class Chunk:
     def result(self, wall_s: float) -> dict:
         return {"parser": self.cls, "tally": self.tally, "problems": self.problems, "mem_kb": self.mem,
                 "exact_peak": self.exact, "cpu_inputs_s": round(self.cpu_inputs, 3),
+                "slowest": [round(self.slowest[0], 3), self.slowest[1]],
                 "cpu_setup_s": round(self.cpu_setup, 3), "workers": self.workers, "wall_s": round(wall_s, 3)}
 
 
@@ -874,15 +881,26 @@ def run_chunk(cls: str, seed: int, start: int, count: int, workdir: Path, stall_
         if not chunk.started:
             raise RuntimeError(f"{cls} worker failed before its first input (exit {proc.returncode}): "
                                f"{err.read_text(errors='replace')[-2000:]}")
-        i = chunk.lost(hung, proc.returncode, err)
+        i = chunk.lost(hung, proc.returncode, err, cpu)
     return chunk.result(time.monotonic() - t0)
+
+
+def runqueue_s(pid: int) -> float:
+    """Seconds the process's main thread has been runnable but waiting for a CPU
+    (/proc/PID/schedstat); 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy, sample, every: float = 0.005) -> tuple[bool, float]:
     """Feed the worker's output lines to ``on_line`` as they come (raw reads: no line waits in a
     buffer the poll cannot see) and call ``sample`` every ``every`` seconds; kill the worker when
-    ``busy()`` (an input in progress) for ``stall_s`` seconds without output. Returns whether it
-    was killed as hung, and the CPU seconds (user + system) the worker used."""
+    ``busy()`` (an input in progress) for ``stall_s`` seconds without output, not counting the
+    time it waited for a CPU (other processes on the machine slow an input down; they do not
+    make it hang). Returns whether it was killed as hung, and the CPU seconds it used."""
     import selectors
 
     fd = proc.stdout.fileno()
@@ -890,6 +908,7 @@ def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy, sample, every
     sel.register(fd, selectors.EVENT_READ)
     pending, hung, reaped = b"", False, None
     last = sampled = time.monotonic()
+    waited = runqueue_s(proc.pid)
     try:
         while True:
             ready = sel.select(timeout=every)
@@ -898,7 +917,7 @@ def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy, sample, every
                 sample()
                 sampled = now
             if not ready:
-                if busy() and now - last > stall_s:
+                if busy() and now - last > stall_s and now - last - (runqueue_s(proc.pid) - waited) > stall_s:
                     proc.kill()
                     hung = True
                     break
@@ -910,7 +929,7 @@ def _follow(proc: subprocess.Popen, stall_s: float, on_line, busy, sample, every
             data = os.read(fd, 1 << 16)
             if not data:
                 break
-            last = now
+            last, waited = now, runqueue_s(proc.pid)
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
                 on_line(line.decode())
@@ -954,7 +973,7 @@ def merge(results: list[dict]) -> dict[str, dict]:
     by_class: dict[str, dict] = {}
     for r in results:
         d = by_class.setdefault(r["parser"], {"tally": dict.fromkeys(OUTCOMES, 0), "problems": [], "mem_kb": {},
-                                              "cpu_inputs_s": 0.0, "cpu_setup_s": 0.0, "workers": 0, "wall_s": 0.0,
+                                              "cpu_inputs_s": 0.0, "cpu_setup_s": 0.0, "workers": 0, "wall_s": 0.0, "slowest": [0.0, -1],
                                               "exact": True})
         for k, v in r["tally"].items():
             d["tally"][k] += v
@@ -962,6 +981,7 @@ def merge(results: list[dict]) -> dict[str, dict]:
         for k in ("cpu_inputs_s", "cpu_setup_s", "workers", "wall_s"):
             d[k] += r[k]
         d["exact"] = d["exact"] and r["exact_peak"]
+        d["slowest"] = max(d["slowest"], r["slowest"])
         m = d["mem_kb"]
         for k, v in r["mem_kb"].items():
             if k == "rise_i":
@@ -1028,22 +1048,26 @@ def _method(args) -> list[str]:
         "its scratch files and takes the class's valid path once (a remap; an adapt, whose meta-device probe imports "
         "torch._dynamo; a load_adapted), so that no input is charged for one-time costs.", "",
         f"Outcomes: **ok**, **refused** (a one-line `SurgeryError`), **crashed** (any other exception, or the "
-        f"worker died), **hung** (no output for {args.stall:g} s during an input: the worker is killed, the input "
-        f"counted and a new worker continues with the next input), **partial** (an output left after a failure, "
+        f"worker died), **hung** (no output for {args.stall:g} s during an input, not counting the time the worker "
+        f"waited for a CPU while other processes ran (its run-queue delay from /proc/PID/schedstat), so the "
+        f"{args.stall:g} s are what it would take on an idle machine: the worker is killed, the input counted and a "
+        f"new worker continues with the next input), **partial** (an output left after a failure, "
         f"an output that does not open, or a pre-existing file changed), **marker** (the file a payload would "
-        f"create exists afterwards: code ran).", "",
+        f"create exists afterwards: code ran). CPU per input: the workers' user + system time over the inputs "
+        f"(start-up, warm-up and exit not included); dearest input: the one that took the most CPU.", "",
     ]
 
 
 def _outcome_table(by_class: dict) -> list[str]:
-    lines = ["| class | inputs | ok | refused | crashed | hung | partial | marker | CPU per input |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| class | inputs | ok | refused | crashed | hung | partial | marker | CPU per input | dearest input |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in CLASSES:
         if c in by_class:
             d = by_class[c]
             t, n = d["tally"], sum(d["tally"].values())
             lines.append(f"| {c} | {n:,} | {t['ok']:,} | {t['refused']:,} | {t['crashed']} | {t['hung']} | "
-                         f"{t['partial']} | {t['marker']} | {1000 * d['cpu_inputs_s'] / max(n, 1):.0f} ms |")
+                         f"{t['partial']} | {t['marker']} | {1000 * d['cpu_inputs_s'] / max(n, 1):.1f} ms | "
+                         f"{d['slowest'][0]:.2f} s (#{d['slowest'][1]}) |")
     return lines + [""]
 
 

@@ -17,7 +17,7 @@ def _fake_worker(tmp_path, body: str) -> tuple[Chunk, subprocess.Popen]:
     return chunk, proc
 
 
-BASE = "print('base 1000 600 400 0.5 1', flush=True); print('#5', flush=True); print('=ok 1500 1100 700', flush=True);"
+BASE = "print('base 1000 600 400 0.5 1', flush=True); print('#5', flush=True); print('=ok 1500 1100 700 0.75', flush=True);"
 
 
 def test_a_stalled_input_is_killed_counted_and_skipped(tmp_path):
@@ -25,16 +25,16 @@ def test_a_stalled_input_is_killed_counted_and_skipped(tmp_path):
     hung, cpu = _follow(proc, 0.5, chunk.line, busy=lambda: chunk.current is not None,
                         sample=lambda: chunk.sample(proc.pid))
     assert hung and proc.returncode == -9 and cpu >= 0
-    assert chunk.lost(hung, proc.returncode, tmp_path / "none") == 7  # the next worker starts after input 6
+    assert chunk.lost(hung, proc.returncode, tmp_path / "none", 3.75) == 7  # the next starts after input 6
     assert chunk.tally["hung"] == 1 and chunk.tally["ok"] == 1
-    assert chunk.problems == [{"i": 6, "outcome": "hung", "detail": "worker exit -9"}]
+    assert chunk.problems == [{"i": 6, "outcome": "hung", "detail": "worker exit -9 after 3.0 s of CPU in the input"}]
 
 
 def test_a_worker_that_dies_mid_input_is_a_crash(tmp_path):
     chunk, proc = _fake_worker(tmp_path, BASE + "print('#6', flush=True); import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     hung, _ = _follow(proc, 30, chunk.line, busy=lambda: chunk.current is not None, sample=lambda: None)
     assert not hung and proc.returncode == -11
-    assert chunk.lost(hung, proc.returncode, tmp_path / "none") == 7
+    assert chunk.lost(hung, proc.returncode, tmp_path / "none", 1.0) == 7
     assert chunk.tally["crashed"] == 1
 
 
@@ -45,6 +45,7 @@ def test_memory_figures_come_from_the_worker_lines(tmp_path):
     assert (m["base_rss"], m["base_anon"], m["base_file"]) == (1000, 600, 400)
     assert (m["peak_hwm"], m["peak_anon"], m["rise"], m["rise_i"]) == (1500, 700, 500, 5)
     assert chunk.ended and chunk.segment_end == 0.7
+    assert chunk.slowest == (0.25, 5)  # CPU 0.5 at 'base', 0.75 after input 5
 
 
 def test_a_real_chunk_runs_and_renders(tmp_path):
@@ -61,3 +62,10 @@ def test_a_real_chunk_runs_and_renders(tmp_path):
     doc = render([r], Args, 60.0, 1.0, [("GLOBAL os.system", "refused")])
     assert "--inputs 3 --seed 0 --jobs 1 --stall 10 --classes rules" in doc
     assert "| rules | 3 |" in doc and "peak RssAnon" in doc and "| GLOBAL os.system | refused |" in doc
+
+
+def test_an_input_spinning_on_the_cpu_is_hung_however_loaded_the_machine(tmp_path):
+    """The stall clock leaves out time spent waiting for a CPU, never time spent computing."""
+    chunk, proc = _fake_worker(tmp_path, BASE + "print('#6', flush=True)\nwhile True: pass")
+    hung, cpu = _follow(proc, 0.5, chunk.line, busy=lambda: chunk.current is not None, sample=lambda: None)
+    assert hung and proc.returncode == -9 and cpu > 0
