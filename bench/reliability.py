@@ -1,12 +1,16 @@
 """Fuzz surgery's parsers and throw hostile inputs at it; write docs/RELIABILITY.md from one run.
 
 Every input must end in success or a ``SurgeryError``: any other exception is "crashed", a worker
-that dies (segfault, killed for memory) is "crashed", one that stops making progress for
-``--stall`` seconds (10) is "hung"; a remap that fails yet leaves something at DST, an output that
-does not open, or a pre-existing file changed by a refused or successful command is "partial";
-an input after which the marker file its payload would create exists is "marker".
+that dies (segfault, killed for memory) is "crashed", one that makes no progress for ``--stall``
+seconds (10; time spent waiting for a CPU left out) is "hung", killed and counted, and a new worker
+goes on with the next input; a remap that fails yet leaves something at DST, an output that does
+not open, or a pre-existing file changed by a refused or successful command is "partial"; an
+input after which the marker file its payload would create exists is "marker". Memory: per class,
+the RSS before inputs (anonymous and file pages), the peak RSS, the peak RssAnon (sampled every
+5 ms by the harness and after each input by the worker) and the largest rise of one input (the
+kernel's VmHWM, reset after each input); the goal is held against anonymous memory.
 
-    .venv/bin/python bench/reliability.py                    # >= 100,000 inputs
+    .venv/bin/python bench/reliability.py --inputs 100000 --seed 0 --jobs 2 --stall 10
     .venv/bin/python bench/reliability.py --inputs 2000      # smoke run
 
 Classes, each a generator of inputs (see CLASSES):
