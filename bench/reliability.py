@@ -1026,22 +1026,24 @@ def render(results: list[dict], args, elapsed: float, load: float, hostile: list
         f".venv/bin/python bench/reliability.py --inputs {args.inputs} --seed {args.seed} --jobs {args.jobs} "
         f"--stall {args.stall:g} {classes}".rstrip(), "```", "",
         f"{total:,} inputs in {elapsed / 60:.1f} min on {os.cpu_count()} CPUs ({args.jobs} worker processes at a "
-        f"time), python {sys.version.split()[0]}, scratch files on {args.fs}, seed files from "
+        f"time), python {sys.version.split()[0]}, {args.torch}, scratch files on {args.fs}, seed files from "
         f"`{SEEDS.relative_to(REPO)}` (built by the first run; delete it to build new ones). Load average during "
         f"the run: {load:.1f} "
         f"(other processes shared the CPUs when it exceeds {args.jobs}). CPU time: {cpu_in / 60:.1f} core-min for "
         f"the inputs, {cpu_setup / 60:.1f} core-min to start and warm up {sum(d['workers'] for d in by_class.values())} "
-        f"worker processes; on {args.jobs} idle cores the run would take about "
-        f"{(cpu_in + cpu_setup) / args.jobs / 60:.0f} min.", "",
+        f"worker processes; on {args.jobs} idle cores the workers would take about "
+        f"{(cpu_in + cpu_setup) / args.jobs / 60:.1f} min.", "",
         f"**Goal** (0 crashed, 0 hung over {args.stall:g} s, 0 partial, 0 marker; peak anonymous memory under "
         f"{RSS_GOAL_MB} MB in every class): **{verdict}**.", "",
     ]
-    lines += _method(args) + _outcome_table(by_class) + _memory_table(by_class)
+    lines += _method(args, by_class) + _outcome_table(by_class) + _memory_table(by_class, args)
     lines += _problems(by_class, args) + _hostile_table(hostile)
     return "\n".join(lines)
 
 
-def _method(args) -> list[str]:
+def _method(args, by_class: dict) -> list[str]:
+    per_input = {c: d["cpu_inputs_s"] / max(sum(d["tally"].values()), 1) for c, d in by_class.items()}
+    dear = max(per_input, key=per_input.get)
     return [
         "## What runs", "",
         "The first six classes are real files (written by torch.save or by surgery) with one to five mutations "
@@ -1052,8 +1054,8 @@ def _method(args) -> list[str]:
         "inputs go through `surgery.open`, `surgery.inspect`, `state_dict()` and some through `remap`; "
         "`destination` runs `surgery.remap`/`surgery.adapt` against a folder of pre-existing files and compares "
         "every one of them before and after; `manifest` runs `surgery.load_adapted` without `trust_code`.", "",
-        "Every class gets the same number of inputs: the dearest, `manifest` and `destination` (adapt, "
-        "load_adapted), cost a few times a parser input (the CPU column below), too little to weigh them down. "
+        f"Every class gets the same number of inputs: the dearest, `{dear}`, costs {1000 * per_input[dear]:.1f} ms "
+        f"of CPU per input (the CPU column below), too little to give any class fewer. "
         f"Each worker process takes a chunk of up to {args.chunk:,} inputs of one class; before its first input it "
         "imports torch and surgery, writes "
         "its scratch files and takes the class's valid path once (a remap; an adapt, whose meta-device probe imports "
@@ -1082,17 +1084,19 @@ def _outcome_table(by_class: dict) -> list[str]:
     return lines + [""]
 
 
-def _memory_table(by_class: dict) -> list[str]:
+def _memory_table(by_class: dict, args) -> list[str]:
     exact = all(d["exact"] for d in by_class.values())
+    light = min((d["mem_kb"] for d in by_class.values()), key=lambda m: m["base_rss"])
     samples = sum(d["mem_kb"]["samples"] for d in by_class.values())
     every = 1000 * sum(d["wall_s"] for d in by_class.values()) / max(samples, 1)
     lines = [
         "## Memory", "",
-        "`import torch` alone makes a process resident at about 500 MB on a CUDA build of torch, before any "
-        "input: its anonymous memory (heap, about 290 MB) plus the pages of its shared libraries mapped from "
-        "disk (RssFile, about 230 MB; shared between processes and dropped by the kernel under pressure). A "
-        f"worker's peak RSS (VmHWM) therefore starts near the {RSS_GOAL_MB} MB goal with no input read, and says "
-        "nothing about what inputs cost. The goal is held against anonymous memory, which is what parsing an "
+        f"A worker that has imported {args.torch} and surgery, and read nothing, is resident at "
+        f"{_mb(light['base_rss'])} MB (the lightest class here): {_mb(light['base_anon'])} MB of anonymous memory "
+        f"(its heap) and {_mb(light['base_file'])} MB of shared-library pages mapped from disk (RssFile: shared "
+        "between processes and dropped by the kernel under pressure). A worker's peak RSS (VmHWM) therefore "
+        f"starts near or above the {RSS_GOAL_MB} MB goal with no input read, and says nothing about what inputs "
+        "cost. The goal is held against anonymous memory, which is what parsing an "
         f"input allocates: a class meets it when its peak RssAnon stays under {RSS_GOAL_MB} MB, both as sampled "
         "and as bounded (RssAnon before inputs plus the largest one-input rise of RSS).", "",
         "How each figure is taken (all from /proc/PID/status, in MB, the largest over the class's workers): "
@@ -1135,6 +1139,14 @@ def _hostile_table(hostile: list[tuple[str, str]]) -> list[str]:
              "Each must be refused with nothing executed (the marker file it would create must not exist) "
              "and without allocating what its length fields claim.", "", "| payload | outcome |", "|---|---|"]
     return lines + [f"| {n} | {o} |" for n, o in hostile]
+
+
+def torch_build() -> str:
+    """'torch 2.x (CUDA 12.y build)' or 'torch 2.x (CPU build)': what a worker imports."""
+    import torch
+
+    cuda = torch.version.cuda
+    return f"torch {torch.__version__} ({f'CUDA {cuda}' if cuda else 'CPU'} build)"
 
 
 def scratch_root(requested: Path | None) -> tuple[Path, str]:
@@ -1193,6 +1205,7 @@ def main() -> None:
         worker(parser, int(seed), int(start), int(count), Path(workdir))
         return
     root, args.fs = scratch_root(args.workdir)
+    args.torch = torch_build()
     t0 = time.monotonic()
     try:
         (root / "seeds").mkdir(exist_ok=True)

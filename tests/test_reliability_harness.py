@@ -57,7 +57,7 @@ def test_a_real_chunk_runs_and_renders(tmp_path):
     assert r["cpu_inputs_s"] > 0 and r["cpu_setup_s"] > r["cpu_inputs_s"]
 
     class Args:
-        inputs, seed, jobs, stall, chunk, fs, classes = 3, 0, 1, 10.0, 2500, "tmpfs", ["rules"]
+        inputs, seed, jobs, stall, chunk, fs, classes, torch = 3, 0, 1, 10.0, 2500, "tmpfs", ["rules"], "torch 2"
 
     doc = render([r], Args, 60.0, 1.0, [("GLOBAL os.system", "refused")])
     assert "--inputs 3 --seed 0 --jobs 1 --stall 10 --classes rules" in doc
