@@ -24,11 +24,16 @@ def _wraps(p: str, keys: list[str]) -> bool:
     """``p`` wraps these keys: every key carries it, or all but a few top-level names the wrapper
     keeps beside the wrapped model (``n_averaged`` of torch's AveragedModel, a step counter): at
     most one key in ten, none dotted, none clashing with a stripped name."""
-    has = [k for k in keys if k.startswith(p) and len(k) > len(p)]
-    rest = [k for k in keys if not (k.startswith(p) and len(k) > len(p))]
-    if not has or len(rest) * 10 > len(keys) or any("." in k for k in rest):
+    rest: list[str] = []
+    allowed = len(keys) // 10
+    for k in keys:  # clean keys (the common case) give up after a tenth of them
+        if not (k.startswith(p) and len(k) > len(p)):
+            rest.append(k)
+            if len(rest) > allowed:
+                return False
+    if len(rest) == len(keys) or any("." in k for k in rest):
         return False
-    return not rest or not set(rest) & {k[len(p):] for k in has}
+    return not rest or not set(rest) & {k[len(p):] for k in keys if k.startswith(p) and len(k) > len(p)}
 
 
 def peel(key: str, prefix: str) -> str:
@@ -275,8 +280,9 @@ def _subtree_stats(order: list[_Node]) -> dict[int, tuple[int, int, frozenset]]:
     one_dtype: dict[str, frozenset] = {}
     for node in order:
         params, count, dts = 0, 0, frozenset()
-        infos = [node.info] if node.info is not None else []
-        for info in infos + [i for _, i in node.tails or ()]:
+        for info in (node.info,) if node.tails is None else ((node.info,) + tuple(i for _, i in node.tails)):
+            if info is None:
+                continue
             params += info.numel
             count += 1
             d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
