@@ -413,6 +413,7 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
     ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group."""
     py = sys.executable
     rows: list[Row] = []
+    cpus: dict[str, list[tuple[int, float]]] = {}
     for n in SMALL_COUNTS:
         path = workdir / f"small_{n}x{SMALL_SHAPE}.pt"
         if not path.exists():
@@ -432,7 +433,20 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
         if base.cpu and insp.cpu and opened.cpu:
             print(f"  cpu time ratios at {n}: inspect {insp.cpu / base.cpu:.3f}x, surgery.open {opened.cpu / base.cpu:.3f}x "
                   f"of torch.load")
+            for m in (base, insp, opened):
+                cpus.setdefault(m.name.split(f" {n} ")[0], []).append((n, m.cpu))
+    print_growth(cpus)
     return rows
+
+
+def print_growth(cpus: dict[str, list[tuple[int, float]]]) -> None:
+    """CPU time each further tensor costs between consecutive sizes: about equal steps mean
+    linear growth (the fixed start-up cost cancels out)."""
+    for name, points in cpus.items():
+        steps = [f"{(c2 - c1) / (n2 - n1) * 1e6:.1f} us/tensor from {n1} to {n2}"
+                 for (n1, c1), (n2, c2) in zip(points, points[1:])]
+        if steps:
+            print(f"  growth of {name}: {', '.join(steps)}")
 
 
 def main(argv: list[str] | None = None) -> int:
