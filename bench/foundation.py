@@ -211,6 +211,17 @@ def ensure_checkpoint(path: Path, fmt: str, n: int) -> tuple[Path, bool]:
     return path, False
 
 
+def compile_checkout() -> None:
+    """Byte-compile this checkout's packages, as ``pip install`` does for an installed project.
+    With PYTHONDONTWRITEBYTECODE=1 (set on some machines) no run writes its .pyc files, so every
+    timed run of ``python -m cli.main`` would compile surgery's sources again: a cost no user of
+    the installed package pays, and one torch.load (whose .pyc files ship compiled) never pays."""
+    import compileall
+
+    for pkg in ("surgery", "cli"):
+        compileall.compile_dir(str(REPO / pkg), quiet=1)
+
+
 def warm_page_cache(path: Path) -> None:
     buf = bytearray(1 << 20)  # small: see floor_rss_mb
     with open(path, "rb") as f:
@@ -413,6 +424,7 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
     ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group."""
     py = sys.executable
     rows: list[Row] = []
+    cpus: dict[str, list[tuple[int, float]]] = {}
     for n in SMALL_COUNTS:
         path = workdir / f"small_{n}x{SMALL_SHAPE}.pt"
         if not path.exists():
@@ -432,7 +444,20 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
         if base.cpu and insp.cpu and opened.cpu:
             print(f"  cpu time ratios at {n}: inspect {insp.cpu / base.cpu:.3f}x, surgery.open {opened.cpu / base.cpu:.3f}x "
                   f"of torch.load")
+            for m in (base, insp, opened):
+                cpus.setdefault(m.name.split(f" {n} ")[0], []).append((n, m.cpu))
+    print_growth(cpus)
     return rows
+
+
+def print_growth(cpus: dict[str, list[tuple[int, float]]]) -> None:
+    """CPU time each further tensor costs between consecutive sizes: about equal steps mean
+    linear growth (the fixed start-up cost cancels out)."""
+    for name, points in cpus.items():
+        steps = [f"{(c2 - c1) / (n2 - n1) * 1e6:.1f} us/tensor from {n1} to {n2}"
+                 for (n1, c1), (n2, c2) in zip(points, points[1:])]
+        if steps:
+            print(f"  growth of {name}: {', '.join(steps)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             stray.unlink(missing_ok=True)
         os.sync()  # no dirty pages from the previous run get flushed during this one
 
+    compile_checkout()
     rows: list[Row] = []
     floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if "small" in args.cases:

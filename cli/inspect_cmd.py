@@ -98,9 +98,9 @@ def render(report, show_tree: bool = True) -> None:
         items = list(c.extras.items())
         text = "; ".join(f"{k} = {v}" for k, v in items[:8]) + (f"; ... {len(items) - 8} more" if len(items) > 8 else "")
         rows.append(("other entries", text))
-    nbytes = sum(t.nbytes for t in c.unique_tensors())
     kinds = "".join(f", {n} {k.replace('_', ' ')}" for k, n in c.kinds.items())
-    rows.append(("tensors", f"{len(c.tensors)} ({human_count(c.num_params)} parameters, {human_bytes(nbytes)}{kinds})"))
+    rows.append(("tensors", f"{len(c.tensors)} ({human_count(report.num_params)} parameters, "
+                            f"{human_bytes(report.nbytes)}{kinds})"))
     rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
     devices = report.devices
     if set(devices) != {"cpu"}:
@@ -116,7 +116,7 @@ def render(report, show_tree: bool = True) -> None:
         rows.append(("clean with", report.remap_command or ""))
     else:
         rows.append(("prefixes", "none (keys are clean)"))
-    tied = c.tied_groups()
+    tied = report.tied_groups
     if tied:
         rows.append(("tied", "; ".join(" = ".join(g) for g in tied[:5]) + (f"; ... {len(tied) - 5} more" if len(tied) > 5 else "")))
     shared = report.shared_storage()

@@ -24,11 +24,16 @@ def _wraps(p: str, keys: list[str]) -> bool:
     """``p`` wraps these keys: every key carries it, or all but a few top-level names the wrapper
     keeps beside the wrapped model (``n_averaged`` of torch's AveragedModel, a step counter): at
     most one key in ten, none dotted, none clashing with a stripped name."""
-    has = [k for k in keys if k.startswith(p) and len(k) > len(p)]
-    rest = [k for k in keys if not (k.startswith(p) and len(k) > len(p))]
-    if not has or len(rest) * 10 > len(keys) or any("." in k for k in rest):
+    rest: list[str] = []
+    allowed = len(keys) // 10
+    for k in keys:  # clean keys (the common case) give up after a tenth of them
+        if not (k.startswith(p) and len(k) > len(p)):
+            rest.append(k)
+            if len(rest) > allowed:
+                return False
+    if len(rest) == len(keys) or any("." in k for k in rest):
         return False
-    return not rest or not set(rest) & {k[len(p):] for k in has}
+    return not rest or not set(rest) & {k[len(p):] for k in keys if k.startswith(p) and len(k) > len(p)}
 
 
 def peel(key: str, prefix: str) -> str:
@@ -115,23 +120,34 @@ def remap_command(keys: Iterable[str], src: str = "SRC", dst: str = "DST") -> st
 # ----------------------------------------------------------------------------- key trie
 
 class _Node:
-    __slots__ = ("children", "info")
+    __slots__ = ("children", "info", "tails")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
         self.info: Any = None  # the TensorInfo (or True for bare keys) when a key ends here
+        self.tails: list[tuple[tuple[str, ...], Any]] | None = None  # keys below a depth-bounded trie's floor
 
 
-def _trie(items: Iterable[tuple[str, Any]]) -> _Node:
+def _trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> _Node:
+    """The keys as a tree of their dotted parts. With ``depth``, no node lies deeper: a node at
+    that depth keeps the rest of each longer key, with its info, in ``tails`` (a model of 50,000
+    tensors then needs one node per module shown, not one per name part)."""
     root = _Node()
+    floor = None if depth is None else max(depth, 0)
     for key, info in items:
+        parts = key.split(".")
         node = root
-        for part in key.split("."):
+        for part in parts[:floor]:
             nxt = node.children.get(part)
             if nxt is None:
                 nxt = node.children[part] = _Node()
             node = nxt
-        node.info = info
+        if floor is None or len(parts) <= floor:
+            node.info = info
+        elif node.tails is None:
+            node.tails = [(tuple(parts[floor:]), info)]
+        else:
+            node.tails.append((tuple(parts[floor:]), info))
     return root
 
 
@@ -148,12 +164,14 @@ def _bottom_up(root: _Node) -> list[_Node]:
 
 
 def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable], order: list[_Node] | None = None) -> dict[int, int]:
-    """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures."""
+    """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures
+    (a node's ``tails`` are its subtree spelled out)."""
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
     for node in order or _bottom_up(root):
         kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
-        key = (None if node.info is None else leaf_sig(node.info), kids)
+        tails = tuple(sorted((t, leaf_sig(i)) for t, i in node.tails)) if node.tails else ()
+        key = (None if node.info is None else leaf_sig(node.info), kids, tails)
         out[id(node)] = interned.setdefault(key, len(interned))
     return out
 
@@ -167,6 +185,8 @@ def _index_name(name: str) -> tuple[str, int] | None:
     Only bare numbers (nn.Sequential / ModuleList) and names numbered after a '_' or '-' count:
     ``conv1``/``conv2`` are distinct modules that merely look alike.
     """
+    if name.isdecimal():  # the common case, nn.Sequential's children: no regular expression
+        return "", int(name)
     m = _INDEXED.match(name)
     return (m.group(1) or "", int(m.group(2))) if m else None
 
@@ -254,6 +274,28 @@ class TreeRow:
                 "shape": None if self.shape is None else list(self.shape), "repeat": self.repeat}
 
 
+def _subtree_stats(order: list[_Node]) -> dict[int, tuple[int, int, frozenset]]:
+    """id(node) -> (elements, tensors, dtypes) of its whole subtree; ``order``: children first."""
+    stats: dict[int, tuple[int, int, frozenset]] = {}
+    one_dtype: dict[str, frozenset] = {}
+    for node in order:
+        params, count, dts = 0, 0, frozenset()
+        for info in (node.info,) if node.tails is None else ((node.info,) + tuple(i for _, i in node.tails)):
+            if info is None:
+                continue
+            params += info.numel
+            count += 1
+            d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
+            dts = d if dts <= d else dts if d <= dts else dts | d
+        for child in node.children.values():
+            p, c, d = stats[id(child)]
+            params += p
+            count += c
+            dts = d if dts <= d else dts if d <= dts else dts | d
+        stats[id(node)] = (params, count, dts)
+    return stats
+
+
 def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> list[TreeRow]:
     """Rows of the module tree in key order, parents before children, identical numbered
     siblings collapsed.
@@ -264,22 +306,10 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     ``layer2.{1,2,3}``... Long runs read ``{0..11}``. ``depth`` keeps rows with at most that many
     components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by ``row.depth - 1``.
     """
-    root = _trie(infos.items())
+    root = _trie(infos.items(), depth)
     order = _bottom_up(root)
     sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype), order)
-    stats: dict[int, tuple[int, int, frozenset]] = {}
-    one_dtype: dict[str, frozenset] = {}
-    for node in order:
-        params, count, dts = 0, 0, frozenset()
-        if node.info is not None:
-            params, count = node.info.numel, 1
-            dts = one_dtype.setdefault(node.info.dtype, frozenset((node.info.dtype,)))
-        for child in node.children.values():
-            p, c, d = stats[id(child)]
-            params += p
-            count += c
-            dts = d if d <= dts else dts | d
-        stats[id(node)] = (params, count, dts)
+    stats = _subtree_stats(order)
     rows: list[TreeRow] = []
     todo = [(label, members, "", 1, 1) for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
     while todo:  # depth first, parents before children, in key order

@@ -5,12 +5,13 @@ No torch here except in `diff(..., values=True)`, which must read tensor values.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, TensorInfo, gc_paused
 from .errors import RuleError
 
 SCHEMA = "surgery.inspect/1"
@@ -28,10 +29,30 @@ class InspectReport:
     keys: list[str] | None = None  # the tensors to list (--keys / --filter), in checkpoint order
     depth: int | None = None
 
+    @functools.cached_property
+    def views(self) -> dict[tuple, list[str]]:
+        """Names by the view of bytes they are (`TensorInfo.view_key`), in checkpoint order:
+        computed once for the unique tensors, the tied groups and the totals."""
+        groups: dict[tuple, list[str]] = {}
+        for name, t in self.ckpt.tensors.items():
+            groups.setdefault(t.view_key, []).append(name)
+        return groups
+
     @property
+    def unique_tensors(self) -> list[TensorInfo]:
+        """As `Checkpoint.unique_tensors`."""
+        tensors = self.ckpt.tensors
+        return [tensors[g[0]] for g in self.views.values()]
+
+    @property
+    def tied_groups(self) -> list[list[str]]:
+        """As `Checkpoint.tied_groups`."""
+        return [g for g in self.views.values() if len(g) > 1]
+
+    @functools.cached_property
     def dtype_summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for t in self.ckpt.unique_tensors():
+        for t in self.unique_tensors:
             d = out.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0})
             d["tensors"] += 1
             d["params"] += t.numel
@@ -39,6 +60,14 @@ class InspectReport:
         return out
 
     @property
+    def num_params(self) -> int:
+        return sum(d["params"] for d in self.dtype_summary.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d["bytes"] for d in self.dtype_summary.values())
+
+    @functools.cached_property
     def devices(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.ckpt.tensors.values():
@@ -52,8 +81,11 @@ class InspectReport:
             if not t.has_storage:  # sparse, nested, meta: their parts are theirs alone
                 continue
             by_storage.setdefault((t.file, t.data_offset), []).append(name)
-        tied = {frozenset(g) for g in self.ckpt.tied_groups()}
-        return [g for g in by_storage.values() if len(g) > 1 and frozenset(g) not in tied]
+        shared = [g for g in by_storage.values() if len(g) > 1]
+        if not shared:
+            return []
+        tied = {frozenset(g) for g in self.tied_groups}
+        return [g for g in shared if frozenset(g) not in tied]
 
     def to_json(self) -> dict:
         c = self.ckpt
@@ -70,15 +102,15 @@ class InspectReport:
             "extras": c.extras,
             "metadata": c.metadata,
             "tensor_count": len(c.tensors),
-            "param_count": c.num_params,
-            "bytes": sum(t.nbytes for t in c.unique_tensors()),
+            "param_count": self.num_params,
+            "bytes": self.nbytes,
             "dtypes": self.dtype_summary,
             "kinds": c.kinds,
             "devices": self.devices,
             "wrapper_prefixes": self.wrapper_prefixes,
             "common_prefix": self.common_prefix,
             "remap_command": self.remap_command,
-            "tied": c.tied_groups(),
+            "tied": self.tied_groups,
             "shared_storage": self.shared_storage(),
             "tree": [r.to_json() for r in self.tree],
             "architecture": [g.to_json() for g in self.guesses],
@@ -96,7 +128,6 @@ def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals
     >>> r = inspect("dp.pth"); r.wrapper_prefixes, r.guesses[0].arch  # doctest: +SKIP
     (['module.'], 'resnet18')
     """
-    from . import analysis, archsig
     from .formats import open_checkpoint
 
     rx = None
@@ -105,9 +136,18 @@ def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals
             rx = re.compile(filter)
         except re.error as e:
             raise RuleError(f"--filter {filter!r} is not a valid regular expression: {e}") from None
-    ckpt = open_checkpoint(path, select=select, allow_globals=allow_globals)
+    with gc_paused():
+        ckpt = open_checkpoint(path, select=select, allow_globals=allow_globals)
+        return _report(ckpt, str(path), keys or rx is not None, rx, depth, top)
+
+
+def _report(ckpt: Checkpoint, path: str, listing: bool, rx: re.Pattern | None, depth: int | None,
+            top: int) -> InspectReport:
+    """The analyses of an opened checkpoint, each done once."""
+    from . import analysis, archsig
+
     names = list(ckpt.tensors)
-    listed = [n for n in names if rx is None or rx.search(n)] if (keys or rx is not None) else None
+    listed = [n for n in names if rx is None or rx.search(n)] if listing else None
     wrappers = analysis.detect_wrapper_prefixes(names)
     guesses = archsig.guess_architecture(ckpt.tensors, top=top)
     common = _strippable_prefix(analysis.common_prefix(names), wrappers, guesses)

@@ -120,7 +120,14 @@ class Scan:
             return
         import multiprocessing
 
-        # fork: the workers share the already imported reader and import nothing from the disk
+        from . import archsig
+
+        # fork: the workers share the already imported reader and the architecture table (read
+        # here once, not once per worker), and import nothing from the disk
+        try:
+            archsig.list_archs()
+        except SurgeryError:  # no table: each row says so
+            pass
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         self._pool = ctx.Pool(min(workers, len(paths)))
         self._rows = self._pool.imap(_work, jobs, chunksize=8)

@@ -411,3 +411,10 @@ def test_inspect_and_guess_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
+
+
+def test_module_tree_keeps_every_dtype_of_a_subtree():
+    # a child whose dtypes are a subset of those already counted must not replace them
+    infos = {**infos_of({"m.a.x": (2,), "m.b.z": (2,)}, "F16"), **infos_of({"m.a.y": (2,)})}
+    for depth in (None, 1, 2):
+        assert module_tree(infos, depth=depth)[0].dtypes == ("F16", "F32")

@@ -39,7 +39,7 @@ class Truncated(Exception):
 
 
 # Opcode categories: what the scanner does with each byte value. Anything not listed is refused.
-_PUT, _GET, _LEAF, _MARK, _SIZED, _BUILD, _MARKED, _LINE, _SKIP, _STOP, _MEMOIZE, _DUP, _WRAP1, _WRAP2 = range(1, 15)
+_PUT, _GET, _LEAF, _MARK, _SIZED, _BUILD, _MARKED, _LINE, _SKIP, _STOP, _MEMOIZE, _DUP, _WRAP1, _WRAP2, _PUT1, _TUPLE = range(1, 17)
 _CAT = [0] * 256
 _ARG = [0] * 256     # fixed argument bytes (_PUT/_GET/_LEAF/_SKIP); length-field bytes (_SIZED)
 _POPS = [0] * 256    # _BUILD: objects popped
@@ -73,6 +73,8 @@ for _ch in b"\x85Q":  # the commonest new objects, counted inline: TUPLE1, BINPE
     _CAT[_ch] = _WRAP1
 for _ch in b"\x86R\x81\x93":  # ... TUPLE2, REDUCE, NEWOBJ, STACK_GLOBAL
     _CAT[_ch] = _WRAP2
+_CAT[b"q"[0]] = _PUT1  # BINPUT: a one-byte index, never far past the slots filled
+_CAT[b"t"[0]] = _TUPLE  # the commonest marked object, counted inline
 _CAT[0x80], _ARG[0x80] = _SKIP, 1   # PROTO
 _CAT[0x95], _ARG[0x95] = _SKIP, 8   # FRAME: its opcodes follow inline
 _INT_OPS = frozenset(b"\x8a\x8b")
@@ -99,6 +101,8 @@ def _refuse(source: str, what: str) -> FormatError:
 
 
 def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 - one loop is the point
+    # Branches are ordered by how often torch.save's pickles use them (BINPUT/LONG_BINPUT, BINGET,
+    # BININT1, TUPLE1, REDUCE, ...); a PUT after a new object is taken in the same step.
     end = len(data)
     cat_of, arg_of, pops_of, mode_of, u32 = _CAT, _ARG, _POPS, _MODE, _U32.unpack_from
     stack: list[Any] = []
@@ -107,30 +111,34 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
     memo: dict[int, Any] = {}
     leaf = _LEAF_NODE
     work_left = WORK_FACTOR * limit
+    PUT1, PUT, GET, LEAF, WRAP1, WRAP2, TUPLE, MARK, SIZED = _PUT1, _PUT, _GET, _LEAF, _WRAP1, _WRAP2, _TUPLE, _MARK, _SIZED
     try:
         while True:
             op = data[pos]
             cat = cat_of[op]
-            if cat == _PUT:
-                idx = data[pos + 1] if op == 113 else u32(data, pos + 1)[0]
-                pos += arg_of[op] + 1
+            if cat == PUT1:
+                memo[data[pos + 1]] = stack[-1]
+                pos += 2
+            elif cat == PUT:
+                idx = u32(data, pos + 1)[0]
+                pos += 5
                 if idx > len(memo) + MEMO_SLACK:
                     raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
                 memo[idx] = stack[-1]
-            elif cat == _LEAF:
-                pos += arg_of[op] + 1
-                push([1, 0] if op in _FRESH else leaf)
-            elif cat == _GET:
+            elif cat == GET:
                 push(memo[data[pos + 1] if op == 104 else u32(data, pos + 1)[0]])
                 pos += arg_of[op] + 1
-            elif cat == _WRAP1:
+            elif cat == LEAF:
+                pos += arg_of[op] + 1
+                push([1, 0] if op in _FRESH else leaf)
+            elif cat == WRAP1:
                 pos += 1
                 a = stack[-1]
                 stack[-1] = [a[0] + 1, a[1] + 1]
                 work_left -= a[0] + 1
                 if a[1] >= MAX_DEPTH or a[0] >= limit or work_left < 0:
                     raise _too_big(a[1] + 1, source)
-            elif cat == _WRAP2:
+            elif cat == WRAP2:
                 pos += 1
                 b = stack.pop()
                 a = stack[-1]
@@ -139,7 +147,13 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
                 work_left -= size
                 if depth > MAX_DEPTH or size > limit or work_left < 0:
                     raise _too_big(depth, source)
-            elif cat == _MARKED and mode_of[op] == _NEW:  # TUPLE, LIST, DICT, FROZENSET, OBJ
+                if data[pos] == 114:  # the LONG_BINPUT that stores the new object, taken in this step
+                    idx = u32(data, pos + 1)[0]
+                    if idx > len(memo) + MEMO_SLACK:
+                        raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
+                    memo[idx] = stack[-1]
+                    pos += 5
+            elif cat == TUPLE or (cat == _MARKED and mode_of[op] == _NEW):  # TUPLE, LIST, DICT, FROZENSET, OBJ
                 pos += 1
                 k = marks.pop()
                 size, depth = 1, 0
@@ -152,18 +166,16 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
                 work_left -= size
                 if depth >= MAX_DEPTH or size > limit or work_left < 0:
                     raise _too_big(depth + 1, source)
-            elif cat == _BUILD:
-                pos += 1
-                k = pops_of[op]
-                if len(stack) < k:
-                    raise _refuse(source, "pops an empty stack")
-                kids = stack[-k:]
-                del stack[-k:]
-                work_left = _attach(stack, kids, mode_of[op], limit, work_left, source)
-            elif cat == _MARK:
+                if data[pos] == 114:  # the LONG_BINPUT that stores the new object, taken in this step
+                    idx = u32(data, pos + 1)[0]
+                    if idx > len(memo) + MEMO_SLACK:
+                        raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
+                    memo[idx] = stack[-1]
+                    pos += 5
+            elif cat == MARK:
                 pos += 1
                 marks.append(len(stack))
-            elif cat == _SIZED:
+            elif cat == SIZED:
                 w = arg_of[op]
                 if w == 4:
                     n = u32(data, pos + 1)[0]
@@ -177,32 +189,52 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
                 if pos > end:
                     raise Truncated()
                 push((1 + n, 0))
-            elif cat == _MARKED:
-                k = marks.pop()
-                kids = stack[k:]
-                del stack[k:]
-                pos += 1
-                work_left = _attach(stack, kids, mode_of[op], limit, work_left, source)
-            elif cat == _MEMOIZE:
-                pos += 1
-                memo[len(memo)] = stack[-1]
-            elif cat == _DUP:
-                pos += 1
-                push(stack[-1])
-            elif cat == _SKIP:
-                pos += arg_of[op] + 1
-            elif cat == _LINE:
-                pos, work_left = _line_op(data, pos, op, stack, marks, memo, limit, work_left, source)
-            elif cat == _STOP:
-                if len(stack) != 1 or marks:
-                    raise _refuse(source, "stops with a malformed stack")
-                return pos + 1
+                if data[pos] == 114:  # the LONG_BINPUT that stores the new object, taken in this step
+                    idx = u32(data, pos + 1)[0]
+                    if idx > len(memo) + MEMO_SLACK:
+                        raise _refuse(source, f"stores into memo slot {idx} after filling {len(memo)}")
+                    memo[idx] = stack[-1]
+                    pos += 5
             else:
-                raise _refuse(source, f"uses opcode 0x{op:02x} at offset {pos}")
+                pos, work_left = _rare(data, pos, op, cat, stack, marks, memo, limit, work_left, source)
+                if cat == _STOP:
+                    return pos
     except (IndexError, struct.error):
         if pos >= end - 8:  # an argument or the next opcode lies past the bytes given
             raise Truncated() from None
         raise _refuse(source, "pops an empty stack or mark") from None
+
+
+def _rare(data: bytes, pos: int, op: int, cat: int, stack: list, marks: list, memo: dict, limit: int, work_left: int,
+          source: str) -> tuple[int, int]:
+    """The opcodes a torch checkpoint uses a few times at most (or that refuse the pickle)."""
+    if cat == _BUILD:
+        k = _POPS[op]
+        if len(stack) < k:
+            raise _refuse(source, "pops an empty stack")
+        kids = stack[-k:]
+        del stack[-k:]
+        return pos + 1, _attach(stack, kids, _MODE[op], limit, work_left, source)
+    if cat == _MARKED:
+        k = marks.pop()
+        kids = stack[k:]
+        del stack[k:]
+        return pos + 1, _attach(stack, kids, _MODE[op], limit, work_left, source)
+    if cat == _MEMOIZE:
+        memo[len(memo)] = stack[-1]
+        return pos + 1, work_left
+    if cat == _DUP:
+        stack.append(stack[-1])
+        return pos + 1, work_left
+    if cat == _SKIP:
+        return pos + _ARG[op] + 1, work_left
+    if cat == _LINE:
+        return _line_op(data, pos, op, stack, marks, memo, limit, work_left, source)
+    if cat == _STOP:
+        if len(stack) != 1 or marks:
+            raise _refuse(source, "stops with a malformed stack")
+        return pos + 1, work_left
+    raise _refuse(source, f"uses opcode 0x{op:02x} at offset {pos}")
 
 
 def _attach(stack: list, kids: list, mode: int, limit: int, work_left: int, source: str) -> int:

@@ -18,7 +18,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import DTYPES, PACKED_DTYPES, QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride, itemsize
+from ..checkpoint import DTYPES, PACKED_DTYPES, QUANTIZED_DTYPES, canonical_from_torch, contiguous_stride, gc_paused, itemsize
 from ..errors import FormatError, UnsafeCheckpointError
 from .pickle_scan import Truncated, scan
 
@@ -189,12 +189,12 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
     else:
         raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
     try:
-        shape = tuple(int(s) for s in size)
-        strides = tuple(int(s) for s in stride)
+        shape = tuple(map(int, size))
+        strides = tuple(map(int, stride))
         offset = int(storage_offset)
     except (TypeError, ValueError):
         raise FormatError("tensor record has a malformed size or stride") from None
-    if len(shape) != len(strides) or any(s < 0 for s in shape) or any(s < 0 for s in strides) or offset < 0:
+    if len(shape) != len(strides) or min(shape, default=0) < 0 or min(strides, default=0) < 0 or offset < 0:
         raise FormatError(f"tensor record has an invalid shape {shape} / stride {strides} / offset {offset}")
     return TensorRef(storage, offset, shape, strides, dt, bool(requires_grad))
 
@@ -683,13 +683,24 @@ def _storage_problem(s: StorageRef) -> str | None:
     return None
 
 
+def _int64s(values: tuple) -> bool:
+    for x in values:
+        if type(x) is not int or not 0 <= x <= MAX_INT64:
+            return False
+    return True
+
+
+_FIELDS = ("shape", "stride", "storage_offset", "dtype", "kind", "parts")
+
+
 def _shape_problem(t: TensorRef) -> str | None:
-    if not all(hasattr(t, a) for a in ("shape", "stride", "storage_offset", "dtype", "kind", "parts")):
+    # a TensorRef itself always has its fields (BUILD cannot reach it); a legacy one is filled by BUILD
+    if type(t) is not TensorRef and not all(hasattr(t, a) for a in _FIELDS):
         return "tensor record is incomplete (a legacy tensor never given its state)"
     shape, stride = t.shape, t.stride
     if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_RANK):
         return "tensor record's size and stride are not two tuples of one rank (at most 64)"
-    if not (all(map(_int64, shape)) and all(map(_int64, stride)) and _int64(t.storage_offset)):
+    if not (_int64s(shape) and _int64s(stride) and _int64(t.storage_offset)):
         return "tensor record has a size, stride or offset outside 0..2**63-1"
     if t.dtype not in DTYPES:
         return f"tensor has unknown dtype {str(t.dtype)[:30]!r}"
@@ -803,6 +814,11 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
         _scan_stream(f, source)
         f.seek(start)
     up = _Guarded(f, set(accept), extra, pid_handler)
+    with gc_paused():
+        return _load(up, source)
+
+
+def _load(up: "_Guarded", source: str) -> Unpickled:
     try:
         obj = up.load()
     except (FormatError, UnsafeCheckpointError) as e:
