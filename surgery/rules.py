@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .analysis import detect_wrapper_prefixes, peel
+from .keys import detect_wrapper_prefixes, peel
 from .checkpoint import DTYPE_ALIASES, FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, torch_dtype
 from .errors import RuleError, SelectError
 

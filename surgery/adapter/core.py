@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..analysis import collapse_keys
+from ..keys import collapse_keys
 from ..errors import OutputError
 from ..preprocess import resize_for
 from . import arch as arch_mod
