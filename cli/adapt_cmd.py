@@ -60,7 +60,7 @@ def adapt(
     Example: surgery adapt ddp.pth --arch resnet18 --num-classes 4 --freeze head-only --out adapted/
     """
     from surgery.adapter.errors import AdaptError
-    from surgery.rules import Rules
+    from surgery.remapping import Rules
 
     if not arch:
         raise AdaptError("--arch is required (a torchvision name such as resnet18, timm:NAME, or file.py:fn)")

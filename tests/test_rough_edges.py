@@ -11,7 +11,7 @@ from fixtures.generate import tiny_model
 from surgery.adapter.core import adapt
 from surgery.adapter.errors import AdaptError
 from surgery.errors import RuleError
-from surgery.rules import Rules, plan_names
+from surgery.remapping import Rules, plan_names
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ class _Source:
 
 def _open_source(ckpt: Any, weights: str | None, spec: arch_mod.ArchSpec, rules: Any, select: str | None,
                  allow_globals: Iterable[str]) -> _Source:
-    from ..rules import Rules, plan_names
+    from ..remapping import Rules, plan_names
 
     rules = Rules.coerce(rules)
     if select is not None:
