@@ -10,7 +10,6 @@ import typer
 from typer.core import TyperCommand
 
 from surgery.remapping.ops import OP_KINDS, Op, OpKind
-from surgery.remapping.rules import Rules
 
 from .common import console, handles_errors, human_bytes, print_json
 
@@ -96,7 +95,7 @@ def remap(
 
     Example: surgery remap dp.pth clean.safetensors --auto --drop 'num_batches_tracked$' --verify
     """
-    from surgery.remapping.run import remap as run_remap  # the writers load only when a remap runs
+    from surgery.remapping import Rules, remap as run_remap  # the rest of remap loads only when it runs
 
     rules = Rules.from_file(rules_file) if rules_file else Rules()
     rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), op_values))
