@@ -117,7 +117,7 @@ def build_seeds(folder: Path) -> dict[str, list[bytes]]:
         return {k: [bytes.fromhex(x) for x in v] for k, v in raw.items()}
     import torch
 
-    from surgery.rules import remap
+    from surgery.remapping import remap
 
     g = torch.Generator().manual_seed(0)
     sd = {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "bn.weight": torch.ones(4),
@@ -375,7 +375,7 @@ def check(parser: str, data: bytes, env: Env, which: int = 0, deep: bool = True,
     'refused' (a SurgeryError), 'crashed' (anything else) or 'partial' (remap left a bad DST)."""
     import surgery
     from surgery.errors import SurgeryError
-    from surgery.rules import Rules, plan_names
+    from surgery.remapping import Rules, plan_names
 
     path = materialize_file(parser, data, env, which)
     try:

@@ -60,7 +60,7 @@ def adapt(
     Example: surgery adapt ddp.pth --arch resnet18 --num-classes 4 --freeze head-only --out adapted/
     """
     from surgery.adapter.errors import AdaptError
-    from surgery.rules import Rules
+    from surgery.remapping import Rules
 
     if not arch:
         raise AdaptError("--arch is required (a torchvision name such as resnet18, timm:NAME, or file.py:fn)")
@@ -117,7 +117,7 @@ def _render_load(out, report) -> None:
     for title, keys in (("missing (newly initialised)", rep.missing), ("unexpected (unused)", rep.unexpected),
                         ("new head", rep.head_new), ("old head, dropped", rep.head_dropped)):
         if keys:
-            from surgery.analysis import collapse_keys
+            from surgery.keys import collapse_keys
 
             grouped = collapse_keys(keys)
             shown = ", ".join(grouped[:8]) + (f", ... ({len(grouped) - 8} more)" if len(grouped) > 8 else "")

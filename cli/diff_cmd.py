@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .common import console, handles_errors, print_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.analysis import DiffReport
 
 
 def register(app: typer.Typer) -> None:
@@ -28,32 +31,35 @@ def diff(
     """Keys only in A, only in B, shape and dtype differences, and the largest |A - B| of common tensors.
 
     Exit code 0 when identical, 1 when they differ, 2 on bad input (like diff(1))."""
-    from surgery.report import diff as run_diff
+    from surgery.report import diff as run_diff  # the library loads only when a diff runs
 
     res = run_diff(a, b, values=values, strip_wrappers=strip, select_a=select_a, select_b=select_b,
                    allow_globals=tuple(allow_global or ()))
-    rep = res.report
     if as_json:
         print_json(res.to_json())
     else:
-        out = console()
-        if rep.prefix_a or rep.prefix_b:
-            out.print(f"names compared without prefixes: A {rep.prefix_a or '-'}  B {rep.prefix_b or '-'}")
-        out.print(f"{len(rep.common)} common tensors, {len(rep.only_a)} only in A, {len(rep.only_b)} only in B")
-        for label, names in (("only in A", rep.only_a), ("only in B", rep.only_b)):
-            for n in names[:50]:
-                out.print(f"  {label}: {n}")
-            if len(names) > 50:
-                out.print(f"  ... {len(names) - 50} more {label}")
-        for n, sa, sb in rep.shape_mismatch:
-            out.print(f"  shape: {n}  {list(sa)} vs {list(sb)}")
-        for n, da, db in rep.dtype_mismatch:
-            out.print(f"  dtype: {n}  {da} vs {db}")
-        if values:
-            differing = {k: v for k, v in rep.max_abs_diff.items() if v != 0.0}
-            worst = sorted(differing.items(), key=lambda kv: -kv[1])[:20]
-            out.print(f"{len(rep.max_abs_diff) - len(differing)} of {len(rep.max_abs_diff)} compared tensors are equal")
-            for k, v in worst:
-                out.print(f"  max |A-B| {v:.3g}  {k}")
-        out.print("identical" if rep.identical else "different")
-    raise typer.Exit(0 if rep.identical else 1)
+        _render(res.report, values)
+    raise typer.Exit(0 if res.report.identical else 1)
+
+
+def _render(rep: DiffReport, values: bool) -> None:
+    out = console()
+    if rep.prefix_a or rep.prefix_b:
+        out.print(f"names compared without prefixes: A {rep.prefix_a or '-'}  B {rep.prefix_b or '-'}")
+    out.print(f"{len(rep.common)} common tensors, {len(rep.only_a)} only in A, {len(rep.only_b)} only in B")
+    for label, names in (("only in A", rep.only_a), ("only in B", rep.only_b)):
+        for n in names[:50]:
+            out.print(f"  {label}: {n}")
+        if len(names) > 50:
+            out.print(f"  ... {len(names) - 50} more {label}")
+    for n, sa, sb in rep.shape_mismatch:
+        out.print(f"  shape: {n}  {list(sa)} vs {list(sb)}")
+    for n, da, db in rep.dtype_mismatch:
+        out.print(f"  dtype: {n}  {da} vs {db}")
+    if values:
+        differing = {k: v for k, v in rep.max_abs_diff.items() if v != 0.0}
+        worst = sorted(differing.items(), key=lambda kv: -kv[1])[:20]
+        out.print(f"{len(rep.max_abs_diff) - len(differing)} of {len(rep.max_abs_diff)} compared tensors are equal")
+        for k, v in worst:
+            out.print(f"  max |A-B| {v:.3g}  {k}")
+    out.print("identical" if rep.identical else "different")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
 
+from surgery.remapping.ops import OP_KINDS, Op, OpKind
+
 from .common import console, handles_errors, human_bytes, print_json
 
-# option flag -> op kind; the order on the command line is the order ops apply
-_OP_FLAGS = {"--auto": "auto", "--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix",
-             "--rename": "rename", "--drop": "drop", "--keep": "keep", "--dtype": "dtype",
-             "--densify": "densify", "--dequantize": "dequantize"}
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
+
+    from surgery.remapping.report import RemapReport
 
 
 class _KeepsArgOrder(TyperCommand):
@@ -24,52 +27,59 @@ class _KeepsArgOrder(TyperCommand):
         return super().parse_args(ctx, args)
 
 
-def ops_in_order(raw: list[str], values: dict[str, list]) -> list:
-    """Rebuild the op list in command-line order from the raw args and each option's values."""
-    from surgery.rules import FLAG_OPS, Op, parse_rename
-
-    seen = {k: 0 for k in _OP_FLAGS.values()}
+def ops_in_order(raw: list[str], values: dict[str, list]) -> list[Op]:
+    """Rebuild the op list in command-line order from the raw args and each option's values
+    (``values``: op kind -> the values its option collected; flags need none)."""
+    by_flag = {k.flag: k for k in OP_KINDS.values()}
+    seen = {name: 0 for name in OP_KINDS}
     ops = []
     i = 0
-    while i < len(raw):
+    while i < len(raw) and raw[i] != "--":
         tok = raw[i]
-        if tok == "--":
-            break
-        flag = tok.split("=", 1)[0]
-        kind = _OP_FLAGS.get(flag)
-        if kind is not None:
-            if kind in FLAG_OPS:
-                ops.append(Op(kind))
-            else:
-                vals = values[kind]
-                if seen[kind] < len(vals):
-                    v = vals[seen[kind]]
-                    ops.append(parse_rename(v) if kind == "rename" else Op(kind, v))
-                seen[kind] += 1
-                if "=" not in tok:
-                    i += 1  # skip the value
+        kind = by_flag.get(tok.split("=", 1)[0])
+        if kind is not None and kind.form.metavar is None:
+            ops.append(Op(kind.name))
+        elif kind is not None:
+            vals = values.get(kind.name) or []
+            if seen[kind.name] < len(vals):
+                ops.append(Op.from_cli(kind.name, vals[seen[kind.name]]))
+            seen[kind.name] += 1
+            i += "=" not in tok  # skip the value
         i += 1
     return ops
+
+
+def _option(kind: OpKind) -> inspect.Parameter:
+    """The command-line option of one op kind: a flag, or a repeatable option with a value."""
+    if kind.form.metavar is None:
+        annotation: Any = Annotated[bool, typer.Option(kind.flag, help=kind.help)]
+        return inspect.Parameter(kind.name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation)
+    annotation = Annotated[Optional[list[str]], typer.Option(kind.flag, metavar=kind.form.metavar, help=kind.help)]
+    return inspect.Parameter(kind.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _with_op_options(fn: Callable) -> Callable:
+    """Give ``fn`` (which takes them as ``**op_values``) one option per op kind, in the table's
+    order, before its own options: the command line's ops come from `OP_KINDS`."""
+    params = list(inspect.signature(fn, eval_str=True).parameters.values())
+    own = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    first_option = next(i for i, p in enumerate(own) if p.kind == inspect.Parameter.KEYWORD_ONLY)
+    ops = [_option(k) for k in OP_KINDS.values()]
+    fn.__signature__ = inspect.Signature(own[:first_option] + ops + own[first_option:])  # type: ignore[attr-defined]
+    return fn
 
 
 def register(app: typer.Typer) -> None:
     app.command("remap", cls=_KeepsArgOrder)(remap)
 
 
+@_with_op_options
 @handles_errors
 def remap(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="Checkpoint to read (never modified).", show_default=False)],
     dst: Annotated[Path, typer.Argument(help="Output: .safetensors, .pt/.pth/.bin, or a folder for sharded safetensors.", show_default=False)],
-    auto: Annotated[bool, typer.Option("--auto", help="Strip module./_orig_mod. (any order, repeatedly) where every key has them.")] = False,
-    strip_prefix: Annotated[Optional[list[str]], typer.Option("--strip-prefix", metavar="P", help="Remove prefix P from keys that start with it.")] = None,
-    add_prefix: Annotated[Optional[list[str]], typer.Option("--add-prefix", metavar="P", help="Put prefix P in front of every key.")] = None,
-    rename: Annotated[Optional[list[str]], typer.Option("--rename", metavar="'REGEX=>REPL'", help="re.sub on every key, e.g. '^fc\\.=>head.'.")] = None,
-    drop: Annotated[Optional[list[str]], typer.Option("--drop", metavar="REGEX", help="Drop keys matching REGEX (re.search).")] = None,
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="REGEX", help="Keep only keys matching REGEX.")] = None,
-    dtype: Annotated[Optional[list[str]], typer.Option("--dtype", metavar="fp16|bf16|fp32", help="Cast floating tensors.")] = None,
-    densify: Annotated[bool, typer.Option("--densify", help="Write sparse tensors (COO, CSR, ...) as dense ones.")] = False,
-    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write quantized tensors as float32 (t.dequantize()).")] = False,
+    *,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="YAML or JSON rules file; its ops run before the command-line ones.")] = None,
     select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
@@ -79,17 +89,16 @@ def remap(
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow DST to be SRC (written to a temp file, then renamed).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    **op_values: Any,
 ) -> None:
     """Rewrite a checkpoint's keys and format. Ops apply in the order given.
 
     Example: surgery remap dp.pth clean.safetensors --auto --drop 'num_batches_tracked$' --verify
     """
-    from surgery.rules import Rules, remap as run_remap
+    from surgery.remapping import Rules, remap as run_remap  # the rest of remap loads only when it runs
 
     rules = Rules.from_file(rules_file) if rules_file else Rules()
-    values = {"strip_prefix": strip_prefix or [], "add_prefix": add_prefix or [], "rename": rename or [],
-              "drop": drop or [], "keep": keep or [], "dtype": dtype or []}
-    rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), values))
+    rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), op_values))
     if select is not None:
         rules.select = select
     report = run_remap(src, dst, rules, force=force, in_place=in_place, dry_run=dry_run, verify=verify,
@@ -97,30 +106,38 @@ def remap(
     if as_json:
         print_json(report.to_json())
         return
-    out = console()
-    if dry_run or len(report.rows) <= 40:
-        from rich.table import Table
+    _render(report)
 
-        table = Table(title=f"{report.src} -> {report.dst}" + (" (dry run: nothing written)" if dry_run else ""),
-                      title_justify="left", show_edge=False)
-        table.add_column("old")
-        table.add_column("new")
-        table.add_column("dtype")
-        for r in report.rows:
-            new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else r.new)
-            if r.alias_of:
-                new += f" (tied to {r.alias_of})"
-            dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
-            if r.kind != "dense" or r.new_kind != "dense":
-                dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
-            table.add_row(r.old, new, dt)
-        out.print(table)
+
+def _render(report: RemapReport) -> None:
+    out = console()
+    if report.dry_run or len(report.rows) <= 40:
+        out.print(_table(report))
     for op, n in report.op_counts:
         out.print(f"  {op}: {n} keys" + ("  [yellow](matched nothing)[/yellow]" if n == 0 else ""))
     summary = f"{report.kept} tensors kept ({report.renamed} renamed), {report.dropped} dropped"
-    if dry_run:
+    if report.dry_run:
         out.print(f"{summary}; dry run, nothing written")
         return
     verified = ", verified bit for bit" if report.verified else ""
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     out.print(f"{summary}; wrote {report.dst_format} {report.dst} ({human_bytes(report.bytes_written)}{files}){verified}")
+
+
+def _table(report: RemapReport) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"{report.src} -> {report.dst}" + (" (dry run: nothing written)" if report.dry_run else ""),
+                  title_justify="left", show_edge=False)
+    table.add_column("old")
+    table.add_column("new")
+    table.add_column("dtype")
+    for r in report.rows:
+        new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else r.new)
+        if r.alias_of:
+            new += f" (tied to {r.alias_of})"
+        dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
+        if r.kind != "dense" or r.new_kind != "dense":
+            dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
+        table.add_row(r.old, new, dt)
+    return table

@@ -3,7 +3,7 @@
 Importing the package is cheap: torch is imported only by functions that need tensors.
 
 The API functions (``surgery.inspect``, ``surgery.remap``, ``surgery.adapt``, ...) live in modules
-whose names differ from theirs (``report``, ``rules``, ``adapter``, ``trainer``): a submodule named
+whose names differ from theirs (``report``, ``remapping``, ``adapter``, ``trainer``): a submodule named
 like a function would replace that function on this package as soon as it is imported.
 """
 
@@ -23,16 +23,16 @@ _EXPORTS = {
     "inspect": ("surgery.report", "inspect"),
     "scan": ("surgery.zoo", "scan"),
     "diff": ("surgery.report", "diff"),
-    "remap": ("surgery.rules", "remap"),
-    "Rules": ("surgery.rules", "Rules"),
-    "Op": ("surgery.rules", "Op"),
-    "strip_prefix": ("surgery.rules", "strip_prefix"),
-    "add_prefix": ("surgery.rules", "add_prefix"),
-    "rename": ("surgery.rules", "rename"),
-    "drop": ("surgery.rules", "drop"),
-    "keep": ("surgery.rules", "keep"),
-    "auto_strip": ("surgery.rules", "auto_strip"),
-    "cast": ("surgery.rules", "cast"),
+    "remap": ("surgery.remapping", "remap"),
+    "Rules": ("surgery.remapping", "Rules"),
+    "Op": ("surgery.remapping", "Op"),
+    "strip_prefix": ("surgery.remapping", "strip_prefix"),
+    "add_prefix": ("surgery.remapping", "add_prefix"),
+    "rename": ("surgery.remapping", "rename"),
+    "drop": ("surgery.remapping", "drop"),
+    "keep": ("surgery.remapping", "keep"),
+    "auto_strip": ("surgery.remapping", "auto_strip"),
+    "cast": ("surgery.remapping", "cast"),
     "adapt": ("surgery.adapter.core", "adapt"),
     "load_adapted": ("surgery.adapter.core", "load_adapted"),
     "param_groups": ("surgery.adapter.core", "param_groups"),

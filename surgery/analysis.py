@@ -1,4 +1,4 @@
-"""Pure analyses over tensor metadata: wrapper prefixes, module tree, dtype totals, diff.
+"""Pure analyses over tensor metadata: remap suggestion, module tree, dtype totals, diff.
 
 Everything here works on ``Mapping[str, TensorInfo]`` (or plain key lists) and never imports
 torch, so ``surgery inspect`` of a multi-GB checkpoint stays a header read. The one exception is
@@ -7,89 +7,20 @@ torch, so ``surgery inspect`` of a multi-GB checkpoint stays a header read. The 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from .keys import bottom_up as _bottom_up
+from .keys import KeyNode, common_prefix, detect_wrapper_prefixes, strip_wrappers
+from .keys import key_trie as _trie
+from .keys import sibling_groups as _groups
+from .keys import subtree_signatures as _signatures
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint, TensorInfo
 
-# Same set, same rule as ``surgery remap --auto``: a prefix counts only when every key has it.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-# ----------------------------------------------------------------------------- prefixes
-
-def _wraps(p: str, keys: list[str]) -> bool:
-    """``p`` wraps these keys: every key carries it, or all but a few top-level names the wrapper
-    keeps beside the wrapped model (``n_averaged`` of torch's AveragedModel, a step counter): at
-    most one key in ten, none dotted, none clashing with a stripped name."""
-    rest: list[str] = []
-    allowed = len(keys) // 10
-    for k in keys:  # clean keys (the common case) give up after a tenth of them
-        if not (k.startswith(p) and len(k) > len(p)):
-            rest.append(k)
-            if len(rest) > allowed:
-                return False
-    if len(rest) == len(keys) or any("." in k for k in rest):
-        return False
-    return not rest or not set(rest) & {k[len(p):] for k in keys if k.startswith(p) and len(k) > len(p)}
-
-
-def peel(key: str, prefix: str) -> str:
-    """``key`` without ``prefix`` when it carries it (a wrapper's own entries do not)."""
-    return key[len(prefix):] if prefix and key.startswith(prefix) and len(key) > len(prefix) else key
-
-
-def detect_wrapper_prefixes(keys: Iterable[str]) -> list[str]:
-    """Wrapper prefixes the keys carry (see ``_wraps``), in the order they are peeled.
-
-    >>> detect_wrapper_prefixes(["_orig_mod.module.fc.weight", "_orig_mod.module.fc.bias"])
-    ['_orig_mod.', 'module.']
-    >>> detect_wrapper_prefixes(["module.fc.weight", "module.fc.bias", "n_averaged"])
-    ['module.']
-    """
-    cur = list(keys)
-    peeled: list[str] = []
-    while cur:
-        for p in WRAPPER_PREFIXES:
-            if _wraps(p, cur):
-                peeled.append(p)
-                cur = [peel(k, p) for k in cur]
-                break
-        else:
-            break
-    return peeled
-
-
-def strip_wrappers(keys: Iterable[str]) -> tuple[list[str], str]:
-    """Keys without their wrapper prefixes, and the joined prefix that was removed ('' if none)."""
-    keys = list(keys)
-    prefixes = detect_wrapper_prefixes(keys)
-    for p in prefixes:
-        keys = [peel(k, p) for k in keys]
-    return keys, "".join(prefixes)
-
 
 _strip = strip_wrappers  # for diff(), whose keyword argument of that name hides it
-
-
-def common_prefix(keys: Iterable[str]) -> str | None:
-    """First dotted component shared by every key (after wrapper prefixes), with its dot.
-
-    Lightning's ``model.``, a detector's ``backbone.``. None for a single key, or when some key
-    is that component alone (it would be left without a name).
-
-    >>> common_prefix(["module.model.fc.weight", "module.model.conv.weight"])
-    'model.'
-    """
-    stripped, _ = strip_wrappers(keys)
-    if len(stripped) < 2:
-        return None
-    first = stripped[0].split(".", 1)[0] + "."
-    if first == "." or not all(k.startswith(first) and len(k) > len(first) for k in stripped):
-        return None
-    return first
 
 
 def suggest_remap(keys: Iterable[str]) -> list[str]:
@@ -115,130 +46,6 @@ def remap_command(keys: Iterable[str], src: str = "SRC", dst: str = "DST") -> st
     """
     opts = suggest_remap(keys)
     return " ".join(["surgery", "remap", src, dst, *opts]) if opts else None
-
-
-# ----------------------------------------------------------------------------- key trie
-
-class _Node:
-    __slots__ = ("children", "info", "tails")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.info: Any = None  # the TensorInfo (or True for bare keys) when a key ends here
-        self.tails: list[tuple[tuple[str, ...], Any]] | None = None  # keys below a depth-bounded trie's floor
-
-
-def _trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> _Node:
-    """The keys as a tree of their dotted parts. With ``depth``, no node lies deeper: a node at
-    that depth keeps the rest of each longer key, with its info, in ``tails`` (a model of 50,000
-    tensors then needs one node per module shown, not one per name part)."""
-    root = _Node()
-    floor = None if depth is None else max(depth, 0)
-    for key, info in items:
-        parts = key.split(".")
-        node = root
-        for part in parts[:floor]:
-            nxt = node.children.get(part)
-            if nxt is None:
-                nxt = node.children[part] = _Node()
-            node = nxt
-        if floor is None or len(parts) <= floor:
-            node.info = info
-        elif node.tails is None:
-            node.tails = [(tuple(parts[floor:]), info)]
-        else:
-            node.tails.append((tuple(parts[floor:]), info))
-    return root
-
-
-def _bottom_up(root: _Node) -> list[_Node]:
-    """Every node, children before their parent. A loop, not recursion: a key may hold
-    thousands of dots."""
-    order, stack = [], [root]
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(node.children.values())
-    order.reverse()
-    return order
-
-
-def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable], order: list[_Node] | None = None) -> dict[int, int]:
-    """id(node) -> small int, equal for subtrees with the same names, nesting and leaf signatures
-    (a node's ``tails`` are its subtree spelled out)."""
-    interned: dict[tuple, int] = {}
-    out: dict[int, int] = {}
-    for node in order or _bottom_up(root):
-        kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
-        tails = tuple(sorted((t, leaf_sig(i)) for t, i in node.tails)) if node.tails else ()
-        key = (None if node.info is None else leaf_sig(node.info), kids, tails)
-        out[id(node)] = interned.setdefault(key, len(interned))
-    return out
-
-
-_INDEXED = re.compile(r"^(.*[_\-])?(\d+)$")
-
-
-def _index_name(name: str) -> tuple[str, int] | None:
-    """'3' -> ('', 3); 'encoder_layer_11' -> ('encoder_layer_', 11); 'conv1' -> None.
-
-    Only bare numbers (nn.Sequential / ModuleList) and names numbered after a '_' or '-' count:
-    ``conv1``/``conv2`` are distinct modules that merely look alike.
-    """
-    if name.isdecimal():  # the common case, nn.Sequential's children: no regular expression
-        return "", int(name)
-    m = _INDEXED.match(name)
-    return (m.group(1) or "", int(m.group(2))) if m else None
-
-
-def _brace(names: list[str]) -> str:
-    """Label for collapsed siblings: 'stem{0..5}' for a shared numbered stem, else '{a,b}'."""
-    if len(names) == 1:
-        return names[0]
-    idx = [_index_name(n) for n in names]
-    if all(i is not None for i in idx) and len({i[0] for i in idx}) == 1:  # type: ignore[index]
-        stem = idx[0][0]  # type: ignore[index]
-        ordered = sorted(zip((i[1] for i in idx), names))  # type: ignore[index]
-        parts, run = [], [ordered[0]]
-        for item in ordered[1:]:
-            if item[0] == run[-1][0] + 1:
-                run.append(item)
-            else:
-                parts.append(run)
-                run = [item]
-        parts.append(run)
-        text = []
-        for r in parts:
-            if len(r) >= 3:
-                text.append(f"{r[0][1][len(stem):]}..{r[-1][1][len(stem):]}")
-            else:
-                text.extend(n[len(stem):] for _, n in r)
-        return f"{stem}{{{','.join(text)}}}"
-    return "{" + ",".join(names) + "}"
-
-
-def _groups(node: _Node, sigs: dict[int, int], merge_leaves: bool) -> list[tuple[str, list[_Node]]]:
-    """Children of ``node`` as (label, members). Consecutive numbered siblings with the same stem
-    and the same signature become one group; with ``merge_leaves``, all childless siblings too."""
-    groups: list[tuple[list[str], list[_Node], Any]] = []
-    for name, child in node.children.items():
-        idx = _index_name(name)
-        if groups and idx is not None:
-            names, members, gkey = groups[-1]
-            if gkey == (idx[0], sigs[id(child)]):
-                names.append(name)
-                members.append(child)
-                continue
-        groups.append(([name], [child], None if idx is None else (idx[0], sigs[id(child)])))
-    if merge_leaves:
-        leaf_at = [i for i, g in enumerate(groups) if not g[1][0].children]
-        if len(leaf_at) > 1:
-            first = leaf_at[0]
-            names = [n for i in leaf_at for n in groups[i][0]]
-            members = [m for i in leaf_at for m in groups[i][1]]
-            merged = (names, members, None)
-            groups = [merged if i == first else g for i, g in enumerate(groups) if i == first or i not in leaf_at]
-    return [(_brace(names), members) for names, members, _ in groups]
 
 
 # ----------------------------------------------------------------------------- module tree
@@ -274,7 +81,7 @@ class TreeRow:
                 "shape": None if self.shape is None else list(self.shape), "repeat": self.repeat}
 
 
-def _subtree_stats(order: list[_Node]) -> dict[int, tuple[int, int, frozenset]]:
+def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozenset]]:
     """id(node) -> (elements, tensors, dtypes) of its whole subtree; ``order``: children first."""
     stats: dict[int, tuple[int, int, frozenset]] = {}
     one_dtype: dict[str, frozenset] = {}
@@ -326,27 +133,6 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
         todo.extend((lb, ms, path + ".", level + 1, n) for lb, ms in reversed(_groups(rep, sigs, merge_leaves=False)))
     return rows
 
-
-def collapse_keys(keys: Iterable[str]) -> list[str]:
-    """Key names with numbered siblings of identical structure and leaf alternatives in braces.
-
-    >>> collapse_keys(['layer4.0.bn2.weight', 'layer4.0.bn2.bias', 'layer4.1.bn2.weight', 'layer4.1.bn2.bias'])
-    ['layer4.{0,1}.bn2.{weight,bias}']
-
-    Only names are compared (no shapes). Top-level leaves stay one per line.
-    """
-    root = _trie((k, True) for k in keys)
-    sigs = _signatures(root, lambda _: 1)
-    out: list[str] = []
-    todo = [(label, members, "") for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
-    while todo:  # depth first, in key order; a loop, since keys may hold thousands of dots
-        label, members, prefix = todo.pop()
-        rep = members[0]
-        if rep.info is not None:
-            out.append(prefix + label)
-        if rep.children:
-            todo.extend((lb, ms, prefix + label + ".") for lb, ms in reversed(_groups(rep, sigs, merge_leaves=True)))
-    return out
 
 
 # ----------------------------------------------------------------------------- dtypes

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import SurgeryError
-from .analysis import common_prefix, strip_wrappers
+from .keys import common_prefix, strip_wrappers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import TensorInfo

@@ -138,7 +138,7 @@ def test_generated_rules(doc, yaml, env):
 ])
 def test_rules_edge_cases(text, tmp_path):
     from surgery.errors import RuleError
-    from surgery.rules import Rules
+    from surgery.remapping import Rules
 
     for suffix in (".yaml", ".json"):
         p = tmp_path / f"r{suffix}"

@@ -24,10 +24,7 @@ from surgery.checkpoint import TensorInfo, canonical_from_torch, itemsize
 from surgery.errors import SurgeryError
 from surgery.analysis import (
     DiffReport,
-    collapse_keys,
-    common_prefix,
     compare_values,
-    detect_wrapper_prefixes,
     diff,
     dtype_bytes,
     dtype_counts,
@@ -35,6 +32,7 @@ from surgery.analysis import (
     remap_command,
     suggest_remap,
 )
+from surgery.keys import collapse_keys, common_prefix, detect_wrapper_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -398,7 +396,8 @@ def test_table_is_small():
 def test_inspect_and_guess_do_not_import_torch():
     code = (
         "import sys\n"
-        "from surgery.analysis import module_tree, collapse_keys, diff, suggest_remap\n"
+        "from surgery.analysis import module_tree, diff, suggest_remap\n"
+        "from surgery.keys import collapse_keys\n"
         "from surgery.archsig import guess_architecture, model_signature, classifier_key\n"
         "sig = model_signature('resnet18')\n"
         "g = guess_architecture({'module.' + k: v for k, v in sig.items()})\n"

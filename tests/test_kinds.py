@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import surgery  # noqa: E402
 from surgery.errors import FormatError, RuleError, SelectError, UnsafeCheckpointError  # noqa: E402
-from surgery.rules import Rules, apply_rules, densify, dequantize  # noqa: E402
+from surgery.remapping import Rules, apply_rules, densify, dequantize  # noqa: E402
 from tests.test_parity import Via, assert_same  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

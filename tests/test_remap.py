@@ -10,7 +10,11 @@ from safetensors.torch import load_file
 
 import surgery
 from surgery.errors import OutputError, RuleError
-from surgery.rules import Op, Rules, plan_names
+from surgery.formats import FOLDER, FORMATS
+from surgery.remapping import OP_KINDS, Op, Rules, plan_names
+
+# one output path ending per writable format, from the registry: "_dir" stands for a folder
+OUTPUTS = {f.name: "_dir" if f.suffixes[0] == FOLDER else f.suffixes[0] for f in FORMATS.values() if f.writer}
 
 
 def test_plan_applies_ops_in_order():
@@ -38,7 +42,7 @@ def test_bad_regex_and_bad_rename_form():
     with pytest.raises(RuleError, match="not a valid regular expression"):
         Op("drop", "(")
     with pytest.raises(RuleError, match="REGEX=>REPLACEMENT"):
-        from surgery.rules import parse_rename
+        from surgery.remapping import parse_rename
 
         parse_rename("no-arrow")
 
@@ -56,13 +60,13 @@ def test_pure_state_dict_functions():
 
 
 @pytest.mark.parametrize("src_name", ["dataparallel_pt", "legacy_pt", "plain_safetensors", "sharded_bin", "dcp_dir", "lightning_ckpt"])
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt", "_dir"])
-def test_every_format_round_trips_bit_for_bit(make, tmp_path, src_name, suffix):
+@pytest.mark.parametrize("fmt", sorted(OUTPUTS))
+def test_every_format_round_trips_bit_for_bit(make, tmp_path, src_name, fmt):
     src = make(src_name)
     ref = surgery.open(src).state_dict()
-    dst = tmp_path / f"out{suffix}"
+    dst = tmp_path / f"out{OUTPUTS[fmt]}"
     report = surgery.remap(src, dst, [], verify=True, shard_size="1MB")
-    assert report.verified
+    assert report.verified and report.dst_format == fmt == surgery.open(dst).format
     back = tmp_path / "back.pt"
     surgery.remap(dst, back, [], verify=True)
     again = torch.load(back, weights_only=True)
@@ -201,6 +205,18 @@ def test_outputs_get_the_usual_file_mode(make, tmp_path):
         os.umask(mask)
     assert stat.S_IMODE(f.stat().st_mode) == 0o644
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+def test_every_op_kind_reads_and_writes_its_own_forms():
+    """Each row of the op table: the rules file's JSON form and the command line's text come back
+    as the same op, and the plan reports it under that text."""
+    args = {"": "", "P": "m.", "REGEX": "^a", "'REGEX=>REPL'": "^a=>b", "fp16|bf16|fp32": "bf16"}
+    for kind in OP_KINDS.values():
+        op = Op.from_cli(kind.name, args[kind.form.metavar or ""])
+        assert Rules.from_json([op.to_json()]).ops == [op]
+        assert str(op).split(" ")[0] == kind.flag
+        counts = plan_names(["m.a", "m.b"], [op]).op_counts
+        assert counts[0][0] == op
 
 
 def test_rules_coerce_copies_and_refuses_other_types():

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from ..analysis import detect_wrapper_prefixes, strip_wrappers
+from ..keys import detect_wrapper_prefixes, strip_wrappers
 from .errors import AlignError
 
 Shape = tuple[int, ...]

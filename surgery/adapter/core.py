@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..analysis import collapse_keys
+from ..keys import collapse_keys
 from ..errors import OutputError
 from ..preprocess import resize_for
 from . import arch as arch_mod
@@ -106,7 +106,7 @@ class _Source:
 
 def _open_source(ckpt: Any, weights: str | None, spec: arch_mod.ArchSpec, rules: Any, select: str | None,
                  allow_globals: Iterable[str]) -> _Source:
-    from ..rules import Rules, plan_names
+    from ..remapping import Rules, plan_names
 
     rules = Rules.coerce(rules)
     if select is not None:

@@ -1,25 +1,28 @@
 """One registry of on-disk formats: sniffed from the bytes, never from the file name.
 
-Each `Format` has a name, a sniffer over the first bytes (or the folder's contents), an opener
-that returns a `Checkpoint` with metadata only, and whether surgery can write it. The CLI's
-choices and the tests' matrix come from `FORMATS`.
+Each `Format` has a name, an opener that returns a `Checkpoint` with metadata only (`sniff`
+tells the format from the first bytes or the folder's contents) and, where surgery writes it,
+a writer and the output suffixes that choose it (`output_format`). The CLI's choices and the
+tests' matrix come from `FORMATS`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import hub
 from ..checkpoint import Checkpoint
-from ..errors import FormatError, InputError
+from ..errors import FormatError, InputError, RuleError
+from .writing import Payload
 
 SNIFF_BYTES = 512  # a tar names its format at byte 257
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+FOLDER = "/"  # in `Format.suffixes`: an output path without a suffix, or an existing folder
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class Format:
     name: str
     description: str
     opener: Callable[..., Checkpoint]
-    writable: bool = False
+    writer: Callable[[Path, Payload], list[str]] | None = None  # (dst, payload) -> the files written
+    suffixes: tuple[str, ...] = ()  # output paths with these suffixes are written in this format
 
 
 def _open_safetensors(path, accept, select):
@@ -61,7 +65,13 @@ def _open_tar(path, accept, select):
 def _open_index(path, accept, select):
     from .sharded import open_index
 
-    return open_index(path, accept, select)
+    return open_index(path, accept, select, open_shard=_sniffed)
+
+
+def _sniffed(path: Path, accept: frozenset) -> tuple[str, Callable[[], Checkpoint]]:
+    """A shard's format, and a function that opens it."""
+    fmt, real = sniff(path)
+    return fmt, lambda: FORMATS[fmt].opener(real, accept, None)
 
 
 def _open_dcp(path, accept, select):
@@ -70,12 +80,31 @@ def _open_dcp(path, accept, select):
     return open_dcp(path, accept, select)
 
 
+def _write_safetensors(dst: Path, payload: Payload) -> list[str]:
+    from .safetensors_fmt import write
+
+    return write(dst, payload)
+
+
+def _write_sharded(dst: Path, payload: Payload) -> list[str]:
+    from .sharded import write
+
+    return write(dst, payload)
+
+
+def _write_zip(dst: Path, payload: Payload) -> list[str]:
+    from .torch_zip import write
+
+    return write(dst, payload)
+
+
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("safetensors", "safetensors file (.safetensors)", _open_safetensors, writable=True),
-        Format("safetensors-index", "sharded checkpoint: *.index.json naming safetensors or torch shards", _open_index, writable=True),
-        Format("torch-zip", "torch.save zip archive (.pt/.pth/.bin/.ckpt)", _open_zip, writable=True),
+        Format("safetensors", "safetensors file (.safetensors)", _open_safetensors, _write_safetensors, (".safetensors",)),
+        Format("safetensors-index", "sharded checkpoint: *.index.json naming safetensors or torch shards", _open_index,
+               _write_sharded, (FOLDER,)),
+        Format("torch-zip", "torch.save zip archive (.pt/.pth/.bin/.ckpt)", _open_zip, _write_zip, (".pt", ".pth", ".bin", ".ckpt")),
         Format("torchscript", "torch.jit.save archive: its weights, its code never run", _open_zip),
         Format("torch-legacy", "torch.save legacy pickle (torch < 1.6)", _open_legacy),
         Format("torch-tar", "torch.save tar archive (torch <= 0.1.10)", _open_tar),
@@ -164,17 +193,18 @@ def open_checkpoint(path: str | os.PathLike, select: str | None = None,
     return ckpt
 
 
-def read_json_index(path: Path) -> dict:
-    try:
-        # O_NONBLOCK: an index that is (or links to) a FIFO must not block the open forever
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise InputError(f"{path}: not a regular file; a shard index must be a file")
-        with open(fd, "rb") as f:
-            data = json.loads(f.read(64 * 1024 * 1024).decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, a 5000-digit number, [[[[... nested
-        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    return data
+def output_format(dst: Path) -> Format:
+    """The format a path is written in, chosen by its suffix: a `Format` whose ``suffixes`` hold
+    it, or the folder format for a path without one (or an existing folder)."""
+    suffix = dst.suffix.lower()
+    if dst.is_dir() or not suffix or str(dst).endswith(os.sep):
+        suffixes = [suffix, FOLDER]
+    else:
+        suffixes = [suffix]
+    for s in suffixes:  # a folder named like a file ("out.pt/") is that file's format
+        for f in FORMATS.values():
+            if s in f.suffixes:
+                return f
+    known = [s for f in FORMATS.values() for s in f.suffixes if s != FOLDER]
+    raise RuleError(f"{dst}: cannot tell the output format from the suffix {suffix!r}; use {', '.join(known)}, "
+                    f"or a folder name for sharded safetensors")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
+from ..io import atomic_file
+from .writing import Entry, Payload
 
 MAX_HEADER = 100 * 1024 * 1024
 ALIASES_KEY = "surgery.aliases"  # JSON {alias: name}: tied tensors stored once
@@ -116,18 +117,24 @@ def _short(value: object) -> str:
     return reprlib.repr(value)
 
 
-@dataclass
-class Entry:
-    """One tensor to write: its bytes come from a file range or from a function."""
+# ---------------------------------------------------------------------------- writing
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: tuple[str, int, int] | Callable[[], bytes]
+def write(dst: Path, payload: Payload) -> list[str]:
+    """Write ``payload`` as one safetensors file at ``dst`` (through a temp file beside it)."""
+    with atomic_file(dst) as tmp:
+        write_file(tmp, payload.entries, payload.metadata, payload.aliases)
+        for old, new in payload.finish().items():
+            patch_header(tmp, old, new)
+    return [str(dst)]
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+
+def write_file(path: Path, entries: list[Entry], metadata: dict[str, str], aliases: dict[str, str]) -> None:
+    """One safetensors file at ``path``; tied names are recorded under ``ALIASES_KEY``."""
+    if aliases:
+        metadata = {**metadata, ALIASES_KEY: json.dumps(aliases, separators=(",", ":"))}
+    with open(path, "wb") as f:
+        f.write(build_header(entries, metadata))
+        copy_ranges(f, entries)
 
 
 def build_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
@@ -143,11 +150,17 @@ def build_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write_safetensors(f, entries: list[Entry], metadata: dict[str, str]) -> None:
-    """Write to an open binary file ``f`` (positioned at 0)."""
-    f.write(build_header(entries, metadata))
-    f.flush()
-    copy_ranges(f, entries)
+def patch_header(path: Path, old: str, new: str) -> None:
+    """Replace ``old`` by ``new``, of the same length, in a written file's header, in place: a
+    metadata value known only once the tensors are written (see `Payload.finish`)."""
+    if len(old.encode()) != len(new.encode()):
+        raise ValueError("patch_header keeps the header's length: old and new must be as long")
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        pos = f.read(min(n, MAX_HEADER)).find(old.encode())
+        if pos >= 0:
+            f.seek(8 + pos)
+            f.write(new.encode())
 
 
 def copy_ranges(f, entries: Iterable[Entry]) -> None:

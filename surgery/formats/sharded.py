@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
+from typing import Callable
 
 from ..checkpoint import Checkpoint, TensorInfo
-from ..errors import FormatError, SelectError
+from ..errors import FormatError, InputError, SelectError
+from ..io import atomic_dir
+from .safetensors_fmt import patch_header, write_file
+from .writing import Entry, Payload
+
+# how a shard is opened, given by the registry: its sniffed format, and a function that opens it
+ShardOpener = Callable[[Path, frozenset], "tuple[str, Callable[[], Checkpoint]]"]
 
 
-def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Checkpoint:
-    from . import FORMATS, read_json_index, sniff
-
+def open_index(path: Path, accept=frozenset(), select: str | None = None, *, open_shard: ShardOpener) -> Checkpoint:
     src = str(path)
     if select:
         raise SelectError(f"{src}: --select does not apply to a sharded checkpoint; it holds one flat tensor dict")
@@ -33,10 +41,10 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Che
         if not present:
             raise FormatError(f"{src}: shard {rel} is missing from {folder}")
         check_inside(shard_path, path, src, f"shard {rel}")
-        fmt, real = sniff(shard_path)
+        fmt, opener = open_shard(shard_path, accept)
         if fmt not in ("safetensors", "torch-zip"):
             raise FormatError(f"{src}: shard {rel} is {fmt}, expected safetensors or a torch zip")
-        shards[rel] = FORMATS[fmt].opener(real, accept, None)
+        shards[rel] = opener()
     tensors: dict[str, TensorInfo] = {}
     problems = []
     for name, rel in wm.items():
@@ -57,13 +65,66 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None) -> Che
                       files=files)
 
 
+def read_json_index(path: Path) -> dict:
+    try:
+        # O_NONBLOCK: an index that is (or links to) a FIFO must not block the open forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{path}: not a regular file; a shard index must be a file")
+        with open(fd, "rb") as f:
+            data = json.loads(f.read(64 * 1024 * 1024).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, a 5000-digit number, [[[[... nested
+        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    return data
+
+
 def check_inside(file: Path, anchor: Path, src: str, what: str) -> None:
     """Refuse ``file`` when it resolves (through symlinks) outside the anchor's folder. A Hugging
     Face cache links every file of a snapshot into one ``blobs`` folder, so the folder the anchor
     itself resolves into counts as inside too."""
-    import os
-
     real = os.path.realpath(file)
     homes = {os.path.realpath(Path(anchor).parent), os.path.dirname(os.path.realpath(anchor))}
     if not any(os.path.commonpath([real, h]) == h for h in homes):
         raise FormatError(f"{src}: {what} is a link to {real}, outside the checkpoint's folder; refusing to follow it")
+
+
+# ---------------------------------------------------------------------------- writing
+
+WRITTEN_INDEX = "model.safetensors.index.json"
+
+
+def write(dst: Path, payload: Payload) -> list[str]:
+    """Safetensors shards of at most ``payload.shard_bytes`` each and the index naming them, as
+    one folder at ``dst`` (built in a temp folder beside it, renamed into place)."""
+    shards = _split(payload.entries, payload.shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    where = {e.name: names[i] for i, shard in enumerate(shards) for e in shard}
+    weight_map = {name: where[payload.aliases.get(name, name)] for name in payload.names}
+    with atomic_dir(dst, keep=payload.keep) as tmp:
+        for name, shard in zip(names, shards):
+            aliases = {a: t for a, t in payload.aliases.items() if where[t] == name}
+            write_file(tmp / name, shard, payload.metadata, aliases)
+        late = payload.finish()
+        for name in names:
+            for old, new in late.items():
+                patch_header(tmp / name, old, new)
+        meta = {k: late.get(v, v) for k, v in payload.index_metadata.items()}
+        index = {"metadata": {"total_size": sum(e.nbytes for e in payload.entries), **meta}, "weight_map": weight_map}
+        (tmp / WRITTEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [str(dst / n) for n in names] + [str(dst / WRITTEN_INDEX)]
+
+
+def _split(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
+    """Entries in order, a new shard whenever the next would take this one past ``shard_bytes``."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards

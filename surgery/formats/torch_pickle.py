@@ -485,7 +485,6 @@ def _accepted(qualname: str, accept: set[str]) -> bool:
 class Unpickled:
     obj: Any
     storages: dict[str, StorageRef]
-    opaque: list[str] = field(default_factory=list)
 
 
 class Refused(list):
@@ -533,7 +532,6 @@ class _Unpickler(pickle.Unpickler):
         self.accept = accept
         self.extra = extra or {}
         self.refused: list[str] = []
-        self.accepted: list[str] = []
         self.storages: dict[str, StorageRef] = {}
         self.pid_handler = pid_handler
         self.opaque: dict[str, type] = {}
@@ -559,7 +557,8 @@ class _Unpickler(pickle.Unpickler):
             return known
         qualname = f"{module}.{name}"
         accepted = _accepted(qualname, self.accept)
-        (self.accepted if accepted else self.refused).append(qualname)
+        if not accepted:
+            self.refused.append(qualname)
         if qualname not in self.opaque:
             self.opaque[qualname] = _opaque_class(qualname)
             self.opaque[qualname].refused = not accepted
@@ -836,4 +835,4 @@ def _load(up: "_Guarded", source: str) -> Unpickled:
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
     check_records(_records(obj), up.storages, source)
-    return Unpickled(obj, up.storages, sorted(set(up.accepted)))
+    return Unpickled(obj, up.storages)

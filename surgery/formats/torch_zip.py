@@ -6,6 +6,7 @@ with the restricted unpickler and turn every tensor into a `TensorInfo` pointing
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zipfile
@@ -13,8 +14,10 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
 from ..errors import FormatError
+from ..io import atomic_file
 from . import container, torchscript
 from .torch_pickle import TensorRef, unpickle
+from .writing import Payload
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
@@ -194,3 +197,20 @@ def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select
 
 
 __all__ = ["open_zip", "read_zip", "tensor_infos", "checkpoint_from_pickle"]
+
+
+# ---------------------------------------------------------------------------- writing
+
+def write(dst: Path, payload: Payload) -> list[str]:
+    """Write ``payload.state_dict()`` with ``torch.save`` at ``dst`` (through a temp file beside it)."""
+    import torch
+
+    sd = payload.state_dict()
+    with atomic_file(dst) as tmp:
+        try:
+            torch.save(sd, tmp)
+        except RuntimeError as e:  # torch's writer reports a failed write (EFBIG, ENOSPC) as RuntimeError
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise OSError(errno.EIO, f"torch.save could not finish writing ({first}); is the disk full?") from None
+        payload.finish()  # a torch file keeps no metadata of its own
+    return [str(dst)]

@@ -1,0 +1,238 @@
+"""The op table: every rule `surgery remap` knows, described once.
+
+An `OpKind` row says how the op's argument is checked and written (its `ArgForm`: as a
+command-line flag and in the rules file's JSON), what the op does to key names, and its help
+text. `Op`, the rules file reader and writer, the plan and the CLI's options all read `OP_KINDS`:
+adding an op kind is adding a row (and, for a tensor conversion, its transform).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..checkpoint import DTYPE_ALIASES
+from ..errors import RuleError
+from ..keys import detect_wrapper_prefixes, peel
+
+NameChange = tuple[list["str | None"], int]  # new name per input name (None: dropped), names touched
+
+
+# ---------------------------------------------------------------- argument forms
+
+def _no_arg(kind: str, arg: str, repl: str) -> str:
+    return ""
+
+
+def _prefix(kind: str, arg: str, repl: str) -> str:
+    if not arg:
+        raise RuleError(f"{kind.replace('_', '-')} needs a non-empty prefix")
+    return arg
+
+
+def _regex(kind: str, arg: str, repl: str) -> str:
+    try:
+        re.compile(arg)
+    except (re.error, OverflowError, RecursionError) as e:  # also 'a{9999999999}', '(((...'
+        raise RuleError(f"{kind} pattern {arg!r} is not a valid regular expression: {e}") from None
+    return arg
+
+
+def _rename(kind: str, arg: str, repl: str) -> str:
+    _regex(kind, arg, repl)
+    try:
+        re.compile(arg).sub(repl, "")
+    except (re.error, IndexError, OverflowError, RecursionError) as e:
+        raise RuleError(f"rename replacement {repl!r} is invalid for {arg!r}: {e}") from None
+    return arg
+
+
+def parse_dtype(name: str) -> str:
+    """'bf16' / 'bfloat16' / 'BF16' -> 'BF16', the safetensors name."""
+    key = name.strip().lower()
+    if key in DTYPE_ALIASES:
+        return DTYPE_ALIASES[key]
+    if name.upper() in ("F32", "F16", "BF16", "F64"):
+        return name.upper()
+    raise RuleError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
+
+
+def split_rename(spec: str) -> tuple[str, str]:
+    """'REGEX=>REPLACEMENT' -> (REGEX, REPLACEMENT)."""
+    if "=>" not in spec:
+        raise RuleError(f"rename {spec!r} needs the form 'REGEX=>REPLACEMENT' (e.g. '^backbone\\.=>')")
+    pattern, repl = spec.split("=>", 1)
+    return pattern, repl
+
+
+def _flag_json(value: Any) -> tuple[str, str] | None:
+    return ("", "") if value in (True, None) else None
+
+
+def _text_json(value: Any) -> tuple[str, str] | None:
+    return (value, "") if isinstance(value, str) else None
+
+
+def _rename_json(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        return split_rename(value)
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(a, str) for a in value):
+        return value[0], value[1]
+    return None
+
+
+@dataclass(frozen=True)
+class ArgForm:
+    """How an op's argument is checked, given on the command line and written in a rules file."""
+
+    metavar: str | None  # None: the op is a flag and takes no argument
+    check: Callable[[str, str, str], str]  # (kind, arg, repl) -> arg as stored; raises RuleError
+    from_cli: Callable[[str], tuple[str, str]]  # option value -> (arg, repl)
+    from_json: Callable[[Any], "tuple[str, str] | None"]  # rules-file value -> (arg, repl); None: wrong form
+    to_json: Callable[[str, str], Any]
+    json_hint: str  # what the rules file takes, for the error message
+    show: Callable[[str, str], str]  # (arg, repl) -> the text after the flag
+
+
+def _as_arg(value: str) -> tuple[str, str]:
+    return value, ""
+
+
+def _arg(arg: str, repl: str) -> str:
+    return arg
+
+
+FLAG = ArgForm(metavar=None, check=_no_arg, from_cli=lambda v: ("", ""), from_json=_flag_json,
+               to_json=lambda a, r: True, json_hint="true", show=lambda a, r: "")
+PREFIX = ArgForm(metavar="P", check=_prefix, from_cli=_as_arg, from_json=_text_json, to_json=_arg,
+                 json_hint="a string", show=_arg)
+REGEX = ArgForm(metavar="REGEX", check=_regex, from_cli=_as_arg, from_json=_text_json, to_json=_arg,
+                json_hint="a string", show=_arg)
+RENAME = ArgForm(metavar="'REGEX=>REPL'", check=_rename, from_cli=split_rename, from_json=_rename_json,
+                 to_json=lambda a, r: [a, r], json_hint="'REGEX=>REPLACEMENT' or [REGEX, REPLACEMENT]",
+                 show=lambda a, r: f"'{a}=>{r}'")
+DTYPE = ArgForm(metavar="fp16|bf16|fp32", check=lambda kind, a, r: parse_dtype(a), from_cli=_as_arg,
+                from_json=_text_json, to_json=_arg, json_hint="a string", show=_arg)
+
+
+# ---------------------------------------------------------------- what ops do to key names
+
+def _auto(op: "Op", names: list[str]) -> NameChange:
+    out = list(names)
+    for p in detect_wrapper_prefixes(names):
+        out = [peel(n, p) for n in out]
+    return list(out), sum(a != b for a, b in zip(names, out))
+
+
+def _strip_prefix(op: "Op", names: list[str]) -> NameChange:
+    empty = [n for n in names if n == op.arg]
+    if empty:
+        raise RuleError(f"strip-prefix {op.arg!r} would leave key {empty[0]!r} with an empty name")
+    return [n[len(op.arg):] if n.startswith(op.arg) else n for n in names], sum(n.startswith(op.arg) for n in names)
+
+
+def _add_prefix(op: "Op", names: list[str]) -> NameChange:
+    return [op.arg + n for n in names], len(names)
+
+
+def _rename_names(op: "Op", names: list[str]) -> NameChange:
+    rx = re.compile(op.arg)
+    out: list[str | None] = []
+    for n in names:
+        new = rx.sub(op.repl, n)
+        if not new:
+            raise RuleError(f"rename {op.arg!r}=>{op.repl!r} turns key {n!r} into an empty name")
+        out.append(new)
+    return out, sum(a != b for a, b in zip(names, out))
+
+
+def _drop(op: "Op", names: list[str]) -> NameChange:
+    rx = re.compile(op.arg)
+    out = [None if rx.search(n) else n for n in names]
+    return out, sum(o is None for o in out)
+
+
+def _keep(op: "Op", names: list[str]) -> NameChange:
+    rx = re.compile(op.arg)
+    out = [n if rx.search(n) else None for n in names]
+    return out, sum(o is not None for o in out)
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class OpKind:
+    name: str  # as in `Op.kind` and the rules file; the flag is --name-with-dashes
+    form: ArgForm
+    help: str  # the command line's help for the flag
+    names: Callable[["Op", list[str]], NameChange] | None = None  # None: names unchanged (a tensor conversion)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
+    OpKind("auto", FLAG, "Strip module./_orig_mod. (any order, repeatedly) where every key has them.", _auto),
+    OpKind("strip_prefix", PREFIX, "Remove prefix P from keys that start with it.", _strip_prefix),
+    OpKind("add_prefix", PREFIX, "Put prefix P in front of every key.", _add_prefix),
+    OpKind("rename", RENAME, "re.sub on every key, e.g. '^fc\\.=>head.'.", _rename_names),
+    OpKind("drop", REGEX, "Drop keys matching REGEX (re.search).", _drop),
+    OpKind("keep", REGEX, "Keep only keys matching REGEX.", _keep),
+    OpKind("dtype", DTYPE, "Cast floating tensors."),
+    OpKind("densify", FLAG, "Write sparse tensors (COO, CSR, ...) as dense ones."),
+    OpKind("dequantize", FLAG, "Write quantized tensors as float32 (t.dequantize())."),
+)}
+
+
+def op_kind(name: str) -> OpKind:
+    kind = OP_KINDS.get(name)
+    if kind is None:
+        raise RuleError(f"unknown rule {name!r}; known rules: {', '.join(OP_KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class Op:
+    """One rule. ``arg`` is the prefix, regex or dtype; ``repl`` the replacement for rename."""
+
+    kind: str
+    arg: str = ""
+    repl: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arg", op_kind(self.kind).form.check(self.kind, self.arg, self.repl))
+
+    def __str__(self) -> str:
+        kind = OP_KINDS[self.kind]
+        shown = kind.form.show(self.arg, self.repl)
+        return f"{kind.flag} {shown}" if shown else kind.flag
+
+    def to_json(self) -> dict:
+        return {self.kind: OP_KINDS[self.kind].form.to_json(self.arg, self.repl)}
+
+    @classmethod
+    def from_cli(cls, kind: str, value: str = "") -> "Op":
+        return cls(kind, *op_kind(kind).form.from_cli(value))
+
+    @classmethod
+    def from_json(cls, item: Any, where: str) -> "Op":
+        """One op of a rules file, ``{kind: value}``; ``where`` names it in errors."""
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RuleError(f"{where} must be a mapping with one key, e.g. {{strip_prefix: 'module.'}}")
+        (name, value), = item.items()
+        name = str(name).replace("-", "_")
+        kind = OP_KINDS.get(name)
+        if kind is None:
+            raise RuleError(f"{where}: unknown rule {name!r}; known: {', '.join(OP_KINDS)}")
+        args = kind.form.from_json(value)
+        if args is None:
+            label = repr(name) if kind.form is FLAG else name
+            raise RuleError(f"{where}: {label} takes {kind.form.json_hint}")
+        return cls(name, *args)
+
+
+def parse_rename(spec: str) -> Op:
+    """'REGEX=>REPLACEMENT' -> Op('rename', REGEX, REPLACEMENT)."""
+    return Op("rename", *split_rename(spec))

@@ -1,0 +1,126 @@
+"""From a plan to a `Payload` for the output format's writer: where each tensor's bytes come
+from, what is converted on the way, and the provenance written beside the tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..checkpoint import SPARSE_KINDS, Checkpoint, torch_dtype
+from ..errors import OutputError
+from ..formats import Format
+from ..formats.writing import Entry, Payload
+from ..io import BackgroundHash, same_path
+from .plan import PlanRow
+from .rules import Rules
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+PENDING_SHA = "sha256-pending-" + "0" * 49  # 64 chars, as long as the hash that replaces it
+
+
+def write(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, fmt: Format, shard_bytes: int) -> tuple[list[str], str]:
+    """Write the plan to ``dst`` in ``fmt``; the files written and the source's sha256."""
+    hasher = _hash_source(ckpt)
+    sha: list[str] = []
+
+    def finish() -> dict[str, str]:
+        sha.append(hasher.get())
+        return {PENDING_SHA: sha[0]}
+
+    kept = [r for r in rows if r.new is not None]
+    payload = Payload(entries=[Entry(r.new, r.new_dtype, r.shape, source(ckpt, r)) for r in kept if r.alias_of is None],
+                      names=[r.new for r in kept], aliases={r.new: r.alias_of for r in kept if r.alias_of is not None},
+                      metadata=_metadata(ckpt, rules), state_dict=lambda: _state_dict(ckpt, kept),
+                      shard_bytes=shard_bytes, index_metadata={"surgery.source": ckpt.path.name, "surgery.source_sha256": PENDING_SHA},
+                      keep=_kept_in_place(ckpt, dst), finish=finish)
+    try:
+        files = fmt.writer(dst, payload)  # type: ignore[misc]
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write: {e.strerror or e}; nothing was left at the destination") from None
+    return files, sha[0]
+
+
+def source(ckpt: Checkpoint, row: PlanRow) -> tuple[str, int, int] | Callable[[], bytes]:
+    """Where a row's bytes come from: a byte range of the source file when they are written as
+    stored, else a function that reads (and converts) the tensor."""
+    info = ckpt.tensors[row.old]
+    rng = info.byte_range
+    if row.kind != "dense":  # --densify / --dequantize: refuse_unsafetensorable let only those through
+        return lambda: _converted_bytes(ckpt, row)
+    if row.new_dtype == row.dtype and rng is not None:
+        return (info.file, rng[0], rng[1])
+    if row.new_dtype == row.dtype:
+        return lambda: ckpt.read_bytes(row.old)
+    return lambda: _converted_bytes(ckpt, row)
+
+
+def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> bytes:
+    import torch
+
+    t = converted(ckpt.tensor(row.old), row).contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def converted(t: "torch.Tensor", row: PlanRow) -> "torch.Tensor":
+    """The tensor as the plan row writes it: densified, dequantized, cast."""
+    if row.new_kind == "dense" and row.kind in SPARSE_KINDS:
+        t = t.to_dense()
+    elif row.new_kind == "dense" and row.kind == "quantized":
+        t = t.dequantize()
+    target = torch_dtype(row.new_dtype)
+    return t.to(target) if t.dtype != target else t
+
+
+def _state_dict(ckpt: Checkpoint, kept: list[PlanRow]) -> dict[str, Any]:
+    """Every kept name -> its tensor as written; tied names stay one shared tensor."""
+    sd = ckpt.state_dict([r.old for r in kept])  # tied names come back as one shared tensor
+    done: dict[int, Any] = {}
+    out = {}
+    for r in kept:
+        t = sd[r.old]
+        if r.converted:
+            if id(t) not in done:
+                done[id(t)] = converted(t, r)
+            t = done[id(t)]
+        out[r.new] = t
+    return out
+
+
+def _metadata(ckpt: Checkpoint, rules: Rules) -> dict[str, str]:
+    meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("surgery.")} if ckpt.format.startswith("safetensors") else {}
+    meta.setdefault("format", "pt")
+    meta["surgery.source"] = ckpt.path.name
+    meta["surgery.source_format"] = ckpt.format
+    meta["surgery.source_sha256"] = PENDING_SHA
+    meta["surgery.rules"] = json.dumps(rules.to_json(), separators=(",", ":"))
+    return meta
+
+
+def _hash_source(ckpt: Checkpoint) -> BackgroundHash:
+    p = Path(ckpt.path)
+    if p.is_dir():  # DCP or sharded folder: hash the metadata file that names everything else
+        p = p / ".metadata" if (p / ".metadata").is_file() else Path(ckpt.files[0])
+    return BackgroundHash(p)
+
+
+def _kept_in_place(ckpt: Checkpoint, dst: Path) -> list[str]:
+    """Rewriting a sharded folder in place replaces its shards and the index naming them;
+    everything else there (config.json, tokenizer files, other formats' shards) moves into the
+    new folder."""
+    if not dst.is_dir() or not same_path(dst, ckpt.path):
+        return []
+    shards = {os.path.realpath(f) for f in ckpt.files}
+    own = {os.path.basename(f) for f in shards}
+    for entry in os.scandir(dst):
+        if entry.name.endswith(".index.json") and entry.is_file():
+            try:
+                names = set(json.loads(Path(entry.path).read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+            if names and names <= own:
+                own.add(entry.name)
+    return [e.name for e in os.scandir(dst) if e.name not in own and os.path.realpath(e.path) not in shards]

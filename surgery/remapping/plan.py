@@ -1,0 +1,167 @@
+"""The plan: what each key becomes, computed over names and metadata before any byte moves.
+
+`plan_names` applies ops to key names (pure, instant); `build_plan` adds what each tensor is
+written as (dtype, kind, tied to which name) from the checkpoint's metadata; the refusals run on
+the plan, so nothing is written when any of them fires.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
+from ..errors import RuleError
+from .ops import OP_KINDS, Op
+from .rules import Rules
+
+
+@dataclass
+class NamePlan:
+    mapping: dict[str, str | None]  # old -> new (None: dropped), in source order
+    op_counts: list[tuple[Op, int]]  # each op and how many names it touched
+
+    @property
+    def kept(self) -> dict[str, str]:
+        return {o: n for o, n in self.mapping.items() if n is not None}
+
+
+def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
+    """Apply ``ops`` in order to key names. Raises RuleError on collisions, listing all of them."""
+    names = list(names)
+    current: list[str | None] = list(names)
+    counts: list[tuple[Op, int]] = []
+    for k, op in enumerate(ops):
+        alive = [i for i, n in enumerate(current) if n is not None]
+        if op.kind == "keep" and k > 0 and ops[k - 1].kind == "keep":
+            continue  # applied with the first of its run
+        if op.kind == "keep":
+            counts += _keep_run(list(itertools.takewhile(lambda o: o.kind == "keep", ops[k:])), current, alive)
+            continue
+        change = OP_KINDS[op.kind].names
+        new, touched = change(op, [current[i] for i in alive]) if change else (None, 0)  # type: ignore[misc]
+        for i, n in zip(alive, new or ()):
+            current[i] = n
+        counts.append((op, touched))
+    mapping = dict(zip(names, current))
+    _refuse_clashes(mapping)
+    return NamePlan(mapping, counts)
+
+
+def _keep_run(run: list[Op], current: list[str | None], alive: list[int]) -> list[tuple[Op, int]]:
+    """Adjacent --keep ops keep a name any of them matches: a union, applied to ``current``."""
+    hits = [{i for i in alive if re.search(o.arg, current[i])} for o in run]  # type: ignore[arg-type]
+    keep_any = set().union(*hits)
+    for i in alive:
+        if i not in keep_any:
+            current[i] = None
+    return [(o, len(h)) for o, h in zip(run, hits)]
+
+
+def _refuse_clashes(mapping: dict[str, str | None]) -> None:
+    by_new: dict[str, list[str]] = {}
+    for old, new in mapping.items():
+        if new is not None:
+            by_new.setdefault(new, []).append(old)
+    clashes = {n: olds for n, olds in by_new.items() if len(olds) > 1}
+    if clashes:
+        parts = [f"{' and '.join(repr(o) for o in olds)} -> {n!r}" for n, olds in list(clashes.items())[:5]]
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise RuleError(f"rules map several keys to one name: {'; '.join(parts)}{more}; "
+                        f"adjust the rename or drop one of them first")
+
+
+@dataclass
+class PlanRow:
+    old: str
+    new: str | None
+    dtype: str
+    new_dtype: str
+    shape: tuple[int, ...]
+    alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
+    kind: str = "dense"  # see TensorInfo.kind
+    new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
+
+    @property
+    def converted(self) -> bool:
+        return self.new_kind != self.kind or self.new_dtype != self.dtype
+
+
+def _after_conversion(t: TensorInfo, kinds: set[str]) -> tuple[str, str]:
+    """(kind, dtype) of a tensor once --densify / --dequantize have applied."""
+    if "densify" in kinds and t.kind in SPARSE_KINDS:
+        return "dense", t.dtype
+    if "dequantize" in kinds and t.kind == "quantized":
+        return "dense", "F32"
+    return t.kind, t.dtype
+
+
+def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tuple[str, int]]]:
+    """One row per source tensor, and each op's text with how many tensors it touched."""
+    plan = plan_names(ckpt.tensors.keys(), rules.ops)
+    kinds, target = {o.kind for o in rules.ops}, rules.dtype
+    rows = []
+    converted = {"dtype": 0, "densify": 0, "dequantize": 0}  # tensors each conversion op changes
+    for old, new in plan.mapping.items():
+        t = ckpt.tensors[old]
+        kind, dtype = _after_conversion(t, kinds)
+        new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
+        rows.append(PlanRow(old, new, t.dtype, new_dtype, t.shape, kind=t.kind, new_kind=kind))
+        if new is not None:
+            converted["dtype"] += new_dtype != dtype
+            converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind
+    _mark_aliases(ckpt, rows)
+    return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
+
+
+def _mark_aliases(ckpt: Checkpoint, rows: list[PlanRow]) -> None:
+    """Tied tensors: the first kept name of each shared view stores the bytes, later ones alias it."""
+    first: dict[tuple, str] = {}
+    for r in rows:
+        if r.new is None:
+            continue
+        key = ckpt.tensors[r.old].view_key
+        if key in first:
+            r.alias_of = first[key]
+        else:
+            first[key] = r.new
+
+
+def refuse_unsafetensorable(src: str, rows: list[PlanRow]) -> None:
+    """Every kept tensor safetensors cannot hold, named with the options that resolve it, in one
+    error raised before anything is written: a sparse or quantized tensor is never dropped or
+    converted unless asked."""
+    fixes = {"quantized": "--dequantize", "nested": None, "meta": None, **{k: "--densify" for k in SPARSE_KINDS}}
+    problems = []
+    for r in rows:
+        if r.new is None or (r.new_kind == "dense" and r.new_dtype in SAFETENSORS_DTYPES):
+            continue
+        what = f"{r.new_kind} tensor" if r.new_kind != "dense" else f"dtype {r.new_dtype}"
+        if r.new_kind == "meta":
+            what = "meta tensor, which has no data"
+        fix = fixes.get(r.new_kind)
+        drop = f"--drop '^{re.escape(r.new)}$'"
+        problems.append(f"{r.new!r} ({what}): {f'{fix} or ' if fix else ''}{drop}")
+    if problems:
+        more = f"; ... {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise RuleError(f"{src}: safetensors cannot hold {len(problems)} of the tensors: {'; '.join(problems[:6])}{more}. "
+                        f"Nothing was written; resolve each one, or write a torch file (.pt), which keeps them")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536870912; an int is taken as bytes."""
+    if not isinstance(text, str):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise RuleError(f"shard size {text!r} is not a size like 500MB, 2GB or 1GiB")
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise RuleError(f"shard size {text!r} must be positive")
+    return n

@@ -1,0 +1,102 @@
+"""`Rules`: the container to take and the ops to apply, from the API, a dict or a rules file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RuleError
+from .ops import Op
+
+
+@dataclass
+class Rules:
+    """What to do to a checkpoint: the container to take, then ops in order."""
+
+    ops: list[Op] = field(default_factory=list)
+    select: str | None = None
+
+    @property
+    def dtype(self) -> str | None:
+        casts = [o.arg for o in self.ops if o.kind == "dtype"]
+        return casts[-1] if casts else None
+
+    def to_json(self) -> dict:
+        return {"select": self.select, "ops": [o.to_json() for o in self.ops]}
+
+    @classmethod
+    def coerce(cls, rules: "Rules | list[Op] | dict | str | os.PathLike | None") -> "Rules":
+        """A new `Rules` from what an API caller passes: Rules, a list of `Op`, a dict in the
+        rules-file schema, a rules file path, or None. The caller's object is never modified."""
+        if rules is None:
+            return cls()
+        if isinstance(rules, Rules):
+            return cls(ops=list(rules.ops), select=rules.select)
+        if isinstance(rules, list):
+            return cls(ops=list(rules))
+        if isinstance(rules, dict):
+            return cls.from_json(rules)
+        if isinstance(rules, (str, os.PathLike)):
+            return cls.from_file(rules)
+        raise RuleError(f"rules must be Rules, a list of Op, a dict or a rules file path, not {type(rules).__name__}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Rules":
+        """Read a rules file: JSON, or YAML when the suffix is .yml/.yaml. Schema::
+
+            select: state_dict_ema          # optional
+            ops:
+              - auto: true
+              - strip_prefix: "model."
+              - rename: ["^fc\\\\.", "head."]   # or "REGEX=>REPLACEMENT"
+              - drop: "num_batches_tracked$"
+              - dtype: bf16
+              - densify: true               # sparse tensors -> dense
+              - dequantize: true            # quantized tensors -> float32
+        """
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RuleError(f"{p}: rules file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RuleError(f"{p}: cannot read rules file: {e}") from None
+        if p.suffix.lower() == ".toml":
+            raise RuleError(f"{p}: rules files are JSON or YAML (.yml/.yaml); TOML is not read: write the same "
+                            f"'select' and 'ops' as JSON or YAML")
+        data = _parse_yaml(p, text) if p.suffix.lower() in (".yml", ".yaml") else _parse_json(p, text)
+        return cls.from_json(data, str(p))
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "rules") -> "Rules":
+        if isinstance(data, list):
+            data = {"ops": data}
+        if not isinstance(data, dict):
+            raise RuleError(f"{source}: expected a mapping with 'ops' (and optional 'select') or a list of ops")
+        unknown = set(data) - {"ops", "select"}
+        if unknown:
+            raise RuleError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}; expected 'ops' and 'select'")
+        select = data.get("select")
+        if select is not None and not isinstance(select, str):
+            raise RuleError(f"{source}: 'select' must be a string")
+        ops = [Op.from_json(item, f"{source}: op #{i + 1}") for i, item in enumerate(data.get("ops") or [])]
+        return cls(ops=ops, select=select)
+
+
+def _parse_yaml(p: Path, text: str) -> Any:
+    import yaml  # only rules files need it
+
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise RuleError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
+
+
+def _parse_json(p: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit number, [[[[... nested
+        raise RuleError(f"{p}: not valid JSON: {str(e)[:300]}") from None

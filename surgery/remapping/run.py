@@ -1,0 +1,55 @@
+"""`remap()`: open, plan, refuse, write, verify: each step in its own module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import RuleError, SelectError
+from ..formats import FOLDER, open_checkpoint, output_format
+from ..io import OUTPUTS, check_destination, check_source
+from .ops import Op
+from .output import write
+from .plan import build_plan, parse_size, refuse_unsafetensorable
+from .report import RemapReport
+from .rules import Rules
+from .verify import verify as verify_output
+
+
+def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None, *,
+          force: bool = False, in_place: bool = False, dry_run: bool = False, verify: bool = False,
+          shard_size: str | int = "5GB", allow_globals: Iterable[str] = ()) -> RemapReport:
+    """Rewrite ``src`` to ``dst`` with ``rules``; the output format follows ``dst``'s suffix.
+
+    ``rules``: a `Rules`, a list of `Op`, a dict in the rules-file schema, or a rules file path.
+
+    >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
+    >>> remap("dp.pth", "clean.pt", {"ops": [{"auto": True}, {"dtype": "bf16"}]})  # doctest: +SKIP
+    """
+    rules = Rules.coerce(rules)
+    src_p, dst_p = Path(src), Path(dst)
+    check_source(src_p)
+    ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
+    if ckpt.file_kind == "optimizer" and rules.select is None:
+        raise SelectError(f"{src_p}: this is {ckpt.description}, not a model's weights; name the tensor dict to "
+                          f"write with --select (one of: {', '.join(ckpt.containers[:6])}"
+                          f"{' ...' if len(ckpt.containers) > 6 else ''})")
+    fmt = output_format(dst_p)
+    rows, counts = build_plan(ckpt, rules)
+    if fmt.name != "torch-zip":
+        refuse_unsafetensorable(str(src_p), rows)
+    shard_bytes = parse_size(shard_size)
+    report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, dry_run)
+    if not any(r.new is not None for r in rows):
+        raise RuleError(f"{src_p}: the rules drop every tensor; nothing would be written")
+    if dry_run:
+        return report
+    check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=force, in_place=in_place,
+                      kind="folder" if FOLDER in fmt.suffixes else "file", owned=OUTPUTS["remap"])
+    report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
+    report.bytes_written = sum(os.path.getsize(f) for f in report.files)
+    if verify:
+        verify_output(ckpt, rows, dst_p)
+        report.verified = True
+    return report

@@ -1,0 +1,78 @@
+"""Pure ``dict[str, Tensor] -> dict[str, Tensor]`` functions: the ops applied to a state dict in
+memory. Tensors that were shared stay shared. torch is imported only to cast."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from ..checkpoint import torch_dtype
+from .ops import Op, parse_dtype
+from .plan import plan_names
+
+
+def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
+    """Names by ``ops``, then the conversions they ask for: densify, dequantize, the last cast."""
+    out = {new: sd[old] for old, new in plan_names(sd.keys(), ops).kept.items()}
+    kinds = {o.kind for o in ops}
+    if "densify" in kinds:
+        out = densify(out)
+    if "dequantize" in kinds:
+        out = dequantize(out)
+    casts = [o.arg for o in ops if o.kind == "dtype"]
+    return cast(out, casts[-1]) if casts else out
+
+
+def strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Remove ``prefix`` from every key that has it: ``strip_prefix(sd, "module.")``."""
+    return apply_rules(sd, [Op("strip_prefix", prefix)])
+
+
+def add_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return apply_rules(sd, [Op("add_prefix", prefix)])
+
+
+def rename(sd: Mapping[str, Any], pattern: str, replacement: str) -> dict[str, Any]:
+    """``re.sub(pattern, replacement, key)`` on every key: ``rename(sd, r"^fc\\.", "head.")``."""
+    return apply_rules(sd, [Op("rename", pattern, replacement)])
+
+
+def drop(sd: Mapping[str, Any], pattern: str) -> dict[str, Any]:
+    return apply_rules(sd, [Op("drop", pattern)])
+
+
+def keep(sd: Mapping[str, Any], pattern: str) -> dict[str, Any]:
+    return apply_rules(sd, [Op("keep", pattern)])
+
+
+def auto_strip(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Peel ``module.`` / ``_orig_mod.`` (in any order, repeatedly) where every key has them."""
+    return apply_rules(sd, [Op("auto")])
+
+
+def cast(sd: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """Cast floating tensors to ``dtype`` ('fp16', 'bf16', 'fp32'); other tensors unchanged."""
+    target = torch_dtype(parse_dtype(dtype))
+    return _convert_each(sd, lambda t: t.to(target) if t.is_floating_point() else t)
+
+
+def densify(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Sparse tensors (COO, CSR, CSC, BSR, BSC) as dense ones; other tensors unchanged."""
+    import torch
+
+    return _convert_each(sd, lambda t: t.to_dense() if t.layout != torch.strided else t)
+
+
+def dequantize(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Quantized tensors as float32 (``t.dequantize()``); other tensors unchanged."""
+    return _convert_each(sd, lambda t: t.dequantize() if t.is_quantized else t)
+
+
+def _convert_each(sd: Mapping[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """``fn`` over every tensor, once per shared tensor, so tied names stay tied."""
+    done: dict[int, Any] = {}
+    out = {}
+    for k, t in sd.items():
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        out[k] = done[id(t)]
+    return out
