@@ -89,8 +89,11 @@ class Rules:
 def _parse_yaml(p: Path, text: str) -> Any:
     import yaml  # only rules files need it
 
+    # libyaml's scanner when PyYAML was built with it: the pure-Python one takes seconds on a few
+    # KB of nested brackets before the recursion limit refuses them
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except (yaml.YAMLError, RecursionError, ValueError) as e:
         raise RuleError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
 
