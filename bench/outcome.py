@@ -21,6 +21,7 @@ The table gives means and spreads (min-max) over seeds.
     .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 3 epochs, fewer images
     .venv/bin/python bench/outcome.py --quick --seeds 3 --parts grid   # the grid alone; later calls reuse it
     .venv/bin/python bench/outcome.py --table A.json B.json   # one table from runs split by --regimes
+    .venv/bin/python bench/outcome.py --timing          # advise's wall time against one training run
 """
 
 from __future__ import annotations
@@ -140,6 +141,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def timing(a: argparse.Namespace) -> None:
+    """``surgery advise`` against one training run at the demo's scale: digits 5-9, 4 training and
+    60 validation images per class at 32 px, the demo's two-phase run (batch 8, 20 epochs, the
+    backbone unfrozen at epoch 6, lr 3e-3). advise runs before and after the training run; the
+    ratio uses their mean, so a change in the machine's load during the bench shows as a spread."""
+    from surgery import adapt, train
+    from surgery.advice import advise
+    from surgery.demo import Plan, digits_imagefolder, pretrained_digits
+
+    ckpt, _ = pretrained_digits(a.workdir / "pretrained")
+    data = a.workdir / "demo-data"
+    if not (data / "val").is_dir():
+        digits_imagefolder(data, classes=range(5, 10), size=32, per_class=4, val_per_class=60)
+    plan = Plan.for_data(sum(1 for _ in (data / "train").rglob("*.png")))
+    folder = a.workdir / "demo-adapted"
+    adapt(str(ckpt), arch="resnet18", num_classes=5, preset="small-similar", unfreeze_at=plan.unfreeze_at,
+          input_size=32, out=folder, force=True)
+
+    def advise_s() -> float:
+        t = time.perf_counter()
+        advise(ckpt, arch="resnet18", data=data, input_size=32, flip=False, device="cpu")
+        return time.perf_counter() - t
+
+    first = advise_s()
+    t = time.perf_counter()
+    train(folder, data, epochs=plan.epochs, lr=3e-3, batch_size=plan.batch_size, flip=False, device="cpu",
+          out=a.workdir / "demo-run", force=True)
+    run_s = time.perf_counter() - t
+    second = advise_s()
+    mean = (first + second) / 2
+    print(f"advise {first:.1f} s and {second:.1f} s; one training run ({plan.epochs} epochs, batch {plan.batch_size}, "
+          f"{plan.train_images} images) {run_s:.1f} s; advise / run = {mean / run_s:.0%} "
+          f"({min(first, second) / run_s:.0%}-{max(first, second) / run_s:.0%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-work/outcome"))
@@ -157,6 +193,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="defaults of 1 seed, 16 px, 3 epochs, 50 train and 10 val images per class")
     ap.add_argument("--table", nargs="+", type=Path, help="only print the table of these outcome-*.json files")
+    ap.add_argument("--timing", action="store_true", help="only time advise against one training run at the demo's scale")
     a = ap.parse_args()
     if a.table:
         merged: dict = {}
@@ -173,6 +210,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
+    if a.timing:
+        timing(a)
+        return
     from surgery.demo import pretrained_digits
 
     t0 = time.perf_counter()

@@ -317,7 +317,7 @@ def why(found: LrFind) -> str:
     low = f"lowest at lr {fmt_lr(found.min_lr)}"
     if found.half_lr is not None and found.half_lr < found.min_lr / BACKOFF:
         return f"smoothed loss half way down at lr {fmt_lr(found.half_lr)}, {low}"
-    return f"smoothed loss {low}, / 10"
+    return f"smoothed loss {low}"
 
 
 def rule_text(found: LrFind) -> str:
