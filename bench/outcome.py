@@ -21,6 +21,7 @@ The table gives means and spreads (min-max) over seeds.
     .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 3 epochs, fewer images
     .venv/bin/python bench/outcome.py --quick --seeds 3 --parts grid   # the grid alone; later calls reuse it
     .venv/bin/python bench/outcome.py --table A.json B.json   # one table from runs split by --regimes
+    .venv/bin/python bench/outcome.py --collect --workdir W   # the table of every run finished in W
     .venv/bin/python bench/outcome.py --timing          # advise's wall time against one training run
 """
 
@@ -98,11 +99,12 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
     if "grid" in parts:
         for lr in GRID:
             row["grid"][f"{lr:g}"] = run(adapted[preset], lr, f"{preset}-{lr:g}")
+    if "default" in parts or "presets" in parts:  # the default run: the regime's own preset, --lr auto
+        row["auto"] = row["presets"][preset] = run(adapted[preset], "auto", f"{preset}-auto")
+        row["auto_lr"] = found.get("lr")
     if "presets" in parts:
         for p in PRESETS:
             row["presets"][p] = run(adapted[p], "auto", f"{p}-auto")
-            if p == preset:
-                row["auto"], row["auto_lr"] = row["presets"][p], found.get("lr")
     if "scratch" in parts:
         init = scratch_init(adapted[preset], work / "scratch-init", seed)
         row["scratch"] = run(init, "auto", "scratch")
@@ -111,14 +113,40 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
         row["advise"] = advise(ckpt, arch="resnet18", data=data, input_size=a.size, flip=False, seed=seed,
                                device="cpu").preset
         row["advise_s"] = time.perf_counter() - t
+        (work / "advise.json").write_text(json.dumps({"advise": row["advise"], "advise_s": row["advise_s"]}))
     return row
 
 
+def collect(workdir: Path, regimes: list[str], seeds: int) -> dict:
+    """The rows of the runs that finished under ``workdir`` (a bench stopped early keeps them)."""
+    results: dict = {}
+    for regime in regimes:
+        for seed in range(seeds):
+            work = workdir / regime / f"seed{seed}"
+            runs = {f.name[:-len(".result.json")]: json.loads(f.read_text())
+                    for f in (work / "runs").glob("*.result.json")}
+            row: dict = {"grid": {f"{lr:g}": runs[f"{regime}-{lr:g}"]["acc"] for lr in GRID
+                                  if f"{regime}-{lr:g}" in runs},
+                         "presets": {p: runs[f"{p}-auto"]["acc"] for p in PRESETS if f"{p}-auto" in runs}}
+            if len(row["grid"]) < len(GRID):
+                row["grid"] = {}
+            if f"{regime}-auto" in runs:
+                row["auto"], row["auto_lr"] = runs[f"{regime}-auto"]["acc"], runs[f"{regime}-auto"]["lr_found"]
+            if "scratch" in runs:
+                row["scratch"] = runs["scratch"]["acc"]
+            if (work / "advise.json").is_file():
+                row.update(json.loads((work / "advise.json").read_text()))
+            if runs or "advise" in row:
+                results.setdefault(regime, []).append(row)
+    return results
+
+
 def spread(xs: list[float]) -> str:
+    """mean (min-max) [number of seeds]"""
     if not xs:
         return "-"
     m = statistics.mean(xs)
-    return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "")
+    return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "") + f" [{len(xs)}]"
 
 
 def table(results: dict) -> str:
@@ -131,9 +159,10 @@ def table(results: dict) -> str:
             return [r[key] for r in rows if r.get(key) is not None]
 
         best = "-"
-        if all(r["grid"] for r in rows):
-            best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(r["grid"][lr] for r in rows))
-            best = f"{spread([r['grid'][best_lr] for r in rows])} at {best_lr}"
+        grids = [r["grid"] for r in rows if r["grid"]]
+        if grids:
+            best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(g[lr] for g in grids))
+            best = f"{spread([g[best_lr] for g in grids])} at {best_lr}"
         cells = [regime, spread(col("auto")), ", ".join(f"{x:.1e}" for x in col("auto_lr")) or "-", best]
         cells += [spread([r["presets"][p] for r in rows if p in r["presets"]]) for p in PRESETS]
         cells += [", ".join(sorted(set(col("advise")))) or "-", spread(col("scratch"))]
@@ -186,15 +215,19 @@ def main() -> None:
     ap.add_argument("--large")
     ap.add_argument("--val", type=int)
     ap.add_argument("--regimes", default="small-similar,small-different,large-similar,large-different")
-    ap.add_argument("--parts", default="grid,presets,scratch,advise",
+    ap.add_argument("--parts", default="grid,presets,scratch,advise",  # "default": only the regime's own preset
                     help="what to run per regime and seed (finished runs are reused: split a long bench into calls)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: the same figures on every machine, and no oversubscription)")
     ap.add_argument("--quick", action="store_true",
                     help="defaults of 1 seed, 16 px, 3 epochs, 50 train and 10 val images per class")
     ap.add_argument("--table", nargs="+", type=Path, help="only print the table of these outcome-*.json files")
+    ap.add_argument("--collect", action="store_true", help="only print the table of the runs finished in --workdir")
     ap.add_argument("--timing", action="store_true", help="only time advise against one training run at the demo's scale")
     a = ap.parse_args()
+    if a.collect:
+        print(table(collect(a.workdir, a.regimes.split(","), a.seeds or 3)))
+        return
     if a.table:
         merged: dict = {}
         for f in a.table:
