@@ -347,6 +347,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from ..adapter.core import load_adapted
     from ..adapter.manifest import read_manifest
     from ..errors import OutputError
+    from ..preprocess import input_pipeline
     from . import cache as cache_mod
     from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
     from .runner import _resolve_device
@@ -363,12 +364,10 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     samples, _ = scan_images(samples)
     dev = _resolve_device(device)
     model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
-    inp = manifest["input"]
-    size, resize = ((image_size, None) if image_size is not None else (list(inp["size"]), inp.get("resize")))
-    train_dl, _ = make_loaders(samples, image_size=size, mean=inp["mean"], std=inp["std"],
-                               channels=int(inp.get("channels", 3)), batch_size=batch_size, seed=seed,
-                               augment=augment, flip=flip, device=dev, resize=resize,
-                               interpolation=inp.get("interpolation") or "bilinear")
+    pipe = input_pipeline(manifest, image_size)
+    train_dl, _ = make_loaders(samples, image_size=list(pipe.size), mean=list(pipe.mean), std=list(pipe.std),
+                               channels=pipe.channels, batch_size=batch_size, seed=seed, augment=augment, flip=flip,
+                               device=dev, resize=pipe.resize, interpolation=pipe.interpolation)
     torch.manual_seed(seed)
     path = cache_mod.head_path(manifest)
     feats = None
@@ -376,7 +375,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     if cache_features == "on" and not ok:
         raise TrainError(f"--cache-features on: not possible here: {why}")
     if ok and cache_features != "off":
-        plain = DataLoader(ImageDataset(samples.train, _plain(size, inp, resize)), batch_size=max(batch_size, 64))
+        plain = DataLoader(ImageDataset(samples.train, _plain(pipe)), batch_size=max(batch_size, 64))
         feats = {"train": [cache_mod.extract(model, path, plain, dev, lambda x: x.to(dev), contextlib.nullcontext)]}
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 1e-4)
     found = for_run(model, manifest, feats=feats, head_path=path, loader=train_dl,
@@ -388,8 +387,9 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     return found
 
 
-def _plain(size: Any, inp: dict, resize: Any) -> Any:
+def _plain(pipe: Any) -> Any:
+    """The evaluation transform of an :class:`~surgery.preprocess.InputPipeline`."""
     from .data import build_transforms
 
-    return build_transforms(size, inp["mean"], inp["std"], int(inp.get("channels", 3)), train=False, resize=resize,
-                            interpolation=inp.get("interpolation") or "bilinear")
+    return build_transforms(list(pipe.size), list(pipe.mean), list(pipe.std), pipe.channels, train=False,
+                            resize=pipe.resize, interpolation=pipe.interpolation)
