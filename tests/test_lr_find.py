@@ -67,6 +67,15 @@ def test_the_rule_is_the_minimum_over_ten_for_a_head_and_half_way_down_for_a_net
     assert head[0] == pytest.approx(10 ** -0.5 / BACKOFF) and head[2] is None
 
 
+def test_a_lucky_first_batch_is_not_the_half_way_point():
+    # the first smoothed value is the first batch's loss: a low one dips below the half-way level
+    # before anything trained; the descent's own crossing counts
+    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
+    curve = [min(3.0, max(1.0, 5.0 - k / 10)) for k in range(61)]
+    curve[0], curve[55] = 1.5, 0.95
+    assert suggest(lrs, curve)[2] == pytest.approx(10 ** -2.9)
+
+
 def test_the_minimum_over_ten_caps_a_late_descent():
     lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
     curve = [3.0] * 41 + [3.0 - 0.2 * k for k in range(1, 11)] + [1.0 + k for k in range(1, 11)]  # min 1.0 at 1e-1

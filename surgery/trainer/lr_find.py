@@ -112,8 +112,10 @@ def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: 
 
 
 def half_way(lrs: list[float], smoothed: list[float], i_min: int) -> float | None:
-    """The first lr at which the smoothed loss is half way from its start (the median of the
-    first tenth of the sweep, at least 3 points) down to its minimum at ``i_min``."""
+    """The lr at which the smoothed loss falls for the last time through the level half way from
+    its start (the median of the first tenth of the sweep, at least 3 points) to its minimum at
+    ``i_min``: a dip through that level on the plateau before the descent (a lucky first batch
+    can make one) does not count."""
     head = sorted(s for s in smoothed[:max(3, len(smoothed) // 10)] if math.isfinite(s))
     if not head:
         return None
@@ -121,7 +123,8 @@ def half_way(lrs: list[float], smoothed: list[float], i_min: int) -> float | Non
     if top <= smoothed[i_min]:
         return None  # it never fell
     level = (top + smoothed[i_min]) / 2
-    return next(lrs[i] for i in range(i_min + 1) if math.isfinite(smoothed[i]) and smoothed[i] <= level)
+    above = [i for i in range(i_min) if not smoothed[i] <= level]  # a nan counts as above
+    return lrs[above[-1] + 1] if above else None
 
 
 def _cycle(batches: Callable[[], Iterable]) -> Iterable:
