@@ -2,7 +2,7 @@
 baseline on the four data regimes, built from scikit-learn's digits (no download).
 
 The backbone: torchvision ResNet-18 trained by a plain loop on digits 0-4
-(``fixtures.pretrained.pretrained_digits``), fine-tuned on digits 5-9 (5 new classes):
+(``surgery.demo.pretrained_digits``), fine-tuned on digits 5-9 (5 new classes):
 
 - **similar**: digits 5-9 as they are: the same strokes, scale and layout as digits 0-4.
 - **different**: digits 5-9 with one fixed random permutation of their 8x8 pixels (before the
@@ -19,7 +19,10 @@ The table gives means and spreads (min-max) over seeds.
 
     .venv/bin/python bench/outcome.py                   # 3 seeds, 32 px, 8 epochs
     .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 3 epochs, fewer images
+    .venv/bin/python bench/outcome.py --quick --seeds 3 --parts grid   # the grid alone; later calls reuse it
     .venv/bin/python bench/outcome.py --table A.json B.json   # one table from runs split by --regimes
+    .venv/bin/python bench/outcome.py --collect --workdir W   # the table of every run finished in W
+    .venv/bin/python bench/outcome.py --timing          # advise's wall time against one training run
 """
 
 from __future__ import annotations
@@ -79,59 +82,152 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
     found = {}
 
     def run(folder: Path, lr, name: str) -> float:
+        # a finished run is kept with its key: a second invocation (or one split by --parts) reuses it
+        key = {"folder": str(folder), "data": str(data), "lr": lr, **{k: v for k, v in kw.items() if k != "force"}}
+        done = work / "runs" / f"{name}.result.json"
+        if done.is_file() and json.loads(done.read_text())["key"] == key:
+            saved = json.loads(done.read_text())
+            found.update(lr=saved["lr_found"])
+            return saved["acc"]
+        found.pop("lr", None)
         r = train(folder, data, lr=lr, out=work / "runs" / name, observer=lambda e, i: found.update(lr=i["lr"])
                   if e == "lr_find" else None, **kw)
+        done.write_text(json.dumps({"key": key, "acc": r.best_val_acc, "lr_found": found.get("lr")}))
         return r.best_val_acc
 
-    for p in PRESETS:
-        row["presets"][p] = run(adapted[p], "auto", f"{p}-auto")
-        if p == preset:
-            row["auto"], row["auto_lr"] = row["presets"][p], found.get("lr")
-    for lr in GRID:
-        row["grid"][f"{lr:g}"] = run(adapted[preset], lr, f"{preset}-{lr:g}")
-    init = scratch_init(adapted[preset], work / "scratch-init", seed)
-    row["scratch"] = run(init, "auto", "scratch")
-    t = time.perf_counter()
-    row["advise"] = advise(ckpt, arch="resnet18", data=data, input_size=a.size, flip=False, seed=seed,
-                           device="cpu").preset
-    row["advise_s"] = time.perf_counter() - t
+    parts = a.parts.split(",")
+    if "grid" in parts:
+        for lr in GRID:
+            row["grid"][f"{lr:g}"] = run(adapted[preset], lr, f"{preset}-{lr:g}")
+    if "default" in parts or "presets" in parts:  # the default run: the regime's own preset, --lr auto
+        row["auto"] = row["presets"][preset] = run(adapted[preset], "auto", f"{preset}-auto")
+        row["auto_lr"] = found.get("lr")
+    if "presets" in parts:
+        for p in PRESETS:
+            row["presets"][p] = run(adapted[p], "auto", f"{p}-auto")
+    if "scratch" in parts:
+        init = scratch_init(adapted[preset], work / "scratch-init", seed)
+        row["scratch"] = run(init, "auto", "scratch")
+    if "advise" in parts:
+        t = time.perf_counter()
+        row["advise"] = advise(ckpt, arch="resnet18", data=data, input_size=a.size, flip=False, seed=seed,
+                               device="cpu").preset
+        row["advise_s"] = time.perf_counter() - t
+        (work / "advise.json").write_text(json.dumps({"advise": row["advise"], "advise_s": row["advise_s"]}))
     return row
 
 
+def collect(workdir: Path, regimes: list[str], seeds: int) -> dict:
+    """The rows of the runs that finished under ``workdir`` (a bench stopped early keeps them)."""
+    results: dict = {}
+    for regime in regimes:
+        for seed in range(seeds):
+            work = workdir / regime / f"seed{seed}"
+            runs = {f.name[:-len(".result.json")]: json.loads(f.read_text())
+                    for f in (work / "runs").glob("*.result.json")}
+            row: dict = {"grid": {f"{lr:g}": runs[f"{regime}-{lr:g}"]["acc"] for lr in GRID
+                                  if f"{regime}-{lr:g}" in runs},
+                         "presets": {p: runs[f"{p}-auto"]["acc"] for p in PRESETS if f"{p}-auto" in runs}}
+            if len(row["grid"]) < len(GRID):
+                row["grid"] = {}
+            if f"{regime}-auto" in runs:
+                row["auto"], row["auto_lr"] = runs[f"{regime}-auto"]["acc"], runs[f"{regime}-auto"]["lr_found"]
+            if "scratch" in runs:
+                row["scratch"] = runs["scratch"]["acc"]
+            if (work / "advise.json").is_file():
+                row.update(json.loads((work / "advise.json").read_text()))
+            if runs or "advise" in row:
+                results.setdefault(regime, []).append(row)
+    return results
+
+
 def spread(xs: list[float]) -> str:
+    """mean (min-max) [number of seeds]"""
+    if not xs:
+        return "-"
     m = statistics.mean(xs)
-    return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "")
+    return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "") + f" [{len(xs)}]"
 
 
 def table(results: dict) -> str:
+    """Means and (min-max) over seeds; '-' where a part was not run."""
     head = ("| regime | default (--lr auto) | lr found | best grid lr | " + " | ".join(PRESETS)
             + " | advise picks | scratch |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for regime, rows in results.items():
-        best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(r["grid"][lr] for r in rows))
-        picks = sorted({r["advise"] for r in rows})
-        cells = [regime, spread([r["auto"] for r in rows]),
-                 ", ".join(f"{r['auto_lr']:.1e}" for r in rows),
-                 f"{spread([r['grid'][best_lr] for r in rows])} at {best_lr}"]
-        cells += [spread([r["presets"][p] for r in rows]) for p in PRESETS]
-        cells += [", ".join(picks), spread([r["scratch"] for r in rows])]
+        def col(key: str) -> list:
+            return [r[key] for r in rows if r.get(key) is not None]
+
+        best = "-"
+        grids = [r["grid"] for r in rows if r["grid"]]
+        if grids:
+            best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(g[lr] for g in grids))
+            best = f"{spread([g[best_lr] for g in grids])} at {best_lr}"
+        cells = [regime, spread(col("auto")), ", ".join(f"{x:.1e}" for x in col("auto_lr")) or "-", best]
+        cells += [spread([r["presets"][p] for r in rows if p in r["presets"]]) for p in PRESETS]
+        cells += [", ".join(sorted(set(col("advise")))) or "-", spread(col("scratch"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def timing(a: argparse.Namespace) -> None:
+    """``surgery advise`` against one training run at the demo's scale: digits 5-9, 4 training and
+    60 validation images per class at 32 px, the demo's two-phase run (batch 8, 20 epochs, the
+    backbone unfrozen at epoch 6, lr 3e-3). advise runs before and after the training run; the
+    ratio uses their mean, so a change in the machine's load during the bench shows as a spread."""
+    from surgery import adapt, train
+    from surgery.advice import advise
+    from surgery.demo import Plan, digits_imagefolder, pretrained_digits
+
+    ckpt, _ = pretrained_digits(a.workdir / "pretrained")
+    data = a.workdir / "demo-data"
+    if not (data / "val").is_dir():
+        digits_imagefolder(data, classes=range(5, 10), size=32, per_class=4, val_per_class=60)
+    plan = Plan.for_data(sum(1 for _ in (data / "train").rglob("*.png")))
+    folder = a.workdir / "demo-adapted"
+    adapt(str(ckpt), arch="resnet18", num_classes=5, preset="small-similar", unfreeze_at=plan.unfreeze_at,
+          input_size=32, out=folder, force=True)
+
+    def advise_s() -> float:
+        t = time.perf_counter()
+        advise(ckpt, arch="resnet18", data=data, input_size=32, flip=False, device="cpu")
+        return time.perf_counter() - t
+
+    first = advise_s()
+    t = time.perf_counter()
+    train(folder, data, epochs=plan.epochs, lr=3e-3, batch_size=plan.batch_size, flip=False, device="cpu",
+          out=a.workdir / "demo-run", force=True)
+    run_s = time.perf_counter() - t
+    second = advise_s()
+    mean = (first + second) / 2
+    print(f"advise {first:.1f} s and {second:.1f} s; one training run ({plan.epochs} epochs, batch {plan.batch_size}, "
+          f"{plan.train_images} images) {run_s:.1f} s; advise / run = {mean / run_s:.0%} "
+          f"({min(first, second) / run_s:.0%}-{max(first, second) / run_s:.0%})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-work/outcome"))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--size", type=int)
+    ap.add_argument("--epochs", type=int)
     ap.add_argument("--small", type=int, default=6)
-    ap.add_argument("--large", default="all")
-    ap.add_argument("--val", type=int, default=30)
+    ap.add_argument("--large")
+    ap.add_argument("--val", type=int)
     ap.add_argument("--regimes", default="small-similar,small-different,large-similar,large-different")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 16 px, 3 epochs, 50 train and 10 val images per class")
+    ap.add_argument("--parts", default="grid,presets,scratch,advise",  # "default": only the regime's own preset
+                    help="what to run per regime and seed (finished runs are reused: split a long bench into calls)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: the same figures on every machine, and no oversubscription)")
+    ap.add_argument("--quick", action="store_true",
+                    help="defaults of 1 seed, 16 px, 3 epochs, 50 train and 10 val images per class")
     ap.add_argument("--table", nargs="+", type=Path, help="only print the table of these outcome-*.json files")
+    ap.add_argument("--collect", action="store_true", help="only print the table of the runs finished in --workdir")
+    ap.add_argument("--timing", action="store_true", help="only time advise against one training run at the demo's scale")
     a = ap.parse_args()
+    if a.collect:
+        print(table(collect(a.workdir, a.regimes.split(","), a.seeds or 3)))
+        return
     if a.table:
         merged: dict = {}
         for f in a.table:
@@ -139,9 +235,18 @@ def main() -> None:
                 merged.setdefault(regime, []).extend(rows)
         print(table(merged))
         return
-    if a.quick:
-        a.seeds, a.size, a.epochs, a.large, a.val = 1, 16, 3, "50", 10
-    from fixtures.pretrained import pretrained_digits
+    full = dict(seeds=3, size=32, epochs=8, large="all", val=30)
+    quick = dict(seeds=1, size=16, epochs=3, large="50", val=10)
+    for k, v in (quick if a.quick else full).items():  # an option given on the command line wins
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.timing:
+        timing(a)
+        return
+    from surgery.demo import pretrained_digits
 
     t0 = time.perf_counter()
     ckpt, info = pretrained_digits(a.workdir / "pretrained", size=a.size)
@@ -155,7 +260,7 @@ def main() -> None:
             row = one_regime(a.workdir / regime / f"seed{seed}", ckpt, data, regime, seed, a)
             results.setdefault(regime, []).append(row)
             print(regime, seed, json.dumps(row), flush=True)
-    out = a.workdir / f"outcome-{a.regimes.replace(',', '_')}.json"
+    out = a.workdir / f"outcome-{a.regimes.replace(',', '_')}-{a.parts.replace(',', '_')}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=2))
     print(table(results))
     print(f"({time.perf_counter() - t0:.0f}s; every run in {out})")

@@ -19,7 +19,7 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     if as_json:
         print_json(found.to_json())
         return
-    from surgery.trainer.lr_find import curve_text
+    from surgery.trainer.lr_find import curve_text, rule_text
 
     c = console()
     where = " on cached features" if found.cached else ""
@@ -27,8 +27,9 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
             f" ({'stopped: the loss diverged' if found.stopped == 'diverged' else 'the whole sweep'})", markup=False)
     for row in curve_text(found):
         c.print(row, markup=False)
-    c.print(f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}", markup=False)
-    c.print(f"suggested lr {fmt_lr(found.suggestion)} (the lowest point / 10)", markup=False)
+    c.print(f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}"
+            + (f", half way down at lr {fmt_lr(found.half_lr)}" if found.half_lr is not None else ""), markup=False)
+    c.print(f"suggested lr {fmt_lr(found.suggestion)} ({rule_text(found)})", markup=False)
     if out is not None:
         c.print(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'}", markup=False)
     c.print(f"({found.seconds:.1f}s)", markup=False)

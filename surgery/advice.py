@@ -180,6 +180,7 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
            seed: int = 0, device: str = "auto") -> Advice:
     """Measure the probes on ``data`` and recommend a preset (see the module docstring)."""
     from .adapter.core import adapt, build_from_manifest
+    from .preprocess import input_pipeline
     from .trainer.cache import head_path
     from .trainer.data import DataError, build_transforms, discover, scan_images
     from .trainer.runner import _resolve_device
@@ -196,11 +197,11 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
     model, report = adapt(ckpt, arch=arch, num_classes=len(classes), arch_kwargs=arch_kwargs, freeze="head-only",
                           input_size=input_size, seed=seed)
     m = report.manifest
-    inp, path = m["input"], head_path(m)
-    channels = int(inp.get("channels", 3))
-    kw = dict(resize=inp.get("resize"), interpolation=inp.get("interpolation") or "bilinear")
-    tf_val = build_transforms(list(inp["size"]), inp["mean"], inp["std"], channels, train=False, **kw)
-    tf_train = build_transforms(list(inp["size"]), inp["mean"], inp["std"], channels, train=True, flip=flip, **kw)
+    pipe, path = input_pipeline(m), head_path(m)
+    args = (list(pipe.size), list(pipe.mean), list(pipe.std), pipe.channels)
+    kw = dict(resize=pipe.resize, interpolation=pipe.interpolation)
+    tf_val = build_transforms(*args, train=False, **kw)
+    tf_train = build_transforms(*args, train=True, flip=flip, **kw)
     train_items, val_items = _subset(samples, PROBE_PER_CLASS, seed)
     probes = []
     for name, net in (("pretrained", model.to(dev)), ("random", _fresh(build_from_manifest, m, seed).to(dev))):

@@ -35,7 +35,8 @@ def test_range_test_suggests_inside_the_sweep_and_leaves_the_model_alone():
                        start=1e-5, end=10.0)
     assert 1e-5 <= found.suggestion <= 10.0
     assert found.lrs[0] == pytest.approx(1e-5) and found.lrs == sorted(found.lrs)
-    assert found.suggestion == pytest.approx(max(found.min_lr / BACKOFF, 1e-5))
+    assert found.suggestion == pytest.approx(max(min(found.min_lr / BACKOFF, found.half_lr), 1e-5))
+    assert not found.head_only and found.lrs[0] <= found.half_lr <= found.min_lr
     assert min(found.smoothed) < found.smoothed[0]  # it learned during the sweep
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics, bit for bit
@@ -52,13 +53,45 @@ def test_range_test_stops_when_the_loss_diverges():
     assert found.suggestion < found.lrs[-1]
 
 
-def test_the_rule_is_the_minimum_of_the_smoothed_loss_over_ten():
+def test_the_rule_is_the_minimum_over_ten_for_a_head_and_half_way_down_for_a_network():
+    # a network's curve: a plateau, a descent from 3 to 1 between 1e-4 and 1e-2, then a flat floor
+    # whose lowest point (0.95 at 10^-0.5) is noise two decades past the descent
+    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]  # 1e-6 .. 1, ten points a decade
+    curve = [min(3.0, max(1.0, 5.0 - k / 10)) for k in range(61)]
+    curve[55] = 0.95
+    suggestion, lr_min, half = suggest(lrs, curve)
+    assert lr_min == pytest.approx(10 ** -0.5)
+    assert half == pytest.approx(10 ** -2.9)  # the first point below (3 + 0.95) / 2 = 1.975
+    assert suggestion == half
+    head = suggest(lrs, curve, head_only=True)
+    assert head[0] == pytest.approx(10 ** -0.5 / BACKOFF) and head[2] is None
+
+
+def test_a_lucky_first_batch_is_not_the_half_way_point():
+    # the first smoothed value is the first batch's loss: a low one dips below the half-way level
+    # before anything trained; the descent's own crossing counts
+    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
+    curve = [min(3.0, max(1.0, 5.0 - k / 10)) for k in range(61)]
+    curve[0], curve[55] = 1.5, 0.95
+    assert suggest(lrs, curve)[2] == pytest.approx(10 ** -2.9)
+
+
+def test_the_minimum_over_ten_caps_a_late_descent():
+    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
+    curve = [3.0] * 41 + [3.0 - 0.2 * k for k in range(1, 11)] + [1.0 + k for k in range(1, 11)]  # min 1.0 at 1e-1
+    suggestion, lr_min, half = suggest(lrs, curve)
+    assert lr_min == pytest.approx(1e-1) and half > lr_min / BACKOFF
+    assert suggestion == pytest.approx(1e-2)
+
+
+def test_the_rule_on_smoothed_losses_and_edge_cases():
     lrs = [10.0 ** (k / 4 - 6) for k in range(25)]  # 1e-6 .. 1
     losses = [3.0 - 0.1 * k for k in range(15)] + [1.6 + 0.5 * k for k in range(10)]
     sm = smooth(losses)
     i_min = sm.index(min(sm))
-    assert suggest(lrs, sm) == (pytest.approx(lrs[i_min] / 10), lrs[i_min])
+    assert suggest(lrs, sm, head_only=True)[:2] == (pytest.approx(lrs[i_min] / 10), lrs[i_min])
     assert suggest(lrs, [float("nan")] * 25)[0] == 1e-6  # nothing usable: the bottom of the sweep
+    assert suggest(lrs, [2.0] * 25)[2] is None  # a loss that never fell has no half-way point
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +113,7 @@ def test_lr_auto_trains_exactly_as_the_lr_it_found(setup, tmp_path, folder, cach
     r = train(root / folder, data, epochs=1, out=tmp_path / "auto", trust_code=True, batch_size=16, flip=False,
               observer=lambda e, i: seen.update(i) if e == "lr_find" else None)
     assert seen["cached"] is cached and seen["lrs"][0] <= seen["lr"] <= seen["lrs"][-1]
+    assert seen["head_only"] is cached  # "head": only the head trains; "all": everything does
     assert (tmp_path / "auto" / "lr_find.png").stat().st_size > 1000
     assert json.loads((tmp_path / "auto" / "lr_find.json").read_text())["suggestion"] == seen["suggestion"]
     recorded = json.loads((tmp_path / "auto" / "manifest.json").read_text())["results"]["train_args"]

@@ -9,9 +9,25 @@ that finds ``x`` trains exactly as a run with ``--lr x``.
 
 The rule (:func:`suggest`): the loss is smoothed by an exponential moving average
 (``beta = 0.9``, bias-corrected); the sweep stops early once the smoothed loss exceeds four
-times its minimum (it diverged). The suggestion is the learning rate at the minimum of the
-smoothed loss divided by 10 (at the minimum the rate is already at the edge of stability; a
-decade lower still learns fast), clamped into the swept range.
+times its minimum (it diverged). Then it depends on what trains:
+
+- **the head alone** (a linear or small head on frozen features, cached or not): the learning
+  rate at the minimum of the smoothed loss divided by 10. Fitting a head on fixed features is
+  close to a convex problem: its loss keeps falling until the rate is too high to be stable, so
+  the minimum is sharp and a decade below it still learns fast (Smith's range test, fastai's
+  ``minimum``).
+- **backbone layers too**: the rate at which the smoothed loss has fallen *half way* from where
+  it started (the median of the first tenth of the sweep) to its minimum, or the minimum / 10
+  when that is lower. A network's curve is a long descent followed by a flat, noisy floor: the
+  training loss still falls (or holds) at rates that wreck the pretrained features, so the
+  floor's minimum is one or two decades too high and moves by decades between sweeps (a
+  48-step sweep on digits found it at 2e-2 once and 6e-1 another time; the best of an lr grid
+  was 1e-3 to 3e-3). The middle of the descent is the idea of fastai's ``valley`` (the middle
+  of the longest descending stretch), measured in loss rather than in steps so that noise on
+  the plateau before the descent does not stretch it; on the same sweeps it fell at 1.6e-3 and
+  2.1e-3. The whole-model sweep is as long as the run (40 to 100 steps): the descent moves to
+  lower rates as the sweep gets longer (a 100-step sweep put it at 4e-4), so a sweep as long
+  as the run measures the rate at which *that* run learns.
 
 The lr found is the *head's* (``lr_mult`` 1); groups with another multiplier sweep at
 ``lr x lr_mult``, exactly as they will train. Only parameters that train in the first epoch move.
@@ -35,7 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 SCHEMA = "surgery.lr_find/1"
-RULE = "lr at the minimum of the smoothed loss / 10 (EMA beta 0.9; sweep stops when the smoothed loss exceeds 4x its minimum)"
+_SWEEP = "EMA beta 0.9; the sweep stops when the smoothed loss exceeds 4x its minimum"
+RULE_HEAD = f"the head alone: lr at the minimum of the smoothed loss / 10 ({_SWEEP})"
+RULE_NET = (f"backbone layers train: lr where the smoothed loss has fallen half way from its start to its "
+            f"minimum, or the minimum / 10 when lower ({_SWEEP})")
 START, END = 1e-6, 1.0
 BETA, DIVERGE, BACKOFF = 0.9, 4.0, 10.0
 
@@ -53,7 +72,9 @@ class LrFind:
     steps: int
     seconds: float
     cached: bool = False
-    rule: str = RULE
+    head_only: bool = False
+    half_lr: float | None = None  # where the smoothed loss is half way down (backbone layers train)
+    rule: str = RULE_NET
     schema: str = SCHEMA
 
     def to_json(self) -> dict:
@@ -73,14 +94,37 @@ def smooth(losses: list[float], beta: float = BETA) -> list[float]:
     return out
 
 
-def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: float = END) -> tuple[float, float]:
-    """(suggestion, lr at the minimum) by the documented rule."""
+def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: float = END,
+            head_only: bool = False) -> tuple[float, float, float | None]:
+    """(suggestion, lr at the minimum, lr half way down) by the rule of the module docstring;
+    ``head_only`` selects the head's rule (no half-way point)."""
     finite = [(s, i) for i, s in enumerate(smoothed) if math.isfinite(s)]
     if not finite:
-        return start, start
+        return start, start, None
     i_min = min(finite)[1]
     lr_min = lrs[i_min]
-    return min(max(lr_min / BACKOFF, start), end), lr_min
+    pick, half = lr_min / BACKOFF, None
+    if not head_only:
+        half = half_way(lrs, smoothed, i_min)
+        if half is not None:
+            pick = min(pick, half)
+    return min(max(pick, start), end), lr_min, half
+
+
+def half_way(lrs: list[float], smoothed: list[float], i_min: int) -> float | None:
+    """The lr at which the smoothed loss falls for the last time through the level half way from
+    its start (the median of the first tenth of the sweep, at least 3 points) to its minimum at
+    ``i_min``: a dip through that level on the plateau before the descent (a lucky first batch
+    can make one) does not count."""
+    head = sorted(s for s in smoothed[:max(3, len(smoothed) // 10)] if math.isfinite(s))
+    if not head:
+        return None
+    top = head[len(head) // 2]
+    if top <= smoothed[i_min]:
+        return None  # it never fell
+    level = (top + smoothed[i_min]) / 2
+    above = [i for i in range(i_min) if not smoothed[i] <= level]  # a nan counts as above
+    return lrs[above[-1] + 1] if above else None
 
 
 def _cycle(batches: Callable[[], Iterable]) -> Iterable:
@@ -97,12 +141,13 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
                optimizer: str = "adamw", weight_decay: float = 0.0, momentum: float = 0.9,
                loss_fn: Callable | None = None, steps: int = 200, start: float = START, end: float = END,
                prepare: Callable[[Any, Any], tuple] | None = None, autocast: Callable[[], Any] | None = None,
-               cached: bool = False) -> LrFind:
+               cached: bool = False, head_only: bool = False) -> LrFind:
     """Sweep the lr from ``start`` to ``end`` over ``steps`` steps on a copy of ``model``.
 
     ``batches()``: a fresh iterable of ``(x, y)`` (re-called when it runs out). ``groups(copy)``:
     optimizer groups with ``lr_mult`` (default: every parameter that requires grad, ``lr_mult`` 1).
-    ``prepare(x, y)`` moves a batch to the device.
+    ``prepare(x, y)`` moves a batch to the device. ``head_only``: only a head on fixed features
+    trains, which selects the rule (see the module docstring).
     """
     import torch
 
@@ -148,9 +193,10 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
             loss.backward()
             opt.step()
     del work, opt
-    suggestion, lr_min = suggest(lrs, smoothed, start, end)
+    suggestion, lr_min, half = suggest(lrs, smoothed, start, end, head_only)
     return LrFind(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_lr=lr_min, stopped=stopped,
-                  steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached)
+                  steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only,
+                  half_lr=half, rule=RULE_HEAD if head_only else RULE_NET)
 
 
 def plot(found: LrFind, path: Any) -> Any:
@@ -162,6 +208,8 @@ def plot(found: LrFind, path: Any) -> Any:
     ax.plot(found.lrs, found.losses, color="0.75", linewidth=1, label="loss")
     ax.plot(found.lrs, found.smoothed, color="C0", linewidth=2, label="smoothed")
     ax.axvline(found.min_lr, color="0.5", linestyle=":", linewidth=1)
+    if found.half_lr is not None:
+        ax.axvline(found.half_lr, color="0.5", linestyle="-.", linewidth=1, label="half way down")
     ax.axvline(found.suggestion, color="C3", linestyle="--", linewidth=1.5)
     y = _interp(found.lrs, found.smoothed, found.suggestion)
     ax.plot([found.suggestion], [y], "o", color="C3", label=f"chosen lr {found.suggestion:.2g}")
@@ -227,13 +275,15 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
         head = model.get_submodule(head_path)
         return range_test(head, batches, groups=lambda m: [{"params": [p for p in m.parameters() if p.requires_grad]}],
                           optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                          steps=200, prepare=prepare, autocast=autocast, cached=True)
+                          steps=200, prepare=prepare, autocast=autocast, cached=True, head_only=True)
+    head_only = all(n.startswith(head_path + ".") for n, p in model.named_parameters() if p.requires_grad)
     dl = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=gen,
                     num_workers=loader.num_workers, drop_last=len(loader.dataset) > loader.batch_size,
                     collate_fn=loader.collate_fn)
     return range_test(model, lambda: dl, groups=lambda m: optimizer_groups(m, manifest, 1.0, weight_decay),
                       optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                      steps=min(100, max(40, run_steps or 100)), prepare=prepare, autocast=autocast)
+                      steps=min(100, max(40, run_steps or 100)), prepare=prepare, autocast=autocast,
+                      head_only=head_only)
 
 
 def use(found: LrFind, lr: float, opt: Any, sched: Any, out: Any, write: bool) -> None:
@@ -265,9 +315,24 @@ def fmt_lr(lr: float) -> str:
     return f"{mant}e{int(exp)}"
 
 
+def why(found: LrFind) -> str:
+    """Which part of the rule gave the suggestion, with its numbers."""
+    low = f"lowest at lr {fmt_lr(found.min_lr)}"
+    if found.half_lr is not None and found.half_lr < found.min_lr / BACKOFF:
+        return f"smoothed loss half way down at lr {fmt_lr(found.half_lr)}, {low}"
+    return f"smoothed loss {low}"
+
+
+def rule_text(found: LrFind) -> str:
+    """The part of the rule that gave the suggestion, in a few words."""
+    if found.half_lr is not None and found.half_lr < found.min_lr / BACKOFF:
+        return "half way down the descent; the lowest point / 10 is higher"
+    return "the lowest point / 10"
+
+
 def message(found: LrFind, lr: float) -> str:
     return (f"lr {fmt_lr(lr)} (found): range test of {found.steps} steps{' on cached features' if found.cached else ''}, "
-            f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}; wrote lr_find.png")
+            f"{why(found)}; wrote lr_find.png")
 
 
 # ----------------------------------------------------------------------------- the test alone
@@ -285,6 +350,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from ..adapter.core import load_adapted
     from ..adapter.manifest import read_manifest
     from ..errors import OutputError
+    from ..preprocess import input_pipeline
     from . import cache as cache_mod
     from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
     from .runner import _resolve_device
@@ -301,12 +367,10 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     samples, _ = scan_images(samples)
     dev = _resolve_device(device)
     model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
-    inp = manifest["input"]
-    size, resize = ((image_size, None) if image_size is not None else (list(inp["size"]), inp.get("resize")))
-    train_dl, _ = make_loaders(samples, image_size=size, mean=inp["mean"], std=inp["std"],
-                               channels=int(inp.get("channels", 3)), batch_size=batch_size, seed=seed,
-                               augment=augment, flip=flip, device=dev, resize=resize,
-                               interpolation=inp.get("interpolation") or "bilinear")
+    pipe = input_pipeline(manifest, image_size)
+    train_dl, _ = make_loaders(samples, image_size=list(pipe.size), mean=list(pipe.mean), std=list(pipe.std),
+                               channels=pipe.channels, batch_size=batch_size, seed=seed, augment=augment, flip=flip,
+                               device=dev, resize=pipe.resize, interpolation=pipe.interpolation)
     torch.manual_seed(seed)
     path = cache_mod.head_path(manifest)
     feats = None
@@ -314,7 +378,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     if cache_features == "on" and not ok:
         raise TrainError(f"--cache-features on: not possible here: {why}")
     if ok and cache_features != "off":
-        plain = DataLoader(ImageDataset(samples.train, _plain(size, inp, resize)), batch_size=max(batch_size, 64))
+        plain = DataLoader(ImageDataset(samples.train, _plain(pipe)), batch_size=max(batch_size, 64))
         feats = {"train": [cache_mod.extract(model, path, plain, dev, lambda x: x.to(dev), contextlib.nullcontext)]}
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 1e-4)
     found = for_run(model, manifest, feats=feats, head_path=path, loader=train_dl,
@@ -326,8 +390,9 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     return found
 
 
-def _plain(size: Any, inp: dict, resize: Any) -> Any:
+def _plain(pipe: Any) -> Any:
+    """The evaluation transform of an :class:`~surgery.preprocess.InputPipeline`."""
     from .data import build_transforms
 
-    return build_transforms(size, inp["mean"], inp["std"], int(inp.get("channels", 3)), train=False, resize=resize,
-                            interpolation=inp.get("interpolation") or "bilinear")
+    return build_transforms(list(pipe.size), list(pipe.mean), list(pipe.std), pipe.channels, train=False,
+                            resize=pipe.resize, interpolation=pipe.interpolation)
