@@ -13,7 +13,7 @@ import typer
 
 from .common import console, handles_errors
 
-PER_CLASS, VAL_PER_CLASS, LR = 4, 60, "3e-3"
+PER_CLASS, VAL_PER_CLASS = 4, 40
 RUNS = ("from scratch", "head only", "two phases (head, then all)")
 
 
@@ -120,7 +120,7 @@ def _demo(workdir: Path) -> None:
     ad, rd = w / "adapted", w / "runs"
     ad.mkdir(parents=True, exist_ok=True)
     rd.mkdir(parents=True, exist_ok=True)
-    common = ["--data", str(data), "--lr", LR, "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
+    common = ["--data", str(data), "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
     adapt_args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "32", "--force"]
     out.print(f"\n[bold]5. Adapt it to 5 classes[/bold]: a new head, the backbone frozen for the first "
               f"{plan.unfreeze_at} epochs (preset small-similar), then everything trains with the backbone at 0.1x "
