@@ -100,7 +100,7 @@ def _demo(workdir: Path) -> None:
               "nn.DataParallel (made once, then cached)")
     ckpt, info = pretrained_digits(w / "pretrained", classes=range(10), half=0)
     out.print(f"   {ckpt}  (validation accuracy on digits 0-9: {info['val_acc']:.3f})", markup=False)
-    data = w / f"digits5-9_{PER_CLASS}-per-class"
+    data = w / f"digits5-9_other-half_{PER_CLASS}-per-class"  # never reuses a folder of other images
     if not (data / "val").is_dir():
         digits_imagefolder(data, classes=range(5, 10), size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS,
                            half=1)
