@@ -13,7 +13,7 @@ import typer
 
 from .common import console, handles_errors
 
-PER_CLASS, VAL_PER_CLASS, LR = 4, 60, "3e-3"
+PER_CLASS, VAL_PER_CLASS = 4, 40
 RUNS = ("from scratch", "head only", "two phases (head, then all)")
 
 
@@ -46,13 +46,19 @@ def _result(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["results"]
 
 
-def table_rows(runs: dict[str, tuple[Path, int, float]]) -> list[tuple[str, ...]]:
-    """The comparison: run, epochs, val accuracy, best epoch, train wall time."""
+def _seconds(run: Path) -> float:
+    """Time spent in the run's epochs (training and validation), from its metrics."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(line).get("seconds") or 0.0 for line in lines if line.strip())
+
+
+def table_rows(runs: dict[str, tuple[Path, int]]) -> list[tuple[str, ...]]:
+    """The comparison: run, epochs, val accuracy, best epoch, time in epochs."""
     rows = []
     for name in RUNS:
-        run, epochs, secs = runs[name]
+        run, epochs = runs[name]
         r = _result(run)
-        rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{secs:.1f} s"))
+        rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{_seconds(run):.1f} s"))
     return rows
 
 
@@ -60,12 +66,13 @@ def table_rows(runs: dict[str, tuple[Path, int, float]]) -> list[tuple[str, ...]
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its files.")] = Path("surgery-demo"),
 ) -> None:
-    """Fine-tune someone else's checkpoint for new classes, end to end, on real data with no download.
+    """Fine-tune someone else's checkpoint for a new task, end to end, on real data with no download.
 
-    A ResNet-18 trained on digits 0-4 and saved through nn.DataParallel (made on first use, then
-    cached) is inspected, cleaned, adapted to digits 5-9 with 4 labelled images per class, and
-    fine-tuned in two phases; the head alone and the same network from random weights give the
-    comparison. Needs scikit-learn (pip install 'surgery[demo]').
+    A ResNet-18 trained on all ten digits of one half of scikit-learn's digit images and saved
+    through nn.DataParallel (made on first use, then cached) is inspected, cleaned, adapted to
+    digits 5-9 with 4 labelled images per class from the other half, and fine-tuned in two phases
+    against the same network from random weights (--compare-scratch); the head alone completes
+    the comparison. Needs scikit-learn (pip install 'surgery[demo]').
     """
     import torch
 
@@ -82,73 +89,71 @@ def demo(
 def _demo(workdir: Path) -> None:
     from rich.markup import escape
 
-    from surgery.demo import Plan, digits_imagefolder, pretrained_digits, random_init
+    from surgery.demo import Plan, digits_imagefolder, pretrained_digits
 
     out = console()
     t_start = time.perf_counter()
     step = _Steps(out)
     w = workdir
     out.print("[bold]1. A checkpoint the way users get them[/bold]: torchvision ResNet-18 trained by a plain PyTorch "
-              "loop on scikit-learn's digits 0-4 (32 px), saved through nn.DataParallel (made once, then cached)")
-    ckpt, info = pretrained_digits(w / "pretrained")
-    out.print(f"   {ckpt}  (validation accuracy on digits 0-4: {info['val_acc']:.3f})", markup=False)
-    data = w / f"digits5-9_{PER_CLASS}-per-class"
+              "loop on all ten digits (32 px) of one half of scikit-learn's digit images, saved through "
+              "nn.DataParallel (made once, then cached)")
+    ckpt, info = pretrained_digits(w / "pretrained", classes=range(10), half=0)
+    out.print(f"   {ckpt}  (validation accuracy on digits 0-9: {info['val_acc']:.3f})", markup=False)
+    data = w / f"digits5-9_other-half_{PER_CLASS}-per-class"  # never reuses a folder of other images
     if not (data / "val").is_dir():
-        digits_imagefolder(data, classes=range(5, 10), size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS)
+        digits_imagefolder(data, classes=range(5, 10), size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS,
+                           half=1)
     n_train = sum(1 for _ in (data / "train").rglob("*.png"))
     n_val = sum(1 for _ in (data / "val").rglob("*.png"))
     plan = Plan.for_data(n_train)
-    out.print(f"\n[bold]2. The new task[/bold]: digits 5-9 with {n_train // 5} labelled images per class "
-              f"({n_train} to train on, {n_val} to validate): {escape(str(data))}/{{train,val}}/<class>/*.png")
+    out.print(f"\n[bold]2. The new task[/bold]: another labelling, digits 5-9 alone (a new 5-class head), with "
+              f"{n_train // 5} labelled images per class ({n_train} to train on, {n_val} to validate), all from the "
+              f"other half: images the checkpoint never saw. {escape(str(data))}/{{train,val}}/<class>/*.png")
 
     out.print("\n[bold]3. What is in the checkpoint[/bold]")
     step.run("inspect", str(ckpt), "--depth", "1")
     out.print("\n[bold]4. Clean it[/bold]: strip the DataParallel prefix, convert to safetensors, verify bit for bit")
-    clean = w / "resnet18_digits0-4.safetensors"
+    clean = w / "resnet18_digits.safetensors"
     step.run("remap", str(ckpt), str(clean), "--auto", "--verify", "--force")
 
     ad, rd = w / "adapted", w / "runs"
     ad.mkdir(parents=True, exist_ok=True)
     rd.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, tuple[Path, int, float]] = {}
-    common = ["--data", str(data), "--lr", LR, "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
+    common = ["--data", str(data), "--batch-size", str(plan.batch_size), "--no-flip", "--force"]
     adapt_args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "32", "--force"]
-    out.print(f"\n[bold]5. Adapt it to 5 new classes[/bold]: new head, backbone frozen for the first "
+    out.print(f"\n[bold]5. Adapt it to 5 classes[/bold]: a new head, the backbone frozen for the first "
               f"{plan.unfreeze_at} epochs (preset small-similar), then everything trains with the backbone at 0.1x "
               f"the head's learning rate")
     step.run("adapt", str(clean), *adapt_args, "--preset", "small-similar", "--unfreeze-at", str(plan.unfreeze_at),
              "--out", str(ad / "two-phase"))
-    out.print(f"\n[bold]6. Fine-tune[/bold]: {plan.unfreeze_at} epochs head only, then "
-              f"{plan.epochs - plan.unfreeze_at} with everything unfrozen (the backbone trains later, so every "
-              f"epoch runs the whole network: no feature cache)")
-    runs[RUNS[2]] = (rd / "two-phase", plan.epochs,
-                     step.run("train", str(ad / "two-phase"), *common, "--epochs", str(plan.epochs),
-                              "--out", str(rd / "two-phase")))
+    out.print(f"\n[bold]6. Fine-tune, and train from scratch to compare[/bold]: {plan.unfreeze_at} epochs head only, "
+              f"then {plan.epochs - plan.unfreeze_at} with everything unfrozen (the backbone trains later, so every "
+              f"epoch runs the whole network: no feature cache); then --compare-scratch trains the same network "
+              f"from random weights, everything at one learning rate, for the same {plan.epochs} epochs")
+    step.run("train", str(ad / "two-phase"), *common, "--epochs", str(plan.epochs), "--out", str(rd / "two-phase"),
+             "--compare-scratch")
     step.run("evaluate", str(rd / "two-phase"), "--data", str(data))
 
-    out.print(f"\n[bold]7. The comparison[/bold]: the head alone ({plan.head_epochs} epochs: the backbone never "
-              f"trains, so it runs once per image and each epoch trains the head on cached features), and the "
-              f"same network from random weights for the same {plan.epochs} epochs as step 6")
+    out.print(f"\n[bold]7. The head alone[/bold] ({plan.head_epochs} epochs: the backbone never trains, so it runs "
+              f"once per image and each epoch trains the head on cached features)")
     step.run("adapt", str(clean), *adapt_args, "--freeze", "head-only", "--out", str(ad / "head-only"), "-q")
-    runs[RUNS[1]] = (rd / "head-only", plan.head_epochs,
-                     step.run("train", str(ad / "head-only"), *common, "--epochs", str(plan.head_epochs),
-                              "--out", str(rd / "head-only"), "--quiet"))
-    scratch_ckpt = random_init(w / "pretrained" / "resnet18_random.pth")
-    step.run("adapt", str(scratch_ckpt), *adapt_args, "--freeze", "none", "--out", str(ad / "scratch"), "-q")
-    runs[RUNS[0]] = (rd / "scratch", plan.epochs,
-                     step.run("train", str(ad / "scratch"), *common, "--epochs", str(plan.epochs),
-                              "--out", str(rd / "scratch"), "--quiet"))
+    step.run("train", str(ad / "head-only"), *common, "--epochs", str(plan.head_epochs), "--out",
+             str(rd / "head-only"), "--quiet")
+    runs = {RUNS[0]: (rd / "two-phase" / "scratch", plan.epochs), RUNS[1]: (rd / "head-only", plan.head_epochs),
+            RUNS[2]: (rd / "two-phase", plan.epochs)}
 
     from rich.table import Table
 
     table = Table(title=f"digits 5-9, {n_train // 5} images per class, validation on {n_val} images",
                   title_justify="left", show_edge=False)
-    for col in ("run", "epochs", "val accuracy", "best epoch", "train wall time"):
+    for col in ("run", "epochs", "val accuracy", "best epoch", "time in epochs"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for row in table_rows(runs):
         table.add_row(*row)
     out.print()
     out.print(table)
-    out.print(f"plots: {rd}/{{scratch,head-only,two-phase}}/{{curves,confusion}}.png", markup=False)
+    out.print(f"plots: {rd}/two-phase/compare.png, {rd}/{{two-phase,two-phase/scratch,head-only}}/"
+              f"{{curves,confusion}}.png", markup=False)
     out.print(f"\nDone in {time.perf_counter() - t_start:.0f} s. Each step above is a command you can run on your own "
               f"checkpoint and images; `surgery COMMAND --help` lists the options.")

@@ -1,10 +1,12 @@
 """What ``surgery demo`` runs on: real images with no download, and a checkpoint made the way
 users get them.
 
-The images are scikit-learn's bundled handwritten digits (``pip install 'surgery[demo]'``). The
-checkpoint is what "someone else" made with a plain PyTorch loop (no surgery involved): a
-torchvision ResNet-18 trained on digits 0-4 at 32 px and saved through ``nn.DataParallel``, so
-every key carries ``module.``. The new task is digits 5-9 with a few labelled images per class.
+The images are scikit-learn's bundled handwritten digits (``pip install 'surgery[demo]'``), each
+class split once into two halves of different images. The checkpoint is what "someone else" made
+with a plain PyTorch loop (no surgery involved): a torchvision ResNet-18 trained on all ten digits
+of the first half at 32 px and saved through ``nn.DataParallel``, so every key carries
+``module.``. The new task is another labelling, digits 5-9 (a 5-class head), with a few labelled
+images per class from the second half: images the checkpoint never saw.
 
 Everything here is deterministic on the CPU: the same files and the same numbers on every run.
 """
@@ -36,20 +38,25 @@ def _load_digits():
 
 
 def digits_imagefolder(out_dir: Path | str, classes: Iterable[int] = range(10), per_class: int | None = None,
-                       size: int = 32, val_fraction: float = 0.2, val_per_class: int | None = None) -> Path:
+                       size: int = 32, val_fraction: float = 0.2, val_per_class: int | None = None,
+                       half: int | None = None) -> Path:
     """scikit-learn's bundled 8x8 digits as RGB PNGs in ImageFolder layout:
     ``out_dir/{train,val}/<digit>/<i>.png`` (i: index in ``load_digits``), a deterministic
     stratified split, upscaled to ``size`` x ``size``. Returns ``out_dir``.
 
     ``per_class`` keeps that many images of each class (train and val together);
     ``val_fraction`` of them go to val (at least one). With ``val_per_class`` instead, exactly
-    that many of each class go to val and ``per_class`` is the train count.
+    that many of each class go to val and ``per_class`` is the train count. ``half`` (0 or 1)
+    takes only that half of each class's images (a fixed split, so the two halves never share an
+    image), before any of the above.
     """
     import numpy as np
     from PIL import Image
 
     digits = _load_digits()
     out_dir = Path(out_dir)
+    if half not in (None, 0, 1):
+        raise ValueError(f"half is 0, 1 or None, got {half!r}")
     pixels = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)  # values are 0..16
     for c in classes:
         c = int(c)
@@ -58,6 +65,8 @@ def digits_imagefolder(out_dir: Path | str, classes: Iterable[int] = range(10), 
         idx = np.flatnonzero(digits.target == c)
         # seeded per class, so a class's split does not depend on which other classes are asked for
         idx = idx[np.random.default_rng(c).permutation(len(idx))]
+        if half is not None:
+            idx = idx[:len(idx) // 2] if half == 0 else idx[len(idx) // 2:]
         if val_per_class is not None:
             n_val = min(val_per_class, len(idx) - 1)
             idx = idx[:n_val + (per_class if per_class is not None else len(idx))]
@@ -74,10 +83,11 @@ def digits_imagefolder(out_dir: Path | str, classes: Iterable[int] = range(10), 
     return out_dir
 
 
-def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(5), *, arch: str = "resnet18",
-                      size: int = 32, epochs: int = 6, seed: int = 0) -> tuple[Path, dict]:
-    """Train ``arch`` on the digits ``classes`` with a plain PyTorch loop and save it through
-    ``nn.DataParallel``. Returns the checkpoint path and a summary (validation accuracy, epochs).
+def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(10), *, arch: str = "resnet18",
+                      size: int = 32, epochs: int = 6, seed: int = 0, half: int | None = 0) -> tuple[Path, dict]:
+    """Train ``arch`` on the digits ``classes`` (the images of ``half``, see
+    :func:`digits_imagefolder`) with a plain PyTorch loop and save it through ``nn.DataParallel``.
+    Returns the checkpoint path and a summary (validation accuracy, epochs).
     Cached: a second call with the same arguments returns the file already there.
     """
     import torch
@@ -87,15 +97,16 @@ def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(5), *,
 
     out_dir = Path(out_dir)
     classes = [int(c) for c in classes]
-    name = f"{arch}_digits{classes[0]}-{classes[-1]}_dataparallel.pth"
+    part = "" if half is None else f"_half{half}"
+    name = f"{arch}_digits{classes[0]}-{classes[-1]}{part}_dataparallel.pth"
     path, info_path = out_dir / name, out_dir / (name + ".json")
-    want = {"arch": arch, "classes": classes, "size": size, "epochs": epochs, "seed": seed}
+    want = {"arch": arch, "classes": classes, "size": size, "epochs": epochs, "seed": seed, "half": half}
     if path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         if {k: info.get(k) for k in want} == want:
             return path, info
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = discover(digits_imagefolder(out_dir / "digits", classes=classes, size=size))
+    samples = discover(digits_imagefolder(out_dir / f"digits{part}", classes=classes, size=size, half=half))
     train = ImageDataset(samples.train, build_transforms(size, MEAN, STD, 3, train=True, flip=False))
     val = ImageDataset(samples.val, build_transforms(size, MEAN, STD, 3, train=False))
     with torch.random.fork_rng(devices=[]):
@@ -126,21 +137,6 @@ def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(5), *,
     return path, info
 
 
-def random_init(path: Path | str, *, arch: str = "resnet18", num_classes: int = 5, seed: int = 1) -> Path:
-    """The same architecture with random weights: the from-scratch baseline."""
-    import torch
-    import torchvision
-
-    path = Path(path)
-    if not path.is_file():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sd = getattr(torchvision.models, arch)(num_classes=num_classes).state_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, path)
-    return path
-
-
 @dataclass(frozen=True)
 class Plan:
     """How long each run trains, decided from the data. The head-only run trains on cached
@@ -162,4 +158,4 @@ class Plan:
                    unfreeze_at=max(epochs // 3, 1))
 
 
-__all__ = ["DemoError", "digits_imagefolder", "pretrained_digits", "random_init", "Plan", "INSTALL"]
+__all__ = ["DemoError", "digits_imagefolder", "pretrained_digits", "Plan", "INSTALL"]

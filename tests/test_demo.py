@@ -44,6 +44,21 @@ def test_the_readme_table_is_what_the_demo_prints(tmp_path, monkeypatch):
     # the narration says what train did
     assert "trained the head on cached backbone features" in r.stdout  # the head-only run, as step 7 says
     assert "feature cache off: " in r.stdout  # the two-phase run: its backbone trains later
+    # the scratch row is --compare-scratch's, and the README quotes its verdict
+    verdict = re.search(r"^verdict: (pretrained wins by [0-9.]+ points \(noise \+-[0-9.]+\))$", r.stdout, re.M)
+    assert verdict and f"verdict: {verdict.group(1)}" in " ".join(README.read_text().split()), r.stdout[-3000:]
+
+
+def test_the_new_task_is_on_images_the_checkpoint_never_saw(tmp_path):
+    from surgery.demo import digits_imagefolder
+
+    def names(half):
+        root = digits_imagefolder(tmp_path / str(half), classes=[5], size=8, half=half)
+        return {f.name for f in root.rglob("*.png")}
+
+    first, second, every = names(0), names(1), names(None)
+    assert first and second and not first & second
+    assert first | second == every
 
 
 def test_the_demo_names_its_optional_dependency(cli, tmp_path, monkeypatch):
