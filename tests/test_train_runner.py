@@ -15,10 +15,11 @@ from torch import nn
 
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted
-from surgery.errors import SurgeryError
+from surgery import evaluate as _evaluate
+from surgery import train as _train
+from surgery.errors import ResumeError, SurgeryError, TrainInterrupted
 from surgery.trainer.optim import LrMultiplier, optimizer_groups
-from surgery.trainer.runner import train as _train
-from surgery.trainer.state import BEST, LAST, ResumeError, TrainError, TrainInterrupted, load_checkpoint
+from surgery.trainer.state import LAST, load_checkpoint
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -141,8 +142,6 @@ def _weights(out: Path) -> dict:
 # ----------------------------------------------------------------------------- transfer beats scratch
 
 def test_finetune_beats_scratch(env, pretrained, tmp_path):
-    from surgery.trainer.evaluate import evaluate as _evaluate
-
     def evaluate(*args, **kw):
         return _evaluate(*args, trust_code=True, **kw)
 
