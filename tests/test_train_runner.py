@@ -342,6 +342,15 @@ def test_bad_inputs_are_refused_before_anything_is_written(env, adapted_random, 
     assert list(existing.iterdir()) == []
 
 
+def test_every_bad_option_is_named_in_one_error(tmp_path):
+    with pytest.raises(SurgeryError, match=r"--epochs must be a positive integer, got 0; .*--batch-size must be a "
+                                           r"positive integer, got 0"):
+        train(tmp_path / "ad", tmp_path / "data", epochs=0, batch_size=0, out=tmp_path / "out")
+    with pytest.raises(SurgeryError, match=r"^--epochs is required"):
+        train(tmp_path / "ad", tmp_path / "data", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_from_incompatible_checkpoint(env, adapted_random, tmp_path):
     train(adapted_random, env["data"], epochs=1, lr=1e-3, out=tmp_path / "run", batch_size=32)
     other_arch = make_adapted({k: v for k, v in load_factory(env["arch"])(5, 8).state_dict().items()},

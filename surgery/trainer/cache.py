@@ -13,14 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
 from ..adapter.freeze import group_trainable
 from ..errors import TrainError
 from .data import ImageDataset, Samples
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
-
     from .device import Placement
 
 
@@ -33,7 +34,7 @@ def head_path(manifest: Any) -> str:
     return head.get("module") or head.get("block") or head["classifier"]
 
 
-def eligibility(model: "nn.Module", manifest: Any, epochs: int) -> tuple[bool, str]:
+def eligibility(model: nn.Module, manifest: Any, epochs: int) -> tuple[bool, str]:
     """(eligible, why not). Checked against the schedule of every epoch of the run."""
     data = manifest.data if hasattr(manifest, "data") else manifest
     path = head_path(manifest)
@@ -68,15 +69,13 @@ def eligibility(model: "nn.Module", manifest: Any, epochs: int) -> tuple[bool, s
 class HeadInput:
     """A forward hook that keeps the input of ``model.<path>`` from the last forward."""
 
-    def __init__(self, model: "nn.Module", path: str):
+    def __init__(self, model: nn.Module, path: str):
         self.module = model.get_submodule(path)
         self.value: Any = None
         self.bad: str | None = None
         self._h = self.module.register_forward_hook(self._hook)
 
     def _hook(self, mod: Any, args: tuple, out: Any) -> None:
-        import torch
-
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             self.bad = f"the head module takes {len(args)} inputs, not one tensor"
             self.value = None
@@ -87,10 +86,8 @@ class HeadInput:
         self._h.remove()
 
 
-def verify_split(model: "nn.Module", path: str, x: "torch.Tensor", atol: float = 1e-4) -> str | None:
+def verify_split(model: nn.Module, path: str, x: torch.Tensor, atol: float = 1e-4) -> str | None:
     """None when ``head(captured input) == model(x)`` (eval mode, float tolerance), else why not."""
-    import torch
-
     was = model.training
     model.eval()
     hook = HeadInput(model, path)
@@ -114,13 +111,11 @@ def verify_split(model: "nn.Module", path: str, x: "torch.Tensor", atol: float =
         model.train(was)
 
 
-def extract(model: "nn.Module", path: str, loader: Any, device: "torch.device",
+def extract(model: nn.Module, path: str, loader: Any, device: torch.device,
             to_device: Callable[[Any], Any], autocast: Callable[[], Any],
-            on_batch: Callable[[int], None] | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+            on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) for every image of ``loader``: the inputs of the head module, on the
     CPU, float32, in the loader's order. The model runs in eval mode without gradients."""
-    import torch
-
     was = model.training
     model.eval()
     hook = HeadInput(model, path)
@@ -155,7 +150,7 @@ class IndexDataset:
         return i
 
 
-def decide(model: "nn.Module", manifest: Any, epochs: int, request: str, *, distributed: bool,
+def decide(model: nn.Module, manifest: Any, epochs: int, request: str, *, distributed: bool,
            compiled: bool) -> tuple[bool, str]:
     """(use the cache, why not) for ``--cache-features request`` (auto, on, off); ``on`` where
     the cache cannot be used is refused."""
@@ -176,23 +171,20 @@ class Features:
     """The cache: per view, the head's inputs and labels of every training image; and those of
     the validation images (CPU, float32, in the loaders' order)."""
 
-    train: list[tuple["torch.Tensor", "torch.Tensor"]]
-    val: tuple["torch.Tensor", "torch.Tensor"]
+    train: list[tuple[torch.Tensor, torch.Tensor]]
+    val: tuple[torch.Tensor, torch.Tensor]
 
-    def train_view(self, epoch: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def train_view(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The view an epoch trains on: they take turns."""
         return self.train[epoch % len(self.train)]
 
 
-def build(model: "nn.Module", path: str, samples: "Samples", val_set: Any, transforms: tuple[Callable, Callable], *,
+def build(model: nn.Module, path: str, samples: "Samples", val_set: Any, transforms: tuple[Callable, Callable], *,
           views: int, batch_size: int, workers: int, place: "Placement", seed: int, failure_log: Any,
           on_images: Callable[[int, int], None]) -> Features:
     """Run the frozen model once over the training images (``views`` augmented passes, or one
     plain pass when 0) and the validation set, keeping the head's inputs. ``transforms``: (plain,
     augmented). ``on_images(done, total)`` follows progress."""
-    import torch
-    from torch.utils.data import DataLoader
-
     kw = dict(batch_size=max(batch_size, 64), shuffle=False, num_workers=workers, pin_memory=place.cuda)
     total = len(samples.train) * max(views, 1) + len(val_set)
     done = [0]
@@ -201,7 +193,7 @@ def build(model: "nn.Module", path: str, samples: "Samples", val_set: Any, trans
         done[0] += n
         on_images(done[0], total)
 
-    def features(dataset: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def features(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return extract(model, path, DataLoader(dataset, **kw), place.device, place.inputs, place.autocast, tick)
 
     train_views = []

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+from torch.utils.data import DataLoader
+
 from ..adapter.core import load_adapted
 from ..adapter.manifest import read_manifest
 from ..errors import DataError, InputError, SurgeryError
@@ -97,8 +100,6 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
     the split of the training run (its ``--val-split`` and ``--seed``, from the manifest's
     results) is reproduced unless given; ``split='all'`` needs no split at all. ``trust_code``:
     as in :func:`surgery.load_adapted`."""
-    from torch.utils.data import DataLoader
-
     if split not in SPLITS:
         raise SurgeryError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     ld = _load(folder, device, image_size, trust_code)
@@ -141,8 +142,6 @@ def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, t
     names from the manifest. A folder stands for the images under it. An image that cannot be
     read gets ``"top": []`` and ``"error"`` (why) while the others are classified; when none can
     be read, an error names them. ``trust_code``: as in :func:`surgery.load_adapted`."""
-    import torch
-
     if top_k < 1:
         raise SurgeryError(f"--top-k must be at least 1, got {top_k}")
     if not images:

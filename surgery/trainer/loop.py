@@ -8,7 +8,11 @@ import contextlib
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from ..adapter.freeze import apply_schedule, group_trainable
 from ..errors import TrainInterrupted
@@ -20,9 +24,6 @@ from .predictions import Scores, feature_batches, score
 from .prepare import Run
 from .resume import continue_command
 from .state import BEST, CHECKPOINT_DIR, LAST, clean_state_dict, rng_state, save_checkpoint
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
 
 Observer = Callable[[str, dict], None]
 
@@ -74,7 +75,7 @@ def checkpoint_state(run: Run, done_epochs: int) -> dict:
             "fingerprint": run.fingerprint, "history": list(p.history), "args": run.args}
 
 
-def val_scores(run: Run, forward: "nn.Module", feats: Features | None, keep: bool = False) -> Scores:
+def val_scores(run: Run, forward: nn.Module, feats: Features | None, keep: bool = False) -> Scores:
     """The validation set through ``forward`` (eval mode), or through the head on cached features."""
     run.model.eval()
     if feats is not None:
@@ -88,15 +89,13 @@ class _Epochs:
     """The loop's working state: the network it steps (DDP-wrapped anew whenever the set of
     trainable parameters changes) and the epoch it is in."""
 
-    def __init__(self, run: Run, net: "nn.Module", feats: Features | None, obs: Observer):
-        import torch
-
+    def __init__(self, run: Run, net: nn.Module, feats: Features | None, obs: Observer):
         self.run, self.net, self.feats, self.obs = run, net, feats, obs
         self.ddp_net, self.wrapped_for = net, None
         self.crit = torch.nn.CrossEntropyLoss(label_smoothing=run.opts.label_smoothing)
         self.epoch = run.progress.start_epoch
 
-    def begin(self, epoch: int) -> tuple[str, int, "nn.Module", Iterable]:
+    def begin(self, epoch: int) -> tuple[str, int, nn.Module, Iterable]:
         """Open this epoch's groups; (phase, trainable parameters, the network to step, its batches)."""
         run, model = self.run, self.run.model
         set_epoch(run.train_dl, epoch)
@@ -115,8 +114,6 @@ class _Epochs:
                                  "trainable_params": n_trainable, "steps": len(run.train_dl)})
         if self.feats is None:
             return ph, n_trainable, self.ddp_net, iter(run.train_dl)
-        from torch.utils.data import DataLoader
-
         tx, ty = self.feats.train_view(epoch)
         dl = run.train_dl
         batches = ((tx[idx], ty[idx]) for idx in DataLoader(IndexDataset(len(ty)), batch_size=dl.batch_size,
@@ -126,10 +123,8 @@ class _Epochs:
         head.train()
         return ph, n_trainable, head, batches
 
-    def step(self, net: "nn.Module", xb: Any, yb: Any) -> tuple[Any, Any]:
+    def step(self, net: nn.Module, xb: Any, yb: Any) -> tuple[Any, Any]:
         """One optimizer step (gradient scaling on fp16, clipping when asked); (logits, loss)."""
-        import torch
-
         run, scaler = self.run, self.run.scaler
         run.opt.zero_grad(set_to_none=True)
         with run.place.autocast():
@@ -149,7 +144,7 @@ class _Epochs:
         run.sched.step()
         return logits, loss
 
-    def train(self, epoch: int, net: "nn.Module", batches: Iterable) -> tuple[list[float], list[float]]:
+    def train(self, epoch: int, net: nn.Module, batches: Iterable) -> tuple[list[float], list[float]]:
         """Every step of the epoch; ([loss sum, correct, images] over ranks, the lrs of its last step)."""
         run = self.run
         loss_sum, correct, seen = 0.0, 0, 0
@@ -240,7 +235,7 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
     return False
 
 
-def run_epochs(run: Run, net: "nn.Module", feats: Features | None, obs: Observer) -> None:
+def run_epochs(run: Run, net: nn.Module, feats: Features | None, obs: Observer) -> None:
     """Every epoch from the checkpoint's (or the first) to ``--epochs``; on Ctrl-C or SIGTERM,
     the run's state is logged and :class:`TrainInterrupted` raised."""
     loop = _Epochs(run, net, feats, obs)

@@ -9,7 +9,10 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import torch
+from torch import nn
 
 from ..adapter.core import load_adapted
 from ..adapter.manifest import read_manifest
@@ -25,9 +28,6 @@ from .options import TrainOptions
 from .outputs import RunFiles
 from .resume import inside, load_moving
 from .state import BEST, CHECKPOINT_DIR, changing_keys, check_fingerprint, fingerprint, load_checkpoint
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
 
 Observer = Callable[[str, dict], None]
 
@@ -53,7 +53,7 @@ class Run:
     manifest: Any
     samples: Samples
     skipped: list[tuple[str, str]]
-    model: "nn.Module"
+    model: nn.Module
     pipe: InputPipeline
     dist: D.DistInfo
     place: Placement
@@ -141,11 +141,9 @@ def _check_data(opts: TrainOptions, manifest: Any) -> tuple[Samples, list[tuple[
     return scan_images(samples)
 
 
-def _check_image_size(model: "nn.Module", manifest: Any, size: int, channels: int) -> None:
+def _check_image_size(model: nn.Module, manifest: Any, size: int, channels: int) -> None:
     """``--image-size`` other than adapt's: one image through the model first, so that a model
     built for one size (a ViT) is refused in one line, not with a traceback after the setup."""
-    import torch
-
     was = model.training
     model.eval()
     try:
@@ -211,8 +209,6 @@ def claim_out(run: Run, resuming_here: bool) -> None:
 
 def seed_everything(seed: int, rank: int) -> None:
     """Python, numpy and torch; each rank its own torch seed."""
-    import torch
-
     random.seed(seed)
     try:
         import numpy as np
@@ -225,8 +221,6 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def build_training(run: Run) -> None:
     """Loaders, optimizer (every manifest group, decay split), lr schedule and gradient scaler."""
-    import torch
-
     o = run.opts
     run.train_dl, run.val_dl = make_loaders(
         run.samples, **pipeline_args(run.pipe), batch_size=o.batch_size, num_workers=o.workers, seed=o.seed,

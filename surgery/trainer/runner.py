@@ -8,8 +8,8 @@ Norm and bias parameters get no weight decay. Everything is written into OUT, ea
 atomically; ``OUT/checkpoints/last.pt`` resumes exactly.
 
 Library code never prints: pass ``observer(event, info)`` to follow progress. Events:
-``start``, ``cache`` (images done), ``epoch_start``, ``step``, ``epoch_end`` (the epoch's
-metrics), ``log`` (a run.log line), ``end``.
+``cache`` (images done), ``lr_find`` (the range test's result), ``start``, ``epoch_start``,
+``step``, ``epoch_end`` (the epoch's metrics), ``log`` (a run.log line), ``end``.
 
     >>> result = train("adapted/", "data/", epochs=5, lr=1e-3, out="run/")  # doctest: +SKIP
     >>> result.best_val_acc
@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Callable, Optional
+
+import torch
 
 from ..errors import TrainError
 from . import distributed as D
@@ -82,8 +84,6 @@ def run_training(opts: TrainOptions, obs: Observer) -> TrainResult:
         ckpt, resuming_here = open_resume(opts.resume, opts.out)
         opts, restored = restore_args(opts, ckpt.get("args") or {}, ckpt["path"])
     opts = opts.validated()
-    import torch
-
     dev = resolve_device(opts.device)
     dist = D.setup(dev.type)
     try:
@@ -97,8 +97,6 @@ def run_training(opts: TrainOptions, obs: Observer) -> TrainResult:
 
 def _fit(run: Run, obs: Observer) -> TrainResult:
     """The cache, the lr, the epochs, the outputs: a prepared run to its result."""
-    import torch
-
     feats = _feature_cache(run, obs)
     _find_lr(run, feats, obs)
     if run.ckpt is not None:
@@ -165,8 +163,6 @@ def _find_lr(run: Run, feats: Features | None, obs: Observer) -> None:
 
 def _confusion(run: Run, feats: Features | None) -> list[list[int]]:
     """The validation confusion matrix of the model as it is now (summed over ranks)."""
-    import torch
-
     s = val_scores(run, run.model, feats, keep=True)
     cm = torch.tensor(confusion_matrix(s.predicted(), s.targets(), len(run.samples.classes)), dtype=torch.float64)
     cm = D.all_reduce_tensor(run.dist, cm.to(run.place.device) if run.place.cuda else cm)
