@@ -43,6 +43,14 @@ from foundation import (REPO, BenchError, Measure, Run, Spec, _short, machine_fa
 
 # ---------------------------------------------------------------- child scripts (the parent never imports torch)
 
+# argv: CHECKOUT ARGS...: the CLI of the source folder CHECKOUT, as the console script runs it
+CHECKOUT_CLI = ("import os, runpy, sys\n"
+                "root = os.path.realpath(sys.argv[1])\n"
+                "here = os.path.realpath(os.getcwd())\n"
+                "sys.path[:] = [root] + [p for p in sys.path if p and os.path.realpath(p) not in (here, root)]\n"
+                "sys.argv = ['surgery', *sys.argv[2:]]\n"
+                "runpy.run_module('cli.main', run_name='__main__', alter_sys=True)\n")
+
 MAKE_DATA = """
 import sys
 from fixtures.generate import digits_imagefolder
@@ -351,6 +359,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="after timing, run the head-only surgery command once under cProfile and print the top")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "out")
+    p.add_argument("--checkout", type=Path, default=None,
+                   help="measure the surgery of this source folder (its cli/ and surgery/) instead of the "
+                        "installed console script, e.g. a branch before it is installed; --profile needs the script")
     a = p.parse_args(argv)
     if a.repeat < 1 or a.epochs < 1 or a.ft_epochs < 1 or a.size < 8 or a.per_class < 0:
         p.error("--repeat, --epochs, --ft-epochs must be >= 1, --size >= 8, --per-class >= 0")
@@ -368,16 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(exist_ok=True)
     py = sys.executable
     surgery = str(Path(py).parent / "surgery")
+    # the command line of `surgery`: the console script, or the CLI module of a source folder
+    # imported from that folder (never from the working directory)
+    cmd_of = [surgery] if args.checkout is None else [py, "-c", CHECKOUT_CLI, str(args.checkout.resolve())]
     cmd = [_short(Path(py)), "bench/train.py", "--repeat", str(args.repeat), "--epochs", str(args.epochs),
            "--ft-epochs", str(args.ft_epochs), "--size", str(args.size), "--per-class", str(args.per_class),
            "--batch-size", str(args.batch_size), "--lr", f"{args.lr:g}", "--weight-decay", f"{args.weight_decay:g}",
            "--seed", str(args.seed), "--pretrain-epochs", str(args.pretrain_epochs), "--cases", ",".join(args.cases),
-           "--workdir", _short(args.workdir.resolve())] + (["--profile"] if args.profile else [])
+           "--workdir", _short(args.workdir.resolve())] + (["--profile"] if args.profile else []) + (
+               ["--checkout", _short(args.checkout.resolve())] if args.checkout is not None else [])
     print("reproduce: " + shlex.join(cmd))
     facts = machine_facts()
     print("machine:   " + ", ".join(f"{k}={facts[k]}" for k in ("nproc", "cpu", "mem_gb", "kernel", "python", "torch",
                                                                   "git_head", "git_dirty_files")))
-    if not Path(surgery).exists():
+    if args.checkout is None and not Path(surgery).exists():
         print(f"error: {surgery} not found; install the project first (pip install -e .)", file=sys.stderr)
         return 1
 
@@ -399,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_child([py, "-c", "import sys, torch, torchvision; torch.manual_seed(0); torch.save("
                            "torch.nn.DataParallel(torchvision.models.resnet18(num_classes=5)).state_dict(), sys.argv[1])",
                            str(tmp)], "random resnet18 (for adapt's input settings)")
-                run_child([surgery, "adapt", str(tmp), "--arch", "resnet18", "--num-classes", "10", "--freeze",
+                run_child([*cmd_of, "adapt", str(tmp), "--arch", "resnet18", "--num-classes", "10", "--freeze",
                            freeze, "--input-size", str(args.size), "--out", str(d), "--force"], "adapt (probe)")
                 inp = json.loads((d / "manifest.json").read_text())["input"]
                 cfg = {"data": str(pre_data), "size": args.size, "resize": inp.get("resize") or int(args.size / 0.875),
@@ -411,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             # full fine-tune: the backbone at the head's lr (not adapt's default x0.1), as the loop's one
             # AdamW group does, so both sides run the same training and their accuracies compare
             extra = ["--backbone-lr-mult", "1"] if freeze == "none" else []
-            run_child([surgery, "adapt", str(ckpt), "--arch", "resnet18", "--num-classes", "10", "--freeze", freeze,
+            run_child([*cmd_of, "adapt", str(ckpt), "--arch", "resnet18", "--num-classes", "10", "--freeze", freeze,
                        "--input-size", str(args.size), "--out", str(d), "--force", *extra],
                       f"surgery adapt --freeze {freeze}{' ' + ' '.join(extra) if extra else ''}")
     except BenchError as e:
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                            "save": str(work / f"loop_{mode}_best.pt")})
 
     def train_argv(adapted: Path, out: Path, epochs: int, cache: str) -> list[str]:
-        return [surgery, "train", str(adapted), "--data", str(data), "--out", str(out), "--force", "--json",
+        return [*cmd_of, "train", str(adapted), "--data", str(data), "--out", str(out), "--force", "--json",
                 "--epochs", str(epochs), "--lr", f"{args.lr:g}", "--batch-size", str(args.batch_size),
                 "--seed", str(args.seed), "--optimizer", "adamw", "--weight-decay", f"{args.weight_decay:g}",
                 "--schedule", "constant", "--warmup-epochs", "0", "--no-augment", "--cache-features", cache,
@@ -466,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             prof = work / "surgery_head.prof"
             clean()
-            run_child([py, "-m", "cProfile", "-o", str(prof), surgery, *head_argv[1:]], "surgery train under cProfile")
+            run_child([py, "-m", "cProfile", "-o", str(prof), surgery, *head_argv[len(cmd_of):]], "surgery train under cProfile")
             out = subprocess.run([py, "-c", "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative')"
                                   ".print_stats(40)", str(prof)], capture_output=True, text=True).stdout
             print("\ncProfile of the head-only surgery run (cumulative, top 40):")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import SurgeryError
+from .preprocess import input_pipeline
 
 SCHEMA = "surgery.export/1"
 PREPROCESS_SCHEMA = "surgery.preprocess/1"
@@ -55,14 +56,14 @@ class ExportReport:
 
 def preprocess_info(manifest: Any) -> dict:
     """What a deployment must do to an image before the model sees it, from the manifest."""
-    inp = manifest["input"]
+    pipe = input_pipeline(manifest)
     names = manifest.data.get("class_names") or manifest.head.get("class_names") or [str(i) for i in range(manifest.num_classes)]
-    size = list(inp["size"])
+    size = list(pipe.size)
     return {"schema": PREPROCESS_SCHEMA, "input_name": "input", "output_name": "logits", "layout": "NCHW",
-            "dtype": "float32", "shape": ["batch", int(inp.get("channels", 3)), *size],
-            "resize": inp.get("resize"), "crop": size, "interpolation": inp.get("interpolation") or "bilinear",
+            "dtype": "float32", "shape": ["batch", pipe.channels, *size],
+            "resize": pipe.resize, "crop": size, "interpolation": pipe.interpolation,
             "scale": "pixel values / 255, then (x - mean) / std per channel",
-            "mean": list(inp["mean"]), "std": list(inp["std"]), "channels": int(inp.get("channels", 3)),
+            "mean": list(pipe.mean), "std": list(pipe.std), "channels": pipe.channels,
             "num_classes": manifest.num_classes, "class_names": [str(n) for n in names],
             "output": "logits; softmax over dim 1 for probabilities",
             "weights_sha256": manifest["files"].get("weights_sha256"), "created_by": f"surgery {__version__}"}
@@ -122,7 +123,8 @@ def _model(folder, m) -> tuple[Any, Any]:
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    example = torch.randn(2, int(m["input"].get("channels", 3)), *m["input"]["size"], generator=g)
+    pipe = input_pipeline(m)
+    example = torch.randn(2, pipe.channels, *pipe.size, generator=g)
     return model, example
 
 

@@ -353,7 +353,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from ..preprocess import input_pipeline
     from . import cache as cache_mod
     from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
-    from .runner import _resolve_device
+    from .device import resolve_device
     from .state import TrainError
 
     if optimizer not in ("adamw", "sgd"):
@@ -365,7 +365,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     samples = discover(data, val_split=val_split, seed=seed)
     check_num_classes(samples, manifest.num_classes)
     samples, _ = scan_images(samples)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
     pipe = input_pipeline(manifest, image_size)
     train_dl, _ = make_loaders(samples, image_size=list(pipe.size), mean=list(pipe.mean), std=list(pipe.std),
