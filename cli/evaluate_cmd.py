@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+import surgery
+from surgery.errors import DataError
+
 from .common import console, handles_errors, print_json
 
 
@@ -32,13 +35,10 @@ def evaluate(
 
     Example: surgery evaluate run/ --data data/ --split val
     """
-    from surgery.trainer.data import DataError
-    from surgery.trainer.evaluate import evaluate as run_eval
-
     if data is None:
         raise DataError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
-    rep = run_eval(folder, data, split=split, val_split=val_split, seed=seed, batch_size=batch_size,
-                   workers=workers, device=device, image_size=image_size, trust_code=trust_code)
+    rep = surgery.evaluate(folder, data, split=split, val_split=val_split, seed=seed, batch_size=batch_size,
+                           workers=workers, device=device, image_size=image_size, trust_code=trust_code)
     if as_json:
         print_json(rep.to_json())
         return

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+import surgery
+
 from .common import console, handles_errors, print_json
 
 
@@ -32,11 +34,10 @@ def predict(
 
     Example: surgery predict run/ cat.jpg dog.png photos/ --top-k 3
     """
-    from surgery.trainer.evaluate import PREDICT_SCHEMA
-    from surgery.trainer.evaluate import predict as run_predict
+    from surgery.trainer.evaluate import PREDICT_SCHEMA  # a torch-importing module: only when predicting
 
-    preds = run_predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None,
-                        trust_code=trust_code)
+    preds = surgery.predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None,
+                            trust_code=trust_code)
     if as_json:
         print_json({"schema": PREDICT_SCHEMA, "model": str(folder), "predictions": preds})
         return

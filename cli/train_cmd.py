@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
+import surgery
+from surgery.errors import TrainError
+from surgery.trainer.distributed import is_main_process, relaunch
+
 from .common import console, handles_errors, print_json
+from .train_extras import run_compare, run_find_lr
 
 _RESUME_LAST = "\0last"
 _ENTRY = __spec__.name if __spec__ is not None else __name__  # what --nproc starts under torchrun: this module
@@ -57,10 +63,8 @@ class Renderer:
         self.t0 = 0.0
 
     def __call__(self, event: str, info: dict) -> None:
-        if self.quiet or os.environ.get("RANK", "0") != "0":
+        if self.quiet or not is_main_process():
             return
-        import time
-
         if event == "log":
             msg = info["message"]
             # epoch lines come from epoch_end below; each skipped file is in run.log
@@ -145,63 +149,18 @@ def train(
 
     Example: surgery train adapted/ --data data/ --epochs 10 --out run/
     """
-    from surgery.trainer.state import TrainError
-
-    if data is None:
-        raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
-    if out is None and not find_lr:
-        raise TrainError("--out DIR is required: where to write the run")
-    if compare_scratch and (resume is not None or nproc is not None or find_lr):
-        raise TrainError("--compare-scratch runs both trainings afresh in one process; drop --resume, --nproc, --find-lr")
+    a = SimpleNamespace(**{k: v for k, v in locals().items() if k != "ctx"})  # every option, by name
+    _check(a)
     if nproc is not None:
-        if nproc < 1:
-            raise TrainError(f"--nproc must be at least 1, got {nproc}")
-        from surgery.trainer.distributed import launch_command, strip_nproc
-
-        raw = ctx.meta.get("surgery.raw_args") or sys.argv[1:]
-        argv = strip_nproc(raw)
-        if argv and argv[0] == "train":
-            argv = argv[1:]
-        cmd = launch_command(nproc, argv, module=_ENTRY)
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        rc = subprocess.run(cmd, env=env).returncode
-        raise typer.Exit(rc)
-
-    lr_value = _parse_lr(lr)
-    common = dict(val_split=val_split, seed=seed, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
-                  label_smoothing=label_smoothing, image_size=image_size, augment=not no_augment, flip=not no_flip,
-                  device=device, cache_features=cache_features, force=force, trust_code=trust_code)
+        raise typer.Exit(relaunch(nproc, _forwarded(ctx), entry=_ENTRY))
+    a.lr = _parse_lr(lr)
     if find_lr:
-        from .train_extras import run_find_lr
-
-        return run_find_lr(adapted, data, out, common, as_json)
+        return run_find_lr(adapted, data, out, _shared(a), as_json)
     renderer = Renderer(quiet, as_json)
     if compare_scratch:
-        from .train_extras import run_compare
-
-        return run_compare(adapted, data, out, renderer, as_json, dict(
-            common, epochs=epochs, lr=lr_value, workers=workers, schedule=schedule, warmup_epochs=warmup_epochs,
-            clip_grad=clip_grad, patience=patience, amp=not no_amp, compile=compile_, cache_views=cache_views))
-    from surgery.trainer.runner import train as run_train
-
-    if resume is not None:  # what the command line leaves out comes from the checkpoint
-        given = {n for n in ("epochs", "lr") if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
-        epochs = epochs if "epochs" in given else None  # type: ignore[assignment]
-        lr_value = lr_value if "lr" in given else None  # type: ignore[assignment]
-
-    try:
-        result = run_train(
-            adapted, data, epochs=epochs, lr=lr_value, out=out, val_split=val_split, seed=seed, batch_size=batch_size,
-            workers=workers, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, patience=patience,
-            image_size=image_size, augment=not no_augment, flip=not no_flip, device=device, amp=not no_amp,
-            compile=compile_, cache_features=cache_features, cache_views=cache_views,
-            resume=(True if resume == _RESUME_LAST else resume), force=force, observer=renderer,
-            trust_code=trust_code)
-    finally:
-        renderer.close()
-    if os.environ.get("RANK", "0") != "0":
+        return run_compare(adapted, data, out, renderer, as_json, dict(_shared(a), **_run_only(a)))
+    result = _run(ctx, a, renderer)
+    if not is_main_process():
         return
     if as_json:
         print_json(result.to_json())
@@ -209,9 +168,49 @@ def train(
     render(result)
 
 
-def _parse_lr(text: str) -> float | str:
-    from surgery.trainer.state import TrainError
+def _check(a: SimpleNamespace) -> None:
+    if a.data is None:
+        raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
+    if a.out is None and not a.find_lr:
+        raise TrainError("--out DIR is required: where to write the run")
+    if a.compare_scratch and (a.resume is not None or a.nproc is not None or a.find_lr):
+        raise TrainError("--compare-scratch runs both trainings afresh in one process; drop --resume, --nproc, --find-lr")
 
+
+def _forwarded(ctx: typer.Context) -> list[str]:
+    """This command's arguments, for the processes torchrun starts (--nproc is dropped there)."""
+    argv = ctx.meta.get("surgery.raw_args") or sys.argv[1:]
+    return argv[1:] if argv and argv[0] == "train" else list(argv)
+
+
+def _shared(a: SimpleNamespace) -> dict:
+    """The options of a run that --find-lr and --compare-scratch take too."""
+    return dict(val_split=a.val_split, seed=a.seed, batch_size=a.batch_size, optimizer=a.optimizer,
+                weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, image_size=a.image_size,
+                augment=not a.no_augment, flip=not a.no_flip, device=a.device, cache_features=a.cache_features,
+                force=a.force, trust_code=a.trust_code)
+
+
+def _run_only(a: SimpleNamespace) -> dict:
+    return dict(epochs=a.epochs, lr=a.lr, workers=a.workers, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
+                clip_grad=a.clip_grad, patience=a.patience, amp=not a.no_amp, compile=a.compile_,
+                cache_views=a.cache_views)
+
+
+def _run(ctx: typer.Context, a: SimpleNamespace, renderer: "Renderer") -> Any:
+    options = dict(_shared(a), **_run_only(a))
+    if a.resume is not None:  # what the command line leaves out comes from the checkpoint
+        for name in ("epochs", "lr"):
+            if getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE":
+                options[name] = None
+    try:
+        return surgery.train(a.adapted, a.data, out=a.out, resume=(True if a.resume == _RESUME_LAST else a.resume),
+                             observer=renderer, **options)
+    finally:
+        renderer.close()
+
+
+def _parse_lr(text: str) -> float | str:
     if text == "auto":
         return "auto"
     try:

@@ -182,7 +182,7 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
     from .adapter.core import adapt, build_from_manifest
     from .trainer.cache import head_path
     from .trainer.data import DataError, build_transforms, discover, scan_images
-    from .trainer.runner import _resolve_device
+    from .trainer.device import resolve_device
 
     t0 = time.perf_counter()
     samples = discover(data, val_split=val_split, seed=seed)
@@ -192,7 +192,7 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
     classes = list(samples.classes)
     counts = samples.counts()["train"]
     per_class = min(int(counts.get(c, 0)) for c in classes)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, report = adapt(ckpt, arch=arch, num_classes=len(classes), arch_kwargs=arch_kwargs, freeze="head-only",
                           input_size=input_size, seed=seed)
     m = report.manifest

@@ -75,3 +75,23 @@ class RuleError(SurgeryError):
 
 class OutputError(SurgeryError):
     """A destination that cannot or must not be written."""
+
+
+# ----------------------------------------------------------------------------- training (surgery.trainer)
+
+class DataError(SurgeryError):
+    """The training data cannot be used as given: missing, empty, malformed or inconsistent."""
+
+
+class TrainError(SurgeryError):
+    """A training run that cannot start or continue as asked."""
+
+
+class ResumeError(TrainError):
+    """A checkpoint that is missing, unreadable, or belongs to another model or dataset."""
+
+
+class TrainInterrupted(TrainError):
+    """Ctrl-C or SIGTERM: the state of the last finished epoch is in last.pt."""
+
+    exit_code = 130

@@ -47,8 +47,8 @@ def test_every_error_class_is_known():
     classes = _all_subclasses(SurgeryError)
     names = {c.__module__ + "." + c.__name__ for c in classes}
     for expected in ("surgery.errors.FormatError", "surgery.errors.UnsafeCheckpointError",
-                     "surgery.adapter.errors.ManifestError", "surgery.trainer.data.DataError",
-                     "surgery.trainer.state.TrainError"):
+                     "surgery.adapter.errors.ManifestError", "surgery.errors.DataError",
+                     "surgery.errors.TrainError"):
         assert expected in names, sorted(names)
 
 

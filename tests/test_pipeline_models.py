@@ -16,8 +16,8 @@ import torchvision
 
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted, load_weights
-from surgery.trainer.runner import train
-from surgery.trainer.state import TrainError
+from surgery import train
+from surgery.errors import TrainError
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -116,3 +118,13 @@ def test_image_size_override_is_recorded_for_evaluate(cli, setup, tmp_path):
     assert manifest["input"]["size"] == [SIZE + 8, SIZE + 8]
     ev = json.loads(cli("evaluate", "--trust-code", out, "--data", data, "--json").stdout)
     assert ev["accuracy"] == pytest.approx(best)
+
+
+def test_commands_report_errors_without_importing_torch(cli, tmp_path):
+    code = ("import sys, cli.train_cmd, cli.evaluate_cmd, cli.predict_cmd, surgery.errors\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    r = cli("train", tmp_path / "ad", "--data", tmp_path, "--out", tmp_path / "o", "--nproc", 0)
+    assert r.exit_code == 2 and "--nproc must be at least 1, got 0" in r.stderr
+    r = cli("evaluate", tmp_path / "ad")
+    assert r.exit_code == 2 and "--data is required" in r.stderr

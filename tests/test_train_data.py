@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from fixtures.generate import digits_imagefolder
-from surgery.errors import SurgeryError
-from surgery.trainer.data import (DataError, DataSpec, ImageDataset, Samples, ShardSampler, build_transforms,
-                                check_num_classes, discover, make_loaders, scan_images, sort_classes)
+from surgery.errors import DataError, SurgeryError
+from surgery.trainer.data import (ImageDataset, Samples, ShardSampler, build_transforms, check_num_classes, discover,
+                                  make_loaders, scan_images, sort_classes)
 from surgery.trainer.plots import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -143,8 +143,7 @@ def test_csv_with_header_and_relative_paths(copy):
     for p in files(root / "train"):
         lines.append(f"{p.relative_to(root)},{label_of[p.parent.name]}")
     csv_path = write_csv(root / "labels.CSV", lines)
-    assert DataSpec(csv_path).csv and not DataSpec(root).csv
-    s = DataSpec(csv_path, val_split=0.25, seed=3).discover()
+    s = discover(csv_path, val_split=0.25, seed=3)  # the suffix is matched case-insensitively
     assert s.source == "csv" and s.classes == ["ant", "cat", "dog"]
     assert s.counts() == {"train": {c: 6 for c in s.classes}, "val": {c: 2 for c in s.classes}}
     for path, label in s.train + s.val:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.trainer.runner import train
-from surgery.trainer.state import ResumeError, TrainInterrupted
+from surgery import train
+from surgery.errors import ResumeError, TrainInterrupted
 from tests.test_train_runner import SIZE, adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -15,10 +15,11 @@ from torch import nn
 
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted
-from surgery.errors import SurgeryError
+from surgery import evaluate as _evaluate
+from surgery import train as _train
+from surgery.errors import ResumeError, SurgeryError, TrainInterrupted
 from surgery.trainer.optim import LrMultiplier, optimizer_groups
-from surgery.trainer.runner import train as _train
-from surgery.trainer.state import BEST, LAST, ResumeError, TrainError, TrainInterrupted, load_checkpoint
+from surgery.trainer.state import LAST, load_checkpoint
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -141,8 +142,6 @@ def _weights(out: Path) -> dict:
 # ----------------------------------------------------------------------------- transfer beats scratch
 
 def test_finetune_beats_scratch(env, pretrained, tmp_path):
-    from surgery.trainer.evaluate import evaluate as _evaluate
-
     def evaluate(*args, **kw):
         return _evaluate(*args, trust_code=True, **kw)
 
@@ -341,6 +340,15 @@ def test_bad_inputs_are_refused_before_anything_is_written(env, adapted_random, 
     existing.mkdir()
     _refused(tmp_path, existing, r"already exists; pass --force", adapted=adapted_random, data=env["data"])
     assert list(existing.iterdir()) == []
+
+
+def test_every_bad_option_is_named_in_one_error(tmp_path):
+    with pytest.raises(SurgeryError, match=r"--epochs must be a positive integer, got 0; .*--batch-size must be a "
+                                           r"positive integer, got 0"):
+        train(tmp_path / "ad", tmp_path / "data", epochs=0, batch_size=0, out=tmp_path / "out")
+    with pytest.raises(SurgeryError, match=r"^--epochs is required"):
+        train(tmp_path / "ad", tmp_path / "data", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_from_incompatible_checkpoint(env, adapted_random, tmp_path):

@@ -10,11 +10,19 @@ captures its *input*; training then runs that module alone on the cached inputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adapter.freeze import group_trainable
+from ..errors import TrainError
+from .data import ImageDataset, Samples
+
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
+    from .device import Placement
 
 
 def _under(name: str, path: str) -> bool:
@@ -26,10 +34,8 @@ def head_path(manifest: Any) -> str:
     return head.get("module") or head.get("block") or head["classifier"]
 
 
-def eligibility(model: "nn.Module", manifest: Any, epochs: int) -> tuple[bool, str]:
+def eligibility(model: nn.Module, manifest: Any, epochs: int) -> tuple[bool, str]:
     """(eligible, why not). Checked against the schedule of every epoch of the run."""
-    from ..adapter.freeze import group_trainable
-
     data = manifest.data if hasattr(manifest, "data") else manifest
     path = head_path(manifest)
     if data["head"].get("aux"):
@@ -63,15 +69,13 @@ def eligibility(model: "nn.Module", manifest: Any, epochs: int) -> tuple[bool, s
 class HeadInput:
     """A forward hook that keeps the input of ``model.<path>`` from the last forward."""
 
-    def __init__(self, model: "nn.Module", path: str):
+    def __init__(self, model: nn.Module, path: str):
         self.module = model.get_submodule(path)
         self.value: Any = None
         self.bad: str | None = None
         self._h = self.module.register_forward_hook(self._hook)
 
     def _hook(self, mod: Any, args: tuple, out: Any) -> None:
-        import torch
-
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             self.bad = f"the head module takes {len(args)} inputs, not one tensor"
             self.value = None
@@ -82,10 +86,8 @@ class HeadInput:
         self._h.remove()
 
 
-def verify_split(model: "nn.Module", path: str, x: "torch.Tensor", atol: float = 1e-4) -> str | None:
+def verify_split(model: nn.Module, path: str, x: torch.Tensor, atol: float = 1e-4) -> str | None:
     """None when ``head(captured input) == model(x)`` (eval mode, float tolerance), else why not."""
-    import torch
-
     was = model.training
     model.eval()
     hook = HeadInput(model, path)
@@ -109,13 +111,11 @@ def verify_split(model: "nn.Module", path: str, x: "torch.Tensor", atol: float =
         model.train(was)
 
 
-def extract(model: "nn.Module", path: str, loader: Any, device: "torch.device",
+def extract(model: nn.Module, path: str, loader: Any, device: torch.device,
             to_device: Callable[[Any], Any], autocast: Callable[[], Any],
-            on_batch: Callable[[int], None] | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+            on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) for every image of ``loader``: the inputs of the head module, on the
     CPU, float32, in the loader's order. The model runs in eval mode without gradients."""
-    import torch
-
     was = model.training
     model.eval()
     hook = HeadInput(model, path)
@@ -148,3 +148,61 @@ class IndexDataset:
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+def decide(model: nn.Module, manifest: Any, epochs: int, request: str, *, distributed: bool,
+           compiled: bool) -> tuple[bool, str]:
+    """(use the cache, why not) for ``--cache-features request`` (auto, on, off); ``on`` where
+    the cache cannot be used is refused."""
+    if request == "off":
+        return False, ""
+    ok, why = eligibility(model, manifest, epochs)
+    if ok and distributed:
+        ok, why = False, "the feature cache is off under DDP (several processes)"
+    if ok and compiled:
+        ok, why = False, "--compile trains the whole model"
+    if not ok and request == "on":
+        raise TrainError(f"--cache-features on: not possible here: {why}; use --cache-features auto or off")
+    return ok, why
+
+
+@dataclass
+class Features:
+    """The cache: per view, the head's inputs and labels of every training image; and those of
+    the validation images (CPU, float32, in the loaders' order)."""
+
+    train: list[tuple[torch.Tensor, torch.Tensor]]
+    val: tuple[torch.Tensor, torch.Tensor]
+
+    def train_view(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view an epoch trains on: they take turns."""
+        return self.train[epoch % len(self.train)]
+
+
+def build(model: nn.Module, path: str, samples: "Samples", val_set: Any, transforms: tuple[Callable, Callable], *,
+          views: int, batch_size: int, workers: int, place: "Placement", seed: int, failure_log: Any,
+          on_images: Callable[[int, int], None]) -> Features:
+    """Run the frozen model once over the training images (``views`` augmented passes, or one
+    plain pass when 0) and the validation set, keeping the head's inputs. ``transforms``: (plain,
+    augmented). ``on_images(done, total)`` follows progress."""
+    kw = dict(batch_size=max(batch_size, 64), shuffle=False, num_workers=workers, pin_memory=place.cuda)
+    total = len(samples.train) * max(views, 1) + len(val_set)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        on_images(done[0], total)
+
+    def features(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract(model, path, DataLoader(dataset, **kw), place.device, place.inputs, place.autocast, tick)
+
+    train_views = []
+    # the cache draws its own random numbers: training then sees the same generator states as
+    # the uncached path, so both give the same result without augmentation
+    with torch.random.fork_rng(devices=[]):
+        for v in range(max(views, 1)):
+            ds = ImageDataset(samples.train, transforms[1] if views else transforms[0], failure_log=failure_log)
+            torch.manual_seed(seed * 1009 + v)
+            train_views.append(features(ds))
+        val_feats = features(val_set)
+    return Features(train_views, val_feats)

@@ -34,15 +34,15 @@ import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import SurgeryError
-from ..preprocess import resize_for
+from ..errors import DataError
+from ..preprocess import InputPipeline, resize_for
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ _PATH_COLUMNS = ("path", "file", "filename", "filepath", "image", "img")
 _LABEL_COLUMNS = ("label", "class", "target", "category")
 _SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
 _INT = re.compile(r"^[+-]?\d+$")
-
-
-class DataError(SurgeryError):
-    """The training data cannot be used as given: missing, empty, malformed or inconsistent."""
 
 
 def _few(items: Sequence[Any], limit: int = 8) -> str:
@@ -103,23 +99,6 @@ class Samples:
         return out
 
 
-@dataclass
-class DataSpec:
-    """What the caller passes: DATA, ``--val-split`` and ``--seed``. ``csv`` is set from the suffix."""
-
-    root: Path
-    val_split: float | None = None
-    seed: int = 0
-    csv: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root)
-        self.csv = self.root.suffix.lower() == ".csv"
-
-    def discover(self) -> Samples:
-        return discover(self.root, val_split=self.val_split, seed=self.seed)
-
-
 def discover(data: str | os.PathLike, *, val_split: float | None = None, seed: int = 0) -> Samples:
     """Resolve DATA into :class:`Samples` without decoding an image.
 
@@ -150,27 +129,7 @@ def discover(data: str | os.PathLike, *, val_split: float | None = None, seed: i
             raise DataError(
                 f"{root}: already has train/ and {val_dir.name}/, so --val-split {val_split} has nothing to "
                 f"split; drop --val-split, or point --data at a single folder of class folders")
-        train = _class_folders(train_dir)
-        val = _class_folders(val_dir)
-        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        if only_train or only_val:
-            parts = []
-            if only_train:
-                parts.append(f"only in train/: {_few(only_train)}")
-            if only_val:
-                parts.append(f"only in {val_dir.name}/: {_few(only_val)}")
-            raise DataError(
-                f"{root}: train/ and {val_dir.name}/ have different class folders ({'; '.join(parts)}); "
-                f"give both the same class folders")
-        _refuse_empty(root, [(f"train/{c}", v) for c, v in train.items()]
-                      + [(f"{val_dir.name}/{c}", v) for c, v in val.items()])
-        classes = sort_classes(train)
-        index = {c: i for i, c in enumerate(classes)}
-        return Samples(
-            classes=classes,
-            train=[(str(p), index[c]) for c in classes for p in train[c]],
-            val=[(str(p), index[c]) for c in classes for p in val[c]],
-            source="imagefolder", root=str(root))
+        return _discover_imagefolder(root, train_dir, val_dir)
     if val_dir is not None:
         raise DataError(f"{root}: has {val_dir.name}/ but no train/; add train/<class>/ folders beside it")
 
@@ -189,6 +148,31 @@ def discover(data: str | os.PathLike, *, val_split: float | None = None, seed: i
     return Samples(classes=classes, train=train_items, val=val_items, source="split", root=str(root))
 
 
+def _discover_imagefolder(root: Path, train_dir: Path, val_dir: Path) -> Samples:
+    """``train/<class>/`` and ``val/<class>/``: the same class folders on both sides, none empty."""
+    train = _class_folders(train_dir)
+    val = _class_folders(val_dir)
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    if only_train or only_val:
+        parts = []
+        if only_train:
+            parts.append(f"only in train/: {_few(only_train)}")
+        if only_val:
+            parts.append(f"only in {val_dir.name}/: {_few(only_val)}")
+        raise DataError(
+            f"{root}: train/ and {val_dir.name}/ have different class folders ({'; '.join(parts)}); "
+            f"give both the same class folders")
+    _refuse_empty(root, [(f"train/{c}", v) for c, v in train.items()]
+                  + [(f"{val_dir.name}/{c}", v) for c, v in val.items()])
+    classes = sort_classes(train)
+    index = {c: i for i, c in enumerate(classes)}
+    return Samples(
+        classes=classes,
+        train=[(str(p), index[c]) for c in classes for p in train[c]],
+        val=[(str(p), index[c]) for c in classes for p in val[c]],
+        source="imagefolder", root=str(root))
+
+
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
     """``{class: sorted image paths}`` for each non-hidden subfolder (searched recursively)."""
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -197,10 +181,10 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
         hint = (f" (it holds {len(loose)} images directly; move each class's images into its own subfolder)"
                 if loose else "")
         raise DataError(f"{folder}: no class folders found{hint}; expected {folder}/<class>/<image>")
-    return {d.name: _images_under(d) for d in subdirs}
+    return {d.name: images_under(d) for d in subdirs}
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -233,20 +217,27 @@ def _stratified_split(per_class: dict[str, list[str]], classes: list[str], frac:
     return train, val
 
 
-def _discover_csv(path: Path, val_split: float | None, seed: int) -> Samples:
+@dataclass
+class _CsvTable:
+    """A CSV's rows ``(line, path, label, split)`` and its problems ``(line, message)``."""
+
+    rows: list[tuple[int, str, str, str | None]]
+    problems: list[tuple[int, str]]
+    split_col: int | None
+    first_data_line: int | None
+
+
+def _read_csv(path: Path) -> _CsvTable:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    base = path.parent
     reader = _csv.reader(io.StringIO(text, newline=""))
-    problems: list[tuple[int, str]] = []
-    rows: list[tuple[int, str, str, str | None]] = []  # line, path, label, split
-    path_col, label_col, split_col = 0, 1, None
+    table = _CsvTable([], [], None, None)
+    cols: tuple[int, int, int | None] = (0, 1, None)  # path, label, split
     header_seen = False
-    first_data_line = None
     try:
         for fields in reader:
             line = reader.line_num
@@ -259,40 +250,52 @@ def _discover_csv(path: Path, val_split: float | None, seed: int) -> Samples:
                 p = next((lower.index(n) for n in _PATH_COLUMNS if n in lower), None)
                 lab = next((lower.index(n) for n in _LABEL_COLUMNS if n in lower), None)
                 if p is not None and lab is not None:
-                    path_col, label_col = p, lab
-                    split_col = lower.index("split") if "split" in lower else None
+                    cols = (p, lab, lower.index("split") if "split" in lower else None)
                     continue
-                split_col = 2 if len(fields) >= 3 else None
-            if first_data_line is None:
-                first_data_line = line
-            need = max(c for c in (path_col, label_col, split_col) if c is not None) + 1
-            if len(fields) < need:
-                cols = "path,label,split" if split_col is not None else "path,label"
-                problems.append((line, f"line {line}: expected {need} fields ({cols}), got {len(fields)}"))
-                continue
-            file, label = fields[path_col], fields[label_col]
-            split = fields[split_col] if split_col is not None else None
-            if not file:
-                problems.append((line, f"line {line}: empty path"))
-                continue
-            if not label:
-                problems.append((line, f"line {line}: empty label for {file}"))
-                continue
-            if split is not None and split.lower() not in _SPLITS:
-                problems.append((line, f"line {line}: split {split!r} is not train or val"))
-                continue
-            rows.append((line, file, label, _SPLITS[split.lower()] if split is not None else None))
+                cols = (0, 1, 2 if len(fields) >= 3 else None)
+            if table.first_data_line is None:
+                table.first_data_line = line
+            row = _csv_row(fields, line, cols)
+            if isinstance(row, str):
+                table.problems.append((line, row))
+            else:
+                table.rows.append(row)
     except _csv.Error as e:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+    table.split_col = cols[2]
+    return table
 
+
+def _csv_row(fields: list[str], line: int, cols: tuple[int, int, int | None]) -> tuple | str:
+    """``(line, path, label, split)``, or what is wrong with the line."""
+    path_col, label_col, split_col = cols
+    need = max(c for c in cols if c is not None) + 1
+    if len(fields) < need:
+        names = "path,label,split" if split_col is not None else "path,label"
+        return f"line {line}: expected {need} fields ({names}), got {len(fields)}"
+    file, label = fields[path_col], fields[label_col]
+    split = fields[split_col] if split_col is not None else None
+    if not file:
+        return f"line {line}: empty path"
+    if not label:
+        return f"line {line}: empty label for {file}"
+    if split is not None and split.lower() not in _SPLITS:
+        return f"line {line}: split {split!r} is not train or val"
+    return (line, file, label, _SPLITS[split.lower()] if split is not None else None)
+
+
+def _resolve_csv(path: Path, table: _CsvTable) -> list[tuple[str, str, str | None]]:
+    """``(absolute path, label, split)`` per row; every problem of the CSV raised at once."""
+    base = path.parent
     resolved: list[tuple[str, str, str | None]] = []
+    problems = list(table.problems)
     relative_missing = False
-    for line, file, label, split in rows:
+    for line, file, label, split in table.rows:
         p = Path(file).expanduser()
         p = p if p.is_absolute() else base / p
         if not p.is_file():
             hint = ""
-            if line == first_data_line and split_col is None:
+            if line == table.first_data_line and table.split_col is None:
                 hint = (" (if this line is a header, name its columns path,label[,split]: "
                         f"{'/'.join(_PATH_COLUMNS)} and {'/'.join(_LABEL_COLUMNS)} are recognised)")
             problems.append((line, f"line {line}: {file}: no such file{hint}"))
@@ -306,10 +309,15 @@ def _discover_csv(path: Path, val_split: float | None, seed: int) -> Samples:
         raise DataError(f"{path}: {len(msgs)} problem{'s' if len(msgs) > 1 else ''}: {'; '.join(msgs[:10])}{more}{where}")
     if not resolved:
         raise DataError(f"{path}: no rows; expected lines of path,label (an optional header path,label[,split])")
+    return resolved
 
+
+def _discover_csv(path: Path, val_split: float | None, seed: int) -> Samples:
+    table = _read_csv(path)
+    resolved = _resolve_csv(path, table)
     classes = sort_classes(label for _, label, _ in resolved)
     index = {c: i for i, c in enumerate(classes)}
-    if split_col is not None:
+    if table.split_col is not None:
         if val_split is not None:
             raise DataError(f"{path}: has a split column, so --val-split {val_split} has nothing to split; drop --val-split")
         train = [(p, index[lab]) for p, lab, s in resolved if s == "train"]
@@ -344,7 +352,7 @@ def check_num_classes(samples: Samples, num_classes: int) -> None:
 # ---------------------------------------------------------------- image checks
 
 
-def _image_problem(path: str) -> str | None:
+def image_problem(path: str) -> str | None:
     """None if ``path`` decodes, else why not. Formats with a real ``verify()`` (PNG: every chunk's
     CRC, up to IEND) use it; the rest (JPEG, ...) are fully decoded, JPEG at 1/8 scale via draft()."""
     from PIL import Image, ImageFile
@@ -376,9 +384,9 @@ def scan_images(samples: Samples, *, workers: int | None = None) -> tuple[Sample
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(paths) > 16:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = dict(zip(paths, pool.map(_image_problem, paths, chunksize=32)))
+            reasons = dict(zip(paths, pool.map(image_problem, paths, chunksize=32)))
     else:
-        reasons = {p: _image_problem(p) for p in paths}
+        reasons = {p: image_problem(p) for p in paths}
     bad = [(p, r) for p, r in reasons.items() if r is not None]
     if not bad:
         return samples, []
@@ -503,6 +511,18 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
         steps.append(_TileChannels(channels))
     steps.append(v2.Normalize(mean_c, std_c))
     return v2.Compose(steps)
+
+
+def pipeline_args(pipe: InputPipeline) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_transforms` and :func:`make_loaders` that describe
+    a model's input (:func:`surgery.preprocess.input_pipeline`)."""
+    return dict(image_size=pipe.size, mean=pipe.mean, std=pipe.std, channels=pipe.channels, resize=pipe.resize,
+                interpolation=pipe.interpolation)
+
+
+def pipeline_transforms(pipe: InputPipeline, *, train: bool, augment: bool = True, flip: bool = True) -> Callable:
+    """The transform of a model's input pipeline: what train, evaluate and predict apply to an image."""
+    return build_transforms(**pipeline_args(pipe), train=train, augment=augment, flip=flip)
 
 
 # ---------------------------------------------------------------- dataset and loaders

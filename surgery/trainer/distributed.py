@@ -2,15 +2,19 @@
 
 Under ``torchrun --nproc-per-node N`` (WORLD_SIZE, RANK, LOCAL_RANK set) :func:`setup` starts
 the process group (gloo on the CPU, nccl on CUDA). Rank 0 alone logs and writes files.
-:func:`launch_command` is what ``surgery train --nproc N`` runs.
+:func:`relaunch` is what ``surgery train --nproc N`` does: it starts the caller's entry point
+(a module, given by the caller) under torchrun.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import TrainError
+from ..launch import import_root, module_command
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,6 +35,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no torchrun at all: the process that reports (from the environment only)."""
+    return env().is_main
 
 
 def env() -> DistInfo:
@@ -96,11 +105,6 @@ def all_reduce_tensor(info: DistInfo, t: "torch.Tensor") -> "torch.Tensor":
     return t
 
 
-def agree(info: DistInfo, ok: bool, device: Any = "cpu") -> bool:
-    """True on every rank only when ``ok`` is true on every rank (a collective vote)."""
-    return all_reduce_sum(info, [0.0 if ok else 1.0], device)[0] == 0.0
-
-
 def wrap(model: "nn.Module", info: DistInfo, device: "torch.device") -> "nn.Module":
     """DDP around ``model`` (only the parameters that train now are synchronised: call again
     after unfreezing)."""
@@ -116,8 +120,6 @@ def launch_command(nproc: int, argv: Sequence[str], module: str) -> list[str]:
     """A one-node torchrun launch of ``module`` (the caller's entry point, e.g. its ``train``
     command) with ``argv``: torchrun and every worker start through
     :func:`surgery.launch.module_command`, so nothing is imported from the working directory."""
-    from ..launch import import_root, module_command
-
     root = import_root(module)
     worker = module_command(module, argv, root=root)
     return module_command("torch.distributed.run", ["--standalone", f"--nproc-per-node={nproc}", "--no-python",
@@ -139,3 +141,14 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def relaunch(nproc: int, argv: Sequence[str], entry: str) -> int:
+    """Run ``entry`` (the caller's module, e.g. its ``train`` command) in ``nproc`` processes under
+    torchrun, with ``argv`` less its ``--nproc``; the launcher's exit status. One thread per
+    process unless OMP_NUM_THREADS says otherwise."""
+    if nproc < 1:
+        raise TrainError(f"--nproc must be at least 1, got {nproc}")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(launch_command(nproc, strip_nproc(argv), module=entry), env=env).returncode

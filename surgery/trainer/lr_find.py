@@ -287,7 +287,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from ..errors import OutputError
     from . import cache as cache_mod
     from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
-    from .runner import _resolve_device
+    from .device import resolve_device
     from .state import TrainError
 
     if optimizer not in ("adamw", "sgd"):
@@ -299,7 +299,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     samples = discover(data, val_split=val_split, seed=seed)
     check_num_classes(samples, manifest.num_classes)
     samples, _ = scan_images(samples)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
     inp = manifest["input"]
     size, resize = ((image_size, None) if image_size is not None else (list(inp["size"]), inp.get("resize")))

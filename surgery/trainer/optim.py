@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from ..adapter.core import param_groups
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -45,8 +47,6 @@ class LrMultiplier:
 def optimizer_groups(model: "nn.Module", manifest: Any, lr: float, weight_decay: float) -> list[dict]:
     """The manifest's groups (``param_groups``), each split into a decay and a no-decay part
     (biases, norm weights, 1-d tensors, position embeddings): ``name`` and ``name/no_decay``."""
-    from ..adapter.core import param_groups
-
     names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for g in param_groups(model, manifest, lr):

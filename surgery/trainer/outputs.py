@@ -6,15 +6,42 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from ..preprocess import resize_for
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import TrainResult
+from ..adapter.manifest import MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, write_json
+from ..io import atomic_file, sha256_file
+from ..preprocess import input_pipeline
+from .plots import plot_curves
 
 Observer = Callable[[str, dict], None]
+SCHEMA = "surgery.train/1"  # of TrainResult.to_json, what `surgery train --json` prints
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``metrics``: one dict per epoch, as in metrics.jsonl."""
+
+    out: str
+    best_epoch: int
+    best_val_acc: float
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    class_names: list[str]
+    metrics: list[dict]
+    cache_used: bool = False
+    cache_reason: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    device: str = "cpu"
+    world_size: int = 1
+    resumed_from: str | None = None
+
+    def to_json(self) -> dict:
+        d = {"schema": SCHEMA, **asdict(self)}
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return d
 
 
 class RunFiles:
@@ -42,8 +69,6 @@ class RunFiles:
             self.write_text("run.log", "\n".join(self.lines) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        from ..io import atomic_file
-
         if not self.enabled:
             return
         with atomic_file(self.out / name) as tmp:
@@ -61,19 +86,14 @@ def unfreeze_epochs(manifest: Any, epochs: int) -> list[int]:
 
 def plot_run_curves(history: list[dict], out_p: Path, manifest: Any, epochs: int, best_epoch: int | None = None,
                     stopped_early: bool = False) -> None:
-    from .plots import plot_curves
-
     plot_curves(history, out_p / "curves.png", unfreeze_epochs=unfreeze_epochs(manifest, epochs),
                 best_epoch=best_epoch, stopped_at=history[-1]["epoch"] if stopped_early and history else None)
 
 
-def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classes: list[str], result: "TrainResult",
+def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classes: list[str], result: TrainResult,
                 train_args: dict, cm: list, per_class: list) -> None:
     """model.safetensors (best weights, clean keys) and the updated manifest, each atomically."""
     from safetensors.torch import save_file
-
-    from ..adapter.manifest import MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, write_json
-    from ..io import atomic_file, sha256_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_file(out_p / WEIGHTS_NAME) as tmp:
@@ -84,7 +104,8 @@ def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classe
     if train_args.get("image_size") is not None:
         # the model now expects the size it was fine-tuned at: evaluate/predict/load_adapted read it here
         size = int(train_args["image_size"])
-        data["input"].update(size=[size, size], resize=resize_for(size), source=f"surgery train --image-size {size}")
+        pipe = input_pipeline(manifest, size)
+        data["input"].update(size=list(pipe.size), resize=pipe.resize, source=f"surgery train --image-size {size}")
     data["files"]["weights"] = WEIGHTS_NAME
     data["files"]["weights_sha256"] = sha256_file(out_p / WEIGHTS_NAME)
     data["trained_from"] = {"path": str(adapted_p.resolve()),

@@ -15,11 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SurgeryError
+from ..errors import FormatError, ResumeError, TrainError, TrainInterrupted, UnsafeCheckpointError
+from ..formats.pickle_scan import Truncated, scan
+from ..formats.torch_zip import MAX_PICKLE_BYTES, read_zip
+from ..io import atomic_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,20 +34,6 @@ FORMAT = "surgery.train/1"
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
-
-
-class TrainError(SurgeryError):
-    """A training run that cannot start or continue as asked."""
-
-
-class ResumeError(TrainError):
-    """A checkpoint that is missing, unreadable, or belongs to another model or dataset."""
-
-
-class TrainInterrupted(TrainError):
-    """Ctrl-C or SIGTERM: the state of the last finished epoch is in last.pt."""
-
-    exit_code = 130
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -181,8 +172,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """``torch.save`` through a temp file in the same folder, fsynced and renamed into place."""
     import torch
 
-    from ..io import atomic_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
@@ -195,12 +184,6 @@ def _prescan(path: Path) -> None:
     crashes torch.load with SIGSEGV, a memo bomb stalls it. Every entry named ``*.pkl`` is
     scanned (whichever torch picks), then the checkpoint is read once with surgery's own reader;
     globals that reader does not know are left to ``weights_only``'s allowlist."""
-    import zipfile
-
-    from ..errors import FormatError, UnsafeCheckpointError
-    from ..formats.pickle_scan import Truncated, scan
-    from ..formats.torch_zip import MAX_PICKLE_BYTES, read_zip
-
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -219,8 +202,6 @@ def _prescan(path: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; ``weights_only=True`` always."""
-    import pickle
-
     import torch
 
     path = Path(path)

@@ -1,0 +1,267 @@
+"""The epoch loop of a prepared run: each epoch opens the groups its schedule opens, trains, scores
+the validation set, records metrics and checkpoints; patience stops it early; Ctrl-C or SIGTERM
+ends it with the last finished epoch saved (:class:`~surgery.errors.TrainInterrupted`)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adapter.freeze import apply_schedule, group_trainable
+from ..errors import TrainInterrupted
+from . import distributed as D
+from .cache import Features, IndexDataset
+from .data import set_epoch
+from .outputs import plot_run_curves
+from .predictions import Scores, feature_batches, score
+from .prepare import Run
+from .resume import continue_command
+from .state import BEST, CHECKPOINT_DIR, LAST, clean_state_dict, rng_state, save_checkpoint
+
+Observer = Callable[[str, dict], None]
+
+
+def phase(manifest: Any, epoch: int) -> str:
+    """``frozen``, ``unfrozen`` or ``gradual K`` (K stages open): what the metrics call an epoch."""
+    frozen0 = [g for g in manifest.groups if not g["trainable"]]
+    if not frozen0:
+        return "unfrozen"
+    opened = [g for g in frozen0 if group_trainable(g, epoch)]
+    if not opened:
+        return "frozen"
+    if len(opened) == len(frozen0):
+        return "unfrozen"
+    if manifest["schedule"].get("kind") == "gradual":
+        return f"gradual {len({g.get('stage', g['name']) for g in opened})}"
+    return "unfrozen"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while training (main thread only), like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def checkpoint_state(run: Run, done_epochs: int) -> dict:
+    """What last.pt/best.pt hold: the tensors the run can change, optimizer, schedule, scaler,
+    progress, random states, the fingerprint and the arguments."""
+    p = run.progress
+    return {"epoch": done_epochs, "model": clean_state_dict(run.model, run.moving, copy=False),
+            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "best": dict(p.best),
+            "bad_epochs": p.bad_epochs, "rng": rng_state({"train_loader": run.train_dl.generator}),
+            "fingerprint": run.fingerprint, "history": list(p.history), "args": run.args}
+
+
+def val_scores(run: Run, forward: nn.Module, feats: Features | None, keep: bool = False) -> Scores:
+    """The validation set through ``forward`` (eval mode), or through the head on cached features."""
+    run.model.eval()
+    if feats is not None:
+        dev = run.place.device
+        return score(run.model.get_submodule(run.head_path), feature_batches(*feats.val),
+                     prepare=lambda x, y: (x.to(dev), y.to(dev)), autocast=run.place.autocast, keep=keep)
+    return score(forward, run.val_dl, prepare=run.place.batch, autocast=run.place.autocast, keep=keep)
+
+
+class _Epochs:
+    """The loop's working state: the network it steps (DDP-wrapped anew whenever the set of
+    trainable parameters changes) and the epoch it is in."""
+
+    def __init__(self, run: Run, net: nn.Module, feats: Features | None, obs: Observer):
+        self.run, self.net, self.feats, self.obs = run, net, feats, obs
+        self.ddp_net, self.wrapped_for = net, None
+        self.crit = torch.nn.CrossEntropyLoss(label_smoothing=run.opts.label_smoothing)
+        self.epoch = run.progress.start_epoch
+
+    def begin(self, epoch: int) -> tuple[str, int, nn.Module, Iterable]:
+        """Open this epoch's groups; (phase, trainable parameters, the network to step, its batches)."""
+        run, model = self.run, self.run.model
+        set_epoch(run.train_dl, epoch)
+        model.train()
+        apply_schedule(model, run.manifest, epoch)  # requires_grad and BatchNorm modes for this epoch
+        ph = phase(run.manifest, epoch)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if run.dist.enabled and self.wrapped_for != tuple(trainable):
+            self.ddp_net = D.wrap(self.net, run.dist, run.place.device)  # DDP syncs what trains at wrap time
+            self.wrapped_for = tuple(trainable)
+        history = run.progress.history
+        if history and ph != history[-1]["phase"]:
+            run.files.log(f"epoch {epoch + 1}: phase {ph}, {n_trainable} trainable parameters")
+        self.obs("epoch_start", {"epoch": epoch + 1, "epochs": run.opts.epochs, "phase": ph,
+                                 "trainable_params": n_trainable, "steps": len(run.train_dl)})
+        if self.feats is None:
+            return ph, n_trainable, self.ddp_net, iter(run.train_dl)
+        tx, ty = self.feats.train_view(epoch)
+        dl = run.train_dl
+        batches = ((tx[idx], ty[idx]) for idx in DataLoader(IndexDataset(len(ty)), batch_size=dl.batch_size,
+                                                            shuffle=True, generator=dl.generator,
+                                                            drop_last=dl.drop_last))
+        head = model.get_submodule(run.head_path)
+        head.train()
+        return ph, n_trainable, head, batches
+
+    def step(self, net: nn.Module, xb: Any, yb: Any) -> tuple[Any, Any]:
+        """One optimizer step (gradient scaling on fp16, clipping when asked); (logits, loss)."""
+        run, scaler = self.run, self.run.scaler
+        run.opt.zero_grad(set_to_none=True)
+        with run.place.autocast():
+            logits = net(xb)
+            loss = self.crit(logits.float(), yb)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if run.opts.clip_grad is not None:
+            if scaler is not None:
+                scaler.unscale_(run.opt)
+            torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None],
+                                           run.opts.clip_grad)
+        if scaler is not None:
+            scaler.step(run.opt)
+            scaler.update()
+        else:
+            run.opt.step()
+        run.sched.step()
+        return logits, loss
+
+    def train(self, epoch: int, net: nn.Module, batches: Iterable) -> tuple[list[float], list[float]]:
+        """Every step of the epoch; ([loss sum, correct, images] over ranks, the lrs of its last step)."""
+        run = self.run
+        loss_sum, correct, seen = 0.0, 0, 0
+        last_lrs: list[float] = [g["lr"] for g in run.opt.param_groups]
+        for i, (xb, yb) in enumerate(batches):
+            xb, yb = run.place.batch(xb, yb)
+            lrs = [g["lr"] for g in run.opt.param_groups]
+            logits, loss = self.step(net, xb, yb)
+            bl = float(loss.detach())
+            loss_sum += bl * len(yb)
+            correct += int((logits.detach().argmax(1) == yb).sum())
+            seen += len(yb)
+            last_lrs = lrs
+            self.obs("step", {"epoch": epoch + 1, "step": i + 1, "steps": len(run.train_dl), "loss": bl,
+                              "lrs": lrs, "images": len(yb) * run.dist.world_size})
+        return [loss_sum, correct, seen], last_lrs
+
+    def note_failures(self) -> None:
+        """Images that failed to decode while training (any worker or rank) go into run.log."""
+        run = self.run
+        if self.feats is not None or not run.dist.is_main:
+            return
+        fails = run.train_dl.dataset.collect_failures()
+        for p in sorted(set(fails) - {p for p, _ in run.skipped}):
+            run.skipped.append((p, fails[p]))
+            run.files.log(f"  skipped {p}: {fails[p]} (failed while training)", write=False)
+
+    def one(self, epoch: int) -> bool:
+        """Train and score one epoch, record it; True when patience says stop."""
+        run = self.run
+        t0 = time.perf_counter()
+        ph, n_trainable, net, batches = self.begin(epoch)
+        totals, last_lrs = self.train(epoch, net, batches)
+        train_secs = time.perf_counter() - t0
+        loss_sum, correct, seen = D.all_reduce_sum(run.dist, totals, run.place.reduce_on)
+        v = val_scores(run, self.net, self.feats)
+        v_loss, v_correct, v_n = D.all_reduce_sum(run.dist, [v.loss_sum, v.correct, v.n], run.place.reduce_on)
+        self.note_failures()
+        frozen_now = {g["name"]: not group_trainable(g, epoch) for g in run.manifest.groups}
+        m = {"epoch": epoch + 1, "phase": ph,
+             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+             "val_loss": v_loss / max(v_n, 1), "val_acc": v_correct / max(v_n, 1),
+             "lr": _lr_by_group(run, last_lrs, frozen_now), "frozen": frozen_now,
+             "images_per_s": seen / train_secs if train_secs > 0 else None,
+             "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": self.feats is not None}
+        return record(run, m, self.obs)
+
+
+def _lr_by_group(run: Run, last_lrs: list[float], frozen_now: dict[str, bool]) -> dict[str, float]:
+    """The lr each group trained at: 0 for a group frozen this epoch (the schedule's value is not
+    what it saw)."""
+    by_group: dict[str, float] = {}
+    for g, lr in zip(run.opt.param_groups, last_lrs):
+        name = g.get("group", g.get("name"))
+        by_group.setdefault(name, 0.0 if frozen_now.get(name) else lr)
+    return by_group
+
+
+def record(run: Run, m: dict, obs: Observer) -> bool:
+    """Keep an epoch's metrics, its weights when best, its checkpoints and its log line; True when
+    ``--patience`` epochs have passed without a better val accuracy."""
+    p, epochs, out = run.progress, run.opts.epochs, run.opts.out
+    p.history.append(m)
+    improved = m["val_acc"] > p.best["val_acc"] or (m["val_acc"] == p.best["val_acc"]
+                                                   and m["val_loss"] < p.best["val_loss"])
+    if improved:
+        p.best = {"epoch": m["epoch"], "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
+        p.bad_epochs = 0
+        p.best_state = clean_state_dict(run.model, run.moving)
+    else:
+        p.bad_epochs += 1
+    if run.dist.is_main:
+        state = checkpoint_state(run, m["epoch"])
+        save_checkpoint(out / CHECKPOINT_DIR / LAST, state)
+        if improved:
+            save_checkpoint(out / CHECKPOINT_DIR / BEST, state)
+        run.files.metrics(p.history)
+        run.files.log(f"epoch {m['epoch']}/{epochs} [{m['phase']}] train loss {m['train_loss']:.4f} acc "
+                      f"{m['train_acc']:.3f} | val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} | "
+                      f"{m['images_per_s'] or 0:.0f} img/s {m['seconds']:.1f}s" + (" *best" if improved else ""))
+    obs("epoch_end", dict(m, best=dict(p.best), improved=improved))
+    patience = run.opts.patience
+    if patience is not None and p.bad_epochs >= patience and m["epoch"] < epochs:
+        p.stopped_early = True
+        run.files.log(f"early stopping: no better val accuracy for {p.bad_epochs} epochs "
+                      f"(best {p.best['val_acc']:.3f} at epoch {p.best['epoch']})")
+        return True
+    return False
+
+
+def run_epochs(run: Run, net: nn.Module, feats: Features | None, obs: Observer) -> None:
+    """Every epoch from the checkpoint's (or the first) to ``--epochs``; on Ctrl-C or SIGTERM,
+    the run's state is logged and :class:`TrainInterrupted` raised."""
+    loop = _Epochs(run, net, feats, obs)
+    try:
+        with sigterm_as_interrupt():
+            if run.ckpt is None and run.dist.is_main:
+                # a resumable state before the first epoch, in case it is interrupted
+                save_checkpoint(run.opts.out / CHECKPOINT_DIR / LAST, checkpoint_state(run, 0))
+            for epoch in range(run.progress.start_epoch, run.opts.epochs):
+                loop.epoch = epoch
+                if loop.one(epoch):
+                    break
+    except KeyboardInterrupt:
+        interrupted(run, loop.epoch + 1)
+
+
+def interrupted(run: Run, during: int) -> None:
+    """Log where the run stopped and how to continue it, plot what there is, raise."""
+    o, history = run.opts, run.progress.history
+    last = o.out / CHECKPOINT_DIR / LAST
+    done = history[-1]["epoch"] if history else 0
+    again = continue_command(o.adapted, o.data, o.out, o.trust_code)
+    if run.dist.is_main:
+        run.files.log(f"interrupted during epoch {during}; {last} holds {done} finished epoch"
+                      f"{'s' if done != 1 else ''}; continue with: {again}")
+        if history:
+            plot_run_curves(history, o.out, run.manifest, o.epochs)
+    raise TrainInterrupted(f"interrupted; {done} of {o.epochs} epochs are saved in {last}; continue with: {again} "
+                           f"(the run's other arguments come from the checkpoint)")

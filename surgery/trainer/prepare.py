@@ -1,0 +1,281 @@
+"""Everything before the first epoch, as one unit: check every input (nothing is written until all
+pass), resume, claim OUT, seed, place the model, build the loaders and the optimizer, restore a
+checkpoint. :func:`prepare` returns the :class:`Run` the epoch loop works on."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapter.core import load_adapted
+from ..adapter.manifest import read_manifest
+from ..errors import DataError, OutputError, ResumeError, TrainError
+from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
+from ..preprocess import InputPipeline, input_pipeline
+from . import cache
+from . import distributed as D
+from .data import Samples, check_num_classes, discover, make_loaders, pipeline_args, scan_images
+from .device import Placement
+from .optim import LrMultiplier, optimizer_groups
+from .options import TrainOptions
+from .outputs import RunFiles
+from .resume import inside, load_moving
+from .state import BEST, CHECKPOINT_DIR, changing_keys, check_fingerprint, fingerprint, load_checkpoint
+
+Observer = Callable[[str, dict], None]
+
+
+@dataclass
+class Progress:
+    """What the epochs have done so far; a checkpoint saves it and a resumed run starts from it."""
+
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")})
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
+    stopped_early: bool = False
+
+
+@dataclass
+class Run:
+    """A prepared run: its options and inputs, the model on its device, loaders, optimizer,
+    OUT's files, and the progress restored from a checkpoint (if any)."""
+
+    opts: TrainOptions
+    manifest: Any
+    samples: Samples
+    skipped: list[tuple[str, str]]
+    model: nn.Module
+    pipe: InputPipeline
+    dist: D.DistInfo
+    place: Placement
+    files: RunFiles
+    fingerprint: dict
+    use_cache: bool
+    cache_reason: str
+    ckpt: dict | None = None
+    restored: list[str] = field(default_factory=list)
+    train_dl: Any = None
+    val_dl: Any = None
+    opt: Any = None
+    sched: Any = None
+    mult: LrMultiplier | None = None
+    scaler: Any = None
+    moving: set[str] = field(default_factory=set)
+    head_path: str = ""
+    resolved: dict = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def failure_log(self) -> Path:
+        """Images that failed to decode: one JSON line each, appended by every worker and rank."""
+        return self.opts.out / "failures.jsonl"
+
+    @property
+    def args(self) -> dict:
+        """The run's arguments as checkpoints and the manifest record them."""
+        return {**self.opts.hyper(), **self.resolved}
+
+
+def prepare(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, restored: list[str], dist: D.DistInfo,
+            place: Placement, obs: Observer) -> Run:
+    """Check, claim OUT, seed, place, build: the steps in the order a run depends on."""
+    run = check_inputs(opts, ckpt, resuming_here, dist, place, obs)
+    run.restored = restored
+    claim_out(run, resuming_here)
+    seed_everything(opts.seed, dist.rank)
+    place.place_model(run.model)
+    build_training(run)
+    log_setup(run)
+    if ckpt is not None:
+        restore(run)
+    return run
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_inputs(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, dist: D.DistInfo, place: Placement,
+                 obs: Observer) -> Run:
+    """Read and check the manifest, the data, the model and OUT; nothing is written."""
+    manifest = read_manifest(opts.adapted)
+    samples, skipped = _check_data(opts, manifest)
+    model = load_adapted(opts.adapted, trust_code=opts.trust_code)
+    pipe = input_pipeline(manifest, opts.image_size)
+    if opts.image_size is not None:
+        _check_image_size(model, manifest, opts.image_size, pipe.channels)
+    _check_groups(opts, manifest)
+    use_cache, reason = cache.decide(model, manifest, opts.epochs, opts.cache_features, distributed=dist.enabled,
+                                     compiled=opts.compile)
+    fp = fingerprint(manifest, model, samples.classes)
+    if ckpt is not None:
+        check_fingerprint(ckpt.get("fingerprint") or {}, fp, str(ckpt["path"]))
+        if int(ckpt["epoch"]) > opts.epochs:
+            raise ResumeError(f"{ckpt['path']}: holds {ckpt['epoch']} finished epochs but --epochs is {opts.epochs}; "
+                              f"pass --epochs {ckpt['epoch']} or more")
+    check_out(opts.out, force=opts.force, resuming_here=resuming_here, inputs=[opts.adapted, opts.data])
+    D.barrier(dist)
+    return Run(opts=opts, manifest=manifest, samples=samples, skipped=skipped, model=model, pipe=pipe, dist=dist,
+               place=place, files=RunFiles(opts.out, dist.is_main, obs), fingerprint=fp, use_cache=use_cache,
+               cache_reason=reason, ckpt=ckpt, head_path=cache.head_path(manifest),
+               resolved=opts.resolved())
+
+
+def _check_data(opts: TrainOptions, manifest: Any) -> tuple[Samples, list[tuple[str, str]]]:
+    samples = discover(opts.data, val_split=opts.val_split, seed=opts.seed)
+    check_num_classes(samples, manifest.num_classes)
+    named = manifest["class_names"] or manifest.head.get("class_names")
+    if named and list(named) != list(samples.classes):
+        raise DataError(f"{samples.root}: its classes ({', '.join(samples.classes[:8])}) are not the adapted "
+                        f"model's class names ({', '.join(map(str, named[:8]))}); rename the class folders or "
+                        f"re-run surgery adapt")
+    if not samples.val:
+        raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
+    return scan_images(samples)
+
+
+def _check_image_size(model: nn.Module, manifest: Any, size: int, channels: int) -> None:
+    """``--image-size`` other than adapt's: one image through the model first, so that a model
+    built for one size (a ViT) is refused in one line, not with a traceback after the setup."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except Exception as e:  # noqa: BLE001 - any model code: reported as a refusal
+        adapted = "x".join(map(str, manifest["input"]["size"]))
+        raise TrainError(f"--image-size {size}: the model does not take {size}x{size} images "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); it was adapted for {adapted}: "
+                         f"drop --image-size, or re-run surgery adapt with --input-size {size}") from None
+    finally:
+        model.train(was)
+
+
+def _check_groups(opts: TrainOptions, manifest: Any) -> None:
+    groups = manifest.groups
+    if not any(g["trainable"] for g in groups) and not any(
+            g["unfreeze_at"] is not None and g["unfreeze_at"] < opts.epochs for g in groups):
+        raise TrainError(f"{opts.adapted}: every parameter group is frozen for the whole run; re-run surgery adapt "
+                         f"with a freeze policy that leaves something to train")
+    if not any(g["trainable"] for g in groups):
+        raise TrainError(f"{opts.adapted}: nothing trains in the first epoch (every group is frozen until later); "
+                         f"re-run surgery adapt so the head trains from the start")
+
+
+def check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path]) -> None:
+    """Refuse, before any work, an OUT that exists (without --force/--resume), holds an input,
+    or cannot be written."""
+    for src in inputs:
+        if inside(src, out) or inside(out, src):
+            raise OutputError(f"{out}: the output folder overlaps the input {src}; write the run elsewhere")
+    if resuming_here:
+        if not out.is_dir():
+            raise ResumeError(f"{out}: --resume continues a run in OUT, but there is no such folder")
+    elif (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"{out}: already exists; pass --force to replace it, or --resume to continue its run")
+    elif out.exists() or out.is_symlink():
+        check_replaceable(out, "folder", OUTPUTS["train"])
+    probe = out if out.exists() else out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{out}: cannot create it: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write there: {probe} is not writable")
+
+
+# ----------------------------------------------------------------------------- from here on OUT is ours
+
+def claim_out(run: Run, resuming_here: bool) -> None:
+    """Replace (--force) or tidy (--resume) OUT on rank 0; every rank waits for it."""
+    out = run.opts.out
+    if run.dist.is_main:
+        if out.exists() and not resuming_here and run.opts.force:
+            remove_outputs(out, OUTPUTS["train"]) if out.is_dir() and not out.is_symlink() else out.unlink()
+        if resuming_here:
+            remove_temps(out)  # what a process killed mid-write left
+        (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    D.barrier(run.dist)
+    if resuming_here:
+        run.files.load_existing()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Python, numpy and torch; each rank its own torch seed."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed + rank)
+
+
+def build_training(run: Run) -> None:
+    """Loaders, optimizer (every manifest group, decay split), lr schedule and gradient scaler."""
+    o = run.opts
+    run.train_dl, run.val_dl = make_loaders(
+        run.samples, **pipeline_args(run.pipe), batch_size=o.batch_size, num_workers=o.workers, seed=o.seed,
+        augment=o.augment, flip=o.flip, device=run.place.device, distributed=run.dist.enabled,
+        failure_log=run.failure_log)
+    lr = 1e-3 if o.lr == "auto" else o.lr  # "auto": a placeholder until the range test has run
+    groups = optimizer_groups(run.model, run.manifest, lr, o.decay)
+    if o.optimizer == "adamw":
+        run.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=o.decay)
+    else:
+        run.opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.decay)
+    steps = len(run.train_dl)
+    run.mult = LrMultiplier(o.schedule, steps * o.epochs, round(o.warmup * steps))
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, run.mult)
+    run.scaler = torch.amp.GradScaler("cuda") if run.place.amp_dtype == torch.float16 else None
+    run.moving = changing_keys(run.model, run.manifest)
+
+
+def log_setup(run: Run) -> None:
+    o, s, log = run.opts, run.samples, run.files.log
+    counts = s.counts()
+    log(f"surgery train: {o.adapted} on {s.root} ({s.source}) -> {o.out}")
+    log(f"classes ({len(s.classes)}): {', '.join(s.classes)}")
+    log(f"images: {len(s.train)} train, {len(s.val)} val; per class train "
+        f"{json.dumps(counts['train'])}, val {json.dumps(counts['val'])}")
+    if run.skipped:
+        log(f"skipped {len(run.skipped)} unreadable images:")
+        for p, r in run.skipped:
+            log(f"  skipped {p}: {r}")
+    amp = run.place.amp_dtype if run.place.amp_dtype is not None else "off"
+    log(f"device {run.place.device}{' x' + str(run.dist.world_size) + ' processes' if run.dist.enabled else ''}; "
+        f"amp {amp}; optimizer {o.optimizer} lr {o.lr} weight decay {o.decay:g}; schedule {o.schedule} over "
+        f"{run.mult.total} steps, warmup {run.mult.warmup} steps")
+
+
+def restore(run: Run) -> None:
+    """The checkpoint's weights, optimizer, schedule (stretched to this run's length), scaler and
+    progress; its best weights when best.pt is beside it."""
+    ckpt, p = run.ckpt, run.progress
+    load_moving(run.model, ckpt["model"], run.moving, str(ckpt["path"]))
+    run.opt.load_state_dict(ckpt["optimizer"])
+    length = dict(vars(run.mult))
+    run.sched.load_state_dict(ckpt["scheduler"])
+    for f in run.sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
+        f.__dict__.update(length)
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    p.start_epoch, p.best, p.bad_epochs = int(ckpt["epoch"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
+    p.history = list(ckpt.get("history") or [])
+    best_file = Path(ckpt["path"]).parent / BEST
+    if best_file.is_file() and p.best["epoch"] > 0:
+        p.best_state = load_checkpoint(best_file)["model"]
+    run.files.log(f"resumed from {ckpt['path']} after epoch {p.start_epoch}"
+                  + (f"; from the checkpoint: {', '.join(run.restored)}" if run.restored else ""))
+    saved_epochs = (ckpt.get("args") or {}).get("epochs")
+    if saved_epochs is not None and saved_epochs != run.opts.epochs:
+        run.files.log(f"--epochs {run.opts.epochs} (the run was started with {saved_epochs}): the schedule now "
+                      f"runs over {run.mult.total} steps")
