@@ -28,12 +28,22 @@ class AugmentError(SurgeryError):
     """An augmentation option that cannot apply."""
 
 
-def check_augment(policy: str, channels: int, mixup: float = 0.0, cutmix: float = 0.0) -> list[str]:
-    """The problems of an augmentation choice (empty when it is fine)."""
+def augment_policy(value: Any) -> Any:
+    """``True`` is the default policy and ``False`` is ``none`` (the older boolean ``augment``);
+    a name is kept as given (checked by :func:`check_augment`)."""
+    if value is True:
+        return DEFAULT_AUGMENT
+    if value is False:
+        return "none"
+    return value
+
+
+def check_augment(policy: Any, channels: int | None, mixup: float = 0.0, cutmix: float = 0.0) -> list[str]:
+    """The problems of an augmentation choice (empty when it is fine); ``channels`` None: not known yet."""
     problems = []
     if policy not in AUGMENTS:
         problems.append(f"--augment must be one of {', '.join(AUGMENTS)}, got {policy!r}")
-    elif policy in ("randaugment", "trivialaugment") and channels not in (1, 3):
+    elif policy in ("randaugment", "trivialaugment") and channels is not None and channels not in (1, 3):
         problems.append(f"--augment {policy}: its colour operations take 1- or 3-channel images; this model "
                         f"takes {channels} channels (use --augment light)")
     for flag, value in (("--mixup", mixup), ("--cutmix", cutmix)):

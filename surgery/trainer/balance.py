@@ -3,7 +3,7 @@
 ``auto`` weights each class's loss by ``n / (k * n_c)`` (n images, k classes, n_c images of the
 class: scikit-learn's "balanced" rule), so every class carries the same total weight. The balanced
 sampler draws training images with probability proportional to ``1 / n_c``, with replacement, as
-many per epoch as there are training images, from a generator seeded by the run's seed.
+many per epoch as there are training images, from the training loader's seeded generator.
 A run's classes count as skewed when the largest class has at least twice the images of the
 smallest; the summary then prints the accuracy of each class.
 """
@@ -34,12 +34,12 @@ def is_skewed(counts: Sequence[int]) -> bool:
     return bool(present) and max(present) >= SKEW_RATIO * min(present)
 
 
-def balanced_sampler(labels: Sequence[int], num_classes: int, seed: int) -> Any:
-    """A ``WeightedRandomSampler`` that draws every class equally often on average."""
+def balanced_sampler(labels: Sequence[int], num_classes: int, generator: Any) -> Any:
+    """A ``WeightedRandomSampler`` that draws every class equally often on average, from
+    ``generator`` (the training loader's, so a checkpoint's random state covers it)."""
     import torch
     from torch.utils.data import WeightedRandomSampler
 
     w = balanced_weights(class_counts(labels, num_classes))
     per_image = torch.tensor([w[int(y)] for y in labels], dtype=torch.double)
-    return WeightedRandomSampler(per_image, num_samples=len(labels), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
+    return WeightedRandomSampler(per_image, num_samples=len(labels), replacement=True, generator=generator)
