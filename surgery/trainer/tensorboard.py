@@ -40,6 +40,7 @@ class TensorBoardObserver:
         self.inner = inner
         self.writer: Any = None
         self.global_step = 0
+        self.groups: list[str] = []
 
     def __call__(self, event: str, info: dict) -> None:
         handler = getattr(self, "_on_" + event, None)
@@ -57,14 +58,18 @@ class TensorBoardObserver:
 
     def _on_start(self, info: dict) -> None:
         self.global_step = int(info.get("start_epoch", 0)) * int(info.get("steps_per_epoch", 0))
+        self.groups = [str(g) for g in info.get("groups") or []]
         self._open()
 
     def _on_step(self, info: dict) -> None:
         w = self._open()
         self.global_step += 1
         w.add_scalar("train/loss", info["loss"], self.global_step)
-        for name, lr in (info.get("lr_by_group") or {}).items():
-            w.add_scalar(f"lr/{name}", lr, self.global_step)
+        seen = set()
+        for name, lr in zip(self.groups, info.get("lrs") or []):
+            if name not in seen:  # a group's decay and no-decay halves share its lr
+                seen.add(name)
+                w.add_scalar(f"lr/{name}", lr, self.global_step)
 
     def _on_epoch_end(self, m: dict) -> None:
         w, epoch = self._open(), int(m["epoch"])
