@@ -28,6 +28,7 @@ def evaluate(
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also score with test-time augmentation (5 crops, and their mirrors unless trained with --no-flip) and show the difference.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
@@ -38,7 +39,7 @@ def evaluate(
     if data is None:
         raise DataError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
     rep = surgery.evaluate(folder, data, split=split, val_split=val_split, seed=seed, batch_size=batch_size,
-                           workers=workers, device=device, image_size=image_size, trust_code=trust_code)
+                           workers=workers, device=device, image_size=image_size, trust_code=trust_code, tta=tta)
     if as_json:
         print_json(rep.to_json())
         return
@@ -46,6 +47,10 @@ def evaluate(
 
     out = console()
     out.print(f"{rep.split}: {rep.images} images, accuracy {rep.accuracy:.4f}, loss {rep.loss:.4f}", markup=False)
+    if rep.tta is not None:
+        t = rep.tta
+        out.print(f"with TTA ({t['views']} views): accuracy {t['accuracy']:.4f} ({t['difference']:+.4f}), "
+                  f"loss {t['loss']:.4f}", markup=False)
     if rep.skipped:
         out.print(f"skipped {len(rep.skipped)} unreadable images", markup=False)
     table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left", show_edge=False)

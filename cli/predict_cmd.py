@@ -24,6 +24,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 1,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
     image_size: Annotated[int, typer.Option("--image-size", help="Override the manifest's input size (0: keep).")] = 0,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the probabilities over test-time views (5 crops, and their mirrors unless trained with --no-flip).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
@@ -37,7 +38,7 @@ def predict(
     from surgery.trainer.evaluate import PREDICT_SCHEMA  # a torch-importing module: only when predicting
 
     preds = surgery.predict(folder, [str(p) for p in images], top_k=top_k, device=device, image_size=image_size or None,
-                            trust_code=trust_code)
+                            trust_code=trust_code, tta=tta)
     if as_json:
         print_json({"schema": PREDICT_SCHEMA, "model": str(folder), "predictions": preds})
         return

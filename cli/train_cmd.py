@@ -127,7 +127,15 @@ def train(
     clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a better val accuracy.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="No random crops or flips.")] = False,
+    augment: Annotated[str, typer.Option("--augment", metavar="none|light|randaugment|trivialaugment", help="Training augmentation: light = random resized crop and flip; randaugment / trivialaugment add torchvision's policies.")] = "light",
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none.")] = False,
+    mixup: Annotated[float, typer.Option("--mixup", metavar="ALPHA", help="Mix pairs of images and labels (Beta(ALPHA, ALPHA); 0.2 is usual; 0: off).")] = 0.0,
+    cutmix: Annotated[float, typer.Option("--cutmix", metavar="ALPHA", help="Paste a patch of another image, labels mixed by area (1.0 is usual; 0: off).")] = 0.0,
+    ema: Annotated[Optional[float], typer.Option("--ema", metavar="DECAY", help="Keep an exponential moving average of the weights (e.g. 0.999); validated beside the raw weights, the better saved.", show_default=False)] = None,
+    accumulate: Annotated[int, typer.Option("--accumulate", metavar="N", help="Sum gradients over N batches per optimizer step (effective batch N x --batch-size).")] = 1,
+    class_weights: Annotated[str, typer.Option("--class-weights", metavar="none|auto", help="auto: weight each class's loss by n / (classes x its images).")] = "none",
+    balanced_sampler: Annotated[bool, typer.Option("--balanced-sampler", help="Draw training images so every class is equally likely.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write TensorBoard event files to OUT/tensorboard (needs the tensorboard package).")] = False,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="No horizontal flips (digits, text).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of everything random.")] = 0,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
@@ -173,6 +181,8 @@ def _check(a: SimpleNamespace) -> None:
         raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
     if a.out is None and not a.find_lr:
         raise TrainError("--out DIR is required: where to write the run")
+    if a.no_augment and a.augment not in ("light", "none"):
+        raise TrainError(f"--no-augment and --augment {a.augment} contradict each other; give one")
     if a.compare_scratch and (a.resume is not None or a.nproc is not None or a.find_lr):
         raise TrainError("--compare-scratch runs both trainings afresh in one process; drop --resume, --nproc, --find-lr")
 
@@ -187,14 +197,16 @@ def _shared(a: SimpleNamespace) -> dict:
     """The options of a run that --find-lr and --compare-scratch take too."""
     return dict(val_split=a.val_split, seed=a.seed, batch_size=a.batch_size, optimizer=a.optimizer,
                 weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, image_size=a.image_size,
-                augment=not a.no_augment, flip=not a.no_flip, device=a.device, cache_features=a.cache_features,
+                augment="none" if a.no_augment else a.augment, flip=not a.no_flip, device=a.device,
+                cache_features=a.cache_features,
                 force=a.force, trust_code=a.trust_code)
 
 
 def _run_only(a: SimpleNamespace) -> dict:
     return dict(epochs=a.epochs, lr=a.lr, workers=a.workers, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
                 clip_grad=a.clip_grad, patience=a.patience, amp=not a.no_amp, compile=a.compile_,
-                cache_views=a.cache_views)
+                cache_views=a.cache_views, mixup=a.mixup, cutmix=a.cutmix, ema=a.ema, accumulate=a.accumulate,
+                class_weights=a.class_weights, balanced_sampler=a.balanced_sampler, tensorboard=a.tensorboard)
 
 
 def _run(ctx: typer.Context, a: SimpleNamespace, renderer: "Renderer") -> Any:
@@ -226,6 +238,11 @@ def render(result: Any) -> None:
               f"val loss {result.best_val_loss:.4f}", markup=False)
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable images (listed in run.log)", markup=False)
+    if result.best_weights == "ema":
+        out.print("kept the averaged (--ema) weights: they scored higher than the raw ones", markup=False)
+    if result.per_class_val_acc is not None:
+        out.print("skewed classes; val acc per class: "
+                  + ", ".join(f"{c} {v:.3f}" for c, v in result.per_class_val_acc.items()), markup=False)
     if result.cache_used:
         out.print("trained the head on cached backbone features", markup=False)
     out.print(f"wrote {result.out} (model.safetensors, manifest.json, metrics.jsonl, curves.png, confusion.png)",

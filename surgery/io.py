@@ -25,7 +25,9 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
               r"confusion\.png|lr_find\.png|lr_find\.json|failures\.jsonl|checkpoints/|checkpoints/(last|best)\.pt)",
               # --compare-scratch: the scratch run beside the pretrained one, the comparison, a killed run's init
               r"scratch/", r"compare\.json", r"compare\.png", r"\.scratch-init-[A-Za-z0-9_]{8}/.*",
-              r"\.scratch-init-[A-Za-z0-9_]{8}/"),
+              r"\.scratch-init-[A-Za-z0-9_]{8}/",
+              # --tensorboard: torch.utils.tensorboard's event files
+              r"(scratch/)?tensorboard/", r"(scratch/)?tensorboard/events\.out\.tfevents\.[^/]+"),
 }
 _TEMP = r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)/?"  # atomic_file / atomic_dir leftovers: ".NAME.<8 random chars>.tmp"
 _SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",

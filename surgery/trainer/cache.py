@@ -151,7 +151,7 @@ class IndexDataset:
 
 
 def decide(model: nn.Module, manifest: Any, epochs: int, request: str, *, distributed: bool,
-           compiled: bool) -> tuple[bool, str]:
+           compiled: bool, mixing: bool = False) -> tuple[bool, str]:
     """(use the cache, why not) for ``--cache-features request`` (auto, on, off); ``on`` where
     the cache cannot be used is refused."""
     if request == "off":
@@ -161,6 +161,8 @@ def decide(model: nn.Module, manifest: Any, epochs: int, request: str, *, distri
         ok, why = False, "the feature cache is off under DDP (several processes)"
     if ok and compiled:
         ok, why = False, "--compile trains the whole model"
+    if ok and mixing:
+        ok, why = False, "--mixup/--cutmix mix whole images"
     if not ok and request == "on":
         raise TrainError(f"--cache-features on: not possible here: {why}; use --cache-features auto or off")
     return ok, why

@@ -43,6 +43,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
 from ..preprocess import InputPipeline, resize_for
+from .augment import augment_policy, check_augment, policy_steps
+from .balance import balanced_sampler
 
 log = logging.getLogger(__name__)
 
@@ -471,16 +473,18 @@ def _per_channel(name: str, values: Sequence[float], channels: int) -> list[floa
 
 
 def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], channels: int,
-                     *, train: bool, augment: bool = True, flip: bool = True, resize: int | None = None,
+                     *, train: bool, augment: bool | str = True, flip: bool = True, resize: int | None = None,
                      interpolation: str = "bilinear", scale: tuple[float, float] = (0.35, 1.0)) -> Callable:
     """PIL image -> normalised float tensor ``[channels, H, W]``.
 
     Every image is first converted to the model's channel count: 1 grey, 3 RGB, 4 RGBA (an
     opaque image gets alpha 1); any other count repeats the RGB channels cyclically.
-    Training with ``augment``: ``RandomResizedCrop(size, scale)`` and, with ``flip``, a random
-    horizontal flip (turn it off for digits, text, anything with a handedness). ``scale`` defaults
-    to (0.35, 1): fine-tuning on little data wants milder crops than ImageNet's (0.08, 1).
-    Evaluation (or training without ``augment``): ``Resize(resize)`` of the shorter side, then
+    Training with ``augment`` (a policy of :mod:`.augment`: ``light``, the default, or True;
+    ``randaugment``; ``trivialaugment``): ``RandomResizedCrop(size, scale)`` and, with ``flip``, a
+    random horizontal flip (turn it off for digits, text, anything with a handedness), then the
+    policy's operations. ``scale`` defaults to (0.35, 1): fine-tuning on little data wants milder
+    crops than ImageNet's (0.08, 1).
+    Evaluation (or training with ``augment`` ``none`` or False): ``Resize(resize)`` of the shorter side, then
     ``CenterCrop(size)``; ``resize`` defaults to ``preprocess.resize_for(max(size))``. Pass the manifest's
     ``input.resize`` only when not overriding its size. ``interpolation``: ``'bilinear'``,
     ``'bicubic'``, ``'nearest'`` (the manifest's ``input.interpolation``).
@@ -497,10 +501,15 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
         raise DataError(f"unknown interpolation {interpolation!r}; use one of "
                         f"{', '.join(m.value for m in InterpolationMode)}") from None
     steps: list[Any] = [_ToMode(_PIL_MODES.get(channels, "RGB"))]
-    if train and augment:
+    policy = augment_policy(augment)
+    if train and policy != "none":
+        problems = check_augment(policy, channels)
+        if problems:
+            raise DataError(problems[0])
         steps.append(v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True))
         if flip:
             steps.append(v2.RandomHorizontalFlip())
+        steps += policy_steps(policy, interp)
     else:
         resize = int(resize) if resize is not None else resize_for(max(size))
         if resize < min(size):
@@ -520,7 +529,7 @@ def pipeline_args(pipe: InputPipeline) -> dict[str, Any]:
                 interpolation=pipe.interpolation)
 
 
-def pipeline_transforms(pipe: InputPipeline, *, train: bool, augment: bool = True, flip: bool = True) -> Callable:
+def pipeline_transforms(pipe: InputPipeline, *, train: bool, augment: bool | str = True, flip: bool = True) -> Callable:
     """The transform of a model's input pipeline: what train, evaluate and predict apply to an image."""
     return build_transforms(**pipeline_args(pipe), train=train, augment=augment, flip=flip)
 
@@ -626,7 +635,8 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
                  channels: int, batch_size: int, num_workers: int = 0, seed: int = 0, augment: bool = True,
                  flip: bool = True, device: str | torch.device = "cpu", distributed: bool = False,
                  eval_batch_size: int | None = None, resize: int | None = None, interpolation: str = "bilinear",
-                 failure_log: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
+                 failure_log: str | os.PathLike | None = None,
+                 balanced: bool = False) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders for ``samples``.
 
     Training order comes from a ``torch.Generator`` seeded with ``seed`` (a new permutation each
@@ -636,8 +646,13 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
     (call :func:`set_epoch` each epoch) and validation a :class:`ShardSampler`.
     ``pin_memory`` when ``device`` is CUDA and CUDA is available; ``persistent_workers`` when
     ``num_workers > 0``. The last training batch is dropped only when it would hold a single
-    image (BatchNorm cannot train on one).
+    image (BatchNorm cannot train on one). ``balanced``: draw training images so that every class
+    is equally likely (:func:`.balance.balanced_sampler`, from the same seeded generator); one
+    process only.
     """
+    if balanced and distributed:
+        raise DataError("--balanced-sampler draws from one process's sampler; it cannot shard the data across "
+                        "processes: drop it or --nproc")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
@@ -670,6 +685,8 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
         per_replica = len(train_ds)
     # distinct worker seeds per rank, or every rank would augment with the same random stream
     gen = torch.Generator().manual_seed(seed + 7919 * rank)
+    if balanced:
+        train_sampler = balanced_sampler([y for _, y in samples.train], len(samples.classes), gen)
     drop_last = per_replica > batch_size and per_replica % batch_size == 1
     train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
                               generator=gen, drop_last=drop_last, **common)

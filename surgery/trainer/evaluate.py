@@ -24,6 +24,7 @@ from .data import (ImageDataset, Samples, check_num_classes, discover, image_pro
 from .device import resolve_device
 from .plots import confusion_matrix, per_class_accuracy
 from .predictions import score
+from .tta import TTAViews, tta_probabilities
 
 SPLITS = ("train", "val", "all")
 EVALUATE_SCHEMA = "surgery.evaluate/1"  # of EvalReport.to_json, what `surgery evaluate --json` prints
@@ -40,6 +41,7 @@ class EvalReport:
     per_class: list[float | None]
     confusion: list[list[int]]
     skipped: list[tuple[str, str]]
+    tta: dict | None = None  # with --tta: {"views", "accuracy", "loss", "difference"} (accuracy - the plain one)
 
     def to_json(self) -> dict:
         d = {"schema": EVALUATE_SCHEMA, **asdict(self)}
@@ -57,16 +59,25 @@ class _Loaded:
     model: Any
     transform: Callable
     names: list[str]
+    views: TTAViews | None = None  # with --tta
+
+    def probabilities(self, x: Any) -> Any:
+        """Softmax of a batch: ``[B, C, H, W]``, or ``[B, V, C, H, W]`` views averaged."""
+        return tta_probabilities(self.model, x) if x.ndim == 5 else self.model(x).float().softmax(1)
 
 
-def _load(folder: str | os.PathLike, device: str, image_size: int | None, trust_code: bool = False) -> _Loaded:
+def _load(folder: str | os.PathLike, device: str, image_size: int | None, trust_code: bool = False,
+          tta: bool = False) -> _Loaded:
     m = read_manifest(folder)
     dev = resolve_device(device)
     model = load_adapted(folder, device=dev, trust_code=trust_code)
     model.eval()
-    tf = pipeline_transforms(input_pipeline(m, image_size), train=False)
+    pipe = input_pipeline(m, image_size)
+    tf = pipeline_transforms(pipe, train=False)
     names = m["class_names"] or m.head.get("class_names") or [str(i) for i in range(m.num_classes)]
-    return _Loaded(m, dev, model, tf, [str(n) for n in names])
+    targs = (m.data.get("results") or {}).get("train_args") or {}
+    views = TTAViews(pipe, flip=bool(targs.get("flip", True))) if tta else None
+    return _Loaded(m, dev, model, tf, [str(n) for n in names], views)
 
 
 def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_split: float | None,
@@ -94,15 +105,18 @@ def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_
 
 def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str = "val",
              val_split: float | None = None, seed: int | None = None, batch_size: int = 64, workers: int = 0,
-             device: str = "auto", image_size: int | None = None, trust_code: bool = False) -> EvalReport:
+             device: str = "auto", image_size: int | None = None, trust_code: bool = False,
+             tta: bool = False) -> EvalReport:
     """Accuracy, loss, per-class accuracy and confusion matrix of the model in ``folder`` on
     ``data``'s ``split`` (``val``, ``train`` or ``all``). For a single folder of class folders
     the split of the training run (its ``--val-split`` and ``--seed``, from the manifest's
     results) is reproduced unless given; ``split='all'`` needs no split at all. ``trust_code``:
-    as in :func:`surgery.load_adapted`."""
+    as in :func:`surgery.load_adapted`. ``tta``: also score with test-time augmentation
+    (:mod:`.tta`: five crops, and their mirrors unless the run trained with ``--no-flip``) and
+    report its accuracy beside the plain one."""
     if split not in SPLITS:
         raise SurgeryError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    ld = _load(folder, device, image_size, trust_code)
+    ld = _load(folder, device, image_size, trust_code, tta)
     samples, skipped = _samples(data, ld.manifest, ld.names, split, val_split, seed)
     items = {"train": samples.train, "val": samples.val, "all": samples.train + samples.val}[split]
     if not items:
@@ -111,8 +125,20 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
     s = score(ld.model, loader, prepare=lambda x, y: (x.to(ld.device), y.to(ld.device)), keep=True)
     p, t = s.predicted(), s.targets()
     cm = confusion_matrix(p, t, ld.manifest.num_classes)
-    return EvalReport(split=split, images=len(t), accuracy=float((p == t).float().mean()), loss=s.loss_sum / len(t),
-                      classes=list(samples.classes), per_class=per_class_accuracy(cm), confusion=cm, skipped=skipped)
+    acc = float((p == t).float().mean())
+    return EvalReport(split=split, images=len(t), accuracy=acc, loss=s.loss_sum / len(t),
+                      classes=list(samples.classes), per_class=per_class_accuracy(cm), confusion=cm, skipped=skipped,
+                      tta=_tta_scores(ld, items, batch_size, workers, acc) if tta else None)
+
+
+def _tta_scores(ld: _Loaded, items: list, batch_size: int, workers: int, plain_acc: float) -> dict:
+    """Accuracy and loss of the views' averaged probabilities (the loss is their negative log)."""
+    loader = DataLoader(ImageDataset(items, ld.views), batch_size=max(1, batch_size // ld.views.count),
+                        shuffle=False, num_workers=workers)
+    s = score(lambda x: ld.probabilities(x).clamp_min(1e-12).log(), loader,
+              prepare=lambda x, y: (x.to(ld.device), y.to(ld.device)))
+    acc = s.correct / max(s.n, 1)
+    return {"views": ld.views.count, "accuracy": acc, "loss": s.loss_sum / max(s.n, 1), "difference": acc - plain_acc}
 
 
 def _expand(images: Sequence[str | os.PathLike]) -> tuple[list[str], dict[str, str]]:
@@ -137,11 +163,13 @@ def _expand(images: Sequence[str | os.PathLike]) -> tuple[list[str], dict[str, s
 
 
 def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 1, device: str = "auto",
-            image_size: int | None = None, batch_size: int = 64, trust_code: bool = False) -> list[dict]:
+            image_size: int | None = None, batch_size: int = 64, trust_code: bool = False,
+            tta: bool = False) -> list[dict]:
     """``[{"path", "top": [{"class", "index", "prob"}, ...]}]`` for each image, in order; class
     names from the manifest. A folder stands for the images under it. An image that cannot be
     read gets ``"top": []`` and ``"error"`` (why) while the others are classified; when none can
-    be read, an error names them. ``trust_code``: as in :func:`surgery.load_adapted`."""
+    be read, an error names them. ``trust_code``: as in :func:`surgery.load_adapted`. ``tta``: the
+    probabilities averaged over test-time views (:mod:`.tta`)."""
     if top_k < 1:
         raise SurgeryError(f"--top-k must be at least 1, got {top_k}")
     if not images:
@@ -151,17 +179,16 @@ def predict(folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, t
     if not paths:
         listed = "; ".join(f"{p}: {why}" for p, why in list(bad.items())[:5])
         raise InputError(f"cannot read {len(bad)} image{'s' if len(bad) > 1 else ''}: {listed}")
-    ld = _load(folder, device, image_size, trust_code)
+    ld = _load(folder, device, image_size, trust_code, tta)
     k = min(top_k, ld.manifest.num_classes)
+    transform = ld.views if tta else ld.transform
 
     found: dict[str, dict] = {}
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
-            xs = []
-            for p in chunk:
-                xs.append(ld.transform(ImageDataset.load(p)))
-            probs = torch.softmax(ld.model(torch.stack(xs).to(ld.device)).float(), 1).cpu()
+            xs = [transform(ImageDataset.load(p)) for p in chunk]
+            probs = ld.probabilities(torch.stack(xs).to(ld.device)).cpu()
             top = probs.topk(k, 1)
             for p, vals, idx in zip(chunk, top.values, top.indices):
                 found[p] = {"path": p, "top": [{"class": ld.names[j], "index": int(j), "prob": float(v)}

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..adapter.freeze import apply_schedule, group_trainable
 from ..errors import TrainInterrupted
 from . import distributed as D
+from .balance import balanced_sampler
 from .cache import Features, IndexDataset
 from .data import set_epoch
 from .outputs import plot_run_curves
@@ -69,18 +70,22 @@ def checkpoint_state(run: Run, done_epochs: int) -> dict:
     progress, random states, the fingerprint and the arguments."""
     p = run.progress
     return {"epoch": done_epochs, "model": clean_state_dict(run.model, run.moving, copy=False),
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None, "best": dict(p.best),
             "bad_epochs": p.bad_epochs, "rng": rng_state({"train_loader": run.train_dl.generator}),
             "fingerprint": run.fingerprint, "history": list(p.history), "args": run.args}
 
 
-def val_scores(run: Run, forward: nn.Module, feats: Features | None, keep: bool = False) -> Scores:
-    """The validation set through ``forward`` (eval mode), or through the head on cached features."""
-    run.model.eval()
+def val_scores(run: Run, forward: nn.Module, feats: Features | None, keep: bool = False,
+               model: nn.Module | None = None) -> Scores:
+    """The validation set through ``forward`` (eval mode), or through the head of ``model`` (the
+    run's by default) on cached features."""
+    model = run.model if model is None else model
+    model.eval()
     if feats is not None:
         dev = run.place.device
-        return score(run.model.get_submodule(run.head_path), feature_batches(*feats.val),
+        return score(model.get_submodule(run.head_path), feature_batches(*feats.val),
                      prepare=lambda x, y: (x.to(dev), y.to(dev)), autocast=run.place.autocast, keep=keep)
     return score(forward, run.val_dl, prepare=run.place.batch, autocast=run.place.autocast, keep=keep)
 
@@ -92,7 +97,6 @@ class _Epochs:
     def __init__(self, run: Run, net: nn.Module, feats: Features | None, obs: Observer):
         self.run, self.net, self.feats, self.obs = run, net, feats, obs
         self.ddp_net, self.wrapped_for = net, None
-        self.crit = torch.nn.CrossEntropyLoss(label_smoothing=run.opts.label_smoothing)
         self.epoch = run.progress.start_epoch
 
     def begin(self, epoch: int) -> tuple[str, int, nn.Module, Iterable]:
@@ -116,21 +120,34 @@ class _Epochs:
             return ph, n_trainable, self.ddp_net, iter(run.train_dl)
         tx, ty = self.feats.train_view(epoch)
         dl = run.train_dl
+        sampler = (balanced_sampler(ty.tolist(), len(run.samples.classes), dl.generator)
+                   if run.opts.balanced_sampler else None)
         batches = ((tx[idx], ty[idx]) for idx in DataLoader(IndexDataset(len(ty)), batch_size=dl.batch_size,
-                                                            shuffle=True, generator=dl.generator,
-                                                            drop_last=dl.drop_last))
+                                                            shuffle=sampler is None, sampler=sampler,
+                                                            generator=dl.generator, drop_last=dl.drop_last))
         head = model.get_submodule(run.head_path)
         head.train()
         return ph, n_trainable, head, batches
 
-    def step(self, net: nn.Module, xb: Any, yb: Any) -> tuple[Any, Any]:
-        """One optimizer step (gradient scaling on fp16, clipping when asked); (logits, loss)."""
+    def step(self, net: nn.Module, xb: Any, yb: Any, update: bool = True) -> tuple[Any, Any]:
+        """Forward and backward one batch (mixed with --mixup/--cutmix); with ``update``, the
+        optimizer step for the gradients summed since the last one (gradient scaling on fp16,
+        clipping when asked), the schedule's step and the weight average's. (logits, loss)."""
         run, scaler = self.run, self.run.scaler
-        run.opt.zero_grad(set_to_none=True)
+        target = yb
+        if run.mixer is not None:
+            xb, target = run.mixer(xb, yb)
         with run.place.autocast():
             logits = net(xb)
-            loss = self.crit(logits.float(), yb)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = run.crit(logits.float(), target)
+        scaled = loss / run.opts.accumulate if run.opts.accumulate > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if update:
+            self.update()
+        return logits, loss
+
+    def update(self) -> None:
+        run, scaler = self.run, self.run.scaler
         if run.opts.clip_grad is not None:
             if scaler is not None:
                 scaler.unscale_(run.opt)
@@ -142,17 +159,21 @@ class _Epochs:
         else:
             run.opt.step()
         run.sched.step()
-        return logits, loss
+        run.opt.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.model)
 
     def train(self, epoch: int, net: nn.Module, batches: Iterable) -> tuple[list[float], list[float]]:
         """Every step of the epoch; ([loss sum, correct, images] over ranks, the lrs of its last step)."""
         run = self.run
         loss_sum, correct, seen = 0.0, 0, 0
         last_lrs: list[float] = [g["lr"] for g in run.opt.param_groups]
+        n, every = len(run.train_dl), run.opts.accumulate
+        run.opt.zero_grad(set_to_none=True)
         for i, (xb, yb) in enumerate(batches):
             xb, yb = run.place.batch(xb, yb)
             lrs = [g["lr"] for g in run.opt.param_groups]
-            logits, loss = self.step(net, xb, yb)
+            logits, loss = self.step(net, xb, yb, update=(i + 1) % every == 0 or i + 1 >= n)
             bl = float(loss.detach())
             loss_sum += bl * len(yb)
             correct += int((logits.detach().argmax(1) == yb).sum())
@@ -180,8 +201,7 @@ class _Epochs:
         totals, last_lrs = self.train(epoch, net, batches)
         train_secs = time.perf_counter() - t0
         loss_sum, correct, seen = D.all_reduce_sum(run.dist, totals, run.place.reduce_on)
-        v = val_scores(run, self.net, self.feats)
-        v_loss, v_correct, v_n = D.all_reduce_sum(run.dist, [v.loss_sum, v.correct, v.n], run.place.reduce_on)
+        v_loss, v_correct, v_n = self.validate(self.net, None)
         self.note_failures()
         frozen_now = {g["name"]: not group_trainable(g, epoch) for g in run.manifest.groups}
         m = {"epoch": epoch + 1, "phase": ph,
@@ -190,7 +210,16 @@ class _Epochs:
              "lr": _lr_by_group(run, last_lrs, frozen_now), "frozen": frozen_now,
              "images_per_s": seen / train_secs if train_secs > 0 else None,
              "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": self.feats is not None}
+        if run.ema is not None:
+            e_loss, e_correct, e_n = self.validate(run.ema.module, run.ema.module)
+            m.update(ema_val_loss=e_loss / max(e_n, 1), ema_val_acc=e_correct / max(e_n, 1))
         return record(run, m, self.obs)
+
+    def validate(self, forward: nn.Module, model: nn.Module | None) -> list[float]:
+        """[loss sum, correct, images] of the validation set, summed over ranks."""
+        run = self.run
+        v = val_scores(run, forward, self.feats, model=model)
+        return D.all_reduce_sum(run.dist, [v.loss_sum, v.correct, v.n], run.place.reduce_on)
 
 
 def _lr_by_group(run: Run, last_lrs: list[float], frozen_now: dict[str, bool]) -> dict[str, float]:
@@ -208,12 +237,12 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
     ``--patience`` epochs have passed without a better val accuracy."""
     p, epochs, out = run.progress, run.opts.epochs, run.opts.out
     p.history.append(m)
-    improved = m["val_acc"] > p.best["val_acc"] or (m["val_acc"] == p.best["val_acc"]
-                                                   and m["val_loss"] < p.best["val_loss"])
+    weights, acc, loss = _better(m)
+    improved = acc > p.best["val_acc"] or (acc == p.best["val_acc"] and loss < p.best["val_loss"])
     if improved:
-        p.best = {"epoch": m["epoch"], "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
+        p.best = {"epoch": m["epoch"], "val_acc": acc, "val_loss": loss, "weights": weights}
         p.bad_epochs = 0
-        p.best_state = clean_state_dict(run.model, run.moving)
+        p.best_state = clean_state_dict(run.ema.module if weights == "ema" else run.model, run.moving)
     else:
         p.bad_epochs += 1
     if run.dist.is_main:
@@ -223,8 +252,10 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
             save_checkpoint(out / CHECKPOINT_DIR / BEST, state)
         run.files.metrics(p.history)
         run.files.log(f"epoch {m['epoch']}/{epochs} [{m['phase']}] train loss {m['train_loss']:.4f} acc "
-                      f"{m['train_acc']:.3f} | val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} | "
-                      f"{m['images_per_s'] or 0:.0f} img/s {m['seconds']:.1f}s" + (" *best" if improved else ""))
+                      f"{m['train_acc']:.3f} | val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}"
+                      + (f" | ema val loss {m['ema_val_loss']:.4f} acc {m['ema_val_acc']:.3f}" if "ema_val_acc" in m
+                         else "") + f" | {m['images_per_s'] or 0:.0f} img/s {m['seconds']:.1f}s"
+                      + (f" *best{' (ema)' if weights == 'ema' else ''}" if improved else ""))
     obs("epoch_end", dict(m, best=dict(p.best), improved=improved))
     patience = run.opts.patience
     if patience is not None and p.bad_epochs >= patience and m["epoch"] < epochs:
@@ -233,6 +264,15 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
                       f"(best {p.best['val_acc']:.3f} at epoch {p.best['epoch']})")
         return True
     return False
+
+
+def _better(m: dict) -> tuple[str, float, float]:
+    """(which weights, val acc, val loss) of an epoch: the averaged ones when they score higher
+    (accuracy, then loss), else the raw ones."""
+    raw = (m["val_acc"], -m["val_loss"])
+    if "ema_val_acc" in m and (m["ema_val_acc"], -m["ema_val_loss"]) > raw:
+        return "ema", m["ema_val_acc"], m["ema_val_loss"]
+    return "raw", m["val_acc"], m["val_loss"]
 
 
 def run_epochs(run: Run, net: nn.Module, feats: Features | None, obs: Observer) -> None:

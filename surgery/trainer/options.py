@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError
+from .augment import DEFAULT_AUGMENT, augment_policy, check_augment
+from .balance import CLASS_WEIGHTS
+from .ema import check_decay
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -22,7 +25,8 @@ CACHE_CHOICES = ("auto", "on", "off")
 #: the options a checkpoint saves and a resumed run restores (``args`` in last.pt), in this order
 HYPER = ("epochs", "lr", "val_split", "seed", "batch_size", "workers", "optimizer", "weight_decay", "momentum",
          "schedule", "warmup_epochs", "label_smoothing", "clip_grad", "patience", "image_size", "augment", "flip",
-         "device", "amp", "compile", "cache_features", "cache_views")
+         "device", "amp", "compile", "cache_features", "cache_views", "mixup", "cutmix", "ema", "accumulate",
+         "class_weights", "balanced_sampler")
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,32 @@ class TrainOptions:
     clip_grad: float | None = None
     patience: int | None = None
     image_size: int | None = None
-    augment: bool = True
+    augment: bool | str = DEFAULT_AUGMENT
     flip: bool = True
     device: str = "auto"
     amp: bool = True
     compile: bool = False
     cache_features: str = "auto"
     cache_views: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema: float | None = None
+    accumulate: int = 1
+    class_weights: str = "none"
+    balanced_sampler: bool = False
+    tensorboard: bool = False
     resume: bool | str | os.PathLike | None = None
     force: bool = False
     trust_code: bool = False
+
+    def __post_init__(self) -> None:
+        # --no-augment / augment=False is the policy "none"; augment=True the default policy
+        object.__setattr__(self, "augment", augment_policy(self.augment))
+
+    @property
+    def mixing(self) -> bool:
+        """Batches are mixed (--mixup/--cutmix): training needs whole images and soft targets."""
+        return bool(self.mixup or self.cutmix)
 
     def hyper(self) -> dict[str, Any]:
         """The options a checkpoint records, in :data:`HYPER` order."""
@@ -114,5 +134,12 @@ def _problems(o: TrainOptions) -> list[str]:
          f"--batch-size must be a positive integer, got {o.batch_size!r}"),
         (isinstance(o.workers, int) and o.workers >= 0, f"--workers must be 0 or more, got {o.workers!r}"),
         (o.image_size is None or o.image_size >= 1, f"--image-size must be positive, got {o.image_size}"),
+        (isinstance(o.accumulate, int) and not isinstance(o.accumulate, bool) and o.accumulate >= 1,
+         f"--accumulate must be a positive integer (batches per optimizer step), got {o.accumulate!r}"),
+        (o.class_weights in CLASS_WEIGHTS,
+         f"--class-weights {o.class_weights!r}: choose one of {', '.join(CLASS_WEIGHTS)}"),
+        (not (o.mixing and o.cache_features == "on"),
+         "--mixup/--cutmix mix whole images, so they cannot train on cached features: drop --cache-features on"),
     ]
-    return [msg for ok, msg in checks if not ok]
+    return [msg for ok, msg in checks if not ok] + check_decay(o.ema) + check_augment(o.augment, None, o.mixup,
+                                                                                     o.cutmix)

@@ -37,6 +37,8 @@ class TrainResult:
     device: str = "cpu"
     world_size: int = 1
     resumed_from: str | None = None
+    best_weights: str = "raw"  # "ema": the averaged weights (--ema) scored higher and are the ones kept
+    per_class_val_acc: dict[str, float] | None = None  # when the classes are skewed
 
     def to_json(self) -> dict:
         d = {"schema": SCHEMA, **asdict(self)}
@@ -112,7 +114,8 @@ def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classe
                             "weights_sha256": manifest["files"].get("weights_sha256")}
     data["results"] = {"best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
                        "val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
-                       "stopped_early": result.stopped_early, "per_class_val_acc": dict(zip(classes, per_class)),
+                       "stopped_early": result.stopped_early, "weights": result.best_weights,
+                       "per_class_val_acc": dict(zip(classes, per_class)),
                        "confusion": cm, "train_args": train_args}
     src_report = adapted_p / REPORT_NAME
     if src_report.is_file():

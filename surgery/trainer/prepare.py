@@ -19,10 +19,12 @@ from ..adapter.manifest import read_manifest
 from ..errors import DataError, OutputError, ResumeError, TrainError
 from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
 from ..preprocess import InputPipeline, input_pipeline
-from . import cache
+from . import balance, cache
 from . import distributed as D
 from .data import Samples, check_num_classes, discover, make_loaders, pipeline_args, scan_images
+from .augment import DEFAULT_AUGMENT, batch_mixer
 from .device import Placement
+from .ema import WeightEma
 from .optim import LrMultiplier, optimizer_groups
 from .options import TrainOptions
 from .outputs import RunFiles
@@ -70,6 +72,9 @@ class Run:
     mult: LrMultiplier | None = None
     scaler: Any = None
     moving: set[str] = field(default_factory=set)
+    crit: Any = None
+    mixer: Any = None
+    ema: Any = None
     head_path: str = ""
     resolved: dict = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
@@ -113,7 +118,7 @@ def check_inputs(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, dis
         _check_image_size(model, manifest, opts.image_size, pipe.channels)
     _check_groups(opts, manifest)
     use_cache, reason = cache.decide(model, manifest, opts.epochs, opts.cache_features, distributed=dist.enabled,
-                                     compiled=opts.compile)
+                                     compiled=opts.compile, mixing=opts.mixing)
     fp = fingerprint(manifest, model, samples.classes)
     if ckpt is not None:
         check_fingerprint(ckpt.get("fingerprint") or {}, fp, str(ckpt["path"]))
@@ -225,18 +230,37 @@ def build_training(run: Run) -> None:
     run.train_dl, run.val_dl = make_loaders(
         run.samples, **pipeline_args(run.pipe), batch_size=o.batch_size, num_workers=o.workers, seed=o.seed,
         augment=o.augment, flip=o.flip, device=run.place.device, distributed=run.dist.enabled,
-        failure_log=run.failure_log)
+        failure_log=run.failure_log, balanced=o.balanced_sampler)
     lr = 1e-3 if o.lr == "auto" else o.lr  # "auto": a placeholder until the range test has run
     groups = optimizer_groups(run.model, run.manifest, lr, o.decay)
     if o.optimizer == "adamw":
         run.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=o.decay)
     else:
         run.opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.decay)
-    steps = len(run.train_dl)
+    steps = optimizer_steps(len(run.train_dl), o.accumulate)
     run.mult = LrMultiplier(o.schedule, steps * o.epochs, round(o.warmup * steps))
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, run.mult)
     run.scaler = torch.amp.GradScaler("cuda") if run.place.amp_dtype == torch.float16 else None
     run.moving = changing_keys(run.model, run.manifest)
+    build_objective(run)
+
+
+def optimizer_steps(batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``batches``: one per ``accumulate`` batches, the last one
+    taking what is left. The schedule and the warmup count these."""
+    return -(-batches // accumulate)
+
+
+def build_objective(run: Run) -> None:
+    """The loss (class weights), the batch mixer (--mixup/--cutmix) and the weight average (--ema)."""
+    o, n = run.opts, len(run.samples.classes)
+    weight = None
+    if o.class_weights == "auto":
+        w = balance.balanced_weights(balance.class_counts([y for _, y in run.samples.train], n))
+        weight = torch.tensor(w, dtype=torch.float32, device=run.place.device)
+    run.crit = nn.CrossEntropyLoss(weight=weight, label_smoothing=o.label_smoothing)
+    run.mixer = batch_mixer(n, o.mixup, o.cutmix)
+    run.ema = WeightEma(run.model, o.ema) if o.ema is not None else None
 
 
 def log_setup(run: Run) -> None:
@@ -254,6 +278,26 @@ def log_setup(run: Run) -> None:
     log(f"device {run.place.device}{' x' + str(run.dist.world_size) + ' processes' if run.dist.enabled else ''}; "
         f"amp {amp}; optimizer {o.optimizer} lr {o.lr} weight decay {o.decay:g}; schedule {o.schedule} over "
         f"{run.mult.total} steps, warmup {run.mult.warmup} steps")
+    extras = _extras(run)
+    if extras:
+        log("; ".join(extras))
+
+
+def _extras(run: Run) -> list[str]:
+    """The options beyond the defaults that change what a step computes, for run.log."""
+    o, said = run.opts, []
+    if o.augment != DEFAULT_AUGMENT:
+        said.append(f"augment {o.augment}")
+    said += [f"{k} {getattr(o, k):g}" for k in ("mixup", "cutmix") if getattr(o, k)]
+    if o.accumulate > 1:
+        said.append(f"accumulate {o.accumulate} batches per step (effective batch {o.accumulate * o.batch_size})")
+    if o.ema is not None:
+        said.append(f"ema decay {o.ema:g}")
+    if o.class_weights == "auto":
+        said.append("class weights " + ", ".join(f"{c} {w:.2f}" for c, w in zip(run.samples.classes, run.crit.weight.tolist())))
+    if o.balanced_sampler:
+        said.append("balanced sampler")
+    return said
 
 
 def restore(run: Run) -> None:
@@ -268,6 +312,8 @@ def restore(run: Run) -> None:
         f.__dict__.update(length)
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and ckpt.get("ema"):
+        run.ema.load_state_dict(ckpt["ema"])
     p.start_epoch, p.best, p.bad_epochs = int(ckpt["epoch"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
     p.history = list(ckpt.get("history") or [])
     best_file = Path(ckpt["path"]).parent / BEST

@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import TrainError
+from . import balance, lr_find
 from . import distributed as D
-from . import lr_find
 from .cache import Features, build as build_cache, verify_split
 from .data import pipeline_transforms
 from .device import Placement, resolve_device
@@ -37,6 +37,7 @@ from .plots import confusion_matrix, per_class_accuracy, plot_confusion
 from .prepare import Run, prepare
 from .resume import load_moving, open_resume, restore_args
 from .state import clean_state_dict, set_rng_state
+from .tensorboard import TensorBoardObserver
 
 Observer = Callable[[str, dict], None]
 
@@ -48,6 +49,8 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
           clip_grad: float | None = None, patience: int | None = None, image_size: int | None = None,
           augment: bool = True, flip: bool = True, device: str = "auto", amp: bool = True,
           compile: bool = False, cache_features: str = "auto", cache_views: int = 0,
+          mixup: float = 0.0, cutmix: float = 0.0, ema: float | None = None, accumulate: int = 1,
+          class_weights: str = "none", balanced_sampler: bool = False, tensorboard: bool = False,
           resume: bool | str | os.PathLike | None = None, force: bool = False,
           observer: Optional[Observer] = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune the model in ``adapted_dir`` (written by ``surgery adapt``) on ``data`` and
@@ -62,6 +65,12 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     their defaults (``None`` for ``epochs`` and ``lr``) take the saved values, and one given with
     another value is refused, naming both (except ``epochs``, whose change stretches or shrinks
     the schedule, and ``workers``/``device``).
+    ``augment``: a policy (``none``, ``light``, ``randaugment``, ``trivialaugment``; True is
+    ``light``), ``mixup``/``cutmix`` the alpha of batch mixing (:mod:`.augment`); ``ema``: a decay
+    for an average of the weights, validated beside the raw ones, the better kept (:mod:`.ema`);
+    ``accumulate``: batches per optimizer step (the schedule counts steps); ``class_weights="auto"``
+    and ``balanced_sampler`` for skewed classes (:mod:`.balance`); ``tensorboard``: event files in
+    ``out/tensorboard`` (:mod:`.tensorboard`).
     ``warmup_epochs`` defaults to 1 epoch (0 for one-epoch runs). ``weight_decay`` defaults to
     0.05 (adamw) or 1e-4 (sgd). Raises :class:`TrainInterrupted` (exit code 130) on Ctrl-C or
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
@@ -72,8 +81,9 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
         seed=seed, batch_size=batch_size, workers=workers, optimizer=optimizer, weight_decay=weight_decay,
         momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         clip_grad=clip_grad, patience=patience, image_size=image_size, augment=augment, flip=flip, device=device,
-        amp=amp, compile=compile, cache_features=cache_features, cache_views=cache_views, resume=resume,
-        force=force, trust_code=trust_code)
+        amp=amp, compile=compile, cache_features=cache_features, cache_views=cache_views, mixup=mixup, cutmix=cutmix,
+        ema=ema, accumulate=accumulate, class_weights=class_weights, balanced_sampler=balanced_sampler,
+        tensorboard=tensorboard, resume=resume, force=force, trust_code=trust_code)
     return run_training(opts, observer or (lambda event, info: None))
 
 
@@ -89,6 +99,8 @@ def run_training(opts: TrainOptions, obs: Observer) -> TrainResult:
     try:
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
+        if opts.tensorboard and dist.is_main:
+            obs = TensorBoardObserver(opts.out, obs)
         run = prepare(opts, ckpt, resuming_here, restored, dist, Placement.for_run(dev, opts.amp), obs)
         return _fit(run, obs)
     finally:
@@ -127,9 +139,9 @@ def _feature_cache(run: Run, obs: Observer) -> Features | None:
             raise TrainError(f"--cache-features on: {run.cache_reason}; use --cache-features auto or off")
         run.files.log(f"feature cache off: {run.cache_reason}")
         return None
-    views = o.cache_views if o.augment else 0
+    views = o.cache_views if o.augment != "none" else 0
     transforms = (pipeline_transforms(run.pipe, train=False),
-                  pipeline_transforms(run.pipe, train=True, augment=True, flip=o.flip))
+                  pipeline_transforms(run.pipe, train=True, augment=o.augment, flip=o.flip))
     feats = build_cache(run.model, path, run.samples, run.val_dl.dataset, transforms, views=views,
                         batch_size=o.batch_size, workers=o.workers, place=run.place, seed=o.seed,
                         failure_log=run.failure_log, on_images=lambda done, total: obs("cache", {"done": done,
@@ -181,15 +193,24 @@ def _finish(run: Run, feats: Features | None, obs: Observer) -> TrainResult:
                          stopped_early=p.stopped_early, class_names=list(run.samples.classes), metrics=p.history,
                          cache_used=feats is not None, cache_reason=run.cache_reason, skipped=list(run.skipped),
                          device=str(run.place.device), world_size=run.dist.world_size,
-                         resumed_from=run.ckpt["path"] if run.ckpt is not None else None)
+                         resumed_from=run.ckpt["path"] if run.ckpt is not None else None,
+                         best_weights=p.best.get("weights", "raw"))
+    per_class = per_class_accuracy(cm)
+    counts = balance.class_counts([y for _, y in run.samples.train], len(run.samples.classes))
+    if balance.is_skewed(counts):
+        result.per_class_val_acc = dict(zip(run.samples.classes, per_class))
     if run.dist.is_main:
         plot_run_curves(p.history, o.out, run.manifest, o.epochs, result.best_epoch, p.stopped_early)
         plot_confusion(cm, run.samples.classes, o.out / "confusion.png",
                        title=f"Confusion matrix (validation, best epoch {result.best_epoch})")
         write_model(o.out, o.adapted, run.manifest, weights, run.samples.classes, result,
-                    run.args, cm, per_class_accuracy(cm))
+                    run.args, cm, per_class)
+        if result.per_class_val_acc is not None:
+            run.files.log(f"classes are skewed (train images {min(counts)} to {max(counts)} per class); val acc per "
+                          f"class: " + ", ".join(f"{c} {a:.3f}" for c, a in result.per_class_val_acc.items()))
         run.files.log(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss "
-                      f"{result.best_val_loss:.4f}; wrote {o.out / 'model.safetensors'}")
+                      f"{result.best_val_loss:.4f}{' (ema weights)' if result.best_weights == 'ema' else ''}; "
+                      f"wrote {o.out / 'model.safetensors'}")
     D.barrier(run.dist)
     obs("end", result.to_json())
     return result
