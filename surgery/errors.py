@@ -75,3 +75,25 @@ class RuleError(SurgeryError):
 
 class OutputError(SurgeryError):
     """A destination that cannot or must not be written."""
+
+
+# ----------------------------------------------------------------------------- adapt
+
+class AdaptError(SurgeryError):
+    """An adaptation that cannot be done as asked: bad option, unknown arch, unloadable checkpoint."""
+
+
+class ArchError(AdaptError):
+    """ARCH names no model surgery can build (unknown name, factory that fails to import or run)."""
+
+
+class TrustError(ArchError):
+    """A folder's manifest names code (a factory) and the caller did not pass trust_code."""
+
+
+class AlignError(AdaptError):
+    """The checkpoint's keys cannot be matched to the model unambiguously, or match almost nothing."""
+
+
+class ManifestError(AdaptError):
+    """A manifest.json that is missing, of another schema version, or inconsistent with its weights."""

@@ -14,9 +14,8 @@ from fixtures.generate import tiny_model
 from surgery.adapter import arch as A
 from surgery.adapter import heads as H
 from surgery.adapter.core import adapt, build_from_manifest, load_adapted, param_groups
-from surgery.adapter.errors import AdaptError, AlignError, ArchError, ManifestError
 from surgery.adapter.freeze import FreezeOptions, apply_schedule, plan_freeze
-from surgery.errors import SurgeryError
+from surgery.errors import AdaptError, AlignError, ArchError, ManifestError, SurgeryError
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

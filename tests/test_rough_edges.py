@@ -9,8 +9,7 @@ import torch
 
 from fixtures.generate import tiny_model
 from surgery.adapter.core import adapt
-from surgery.adapter.errors import AdaptError
-from surgery.errors import RuleError
+from surgery.errors import AdaptError, RuleError
 from surgery.rules import Rules, plan_names
 
 
