@@ -36,6 +36,9 @@ save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
 print(len(missing), len(unexpected))
 """
 
+# this checkout's CLI (run_once starts it in the repository root), not whatever `surgery` is installed
+SURGERY = [sys.executable, "-m", "cli.main"]
+
 MAKE = """
 import sys, torch, torchvision
 torch.manual_seed(0)
@@ -59,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.exists():
         subprocess.run([sys.executable, "-c", MAKE, args.arch, str(ckpt)], check=True)
     print(f"checkpoint: {ckpt.name} ({ckpt.stat().st_size / 1e6:.0f} MB, keys 'module.')")
-    surgery_bin = str(Path(sys.executable).with_name("surgery"))
     out_dir, out_file = work / "adapted", work / "recipe.safetensors"
 
     def clean() -> None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         out_file.unlink(missing_ok=True)
 
     specs = [
-        Spec("surgery adapt", [surgery_bin, "adapt", str(ckpt), "--arch", args.arch, "--num-classes",
+        Spec("surgery adapt", [*SURGERY, "adapt", str(ckpt), "--arch", args.arch, "--num-classes",
                                str(args.num_classes), "--freeze", "head-only", "--out", str(out_dir)]),
         Spec("hand-written recipe", [sys.executable, "-c", RECIPE, str(ckpt), args.arch, str(args.num_classes), str(out_file)]),
         Spec("python -c 'import torch, torchvision'", [sys.executable, "-c", "import torch, torchvision"]),

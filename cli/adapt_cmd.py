@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from surgery.errors import AdaptError
+
 from .common import console, handles_errors, human_count, print_json
 from .remap_cmd import _KeepsArgOrder, ops_in_order
 
@@ -59,33 +61,37 @@ def adapt(
 
     Example: surgery adapt ddp.pth --arch resnet18 --num-classes 4 --freeze head-only --out adapted/
     """
-    from surgery.adapter.errors import AdaptError
+    # imported here, not at the top: every command's start (and `surgery --help`) would pay for them
+    from surgery.adapter.core import adapt_with
+    from surgery.adapter.options import AdaptOptions
+
+    options = AdaptOptions.create(
+        arch=arch, num_classes=num_classes, out=out, weights=weights, arch_kwargs=arch_kwargs,
+        rules=_rules(ctx, rules_file, strip_prefix, rename, drop), select=select, allow_globals=allow_global or (),
+        head=head, hidden=hidden, dropout=dropout, in_chans=in_chans, input_size=input_size, freeze=freeze,
+        freeze_until=freeze_until, freeze_first=freeze_first, freeze_regex=freeze_regex, train_regex=train_regex,
+        preset=preset, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay, unfreeze_at=unfreeze_at,
+        gradual=gradual, bn=bn, strict=strict, min_coverage=min_coverage, force=force)
+    if out is None:  # the library may adapt in memory only; the command always writes
+        raise AdaptError("--out DIR is required: where to write the adapted model")
+    _, report = adapt_with(str(ckpt) if ckpt is not None else None, options)
+    if as_json:
+        print_json(report.to_json())
+        return
+    render(report, quiet=quiet)
+
+
+def _rules(ctx: typer.Context, rules_file: Optional[Path], strip_prefix: Optional[list[str]],
+           rename: Optional[list[str]], drop: Optional[list[str]]):
+    """The rules file's ops, then the flags' ops in the order they were typed."""
     from surgery.remapping import Rules
 
-    if not arch:
-        raise AdaptError("--arch is required (a torchvision name such as resnet18, timm:NAME, or file.py:fn)")
-    if num_classes is None:
-        raise AdaptError("--num-classes N is required: how many classes the new head predicts")
-    if out is None:
-        raise AdaptError("--out DIR is required: where to write the adapted model")
     rules = Rules.from_file(rules_file) if rules_file else Rules()
     values = {"strip_prefix": strip_prefix or [], "add_prefix": [], "rename": rename or [], "drop": drop or [],
               "keep": [], "dtype": []}
     raw = [a for a in ctx.meta.get("surgery.raw_args", []) if a.split("=", 1)[0] != "--auto"]
     rules.ops.extend(ops_in_order(raw, values))
-    from surgery.adapter.core import adapt as run_adapt
-
-    _, report = run_adapt(
-        str(ckpt) if ckpt is not None else None, arch=arch, num_classes=num_classes, out=out, weights=weights,
-        arch_kwargs=arch_kwargs, rules=rules, select=select, allow_globals=tuple(allow_global or ()), head=head,
-        hidden=hidden, dropout=dropout, in_chans=in_chans, input_size=input_size, freeze=freeze,
-        freeze_until=freeze_until, freeze_first=freeze_first, freeze_regex=freeze_regex, train_regex=train_regex,
-        preset=preset, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay, unfreeze_at=unfreeze_at,
-        gradual=gradual, bn=bn, strict=strict, min_coverage=min_coverage, force=force)
-    if as_json:
-        print_json(report.to_json())
-        return
-    render(report, quiet=quiet)
+    return rules
 
 
 def render(report, quiet: bool = False) -> None:

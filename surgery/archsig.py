@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import SurgeryError
 from .keys import common_prefix, strip_wrappers
+from .errors import SurgeryError
+from .metabuild import meta_build
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import TensorInfo
@@ -233,43 +234,6 @@ def guess_architecture(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable
 
 
 # ----------------------------------------------------------------------------- rebuilding
-
-def meta_build(fn, kwargs: dict):
-    """Call the model factory ``fn(**kwargs)`` with every parameter and buffer on the meta
-    device: no memory, no init cost.
-
-    ``torch.device('meta')`` as a context is tried first; builders that compute their layout
-    with tensors (regnet's block widths call ``.tolist()``) cannot run under it, so for those
-    modules are built on the CPU with each parameter and buffer moved to meta as it is
-    registered (``torch.empty`` allocates lazily, and initialisers then run on meta tensors).
-    """
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return fn(**kwargs)
-    except (NotImplementedError, RuntimeError):
-        pass
-    nn = torch.nn
-    reg_p, reg_b = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def register_parameter(self, name, param):
-        reg_p(self, name, param)
-        if param is not None and param.device.type != "meta":
-            p = self._parameters[name]
-            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    def register_buffer(self, name, tensor, persistent=True):
-        reg_b(self, name, tensor, persistent)
-        if tensor is not None and tensor.device.type != "meta":
-            self._buffers[name] = self._buffers[name].to("meta")
-
-    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-    try:
-        return fn(**kwargs)
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
-
 
 def _build(builder, kwargs: dict):
     return meta_build(builder, {"weights": None, **kwargs})

@@ -95,3 +95,25 @@ class TrainInterrupted(TrainError):
     """Ctrl-C or SIGTERM: the state of the last finished epoch is in last.pt."""
 
     exit_code = 130
+
+
+# ----------------------------------------------------------------------------- adapt
+
+class AdaptError(SurgeryError):
+    """An adaptation that cannot be done as asked: bad option, unknown arch, unloadable checkpoint."""
+
+
+class ArchError(AdaptError):
+    """ARCH names no model surgery can build (unknown name, factory that fails to import or run)."""
+
+
+class TrustError(ArchError):
+    """A folder's manifest names code (a factory) and the caller did not pass trust_code."""
+
+
+class AlignError(AdaptError):
+    """The checkpoint's keys cannot be matched to the model unambiguously, or match almost nothing."""
+
+
+class ManifestError(AdaptError):
+    """A manifest.json that is missing, of another schema version, or inconsistent with its weights."""

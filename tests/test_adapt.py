@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -14,9 +15,8 @@ from fixtures.generate import tiny_model
 from surgery.adapter import arch as A
 from surgery.adapter import heads as H
 from surgery.adapter.core import adapt, build_from_manifest, load_adapted, param_groups
-from surgery.adapter.errors import AdaptError, AlignError, ArchError, ManifestError
 from surgery.adapter.freeze import FreezeOptions, apply_schedule, plan_freeze
-from surgery.errors import SurgeryError
+from surgery.errors import AdaptError, AlignError, ArchError, ManifestError, SurgeryError
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -183,6 +183,28 @@ def test_user_factory_without_num_classes(factory_file, tmp_path):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["scorer_of_things.weight", "scorer_of_things.bias"]
     again = load_adapted(out, trust_code=True)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_factory_path_is_stored_relative_so_the_pair_of_folders_can_move(tmp_path):
+    import hashlib
+    import shutil
+
+    proj = tmp_path / "proj"
+    (proj / "src" / "nets").mkdir(parents=True)
+    factory = proj / "src" / "nets" / "my_models.py"
+    factory.write_text(FACTORY)
+    out = proj / "runs" / "exp1" / "ad"  # not beside the factory file
+    out.parent.mkdir(parents=True)
+    _, report = adapt(tiny_model("resnet18", 1000).state_dict(), arch=f"{factory}:wrapped", num_classes=3, out=out)
+    arch = json.loads((out / "manifest.json").read_text())["arch"]
+    pinned = hashlib.sha256(factory.read_bytes()).hexdigest()
+    assert arch["relative"] == os.path.join("..", "..", "..", "src", "nets", "my_models.py")
+    assert arch["sha256"] == pinned and arch == report.manifest["arch"]
+    moved = tmp_path / "elsewhere" / "proj"
+    shutil.move(str(proj), str(moved))  # the old absolute path is gone
+    model = load_adapted(moved / "runs" / "exp1" / "ad", trust_code=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert json.loads((moved / "runs" / "exp1" / "ad" / "manifest.json").read_text())["arch"]["sha256"] == pinned
 
 
 def test_other_architecture_is_refused(make, tmp_path):

@@ -1,6 +1,6 @@
 """Every error a user can reach from the CLI is one line on stderr with exit code 2.
 
-Walks every SurgeryError subclass (surgery.errors, surgery.adapter.errors, surgery.trainer.*) through
+Walks every SurgeryError subclass (surgery.errors, surgery.trainer.*) through
 the CLI's handler, checks every registered command is wrapped by it, and feeds each command that
 reads a file a corrupt one.
 """
@@ -47,7 +47,7 @@ def test_every_error_class_is_known():
     classes = _all_subclasses(SurgeryError)
     names = {c.__module__ + "." + c.__name__ for c in classes}
     for expected in ("surgery.errors.FormatError", "surgery.errors.UnsafeCheckpointError",
-                     "surgery.adapter.errors.ManifestError", "surgery.errors.DataError",
+                     "surgery.errors.ManifestError", "surgery.errors.DataError",
                      "surgery.errors.TrainError"):
         assert expected in names, sorted(names)
 

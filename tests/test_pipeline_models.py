@@ -28,7 +28,7 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 
 @pytest.mark.parametrize("name", MODELS)
 def test_weights_load_without_state_dict_metadata(name):
-    from surgery.archsig import meta_build
+    from surgery.metabuild import meta_build
 
     model = meta_build(torchvision.models.get_model, {"name": name, "num_classes": 3})
     plain = {k: v for k, v in model.state_dict().items()}  # what safetensors' load_file returns
@@ -118,7 +118,7 @@ def test_vit_at_a_size_it_cannot_take_is_refused_before_training(vit, digits, tm
 
 
 def test_vit_input_size_must_be_a_multiple_of_the_patch():
-    from surgery.adapter.errors import AdaptError
+    from surgery.errors import AdaptError
 
     with pytest.raises(AdaptError, match=r"--input-size 50: vit_b_32 cuts images into 32x32 patches"):
         adapt({"x": torch.zeros(1)}, arch="vit_b_32", num_classes=3, input_size=50)

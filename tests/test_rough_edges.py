@@ -9,8 +9,7 @@ import torch
 
 from fixtures.generate import tiny_model
 from surgery.adapter.core import adapt
-from surgery.adapter.errors import AdaptError
-from surgery.errors import RuleError
+from surgery.errors import AdaptError, RuleError
 from surgery.remapping import Rules, plan_names
 
 
@@ -87,7 +86,7 @@ def test_a_wrapper_prefix_on_all_but_the_wrappers_own_entries(cli, tmp_path):
 
 
 def test_a_prefix_on_a_dotted_minority_is_not_a_wrapper():
-    from surgery.keys import detect_wrapper_prefixes
+    from surgery.analysis import detect_wrapper_prefixes
 
     keys = [f"module.l{i}.weight" for i in range(20)] + ["head.weight"]
     assert detect_wrapper_prefixes(keys) == []  # a real submodule named 'head', not a wrapper's entry

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.adapter.arch import TrustError
 from surgery.adapter.core import load_adapted
+from surgery.errors import TrustError
 from tests.test_train_runner import SIZE, adapted_factory_folder, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)

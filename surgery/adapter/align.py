@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..keys import detect_wrapper_prefixes, strip_wrappers
-from .errors import AlignError
+from ..errors import AlignError
 
 Shape = tuple[int, ...]
 _IGNORED = "num_batches_tracked"

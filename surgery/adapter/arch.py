@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..archsig import meta_build
+from ..errors import AdaptError, ArchError, TrustError
 from ..io import sha256_file
+from ..metabuild import meta_build
 from ..preprocess import CROP_PCT, resize_for
-from .errors import AdaptError, ArchError
 from .manifest import ARCH_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,10 +76,6 @@ KINDS = ARCH_KINDS
 # timm.create_model kwargs that read files or the network (checkpoint_path goes through
 # torch.load): from a manifest they need the same consent as a factory
 LOADER_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
-
-
-class TrustError(ArchError):
-    """A folder's manifest names code (a factory) and the caller did not pass trust_code."""
 
 
 def check_trust(spec: ArchSpec, folder: str | os.PathLike, trust_code: bool) -> ArchSpec:

@@ -7,19 +7,19 @@ all ``surgery train`` (or a user's own loop) needs.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import AdaptError
+from ..errors import AdaptError
+from .manifest import BN_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 FREEZE_CHOICES = ("head-only", "none")
-BN_CHOICES = ("frozen", "train")
-
 
 
 class _Presets(dict):
@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = _Presets({
 PRESETS_DOC = _Presets.__doc__
 
 
-@dataclass
+@dataclass(frozen=True)
 class FreezeOptions:
     freeze: str | None = None
     freeze_until: str | None = None
@@ -71,57 +71,72 @@ class FreezeOptions:
         return dict(self.__dict__)
 
     def resolved(self) -> tuple["FreezeOptions", float | None]:
-        """Check every option, fold the preset in; returns (options, freeze_fraction)."""
+        """The options with the preset folded in and the defaults set, and the preset's freeze
+        fraction; raises AdaptError naming every problem."""
+        resolved, fraction, problems = self.check()
+        if problems:
+            raise AdaptError("; ".join(problems))
+        return resolved, fraction
+
+    def check(self) -> tuple["FreezeOptions", float | None, list[str]]:
+        """(resolved options, freeze fraction, problems): :meth:`resolved` without the raise."""
+        d, fraction, problems = self._with_preset()
+        d["backbone_lr_mult"] = 0.1 if d["backbone_lr_mult"] is None else d["backbone_lr_mult"]
+        d["bn"] = d["bn"] or "frozen"
+        o = FreezeOptions(**d)
+        return o, fraction, problems + o._problems()
+
+    def _with_preset(self) -> tuple[dict, float | None, list[str]]:
+        """The options as a dict with the preset folded in, its freeze fraction, and conflicts."""
+        d = dict(self.__dict__)
+        if self.preset is None:
+            return d, None, []
+        if self.preset not in PRESETS:
+            return d, None, [f"--preset {self.preset!r}: choose one of {', '.join(PRESETS)}"]
+        problems = []
+        given = [f for f, v in (("--freeze", self.freeze), ("--freeze-until", self.freeze_until),
+                                ("--freeze-first", self.freeze_first)) if v is not None]
+        if given:
+            problems.append(f"--preset {self.preset} decides what is frozen; drop {', '.join(given)} "
+                            f"or drop the preset")
+            d["freeze_until"] = d["freeze_first"] = None  # said once: no second complaint about them
+        p = PRESETS[self.preset]
+        d["freeze"] = p.get("freeze")
+        d["bn"] = d["bn"] or p["bn"]
+        if d["backbone_lr_mult"] is None:
+            d["backbone_lr_mult"] = p["backbone_lr_mult"]
+        return d, p.get("freeze_fraction"), problems
+
+    def _problems(self) -> list[str]:
+        """Conflicts and values out of range, in options whose preset is folded in."""
         problems: list[str] = []
-        o = FreezeOptions(**self.__dict__)
-        fraction = None
-        if o.preset is not None:
-            if o.preset not in PRESETS:
-                raise AdaptError(f"--preset {o.preset!r}: choose one of {', '.join(PRESETS)}")
-            given = [f for f, v in (("--freeze", o.freeze), ("--freeze-until", o.freeze_until),
-                                    ("--freeze-first", o.freeze_first)) if v is not None]
-            if given:
-                problems.append(f"--preset {o.preset} decides what is frozen; drop {', '.join(given)} "
-                                f"or drop the preset")
-                o.freeze_until = o.freeze_first = None  # said once: no second complaint about them
-            p = PRESETS[o.preset]
-            o.freeze = p.get("freeze")
-            fraction = p.get("freeze_fraction")
-            o.bn = o.bn or p["bn"]
-            if o.backbone_lr_mult is None:
-                o.backbone_lr_mult = p["backbone_lr_mult"]
-        if o.freeze is not None and o.freeze not in FREEZE_CHOICES:
-            problems.append(f"--freeze {o.freeze!r}: choose one of {', '.join(FREEZE_CHOICES)} "
+        if self.freeze is not None and self.freeze not in FREEZE_CHOICES:
+            problems.append(f"--freeze {self.freeze!r}: choose one of {', '.join(FREEZE_CHOICES)} "
                             f"(or --freeze-until MODULE, --freeze-first N, --freeze-regex)")
-        if o.freeze == "head-only" and (o.freeze_until is not None or o.freeze_first is not None):
+        if self.freeze == "head-only" and (self.freeze_until is not None or self.freeze_first is not None):
             problems.append("--freeze head-only already freezes the whole backbone; it conflicts with "
                             "--freeze-until/--freeze-first")
-        if o.freeze_until is not None and o.freeze_first is not None:
+        if self.freeze_until is not None and self.freeze_first is not None:
             problems.append("--freeze-until and --freeze-first both say where freezing stops; give one")
-        if o.freeze_first is not None and o.freeze_first < 1:
-            problems.append(f"--freeze-first must be at least 1, got {o.freeze_first}")
-        if o.unfreeze_at is not None and o.gradual:
+        if self.freeze_first is not None and self.freeze_first < 1:
+            problems.append(f"--freeze-first must be at least 1, got {self.freeze_first}")
+        if self.unfreeze_at is not None and self.gradual:
             problems.append("--unfreeze-at and --gradual are two different schedules; give one")
-        if o.unfreeze_at is not None and o.unfreeze_at < 1:
-            problems.append(f"--unfreeze-at must be an epoch >= 1, got {o.unfreeze_at}")
-        if o.backbone_lr_mult is None:
-            o.backbone_lr_mult = 0.1
-        if o.backbone_lr_mult < 0:
-            problems.append(f"--backbone-lr-mult must be >= 0, got {o.backbone_lr_mult}")
-        if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
-            problems.append(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
-        o.bn = o.bn or "frozen"
-        if o.bn not in BN_CHOICES:
-            problems.append(f"--bn {o.bn!r}: choose one of {', '.join(BN_CHOICES)}")
-        for flag, rx in (("--freeze-regex", o.freeze_regex), ("--train-regex", o.train_regex)):
+        if self.unfreeze_at is not None and self.unfreeze_at < 1:
+            problems.append(f"--unfreeze-at must be an epoch >= 1, got {self.unfreeze_at}")
+        if self.backbone_lr_mult is not None and self.backbone_lr_mult < 0:
+            problems.append(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            problems.append(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.bn is not None and self.bn not in BN_POLICIES:
+            problems.append(f"--bn {self.bn!r}: choose one of {', '.join(BN_POLICIES)}")
+        for flag, rx in (("--freeze-regex", self.freeze_regex), ("--train-regex", self.train_regex)):
             if rx is not None:
                 try:
                     re.compile(rx)
                 except re.error as e:
                     problems.append(f"{flag} {rx!r} is not a valid regular expression: {e}")
-        if problems:
-            raise AdaptError("; ".join(problems))
-        return o, fraction
+        return problems
 
 
 @dataclass
@@ -186,96 +201,15 @@ def _with_params(model: "nn.Module") -> list[str]:
 
 def plan_freeze(model: "nn.Module", head_modules: list[str], opts: FreezeOptions) -> dict:
     """Groups, per-parameter assignment and BatchNorm list, as manifest-ready data."""
-    from torch import nn
-
     o, fraction = opts.resolved()
     st = stages(model, head_modules)
     names = [n for n, _ in model.named_parameters()]
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     head = [n for n in names if any(_under(n, h) for h in head_modules)]
-    head_set = set(head)
-    frozen: set[str] = set()
-    if o.freeze == "head-only":
-        frozen = {n for n in names if n not in head_set}
-    if fraction is not None:
-        k = int(len(st) * fraction)
-        frozen = {n for s in st[:k] for n in s.params}
-    if o.freeze_until is not None:
-        target = o.freeze_until.strip(".")
-        hit = next((i for i, n in enumerate(names) if _under(n, target)), None)
-        if hit is None or target == "":
-            valid = list(dict.fromkeys(_with_params(model) + [s.name for s in st]))
-            raise AdaptError(f"--freeze-until {o.freeze_until!r} names no module with parameters; "
-                             f"valid: {', '.join(valid)}")
-        frozen = {n for n in names[:hit] if n not in head_set}
-    if o.freeze_first is not None:
-        children = _with_params(model)  # a ReLU or a pooling layer has nothing to freeze
-        if o.freeze_first > len(children):
-            raise AdaptError(f"--freeze-first {o.freeze_first}: the model has only {len(children)} top-level "
-                             f"children with parameters ({', '.join(children)})")
-        first = children[:o.freeze_first]
-        frozen = {n for n in names if n not in head_set and any(_under(n, c) for c in first)}
-    if o.freeze_regex:
-        rx = re.compile(o.freeze_regex)
-        matched = {n for n in names if rx.search(n)}
-        if not matched:
-            raise AdaptError(f"--freeze-regex {o.freeze_regex!r} matches no parameter (names look like {names[0]!r})")
-        frozen |= matched
-    if o.train_regex:
-        rx = re.compile(o.train_regex)
-        matched = {n for n in names if rx.search(n)}
-        if not matched:
-            raise AdaptError(f"--train-regex {o.train_regex!r} matches no parameter (names look like {names[0]!r})")
-        frozen -= matched
-    if (o.unfreeze_at is not None or o.gradual) and not frozen:
-        raise AdaptError("--unfreeze-at/--gradual need something frozen first; add --freeze head-only, "
-                         "--freeze-until MODULE or a preset")
-
-    nst = len(st)
-    stage_of = {n: s.name for s in st for n in s.params}
-    stage_idx = {s.name: i for i, s in enumerate(st)}
-    mult = float(o.backbone_lr_mult)  # type: ignore[arg-type]
-
-    def lr_mult(stage: str) -> float:
-        if stage == "head":
-            return 1.0
-        if o.layer_decay is None:
-            return mult
-        return mult * o.layer_decay ** (nst - 1 - stage_idx[stage])
-
+    frozen = _frozen(model, names, set(head), st, o, fraction)
     # gradual: the frozen stages, top first, one more per epoch
     frozen_stages = [s.name for s in st if any(n in frozen for n in s.params)]
     gradual_at = {name: i + 1 for i, name in enumerate(reversed(frozen_stages))} if o.gradual else {}
-
-    groups: dict[str, dict] = {}
-    params: dict[str, dict] = {}
-    for n in names:
-        stage = "head" if n in head_set else stage_of[n]
-        is_frozen = n in frozen
-        mixed = any((m in frozen) != is_frozen for m in (head if stage == "head" else st[stage_idx[stage]].params))
-        gname = f"{stage}:frozen" if (mixed and is_frozen) else stage
-        if gname not in groups:
-            unfreeze = None
-            if is_frozen:
-                unfreeze = o.unfreeze_at if o.unfreeze_at is not None else gradual_at.get(stage)
-            groups[gname] = {"name": gname, "stage": stage, "index": nst if stage == "head" else stage_idx[stage],
-                             "trainable": not is_frozen, "lr_mult": lr_mult(stage), "unfreeze_at": unfreeze,
-                             "params": 0, "numel": 0}
-        g = groups[gname]
-        g["params"] += 1
-        g["numel"] += int(torch_numel(shapes[n]))
-        params[n] = {"shape": shapes[n], "trainable": not is_frozen, "group": gname, "lr_mult": g["lr_mult"]}
-
-    bn_modules: dict[str, str] = {}
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(_under(path, h) for h in head_modules):
-            w = f"{path}.weight"
-            if w in params:
-                bn_modules[path] = params[w]["group"]
-            else:  # no affine parameters: follows the stage that holds it
-                stage = next((s.name for s in st if _under(path, s.name)), None)
-                if stage is not None:
-                    bn_modules[path] = next(g for g in groups.values() if g["stage"] == stage)["name"]
+    groups, params = _groups(model, head, st, frozen, o, gradual_at)
     schedule = "unfreeze_at" if o.unfreeze_at is not None else ("gradual" if o.gradual else "fixed")
     return {
         "options": o.to_json(),
@@ -284,15 +218,110 @@ def plan_freeze(model: "nn.Module", head_modules: list[str], opts: FreezeOptions
         "stages": [s.name for s in st],
         "groups": list(groups.values()),
         "params": params,
-        "bn": {"policy": o.bn, "modules": bn_modules},
+        "bn": {"policy": o.bn, "modules": _bn_modules(model, head_modules, st, groups, params)},
     }
 
 
-def torch_numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _frozen(model: "nn.Module", names: list[str], head: set[str], st: list[Stage], o: FreezeOptions,
+            fraction: float | None) -> set[str]:
+    """The parameters frozen at epoch 0: the base policy, then the regexes (train last)."""
+    frozen: set[str] = set()
+    if o.freeze == "head-only":
+        frozen = {n for n in names if n not in head}
+    if fraction is not None:
+        frozen = {n for s in st[:int(len(st) * fraction)] for n in s.params}
+    if o.freeze_until is not None:
+        frozen = _before(model, names, head, st, o.freeze_until)
+    if o.freeze_first is not None:
+        children = _with_params(model)  # a ReLU or a pooling layer has nothing to freeze
+        if o.freeze_first > len(children):
+            raise AdaptError(f"--freeze-first {o.freeze_first}: the model has only {len(children)} top-level "
+                             f"children with parameters ({', '.join(children)})")
+        first = children[:o.freeze_first]
+        frozen = {n for n in names if n not in head and any(_under(n, c) for c in first)}
+    if o.freeze_regex:
+        frozen |= _matching(names, "--freeze-regex", o.freeze_regex)
+    if o.train_regex:
+        frozen -= _matching(names, "--train-regex", o.train_regex)
+    if (o.unfreeze_at is not None or o.gradual) and not frozen:
+        raise AdaptError("--unfreeze-at/--gradual need something frozen first; add --freeze head-only, "
+                         "--freeze-until MODULE or a preset")
+    return frozen
+
+
+def _before(model: "nn.Module", names: list[str], head: set[str], st: list[Stage], until: str) -> set[str]:
+    """``--freeze-until MODULE``: every backbone parameter before the module's first one."""
+    target = until.strip(".")
+    hit = next((i for i, n in enumerate(names) if _under(n, target)), None)
+    if hit is None or target == "":
+        valid = list(dict.fromkeys(_with_params(model) + [s.name for s in st]))
+        raise AdaptError(f"--freeze-until {until!r} names no module with parameters; valid: {', '.join(valid)}")
+    return {n for n in names[:hit] if n not in head}
+
+
+def _matching(names: list[str], flag: str, regex: str) -> set[str]:
+    rx = re.compile(regex)
+    matched = {n for n in names if rx.search(n)}
+    if not matched:
+        raise AdaptError(f"{flag} {regex!r} matches no parameter (names look like {names[0]!r})")
+    return matched
+
+
+def _groups(model: "nn.Module", head: list[str], st: list[Stage], frozen: set[str], o: FreezeOptions,
+            gradual_at: dict[str, int]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The groups (a stage, split in two where only part of it is frozen) and, per parameter,
+    its shape, state, group and lr multiplier."""
+    stage_of = {n: s.name for s in st for n in s.params}
+    stage_idx = {s.name: i for i, s in enumerate(st)}
+    head_set = set(head)
+    groups: dict[str, dict] = {}
+    params: dict[str, dict] = {}
+    for n, p in model.named_parameters():
+        stage = "head" if n in head_set else stage_of[n]
+        is_frozen = n in frozen
+        mixed = any((m in frozen) != is_frozen for m in (head if stage == "head" else st[stage_idx[stage]].params))
+        gname = f"{stage}:frozen" if (mixed and is_frozen) else stage
+        if gname not in groups:
+            unfreeze = None
+            if is_frozen:
+                unfreeze = o.unfreeze_at if o.unfreeze_at is not None else gradual_at.get(stage)
+            index = len(st) if stage == "head" else stage_idx[stage]
+            groups[gname] = {"name": gname, "stage": stage, "index": index, "trainable": not is_frozen,
+                             "lr_mult": _lr_mult(o, index, len(st), stage == "head"), "unfreeze_at": unfreeze,
+                             "params": 0, "numel": 0}
+        g = groups[gname]
+        g["params"] += 1
+        g["numel"] += math.prod(int(d) for d in p.shape)
+        params[n] = {"shape": list(p.shape), "trainable": not is_frozen, "group": gname, "lr_mult": g["lr_mult"]}
+    return groups, params
+
+
+def _lr_mult(o: FreezeOptions, index: int, n_stages: int, is_head: bool) -> float:
+    """1 for the head; the backbone multiplier, decayed per stage below the top with --layer-decay."""
+    if is_head:
+        return 1.0
+    mult = float(o.backbone_lr_mult)  # type: ignore[arg-type]
+    if o.layer_decay is None:
+        return mult
+    return mult * o.layer_decay ** (n_stages - 1 - index)
+
+
+def _bn_modules(model: "nn.Module", head_modules: list[str], st: list[Stage], groups: dict[str, dict],
+                params: dict[str, dict]) -> dict[str, str]:
+    """Backbone BatchNorm layer -> the group it follows (its weight's, else its stage's)."""
+    from torch import nn
+
+    out: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(_under(path, h) for h in head_modules):
+            w = f"{path}.weight"
+            if w in params:
+                out[path] = params[w]["group"]
+            else:  # no affine parameters: follows the stage that holds it
+                stage = next((s.name for s in st if _under(path, s.name)), None)
+                if stage is not None:
+                    out[path] = next(g for g in groups.values() if g["stage"] == stage)["name"]
+    return out
 
 
 # ----------------------------------------------------------------------------- replaying

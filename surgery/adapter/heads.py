@@ -1,5 +1,5 @@
 """Find the classifier of any model, replace it with N outputs, build the concat-pool MLP head,
-and adapt the first convolution to other input channel counts.
+and give the first convolution another number of input channels (its weights: ``tensors``).
 
 Detection runs a forward pass on a meta-device copy (no memory, no compute): the logits layer
 is the last Linear/Conv2d to run whose output width is the model's output width. For
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..archsig import classifier_key, head_keys
+from ..errors import AdaptError
 from .arch import ArchSpec
-from .errors import AdaptError
-
-HEAD_KINDS = ("linear", "mlp")
+from .manifest import HEAD_KINDS
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -217,8 +217,6 @@ def plan_head(spec: ArchSpec, meta_model: nn.Module, *, num_classes: int, kind: 
     mods = dict(meta_model.named_modules())
     classifier, aux = None, []
     if spec.kind == "torchvision":
-        from ..archsig import classifier_key, head_keys
-
         classifier = classifier_key(spec.name).rpartition(".")[0]
         aux = []
         for key in head_keys(spec.name):
@@ -304,19 +302,3 @@ def apply_head(model: nn.Module, plan: HeadPlan, num_classes: int) -> nn.Module:
             nn.init.kaiming_uniform_(new.weight, a=math.sqrt(5))
         _set(model, plan.first_conv, new)
     return model
-
-
-def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(O, I, kh, kw) pretrained weights for ``in_chans`` inputs: 1 channel sums over the input
-    channels; more repeats them and rescales by I / in_chans so activations keep their scale."""
-    dt = weight.dtype
-    w = weight.float()
-    i = w.shape[1]
-    if in_chans == i:
-        return weight
-    if in_chans == 1:
-        out = w.sum(dim=1, keepdim=True)
-    else:
-        reps = math.ceil(in_chans / i)
-        out = w.repeat(1, reps, 1, 1)[:, :in_chans] * (i / in_chans)
-    return out.to(dt)

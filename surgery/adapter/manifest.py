@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 SCHEMA = "surgery.manifest/1"
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "load_report.json"
 ARCH_KINDS = ("torchvision", "timm", "file", "module")  # file and module are code: see arch.check_trust
+HEAD_KINDS = ("linear", "mlp")
+BN_POLICIES = ("frozen", "train")
 
 # key -> (type or types, required keys inside when a dict)
 _SECTIONS: dict[str, tuple[Any, tuple[str, ...]]] = {
@@ -110,9 +112,9 @@ def validate(data: Any, where: str = "manifest") -> Manifest:
             problems.append("arch.name must be a string and arch.kwargs an object")
         if data["num_classes"] < 1:
             problems.append(f"num_classes must be >= 1, got {data['num_classes']}")
-        if data["head"]["kind"] not in ("linear", "mlp"):
+        if data["head"]["kind"] not in HEAD_KINDS:
             problems.append(f"head.kind {data['head']['kind']!r} is not linear or mlp")
-        if data["bn"]["policy"] not in ("frozen", "train"):
+        if data["bn"]["policy"] not in BN_POLICIES:
             problems.append(f"bn.policy {data['bn']['policy']!r} is not frozen or train")
         names = set()
         for i, g in enumerate(data["groups"]):
@@ -150,6 +152,15 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     m = validate(data, str(f))
     m.path = f.parent
     return m
+
+
+def as_manifest(m: Any) -> Manifest:
+    """A :class:`Manifest` from a Manifest, its JSON dict, or a folder (or manifest file) to read."""
+    if isinstance(m, Manifest):
+        return m
+    if isinstance(m, dict):
+        return validate(m)
+    return read_manifest(m)
 
 
 def write_json(path: Path, data: Any) -> None:
