@@ -10,7 +10,7 @@ import torch
 
 from fixtures.generate import digits_imagefolder
 from surgery.advice import LARGE_PER_CLASS, decide
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

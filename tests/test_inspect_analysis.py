@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,8 +32,9 @@ from surgery.analysis import (
     suggest_remap,
 )
 from surgery.keys import collapse_keys, common_prefix, detect_wrapper_prefixes
+from tests import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def info(name: str, shape: tuple[int, ...], dtype: str = "F32") -> TensorInfo:

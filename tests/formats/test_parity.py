@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 from torch._weights_only_unpickler import _get_allowed_globals  # noqa: E402
 
 import surgery  # noqa: E402
+from fixtures.compare import Via, assert_same  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -36,21 +37,6 @@ UNPRODUCIBLE = {
         "its first argument must be a tensor subclass defining __torch_dispatch__, and no such class is on the "
         "allowlist: torch.load(weights_only=True) refuses every file that uses it",
 }
-
-
-class Via:
-    """Pickles as ``fn(*args)`` (``copyreg.__newobj__`` gives NEWOBJ), then BUILD with ``state``:
-    how older torch versions wrote what today's torch.save no longer writes."""
-
-    def __init__(self, fn: Callable, args: tuple, state: Any = None):
-        self.fn, self.args, self.state = fn, args, state
-
-    @property  # type: ignore[misc]
-    def __class__(self):  # the pickler checks NEWOBJ's class against the object's
-        return self.args[0] if self.fn is copyreg.__newobj__ else Via
-
-    def __reduce_ex__(self, proto):
-        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
 
 
 def _bytes_of(dtype: "torch.dtype", n: int, seed: int) -> "torch.Tensor":
@@ -245,48 +231,6 @@ def _expected(obj: Any) -> dict[str, Any]:
         return {"tensor": obj}
     items = obj.items() if isinstance(obj, dict) else ((str(i), v) for i, v in enumerate(obj))
     return {k: t for k, v in items if (t := _as_tensor(v)) is not None}
-
-
-def _raw(t: "torch.Tensor") -> bytes:
-    """A dense tensor's bytes in C order, for every dtype (sub-byte ones cannot be copied by torch)."""
-    if not t.is_contiguous():
-        t = t.contiguous()
-    size = t.element_size()
-    start = t.storage_offset() * size
-    return bytes(t.untyped_storage())[start:start + t.numel() * size]
-
-
-def assert_same(name: str, got: "torch.Tensor", want: "torch.Tensor") -> None:
-    assert type(got) is torch.Tensor or isinstance(got, torch.Tensor), name
-    assert (got.dtype, got.layout, got.device.type, got.is_quantized, got.is_nested) == \
-        (want.dtype, want.layout, want.device.type, want.is_quantized, want.is_nested), name
-    if want.is_nested:
-        assert len(got.unbind()) == len(want.unbind()), name
-        for a, b in zip(got.unbind(), want.unbind()):
-            assert_same(name, a, b)
-        return
-    assert got.shape == want.shape, name
-    if want.device.type == "meta":
-        assert got.stride() == want.stride(), name
-        return
-    if want.layout == torch.sparse_coo:
-        assert got.is_coalesced() == want.is_coalesced(), name
-        assert torch.equal(got._indices(), want._indices()) and torch.equal(got._values(), want._values()), name
-        return
-    if want.layout != torch.strided:
-        assert torch.equal(got.to_dense(), want.to_dense()), name
-        return
-    if want.is_quantized:
-        assert got.qscheme() == want.qscheme(), name
-        if want.qscheme() == torch.per_tensor_affine:
-            assert (got.q_scale(), got.q_zero_point()) == (want.q_scale(), want.q_zero_point()), name
-        else:
-            assert got.q_per_channel_axis() == want.q_per_channel_axis(), name
-            torch.testing.assert_close(got.q_per_channel_scales(), want.q_per_channel_scales(), rtol=0, atol=0)
-            torch.testing.assert_close(got.q_per_channel_zero_points(), want.q_per_channel_zero_points(), rtol=0, atol=0)
-        assert got.stride() == want.stride() and _raw(got.int_repr()) == _raw(want.int_repr()), name
-        return
-    assert _raw(got) == _raw(want), name
 
 
 def _load_torch(path: Path) -> Any:

@@ -17,9 +17,10 @@ import torchvision
 
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt
+from tests import REPO
 
 warnings.filterwarnings("ignore", category=UserWarning)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 @pytest.fixture(scope="module")

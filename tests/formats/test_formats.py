@@ -14,8 +14,9 @@ import torch
 import surgery
 from surgery.errors import FormatError, RuleError, SelectError, UnsafeCheckpointError
 from surgery.formats import FOLDER, FORMATS
+from tests import REPO as REPO_PATH
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_PATH)
 
 # fixture name -> (format, container, first-key prefix)
 CASES = {

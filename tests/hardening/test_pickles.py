@@ -18,8 +18,8 @@ import pytest
 
 import surgery
 from surgery.errors import FormatError, SurgeryError, UnsafeCheckpointError
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _zip(entries: dict[str, bytes], compress: dict[str, int] | None = None) -> bytes:

@@ -13,7 +13,7 @@ from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt
 from surgery.trainer.lr_find import BACKOFF, range_test, smooth, suggest
 from surgery.trainer.runner import train
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

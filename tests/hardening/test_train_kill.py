@@ -17,9 +17,9 @@ import torch
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt
 from surgery.trainer.state import LAST, load_checkpoint
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, load_factory, write_factory
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import surgery
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 N_TENSORS, ROWS, COLS = 32, 1024, 1280  # 32 x 5.2 MB = 168 MB
 CLI = [sys.executable, "-m", "cli.main"]
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from surgery import train
 from surgery.errors import ResumeError, TrainInterrupted
-from tests.test_train_runner import SIZE, adapted_factory_folder
+from fixtures.factory import SIZE, adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 FILES = {"dp.pth": "dataparallel_pt", "lightning.ckpt": "lightning_ckpt", "resnet18.pth": "resnet18_pt",
          "timm_args.pth": "timm_args_pth"}
 

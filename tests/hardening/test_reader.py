@@ -19,8 +19,8 @@ import pytest
 import surgery
 from surgery.errors import FormatError
 from surgery.formats import torch_pickle
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _s(text: str | bytes) -> bytes:

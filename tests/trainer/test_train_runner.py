@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fixtures.factory import SIZE, load_factory, make_adapted, write_factory
 from fixtures.generate import digits_imagefolder
-from surgery.adapter.core import adapt, load_adapted
+from surgery.adapter.core import load_adapted
 from surgery import evaluate as _evaluate
 from surgery import train as _train
 from surgery.errors import ResumeError, SurgeryError, TrainInterrupted
@@ -23,69 +24,9 @@ from surgery.trainer.state import LAST, load_checkpoint
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-SIZE = 16
-
-
 def train(*args, **kw):
     """These tests build their model from a file factory they wrote: they trust it."""
     return _train(*args, trust_code=True, **kw)
-
-FACTORY = '''
-import torch
-from torch import nn
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, num_classes=5, width=16):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def small_cnn(num_classes=5, width=16):
-    return SmallCNN(num_classes, width)
-'''
-
-
-def write_factory(folder: Path) -> str:
-    """``path/models.py:small_cnn``: a user architecture given as a file factory."""
-    p = folder / "models.py"
-    p.write_text(FACTORY)
-    return f"{p}:small_cnn"
-
-
-def load_factory(arch: str):
-    import importlib.util
-
-    path, fn = arch.rsplit(":", 1)
-    spec = importlib.util.spec_from_file_location("train_test_models", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return getattr(mod, fn)
-
-
-def adapted_factory_folder(root: Path, per_class: int, **adapt_kw) -> Path:
-    """The small CNN of ``root/models.py`` (seeded weights) adapted into ``root/ad`` for digits
-    5-9, and those digits as an ImageFolder in ``root/data`` (returned)."""
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=per_class, size=SIZE)
-    torch.manual_seed(0)
-    make_adapted(load_factory(arch)(5).state_dict(), arch, root / "ad", **adapt_kw)
-    return data
-
-
-def make_adapted(ckpt, arch: str, out: Path, **kw) -> Path:
-    adapt(ckpt, arch=arch, num_classes=5, input_size=SIZE, out=out, **kw)
-    return out
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

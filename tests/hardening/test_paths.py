@@ -11,6 +11,7 @@ import pytest
 
 import surgery
 from surgery.errors import FormatError, OutputError, SurgeryError
+from tests import REPO
 
 
 @pytest.fixture
@@ -257,7 +258,7 @@ def test_special_file_sources_fail_fast(make, tmp_path):
 
     fifo = tmp_path / "ckpt.pt"
     os.mkfifo(fifo)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(REPO)
     for args in (["inspect", fifo], ["remap", fifo, tmp_path / "o.safetensors"],
                  ["adapt", fifo, "--arch", "resnet18", "--num-classes", "3", "--out", tmp_path / "a"],
                  ["inspect", "/dev/zero"]):
@@ -276,7 +277,7 @@ def test_a_shard_index_linked_to_a_fifo_fails_fast(tmp_path):
     folder.mkdir()
     os.mkfifo(tmp_path / "pipe")
     (folder / "model.safetensors.index.json").symlink_to(tmp_path / "pipe")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(REPO)
     r = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(folder)], cwd=repo, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
@@ -286,7 +287,7 @@ def test_train_force_replaces_only_its_own_run(tmp_path, cli):
     import torch
 
     from fixtures.generate import digits_imagefolder
-    from tests.test_train_runner import SIZE, load_factory, write_factory
+    from fixtures.factory import SIZE, load_factory, write_factory
 
     arch = write_factory(tmp_path)
     data = digits_imagefolder(tmp_path / "data", classes=range(5, 10), per_class=4, size=SIZE)

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 import surgery  # noqa: E402
 from surgery.errors import FormatError, RuleError, SelectError, UnsafeCheckpointError  # noqa: E402
 from surgery.remapping import Rules, apply_rules, densify, dequantize  # noqa: E402
-from tests.test_parity import Via, assert_same  # noqa: E402
+from fixtures.compare import Via, assert_same  # noqa: E402
+from tests import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -59,7 +60,7 @@ def test_inspect_does_not_import_torch(tmp_path, kinds_file):
 
     code = ("import sys, surgery; surgery.inspect(sys.argv[1]); "
             "assert 'torch' not in sys.modules, 'inspect imported torch'")
-    subprocess.run([sys.executable, "-c", code, str(kinds_file)], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code, str(kinds_file)], check=True, cwd=REPO)
 
 
 def test_remap_to_safetensors_refuses_naming_each_key_and_its_options(cli, kinds_file, tmp_path):

@@ -7,17 +7,17 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt, load_adapted
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, load_factory, write_factory
+from tests import REPO
 
 warnings.filterwarnings("ignore", category=UserWarning)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):

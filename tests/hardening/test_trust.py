@@ -14,7 +14,7 @@ import torch
 
 from surgery.adapter.core import load_adapted
 from surgery.errors import TrustError
-from tests.test_train_runner import SIZE, adapted_factory_folder, load_factory, write_factory
+from fixtures.factory import SIZE, adapted_factory_folder, load_factory, write_factory
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgery.trainer.compare import verdict
-from tests.test_train_runner import adapted_factory_folder
+from fixtures.factory import adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

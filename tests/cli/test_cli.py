@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import surgery
+from tests import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_version_and_help(cli):

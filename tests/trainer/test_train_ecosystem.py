@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from surgery.trainer.state import load_checkpoint
-from tests.test_train_runner import adapted_factory_folder
+from fixtures.factory import adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

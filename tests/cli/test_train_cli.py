@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgery.adapter.core import load_adapted
-from tests.test_train_runner import SIZE, adapted_factory_folder
+from fixtures.factory import SIZE, adapted_factory_folder
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

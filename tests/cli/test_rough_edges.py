@@ -11,6 +11,7 @@ from fixtures.generate import tiny_model
 from surgery.adapter.core import adapt
 from surgery.errors import AdaptError, RuleError
 from surgery.remapping import Rules, plan_names
+from tests import REPO
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_torchvisions_init_notice_does_not_leak(tmp_path):
                tmp_path / "g.pth")
     r = subprocess.run([sys.executable, "-m", "cli.main", "adapt", str(tmp_path / "g.pth"), "--arch", "googlenet",
                         "--num-classes", "3", "--input-size", "64", "--out", str(tmp_path / "ad"), "-q"],
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, cwd=REPO,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and r.stdout == f"wrote {tmp_path / 'ad'}\n"

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import warnings
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +17,11 @@ import torch
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt
 from surgery.launch import module_command
-from tests.test_train_runner import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, load_factory, write_factory
+from tests import REPO
 
 warnings.filterwarnings("ignore", category=UserWarning)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def test_wheel_holds_only_the_surgery_package(tmp_path):
