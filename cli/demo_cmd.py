@@ -7,7 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,14 +87,19 @@ def demo(
 
 
 def _demo(workdir: Path) -> None:
-    from rich.markup import escape
-
-    from surgery.demo import Plan, digits_imagefolder, pretrained_digits
-
     out = console()
     t_start = time.perf_counter()
-    step = _Steps(out)
-    w = workdir
+    ckpt, data = _checkpoint_and_data(out, workdir)
+    runs = _fine_tune(out, _Steps(out), workdir, ckpt, data)
+    _summary(out, runs, data, workdir / "runs", t_start)
+
+
+def _checkpoint_and_data(out: Any, w: Path) -> tuple[Path, Path]:
+    """Steps 1 and 2: the pretrained checkpoint (made once) and the new task's images."""
+    from rich.markup import escape
+
+    from surgery.demo import digits_imagefolder, pretrained_digits
+
     out.print("[bold]1. A checkpoint the way users get them[/bold]: torchvision ResNet-18 trained by a plain PyTorch "
               "loop on all ten digits (32 px) of one half of scikit-learn's digit images, saved through "
               "nn.DataParallel (made once, then cached)")
@@ -104,13 +109,22 @@ def _demo(workdir: Path) -> None:
     if not (data / "val").is_dir():
         digits_imagefolder(data, classes=range(5, 10), size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS,
                            half=1)
-    n_train = sum(1 for _ in (data / "train").rglob("*.png"))
-    n_val = sum(1 for _ in (data / "val").rglob("*.png"))
-    plan = Plan.for_data(n_train)
+    n_train, n_val = _count(data / "train"), _count(data / "val")
     out.print(f"\n[bold]2. The new task[/bold]: another labelling, digits 5-9 alone (a new 5-class head), with "
               f"{n_train // 5} labelled images per class ({n_train} to train on, {n_val} to validate), all from the "
               f"other half: images the checkpoint never saw. {escape(str(data))}/{{train,val}}/<class>/*.png")
+    return ckpt, data
 
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.png"))
+
+
+def _fine_tune(out: Any, step: "_Steps", w: Path, ckpt: Path, data: Path) -> dict:
+    """Steps 3 to 7: inspect, clean, adapt, the two-phase run against scratch, the head alone."""
+    from surgery.demo import Plan
+
+    plan = Plan.for_data(_count(data / "train"))
     out.print("\n[bold]3. What is in the checkpoint[/bold]")
     step.run("inspect", str(ckpt), "--depth", "1")
     out.print("\n[bold]4. Clean it[/bold]: strip the DataParallel prefix, convert to safetensors, verify bit for bit")
@@ -140,11 +154,15 @@ def _demo(workdir: Path) -> None:
     step.run("adapt", str(clean), *adapt_args, "--freeze", "head-only", "--out", str(ad / "head-only"), "-q")
     step.run("train", str(ad / "head-only"), *common, "--epochs", str(plan.head_epochs), "--out",
              str(rd / "head-only"), "--quiet")
-    runs = {RUNS[0]: (rd / "two-phase" / "scratch", plan.epochs), RUNS[1]: (rd / "head-only", plan.head_epochs),
+    return {RUNS[0]: (rd / "two-phase" / "scratch", plan.epochs), RUNS[1]: (rd / "head-only", plan.head_epochs),
             RUNS[2]: (rd / "two-phase", plan.epochs)}
 
+
+def _summary(out: Any, runs: dict, data: Path, rd: Path, t_start: float) -> None:
+    """The comparison table, where the plots are, and the time the demo took."""
     from rich.table import Table
 
+    n_train, n_val = _count(data / "train"), _count(data / "val")
     table = Table(title=f"digits 5-9, {n_train // 5} images per class, validation on {n_val} images",
                   title_justify="left", show_edge=False)
     for col in ("run", "epochs", "val accuracy", "best epoch", "time in epochs"):

@@ -253,7 +253,6 @@ def rebuild_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
     ``nn.Linear``/``nn.Conv2d`` with 1000 outputs. For models with ``aux_logits``, a build without
     them marks the auxiliary keys optional. Imports torch and torchvision.
     """
-    import inspect as pyinspect
     import warnings
 
     import torch
@@ -265,57 +264,68 @@ def rebuild_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in torchvision.models.list_models(module=torchvision.models):
-            builder = torchvision.models.get_model_builder(name)
-            try:
-                base = _build(builder, {})
-                cls_params = pyinspect.signature(type(base).__init__).parameters
-                extra = {"init_weights": False} if "init_weights" in cls_params else {}
-                if extra:
-                    base = _build(builder, extra)
-                sig = _signature_of(base)
-                probe = _signature_of(_build(builder, {**extra, "num_classes": _PROBE_CLASSES}))
-                optional: list[str] = []
-                if "aux_logits" in cls_params:
-                    lean = _signature_of(_build(builder, {**extra, "aux_logits": False}))
-                    optional = [k for k in sig if k not in lean]
-            except Exception as e:  # noqa: BLE001 - report every model that fails, then stop
-                problems.append(f"{name}: {type(e).__name__}: {e}")
-                continue
-            if list(probe) != list(sig):
-                problems.append(f"{name}: num_classes changes the key set")
-                continue
-            head = [k for k in sig if probe[k] != sig[k]]
-            mods = dict(base.named_modules())
-            classifier = None
-            for k in reversed(head):
-                mod_name, _, leaf = k.rpartition(".")
-                mod = mods.get(mod_name)
-                if leaf == "weight" and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and sig[k][0] == 1000:
-                    classifier = k
-                    break
-            if classifier is None:
-                problems.append(f"{name}: no Linear/Conv2d with 1000 outputs among {head}")
-                continue
-            models[name] = {"classifier": classifier, "head": head, "keys": sig}
-            if optional:
-                models[name]["optional"] = optional
+            entry = _table_entry(name, torchvision.models.get_model_builder(name))
+            if isinstance(entry, str):
+                problems.append(f"{name}: {entry}")
+            else:
+                models[name] = entry
     if problems:
         raise SurgeryError("could not build the signature table: " + "; ".join(problems))
     data = {"format": TABLE_FORMAT, "torchvision": torchvision.__version__, "torch": torch.__version__,
             "num_classes": 1000, "models": models}
+    _write_gzip_json(out_path, data)
+    _load.cache_clear()
+    return {"path": str(out_path), "models": len(models), "bytes": out_path.stat().st_size,
+            "torchvision": torchvision.__version__}
+
+
+def _table_entry(name: str, builder: Any) -> dict | str:
+    """One model's row of the table (classifier, head keys, every key's shape, optional keys), or
+    why it cannot have one."""
+    import inspect as pyinspect
+
+    import torch
+
+    try:
+        base = _build(builder, {})
+        cls_params = pyinspect.signature(type(base).__init__).parameters
+        extra = {"init_weights": False} if "init_weights" in cls_params else {}
+        if extra:
+            base = _build(builder, extra)
+        sig = _signature_of(base)
+        probe = _signature_of(_build(builder, {**extra, "num_classes": _PROBE_CLASSES}))
+        optional: list[str] = []
+        if "aux_logits" in cls_params:
+            lean = _signature_of(_build(builder, {**extra, "aux_logits": False}))
+            optional = [k for k in sig if k not in lean]
+    except Exception as e:  # noqa: BLE001 - report every model that fails, then stop
+        return f"{type(e).__name__}: {e}"
+    if list(probe) != list(sig):
+        return "num_classes changes the key set"
+    head = [k for k in sig if probe[k] != sig[k]]
+    mods = dict(base.named_modules())
+    for k in reversed(head):
+        mod_name, _, leaf = k.rpartition(".")
+        mod = mods.get(mod_name)
+        if leaf == "weight" and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and sig[k][0] == 1000:
+            entry: dict[str, Any] = {"classifier": k, "head": head, "keys": sig}
+            if optional:
+                entry["optional"] = optional
+            return entry
+    return f"no Linear/Conv2d with 1000 outputs among {head}"
+
+
+def _write_gzip_json(out_path: Path, data: dict) -> None:
+    """``data`` as gzipped JSON, atomically; mtime 0, so the same table gives the same bytes."""
     raw = json.dumps(data, separators=(",", ":")).encode()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "wb") as f:
-        # mtime=0: the same torchvision gives a byte-identical file
         with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as gz:
             gz.write(raw)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)
-    _load.cache_clear()
-    return {"path": str(out_path), "models": len(models), "bytes": out_path.stat().st_size,
-            "torchvision": torchvision.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:

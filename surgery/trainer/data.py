@@ -668,21 +668,8 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
 
     pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
     common: dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
-    rank = 0
-    train_sampler: Sampler[int] | None = None
-    val_sampler: Sampler[int] | None = None
-    if distributed:
-        import torch.distributed as dist
-        from torch.utils.data.distributed import DistributedSampler
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise DataError("distributed loading needs torch.distributed initialised first (launch with torchrun)")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        val_sampler = ShardSampler(len(val_ds), rank, world)
-        per_replica = len(train_sampler)
-    else:
-        per_replica = len(train_ds)
+    rank, train_sampler, val_sampler = _distributed_samplers(train_ds, val_ds, seed) if distributed else (0, None, None)
+    per_replica = len(train_sampler) if train_sampler is not None else len(train_ds)
     # distinct worker seeds per rank, or every rank would augment with the same random stream
     gen = torch.Generator().manual_seed(seed + 7919 * rank)
     if balanced:
@@ -693,6 +680,18 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
     val_loader = DataLoader(val_ds, batch_size=eval_batch_size or batch_size, shuffle=False, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, val_loader
+
+
+def _distributed_samplers(train_ds: Dataset, val_ds: Dataset, seed: int) -> tuple[int, Sampler[int], Sampler[int]]:
+    """(rank, training sampler, validation sampler) of this process under torch.distributed."""
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DataError("distributed loading needs torch.distributed initialised first (launch with torchrun)")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return (rank, DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed),
+            ShardSampler(len(val_ds), rank, world))
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
