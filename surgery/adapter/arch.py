@@ -67,6 +67,18 @@ class ArchSpec:
                     data["relative"] = os.path.relpath(self.name.rpartition(":")[0], Path(folder).resolve())
         return data
 
+    def moved(self, src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -> dict:
+        """The manifest's ``arch`` for a copy of ``src_folder``'s manifest written to ``dst_folder``
+        (a trained run): a file factory's relative path is made from the new folder, starting
+        from the file as ``src_folder`` finds it."""
+        if self.kind != "file":
+            return self.to_json()
+        path, _, fn = self.name.rpartition(":")
+        here = Path(src_folder) / self.relative if self.relative else None
+        if here is not None and here.is_file():
+            path = str(here.resolve())
+        return replace(self, name=f"{path}:{fn}").to_json(dst_folder)
+
     @classmethod
     def from_json(cls, data: dict) -> "ArchSpec":
         return cls(data["kind"], data["name"], dict(data.get("kwargs") or {}), data.get("sha256"), data.get("relative"))

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..adapter.arch import ArchSpec
 from ..adapter.manifest import MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, write_json
 from ..io import atomic_file, sha256_file
 from ..preprocess import input_pipeline
@@ -101,6 +102,7 @@ def write_model(out_p: Path, adapted_p: Path, manifest: Any, state: dict, classe
     with atomic_file(out_p / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     data = copy.deepcopy(manifest.data)
+    data["arch"] = {**data["arch"], **ArchSpec.from_json(data["arch"]).moved(adapted_p, out_p)}  # found from OUT too
     data["class_names"] = list(classes)
     data["head"]["class_names"] = list(classes)
     if train_args.get("image_size") is not None:

@@ -322,3 +322,22 @@ def test_optimizer_groups_split_decay(env, adapted_random):
         for p in g["params"]:
             assert (g["weight_decay"] == 0) == (p.ndim <= 1), names[id(p)]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_a_trained_folder_finds_its_factory_after_the_project_moves(tmp_path):
+    """The run's manifest stores the factory relative to the run folder (not to the adapted
+    folder it copied the manifest from), so a project moved whole still loads its runs."""
+    import surgery
+    from fixtures.factory import adapted_factory_folder
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    data = adapted_factory_folder(proj, 6, freeze="head-only")
+    run = proj / "runs" / "deep" / "r1"
+    train(proj / "ad", data, epochs=1, lr=1e-3, batch_size=8, out=run)
+    arch = json.loads((run / "manifest.json").read_text())["arch"]
+    assert arch["relative"] == "../../../models.py" and arch["num_classes_kwarg"] is not None
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(proj), str(moved))
+    model = surgery.load_adapted(moved / "runs" / "deep" / "r1", trust_code=True)
+    assert type(model).__name__ == "SmallCNN"
