@@ -170,7 +170,8 @@ def _signatures(root: _Node, leaf_sig: Callable[[Any], Hashable], order: list[_N
     out: dict[int, int] = {}
     for node in order or _bottom_up(root):
         kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
-        tails = tuple(sorted((t, leaf_sig(i)) for t, i in node.tails)) if node.tails else ()
+        tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
+            else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
         key = (None if node.info is None else leaf_sig(node.info), kids, tails)
         out[id(node)] = interned.setdefault(key, len(interned))
     return out
@@ -278,15 +279,18 @@ def _subtree_stats(order: list[_Node]) -> dict[int, tuple[int, int, frozenset]]:
     """id(node) -> (elements, tensors, dtypes) of its whole subtree; ``order``: children first."""
     stats: dict[int, tuple[int, int, frozenset]] = {}
     one_dtype: dict[str, frozenset] = {}
+    empty: frozenset = frozenset()
     for node in order:
-        params, count, dts = 0, 0, frozenset()
-        for info in (node.info,) if node.tails is None else ((node.info,) + tuple(i for _, i in node.tails)):
-            if info is None:
-                continue
+        params, count, dts = 0, 0, empty
+        infos = [] if node.info is None else [node.info]
+        if node.tails is not None:
+            infos += [i for _, i in node.tails if i is not None]
+        for info in infos:
             params += info.numel
             count += 1
             d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
-            dts = d if dts <= d else dts if d <= dts else dts | d
+            if d is not dts:
+                dts = d if dts <= d else dts if d <= dts else dts | d
         for child in node.children.values():
             p, c, d = stats[id(child)]
             params += p
