@@ -85,15 +85,18 @@ def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozense
     """id(node) -> (elements, tensors, dtypes) of its whole subtree; ``order``: children first."""
     stats: dict[int, tuple[int, int, frozenset]] = {}
     one_dtype: dict[str, frozenset] = {}
+    empty: frozenset = frozenset()
     for node in order:
-        params, count, dts = 0, 0, frozenset()
-        for info in (node.info,) if node.tails is None else ((node.info,) + tuple(i for _, i in node.tails)):
-            if info is None:
-                continue
+        params, count, dts = 0, 0, empty
+        infos = [] if node.info is None else [node.info]
+        if node.tails is not None:
+            infos += [i for _, i in node.tails if i is not None]
+        for info in infos:
             params += info.numel
             count += 1
             d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
-            dts = d if dts <= d else dts if d <= dts else dts | d
+            if d is not dts:
+                dts = d if dts <= d else dts if d <= dts else dts | d
         for child in node.children.values():
             p, c, d = stats[id(child)]
             params += p

@@ -149,6 +149,17 @@ class TensorInfo:
     parts: dict[str, "TensorInfo"] = field(default_factory=dict, compare=False)
     params: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @classmethod
+    def dense(cls, name: str, dtype: str, shape: tuple[int, ...], file: str, data_offset: int, storage_nbytes: int,
+              storage_offset: int, stride: tuple[int, ...], storage_key: str, device: str) -> "TensorInfo":
+        """A plain tensor's record, made without the frozen ``__init__``'s per-field setattr: a
+        reader makes one per tensor, 50,000 for a large model. Equal to ``TensorInfo(...)``."""
+        info = object.__new__(cls)
+        info.__dict__.update(name=name, dtype=dtype, shape=shape, file=file, data_offset=data_offset,
+                             storage_nbytes=storage_nbytes, storage_offset=storage_offset, stride=stride,
+                             storage_key=storage_key, device=device, kind="dense", parts={}, params={})
+        return info
+
     @property
     def has_storage(self) -> bool:
         return self.kind in ("dense", "quantized")

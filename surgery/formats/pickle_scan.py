@@ -20,6 +20,7 @@ decoding of arguments), and refuses a pickle that:
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -176,6 +177,11 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
                 pos += 1
                 marks.append(len(stack))
             elif cat == SIZED:
+                if op == 88:  # BINUNICODE: maybe the name of a run of tensors as torch.save writes them
+                    done = _tensor_run(data, pos, stack, memo, limit, work_left)
+                    if done is not None:
+                        pos, work_left = done
+                        continue
                 w = arg_of[op]
                 if w == 4:
                     n = u32(data, pos + 1)[0]
@@ -203,6 +209,92 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
         if pos >= end - 8:  # an argument or the next opcode lies past the bytes given
             raise Truncated() from None
         raise _refuse(source, "pops an empty stack or mark") from None
+
+
+# One dict entry of a state dict as torch.save (pickle protocol 2) writes it once the rebuild
+# function, the 'storage' tag, the storage type, the location and OrderedDict are memoized:
+#   X name PUT  GET(_rebuild_tensor_v2) ( ( GET('storage') GET(type) X key PUT GET(location) INT t PUT Q
+#   INT(offset) SHAPE PUT? STRIDE PUT? NEWFALSE GET(OrderedDict) ) R PUT t PUT R PUT
+# `_tensor_run` matches such entries with two compiled patterns (the strings between them are
+# length-prefixed, which a pattern cannot follow) and accounts for them exactly as `_run` would,
+# one entry per step instead of one opcode per step. Anything else, and any entry near a bound,
+# goes back to `_run`, which then raises the precise error.
+_INT_RX = rb"(?:K.|M..|J....)"
+_SHAPE_RX = rb"(\)|" + _INT_RX + rb"\x85|" + _INT_RX * 2 + rb"\x86|" + _INT_RX * 3 + rb"\x87|\(" + _INT_RX + rb"*t)"
+_ENTRY_HEAD = re.compile(rb"(q.|r....)(h.|j....)\(\((h.|j....)(h.|j....)X", re.S)
+_ENTRY_TAIL = re.compile(rb"(q.|r....)(h.|j....)" + _INT_RX + rb"t(q.|r....)Q" + _INT_RX + _SHAPE_RX + rb"(q.|r....)?"
+                         + _SHAPE_RX + rb"(q.|r....)?[\x88\x89](h.|j....)\)R(q.|r....)t(q.|r....)R(q.|r....)", re.S)
+_RANK_OP = {0x85: (2, 2), 0x86: (3, 3), 0x87: (4, 3)}  # TUPLE1-3 of ints: (size, work) as `_run` counts them
+_INT_LEN = {75: 2, 77: 3, 74: 5}
+
+
+def _shape_node(g: bytes) -> tuple[int, int, int]:
+    """A shape or stride tuple of ints: (size, depth) of its node and the work `_run` charges."""
+    if g == b")":
+        return 1, 0, 0
+    last = g[-1]
+    if last != 116:  # TUPLE1, TUPLE2, TUPLE3
+        size, work = _RANK_OP[last]
+        return size, 1, work
+    n, i = 0, 1
+    while i < len(g) - 1:
+        i += _INT_LEN[g[i]]
+        n += 1
+    return 1 + n, 1, 1 + n
+
+
+def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work_left: int) -> tuple[int, int] | None:
+    """Account for the state-dict entries that start at ``pos``; None when not one is there."""
+    end, start = len(data), pos
+    head, tail, u32, fb = _ENTRY_HEAD.match, _ENTRY_TAIL.match, _U32.unpack_from, int.from_bytes
+    shapes: dict[bytes, tuple[int, int, int]] = {}
+    gets: dict[tuple, tuple] = {}  # the memoized objects an entry names stay as they are for the whole run
+    while pos + 5 < end and data[pos] == 88:
+        p = pos + 5 + u32(data, pos + 1)[0]
+        m = head(data, p) if p < end else None
+        if m is None or m.end() + 4 > end:
+            break
+        name_put, fn, tag, stype = m.groups()
+        k = m.end()
+        lk = u32(data, k)[0]
+        t = tail(data, k + 4 + lk) if k + 4 + lk < end else None
+        if t is None:
+            break
+        key_put, loc, p_put, shape, shape_put, stride, stride_put, od, h_put, a_put, t_put = t.groups()
+        puts = [fb(g[1:], "little") for g in (name_put, key_put, p_put, shape_put, stride_put, h_put, a_put, t_put) if g]
+        if max(puts) > len(memo) + MEMO_SLACK or not memo.keys().isdisjoint(puts):
+            break  # a slot far out, or one filled before: `_run` takes it opcode by opcode
+        named = (fn, tag, stype, loc, od)
+        g = gets.get(named)
+        if g is None:
+            try:
+                c, s, ty, lc, o = (memo[fb(x[1:], "little")] for x in named)
+            except KeyError:
+                break
+            g = gets[named] = (c[0], c[1], s[0] + ty[0] + lc[0] + 3, max(s[1], ty[1], lc[1]) + 1, o[0] + 2, o[1] + 1)
+        c0, c1, p0, p1, h0, h1 = g
+        sh = shapes.get(shape) or shapes.setdefault(shape, _shape_node(shape))
+        st = shapes.get(stride) or shapes.setdefault(stride, _shape_node(stride))
+        p0 += lk
+        a0 = p0 + sh[0] + st[0] + h0 + 4
+        a1 = max(p1 + 1, sh[1], st[1], h1) + 1
+        t0, t1 = c0 + a0 + 1, (c1 if c1 > a1 else a1) + 1
+        work = 2 * p0 + 1 + sh[2] + st[2] + h0 + a0 + t0
+        if t1 > MAX_DEPTH or t0 > limit or work_left < work:
+            break
+        work_left -= work
+        name = (p - pos - 4, 0)  # 1 + its length, as `_run` counts a string
+        tn = [t0, t1]
+        nodes = [name, (1 + lk, 0), [p0, p1]]
+        if shape_put:
+            nodes.append([sh[0], sh[1]] if sh[1] else _LEAF_NODE)
+        if stride_put:
+            nodes.append([st[0], st[1]] if st[1] else _LEAF_NODE)
+        nodes += ([h0, h1], [a0, a1], tn)
+        memo.update(zip(puts, nodes))
+        stack += (name, tn)
+        pos = t.end()
+    return None if pos == start else (pos, work_left)
 
 
 def _rare(data: bytes, pos: int, op: int, cat: int, stack: list, marks: list, memo: dict, limit: int, work_left: int,

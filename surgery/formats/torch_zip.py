@@ -155,25 +155,24 @@ def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, 
 
 def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
     out = {}
+    dense = TensorInfo.dense
     for name, t in refs.items():
         if t.kind != "dense":  # quantized, sparse, nested, meta: built from parts
             out[name] = container.tensor_info(name, t, offsets, file, src)
             continue
-        start, nbytes = offsets[t.storage.key]
+        s = t.storage
+        start, nbytes = offsets[s.key]
         _check_extent(name, t, nbytes, src)
-        out[name] = TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=start,
-                               storage_nbytes=nbytes, storage_offset=t.storage_offset, stride=t.stride,
-                               storage_key=t.storage.key, device=t.storage.location)
+        out[name] = dense(name, t.dtype, t.shape, file, start, nbytes, t.storage_offset, t.stride, s.key, s.location)
     return out
 
 
 def _check_extent(name: str, t: TensorRef, storage_bytes: int, src: str) -> None:
-    numel = 1
-    for s in t.shape:
-        numel *= s
-    if numel == 0:
-        return
-    last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+    last = t.storage_offset
+    for n, st in zip(t.shape, t.stride):
+        if n == 0:
+            return
+        last += (n - 1) * st
     if (last + 1) * itemsize(t.dtype) > storage_bytes:
         raise FormatError(f"{src}: tensor {name!r} {list(t.shape)} reaches past the end of its storage "
                           f"({storage_bytes} bytes); the file is corrupt")
