@@ -81,10 +81,27 @@ def _is_single(paths: list[str]) -> bool:
 def render(report, show_tree: bool = True) -> None:
     from rich.table import Table
 
+    out = console()
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for k, v in _summary_rows(report) + _key_rows(report) + _guess_rows(report):
+        head.add_row(k, v)
+    out.print(head)
+    if show_tree and report.tree:
+        out.print(f"\n[bold]module tree[/bold] (depth {report.depth}; numbered siblings with identical structure collapse)")
+        out.print(_tree_table(report))
+    if report.keys is not None:
+        out.print()
+        out.print(_keys_table(report))
+        out.print(f"{len(report.keys)} of {len(report.ckpt.tensors)} tensors listed")
+
+
+def _summary_rows(report) -> list[tuple[str, str]]:
+    """Where the weights are and what they are: file, format, container, counts, dtypes, devices."""
     from surgery.formats import FORMATS
 
     c = report.ckpt
-    out = console()
     rows: list[tuple[str, str]] = [
         ("checkpoint", str(c.path)),
         ("format", f"{c.format} ({FORMATS[c.format].description}), {human_bytes(c.file_size)}"
@@ -105,6 +122,12 @@ def render(report, show_tree: bool = True) -> None:
     devices = report.devices
     if set(devices) != {"cpu"}:
         rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))
+    return rows
+
+
+def _key_rows(report) -> list[tuple[str, str]]:
+    """What the key names say: wrapper prefixes (and how to strip them), tied and shared tensors, metadata."""
+    c, rows = report.ckpt, []
     if report.wrapper_prefixes or report.common_prefix:
         parts = [f"{p} ({_WRAPPER_NAMES.get(p, 'wrapper')})" for p in report.wrapper_prefixes]
         own = [k for k in c.tensors if report.wrapper_prefixes and not k.startswith(report.wrapper_prefixes[0])]
@@ -124,46 +147,52 @@ def render(report, show_tree: bool = True) -> None:
         rows.append(("shared storage", "; ".join(", ".join(g) for g in shared[:5])))
     if c.metadata:
         rows.append(("metadata", ", ".join(f"{k}={v if len(v) < 40 else v[:37] + '...'}" for k, v in list(c.metadata.items())[:6])))
-    if report.guesses:
-        g = report.guesses[0]
-        if g.score >= 0.5:
-            text = f"{g.arch}: {g.matched}/{g.total} keys match (score {g.score:.2f})"
-            if g.num_classes is not None:
-                text += f", classifier has {g.num_classes} outputs"
-            rest = [f"{x.arch} {x.score:.2f}" for x in report.guesses[1:]]
-            if rest:
-                text += f"; next: {', '.join(rest)}"
-        else:
-            text = f"no torchvision model fits (best: {g.arch}, score {g.score:.2f})"
-        rows.append(("architecture", text))
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
-    for k, v in rows:
-        head.add_row(k, v)
-    out.print(head)
-    if show_tree and report.tree:
-        out.print(f"\n[bold]module tree[/bold] (depth {report.depth}; numbered siblings with identical structure collapse)")
-        t = Table(show_edge=False, box=None, padding=(0, 2))
-        t.add_column("module")
-        t.add_column("params", justify="right")
-        t.add_column("tensors", justify="right")
-        for r in report.tree:
-            label = "  " * (r.depth - 1) + r.name
-            if r.repeat > 1 and "{" in r.name:
-                label += f"  x{r.repeat}"
-            t.add_row(label, human_count(r.params), str(r.n_tensors))
-        out.print(t)
-    if report.keys is not None:
-        out.print()
-        t = Table(show_edge=False, box=None, padding=(0, 2))
-        t.add_column("name")
-        t.add_column("dtype")
-        t.add_column("shape")
-        t.add_column("params", justify="right")
-        for n in report.keys:
-            info = c.tensors[n]
-            dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
-            t.add_row(n, dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
-        out.print(t)
-        out.print(f"{len(report.keys)} of {len(c.tensors)} tensors listed")
+    return rows
+
+
+def _guess_rows(report) -> list[tuple[str, str]]:
+    """The torchvision model the keys fit, if any."""
+    if not report.guesses:
+        return []
+    g = report.guesses[0]
+    if g.score >= 0.5:
+        text = f"{g.arch}: {g.matched}/{g.total} keys match (score {g.score:.2f})"
+        if g.num_classes is not None:
+            text += f", classifier has {g.num_classes} outputs"
+        rest = [f"{x.arch} {x.score:.2f}" for x in report.guesses[1:]]
+        if rest:
+            text += f"; next: {', '.join(rest)}"
+    else:
+        text = f"no torchvision model fits (best: {g.arch}, score {g.score:.2f})"
+    return [("architecture", text)]
+
+
+def _tree_table(report):
+    from rich.table import Table
+
+    t = Table(show_edge=False, box=None, padding=(0, 2))
+    t.add_column("module")
+    t.add_column("params", justify="right")
+    t.add_column("tensors", justify="right")
+    for r in report.tree:
+        label = "  " * (r.depth - 1) + r.name
+        if r.repeat > 1 and "{" in r.name:
+            label += f"  x{r.repeat}"
+        t.add_row(label, human_count(r.params), str(r.n_tensors))
+    return t
+
+
+def _keys_table(report):
+    from rich.table import Table
+
+    c = report.ckpt
+    t = Table(show_edge=False, box=None, padding=(0, 2))
+    t.add_column("name")
+    t.add_column("dtype")
+    t.add_column("shape")
+    t.add_column("params", justify="right")
+    for n in report.keys:
+        info = c.tensors[n]
+        dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
+        t.add_row(n, dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
+    return t
