@@ -32,7 +32,7 @@ Classes, each a generator of inputs (see CLASSES):
   manifest      adapted folders whose manifest names code (os:system, subprocess:run, a file
                 factory, timm loaders) or absurd sizes, loaded without trust_code
 
-The tests (tests/test_hardening_fuzz.py) import the same seeds, mutators and checker, and drive
+The tests (tests/hardening/test_fuzz.py) import the same seeds, mutators and checker, and drive
 them with hypothesis.
 """
 

@@ -165,7 +165,7 @@ def test_a_record_beside_the_weights_suggests_allow_global(tmp_path):
 
 def test_code_that_builds_a_tensor_is_not_offered_to_allow(tmp_path):
     torch.save({"w": Via(rebuild_from_code, (torch.ones(2),)), "b": torch.ones(1)}, tmp_path / "a.pt")
-    with pytest.raises(UnsafeCheckpointError, match=r"tensors are built by code: tests\.test_kinds\.rebuild_from_code"
+    with pytest.raises(UnsafeCheckpointError, match=r"tensors are built by code: tests\.formats\.test_kinds\.rebuild_from_code"
                                                     r".*accepting these names as data would lose those tensors") as e:
         surgery.open(tmp_path / "a.pt")
     assert "--allow-global" not in str(e.value)
