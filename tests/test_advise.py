@@ -8,9 +8,8 @@ import warnings
 import pytest
 import torch
 
-from fixtures.generate import digits_imagefolder
 from surgery.advice import LARGE_PER_CLASS, decide
-from fixtures.factory import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, factory_and_digits
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -35,11 +34,9 @@ def test_a_gap_within_the_noise_is_not_transfer():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("advise")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=12, size=SIZE)
-    torch.manual_seed(0)
+    arch, data, weights = factory_and_digits(root, 12)
     ckpt = root / "random.pth"
-    torch.save(load_factory(arch)(5).state_dict(), ckpt)
+    torch.save(weights, ckpt)
     return root, arch, data, ckpt
 
 

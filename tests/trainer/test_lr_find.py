@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import adapt
 from surgery.trainer.lr_find import BACKOFF, range_test, smooth, suggest
 from surgery.trainer.runner import train
-from fixtures.factory import SIZE, load_factory, write_factory
+from fixtures.factory import SIZE, factory_and_digits
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -97,10 +96,7 @@ def test_the_rule_on_smoothed_losses_and_edge_cases():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lrfind")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "data", classes=range(5, 10), per_class=12, size=SIZE)
-    torch.manual_seed(0)
-    sd = load_factory(arch)(5).state_dict()
+    arch, data, sd = factory_and_digits(root, 12)
     adapt(sd, arch=arch, num_classes=5, input_size=SIZE, out=root / "head", freeze="head-only")
     adapt(sd, arch=arch, num_classes=5, input_size=SIZE, out=root / "all", freeze="none")
     return root, data

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fixtures.factory import SIZE, load_factory, make_adapted, write_factory
+from fixtures.factory import SIZE, factory_and_digits, load_factory, make_adapted
 from fixtures.generate import digits_imagefolder
 from surgery.adapter.core import load_adapted
 from surgery import evaluate as _evaluate
@@ -32,10 +32,7 @@ def train(*args, **kw):
 def env(tmp_path_factory):
     """Digits 5-9 (20 per class: 16 train + 4 val), a factory file and a random-init checkpoint."""
     root = tmp_path_factory.mktemp("train")
-    arch = write_factory(root)
-    data = digits_imagefolder(root / "digits59", classes=range(5, 10), per_class=20, size=SIZE)
-    torch.manual_seed(0)
-    random_sd = load_factory(arch)(5).state_dict()
+    arch, data, random_sd = factory_and_digits(root, 20, "digits59")
     return {"root": root, "arch": arch, "data": data, "random_sd": random_sd}
 
 
