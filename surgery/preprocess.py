@@ -31,10 +31,6 @@ class InputPipeline:
     std: tuple[float, ...]
     interpolation: str
 
-    def as_dict(self) -> dict:
-        return {"size": list(self.size), "resize": self.resize, "channels": self.channels,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-
 
 def input_pipeline(manifest: Any, image_size: int | None = None) -> InputPipeline:
     """The pipeline of a manifest (a ``Manifest`` or its dict); ``image_size`` overrides its size,

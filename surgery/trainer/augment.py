@@ -78,7 +78,3 @@ def batch_mixer(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> Ca
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
-
-def hard_labels(labels: Any) -> Any:
-    """Class indices of labels that may be soft (mixed): the argmax of each row."""
-    return labels.argmax(1) if labels.ndim == 2 else labels
