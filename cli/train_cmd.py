@@ -163,7 +163,7 @@ def train(
         raise typer.Exit(relaunch(nproc, _forwarded(ctx), entry=_ENTRY))
     a.lr = _parse_lr(lr)
     if find_lr:
-        return run_find_lr(adapted, data, out, _shared(a), as_json)
+        return run_find_lr(adapted, data, out, dict(_shared(a), epochs=a.epochs, accumulate=a.accumulate), as_json)
     renderer = Renderer(quiet, as_json)
     if compare_scratch:
         return run_compare(adapted, data, out, renderer, as_json, dict(_shared(a), **_run_only(a)))

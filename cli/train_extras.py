@@ -14,7 +14,7 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     from surgery.trainer.lr_find import find_lr, fmt_lr
 
     keep = ("val_split", "seed", "batch_size", "optimizer", "weight_decay", "label_smoothing", "image_size",
-            "augment", "flip", "device", "cache_features", "force", "trust_code")
+            "augment", "flip", "device", "cache_features", "force", "trust_code", "epochs", "accumulate")
     found = find_lr(adapted, data, out=out, **{k: options[k] for k in keep})
     if as_json:
         print_json(found.to_json())
@@ -28,7 +28,8 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     for row in curve_text(found):
         c.print(row, markup=False)
     c.print(f"smoothed loss lowest at lr {fmt_lr(found.min_lr)}"
-            + (f", half way down at lr {fmt_lr(found.half_lr)}" if found.half_lr is not None else ""), markup=False)
+            + (f", its descent centred at lr {fmt_lr(found.descent_lr)}" if found.descent_lr is not None else ""),
+            markup=False)
     c.print(f"suggested lr {fmt_lr(found.suggestion)} ({rule_text(found)})", markup=False)
     if out is not None:
         c.print(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'}", markup=False)

@@ -16,18 +16,22 @@ times its minimum (it diverged). Then it depends on what trains:
   close to a convex problem: its loss keeps falling until the rate is too high to be stable, so
   the minimum is sharp and a decade below it still learns fast (Smith's range test, fastai's
   ``minimum``).
-- **backbone layers too**: the rate at which the smoothed loss has fallen *half way* from where
-  it started (the median of the first tenth of the sweep) to its minimum, or the minimum / 10
-  when that is lower. A network's curve is a long descent followed by a flat, noisy floor: the
-  training loss still falls (or holds) at rates that wreck the pretrained features, so the
-  floor's minimum is one or two decades too high and moves by decades between sweeps (a
-  48-step sweep on digits found it at 2e-2 once and 6e-1 another time; the best of an lr grid
-  was 1e-3 to 3e-3). The middle of the descent is the idea of fastai's ``valley`` (the middle
-  of the longest descending stretch), measured in loss rather than in steps so that noise on
-  the plateau before the descent does not stretch it; on the same sweeps it fell at 1.6e-3 and
-  2.1e-3. The whole-model sweep is as long as the run (40 to 100 steps): the descent moves to
-  lower rates as the sweep gets longer (a 100-step sweep put it at 4e-4), so a sweep as long
-  as the run measures the rate at which *that* run learns.
+- **backbone layers too**: 8 times the lr in the *middle of the descent*, at most the lr at the
+  minimum. A network's curve is a plateau, a descent, then a flat, noisy floor: the training loss
+  still falls (or holds) at rates that wreck the pretrained features, so the floor's minimum is a
+  decade or two too high and moves by decades between sweeps (on the digits bench, 48-step
+  sweeps of one model put it anywhere from 1.6e-2 to 2.3e-1). The descent is steadier, but a
+  short sweep's losses jump by 2x from batch to batch, so reading the point where the smoothed
+  loss crosses a level (half way down, as this rule did before) moved by up to 4x between seeds. A
+  falling step ``a + b / (1 + 10^((log10 lr - c) / w))`` fitted by least squares to the raw losses
+  up to the smoothed minimum uses every point: its middle ``10^c`` moved by 2x at most between
+  seeds there. The descent's middle is where the sweep *starts* to learn, after the steps below
+  it; the run trains at one lr from its first step, and on the bench the best lr of a grid sat 5
+  to 20 times above the middle (``AHEAD = 8`` is the compromise; see the README for the figures).
+  It is the idea of fastai's ``valley`` (the middle of the longest descent), fitted rather than
+  counted. The whole-model sweep is as long as the run (40 to 100 steps): the descent moves to
+  lower rates as the sweep gets longer (a 100-step sweep put it up to 2x lower), so a sweep as long as
+  the run measures the rate at which *that* run learns.
 
 The lr found is the *head's* (``lr_mult`` 1); groups with another multiplier sweep at
 ``lr x lr_mult``, exactly as they will train. Only parameters that train in the first epoch move.
@@ -53,10 +57,12 @@ if TYPE_CHECKING:  # pragma: no cover
 SCHEMA = "surgery.lr_find/1"
 _SWEEP = "EMA beta 0.9; the sweep stops when the smoothed loss exceeds 4x its minimum"
 RULE_HEAD = f"the head alone: lr at the minimum of the smoothed loss / 10 ({_SWEEP})"
-RULE_NET = (f"backbone layers train: lr where the smoothed loss has fallen half way from its start to its "
-            f"minimum, or the minimum / 10 when lower ({_SWEEP})")
+RULE_NET = (f"backbone layers train: 8 x the lr in the middle of the loss's descent (a falling step fitted to "
+            f"the raw losses up to the smoothed minimum), at most the minimum ({_SWEEP})")
 START, END = 1e-6, 1.0
 BETA, DIVERGE, BACKOFF = 0.9, 4.0, 10.0
+AHEAD = 8.0  # backbone layers train: the suggestion is this many times the middle of the descent
+FIT_PER_DECADE, FIT_WIDTHS = 20, (0.2, 0.3, 0.45, 0.7, 1.0, 1.5)  # the descent fit's grid: middles, widths (decades)
 
 
 @dataclass
@@ -73,7 +79,7 @@ class LrFind:
     seconds: float
     cached: bool = False
     head_only: bool = False
-    half_lr: float | None = None  # where the smoothed loss is half way down (backbone layers train)
+    descent_lr: float | None = None  # the middle of the loss's descent (backbone layers train)
     rule: str = RULE_NET
     schema: str = SCHEMA
 
@@ -95,36 +101,54 @@ def smooth(losses: list[float], beta: float = BETA) -> list[float]:
 
 
 def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: float = END,
-            head_only: bool = False) -> tuple[float, float, float | None]:
-    """(suggestion, lr at the minimum, lr half way down) by the rule of the module docstring;
-    ``head_only`` selects the head's rule (no half-way point)."""
+            head_only: bool = False, losses: list[float] | None = None) -> tuple[float, float, float | None]:
+    """(suggestion, lr at the minimum, lr in the middle of the descent) by the rule of the module
+    docstring; ``head_only`` selects the head's rule (no descent fit). ``losses``: the raw losses
+    the descent is fitted to (default: ``smoothed``)."""
     finite = [(s, i) for i, s in enumerate(smoothed) if math.isfinite(s)]
     if not finite:
         return start, start, None
     i_min = min(finite)[1]
     lr_min = lrs[i_min]
-    pick, half = lr_min / BACKOFF, None
+    pick, mid = lr_min / BACKOFF, None
     if not head_only:
-        half = half_way(lrs, smoothed, i_min)
-        if half is not None:
-            pick = min(pick, half)
-    return min(max(pick, start), end), lr_min, half
+        mid = descent_middle(lrs, smoothed if losses is None else losses, i_min)
+        if mid is not None:
+            pick = min(mid * AHEAD, lr_min)
+    return min(max(pick, start), end), lr_min, mid
 
 
-def half_way(lrs: list[float], smoothed: list[float], i_min: int) -> float | None:
-    """The lr at which the smoothed loss falls for the last time through the level half way from
-    its start (the median of the first tenth of the sweep, at least 3 points) to its minimum at
-    ``i_min``: a dip through that level on the plateau before the descent (a lucky first batch
-    can make one) does not count."""
-    head = sorted(s for s in smoothed[:max(3, len(smoothed) // 10)] if math.isfinite(s))
-    if not head:
+def descent_middle(lrs: list[float], losses: list[float], i_min: int) -> float | None:
+    """The lr in the middle of the loss's descent: a falling step ``a + b / (1 + 10^((x - c) / w))``
+    in ``x = log10(lr)`` fitted by least squares to the losses up to the smoothed minimum at
+    ``i_min``, and ``10^c`` returned. Every point weighs in, so the batch-to-batch noise of a
+    short sweep moves the middle much less than it moves any single crossing of a level. None
+    when fewer than 8 points are usable or nothing falls (the best step does not go down)."""
+    pts = [(math.log10(lr), v) for lr, v in zip(lrs[:i_min + 1], losses[:i_min + 1]) if math.isfinite(v)]
+    if len(pts) < 8:
         return None
-    top = head[len(head) // 2]
-    if top <= smoothed[i_min]:
-        return None  # it never fell
-    level = (top + smoothed[i_min]) / 2
-    above = [i for i in range(i_min) if not smoothed[i] <= level]  # a nan counts as above
-    return lrs[above[-1] + 1] if above else None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if max(ys) - min(ys) <= 1e-9 * max(1.0, abs(ys[0])):
+        return None  # flat: nothing fell
+    n, sy = len(ys), sum(ys)
+    best: tuple[float, float] | None = None
+    lo, hi = xs[0], xs[-1]
+    for k in range(int((hi - lo) * FIT_PER_DECADE) + 1):
+        c = lo + k / FIT_PER_DECADE
+        for w in FIT_WIDTHS:
+            f = [1.0 / (1.0 + 10.0 ** min((x - c) / w, 300.0)) for x in xs]
+            sf, sff = sum(f), sum(v * v for v in f)
+            den = n * sff - sf * sf
+            if den <= 1e-12:
+                continue
+            b = (n * sum(v * y for v, y in zip(f, ys)) - sf * sy) / den
+            if b <= 0:  # a rise, not a descent
+                continue
+            a = (sy - b * sf) / n
+            err = sum((a + b * v - y) ** 2 for v, y in zip(f, ys))
+            if best is None or err < best[0]:
+                best = (err, c)
+    return None if best is None else 10.0 ** best[1]
 
 
 def _cycle(batches: Callable[[], Iterable]) -> Iterable:
@@ -193,10 +217,10 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
             loss.backward()
             opt.step()
     del work, opt
-    suggestion, lr_min, half = suggest(lrs, smoothed, start, end, head_only)
+    suggestion, lr_min, mid = suggest(lrs, smoothed, start, end, head_only, losses)
     return LrFind(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_lr=lr_min, stopped=stopped,
                   steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only,
-                  half_lr=half, rule=RULE_HEAD if head_only else RULE_NET)
+                  descent_lr=mid, rule=RULE_HEAD if head_only else RULE_NET)
 
 
 def plot(found: LrFind, path: Any) -> Any:
@@ -208,8 +232,8 @@ def plot(found: LrFind, path: Any) -> Any:
     ax.plot(found.lrs, found.losses, color="0.75", linewidth=1, label="loss")
     ax.plot(found.lrs, found.smoothed, color="C0", linewidth=2, label="smoothed")
     ax.axvline(found.min_lr, color="0.5", linestyle=":", linewidth=1)
-    if found.half_lr is not None:
-        ax.axvline(found.half_lr, color="0.5", linestyle="-.", linewidth=1, label="half way down")
+    if found.descent_lr is not None:
+        ax.axvline(found.descent_lr, color="0.5", linestyle="-.", linewidth=1, label="middle of the descent")
     ax.axvline(found.suggestion, color="C3", linestyle="--", linewidth=1.5)
     y = _interp(found.lrs, found.smoothed, found.suggestion)
     ax.plot([found.suggestion], [y], "o", color="C3", label=f"chosen lr {found.suggestion:.2g}")
@@ -318,15 +342,17 @@ def fmt_lr(lr: float) -> str:
 def why(found: LrFind) -> str:
     """Which part of the rule gave the suggestion, with its numbers."""
     low = f"lowest at lr {fmt_lr(found.min_lr)}"
-    if found.half_lr is not None and found.half_lr < found.min_lr / BACKOFF:
-        return f"smoothed loss half way down at lr {fmt_lr(found.half_lr)}, {low}"
+    if found.descent_lr is not None:
+        return f"the loss's descent is centred at lr {fmt_lr(found.descent_lr)}, smoothed loss {low}"
     return f"smoothed loss {low}"
 
 
 def rule_text(found: LrFind) -> str:
     """The part of the rule that gave the suggestion, in a few words."""
-    if found.half_lr is not None and found.half_lr < found.min_lr / BACKOFF:
-        return "half way down the descent; the lowest point / 10 is higher"
+    if found.descent_lr is not None:
+        if found.suggestion >= found.min_lr:
+            return f"{AHEAD:g} x the middle of the descent would pass the lowest point: the lowest point"
+        return f"{AHEAD:g} x the middle of the descent"
     return "the lowest point / 10"
 
 
@@ -341,8 +367,9 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
             optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
             label_smoothing: float = 0.0, image_size: int | None = None, augment: bool = True, flip: bool = True,
             device: str = "auto", cache_features: str = "auto", out: Any = None, force: bool = False,
-            trust_code: bool = False) -> LrFind:
-    """``surgery train --find-lr``: only the range test a run with ``--lr auto`` would do first.
+            trust_code: bool = False, epochs: int | None = None, accumulate: int = 1) -> LrFind:
+    """``surgery train --find-lr``: only the range test a run with ``--lr auto`` would do first
+    (``epochs`` and ``accumulate`` give the run's length, which sets a whole-model sweep's).
     With ``out``, writes ``lr_find.json`` and ``lr_find.png`` there (a new folder, or ``force``)."""
     import torch
     from torch.utils.data import DataLoader
@@ -354,6 +381,7 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from . import cache as cache_mod
     from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
     from .device import resolve_device
+    from .prepare import optimizer_steps
     from .state import TrainError
 
     if optimizer not in ("adamw", "sgd"):
@@ -383,7 +411,8 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 1e-4)
     found = for_run(model, manifest, feats=feats, head_path=path, loader=train_dl,
                     prepare=lambda x, y: (x.to(dev), y.to(dev)), autocast=contextlib.nullcontext,
-                    optimizer=optimizer, weight_decay=wd, momentum=momentum, label_smoothing=label_smoothing, seed=seed)
+                    optimizer=optimizer, weight_decay=wd, momentum=momentum, label_smoothing=label_smoothing, seed=seed,
+                    run_steps=None if epochs is None else epochs * optimizer_steps(len(train_dl), accumulate))
     if out_p is not None:
         out_p.mkdir(parents=True, exist_ok=True)
         use_files(found, out_p)

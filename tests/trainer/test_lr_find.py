@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgery.adapter.core import adapt
-from surgery.trainer.lr_find import BACKOFF, range_test, smooth, suggest
+from surgery.trainer.lr_find import AHEAD, BACKOFF, range_test, smooth, suggest
 from surgery.trainer.runner import train
 from fixtures.factory import SIZE, factory_and_digits
 
@@ -34,8 +34,8 @@ def test_range_test_suggests_inside_the_sweep_and_leaves_the_model_alone():
                        start=1e-5, end=10.0)
     assert 1e-5 <= found.suggestion <= 10.0
     assert found.lrs[0] == pytest.approx(1e-5) and found.lrs == sorted(found.lrs)
-    assert found.suggestion == pytest.approx(max(min(found.min_lr / BACKOFF, found.half_lr), 1e-5))
-    assert not found.head_only and found.lrs[0] <= found.half_lr <= found.min_lr
+    assert found.suggestion == pytest.approx(max(min(found.descent_lr * AHEAD, found.min_lr), 1e-5))
+    assert not found.head_only and found.lrs[0] <= found.descent_lr <= found.min_lr
     assert min(found.smoothed) < found.smoothed[0]  # it learned during the sweep
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics, bit for bit
@@ -52,35 +52,41 @@ def test_range_test_stops_when_the_loss_diverges():
     assert found.suggestion < found.lrs[-1]
 
 
-def test_the_rule_is_the_minimum_over_ten_for_a_head_and_half_way_down_for_a_network():
-    # a network's curve: a plateau, a descent from 3 to 1 between 1e-4 and 1e-2, then a flat floor
-    # whose lowest point (0.95 at 10^-0.5) is noise two decades past the descent
-    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]  # 1e-6 .. 1, ten points a decade
+def _ramp(noise_at=55):
+    """A network's curve, ten points a decade from 1e-6 to 1: a plateau at 3, a descent to 1
+    between 1e-4 and 1e-2 (its middle at 1e-3), then a flat floor whose lowest point (0.95 at
+    ``10 ** (noise_at / 10 - 6)``) is noise two decades past the descent."""
+    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
     curve = [min(3.0, max(1.0, 5.0 - k / 10)) for k in range(61)]
-    curve[55] = 0.95
-    suggestion, lr_min, half = suggest(lrs, curve)
+    curve[noise_at] = 0.95
+    return lrs, curve
+
+
+def test_the_rule_is_the_minimum_over_ten_for_a_head_and_ahead_of_the_descent_for_a_network():
+    lrs, curve = _ramp()
+    suggestion, lr_min, mid = suggest(lrs, curve)
     assert lr_min == pytest.approx(10 ** -0.5)
-    assert half == pytest.approx(10 ** -2.9)  # the first point below (3 + 0.95) / 2 = 1.975
-    assert suggestion == half
+    assert mid == pytest.approx(1e-3, rel=0.13)  # the middle of the descent, not of the floor
+    assert suggestion == pytest.approx(AHEAD * mid)
     head = suggest(lrs, curve, head_only=True)
     assert head[0] == pytest.approx(10 ** -0.5 / BACKOFF) and head[2] is None
 
 
-def test_a_lucky_first_batch_is_not_the_half_way_point():
-    # the first smoothed value is the first batch's loss: a low one dips below the half-way level
-    # before anything trained; the descent's own crossing counts
-    lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
-    curve = [min(3.0, max(1.0, 5.0 - k / 10)) for k in range(61)]
-    curve[0], curve[55] = 1.5, 0.95
-    assert suggest(lrs, curve)[2] == pytest.approx(10 ** -2.9)
+def test_noise_moves_the_middle_of_the_descent_little():
+    # a lucky first batch, and batch-to-batch noise of +-0.4 on every step: the fit uses every point
+    lrs, curve = _ramp()
+    clean = suggest(lrs, curve)[2]
+    noisy = [v + (0.4 if k % 2 else -0.4) * (k % 3 != 0) for k, v in enumerate(curve)]
+    noisy[0] = 1.5
+    assert suggest(lrs, curve, losses=noisy)[2] == pytest.approx(clean, rel=0.26)
 
 
-def test_the_minimum_over_ten_caps_a_late_descent():
+def test_the_lowest_point_caps_a_late_descent():
     lrs = [10.0 ** (k / 10 - 6) for k in range(61)]
     curve = [3.0] * 41 + [3.0 - 0.2 * k for k in range(1, 11)] + [1.0 + k for k in range(1, 11)]  # min 1.0 at 1e-1
-    suggestion, lr_min, half = suggest(lrs, curve)
-    assert lr_min == pytest.approx(1e-1) and half > lr_min / BACKOFF
-    assert suggestion == pytest.approx(1e-2)
+    suggestion, lr_min, mid = suggest(lrs, curve)
+    assert lr_min == pytest.approx(1e-1) and mid * AHEAD > lr_min
+    assert suggestion == pytest.approx(1e-1)
 
 
 def test_the_rule_on_smoothed_losses_and_edge_cases():
@@ -90,7 +96,8 @@ def test_the_rule_on_smoothed_losses_and_edge_cases():
     i_min = sm.index(min(sm))
     assert suggest(lrs, sm, head_only=True)[:2] == (pytest.approx(lrs[i_min] / 10), lrs[i_min])
     assert suggest(lrs, [float("nan")] * 25)[0] == 1e-6  # nothing usable: the bottom of the sweep
-    assert suggest(lrs, [2.0] * 25)[2] is None  # a loss that never fell has no half-way point
+    assert suggest(lrs, [2.0] * 25)[2] is None  # a loss that never fell has no descent
+    assert suggest(lrs, [2.0 + 0.1 * k for k in range(25)]) == (1e-6, 1e-6, None)  # it only rose: the bottom of the sweep
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +140,18 @@ def test_cli_find_lr_prints_the_curve_and_writes_nothing_without_out(cli, setup,
     assert r.exit_code == 2 and "--lr 'fast': give a number" in r.stderr
     r = cli("train", "--trust-code", root / "head", "--data", data, "--epochs", 1, "--out", tmp_path / "run", "--no-flip")
     assert r.exit_code == 0 and "(found)" in r.stdout
+
+
+def test_find_lr_sweeps_as_many_steps_as_the_run_of_epochs_would_have(setup):
+    # a whole-model sweep is as long as the run (40 to 100 steps): --find-lr reads the run's length
+    # from --epochs, so it shows the very curve that `--lr auto` would read
+    from surgery.trainer.lr_find import END, START, find_lr
+
+    root, data = setup
+    per_step = {}
+    for epochs in (1, 20):
+        found = find_lr(root / "all", data, batch_size=16, flip=False, epochs=epochs, trust_code=True)
+        per_step[epochs] = found.lrs[1] / found.lrs[0]
+    steps_per_epoch = 4  # 60 training images at batch 16
+    assert per_step[1] == pytest.approx((END / START) ** (1 / 39))  # 4 steps: the floor of 40
+    assert per_step[20] == pytest.approx((END / START) ** (1 / (20 * steps_per_epoch - 1)))
