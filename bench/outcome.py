@@ -249,7 +249,7 @@ def main() -> None:
     from surgery.demo import pretrained_digits
 
     t0 = time.perf_counter()
-    ckpt, info = pretrained_digits(a.workdir / "pretrained", size=a.size)
+    ckpt, info = pretrained_digits(a.workdir / "pretrained", classes=range(5), size=a.size, half=None)  # never saw 5-9
     print(f"backbone: resnet18 on digits 0-4 at {a.size} px, val acc {info['val_acc']:.3f}", flush=True)
     results: dict = {}
     for regime in a.regimes.split(","):
