@@ -9,7 +9,9 @@ that finds ``x`` trains exactly as a run with ``--lr x``.
 
 The rule (:func:`suggest`): the loss is smoothed by an exponential moving average
 (``beta = 0.9``, bias-corrected); the sweep stops early once the smoothed loss exceeds four
-times its minimum (it diverged). Then it depends on what trains:
+times its minimum (it diverged). The minimum is looked for past the first tenth of the sweep (at
+least 3 steps): the first smoothed values average only a batch or two, and a lucky first batch
+once made the bottom of the sweep, 1e-6, the suggestion. Then it depends on what trains:
 
 - **the head alone** (a linear or small head on frozen features, cached or not): the learning
   rate at the minimum of the smoothed loss divided by 10. Fitting a head on fixed features is
@@ -108,7 +110,9 @@ def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: 
     finite = [(s, i) for i, s in enumerate(smoothed) if math.isfinite(s)]
     if not finite:
         return start, start, None
-    i_min = min(finite)[1]
+    # the first smoothed values average a batch or two: a lucky first batch must not be the minimum
+    settled = [(s, i) for s, i in finite if i >= max(3, len(smoothed) // 10)]
+    i_min = min(settled or finite)[1]
     lr_min = lrs[i_min]
     pick, mid = lr_min / BACKOFF, None
     if not head_only:

@@ -97,7 +97,18 @@ def test_the_rule_on_smoothed_losses_and_edge_cases():
     assert suggest(lrs, sm, head_only=True)[:2] == (pytest.approx(lrs[i_min] / 10), lrs[i_min])
     assert suggest(lrs, [float("nan")] * 25)[0] == 1e-6  # nothing usable: the bottom of the sweep
     assert suggest(lrs, [2.0] * 25)[2] is None  # a loss that never fell has no descent
-    assert suggest(lrs, [2.0 + 0.1 * k for k in range(25)]) == (1e-6, 1e-6, None)  # it only rose: the bottom of the sweep
+    rose = suggest(lrs, [2.0 + 0.1 * k for k in range(25)])  # it only rose: the bottom of the sweep
+    assert rose[0] == 1e-6 and rose[2] is None
+
+
+def test_a_lucky_first_batch_is_not_the_minimum():
+    # the bias-corrected EMA's first value is the first batch's loss alone: a low one must not make
+    # the bottom of the sweep the lowest point (it once made --lr auto train at 1e-6)
+    lrs, curve = _ramp()
+    curve[0] = 0.5
+    suggestion, lr_min, mid = suggest(lrs, curve)
+    assert lr_min == pytest.approx(10 ** -0.5) and suggestion == pytest.approx(AHEAD * mid)
+    assert suggest(lrs, curve, head_only=True)[0] == pytest.approx(10 ** -0.5 / BACKOFF)
 
 
 @pytest.fixture(scope="module")
