@@ -181,11 +181,12 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
 
 
 def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> TensorRef:
-    _expect(storage, StorageRef, "a tensor's storage")
-    if isinstance(dtype, DType):
-        dt = dtype.dtype
-    elif dtype is None:
+    if type(storage) is not StorageRef:  # the exact type first: one check per tensor of a state dict
+        _expect(storage, StorageRef, "a tensor's storage")
+    if dtype is None:
         dt = storage.dtype
+    elif isinstance(dtype, DType):
+        dt = dtype.dtype
     else:
         raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
     try:
@@ -194,7 +195,7 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
         offset = int(storage_offset)
     except (TypeError, ValueError):
         raise FormatError("tensor record has a malformed size or stride") from None
-    if len(shape) != len(strides) or min(shape, default=0) < 0 or min(strides, default=0) < 0 or offset < 0:
+    if len(shape) != len(strides) or offset < 0 or (shape and (min(shape) < 0 or min(strides) < 0)):
         raise FormatError(f"tensor record has an invalid shape {shape} / stride {strides} / offset {offset}")
     return TensorRef(storage, offset, shape, strides, dt, bool(requires_grad))
 

@@ -174,6 +174,17 @@ def test_each_tensor_of_one_layout_is_held_to_its_storage(tmp_path, offsets, bad
         surgery.open(path)
 
 
+@pytest.mark.parametrize("offsets", [(0, 2, 3), (3, 0)])
+def test_each_tensor_is_held_to_the_bytes_its_storage_has_in_the_zip(tmp_path, offsets):
+    """The pickle declares 8 elements for storage '0', the zip holds 16 bytes (4 of them): a
+    view two elements long at offset 3 is refused, whatever tensors of its layout came before."""
+    entries = [(f"w{i}", _tensor(size=b"K\x02\x85", offset=b"K" + bytes([o])))
+               for i, o in enumerate(offsets)]
+    pkl = _ckpt(*entries).replace(_s("cpu") + b"K\x04", _s("cpu") + b"K\x08")
+    with pytest.raises(FormatError, match=r"'w\d' \[2\] reaches past the end of its storage \(16 bytes\)"):
+        surgery.open(_pt(tmp_path, pkl))
+
+
 def test_a_key_of_a_thousand_dots_is_inspected(cli, tmp_path):
     from safetensors.numpy import save_file
     import numpy as np
