@@ -20,7 +20,9 @@ from ..errors import FormatError
 _EOCD = struct.Struct("<4s4H2LH")       # end of central directory: 22 bytes
 _EOCD64_LOC = struct.Struct("<4sLQL")   # zip64 end-of-directory locator: 20 bytes, just before the end record
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")   # zip64 end of central directory: 56 bytes, just before the locator
-_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # one central directory record: 46 bytes
+# one central directory record (46 bytes), the fields read: signature, version needed, flags,
+# method, CRC-32, compressed and uncompressed size, name, extra and comment lengths, local header offset
+_CENTRAL = struct.Struct("<4s2xB1xHH4xLLLHHH8xL")
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # one local header: 30 bytes
 _MAX_COMMENT = 1 << 16
 _MAX_EXTRACT_VERSION = 63  # as zipfile: newer features (and their version numbers) it cannot read
@@ -92,12 +94,12 @@ class ZipIndex:
     def _directory(self, start_dir: int, size_cd: int, count: int) -> None:
         cd = self._pread(size_cd, start_dir)
         unpack, concat, entries, names = _CENTRAL.unpack_from, self.concat, self.entries, self.names
+        new, entry = tuple.__new__, Entry  # an Entry without its Python-level __new__: one per entry
         pos = 0
         while pos < size_cd:
             if pos + 46 > size_cd:
                 raise _corrupt(self.src, "truncated central directory")
-            (sig, _, _, version, _, flags, method, _, _, crc, csize, size, nlen, elen, clen, _, _, _,
-             offset) = unpack(cd, pos)
+            sig, version, flags, method, crc, csize, size, nlen, elen, clen, offset = unpack(cd, pos)
             if sig != b"PK\x01\x02":
                 raise _corrupt(self.src, "bad magic number for central directory")
             if version > _MAX_EXTRACT_VERSION:
@@ -115,7 +117,7 @@ class ZipIndex:
             if name in entries:
                 self.twice.append(name)
             names.append(name)
-            entries[name] = Entry(offset + concat, method, flags, crc, csize, size)
+            entries[name] = new(entry, (offset + concat, method, flags, crc, csize, size))
             pos = end + elen + clen
 
     def data_offset(self, name: str) -> int:
