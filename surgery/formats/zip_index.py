@@ -78,7 +78,7 @@ class ZipIndex:
         if eocd >= _EOCD64_LOC.size:
             loc = _EOCD64_LOC.unpack(self._pread(_EOCD64_LOC.size, eocd - _EOCD64_LOC.size))
             if loc[0] == b"PK\x06\x07":
-                if loc[3] > 1:
+                if loc[1] != 0 or loc[3] > 1:
                     raise _corrupt(self.src, "it spans several disks")
                 at64 = eocd - _EOCD64_LOC.size - _EOCD64.size
                 rec = _EOCD64.unpack(self._pread(_EOCD64.size, at64)) if at64 >= 0 else None
@@ -165,6 +165,8 @@ class ZipIndex:
             raise FormatError(f"zip entry {name!r} has another name in its local header")
         if e.flags & 0x1:
             raise FormatError(f"zip entry {name!r} is encrypted")
+        if e.flags & 0x20:
+            raise FormatError(f"zip entry {name!r} holds compressed patched data, which torch cannot read either")
         start = e.header_offset + 30 + hdr[10] + hdr[11]
         if start + e.compress_size > self.length:
             raise FormatError(f"zip entry {name!r} runs past the end of the archive")

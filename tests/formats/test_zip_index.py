@@ -116,6 +116,9 @@ def _eocd_at(raw: bytes) -> int:
     ("local header offset", "corrupt local header|before the archive starts|outside the archive"),
     ("extra field", "corrupt extra field"),
     ("central magic", "bad magic number for central directory"),
+    ("encrypted", "data.pkl' is encrypted"),
+    ("patched data", "compressed patched data"),
+    ("local name", "another name in its local header"),
 ])
 def test_corrupt_directory_is_one_line(tmp_path, how, match):
     src = _small(tmp_path)
@@ -138,6 +141,12 @@ def test_corrupt_directory_is_one_line(tmp_path, how, match):
         struct.pack_into("<L", raw, rec + 42, 0x7FFFFFF0)
     elif how == "extra field":
         pass
+    elif how in ("encrypted", "patched data"):
+        rec = next(i for i in range(cd, end) if raw[i:i + 4] == b"PK\x01\x02" and raw[i + 46:i + 60] == b"small/data.pkl")
+        raw[rec + 8] |= 0x01 if how == "encrypted" else 0x20
+    elif how == "local name":
+        assert raw[30:44] == b"small/data.pkl"
+        raw[30:35] = b"SMALL"
     else:
         raw[cd:cd + 4] = b"PK\x09\x09"
     bad = tmp_path / "bad.pt"
