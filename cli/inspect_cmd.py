@@ -41,9 +41,17 @@ def inspect(
 
         raise typer.Exit(zoo_view.run(paths, as_json=as_json, keys=keys, filter=filter, depth=depth, select=select,
                                       allow_globals=tuple(allow_global or ()), workers=workers))
-    path = paths[0]
-    report = run_inspect(path, select=select, allow_globals=tuple(allow_global or ()), keys=keys,
-                         filter=filter, depth=depth or None)
+    from surgery.checkpoint import gc_paused
+
+    # no collections while the report is made and shown: its records (a few per tensor) all live
+    # until _show returns and are freed then, by reference counts, so the collection that runs
+    # when the pause ends has almost nothing left to walk
+    with gc_paused():
+        _show(run_inspect(paths[0], select=select, allow_globals=tuple(allow_global or ()), keys=keys,
+                          filter=filter, depth=depth or None), as_json, depth)
+
+
+def _show(report, as_json: bool, depth: int) -> None:
     if as_json:
         data = report.to_json()
         if depth == 0:

@@ -86,11 +86,22 @@ def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozense
     stats: dict[int, tuple[int, int, frozenset]] = {}
     one_dtype: dict[str, frozenset] = {}
     empty: frozenset = frozenset()
+    leaf_stats: dict[tuple, tuple[int, int, frozenset]] = {}  # (shape, dtype) of a dense tensor -> its figures
     for node in order:
+        tails = node.tails
+        if not node.children and node.info is None and tails is not None and len(tails) == 1:
+            info = tails[0][1]  # the commonest node at the depth shown: one module holding one tensor
+            if info is not None and info.kind == "dense":
+                key = (tuple(info.shape), info.dtype)
+                st = leaf_stats.get(key)
+                if st is None:
+                    st = leaf_stats[key] = (info.numel, 1, frozenset((info.dtype,)))
+                stats[id(node)] = st
+                continue
         params, count, dts = 0, 0, empty
         infos = [] if node.info is None else [node.info]
-        if node.tails is not None:
-            infos += [i for _, i in node.tails if i is not None]
+        if tails is not None:
+            infos += [i for _, i in tails if i is not None]
         for info in infos:
             params += info.numel
             count += 1

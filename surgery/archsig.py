@@ -95,6 +95,12 @@ def _parse(path: str) -> tuple[dict[str, Any], dict[str, _Model]]:
     return meta, models
 
 
+@functools.lru_cache(maxsize=4)
+def _known_keys(path: str) -> frozenset[str]:
+    """Every key of every model in the table at ``path``."""
+    return frozenset(k for m in _load(path)[1].values() for k in m.signature)
+
+
 def _table(path: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, _Model]]:
     return _load(str(path or TABLE_PATH))
 
@@ -186,7 +192,9 @@ def _candidates(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, dict[str,
     return out
 
 
-def _score(m: _Model, keys: dict[str, tuple[int, ...]], pairs: set, prefix: str) -> ArchGuess:
+def _score(m: _Model, keys: dict[str, tuple[int, ...]], pairs: set, prefix: str, n_keys: int) -> ArchGuess:
+    """How well ``m`` fits a reading of ``n_keys`` keys; ``keys`` holds those of them some model
+    in the table has (the others count only as unexpected), ``pairs`` their (key, shape) items."""
     matched = len(m.fixed & pairs) if len(pairs) < len(m.fixed) else len(pairs & m.fixed)
     total = m.n_required
     for k, tail in m.head_required:
@@ -201,11 +209,11 @@ def _score(m: _Model, keys: dict[str, tuple[int, ...]], pairs: set, prefix: str)
             s = keys.get(k)
             if s is not None and len(s) == len(tail) + 1 and s[1:] == tail:
                 matched += 1
-    union = total + len(keys) - matched
+    union = total + n_keys - matched
     cls = keys.get(m.classifier)
     num_classes = cls[0] if cls else None
     return ArchGuess(arch=m.name, matched=matched, total=total, score=matched / union if union else 0.0,
-                     num_classes=num_classes, prefix_stripped=prefix, unexpected=len(keys) - matched)
+                     num_classes=num_classes, prefix_stripped=prefix, unexpected=n_keys - matched)
 
 
 def guess_architecture(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable[int]], top: int = 3, *,
@@ -224,10 +232,16 @@ def guess_architecture(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in infos.items() if not k.endswith(_IGNORED_SUFFIX)}
     if not shapes:
         return []
-    readings = [(prefix, keys, set(keys.items())) for prefix, keys in _candidates(shapes)]
+    # scoring looks only at keys some model has: the others (all 50,000 of a model the table does
+    # not know) need no (key, shape) pair hashed
+    known = _known_keys(str(table or TABLE_PATH))
+    readings = []
+    for prefix, keys in _candidates(shapes):
+        mine = {k: v for k, v in keys.items() if k in known}
+        readings.append((prefix, mine, set(mine.items()), len(keys)))
     best: list[ArchGuess] = []
     for m in models.values():
-        cands = [_score(m, keys, pairs, prefix) for prefix, keys, pairs in readings]
+        cands = [_score(m, keys, pairs, prefix, n) for prefix, keys, pairs, n in readings]
         best.append(max(cands, key=lambda g: (g.score, g.matched)))
     best.sort(key=lambda g: (-g.score, -g.matched, g.arch))
     return best[:top]

@@ -83,13 +83,21 @@ _TORCH_TO_CANONICAL = {v[1]: k for k, v in DTYPES.items()}
 def gc_paused():
     """No cyclic garbage collection inside: reading metadata makes a few objects per tensor and
     frees none of them, so every collection pass over them (tens of them for 50,000 tensors)
-    is wasted work. Nested uses are fine; the collector runs again after the outermost."""
+    is wasted work. Nested uses are fine; the collector runs again after the outermost.
+
+    The objects made meanwhile (most of them the records just read, still in use) are handed to
+    the oldest generation as the pause ends, in two list splices (`gc.freeze`, `gc.unfreeze`):
+    else the first young collection after it would walk every one of them at once. They stay
+    collectable; a process that froze objects itself is left as it is."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

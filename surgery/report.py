@@ -6,12 +6,13 @@ No torch here except in `diff(..., values=True)`, which must read tensor values.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, TensorInfo, gc_paused
+from .checkpoint import PACKED_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
 from .errors import RuleError
 
 SCHEMA = "surgery.inspect/1"
@@ -33,10 +34,29 @@ class InspectReport:
     def views(self) -> dict[tuple, list[str]]:
         """Names by the view of bytes they are (`TensorInfo.view_key`), in checkpoint order:
         computed once for the unique tensors, the tied groups and the totals."""
+        return self._groups[0]
+
+    @functools.cached_property
+    def _groups(self) -> tuple[dict[tuple, list[str]], set[tuple]]:
+        """`views`, and the storages (file, offset) that two different views share, in one pass."""
         groups: dict[tuple, list[str]] = {}
+        first_view: dict[tuple, tuple] = {}  # storage -> the first view of it seen
+        shared: set[tuple] = set()
         for name, t in self.ckpt.tensors.items():
-            groups.setdefault(t.view_key, []).append(name)
-        return groups
+            if t.kind == "dense":  # as `view_key` spells it, without a property call per tensor
+                key = (t.file, t.data_offset, t.storage_offset, t.shape, t.stride, t.dtype)
+            else:
+                key = t.view_key
+            g = groups.get(key)
+            if g is not None:
+                g.append(name)
+                continue
+            groups[key] = [name]
+            if t.kind in ("dense", "quantized"):  # `has_storage`: sparse, nested, meta own none
+                storage = (t.file, t.data_offset)
+                if first_view.setdefault(storage, key) is not key:
+                    shared.add(storage)
+        return groups, shared
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -52,11 +72,23 @@ class InspectReport:
     @functools.cached_property
     def dtype_summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for t in self.unique_tensors:
-            d = out.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0})
+        numels: dict[tuple, int] = {}  # a model repeats a few shapes many times
+        tensors = self.ckpt.tensors
+        for g in self.views.values():
+            t = tensors[g[0]]
+            d = out.get(t.dtype)
+            if d is None:
+                d = out[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
             d["tensors"] += 1
-            d["params"] += t.numel
-            d["bytes"] += t.nbytes
+            if t.kind == "dense" and t.dtype not in PACKED_DTYPES:  # `numel` and `nbytes`, inlined
+                n = numels.get(t.shape)
+                if n is None:
+                    n = numels[t.shape] = math.prod(t.shape)
+                d["params"] += n
+                d["bytes"] += n * itemsize(t.dtype)
+            else:
+                d["params"] += t.numel
+                d["bytes"] += t.nbytes
         return out
 
     @property
@@ -76,16 +108,14 @@ class InspectReport:
 
     def shared_storage(self) -> list[list[str]]:
         """Names that view one storage differently (e.g. a weight and its transpose)."""
-        by_storage: dict[tuple, list[str]] = {}
-        for name, t in self.ckpt.tensors.items():
-            if not t.has_storage:  # sparse, nested, meta: their parts are theirs alone
-                continue
-            by_storage.setdefault((t.file, t.data_offset), []).append(name)
-        shared = [g for g in by_storage.values() if len(g) > 1]
+        shared = self._groups[1]
         if not shared:
             return []
-        tied = {frozenset(g) for g in self.tied_groups}
-        return [g for g in shared if frozenset(g) not in tied]
+        by_storage: dict[tuple, list[str]] = {}
+        for name, t in self.ckpt.tensors.items():
+            if t.has_storage and (t.file, t.data_offset) in shared:
+                by_storage.setdefault((t.file, t.data_offset), []).append(name)
+        return list(by_storage.values())
 
     def to_json(self) -> dict:
         c = self.ckpt

@@ -417,3 +417,14 @@ def test_module_tree_keeps_every_dtype_of_a_subtree():
     infos = {**infos_of({"m.a.x": (2,), "m.b.z": (2,)}, "F16"), **infos_of({"m.a.y": (2,)})}
     for depth in (None, 1, 2):
         assert module_tree(infos, depth=depth)[0].dtypes == ("F16", "F32")
+
+
+def test_keys_no_model_has_count_as_unexpected():
+    """Keys outside every signature are not scored one by one, but still count against the fit."""
+    sig = model_signature("resnet18")
+    exact = guess_architecture(sig, top=1)[0]
+    junk = {**sig, **{f"extra.{i}.weight": (3,) for i in range(50)}}
+    g = guess_architecture(junk, top=1)[0]
+    assert (exact.arch, exact.score, exact.unexpected) == ("resnet18", 1.0, 0)
+    assert (g.arch, g.matched, g.unexpected) == ("resnet18", exact.matched, 50)
+    assert g.score == pytest.approx(exact.matched / (exact.total + 50))

@@ -181,11 +181,12 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
 
 
 def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> TensorRef:
-    _expect(storage, StorageRef, "a tensor's storage")
-    if isinstance(dtype, DType):
-        dt = dtype.dtype
-    elif dtype is None:
+    if type(storage) is not StorageRef:  # the exact type first: one check per tensor of a state dict
+        _expect(storage, StorageRef, "a tensor's storage")
+    if dtype is None:
         dt = storage.dtype
+    elif isinstance(dtype, DType):
+        dt = dtype.dtype
     else:
         raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
     try:
@@ -194,7 +195,7 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
         offset = int(storage_offset)
     except (TypeError, ValueError):
         raise FormatError("tensor record has a malformed size or stride") from None
-    if len(shape) != len(strides) or min(shape, default=0) < 0 or min(strides, default=0) < 0 or offset < 0:
+    if len(shape) != len(strides) or offset < 0 or (shape and (min(shape) < 0 or min(strides) < 0)):
         raise FormatError(f"tensor record has an invalid shape {shape} / stride {strides} / offset {offset}")
     return TensorRef(storage, offset, shape, strides, dt, bool(requires_grad))
 
@@ -645,6 +646,18 @@ class _Call:
         return f"<{getattr(self.fn, '__qualname__', type(self.fn).__name__)}>"
 
 
+_CALL_TYPES: dict[Any, type] = {}
+
+
+def _call(fn: Callable) -> _Call:
+    """``_Call(fn)`` of a class whose ``__call__`` is ``fn`` itself: a REDUCE (one per tensor in
+    a state dict) then runs no wrapper frame."""
+    cls = _CALL_TYPES.get(fn)
+    if cls is None:
+        cls = _CALL_TYPES[fn] = type("_Call", (_Call,), {"__slots__": (), "__call__": staticmethod(fn)})
+    return cls(fn)
+
+
 class _Guarded(_Unpickler):
     """The restricted unpickler with every function it hands out wrapped in `_Call`. Records
     (`_Sealed`) refuse BUILD themselves; classes with a ``__setstate__`` (inert records, torch's
@@ -657,7 +670,7 @@ class _Guarded(_Unpickler):
             return obj
         if isinstance(obj, type) and hasattr(obj, "__setstate__"):
             return obj
-        return _Call(obj)
+        return _call(obj)
 
 
 # Bounds on tensor records, checked once the pickle is done. torch keeps sizes, strides, offsets
@@ -770,10 +783,54 @@ def check_records(tensors: list[TensorRef], storages: dict[str, StorageRef], sou
     tensors likewise. Raises one FormatError for all."""
     problems = [p for p in map(_storage_problem, storages.values()) if p]
     if not problems:
-        problems = [p for p in (_tensor_problem(t, storages) for t in tensors) if p]
+        problems = _tensor_problems(tensors, storages)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FormatError(f"{source}: {'; '.join(problems[:3])}{more}; the file is corrupt or crafted")
+
+
+def _tensor_problems(tensors: list[TensorRef], storages: dict[str, StorageRef]) -> list[str]:
+    """`_tensor_problem` of each tensor. A model repeats a few (shape, stride, dtype) layouts
+    many times: each layout is checked once, and a dense tensor of a sound layout then needs only
+    its offset and its storage checked here; any other tensor, and any problem, goes through
+    `_tensor_problem` itself (which words the error)."""
+    layouts: dict[tuple, tuple[bool, int, int, int]] = {}
+    sizes: dict[str, int] = {}  # storage key -> bytes (storages are checked already)
+    out: list[str] = []
+    for t in tensors:
+        s = t.storage
+        if type(t) is TensorRef and type(s) is StorageRef and type(t.shape) is tuple and type(t.stride) is tuple \
+                and type(t.dtype) is str:
+            key = (t.shape, t.stride, t.dtype)
+            lay = layouts.get(key)
+            if lay is None:
+                lay = layouts[key] = _layout(t)
+            sound, span, per_byte, size = lay
+            off = t.storage_offset
+            if sound and type(off) is int and 0 <= off <= MAX_INT64 and storages.get(s.key) is s:
+                if span < 0:
+                    continue
+                last = off + span
+                need = -(-(last + 1) // per_byte) if per_byte else (last + 1) * size
+                have = sizes.get(s.key)
+                if have is None:
+                    have = sizes[s.key] = s.numel * itemsize(s.dtype)
+                if need <= have:
+                    continue
+        problem = _tensor_problem(t, storages)
+        if problem:
+            out.append(problem)
+    return out
+
+
+def _layout(t: TensorRef) -> tuple[bool, int, int, int]:
+    """(sound, span, values per byte or 0, item size) of a dense tensor's shape, stride and dtype:
+    sound when `_shape_problem` finds nothing in them; span is the last element's distance from
+    the first (-1 for a tensor with no elements)."""
+    if _shape_problem(TensorRef(t.storage, 0, t.shape, t.stride, t.dtype)) is not None:
+        return False, -1, 0, 0
+    span = -1 if 0 in t.shape else sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+    return True, span, PACKED_DTYPES.get(t.dtype, 0), itemsize(t.dtype)
 
 
 def _scan_stream(f: Any, source: str) -> None:

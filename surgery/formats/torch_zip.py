@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
-import zipfile
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
@@ -18,6 +16,7 @@ from ..io import atomic_file
 from . import container, torchscript
 from .torch_pickle import TensorRef, unpickle
 from .writing import Payload
+from .zip_index import STORED, ZipIndex
 
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
@@ -48,19 +47,6 @@ class _Slice:
         return True
 
 
-def _data_offset(fd: int, info: zipfile.ZipInfo, base: int, end: int) -> int:
-    """Absolute offset of a stored entry's first byte: after its local header (one pread: no
-    seek and buffered read for each of 50,000 storages)."""
-    if info.header_offset < 0:
-        raise FormatError(f"zip entry {info.filename!r} has a local header before the archive starts; the central directory is corrupt")
-    start = base + info.header_offset
-    hdr = os.pread(fd, 30, start) if start + 30 <= end else b""  # past the archive: pread's offset may overflow
-    if len(hdr) != 30 or hdr[:4] != b"PK\x03\x04":
-        raise FormatError(f"zip entry {info.filename!r} has a corrupt local header")
-    name_len, extra_len = struct.unpack("<HH", hdr[26:30])
-    return base + info.header_offset + 30 + name_len + extra_len
-
-
 def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None,
              base: int = 0, length: int | None = None, display: str | None = None):
     """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
@@ -74,13 +60,9 @@ def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
 def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None, src: str):
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
-        f = _Slice(raw, base, (size - base) if length is None else length)
-        try:
-            zf = zipfile.ZipFile(f)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001 - BadZipFile, struct.error, EOFError, ...: all mean corrupt
-            raise FormatError(f"{src}: not a readable zip archive ({e}); the file may be truncated or corrupt") from None
-        names = zf.namelist()
-        _check_names(names, src)
+        zf = ZipIndex(raw.fileno(), base, (size - base) if length is None else length, src)
+        names = zf.names
+        _check_names(zf.twice, src)
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
         if not pkl:
             if any(n.endswith("model.json") for n in names) and any("/code/" in n or n.startswith("code/") for n in names):
@@ -90,79 +72,86 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
                               f"(entries: {', '.join(names[:5])})")
         prefix = pkl[0][: -len("data.pkl")]
         bo = prefix + "byteorder"
-        if bo in names and _read_entry(zf, bo, 64, f.length, src).strip() not in (b"little", b""):
+        if bo in zf.entries and _read_entry(zf, bo, 64, src).strip() not in (b"little", b""):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
-        data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, f.length, src)
+        data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, src)
         if torchscript.is_torchscript(names, prefix):
             def read_code(name: str) -> bytes | None:
-                return _read_entry(zf, name, torchscript.MAX_CODE_BYTES, f.length, src) if name in names else None
+                return _read_entry(zf, name, torchscript.MAX_CODE_BYTES, src) if name in zf.entries else None
 
             up = torchscript.read_torchscript(data, src, accept, torchscript.Declarations(read_code, prefix, src))
             up.torchscript = True  # type: ignore[attr-defined]
         else:
             up = unpickle(data, src, accept)
-        offsets = _storage_offsets(zf, raw.fileno(), up.storages, prefix, base, f.length, src)
+        offsets = _storage_offsets(zf, up.storages, prefix, src)
     return up, offsets
 
 
-def _storage_offsets(zf: zipfile.ZipFile, fd: int, storages, prefix: str, base: int, length: int,
-                     src: str) -> dict[str, tuple[int, int]]:
+def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str, tuple[int, int]]:
     """Each storage's (absolute offset, bytes): a stored entry wholly inside the archive."""
-    offsets: dict[str, tuple[int, int]] = {}
-    for key in storages:
+    keys = list(storages)
+    entries = []
+    for key in keys:
         entry = f"{prefix}data/{key}"
-        try:
-            zi = zf.getinfo(entry)
-        except KeyError:
-            raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete") from None
-        if zi.compress_type != zipfile.ZIP_STORED:
+        zi = zf.entries.get(entry)
+        if zi is None:
+            raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete")
+        if zi.method != STORED:
             raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
-        start = _data_offset(fd, zi, base, base + length)
-        if start + zi.file_size > base + length:
+        entries.append(entry)
+    offsets: dict[str, tuple[int, int]] = {}
+    base, end = zf.base, zf.length
+    for key, entry, start in zip(keys, entries, zf.data_offsets(entries)):
+        nbytes = zf.entries[entry].file_size
+        if start + nbytes > end:
             raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
-        offsets[key] = (start, zi.file_size)
+        offsets[key] = (base + start, nbytes)
     return offsets
 
 
-def _check_names(names: list[str], src: str) -> None:
+def _check_names(twice: list[str], src: str) -> None:
     """Refuse an archive that names one entry twice: Python's zipfile reads the last copy, torch the
     first, so what surgery shows would not be what torch.load runs."""
-    seen: set[str] = set()
-    dups = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    dups = sorted(set(twice))
     if dups:
         raise FormatError(f"{src}: zip archive holds {len(dups)} entr{'y' if len(dups) == 1 else 'ies'} twice "
                           f"({', '.join(repr(d) for d in dups[:3])}); torch and other zip readers would disagree on "
                           f"its content, refusing it")
 
 
-def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, archive_bytes: int, src: str) -> bytes:
+def _read_entry(zf: ZipIndex, name: str, limit: int, src: str) -> bytes:
     """One small entry's bytes, its declared sizes checked against ``limit`` and the archive
     before anything is allocated (a deflated entry can claim gigabytes in a few bytes)."""
-    info = zf.getinfo(name)
+    info = zf.entries[name]
     if info.file_size > limit:
         raise FormatError(f"{src}: {name} declares {info.file_size} bytes, far more than it ever holds (limit {limit})")
-    if info.compress_size > archive_bytes or (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size):
+    if info.compress_size > zf.length or (info.method == STORED and info.compress_size != info.file_size):
         raise FormatError(f"{src}: {name} declares sizes that do not fit the archive; the file is truncated or corrupt")
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
+    if info.method != STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
         # torch stores every entry; a deflated one inflating 1000x is a zip bomb, not a re-zipped checkpoint
         raise FormatError(f"{src}: {name} inflates {info.compress_size} bytes to {info.file_size}; refusing a zip bomb")
     try:
         return zf.read(name)
-    except Exception as e:  # noqa: BLE001 - zipfile/zlib/lzma raise a dozen types on corrupt input
-        raise FormatError(f"{src}: cannot read {name} ({type(e).__name__}: {str(e)[:120]}); the file is truncated "
-                          f"or corrupt") from None
+    except FormatError as e:
+        raise FormatError(f"{src}: cannot read {name} ({e}); the file is truncated or corrupt") from None
 
 
 def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
     out = {}
     dense = TensorInfo.dense
+    spans: dict[tuple, int] = {}  # (shape, stride) -> last element's distance from the first, -1 if none
     for name, t in refs.items():
         if t.kind != "dense":  # quantized, sparse, nested, meta: built from parts
             out[name] = container.tensor_info(name, t, offsets, file, src)
             continue
         s = t.storage
         start, nbytes = offsets[s.key]
-        _check_extent(name, t, nbytes, src)
+        key = (t.shape, t.stride)
+        span = spans.get(key)
+        if span is None:
+            span = spans[key] = -1 if 0 in t.shape else sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+        if span >= 0 and (t.storage_offset + span + 1) * itemsize(t.dtype) > nbytes:
+            _check_extent(name, t, nbytes, src)  # raises, with the tensor named
         out[name] = dense(name, t.dtype, t.shape, file, start, nbytes, t.storage_offset, t.stride, s.key, s.location)
     return out
 

@@ -161,6 +161,30 @@ def test_huge_or_impossible_sizes_are_one_line(cli, tmp_path, name, flag):
     _refused(cli, "inspect", path, *([flag] if flag else []), match=match)
 
 
+@pytest.mark.parametrize("offsets, bad", [((0, 2, 3), "offset 3"), ((3, 0, 2), "offset 3"), ((0, 2, 0, 1), None)])
+def test_each_tensor_of_one_layout_is_held_to_its_storage(tmp_path, offsets, bad):
+    """Tensors of one shape and stride are checked once per layout, and each one's offset still
+    against its storage: a view two elements long at offset 3 of four elements is refused."""
+    entries = [(f"w{i}", _tensor(size=b"K\x02\x85", offset=b"K" + bytes([o]))) for i, o in enumerate(offsets)]
+    path = _pt(tmp_path, _ckpt(*entries))
+    if bad is None:
+        assert [t.storage_offset for t in surgery.open(path).tensors.values()] == list(offsets)
+        return
+    with pytest.raises(FormatError, match=f"reaches past the end of its storage.*{bad}|{bad}.*past the end"):
+        surgery.open(path)
+
+
+@pytest.mark.parametrize("offsets", [(0, 2, 3), (3, 0)])
+def test_each_tensor_is_held_to_the_bytes_its_storage_has_in_the_zip(tmp_path, offsets):
+    """The pickle declares 8 elements for storage '0', the zip holds 16 bytes (4 of them): a
+    view two elements long at offset 3 is refused, whatever tensors of its layout came before."""
+    entries = [(f"w{i}", _tensor(size=b"K\x02\x85", offset=b"K" + bytes([o])))
+               for i, o in enumerate(offsets)]
+    pkl = _ckpt(*entries).replace(_s("cpu") + b"K\x04", _s("cpu") + b"K\x08")
+    with pytest.raises(FormatError, match=r"'w\d' \[2\] reaches past the end of its storage \(16 bytes\)"):
+        surgery.open(_pt(tmp_path, pkl))
+
+
 def test_a_key_of_a_thousand_dots_is_inspected(cli, tmp_path):
     from safetensors.numpy import save_file
     import numpy as np

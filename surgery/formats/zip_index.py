@@ -1,0 +1,216 @@
+"""A zip archive's central directory, read in one pass with no object per entry.
+
+Python's `zipfile` makes a `ZipInfo` (date, extra fields, a dozen attributes) for every entry
+before anything can be read: a torch file of 50,000 small tensors has 50,000 entries. This reader
+keeps, per entry, only what locating and reading it needs, and makes the checks `zipfile` makes
+(end record found, zip64 records honoured, central directory inside the archive, every record's
+magic number, extra fields well formed) plus those torch's reader relies on (no name twice, local
+headers where the directory says). Every failure is one `FormatError` line.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from typing import NamedTuple
+
+from ..errors import FormatError
+
+_EOCD = struct.Struct("<4s4H2LH")       # end of central directory: 22 bytes
+_EOCD64_LOC = struct.Struct("<4sLQL")   # zip64 end-of-directory locator: 20 bytes, just before the end record
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")   # zip64 end of central directory: 56 bytes, just before the locator
+# one central directory record (46 bytes), the fields read: signature, version needed, flags,
+# method, CRC-32, compressed and uncompressed size, name, extra and comment lengths, local header offset
+_CENTRAL = struct.Struct("<4s2xB1xHH4xLLLHHH8xL")
+_LOCAL = struct.Struct("<4s2B4HL2L2H")  # one local header: 30 bytes
+_MAX_COMMENT = 1 << 16
+_MAX_EXTRACT_VERSION = 63  # as zipfile: newer features (and their version numbers) it cannot read
+_U32 = 0xFFFF_FFFF
+STORED, DEFLATED = 0, 8
+_HEADER_SPAN = 16 << 20  # local headers this close together are read in one pread
+
+
+class Entry(NamedTuple):
+    header_offset: int  # from the archive's start (after any bytes prepended to it)
+    method: int
+    flags: int
+    crc: int
+    compress_size: int
+    file_size: int
+
+
+def _corrupt(src: str, why: str) -> FormatError:
+    return FormatError(f"{src}: not a readable zip archive ({why}); the file may be truncated or corrupt")
+
+
+class ZipIndex:
+    """The entries of the zip archive at [base, base+length) of the open file ``fd``."""
+
+    def __init__(self, fd: int, base: int, length: int, src: str):
+        self.fd, self.base, self.length, self.src = fd, base, length, src
+        start_dir, size_cd, count = self._end_record()
+        self.names: list[str] = []
+        self.entries: dict[str, Entry] = {}
+        self.twice: list[str] = []
+        self._directory(start_dir, size_cd, count)
+
+    def _pread(self, n: int, at: int) -> bytes:
+        if at < 0 or at + n > self.length:
+            raise _corrupt(self.src, "a record lies outside the archive")
+        return os.pread(self.fd, n, self.base + at)
+
+    def _end_record(self) -> tuple[int, int, int]:
+        """Where the central directory starts, its size and entry count (zip64 records honoured);
+        ``concat`` is how many bytes precede the archive (a self-extractor's stub)."""
+        tail_len = min(self.length, _MAX_COMMENT + _EOCD.size)
+        if tail_len < _EOCD.size:
+            raise _corrupt(self.src, "too short for a zip")
+        tail = self._pread(tail_len, self.length - tail_len)
+        at = tail_len - _EOCD.size
+        if not (tail[at:at + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0"):
+            at = tail.rfind(b"PK\x05\x06")  # an archive comment follows the end record
+            if at < 0 or at + _EOCD.size > tail_len:
+                raise _corrupt(self.src, "no end of central directory record")
+        _, _, _, _, count, size_cd, offset_cd, _ = _EOCD.unpack_from(tail, at)
+        eocd = self.length - tail_len + at
+        concat = eocd - size_cd - offset_cd
+        if eocd >= _EOCD64_LOC.size:
+            loc = _EOCD64_LOC.unpack(self._pread(_EOCD64_LOC.size, eocd - _EOCD64_LOC.size))
+            if loc[0] == b"PK\x06\x07":
+                if loc[1] != 0 or loc[3] > 1:
+                    raise _corrupt(self.src, "it spans several disks")
+                at64 = eocd - _EOCD64_LOC.size - _EOCD64.size
+                rec = _EOCD64.unpack(self._pread(_EOCD64.size, at64)) if at64 >= 0 else None
+                if rec is not None and rec[0] == b"PK\x06\x06":
+                    count, size_cd, offset_cd = rec[7], rec[8], rec[9]
+                    concat = at64 - size_cd - offset_cd
+        self.concat = concat
+        start_dir = offset_cd + concat
+        if start_dir < 0 or size_cd > self.length or start_dir + size_cd > self.length:
+            raise _corrupt(self.src, "bad offset for central directory")
+        return start_dir, size_cd, count
+
+    def _directory(self, start_dir: int, size_cd: int, count: int) -> None:
+        cd = self._pread(size_cd, start_dir)
+        unpack, concat, entries, names = _CENTRAL.unpack_from, self.concat, self.entries, self.names
+        new, entry = tuple.__new__, Entry  # an Entry without its Python-level __new__: one per entry
+        pos = 0
+        while pos < size_cd:
+            if pos + 46 > size_cd:
+                raise _corrupt(self.src, "truncated central directory")
+            sig, version, flags, method, crc, csize, size, nlen, elen, clen, offset = unpack(cd, pos)
+            if sig != b"PK\x01\x02":
+                raise _corrupt(self.src, "bad magic number for central directory")
+            if version > _MAX_EXTRACT_VERSION:
+                raise _corrupt(self.src, f"zip file version {version / 10:.1f}")
+            end = pos + 46 + nlen
+            if end + elen + clen > size_cd:
+                raise _corrupt(self.src, "truncated central directory")
+            raw = cd[pos + 46:end]
+            try:
+                name = raw.decode("utf-8") if flags & 0x800 else raw.decode("cp437")
+            except UnicodeDecodeError:
+                raise _corrupt(self.src, f"entry name {raw[:60]!r} is not UTF-8") from None
+            if elen:
+                size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
+            if name in entries:
+                self.twice.append(name)
+            names.append(name)
+            entries[name] = new(entry, (offset + concat, method, flags, crc, csize, size))
+            pos = end + elen + clen
+
+    def data_offset(self, name: str) -> int:
+        """Offset (from the archive's start) of a stored entry's first byte: after its local header."""
+        e = self.entries[name]
+        hdr = self._local(name, e)
+        return e.header_offset + 30 + hdr[10] + hdr[11]
+
+    def data_offsets(self, names: list[str]) -> list[int]:
+        """`data_offset` of each name: local headers close together (a file of many small
+        tensors) are read in one pread, others one pread each."""
+        es = [self.entries[n] for n in names]
+        if not es:
+            return []
+        lo = min(e.header_offset for e in es)
+        hi = max(e.header_offset for e in es) + 30
+        if lo < 0 or hi - lo > _HEADER_SPAN or hi > self.length:
+            return [self.data_offset(n) for n in names]
+        buf = self._pread(hi - lo, lo)
+        out = []
+        unpack = _LOCAL.unpack_from
+        for n, e in zip(names, es):
+            hdr = unpack(buf, e.header_offset - lo)
+            if hdr[0] != b"PK\x03\x04":
+                raise FormatError(f"zip entry {n!r} has a corrupt local header")
+            out.append(e.header_offset + 30 + hdr[10] + hdr[11])
+        return out
+
+    def _local(self, name: str, e: Entry) -> tuple:
+        if e.header_offset < 0:
+            raise FormatError(f"zip entry {name!r} has a local header before the archive starts; the central "
+                              f"directory is corrupt")
+        raw = os.pread(self.fd, 30, self.base + e.header_offset) if e.header_offset + 30 <= self.length else b""
+        if len(raw) != 30 or raw[:4] != b"PK\x03\x04":
+            raise FormatError(f"zip entry {name!r} has a corrupt local header")
+        return _LOCAL.unpack(raw)
+
+    def read(self, name: str) -> bytes:
+        """An entry's bytes (stored or deflated), checked against its sizes and CRC-32. The
+        caller bounds the declared sizes first (`torch_zip._read_entry`)."""
+        e = self.entries[name]
+        hdr = self._local(name, e)
+        local_name = os.pread(self.fd, hdr[10], self.base + e.header_offset + 30) if hdr[10] else b""
+        if local_name.decode("utf-8" if hdr[3] & 0x800 else "cp437", "replace") != name:
+            raise FormatError(f"zip entry {name!r} has another name in its local header")
+        if e.flags & 0x1:
+            raise FormatError(f"zip entry {name!r} is encrypted")
+        if e.flags & 0x20:
+            raise FormatError(f"zip entry {name!r} holds compressed patched data, which torch cannot read either")
+        start = e.header_offset + 30 + hdr[10] + hdr[11]
+        if start + e.compress_size > self.length:
+            raise FormatError(f"zip entry {name!r} runs past the end of the archive")
+        raw = os.pread(self.fd, e.compress_size, self.base + start)
+        if len(raw) != e.compress_size:
+            raise FormatError(f"zip entry {name!r} is truncated")
+        if e.method == STORED:
+            data = raw
+        elif e.method == DEFLATED:
+            d = zlib.decompressobj(-15)
+            try:
+                data = d.decompress(raw, e.file_size + 1)
+            except zlib.error as err:
+                raise FormatError(f"zip entry {name!r} does not inflate ({err})") from None
+        else:
+            raise FormatError(f"zip entry {name!r} is compressed with method {e.method}, which torch cannot read either")
+        if len(data) != e.file_size or zlib.crc32(data) != e.crc:
+            raise FormatError(f"zip entry {name!r} does not match its declared size and CRC-32")
+        return data
+
+
+def _zip64(extra: bytes, size: int, csize: int, offset: int, src: str) -> tuple[int, int, int]:
+    """Sizes and offset, with those the zip64 extra field holds (as `zipfile` reads them); any
+    extra field running past its block is corrupt."""
+    pos = 0
+    while len(extra) - pos >= 4:
+        tp, ln = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + ln > len(extra):
+            raise _corrupt(src, f"corrupt extra field {tp:04x} (size={ln})")
+        if tp == 0x0001:
+            data, at = extra[pos + 4:pos + 4 + ln], 0
+            try:
+                if size in (0xFFFF_FFFF_FFFF_FFFF, _U32):
+                    size, = struct.unpack_from("<Q", data, at)
+                    at += 8
+                if csize == _U32:
+                    csize, = struct.unpack_from("<Q", data, at)
+                    at += 8
+                if offset == _U32:
+                    offset, = struct.unpack_from("<Q", data, at)
+            except struct.error:
+                raise _corrupt(src, "corrupt zip64 extra field") from None
+        pos += 4 + ln
+    return size, csize, offset
+
+
+__all__ = ["ZipIndex", "Entry", "STORED", "DEFLATED"]
