@@ -73,7 +73,10 @@ def install() -> None:
                   and _leaf(descriptor.annotation) in (str, int, bool))
         if not simple:
             return build(descriptor)
-        return PlainFirst(parameter_info=info, annotation=descriptor.annotation, descriptor=descriptor)
+        try:
+            return PlainFirst(parameter_info=info, annotation=descriptor.annotation, descriptor=descriptor)
+        except TypeError:  # a Typer whose RuntimeParam asks for more: its own coercion, as without this module
+            return build(descriptor)
 
     build_plain_first.plain_types_first = True  # type: ignore[attr-defined]
     core.build_runtime_param = build_plain_first
