@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import (REPO, BenchError, Measure, Run, Spec, _short, machine_facts, print_grid,  # noqa: E402

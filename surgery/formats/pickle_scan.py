@@ -105,7 +105,7 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
     # Branches are ordered by how often torch.save's pickles use them (BINPUT/LONG_BINPUT, BINGET,
     # BININT1, TUPLE1, REDUCE, ...); a PUT after a new object is taken in the same step.
     end = len(data)
-    cat_of, arg_of, pops_of, mode_of, u32 = _CAT, _ARG, _POPS, _MODE, _U32.unpack_from
+    cat_of, arg_of, mode_of, u32 = _CAT, _ARG, _MODE, _U32.unpack_from
     stack: list[Any] = []
     push = stack.append
     marks: list[int] = []

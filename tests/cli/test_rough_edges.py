@@ -113,7 +113,6 @@ def test_a_toml_rules_file_is_named_as_such(tmp_path):
 def test_torchvisions_init_notice_does_not_leak(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     import torchvision
 

@@ -90,7 +90,7 @@ def test_finetune_beats_scratch(env, pretrained, tmp_path):
     sc = make_adapted(env["random_sd"], env["arch"], tmp_path / "sc", freeze="none", backbone_lr_mult=1.0)
     kw = dict(epochs=4, lr=1e-2, seed=0, batch_size=16, augment=False)
     r_ft = train(ft, few, out=tmp_path / "run_ft", **kw)
-    r_sc = train(sc, few, out=tmp_path / "run_sc", **kw)
+    train(sc, few, out=tmp_path / "run_sc", **kw)
     assert [m["phase"] for m in r_ft.metrics] == ["frozen"] + ["unfrozen"] * 3
     acc_ft = evaluate(tmp_path / "run_ft", held_out, split="all").accuracy
     acc_sc = evaluate(tmp_path / "run_sc", held_out, split="all").accuracy
