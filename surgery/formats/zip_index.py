@@ -29,6 +29,9 @@ _MAX_EXTRACT_VERSION = 63  # as zipfile: newer features (and their version numbe
 _U32 = 0xFFFF_FFFF
 STORED, DEFLATED = 0, 8
 _HEADER_SPAN = 16 << 20  # local headers this close together are read in one pread
+# the central directory is read whole: a million tensors make about 110 MB of it; a lying end record
+# must not make the reader allocate the size of a many-gigabyte file
+MAX_CENTRAL_BYTES = 1 << 30
 
 
 class Entry(NamedTuple):
@@ -89,6 +92,9 @@ class ZipIndex:
         start_dir = offset_cd + concat
         if start_dir < 0 or size_cd > self.length or start_dir + size_cd > self.length:
             raise _corrupt(self.src, "bad offset for central directory")
+        if size_cd > MAX_CENTRAL_BYTES:
+            raise _corrupt(self.src, f"its central directory claims {size_cd} bytes, more than any checkpoint's "
+                                     f"(limit {MAX_CENTRAL_BYTES})")
         return start_dir, size_cd, count
 
     def _directory(self, start_dir: int, size_cd: int, count: int) -> None:

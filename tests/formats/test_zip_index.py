@@ -177,3 +177,21 @@ def test_other_compression_methods_are_refused(tmp_path):
     dst.write_bytes(out.getvalue())
     with pytest.raises(FormatError, match="compressed with method 12"):
         surgery.open(dst)
+
+
+def test_a_central_directory_the_size_of_a_huge_file_is_refused_before_it_is_read(tmp_path, cli):
+    # a torch zip, a hole of 1.1 GB (sparse: no disk used) and an end record whose directory spans
+    # everything before it: the reader must refuse it rather than allocate the file's size
+    src = tmp_path / "small.pt"
+    torch.save({"w": torch.zeros(2)}, src)
+    path = tmp_path / "lying.pt"
+    eocd_at = 1_100_000_000
+    with open(path, "wb") as f:
+        f.write(src.read_bytes())
+        f.truncate(eocd_at)
+        f.seek(eocd_at)
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, eocd_at, 0, 0))
+    with pytest.raises(FormatError, match="central directory claims 1100000000 bytes"):
+        surgery.open(path)
+    r = cli("inspect", path)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
