@@ -93,9 +93,28 @@ def _parse_yaml(p: Path, text: str) -> Any:
     # KB of nested brackets before the recursion limit refuses them
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        _check_depth(p, yaml, yaml.parse(text, Loader=loader))
         return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except (yaml.YAMLError, RecursionError, ValueError) as e:
         raise RuleError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
+
+
+MAX_YAML_DEPTH = 100  # a rules file nests three or four levels
+
+
+def _check_depth(p: Path, yaml: Any, events: Any) -> None:
+    """Refuse collections nested deeper than MAX_YAML_DEPTH, from the parser's events (a loop, no
+    recursion), before the loader builds them: libyaml's composer recurses in C once per level, and
+    on Python 3.12 50,000 '[' ended in a segmentation fault instead of a RecursionError."""
+    depth = 0
+    opens, closes = (yaml.SequenceStartEvent, yaml.MappingStartEvent), (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+    for event in events:
+        if isinstance(event, opens):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RuleError(f"{p}: collections nested more than {MAX_YAML_DEPTH} deep; a rules file needs a few levels")
+        elif isinstance(event, closes):
+            depth -= 1
 
 
 def _parse_json(p: Path, text: str) -> Any:

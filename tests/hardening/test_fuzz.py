@@ -172,3 +172,18 @@ def test_parsers_are_covered():
 def test_seed_files_are_real(seeds):
     assert seeds["torch-zip"][0][:4] == b"PK\x03\x04"
     assert seeds["torch-legacy"][0][:2] == b"\x80\x02"
+
+
+@pytest.mark.parametrize("text", ["[" * 50_000, "- " * 50_000 + "x", "\n".join(" " * i + "a:" for i in range(300)) + " x",
+                                  "{a: " * 200 + "1" + "}" * 200])
+def test_deeply_nested_yaml_rules_are_refused_before_they_are_built(text, tmp_path):
+    # libyaml's composer recurses in C once per level: on Python 3.12 50,000 '[' crashed the
+    # interpreter with a segmentation fault; the depth is checked from the parser's events first
+    from surgery.errors import RuleError
+    from surgery.remapping import Rules
+
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RuleError, match="nested more than 100 deep|exceeded maximum nesting depth") as e:
+        Rules.from_file(p)  # (the second: a libyaml with its own limit on flow nesting)
+    assert "\n" not in e.value.one_line()
