@@ -18,13 +18,38 @@ from typing import Any
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
 from .torch_pickle import StorageRef, StorageType, TensorRef, unpickle
-from .torch_zip import MAX_PICKLE_BYTES, _Slice, checkpoint_from_pickle
+from .torch_zip import MAX_PICKLE_BYTES, checkpoint_from_pickle
 
 MEMBERS = ("sys_info", "pickle", "tensors", "storages")
 MAX_TENSOR_TABLE = 64 * 1024 * 1024
 _TENSOR_TYPES = ("Double", "Float", "Half", "Long", "Int", "Short", "Char", "Byte")
 # the tensor class each tensor record names (torch.FloatTensor, torch.cuda.HalfTensor, ...): a marker
 _EXTRA = {(m, t + "Tensor"): f"{m}.{t}Tensor" for m in ("torch", "torch.cuda") for t in _TENSOR_TYPES}
+
+
+class _Slice:
+    """A read-only file view of [start, start+length): a member inside the tar."""
+
+    def __init__(self, f, start: int, length: int):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, min(self.length, base + off))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
 
 
 class _Member(_Slice):

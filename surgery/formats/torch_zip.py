@@ -22,31 +22,6 @@ MAX_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
 
 
-class _Slice:
-    """A read-only file view of [start, start+length) so a zip embedded in a file can be read."""
-
-    def __init__(self, f, start: int, length: int):
-        self.f, self.start, self.length, self.pos = f, start, length, 0
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.length}[whence]
-        self.pos = max(0, min(self.length, base + off))
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        self.pos += len(data)
-        return data
-
-    def seekable(self) -> bool:
-        return True
-
-
 def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None,
              base: int = 0, length: int | None = None, display: str | None = None):
     """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
