@@ -153,6 +153,19 @@ def spread(xs: list[float]) -> str:
     return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "") + f" [{len(xs)}]"
 
 
+def advised(rows: list[dict]) -> str:
+    """advise's pick(s), each with its preset's mean and whether that lies within the min-max over
+    seeds of the best preset (the one of highest mean)."""
+    picks = sorted({r["advise"] for r in rows if r.get("advise")})
+    means = {p: statistics.mean(xs) for p in PRESETS if (xs := [r["presets"][p] for r in rows if p in r["presets"]])}
+    if not picks or not means:
+        return ", ".join(picks) or "-"
+    best = max(means, key=means.get)
+    low, high = (f([r["presets"][best] for r in rows if best in r["presets"]]) for f in (min, max))
+    return ", ".join(f"{p} ({means[p]:.3f}: {'within' if low <= means[p] <= high else 'outside'} the best's "
+                     f"{low:.3f}-{high:.3f})" if p in means else p for p in picks)
+
+
 def table(results: dict) -> str:
     """Means and (min-max) over seeds; '-' where a part was not run."""
     head = ("| regime | default (--lr auto) | lr found | best grid lr | " + " | ".join(PRESETS)
@@ -169,7 +182,7 @@ def table(results: dict) -> str:
             best = f"{spread([g[best_lr] for g in grids])} at {best_lr}"
         cells = [regime, spread(col("auto")), ", ".join(f"{x:.1e}" for x in col("auto_lr")) or "-", best]
         cells += [spread([r["presets"][p] for r in rows if p in r["presets"]]) for p in PRESETS]
-        cells += [", ".join(sorted(set(col("advise")))) or "-", spread(col("scratch"))]
+        cells += [advised(rows), spread(col("scratch"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

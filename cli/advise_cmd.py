@@ -39,7 +39,8 @@ def advise(
         print_json(a.to_json())
         return
     out = console()
-    out.print(f"regime: {a.size} data ({a.per_class} per class), {a.domain} domain -> preset {a.preset}", markup=False)
+    what = {"clear": f"{a.domain} domain", "none": "no measurable transfer", "negative": "negative transfer"}
+    out.print(f"regime: {a.size} data ({a.per_class} per class), {what[a.transfer]} -> preset {a.preset}", markup=False)
     for r in a.reasons:
         out.print(f"  {r}", markup=False)
     for p in a.probes:

@@ -4,7 +4,7 @@ The four regimes (small/large data x similar/different domain) are decided from 
 
 - **data size**: training images per class in DATA (the smallest class). ``small`` below
   :data:`LARGE_PER_CLASS` images per class, else ``large``.
-- **domain similarity**, from three quick probes on a fixed, seeded subset (at most
+- **transfer**, from three quick probes on a fixed, seeded subset (at most
   :data:`PROBE_PER_CLASS` training and as many validation images per class):
 
   1. ``pretrained``: a linear probe (multinomial logistic regression) on the checkpoint's frozen
@@ -13,13 +13,24 @@ The four regimes (small/large data x similar/different domain) are decided from 
   3. ``scratch``: the same architecture trained from random weights, everything, for
      :data:`SCRATCH_EPOCHS` short epochs on the subset.
 
-  The domain is ``similar`` when the pretrained probe beats both the random probe and the short
-  scratch run by more than the noise of the probe (two standard errors of the difference on the
-  probe's validation images), else ``different``. Negative transfer is flagged when the
-  pretrained probe does not beat the random one beyond the noise.
+  A gap counts when it exceeds the noise of the probe (two standard errors of the difference on
+  the probe's validation images). What the frozen features are worth decides what may stay frozen:
 
-The preset is the regime's name (``small-similar``, ``small-different``, ``large-similar``,
-``large-different``). Each probe reports its accuracy and its seconds.
+  | the pretrained probe                                   | small data        | large data        |
+  |--------------------------------------------------------|-------------------|-------------------|
+  | beats random features and the short scratch run        | `small-similar`   | `large-similar`   |
+  | beats random features, not the short scratch run       | `small-different` | `large-different` |
+  | within the noise of random ones, beats the scratch run | `large-similar`   | `large-different` |
+  | within the noise of random ones, not the scratch run   | `large-different` | `large-different` |
+  | below random features (negative transfer)              | `large-different` | `large-different` |
+
+  Against random features: what may stay frozen. Features that do not clearly beat random ones
+  do not earn their freezing, and nothing is frozen. Against the scratch run: how far the weights
+  may move. When the frozen features beat what a short scratch run learns from the data, the
+  backbone trains at the presets' tenth of the head's lr and stays near them (``large-similar``
+  even on small data); when a scratch run does as well, or the features are worse than random,
+  the weights are only an initialisation and everything trains at one lr (``large-different``).
+  The domain is ``similar`` in the first row alone.
 
     >>> advice = advise("resnet18.pth", arch="resnet18", data="data/")  # doctest: +SKIP
     >>> advice.preset
@@ -59,6 +70,7 @@ class Advice:
     classes: list[str]
     probes: list[Probe]
     noise: float
+    transfer: str  # "clear", "none" or "negative": the pretrained probe against random features
     negative_transfer: bool
     reasons: list[str]
     commands: list[str]
@@ -71,16 +83,24 @@ class Advice:
 
 
 def decide(per_class: int, pretrained: float, random: float, scratch: float, n_val: int) -> dict:
-    """The regime from the measured numbers (pure; the rule of the module docstring)."""
+    """The preset from the measured numbers (pure; the table of the module docstring)."""
     def noise_of(a: float, b: float) -> float:
         return 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(n_val, 1))
 
     size = "large" if per_class >= LARGE_PER_CLASS else "small"
     beats_random = pretrained - random > noise_of(pretrained, random)
     beats_scratch = pretrained - scratch > noise_of(pretrained, scratch)
-    domain = "similar" if beats_random and beats_scratch else "different"
-    return {"size": size, "domain": domain, "preset": f"{size}-{domain}", "negative_transfer": not beats_random,
-            "noise": noise_of(pretrained, max(random, scratch))}
+    if beats_random:
+        transfer = "clear"
+        domain = "similar" if beats_scratch else "different"
+        preset = f"{size}-{domain}"
+    else:
+        transfer = "negative" if random - pretrained > noise_of(pretrained, random) else "none"
+        domain = "different"
+        keep_near = size == "small" and transfer == "none" and beats_scratch
+        preset = "large-similar" if keep_near else "large-different"
+    return {"size": size, "domain": domain, "preset": preset, "transfer": transfer,
+            "negative_transfer": transfer == "negative", "noise": noise_of(pretrained, max(random, scratch))}
 
 
 def _subset(samples: Any, per_class: int, seed: int) -> tuple[list, list]:
@@ -218,7 +238,8 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
                         f"{SCRATCH_EPOCHS} epochs from random weights, everything trains"))
     d = decide(per_class, probes[0].val_acc, probes[1].val_acc, probes[2].val_acc, len(val_items))
     return Advice(preset=d["preset"], size=d["size"], domain=d["domain"], per_class=per_class, classes=classes,
-                  probes=probes, noise=d["noise"], negative_transfer=d["negative_transfer"],
+                  probes=probes, noise=d["noise"], transfer=d["transfer"],
+                  negative_transfer=d["negative_transfer"],
                   reasons=_reasons(d, per_class, probes, len(train_items), len(val_items)),
                   commands=_commands(ckpt, arch, data, len(classes), d, input_size),
                   seconds=time.perf_counter() - t0, warnings=_warnings(d, probes))
@@ -236,28 +257,44 @@ def _fresh(build: Any, manifest: Any, seed: int) -> Any:
 def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: int) -> list[str]:
     p = {x.name: x.val_acc for x in probes}
     cut = LARGE_PER_CLASS
+    why = {
+        ("clear", "similar"): "the pretrained features beat both random features and a short scratch run: they "
+                              "transfer, " + ("only the head needs to train" if d["size"] == "small" else
+                                              "everything fine-tunes with the backbone at a tenth of the lr"),
+        ("clear", "different"): "the pretrained features beat random ones but not a short scratch run: "
+                                + ("the early half stays frozen, the later stages retrain" if d["size"] == "small"
+                                   else "with this much data everything retrains at one lr"),
+        ("none", "different"): "the pretrained features are within the noise of random ones: freezing them cannot "
+                               "help, so nothing is frozen; "
+                               + ("they beat a short scratch run, so the backbone trains at a tenth of the lr, near "
+                                  "its start" if d["preset"] == "large-similar" else
+                                  "with this much data, or a short scratch run as good, everything trains at one lr"),
+        ("negative", "different"): "the pretrained features are worse than random ones: the weights are only an "
+                                   "initialisation, everything trains at one lr",
+    }[d["transfer"], d["domain"]]
     return [f"data: {per_class} training images in the smallest class ({'>=' if d['size'] == 'large' else '<'} {cut} "
             f"per class: {d['size']})",
             f"probes on {n_train} training / {n_val} validation images: pretrained features {p['pretrained']:.3f}, "
             f"random features {p['random']:.3f}, short scratch run {p['scratch']:.3f} (noise +-{d['noise']:.3f})",
-            (f"domain {d['domain']}: the pretrained features "
-             + ("beat both random features and a short scratch run" if d["domain"] == "similar" else
-                "do not beat both random features and a short scratch run"))]
+            f"{d['preset']}: {why}"]
 
 
 def _warnings(d: dict, probes: list[Probe]) -> list[str]:
-    if not d["negative_transfer"]:
-        return []
     p = {x.name: x.val_acc for x in probes}
-    return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) do not clearly beat random ones "
-            f"({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
+    if d["transfer"] == "negative":
+        return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) are worse than random ones "
+                f"({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
+    if d["transfer"] == "none":
+        return [f"no measurable transfer: the pretrained features ({p['pretrained']:.3f}) do not clearly beat random "
+                f"ones ({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
+    return []
 
 
 def _commands(ckpt: Any, arch: str, data: Any, n: int, d: dict, input_size: int | None) -> list[str]:
     import shlex
 
     size = f" --input-size {input_size}" if input_size else ""
-    scratch = " --compare-scratch" if d["negative_transfer"] else ""
+    scratch = " --compare-scratch" if d["transfer"] != "clear" else ""
     return [f"surgery adapt {shlex.quote(str(ckpt))} --arch {shlex.quote(arch)} --num-classes {n} --preset "
             f"{d['preset']}{size} --out adapted/",
             f"surgery train adapted/ --data {shlex.quote(str(data))} --out run/{scratch}"]

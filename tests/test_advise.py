@@ -14,21 +14,29 @@ from fixtures.factory import SIZE, factory_and_digits
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
-@pytest.mark.parametrize("per_class,pre,rnd,scr,preset,negative", [
-    (6, 0.90, 0.40, 0.45, "small-similar", False),           # pretrained features far ahead of both
-    (6, 0.60, 0.58, 0.40, "small-different", True),          # no better than random features
-    (LARGE_PER_CLASS, 0.95, 0.50, 0.70, "large-similar", False),
-    (200, 0.70, 0.40, 0.85, "large-different", False),       # a short scratch run beats the frozen features
-    (200, 0.50, 0.55, 0.90, "large-different", True),
+@pytest.mark.parametrize("per_class,pre,rnd,scr,preset,transfer", [
+    (6, 0.90, 0.40, 0.45, "small-similar", "clear"),           # pretrained features far ahead of both
+    (LARGE_PER_CLASS, 0.95, 0.50, 0.70, "large-similar", "clear"),
+    (6, 0.70, 0.40, 0.85, "small-different", "clear"),         # ahead of random, a short scratch run ahead of them
+    (200, 0.70, 0.40, 0.85, "large-different", "clear"),
+    (6, 0.60, 0.58, 0.40, "large-similar", "none"),            # no better than random: nothing frozen, small lr
+    (6, 0.60, 0.58, 0.62, "large-different", "none"),          # ... and a scratch run as good: one lr
+    (200, 0.60, 0.58, 0.40, "large-different", "none"),
+    (6, 0.40, 0.60, 0.30, "large-different", "negative"),      # worse than random: only an initialisation
+    (200, 0.50, 0.65, 0.90, "large-different", "negative"),
 ])
-def test_the_preset_follows_the_measured_numbers(per_class, pre, rnd, scr, preset, negative):
+def test_the_preset_follows_the_measured_numbers(per_class, pre, rnd, scr, preset, transfer):
     d = decide(per_class, pre, rnd, scr, n_val=200)
-    assert d["preset"] == preset and d["negative_transfer"] is negative
+    assert (d["preset"], d["transfer"]) == (preset, transfer)
+    assert d["negative_transfer"] is (transfer == "negative")
+    assert d["domain"] == ("similar" if preset.endswith("similar") and transfer == "clear" else "different")
 
 
 def test_a_gap_within_the_noise_is_not_transfer():
-    assert decide(6, 0.70, 0.60, 0.30, n_val=20)["domain"] == "different"  # 10 points on 20 images: noise
-    assert decide(6, 0.70, 0.60, 0.30, n_val=5000)["domain"] == "similar"
+    assert decide(6, 0.70, 0.60, 0.30, n_val=20)["transfer"] == "none"  # 10 points on 20 images: noise
+    assert decide(6, 0.70, 0.60, 0.30, n_val=5000)["preset"] == "small-similar"
+    assert decide(6, 0.60, 0.70, 0.30, n_val=20)["transfer"] == "none"
+    assert decide(6, 0.60, 0.70, 0.30, n_val=5000)["transfer"] == "negative"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def test_cli_json_has_the_documented_fields_and_a_consistent_choice(cli, setup):
     assert r.exit_code == 0, r.output
     a = json.loads(r.stdout)
     assert a["schema"] == "surgery.advice/1"
-    assert {"preset", "size", "domain", "per_class", "classes", "probes", "noise", "negative_transfer", "reasons",
+    assert {"preset", "size", "domain", "per_class", "classes", "probes", "noise", "transfer", "negative_transfer", "reasons",
             "commands", "seconds", "warnings"} <= set(a)
     assert [p["name"] for p in a["probes"]] == ["pretrained", "random", "scratch"]
     assert all(0 <= p["val_acc"] <= 1 and p["seconds"] >= 0 for p in a["probes"])
@@ -56,7 +64,9 @@ def test_cli_json_has_the_documented_fields_and_a_consistent_choice(cli, setup):
     assert a["per_class"] == 10 and a["size"] == "small"
     assert a["commands"][0].startswith(f"surgery adapt {ckpt} --arch") and f"--preset {a['preset']}" in a["commands"][0]
     assert a["commands"][1].startswith("surgery train adapted/ --data")
-    assert bool(a["warnings"]) is a["negative_transfer"]
+    assert a["transfer"] == decide(a["per_class"], acc["pretrained"], acc["random"], acc["scratch"], n_val)["transfer"]
+    assert bool(a["warnings"]) is (a["transfer"] != "clear")
+    assert ("--compare-scratch" in a["commands"][1]) is (a["transfer"] != "clear")
 
 
 def test_cli_text_and_errors(cli, setup, tmp_path):
