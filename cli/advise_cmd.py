@@ -31,7 +31,7 @@ def advise(
 
     Example: surgery advise resnet18.pth --arch resnet18 --data data/
     """
-    from surgery.advice import advise as run
+    from surgery.advice import advise as run, preset_does
 
     a = run(ckpt, arch=arch, data=data, val_split=val_split, input_size=input_size, flip=not no_flip, seed=seed,
             device=device)
@@ -39,8 +39,10 @@ def advise(
         print_json(a.to_json())
         return
     out = console()
-    what = {"clear": f"{a.domain} domain", "none": "no measurable transfer", "negative": "negative transfer"}
-    out.print(f"regime: {a.size} data ({a.per_class} per class), {what[a.transfer]} -> preset {a.preset}", markup=False)
+    what = {"better": f"{a.domain} domain", "tied": "frozen features no better than random",
+            "worse": "frozen features worse than random"}[a.features]
+    out.print(f"regime: {a.size} data ({a.per_class} per class), {what} -> preset {a.preset} "
+              f"({preset_does(a.preset)})", markup=False)
     for r in a.reasons:
         out.print(f"  {r}", markup=False)
     for p in a.probes:

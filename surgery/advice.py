@@ -4,7 +4,7 @@ The four regimes (small/large data x similar/different domain) are decided from 
 
 - **data size**: training images per class in DATA (the smallest class). ``small`` below
   :data:`LARGE_PER_CLASS` images per class, else ``large``.
-- **transfer**, from three quick probes on a fixed, seeded subset (at most
+- **the features**, from three quick probes on a fixed, seeded subset (at most
   :data:`PROBE_PER_CLASS` training and as many validation images per class):
 
   1. ``pretrained``: a linear probe (multinomial logistic regression) on the checkpoint's frozen
@@ -14,7 +14,7 @@ The four regimes (small/large data x similar/different domain) are decided from 
      :data:`SCRATCH_EPOCHS` short epochs on the subset.
 
   A gap counts when it exceeds the noise of the probe (two standard errors of the difference on
-  the probe's validation images). What the frozen features are worth decides what may stay frozen:
+  the probe's validation images). The preset:
 
   | the pretrained probe                                   | small data        | large data        |
   |--------------------------------------------------------|-------------------|-------------------|
@@ -22,15 +22,17 @@ The four regimes (small/large data x similar/different domain) are decided from 
   | beats random features, not the short scratch run       | `small-different` | `large-different` |
   | within the noise of random ones, beats the scratch run | `large-similar`   | `large-different` |
   | within the noise of random ones, not the scratch run   | `large-different` | `large-different` |
-  | below random features (negative transfer)              | `large-different` | `large-different` |
+  | below random features                                  | `large-different` | `large-different` |
 
-  Against random features: what may stay frozen. Features that do not clearly beat random ones
-  do not earn their freezing, and nothing is frozen. Against the scratch run: how far the weights
-  may move. When the frozen features beat what a short scratch run learns from the data, the
-  backbone trains at the presets' tenth of the head's lr and stays near them (``large-similar``
-  even on small data); when a scratch run does as well, or the features are worse than random,
-  the weights are only an initialisation and everything trains at one lr (``large-different``).
-  The domain is ``similar`` in the first row alone.
+  The first two rows are the textbook's regimes, the domain ``similar`` or ``different``. Below
+  them the frozen features are no better than random ones (``features`` ``tied``, domain
+  ``unclear``) or worse (``worse``, domain ``different``), and do not earn their freezing: nothing
+  is frozen. What then sets the backbone's lr is the data, not the checkpoint: when a short
+  scratch run learns little from it (below the linear probe), there is too little to train the
+  network far from its start, and the backbone trains at a tenth of the head's lr
+  (``large-similar``, even on small data); when a scratch run learns as much, the data is large,
+  or the features are worse than random, everything trains at one lr (``large-different``).
+  So the preset is not always ``SIZE-DOMAIN``.
 
     >>> advice = advise("resnet18.pth", arch="resnet18", data="data/")  # doctest: +SKIP
     >>> advice.preset
@@ -69,9 +71,10 @@ class Advice:
     per_class: int
     classes: list[str]
     probes: list[Probe]
-    noise: float
-    transfer: str  # "clear", "none" or "negative": the pretrained probe against random features
-    negative_transfer: bool
+    noise: float  # the gap the pretrained probe needs against the random one
+    noise_scratch: float  # ... and against the scratch run
+    features: str  # "better", "tied" or "worse": the pretrained probe against the random one
+    negative_transfer: bool  # features == "worse"
     reasons: list[str]
     commands: list[str]
     seconds: float
@@ -82,25 +85,37 @@ class Advice:
         return asdict(self)
 
 
+def preset_does(name: str) -> str:
+    """What a preset freezes and at which lr the backbone trains, from its definition."""
+    from .adapter.freeze import PRESETS
+
+    cfg = PRESETS[name]
+    if cfg.get("freeze") == "head-only":
+        return "only the head trains"
+    frozen = "the first half of the backbone frozen" if cfg.get("freeze_fraction") else "nothing frozen"
+    mult = cfg["backbone_lr_mult"]
+    rest = "the rest" if cfg.get("freeze_fraction") else "the backbone"
+    return f"{frozen}, " + (f"{rest} at {mult:g}x the lr" if mult != 1 else "one lr")
+
+
 def decide(per_class: int, pretrained: float, random: float, scratch: float, n_val: int) -> dict:
     """The preset from the measured numbers (pure; the table of the module docstring)."""
     def noise_of(a: float, b: float) -> float:
         return 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(n_val, 1))
 
     size = "large" if per_class >= LARGE_PER_CLASS else "small"
-    beats_random = pretrained - random > noise_of(pretrained, random)
-    beats_scratch = pretrained - scratch > noise_of(pretrained, scratch)
-    if beats_random:
-        transfer = "clear"
-        domain = "similar" if beats_scratch else "different"
+    noise, noise_scratch = noise_of(pretrained, random), noise_of(pretrained, scratch)
+    beats_scratch = pretrained - scratch > noise_scratch
+    if pretrained - random > noise:
+        features, domain = "better", "similar" if beats_scratch else "different"
         preset = f"{size}-{domain}"
     else:
-        transfer = "negative" if random - pretrained > noise_of(pretrained, random) else "none"
-        domain = "different"
-        keep_near = size == "small" and transfer == "none" and beats_scratch
+        features = "worse" if random - pretrained > noise else "tied"
+        domain = "different" if features == "worse" else "unclear"
+        keep_near = size == "small" and features == "tied" and beats_scratch
         preset = "large-similar" if keep_near else "large-different"
-    return {"size": size, "domain": domain, "preset": preset, "transfer": transfer,
-            "negative_transfer": transfer == "negative", "noise": noise_of(pretrained, max(random, scratch))}
+    return {"size": size, "domain": domain, "preset": preset, "features": features, "beats_scratch": beats_scratch,
+            "negative_transfer": features == "worse", "noise": noise, "noise_scratch": noise_scratch}
 
 
 def _subset(samples: Any, per_class: int, seed: int) -> tuple[list, list]:
@@ -238,8 +253,8 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
                         f"{SCRATCH_EPOCHS} epochs from random weights, everything trains"))
     d = decide(per_class, probes[0].val_acc, probes[1].val_acc, probes[2].val_acc, len(val_items))
     return Advice(preset=d["preset"], size=d["size"], domain=d["domain"], per_class=per_class, classes=classes,
-                  probes=probes, noise=d["noise"], transfer=d["transfer"],
-                  negative_transfer=d["negative_transfer"],
+                  probes=probes, noise=d["noise"], noise_scratch=d["noise_scratch"],
+                  features=d["features"], negative_transfer=d["negative_transfer"],
                   reasons=_reasons(d, per_class, probes, len(train_items), len(val_items)),
                   commands=_commands(ckpt, arch, data, len(classes), d, input_size),
                   seconds=time.perf_counter() - t0, warnings=_warnings(d, probes))
@@ -256,45 +271,44 @@ def _fresh(build: Any, manifest: Any, seed: int) -> Any:
 
 def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: int) -> list[str]:
     p = {x.name: x.val_acc for x in probes}
-    cut = LARGE_PER_CLASS
-    why = {
-        ("clear", "similar"): "the pretrained features beat both random features and a short scratch run: they "
-                              "transfer, " + ("only the head needs to train" if d["size"] == "small" else
-                                              "everything fine-tunes with the backbone at a tenth of the lr"),
-        ("clear", "different"): "the pretrained features beat random ones but not a short scratch run: "
-                                + ("the early half stays frozen, the later stages retrain" if d["size"] == "small"
-                                   else "with this much data everything retrains at one lr"),
-        ("none", "different"): "the pretrained features are within the noise of random ones: freezing them cannot "
-                               "help, so nothing is frozen; "
-                               + ("they beat a short scratch run, so the backbone trains at a tenth of the lr, near "
-                                  "its start" if d["preset"] == "large-similar" else
-                                  "with this much data, or a short scratch run as good, everything trains at one lr"),
-        ("negative", "different"): "the pretrained features are worse than random ones: the weights are only an "
-                                   "initialisation, everything trains at one lr",
-    }[d["transfer"], d["domain"]]
-    return [f"data: {per_class} training images in the smallest class ({'>=' if d['size'] == 'large' else '<'} {cut} "
-            f"per class: {d['size']})",
+    small = d["size"] == "small"
+    vs_random = {"better": "beat random features", "tied": "are within the noise of random features",
+                 "worse": "are worse than random features"}[d["features"]]
+    vs_scratch = "beat a short scratch run" if d["beats_scratch"] else "do not beat a short scratch run"
+    if d["features"] == "better":
+        why = ("they transfer: " + ("only the head trains" if small else "everything fine-tunes")
+               if d["beats_scratch"] else
+               "the early half stays frozen, the later stages retrain" if small else
+               "with this much data everything retrains at one lr")
+    elif d["preset"] == "large-similar":
+        why = ("nothing is frozen; a short scratch run learns little from this data, too little to move the "
+               "weights far: the backbone trains at a smaller lr")
+    else:
+        cause = ("the features are worse than random" if d["features"] == "worse" else
+                 f"there is this much data ({d['size']})" if not small else "a short scratch run learns as much")
+        why = f"nothing is frozen and everything trains at one lr: {cause}"
+    return [f"data: {per_class} training images in the smallest class ({'>=' if not small else '<'} "
+            f"{LARGE_PER_CLASS} per class: {d['size']})",
             f"probes on {n_train} training / {n_val} validation images: pretrained features {p['pretrained']:.3f}, "
-            f"random features {p['random']:.3f}, short scratch run {p['scratch']:.3f} (noise +-{d['noise']:.3f})",
-            f"{d['preset']}: {why}"]
+            f"random features {p['random']:.3f}, short scratch run {p['scratch']:.3f} (a gap counts beyond "
+            f"+-{d['noise']:.3f} against random features, +-{d['noise_scratch']:.3f} against the scratch run)",
+            f"{d['preset']}: the pretrained features {vs_random} and {vs_scratch}; {why}"]
 
 
 def _warnings(d: dict, probes: list[Probe]) -> list[str]:
     p = {x.name: x.val_acc for x in probes}
-    if d["transfer"] == "negative":
-        return [f"negative transfer: the pretrained features ({p['pretrained']:.3f}) are worse than random ones "
-                f"({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
-    if d["transfer"] == "none":
-        return [f"no measurable transfer: the pretrained features ({p['pretrained']:.3f}) do not clearly beat random "
-                f"ones ({p['random']:.3f}); compare with a scratch run (surgery train ... --compare-scratch)"]
-    return []
+    if d["features"] == "better":
+        return []
+    how = "are worse than" if d["features"] == "worse" else "do not clearly beat"
+    return [f"the checkpoint's frozen features ({p['pretrained']:.3f}) {how} random ones ({p['random']:.3f}): "
+            f"check that it helps at all with a scratch run (surgery train ... --compare-scratch)"]
 
 
 def _commands(ckpt: Any, arch: str, data: Any, n: int, d: dict, input_size: int | None) -> list[str]:
     import shlex
 
     size = f" --input-size {input_size}" if input_size else ""
-    scratch = " --compare-scratch" if d["transfer"] != "clear" else ""
+    scratch = " --compare-scratch" if d["features"] != "better" else ""
     return [f"surgery adapt {shlex.quote(str(ckpt))} --arch {shlex.quote(arch)} --num-classes {n} --preset "
             f"{d['preset']}{size} --out adapted/",
             f"surgery train adapted/ --data {shlex.quote(str(data))} --out run/{scratch}"]
