@@ -20,19 +20,19 @@ The four regimes (small/large data x similar/different domain) are decided from 
   |--------------------------------------------------------|-------------------|-------------------|
   | beats random features and the short scratch run        | `small-similar`   | `large-similar`   |
   | beats random features, not the short scratch run       | `small-different` | `large-different` |
-  | within the noise of random ones, beats the scratch run | `large-similar`   | `large-different` |
+  | within the noise of random ones, beats the scratch run | `small-different` | `large-different` |
   | within the noise of random ones, not the scratch run   | `large-different` | `large-different` |
   | below random features                                  | `large-different` | `large-different` |
 
-  The first two rows are the textbook's regimes, the domain ``similar`` or ``different``. Below
-  them the frozen features are no better than random ones (``features`` ``tied``, domain
-  ``unclear``) or worse (``worse``, domain ``different``), and do not earn their freezing: nothing
-  is frozen. What then sets the backbone's lr is the data, not the checkpoint: when a short
-  scratch run learns little from it (below the linear probe), there is too little to train the
-  network far from its start, and the backbone trains at a tenth of the head's lr
-  (``large-similar``, even on small data); when a scratch run learns as much, the data is large,
-  or the features are worse than random, everything trains at one lr (``large-different``).
-  So the preset is not always ``SIZE-DOMAIN``.
+  The first two rows are the textbook's regimes, the domain ``similar`` or ``different``. In the
+  third the features the head would read are no better than random ones (``features`` ``tied``,
+  domain ``unclear``), but a short scratch run learns even less from the data: the data is too
+  little to retrain the whole network, and the early stages, whose features the probe does not
+  see, are the part most likely to carry over. On small data that is ``small-different``: the
+  first half frozen, the rest retrains. Below it, when a scratch run learns as much or the
+  features are worse than random (``worse``, domain ``different``), the weights are only an
+  initialisation: nothing is frozen and everything trains at one lr (``large-different``, even
+  on small data). So the preset is not always ``SIZE-DOMAIN``.
 
     >>> advice = advise("resnet18.pth", arch="resnet18", data="data/")  # doctest: +SKIP
     >>> advice.preset
@@ -112,8 +112,8 @@ def decide(per_class: int, pretrained: float, random: float, scratch: float, n_v
     else:
         features = "worse" if random - pretrained > noise else "tied"
         domain = "different" if features == "worse" else "unclear"
-        keep_near = size == "small" and features == "tied" and beats_scratch
-        preset = "large-similar" if keep_near else "large-different"
+        early_half = size == "small" and features == "tied" and beats_scratch
+        preset = "small-different" if early_half else "large-different"
     return {"size": size, "domain": domain, "preset": preset, "features": features, "beats_scratch": beats_scratch,
             "negative_transfer": features == "worse", "noise": noise, "noise_scratch": noise_scratch}
 
@@ -280,9 +280,9 @@ def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: 
                if d["beats_scratch"] else
                "the early half stays frozen, the later stages retrain" if small else
                "with this much data everything retrains at one lr")
-    elif d["preset"] == "large-similar":
-        why = ("nothing is frozen; a short scratch run learns little from this data, too little to move the "
-               "weights far: the backbone trains at a smaller lr")
+    elif d["preset"] == "small-different":
+        why = ("a short scratch run learns less still: too little data to retrain it all, so the early half, "
+               "which the probe does not see, stays frozen and the later stages retrain")
     else:
         cause = ("the features are worse than random" if d["features"] == "worse" else
                  f"there is this much data ({d['size']})" if not small else "a short scratch run learns as much")
