@@ -281,8 +281,8 @@ def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: 
                "the early half stays frozen, the later stages retrain" if small else
                "with this much data everything retrains at one lr")
     elif d["preset"] == "small-different":
-        why = ("a short scratch run learns less still: too little data to retrain it all, so the early half, "
-               "which the probe does not see, stays frozen and the later stages retrain")
+        why = ("too little data to retrain it all, so the early half, whose features the probe does not see, "
+               "stays frozen and the later stages retrain")
     else:
         cause = ("the features are worse than random" if d["features"] == "worse" else
                  f"there is this much data ({d['size']})" if not small else "a short scratch run learns as much")
