@@ -153,20 +153,29 @@ def spread(xs: list[float]) -> str:
     return f"{m:.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "") + f" [{len(xs)}]"
 
 
+def scores(rows: list[dict], preset: str) -> list[float]:
+    """One preset's accuracies over the seeds that ran it."""
+    return [r["presets"][preset] for r in rows if preset in r.get("presets", {})]
+
+
 def advised(rows: list[dict]) -> str:
     """advise's pick(s), each with the number of seeds that picked it, its preset's mean over every
     seed, and whether that mean lies within the min-max over seeds of the best preset (the one of
     highest mean)."""
     picks = [r["advise"] for r in rows if r.get("advise")]
-    means = {p: statistics.mean(xs) for p in PRESETS if (xs := [r["presets"][p] for r in rows
-                                                                 if p in r.get("presets", {})])}
+    means = {p: statistics.mean(scores(rows, p)) for p in PRESETS if scores(rows, p)}
     if not picks or not means:
         return ", ".join(sorted(set(picks))) or "-"
     best = max(means, key=means.get)
-    low, high = (f([r["presets"][best] for r in rows if best in r.get("presets", {})]) for f in (min, max))
-    return ", ".join(f"{p} x{picks.count(p)}" + (f" ({means[p]:.3f}: {'within' if low <= means[p] <= high else 'outside'}"
-                                                  f" the best's {low:.3f}-{high:.3f})" if p in means else "")
-                     for p in sorted(set(picks)))
+    low, high = min(scores(rows, best)), max(scores(rows, best))
+    cells = []
+    for p in sorted(set(picks)):
+        cell = f"{p} x{picks.count(p)}"
+        if p in means:
+            where = "within" if low <= means[p] <= high else "outside"
+            cell += f" ({means[p]:.3f}: {where} the best's {low:.3f}-{high:.3f})"
+        cells.append(cell)
+    return ", ".join(cells)
 
 
 def table(results: dict) -> str:
@@ -184,7 +193,7 @@ def table(results: dict) -> str:
             best_lr = max((f"{lr:g}" for lr in GRID), key=lambda lr: statistics.mean(g[lr] for g in grids))
             best = f"{spread([g[best_lr] for g in grids])} at {best_lr}"
         cells = [regime, spread(col("auto")), ", ".join(f"{x:.1e}" for x in col("auto_lr")) or "-", best]
-        cells += [spread([r["presets"][p] for r in rows if p in r.get("presets", {})]) for p in PRESETS]
+        cells += [spread(scores(rows, p)) for p in PRESETS]
         cells += [advised(rows), spread(col("scratch"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

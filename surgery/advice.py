@@ -275,10 +275,10 @@ def _reasons(d: dict, per_class: int, probes: list[Probe], n_train: int, n_val: 
     vs_random = {"better": "beat random features", "tied": "are within the noise of random features",
                  "worse": "are worse than random features"}[d["features"]]
     vs_scratch = "beat a short scratch run" if d["beats_scratch"] else "do not beat a short scratch run"
-    if d["features"] == "better":
-        why = ("they transfer: " + ("only the head trains" if small else "everything fine-tunes")
-               if d["beats_scratch"] else
-               "the early half stays frozen, the later stages retrain" if small else
+    if d["features"] == "better" and d["beats_scratch"]:
+        why = "they transfer: " + ("only the head trains" if small else "everything fine-tunes")
+    elif d["features"] == "better":
+        why = ("the early half stays frozen, the later stages retrain" if small else
                "with this much data everything retrains at one lr")
     elif d["preset"] == "small-different":
         why = ("too little data to retrain it all, so the early half, whose features the probe does not see, "

@@ -19,10 +19,10 @@ warnings.filterwarnings("ignore", category=UserWarning)
     (LARGE_PER_CLASS, 0.95, 0.50, 0.70, "large-similar", "better"),
     (6, 0.70, 0.40, 0.85, "small-different", "better"),         # ahead of random, a short scratch run ahead of them
     (200, 0.70, 0.40, 0.85, "large-different", "better"),
-    (6, 0.60, 0.58, 0.40, "small-different", "tied"),          # no better than random, scratch worse: early half
-    (6, 0.60, 0.58, 0.62, "large-different", "tied"),          # ... and a scratch run as good: one lr
+    (6, 0.60, 0.58, 0.40, "small-different", "tied"),           # no better than random, scratch worse: early half
+    (6, 0.60, 0.58, 0.62, "large-different", "tied"),           # ... and a scratch run as good: one lr
     (200, 0.60, 0.58, 0.40, "large-different", "tied"),
-    (6, 0.40, 0.60, 0.30, "large-different", "worse"),      # worse than random: only an initialisation
+    (6, 0.40, 0.60, 0.30, "large-different", "worse"),          # worse than random: only an initialisation
     (200, 0.50, 0.65, 0.90, "large-different", "worse"),
 ])
 def test_the_preset_follows_the_measured_numbers(per_class, pre, rnd, scr, preset, features):
