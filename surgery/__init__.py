@@ -47,6 +47,8 @@ _EXPORTS = {
     "evaluate": ("surgery.trainer.evaluate", "evaluate"),
     "predict": ("surgery.trainer.evaluate", "predict"),
     "export": ("surgery.deploy", "export"),
+    "review_factory": ("surgery.trust", "review_factory"),
+    "repin_factory": ("surgery.trust", "repin_factory"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

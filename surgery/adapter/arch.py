@@ -18,6 +18,7 @@ import importlib.util
 import inspect as pyinspect
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -111,13 +112,25 @@ def check_trust(spec: ArchSpec, folder: str | os.PathLike, trust_code: bool) -> 
     return _pinned_file(spec, Path(folder))
 
 
+def factory_candidates(spec: ArchSpec, folder: str | os.PathLike) -> list[Path]:
+    """Where a folder's file factory is looked for, in order: beside the folder (the path adapt
+    stored relative to it, so the pair may move together), then at its absolute path."""
+    candidates = [Path(folder) / spec.relative] if spec.relative else []
+    candidates.append(Path(spec.name.rpartition(":")[0]))
+    return candidates
+
+
+def repin_hint(folder: str | os.PathLike) -> str:
+    """The explicit way to accept a factory file as it is now (never done automatically)."""
+    return f"surgery trust {shlex.quote(str(folder))} --repin"
+
+
 def _pinned_file(spec: ArchSpec, folder: Path) -> ArchSpec:
     target, _, fn = spec.name.rpartition(":")
     if not spec.sha256:
-        raise TrustError(f"{folder}: the manifest's file factory {target} has no pinned sha256; "
-                         f"re-run surgery adapt to record it")
-    candidates = [folder / spec.relative] if spec.relative else []
-    candidates.append(Path(target))
+        raise TrustError(f"{folder}: the manifest's file factory {target} has no pinned sha256; review the file "
+                         f"and pin it with `{repin_hint(folder)}`, or re-run surgery adapt")
+    candidates = factory_candidates(spec, folder)
     found = []
     for c in candidates:
         if c.is_file():
@@ -129,7 +142,8 @@ def _pinned_file(spec: ArchSpec, folder: Path) -> ArchSpec:
         raise TrustError(f"{folder}: the manifest's factory file {target} is not there "
                          f"({' or '.join(map(str, candidates))})")
     raise TrustError(f"{folder}: the factory file changed since adapt: the manifest pins sha256 {spec.sha256}, "
-                     f"{'; '.join(found)}; re-run surgery adapt if the change is yours")
+                     f"{'; '.join(found)}; if the change is yours, review it and re-pin with `{repin_hint(folder)}` "
+                     f"(it shows both hashes), or re-run surgery adapt")
 
 
 def _timm_is_model(name: str) -> bool:
