@@ -21,6 +21,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: DIR/model.onnx, model.torchscript.pt or model.pt2).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the written file and compare its outputs with the model's.")] = True,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.export/1).")] = False,
 ) -> None:
     """Export the model for deployment, with its preprocessing in FILE.preprocess.json.
@@ -32,7 +33,7 @@ def export(
     """
     from surgery.deploy import export as run_export
 
-    rep = run_export(folder, format, out, force=force, verify=verify)
+    rep = run_export(folder, format, out, force=force, verify=verify, trust_code=trust_code)
     if as_json:
         print_json(rep.to_json())
         return

@@ -70,10 +70,12 @@ def preprocess_info(manifest: Any) -> dict:
 
 
 def export(folder: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None, *,
-           force: bool = False, verify: bool = True) -> ExportReport:
+           force: bool = False, verify: bool = True, trust_code: bool = False) -> ExportReport:
     """Write ``folder``'s model as ``format`` (onnx, torchscript or exported) to ``out`` (default
     ``FOLDER/model.onnx``, ``model.torchscript.pt`` or ``model.pt2``), with a dynamic batch size,
-    and its preprocessing beside it. Nothing is written when anything fails."""
+    and its preprocessing beside it. Nothing is written when anything fails. A factory the
+    manifest names is code: it runs only with ``trust_code`` and its pinned sha256, as in
+    ``load_adapted``."""
     from .adapter.manifest import read_manifest
     from .io import atomic_file, check_destination
 
@@ -88,7 +90,7 @@ def export(folder: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
     inputs = [base / m["files"]["weights"], base / "manifest.json"]
     for dst in (out_p, side):
         check_destination(dst, inputs, force=force, in_place=None)
-    model, example = _model(folder, m)
+    model, example = _model(folder, m, trust_code)
     pre = preprocess_info(m)
     text = json.dumps(pre, indent=2) + "\n"
     with atomic_file(out_p) as tmp, _quiet():
@@ -114,12 +116,12 @@ def _require(format: str, verify: bool) -> None:
         raise ExportError(f"--format {format} needs {', '.join(missing)}, which is not installed: {EXTRA}")
 
 
-def _model(folder, m) -> tuple[Any, Any]:
+def _model(folder, m, trust_code: bool) -> tuple[Any, Any]:
     import torch
 
     from .adapter.core import load_adapted
 
-    model = load_adapted(folder).eval()
+    model = load_adapted(folder, trust_code=trust_code).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)

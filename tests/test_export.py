@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,32 @@ def test_missing_exporter_names_the_extra(adapted, monkeypatch):
     with pytest.raises(surgery.SurgeryError, match=r"--format onnx needs onnxruntime, which is not installed: "
                                                    r"pip install 'surgery\[export\]'"):
         surgery.export(adapted, "onnx")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_a_factory_folder_exports_only_with_consent_and_its_pinned_file(cli, tmp_path):
+    from fixtures.factory import SIZE, load_factory, make_adapted, write_factory
+
+    arch = write_factory(tmp_path)
+    torch.manual_seed(0)
+    folder = make_adapted(load_factory(arch)(5).state_dict(), arch, tmp_path / "ad")
+    out = tmp_path / "m.torchscript.pt"
+    r = cli("export", folder, "-f", "torchscript", "-o", out)
+    assert r.exit_code == 2 and "surgery ran nothing" in r.stderr and "pass --trust-code" in r.stderr, r.output
+    with pytest.raises(surgery.SurgeryError, match=r"builds the model with code .*trust_code=True"):
+        surgery.export(folder, "torchscript", out)
+    assert not out.exists()
+    r = cli("export", folder, "-f", "torchscript", "-o", out, "--trust-code", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["output_shape"] == [3, 5]
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = surgery.load_adapted(folder, trust_code=True).eval()(x)
+    torch.testing.assert_close(_run("torchscript", out, x), want, rtol=1e-4, atol=1e-5)
+    rep = surgery.export(folder, "exported", tmp_path / "m.pt2", trust_code=True)
+    assert rep.out == str(tmp_path / "m.pt2") and rep.max_abs_diff < 1e-4
+    factory = Path(arch.rpartition(":")[0])
+    factory.write_text(factory.read_text() + "# edited after adapt\n")
+    r = cli("export", folder, "-f", "torchscript", "-o", tmp_path / "again.pt", "--trust-code")
+    assert r.exit_code == 2 and f"surgery trust {folder} --repin" in r.stderr, r.output
+    assert not (tmp_path / "again.pt").exists()
