@@ -14,25 +14,43 @@ import typer
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def drop_closed_pipe(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: the reader went away (``| head``), so
+    what is still to be printed, and Python's flush at exit, are dropped instead of failing."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class _NoTrailingSpace:
     """A text stream that drops the spaces rich pads lines with (table cells, justified text):
-    piped output is for grep and diff, not for a screen."""
+    piped output is for grep and diff, not for a screen. ``survive_pipe``: a closed pipe drops
+    the output instead of raising (rich would exit 1), for commands whose work must finish."""
 
-    def __init__(self, stream: Any):
-        self.stream, self.pending = stream, ""
+    def __init__(self, stream: Any, survive_pipe: bool = False):
+        self.stream, self.pending, self.survive_pipe = stream, "", survive_pipe
 
     def write(self, text: str) -> int:
         lines = (self.pending + text).split("\n")
         self.pending = lines.pop()
         if lines:
-            self.stream.write("\n".join(line.rstrip() for line in lines) + "\n")
+            self._write("\n".join(line.rstrip() for line in lines) + "\n")
         return len(text)
 
     def flush(self) -> None:
         if self.pending:
-            self.stream.write(self.pending)
+            self._write(self.pending)
             self.pending = ""
-        self.stream.flush()
+        self._write("", flush=True)
+
+    def _write(self, text: str, flush: bool = False) -> None:
+        try:
+            if text:
+                self.stream.write(text)
+            if flush:
+                self.stream.flush()
+        except BrokenPipeError:
+            if not self.survive_pipe:
+                raise
+            drop_closed_pipe(self.stream)
 
     def isatty(self) -> bool:
         return False
@@ -41,14 +59,15 @@ class _NoTrailingSpace:
         return getattr(self.stream, name)
 
 
-def console(stderr: bool = False):
+def console(stderr: bool = False, survive_pipe: bool = False):
     """A rich console: colours and live progress on a terminal; plain text with no markup
-    styling and no trailing padding when NO_COLOR is set or the stream is not a terminal."""
+    styling and no trailing padding when NO_COLOR is set or the stream is not a terminal.
+    ``survive_pipe``: when the reader of a pipe goes away, drop the output and carry on."""
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
-    return Console(file=_NoTrailingSpace(stream) if plain else stream, no_color=plain, highlight=False,
+    return Console(file=_NoTrailingSpace(stream, survive_pipe) if plain else stream, no_color=plain, highlight=False,
                    soft_wrap=plain, force_terminal=False if plain else None, width=120 if plain else None)
 
 
@@ -82,10 +101,21 @@ def handles_errors(fn: F) -> F:
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was left half-written", 130) from None
         except BrokenPipeError:  # `surgery inspect x --keys | head`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            drop_closed_pipe(sys.stdout)
             raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def skipped_lines(skipped: list, shown: int = 5) -> list[str]:
+    """``skipped N unreadable images:``, the first ``shown`` of ``[(path, why)]``, and how many more."""
+    if not skipped:
+        return []
+    lines = [f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}:"]
+    lines += [f"  {path}: {why}" for path, why in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"  ... {len(skipped) - shown} more")
+    return lines
 
 
 def print_json(data: Any) -> None:

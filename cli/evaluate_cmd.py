@@ -10,7 +10,7 @@ import typer
 import surgery
 from surgery.errors import DataError
 
-from .common import console, handles_errors, print_json
+from .common import console, handles_errors, print_json, skipped_lines
 
 
 def register(app: typer.Typer) -> None:
@@ -51,8 +51,8 @@ def evaluate(
         t = rep.tta
         out.print(f"with TTA ({t['views']} views): accuracy {t['accuracy']:.4f} ({t['difference']:+.4f}), "
                   f"loss {t['loss']:.4f}", markup=False)
-    if rep.skipped:
-        out.print(f"skipped {len(rep.skipped)} unreadable images", markup=False)
+    for line in skipped_lines(rep.skipped):
+        out.print(line, markup=False)
     table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left", show_edge=False)
     table.add_column("class")
     for c in rep.classes:

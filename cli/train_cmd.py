@@ -53,23 +53,24 @@ def register(app: typer.Typer) -> None:
 class Renderer:
     """Turns the runner's events into rich progress bars (TTY), plain epoch lines, or nothing."""
 
+    SKIPPED_SHOWN = 5  # unreadable images listed on screen; run.log lists every one
+
     def __init__(self, quiet: bool, as_json: bool):
         self.quiet, self.as_json = quiet, as_json
-        self.out = console(stderr=as_json)
+        # `surgery train ... | head` must not kill the run: output to a closed pipe is dropped
+        self.out = console(stderr=as_json, survive_pipe=True)
         self.live = not quiet and self.out.is_terminal
         self.progress = None
         self.task = None
         self.images = 0
         self.t0 = 0.0
+        self.skipped = 0
 
     def __call__(self, event: str, info: dict) -> None:
         if self.quiet or not is_main_process():
             return
         if event == "log":
-            msg = info["message"]
-            # epoch lines come from epoch_end below; each skipped file is in run.log
-            if not msg.startswith("epoch ") and not msg.startswith("  skipped"):
-                self.out.print(msg, markup=False)  # above the live progress bar when there is one
+            self.log(info["message"])
         elif event == "epoch_start" and self.live:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -100,7 +101,25 @@ class Renderer:
         elif event == "end":
             self.close()
 
+    def log(self, msg: str) -> None:
+        """A run.log line on screen, but for epoch lines (epoch_end prints them), the Ctrl-C line
+        (the error message says it) and all but the first few skipped images."""
+        if msg.startswith("  skipped "):
+            self.skipped += 1
+            if self.skipped <= self.SKIPPED_SHOWN:
+                self.out.print(msg, markup=False)
+            return
+        self._more_skipped()
+        if not msg.startswith(("epoch ", "interrupted during epoch ")):
+            self.out.print(msg, markup=False)  # above the live progress bar when there is one
+
+    def _more_skipped(self) -> None:
+        if self.skipped > self.SKIPPED_SHOWN:
+            self.out.print(f"  ... {self.skipped - self.SKIPPED_SHOWN} more (run.log lists every one)", markup=False)
+        self.skipped = 0
+
     def close(self) -> None:
+        self._more_skipped()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -122,7 +141,7 @@ def train(
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="adamw|sgd", help="AdamW, or SGD with momentum 0.9.")] = "adamw",
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")] = None,
     schedule: Annotated[str, typer.Option("--schedule", metavar="cosine|onecycle|constant", help="LR schedule over the whole run, per batch.")] = "cosine",
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length (default 1, 0 for one epoch).")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length in epochs; 0: no warmup (default 1, none for a one-epoch run).")] = None,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
     clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a better val accuracy.")] = None,
@@ -142,7 +161,7 @@ def train(
     no_amp: Annotated[bool, typer.Option("--no-amp", help="No bf16/fp16 autocast on CUDA.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     cache_features: Annotated[str, typer.Option("--cache-features", metavar="auto|on|off", help="Train the head on cached backbone features (auto: when the backbone stays frozen).")] = "auto",
-    cache_views: Annotated[int, typer.Option("--cache-views", help="Cache K augmented views per image (0: one plain view).")] = 0,
+    cache_views: Annotated[int, typer.Option("--cache-views", help="With the feature cache: K augmented views of each training image; 0 (the default): one plain view, so the cached head trains without augmentation.")] = 0,
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH, with the run's saved arguments.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
@@ -232,7 +251,7 @@ def _parse_lr(text: str) -> float | str:
 
 
 def render(result: Any) -> None:
-    out = console()
+    out = console(survive_pipe=True)
     stop = " (stopped early)" if result.stopped_early else ""
     out.print(f"best epoch {result.best_epoch} of {result.epochs_run}{stop}: val acc {result.best_val_acc:.4f}, "
               f"val loss {result.best_val_loss:.4f}", markup=False)

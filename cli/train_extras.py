@@ -21,7 +21,7 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
         return
     from surgery.trainer.lr_find import curve_text, rule_text
 
-    c = console()
+    c = console(survive_pipe=True)
     where = " on cached features" if found.cached else ""
     c.print(f"lr range test: {found.steps} steps{where}, lr {fmt_lr(found.lrs[0])} to {fmt_lr(found.lrs[-1])}"
             f" ({'stopped: the loss diverged' if found.stopped == 'diverged' else 'the whole sweep'})", markup=False)
@@ -47,7 +47,7 @@ def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bo
     if as_json:
         print_json(report)
         return
-    c = console()
+    c = console(survive_pipe=True)
     for name in ("pretrained", "scratch"):
         r = report[name]
         c.print(f"{name:<10} best epoch {r['best_epoch']} of {r['epochs_run']}: val acc {r['best_val_acc']:.4f}, "

@@ -89,10 +89,12 @@ def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_
         seed = int(targs.get("seed") or 0)
     try:
         samples = discover(data, val_split=val_split, seed=seed)
-    except DataError:
+    except DataError as e:
         fallback = val_split if val_split is not None else targs.get("val_split")
         if fallback is None and split == "all":
             fallback = 0.5  # any split: every image is used
+        if fallback is None and val_split is None:
+            _no_split_hint(data, seed, split, e)
         if fallback is None or val_split is not None:
             raise
         samples = discover(data, val_split=fallback, seed=seed)
@@ -101,6 +103,18 @@ def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_
         raise DataError(f"{samples.root}: its classes ({', '.join(samples.classes[:8])}) are not the model's "
                         f"({', '.join(names[:8])})")
     return scan_images(samples)
+
+
+def _no_split_hint(data: str | os.PathLike, seed: int, split: str, error: DataError) -> None:
+    """DATA that only lacks a val split (one folder of class folders, a CSV without a split
+    column) and a model whose run recorded none: scoring it whole is what evaluate can do."""
+    try:
+        discover(data, val_split=0.5, seed=seed)
+    except DataError:
+        return  # something else is wrong with DATA: its own message says what
+    raise DataError(f"{data}: has no {split} split (no train/ and val/ folders, no split column) and the model's "
+                    f"run recorded no --val-split; pass --split all to score every image, or --val-split F to "
+                    f"score a held-out fraction") from error
 
 
 def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str = "val",

@@ -91,6 +91,15 @@ class TrainOptions:
             raise TrainError("; ".join(problems))
         return done
 
+    def warnings(self) -> list[str]:
+        """Combinations that run but are likely not what was meant (run.log says them)."""
+        said = []
+        if self.class_weights == "auto" and self.balanced_sampler:
+            said.append("--class-weights auto and --balanced-sampler each correct skewed classes; together they "
+                        "correct twice (a rare class weighs about (largest / its count) times too much, and "
+                        "predictions can collapse onto it): use one of them")
+        return said
+
     @property
     def decay(self) -> float:
         """``weight_decay``, defaulting to 0.05 (adamw) or 1e-4 (sgd)."""

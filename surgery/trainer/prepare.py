@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..adapter.core import load_adapted
 from ..adapter.manifest import read_manifest
+from ..deploy import SUFFIXES as EXPORT_SUFFIXES
 from ..errors import DataError, OutputError, ResumeError, TrainError
 from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
 from ..preprocess import InputPipeline, input_pipeline
@@ -174,6 +176,12 @@ def _check_groups(opts: TrainOptions, manifest: Any) -> None:
                          f"re-run surgery adapt so the head trains from the start")
 
 
+# what --force may replace in OUT: a run's files, and what `surgery export RUN` writes beside them
+# (FILE and FILE.preprocess.json): surgery wrote those too
+RUN_OUTPUTS = (*OUTPUTS["train"], *(rf"(scratch/)?model{re.escape(suffix)}(\.preprocess\.json)?"
+                                    for suffix in EXPORT_SUFFIXES.values()))
+
+
 def check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path]) -> None:
     """Refuse, before any work, an OUT that exists (without --force/--resume), holds an input,
     or cannot be written."""
@@ -186,7 +194,7 @@ def check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path]
     elif (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it, or --resume to continue its run")
     elif out.exists() or out.is_symlink():
-        check_replaceable(out, "folder", OUTPUTS["train"])
+        check_replaceable(out, "folder", RUN_OUTPUTS)
     probe = out if out.exists() else out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -203,7 +211,7 @@ def claim_out(run: Run, resuming_here: bool) -> None:
     out = run.opts.out
     if run.dist.is_main:
         if out.exists() and not resuming_here and run.opts.force:
-            remove_outputs(out, OUTPUTS["train"]) if out.is_dir() and not out.is_symlink() else out.unlink()
+            remove_outputs(out, RUN_OUTPUTS) if out.is_dir() and not out.is_symlink() else out.unlink()
         if resuming_here:
             remove_temps(out)  # what a process killed mid-write left
         (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
@@ -281,6 +289,8 @@ def log_setup(run: Run) -> None:
     extras = _extras(run)
     if extras:
         log("; ".join(extras))
+    for warning in o.warnings():
+        log(f"warning: {warning}")
 
 
 def _extras(run: Run) -> list[str]:

@@ -1,0 +1,151 @@
+"""Rough edges of the CLI and the Python API: pipes, --force beside exports, help texts and
+warnings, the interrupt and skipped-image messages, evaluate's hint, keyword names in Python
+errors, remap's tuple ops, adapt's assumed input and --mean/--std, timm's img_size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fixtures.factory import SIZE, adapted_factory_folder
+from tests import REPO
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edges")
+    return root, adapted_factory_folder(root, 8, freeze="head-only", unfreeze_at=1)
+
+
+def _train(cli, root: Path, data: Path, out: Path, *extra):
+    return cli("train", "--trust-code", root / "ad", "--data", data, "--epochs", 1, "--lr", "5e-3", "--out", out,
+               "--batch-size", 16, "--no-flip", *extra)
+
+
+# ----------------------------------------------------------------------------- train: pipes and OUT
+
+@pytest.mark.slow
+def test_a_closed_stdout_pipe_does_not_kill_the_run(setup, tmp_path):
+    """`surgery train ... | head -2`: the reader goes away after two lines; the run still ends
+    with every file written, and exits 0."""
+    root, data = setup
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "cli.main", "train", "--trust-code", str(root / "ad"), "--data", str(data),
+            "--epochs", "3", "--lr", "5e-3", "--out", str(out), "--batch-size", "16", "--no-flip"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, NO_COLOR="1"))
+    first = [proc.stdout.readline() for _ in range(2)]
+    proc.stdout.close()  # what `head -2` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert first[0].startswith(b"surgery train: ") and err == ""
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert {"model.safetensors", "manifest.json", "run.log", "curves.png"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("exported", ["model.onnx", "model.torchscript.pt", "model.pt2"])
+def test_force_replaces_a_run_that_surgery_export_wrote_into(cli, setup, tmp_path, exported):
+    root, data = setup
+    out = tmp_path / "run"
+    assert _train(cli, root, data, out, "--quiet").exit_code == 0
+    for name in (exported, exported + ".preprocess.json"):  # what `surgery export run/` leaves there
+        (out / name).write_bytes(b"exported")
+    r = _train(cli, root, data, out, "--quiet", "--force")
+    assert r.exit_code == 0, r.output
+    assert not (out / exported).exists() and (out / "model.safetensors").is_file()
+    (out / "notes.txt").write_text("mine")  # a file surgery did not write is still refused
+    r = _train(cli, root, data, out, "--quiet", "--force")
+    assert r.exit_code == 2 and "notes.txt" in r.stderr
+
+
+# ----------------------------------------------------------------------------- train: help, warnings, messages
+
+def _helps(command: str) -> dict[str, str]:
+    import typer.main
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    return {p.opts[0]: p.help for p in group.commands[command].params if p.opts[0].startswith("--")}
+
+
+def test_train_help_says_what_zero_means():
+    helps = _helps("train")
+    assert "0 for one epoch" not in helps["--warmup-epochs"] and "0: no warmup" in helps["--warmup-epochs"]
+    assert "0 (the default): one plain view, so the cached head trains without augmentation" in helps["--cache-views"]
+
+
+def test_class_weights_with_the_balanced_sampler_warn(cli, setup, tmp_path):
+    root, data = setup
+    r = _train(cli, root, data, tmp_path / "run", "--class-weights", "auto", "--balanced-sampler")
+    assert r.exit_code == 0, r.output
+    said = "warning: --class-weights auto and --balanced-sampler each correct skewed classes; together they correct twice"
+    assert said in r.stdout and said in (tmp_path / "run" / "run.log").read_text()
+    r = _train(cli, root, data, tmp_path / "one", "--balanced-sampler")
+    assert r.exit_code == 0 and "warning" not in r.stdout
+
+
+def test_the_interrupt_message_is_printed_once(cli, setup, tmp_path, monkeypatch):
+    from cli.train_cmd import Renderer
+
+    shown = Renderer.__call__
+
+    def interrupt(self, event, info):  # Ctrl-C as the first epoch ends
+        shown(self, event, info)
+        if event == "epoch_end":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Renderer, "__call__", interrupt)
+    root, data = setup
+    r = _train(cli, root, data, tmp_path / "run")
+    assert r.exit_code == 130
+    assert (r.stdout + r.stderr).count("continue with: surgery train") == 1
+    assert r.stderr.startswith("error: interrupted; 1 of 1 epochs")
+
+
+def test_skipped_images_are_listed_first_few_then_how_many_more(cli, setup, tmp_path):
+    import shutil
+
+    root, data = setup
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    bad = [copy / "train" / "5" / f"broken{i}.png" for i in range(7)]
+    for p in bad:
+        p.write_bytes(b"not an image")
+    r = _train(cli, root, copy, tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    at = lines.index("skipped 7 unreadable images:")
+    assert all(lines[at + 1 + i].startswith(f"  skipped {bad[i]}: ") for i in range(5))
+    assert lines[at + 6] == "  ... 2 more (run.log lists every one)"
+    assert all(str(p) in (tmp_path / "run" / "run.log").read_text() for p in bad)
+
+    r = cli("evaluate", "--trust-code", tmp_path / "run", "--data", copy, "--split", "train")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    at = lines.index("skipped 7 unreadable images:")
+    assert all(lines[at + 1 + i].startswith(f"  {bad[i]}: ") for i in range(5)) and lines[at + 6] == "  ... 2 more"
+
+
+def test_evaluate_on_one_folder_of_class_folders_hints_split_all(cli, setup, tmp_path):
+    root, data = setup
+    flat = tmp_path / "flat"
+    for d in (data / "val").iterdir():
+        (flat / d.name).mkdir(parents=True)
+        for p in d.iterdir():
+            (flat / d.name / p.name).write_bytes(p.read_bytes())
+    r = cli("evaluate", "--trust-code", root / "ad", "--data", flat)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "pass --split all to score every image" in r.stderr
+    r = cli("evaluate", "--trust-code", root / "ad", "--data", flat, "--split", "all")
+    assert r.exit_code == 0 and r.stdout.startswith("all: ")
+    r = cli("evaluate", "--trust-code", root / "ad", "--data", tmp_path / "missing")
+    assert r.exit_code == 2 and "no such folder" in r.stderr
