@@ -6,7 +6,8 @@ a shell loop of single `surgery inspect` calls and a Python loop that loads ever
 
 The zoo mixes formats as a real one does: safetensors, torch zip, legacy (torch < 1.6) pickles,
 and sharded folders (two safetensors shards + model.safetensors.index.json), of 8 to 60 tensors
-each. It is written by a child process (the parent never imports torch) and reused by a later run
+each; some torch files named .th or .tar, and a config.json or train.log beside 3 in 4 of them,
+which the scan sniffs from their first bytes and skips. It is written by a child process (the parent never imports torch) and reused by a later run
 with the same --files.
 
 Every case runs as a whole child process and is timed from spawn to exit (wall clock):
@@ -55,12 +56,16 @@ for i in range(n):
     sd, kind = state_dict(i), ("safetensors", "zip", "legacy", "sharded", "safetensors", "zip")[i % 6]
     group = root / f"team{i % 10}" / f"run{i // 10:03d}"
     group.mkdir(parents=True, exist_ok=True)
+    if i % 2 == 0:
+        (group / "config.json").write_text(json.dumps({"arch": "convnet", "lr": 0.1, "seed": i}))
+    if i % 4 == 1:
+        (group / "train.log").write_text("".join(f"epoch {e} loss {1 / (e + 1):.4f}\n" for e in range(90)))
     if kind == "safetensors":
         save_file(sd, str(group / f"m{i:04d}.safetensors"))
-    elif kind == "zip":
-        torch.save(sd, group / f"m{i:04d}.pt")
-    elif kind == "legacy":
-        torch.save(sd, group / f"m{i:04d}.pth", _use_new_zipfile_serialization=False)
+    elif kind == "zip":  # one in four named as many zoos name them: .tar
+        torch.save(sd, group / f"m{i:04d}.{'tar' if i % 12 == 1 else 'pt'}")
+    elif kind == "legacy":  # every other one .th, as the CIFAR ResNets of 2018
+        torch.save(sd, group / f"m{i:04d}.{'th' if i % 12 == 2 else 'pth'}", _use_new_zipfile_serialization=False)
     else:
         folder = group / f"m{i:04d}"
         folder.mkdir()
@@ -109,17 +114,25 @@ def run(cmd: list[str], capture: bool = False) -> tuple[float, float, int, str, 
         return wall, ru.ru_utime + ru.ru_stime, proc.returncode, out.read(), err.read()
 
 
-def make_zoo(zoo: Path, files: int) -> list[str]:
+def make_zoo(zoo: Path, files: int) -> tuple[list[str], int]:
+    """The checkpoints of the zoo (``files`` of them, by the scan's own walk) and how many other
+    files it holds (configs and logs, which the scan sniffs and skips)."""
     stamp = zoo / ".files"
-    if not (stamp.is_file() and stamp.read_text() == str(files)):
+    version = f"{files} with configs and logs"
+    if not (stamp.is_file() and stamp.read_text() == version):
         shutil.rmtree(zoo, ignore_errors=True)
         zoo.mkdir(parents=True)
         subprocess.run([sys.executable, "-c", GENERATE, str(zoo), str(files)], check=True)
-        stamp.write_text(str(files))
+        stamp.write_text(version)
     sys.path.insert(0, str(REPO))
     from surgery.zoo import expand
 
-    return expand([zoo])
+    found = expand([zoo])
+    others = (files + 1) // 2 + (files + 2) // 4  # config.json for even i, train.log for i % 4 == 1
+    if len(found.paths) != files or len(found.skipped) != others:
+        raise SystemExit(f"ERROR: the scan finds {len(found.paths)} checkpoints and skips {len(found.skipped)} files; "
+                         f"the zoo holds {files} and {others}")
+    return found.paths, others
 
 
 def main() -> int:
@@ -130,7 +143,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated zoo")
     args = ap.parse_args()
     zoo = args.workdir / "zoo"
-    paths = make_zoo(zoo, args.files)
+    paths, others = make_zoo(zoo, args.files)
     n = len(paths)
     listing = args.workdir / "zoo-paths.txt"
     listing.write_text("".join(p + "\n" for p in paths))
@@ -160,17 +173,17 @@ def main() -> int:
         print(f"ERROR: load loop: {err[-300:]}")
         return 1
     rows.append(("python loop: torch.load(weights_only=True)/load_file", n, wall, cpu, "measured"))
-    report(rows, n, args, zoo)
+    report(rows, n, others, args, zoo)
     if not args.keep:
         shutil.rmtree(zoo, ignore_errors=True)
     return 0
 
 
-def report(rows, n: int, args, zoo: Path) -> None:
+def report(rows, n: int, others: int, args, zoo: Path) -> None:
     one = rows[0][2]
     load = os.getloadavg()[0]
-    print(f"{n} checkpoints in {zoo}; {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f}, "
-          f"Python {platform.python_version()}")
+    print(f"{n} checkpoints and {others} other files (sniffed, skipped) in {zoo}; {platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load average {load:.1f}, Python {platform.python_version()}")
     print(f"{'case':52} {'files':>5} {'wall s':>8} {'files/s':>8} {'CPU s':>8} {'files/CPU-s':>11} {'vs one call':>11}  how")
     for label, files, wall, cpu, how in rows:
         print(f"{label:52} {files:5d} {wall:8.2f} {files / wall:8.1f} {cpu:8.2f} {files / cpu:11.1f} "
@@ -179,7 +192,7 @@ def report(rows, n: int, args, zoo: Path) -> None:
     print(f"goal >= {GOAL:.0f} files/s for the one-call scan on 2 cores: {rate:.0f} files/s measured here "
           f"({'met' if rate >= GOAL else 'not met'}); CPU time allows {busy:.0f} files/s per idle core")
     (args.workdir / "zoo.json").write_text(json.dumps({
-        "files": n, "cpus": os.cpu_count(), "loadavg": load, "argv": sys.argv,
+        "files": n, "other_files": others, "cpus": os.cpu_count(), "loadavg": load, "argv": sys.argv,
         "rows": [dict(zip(("case", "files", "wall_s", "cpu_s", "how"), r)) for r in rows]}, indent=2))
 
 

@@ -69,7 +69,7 @@ def _is_single(paths: list[str]) -> bool:
 
     from surgery.errors import InputError
     from surgery.formats import sniff
-    from surgery.zoo import is_checkpoint_folder
+    from surgery.zoo import expand, is_checkpoint_folder
 
     if len(paths) != 1:
         return False
@@ -83,6 +83,7 @@ def _is_single(paths: list[str]) -> bool:
             sniff(path)
         except InputError:
             return False  # not one checkpoint: a folder of them
+        return len(expand([path]).paths) == 1  # else its other checkpoints (a.th beside b.pth) would be ignored
     return True
 
 

@@ -22,10 +22,10 @@ def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> i
     found = scan(paths, workers=workers, **options)
     if not len(found):
         from surgery.errors import InputError
-        from surgery.zoo import CHECKPOINT_SUFFIXES
 
-        raise InputError(f"{' '.join(paths)[:200]}: no checkpoints found (looked for files ending in "
-                         f"{', '.join(CHECKPOINT_SUFFIXES)}, and sharded or DCP folders)")
+        raise InputError(f"{' '.join(paths)[:200]}: no checkpoints found: {_skipped(found.skipped)}, no sharded or DCP "
+                         f"folder (a file is a checkpoint when its first bytes are safetensors, a torch zip, a legacy "
+                         f"torch pickle or a torch tar, whatever its name)")
     rows, failed = [], 0
     with _progress(len(found)) as advance:
         for row in found:
@@ -38,9 +38,18 @@ def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> i
             advance()
     if not as_json:
         _table(rows)
-    elif failed:
+        if found.skipped:
+            sys.stdout.write(_skipped(found.skipped) + "\n")
+        return 2 if failed else 0
+    if found.skipped:  # stdout holds only the rows' JSON lines
+        sys.stderr.write(_skipped(found.skipped) + "\n")
+    if failed:
         sys.stderr.write(f"error: {failed} of {len(found)} checkpoints could not be read (the lines with an \"error\")\n")
     return 2 if failed else 0
+
+
+def _skipped(paths: list[str]) -> str:
+    return f"{len(paths)} file{'' if len(paths) == 1 else 's'} skipped (not checkpoints)"
 
 
 def _progress(total: int):

@@ -13,14 +13,19 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import RuleError, SurgeryError
+from .formats import SNIFF_BYTES, sniff_bytes
+from .formats.torch_tar import MEMBERS as TAR_MEMBERS
 
 ERROR_SCHEMA = "surgery.inspect-error/1"
-# Files a folder scan opens; anything else in the folder (images, configs, logs) is not a checkpoint
+# Files of a walked folder that are inspected whatever their bytes; any other file is inspected
+# when its first bytes are a checkpoint's, and counted as skipped when not
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 # Below this many files, starting worker processes costs more than it saves
 PARALLEL_MIN_FILES = 64
@@ -54,33 +59,116 @@ def is_checkpoint_folder(path: str) -> bool:
         return False
 
 
-def expand(inputs: Iterable[str | os.PathLike]) -> list[str]:
+@dataclass
+class Found:
+    """What the inputs name: the checkpoints to inspect, in order, and the files of walked
+    folders that are not checkpoints by their first bytes."""
+
+    paths: list[str]
+    skipped: list[str]
+
+
+def expand(inputs: Iterable[str | os.PathLike]) -> Found:
     """Paths to inspect, in order, without repeats: files and checkpoint folders as given, other
     folders walked (hidden ones skipped, symlinked folders not followed), glob patterns matched
     (``**`` recursive). A pattern that matches nothing and a missing path stay in the list: the
-    scan reports them as error rows."""
+    scan reports them as error rows. In a walked folder every regular file is sniffed (see
+    :func:`is_checkpoint_file`); the others are ``skipped``."""
     out: dict[str, None] = {}
+    skipped: dict[str, None] = {}
     for item in inputs:
         text = os.fspath(item)
         matches = sorted(glob.glob(text, recursive=True)) if glob.has_magic(text) and not os.path.lexists(text) else [text]
         for path in matches or [text]:
             if os.path.isdir(path) and not is_checkpoint_folder(path):
-                out.update(dict.fromkeys(_walk(path)))
+                for found, ok in _walk(path):
+                    (out if ok else skipped)[found] = None
             else:
                 out[path] = None
-    return list(out)
+    return Found(list(out), [p for p in skipped if p not in out])
 
 
-def _walk(folder: str) -> Iterator[str]:
+def _walk(folder: str) -> Iterator[tuple[str, bool]]:
+    """(path, is a checkpoint) for every non-hidden file and checkpoint folder under ``folder``."""
     for root, dirs, files in os.walk(folder, onerror=None, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if root != folder and is_checkpoint_folder(root):
             dirs[:] = []
-            yield root
+            yield root, True
             continue
         for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(CHECKPOINT_SUFFIXES):
-                yield os.path.join(root, name)
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                yield path, is_checkpoint_file(path)
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Whether a file in a walked folder is inspected: a name with a checkpoint suffix always is
+    (a broken download named ``model.pt`` must show as an error row, not vanish); any other
+    regular file is if its first bytes are a checkpoint's, whatever its name (``.th``, a torch zip
+    named ``.tar``). A file that cannot be read is inspected too, so that its error is a row."""
+    if path.lower().endswith(CHECKPOINT_SUFFIXES):
+        return True
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False  # a FIFO or device: opening it could block or read forever
+        if st.st_size == 0:
+            return False
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+            member = _tar_member(f, head)
+    except OSError:
+        return True
+    return sniffs_as_checkpoint(head, st.st_size, member)
+
+
+def _tar_member(f, head: bytes) -> bytes:
+    """The header of a tar's first member. torch <= 0.1.10 wrote a pax header before it (Python's
+    tarfile does for a float mtime), so that one is read past: one more read, for tars only."""
+    if head[257:262] != b"ustar" or head[156:157] not in (b"x", b"g"):
+        return head
+    try:
+        size = int(head[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return b""
+    if size > 1 << 16:  # a pax header of a few timestamps and names is far smaller
+        return b""
+    f.seek(512 + -(-size // 512) * 512)
+    return f.read(512)
+
+
+# The records torch's zip writer can put first, at the top or under the archive's folder (torch.save
+# starts with data.pkl, torch.jit.save with data/0 or code/); a zip that starts otherwise (npz, a
+# data set, an office file) is not a torch checkpoint.
+_TORCH_ZIP_RECORDS = frozenset({"data.pkl", "constants.pkl", "version", ".format_version", "byteorder",
+                                ".storage_alignment"})
+_TORCH_ZIP_FOLDERS = ("data/", "code/", ".data/", "extra/", "constants/")
+
+
+def _torch_record(name: str) -> bool:
+    return name in _TORCH_ZIP_RECORDS or name.startswith(_TORCH_ZIP_FOLDERS)
+
+
+def sniffs_as_checkpoint(head: bytes, size: int, tar_member: bytes = b"") -> bool:
+    """The format registry's sniffer on the first ``SNIFF_BYTES`` of a file, narrowed for a file
+    nobody named: zips and tars must start with torch's records (``tar_member``: the header of a
+    tar's first member, when a pax header comes before it), a safetensors header must fit in the
+    file, and a JSON file (a shard index alone, a config) is not a checkpoint."""
+    try:
+        fmt = sniff_bytes(head, size, Path("?"))
+    except SurgeryError:
+        return False
+    if fmt == "torch-zip":
+        n = int.from_bytes(head[26:28], "little") if head.startswith(b"PK\x03\x04") else 0
+        name = head[30:30 + n].decode("utf-8", "replace")  # the first entry's: its local header leads the file
+        return _torch_record(name) or ("/" in name and _torch_record(name.split("/", 1)[1]))
+    if fmt == "torch-tar":
+        first = (tar_member or head)[:100].split(b"\0", 1)[0].decode("latin-1")
+        return first in TAR_MEMBERS
+    if fmt == "safetensors":
+        return 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[9:10] in (b'"', b"}")
+    return fmt == "torch-legacy"
 
 
 def inspect_one(path: str, options: dict | None = None) -> Row:
@@ -107,12 +195,14 @@ def _work(args: tuple[str, dict]) -> Row:
 
 
 class Scan:
-    """The rows of a scan, in input order; iterate once. ``paths``: what will be inspected.
+    """The rows of a scan, in input order; iterate once. ``paths``: what will be inspected;
+    ``skipped``: the files of walked folders left out, as their first bytes are no checkpoint's.
 
     Worker processes start here, before any thread of the caller's (a progress bar) exists."""
 
-    def __init__(self, paths: list[str], options: dict, workers: int):
-        self.paths = paths
+    def __init__(self, found: Found, options: dict, workers: int):
+        self.paths = paths = found.paths
+        self.skipped = found.skipped  # files of walked folders that are not checkpoints
         jobs = [(p, options) for p in paths]
         self._pool = None
         if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
