@@ -41,11 +41,15 @@ The four regimes (small/large data x similar/different domain) are decided from 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .adapter.arch import ArchSpec
 
 SCHEMA = "surgery.advice/1"
 LARGE_PER_CLASS = 50
@@ -256,7 +260,8 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
                   probes=probes, noise=d["noise"], noise_scratch=d["noise_scratch"],
                   features=d["features"], negative_transfer=d["negative_transfer"],
                   reasons=_reasons(d, per_class, probes, len(train_items), len(val_items)),
-                  commands=_commands(ckpt, arch, data, len(classes), d, input_size),
+                  commands=_commands(ckpt, arch, data, len(classes), d, m,
+                                     dict(input_size=input_size, val_split=val_split, flip=flip)),
                   seconds=time.perf_counter() - t0, warnings=_warnings(d, probes))
 
 
@@ -304,11 +309,26 @@ def _warnings(d: dict, probes: list[Probe]) -> list[str]:
             f"check that it helps at all with a scratch run (surgery train ... --compare-scratch)"]
 
 
-def _commands(ckpt: Any, arch: str, data: Any, n: int, d: dict, input_size: int | None) -> list[str]:
-    import shlex
-
-    size = f" --input-size {input_size}" if input_size else ""
-    scratch = " --compare-scratch" if d["features"] != "better" else ""
-    return [f"surgery adapt {shlex.quote(str(ckpt))} --arch {shlex.quote(arch)} --num-classes {n} --preset "
-            f"{d['preset']}{size} --out adapted/",
-            f"surgery train adapted/ --data {shlex.quote(str(data))} --out run/{scratch}"]
+def _commands(ckpt: Any, arch: str, data: Any, n: int, d: dict, manifest: Any, given: dict) -> list[str]:
+    """The adapt and train lines to follow the advice, each with every flag it needs to work as
+    printed: the architecture's kwargs and input size, the data's split and flips, consent to run
+    a factory (adapt runs it because the user names it; train needs --trust-code), and the
+    comparison the warning asks for."""
+    spec = ArchSpec.from_json(manifest["arch"])
+    adapt = ["surgery adapt", shlex.quote(str(ckpt)), "--arch", shlex.quote(arch)]
+    if spec.kwargs:
+        adapt += ["--arch-kwargs", shlex.quote(json.dumps(spec.kwargs))]
+    adapt += ["--num-classes", str(n), "--preset", d["preset"]]
+    if given["input_size"]:
+        adapt += ["--input-size", str(given["input_size"])]
+    train = ["surgery train adapted/ --data", shlex.quote(str(data))]
+    if given["val_split"] is not None:
+        train += ["--val-split", str(given["val_split"])]
+    train.append("--out run/")
+    if not given["flip"]:
+        train.append("--no-flip")
+    if spec.is_code:
+        train.append("--trust-code")
+    if d["features"] != "better":
+        train.append("--compare-scratch")
+    return [" ".join([*adapt, "--out adapted/"]), " ".join(train)]
