@@ -309,14 +309,31 @@ def _rebuild_wrapper_subclass(cls, *args):
 
 
 class _Parameter:
-    """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor itself, as torch.load does."""
+    """``torch.nn.Parameter``: NEWOBJ/calls give the data tensor, as torch.load does (a
+    `_ParameterRef`, the one tensor record that takes the BUILD torch 0.2-0.3 wrote after it)."""
 
     __setstate__ = _Sealed.__setstate__  # BUILD on the class itself then fails instead of setattr
 
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:
-        data = _expect(data, TensorRef, "a parameter's data")
-        data.requires_grad = bool(requires_grad)
-        return data
+        t = _expect(data, TensorRef, "a parameter's data")
+        return _ParameterRef(t.storage, t.storage_offset, t.shape, t.stride, t.dtype, bool(requires_grad), t.kind,
+                             t.parts, t.params)
+
+
+class _ParameterRef(TensorRef):
+    """A tensor made by calling ``torch.nn.Parameter(data)``. torch 0.2-0.3 pickled a parameter
+    so (``Variable.__reduce_ex__``), then BUILD with ``(requires_grad, volatile, _backward_hooks)``;
+    a dict of attributes is the other state a parameter can carry. Neither can change what the
+    record was checked for (storage, shape, dtype): requires_grad is read, hooks (code torch
+    would not keep either) and attributes are ignored."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 3 and type(state[0]) is bool and type(state[1]) is bool \
+                and (state[2] is None or isinstance(state[2], dict)):
+            self.requires_grad = state[0]
+        elif not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise FormatError("pickle sets state (BUILD) on a parameter that is not (requires_grad, volatile, hooks) "
+                              "or a dict of attributes")
 
 
 class _LegacyTensor(TensorRef):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import pickle
 import pickletools
 import tarfile
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import surgery
+from fixtures import eras
 from surgery.errors import FormatError, UnsafeCheckpointError
 
 # fixture -> (format, container, weights-only loadable by torch): the tar era and whole modules
@@ -200,3 +203,87 @@ def test_hugging_face_cache_links_still_open(make, tmp_path):
         blob.write_bytes(f.read_bytes())
         (snap / f.name).symlink_to(blob)
     assert len(surgery.open(snap).tensors) == len(surgery.open(src).tensors)
+
+
+# ---------------------------------------------------------------- torch 0.3 whole models
+
+
+class _Torch03Pickler(eras._EraPickler):
+    """torch 0.2-0.3's ``Variable.__reduce_ex__``: a parameter pickles as ``Parameter(data)``, then
+    BUILD with the state ``(requires_grad, volatile, _backward_hooks)``."""
+
+    dispatch = eras._EraPickler.dispatch
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter, (obj.data,), (obj.requires_grad, False, collections.OrderedDict())
+        return super().reducer_override(obj)
+
+
+@pytest.fixture
+def torch03_model(monkeypatch, tmp_path):
+    """A whole model saved by torch 0.3's torch.save(model) (as VDSR's model_epoch_50.pth is), one
+    parameter frozen."""
+    from fixtures.generate import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("tinynet")
+    next(model.parameters()).requires_grad_(False)
+    monkeypatch.setattr(eras, "_EraPickler", _Torch03Pickler)
+    return eras.write_legacy(model, tmp_path / "model_epoch_50.pth", tensors="v1", modules=True)
+
+
+def test_torch03_whole_model_parameters_set_by_build(torch03_model, cli):
+    ops = [op.name for op, _, _ in pickletools.genops(_object_pickle(torch03_model))]
+    assert ops.count("BUILD") > ops.count("NEWOBJ")  # a BUILD per parameter, beside each module's
+    line = one_line_error(cli("inspect", torch03_model))
+    assert "--allow-global 'fixtures.*' --allow-global 'torch.*'" in line
+    ckpt = surgery.open(torch03_model, allow_globals=["torch.*", "fixtures.*"])
+    ref = torch.load(torch03_model, map_location="cpu", weights_only=False)  # our own file
+    assert isinstance(ref, torch.nn.Module) and not next(ref.parameters()).requires_grad
+    assert_bit_equal(ckpt.state_dict(), ref.state_dict())
+    r = cli("inspect", torch03_model, "--allow-global", "torch.*", "--allow-global", "fixtures.*")
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("state", [(True, False, None), {"_backward_hooks": {}}])
+def test_parameter_build_states_torch_wrote_are_read(state):
+    from surgery.formats.torch_pickle import unpickle
+
+    ref = unpickle(_parameter_pickle(pickle.dumps(state, protocol=2)[2:-1]), "p.pth").obj
+    assert ref.shape == (2,) and ref.requires_grad is (state[0] if isinstance(state, tuple) else True)
+
+
+@pytest.mark.parametrize("state", [(1, 2), ("yes", False, None), [True, False, None], {1: 2}])
+def test_other_parameter_build_states_are_refused(state):
+    from surgery.formats.torch_pickle import unpickle
+
+    with pytest.raises(FormatError, match=r"sets state \(BUILD\) on a parameter that is not"):
+        unpickle(_parameter_pickle(pickle.dumps(state, protocol=2)[2:-1]), "p.pth")
+
+
+def _parameter_pickle(state: bytes) -> bytes:
+    """``Parameter(_rebuild_tensor(storage, 0, (2,), (1,)))`` then BUILD with the pickled ``state``,
+    opcode by opcode as torch 0.3 wrote a parameter."""
+    def text(s: str) -> bytes:
+        return pickle.BINUNICODE + len(s).to_bytes(4, "little") + s.encode()
+
+    storage = (pickle.MARK + text("storage") + pickle.GLOBAL + b"torch\nFloatStorage\n" + text("0") + text("cpu")
+               + pickle.BININT1 + b"\x02" + pickle.NONE + pickle.TUPLE + pickle.BINPERSID)
+    tensor = (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor\n" + pickle.MARK + storage + pickle.BININT1 + b"\x00"
+              + pickle.BININT1 + b"\x02" + pickle.TUPLE1 + pickle.BININT1 + b"\x01" + pickle.TUPLE1 + pickle.TUPLE
+              + pickle.REDUCE)
+    return (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"torch.nn.parameter\nParameter\n" + tensor + pickle.TUPLE1
+            + pickle.REDUCE + state + pickle.BUILD + pickle.STOP)
+
+
+def _object_pickle(path) -> bytes:
+    """The object's pickle of a legacy file: the fourth of its pickles."""
+    import io
+
+    f = io.BytesIO(path.read_bytes())
+    for _ in range(3):
+        pickle.load(f)
+    start = f.tell()
+    pickletools.dis(f, out=io.StringIO())
+    return path.read_bytes()[start:f.tell()]
