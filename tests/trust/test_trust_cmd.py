@@ -128,3 +128,21 @@ def test_trust_does_not_import_torch(edited):
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     assert surgery.review_factory(folder).status == "matches"
+
+
+def test_a_trained_run_is_reviewed_and_repinned_like_an_adapted_folder(setup, edited, cli, tmp_path):
+    root, _ = setup
+    folder, factory, data = edited
+    edit = factory.read_text()
+    factory.write_text((root / "models.py").read_text())  # as it was at adapt: the run trains
+    run = tmp_path / "run"
+    r = cli("train", folder, "--data", data, "--epochs", 1, "--lr", 0.01, "--out", run, "--quiet", "--trust-code")
+    assert r.exit_code == 0, r.output
+    factory.write_text(edit)
+    r = cli("evaluate", run, "--data", data, "--trust-code")
+    assert r.exit_code == 2 and f"surgery trust {run} --repin" in r.stderr, r.output
+    rep = json.loads(cli("trust", run, "--repin", "--json").stdout)
+    assert rep["status"] == "changed" and rep["repinned"] and rep["current_sha256"] == _sha(factory)
+    r = cli("evaluate", run, "--data", data, "--trust-code", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["images"] > 0, r.output
+    assert surgery.review_factory(folder).status == "changed"  # the adapted folder keeps its own pin
