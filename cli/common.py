@@ -89,10 +89,10 @@ def handles_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from surgery.errors import SurgeryError
+        from surgery.errors import SurgeryError, cli_names
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), cli_names():  # errors name the flags the user typed
                 for message, category, module in _NOISE:
                     warnings.filterwarnings("ignore", message=message, category=category, module=module)
                 return fn(*args, **kwargs)

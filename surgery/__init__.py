@@ -52,12 +52,18 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+# their errors name the caller's keywords (num_classes), not the command line's flags (--num-classes)
+_KEYWORD_ERRORS = ("adapt", "train", "evaluate", "predict")
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         mod, attr = _EXPORTS[name]
         value = getattr(import_module(mod), attr)
+        if name in _KEYWORD_ERRORS:
+            from .errors import keyword_errors
+
+            value = keyword_errors(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")

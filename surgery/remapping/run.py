@@ -22,12 +22,14 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
           shard_size: str | int = "5GB", allow_globals: Iterable[str] = ()) -> RemapReport:
     """Rewrite ``src`` to ``dst`` with ``rules``; the output format follows ``dst``'s suffix.
 
-    ``rules``: a `Rules`, a list of `Op`, a dict in the rules-file schema, or a rules file path.
+    ``rules``: a `Rules`, a list of `Op` (or of ``(kind, *args)`` tuples), a dict in the rules-file
+    schema, or a rules file path.
 
     >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
+    >>> remap("dp.pth", "clean.safetensors", [("auto",), ("drop", "^fc\\.")])  # doctest: +SKIP
     >>> remap("dp.pth", "clean.pt", {"ops": [{"auto": True}, {"dtype": "bf16"}]})  # doctest: +SKIP
     """
-    rules = Rules.coerce(rules)
+    rules = Rules.coerce(_as_ops(rules))
     src_p, dst_p = Path(src), Path(dst)
     check_source(src_p)
     ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
@@ -53,3 +55,21 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
         verify_output(ckpt, rows, dst_p)
         report.verified = True
     return report
+
+
+def _as_ops(rules: object) -> object:
+    """A list whose items are ``Op`` or ``(kind, *args)`` tuples (``[("auto",), ("strip_prefix",
+    "model.")]``) as a list of ``Op``; anything else as it was."""
+    if not isinstance(rules, list):
+        return rules
+    ops = []
+    for i, item in enumerate(rules):
+        if isinstance(item, Op):
+            ops.append(item)
+            continue
+        if (not isinstance(item, (tuple, list)) or not item or len(item) > 3
+                or not all(isinstance(a, str) for a in item)):
+            raise RuleError(f"rules[{i}] is {item!r}: pass Op(kind, arg) or a tuple (kind, *args), e.g. Op('auto') "
+                            f"or ('strip_prefix', 'model.'), every part a string")
+        ops.append(Op(*item))
+    return ops

@@ -111,8 +111,8 @@ def test_vit_at_another_image_size_is_rebuilt_and_interpolated(vit):
 
 def test_vit_at_a_size_it_cannot_take_is_refused_before_training(vit, digits, tmp_path):
     ad, _ = vit
-    with pytest.raises(TrainError, match=r"--image-size 96: the model does not take 96x96 images .* adapted for "
-                                         r"64x64: drop --image-size, or re-run surgery adapt with --input-size 96"):
+    with pytest.raises(TrainError, match=r"image_size=96: the model does not take 96x96 images .* adapted for "
+                                         r"64x64: drop image_size, or re-run surgery adapt with --input-size 96"):
         train(ad, digits, epochs=1, lr=1e-3, out=tmp_path / "run", image_size=96)
     assert not (tmp_path / "run").exists()
 

@@ -149,3 +149,69 @@ def test_evaluate_on_one_folder_of_class_folders_hints_split_all(cli, setup, tmp
     assert r.exit_code == 0 and r.stdout.startswith("all: ")
     r = cli("evaluate", "--trust-code", root / "ad", "--data", tmp_path / "missing")
     assert r.exit_code == 2 and "no such folder" in r.stderr
+
+
+# ----------------------------------------------------------------------------- Python names keywords, the shell flags
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    import torch
+
+    from fixtures.generate import tiny_model
+
+    p = tmp_path_factory.mktemp("ck") / "resnet18.pth"
+    torch.save(tiny_model("resnet18", 10).state_dict(), p)
+    return p
+
+
+def test_python_errors_name_keywords_and_the_cli_flags(cli, setup, resnet, tmp_path):
+    import surgery
+
+    with pytest.raises(surgery.SurgeryError) as e:
+        surgery.adapt(str(resnet), arch="resnet18", num_classes=0, head="wide")
+    assert str(e.value) == ("num_classes must be a positive integer, got 0; head='wide': choose one of linear, mlp")
+    r = cli("adapt", resnet, "--arch", "resnet18", "--num-classes", 0, "--head", "wide", "--out", tmp_path / "ad")
+    assert r.exit_code == 2 and "--num-classes must be a positive integer, got 0; --head 'wide'" in r.stderr
+
+    root, data = setup
+    with pytest.raises(surgery.SurgeryError, match=r"^epochs must be a positive integer, got 0; .*batch_size must be"):
+        surgery.train(root / "ad", data, epochs=0, batch_size=0, out=tmp_path / "run", trust_code=True)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(surgery.SurgeryError, match=r"already exists; pass force=True to replace it, or resume=True"):
+        surgery.train(root / "ad", data, epochs=1, out=tmp_path / "exists", trust_code=True)
+    with pytest.raises(surgery.SurgeryError, match=r"^top_k must be at least 1, got 0$"):
+        surgery.predict(root / "ad", [data], top_k=0)
+    with pytest.raises(surgery.SurgeryError, match=r"split='test': choose one of") as e:
+        surgery.evaluate(root / "ad", data, split="test")
+    assert "--" not in str(e.value)
+    r = cli("evaluate", "--trust-code", root / "ad", "--data", data, "--split", "test")
+    assert r.exit_code == 2 and "--split 'test': choose one of" in r.stderr
+
+
+def test_python_errors_keep_the_command_lines_they_quote(setup, tmp_path):
+    import surgery
+    from surgery.errors import TrainInterrupted
+
+    def interrupt(event, info):
+        if event == "epoch_end":
+            raise KeyboardInterrupt
+
+    root, data = setup
+    with pytest.raises(TrainInterrupted) as e:
+        surgery.train(root / "ad", data, epochs=2, lr=5e-3, out=tmp_path / "run", trust_code=True, observer=interrupt)
+    assert f"continue with: surgery train {root / 'ad'} --data {data} --out {tmp_path / 'run'} --resume" in str(e.value)
+
+
+def test_remap_takes_tuples_as_ops(tmp_path):
+    import torch
+
+    import surgery
+    from surgery.errors import RuleError
+
+    torch.save({"module.fc.weight": torch.zeros(2, 2), "module.fc.bias": torch.zeros(2)}, tmp_path / "dp.pt")
+    rep = surgery.remap(tmp_path / "dp.pt", tmp_path / "clean.safetensors", [("auto",), ("drop", r"bias$")])
+    assert [r.new for r in rep.rows] == ["fc.weight", None]
+    for bad in (["auto"], [("strip_prefix", 3)], [None]):
+        with pytest.raises(RuleError, match=r"rules\[0\] is .*: pass Op\(kind, arg\) or a tuple \(kind, \*args\)"):
+            surgery.remap(tmp_path / "dp.pt", tmp_path / "bad.safetensors", bad)
+    assert not (tmp_path / "bad.safetensors").exists()

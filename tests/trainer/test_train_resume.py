@@ -65,7 +65,7 @@ def test_a_different_argument_is_refused_naming_both_values(cli, setup, tmp_path
     assert "--batch-size 16 (the run was started with --batch-size 8)" in r.stderr
     assert "--lr 0.001 (the run was started with --lr 0.004)" in r.stderr
     assert (tmp_path / "cut" / "checkpoints" / "last.pt").read_bytes() == before
-    with pytest.raises(ResumeError, match=r"--seed 1 \(the run was started with --seed 5\)"):
+    with pytest.raises(ResumeError, match=r"seed=1 \(the run was started with seed=5\)"):
         train(root / "ad", data, out=tmp_path / "cut", resume=True, seed=1, trust_code=True)
 
 

@@ -269,22 +269,22 @@ def test_bad_inputs_are_refused_before_anything_is_written(env, adapted_random, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _refused(tmp_path, blocker / "out", r"is not a folder", adapted=adapted_random, data=env["data"])
-    _refused(tmp_path, out, r"--cache-features on: not possible.*from epoch 2",
+    _refused(tmp_path, out, r"cache_features on: not possible.*from epoch 2",
              adapted=adapted_random, data=env["data"], cache_features="on", epochs=2)
-    _refused(tmp_path, out, r"--epochs must be a positive", adapted=adapted_random, data=env["data"], epochs=0)
+    _refused(tmp_path, out, r"epochs must be a positive", adapted=adapted_random, data=env["data"], epochs=0)
     _refused(tmp_path, out, r"no checkpoint to resume", adapted=adapted_random, data=env["data"], resume=True)
     assert not out.exists()
     existing = tmp_path / "existing"
     existing.mkdir()
-    _refused(tmp_path, existing, r"already exists; pass --force", adapted=adapted_random, data=env["data"])
+    _refused(tmp_path, existing, r"already exists; pass force=True", adapted=adapted_random, data=env["data"])
     assert list(existing.iterdir()) == []
 
 
 def test_every_bad_option_is_named_in_one_error(tmp_path):
-    with pytest.raises(SurgeryError, match=r"--epochs must be a positive integer, got 0; .*--batch-size must be a "
+    with pytest.raises(SurgeryError, match=r"epochs must be a positive integer, got 0; .*batch_size must be a "
                                            r"positive integer, got 0"):
         train(tmp_path / "ad", tmp_path / "data", epochs=0, batch_size=0, out=tmp_path / "out")
-    with pytest.raises(SurgeryError, match=r"^--epochs is required"):
+    with pytest.raises(SurgeryError, match=r"^epochs is required"):
         train(tmp_path / "ad", tmp_path / "data", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
