@@ -46,19 +46,46 @@ def _result(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["results"]
 
 
+def _epochs(run: Path) -> list[dict]:
+    """The run's epochs from its metrics, the last line of each epoch winning (a resumed run repeats some)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    by_epoch = {m["epoch"]: m for m in (json.loads(line) for line in lines if line.strip())}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def _seconds(run: Path) -> float:
     """Time spent in the run's epochs (training and validation), from its metrics."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return sum(json.loads(line).get("seconds") or 0.0 for line in lines if line.strip())
+    return sum(m.get("seconds") or 0.0 for m in _epochs(run))
 
 
-def table_rows(runs: dict[str, tuple[Path, int]]) -> list[tuple[str, ...]]:
-    """The comparison: run, epochs, val accuracy, best epoch, time in epochs."""
+def phase_rows(run: Path, unfreeze_at: int, epochs: int) -> list[tuple[str, ...]]:
+    """Two rows under a two-phase run: the best val accuracy of its head phase (epochs
+    1..unfreeze_at) and of the epochs after the unfreeze, each with its epoch, told apart by epoch
+    number alone, so a collapse after the unfreeze shows even when the run's best epoch comes
+    before it. EMA figures count where the run kept them, as its best does."""
+    ms = _epochs(run)
+    rows = []
+    for name, first, last in (("head phase", 1, unfreeze_at), ("after unfreeze", unfreeze_at + 1, epochs)):
+        phase = [m for m in ms if first <= m["epoch"] <= last]
+        best = max(phase, key=lambda m: max(m["val_acc"], m.get("ema_val_acc") or 0.0), default=None)
+        acc = "" if best is None else f"{max(best['val_acc'], best.get('ema_val_acc') or 0.0):.3f}"
+        rows.append((f"  {name} ({first}-{last})", str(last - first + 1), acc, str(best["epoch"]) if best else "", ""))
+    return rows
+
+
+COLUMNS = ("run", "epochs", "val accuracy", "best epoch", "time in epochs")
+
+
+def table_rows(runs: dict[str, tuple[Path, int, int | None]]) -> list[tuple[str, ...]]:
+    """The comparison, one row per run in COLUMNS' order (its best epoch's val accuracy), and under
+    a run with an unfreeze (its third item) one row per phase."""
     rows = []
     for name in RUNS:
-        run, epochs = runs[name]
+        run, epochs, unfreeze_at = runs[name]
         r = _result(run)
         rows.append((name, str(epochs), f"{r['val_acc']:.3f}", str(r["best_epoch"]), f"{_seconds(run):.1f} s"))
+        if unfreeze_at:
+            rows += phase_rows(run, unfreeze_at, epochs)
     return rows
 
 
@@ -76,8 +103,8 @@ def demo(
     """
     import torch
 
-    # one thread: CPU kernels split their sums by thread count, and the demo's numbers (the
-    # README's table) must be the same on every machine
+    # one thread: CPU kernels split their sums by thread count, so the demo's numbers are the same
+    # on every run of one machine (they still move between CPUs, whose kernels differ by ISA)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -154,8 +181,9 @@ def _fine_tune(out: Any, step: "_Steps", w: Path, ckpt: Path, data: Path) -> dic
     step.run("adapt", str(clean), *adapt_args, "--freeze", "head-only", "--out", str(ad / "head-only"), "-q")
     step.run("train", str(ad / "head-only"), *common, "--epochs", str(plan.head_epochs), "--out",
              str(rd / "head-only"), "--quiet")
-    return {RUNS[0]: (rd / "two-phase" / "scratch", plan.epochs), RUNS[1]: (rd / "head-only", plan.head_epochs),
-            RUNS[2]: (rd / "two-phase", plan.epochs)}
+    return {RUNS[0]: (rd / "two-phase" / "scratch", plan.epochs, None),
+            RUNS[1]: (rd / "head-only", plan.head_epochs, None),
+            RUNS[2]: (rd / "two-phase", plan.epochs, plan.unfreeze_at)}
 
 
 def _summary(out: Any, runs: dict, data: Path, rd: Path, t_start: float) -> None:
@@ -165,7 +193,7 @@ def _summary(out: Any, runs: dict, data: Path, rd: Path, t_start: float) -> None
     n_train, n_val = _count(data / "train"), _count(data / "val")
     table = Table(title=f"digits 5-9, {n_train // 5} images per class, validation on {n_val} images",
                   title_justify="left", show_edge=False)
-    for col in ("run", "epochs", "val accuracy", "best epoch", "time in epochs"):
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col == "run" else "right")
     for row in table_rows(runs):
         table.add_row(*row)
