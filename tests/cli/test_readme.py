@@ -97,6 +97,11 @@ def test_a_readme_figure_holds_within_the_noise_the_run_reports_and_text_stays_e
     for other in ("pretrained best epoch 3 of 4: val acc 0.8900, val loss 0.4100  (out)",
                   "scratch best epoch 3 of 3: val acc 0.8900, val loss 0.4100  (out)"):
         assert line_holds(shown, [other], 200) == "no printed line has the same text"
+    # a range test's row: the lr of the sweep exact, the loss within a decade (or near zero), any bar
+    sweep = "  lr 1.00e+00  loss   0.0142  #"
+    assert line_holds(sweep, ["  lr 1.00e+00  loss   0.0021  ###"], 16) is None
+    assert line_holds(sweep, ["  lr 1.00e+00  loss   1.3000  ###"], 16).startswith("figures beyond")
+    assert line_holds(sweep, ["  lr 9.00e-01  loss   0.0142  #"], 16) == "no printed line has the same text"
     assert line_holds("tensors        122 (11.19M parameters, 44.8 MB)", ["tensors        122 (11.19M parameters, 44.9 MB)"],
                       None) == "not printed"
 
