@@ -411,18 +411,72 @@ def scan_images(samples: Samples, *, workers: int | None = None) -> tuple[Sample
 # ---------------------------------------------------------------- transforms
 
 
+# Grey modes deeper than 8 bits, which PIL's own convert("L") clips (every value above 255 is white)
+_DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def to_mode(img: Any, mode: str) -> Any:
+    """A decoded PIL image of any mode as ``'L'``, ``'RGB'`` or ``'RGBA'``, the model's channels.
+
+    Deep grey goes to 8 bits by :func:`_deep_grey_to_8bit`. Transparency (an alpha channel, or a
+    palette or colour key marked transparent) is kept for ``'RGBA'`` and otherwise composited over
+    white, as a page shows the image (and as Hugging Face's ``convert_to_rgb`` does), rather than
+    dropped, which would show whatever colour the encoder left under transparent pixels. Colour
+    modes (CMYK, YCbCr, LAB, palette) become grey through RGB, by ITU-R 601 luma.
+    """
+    if img.mode == mode and "transparency" not in img.info:
+        return img
+    if img.mode in _DEEP_GREY:
+        img = _deep_grey_to_8bit(img)
+    if img.mode == "La":  # premultiplied: PIL converts it to nothing but LA
+        img = img.convert("LA")
+    if mode != "RGBA" and (img.mode in _ALPHA or "transparency" in img.info):
+        img = _over_white(img)
+    if mode == "L" and img.mode not in ("1", "L"):
+        img = img.convert("RGB")
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _deep_grey_to_8bit(img: Any) -> Any:
+    """16- and 32-bit integer grey on the 16-bit scale, ``round(v / 257)`` (what 16-bit PNG and
+    TIFF files hold, whichever of the two modes PIL decodes them to); float grey on [0, 1] when
+    every finite value lies in it (the float image convention of torchvision and scikit-image),
+    else on PIL's own 0..255 scale. Out of range values clip; NaN is black."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img)
+    if img.mode == "F":
+        finite = a[np.isfinite(a)]
+        top = 1.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 255.0
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=top, neginf=0.0) * (255.0 / top)
+        out = np.rint(np.clip(a, 0, 255))
+    else:
+        out = (np.clip(a.astype(np.int64), 0, 65535) + 128) // 257  # round(v / 257): 65535 -> 255, no ties
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def _over_white(img: Any) -> Any:
+    """An image with transparency, composited over opaque white: ``round(c * a + 255 * (1 - a))``
+    per channel with ``a`` in [0, 1], in integers so that it is exact."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return Image.fromarray(out.astype(np.uint8))
+
+
 class _ToMode:
-    """PIL image to mode ``'RGB'`` or ``'L'`` (a class, not a lambda, so workers can pickle it)."""
+    """:func:`to_mode` as a transform step (a class, not a lambda, so workers can pickle it)."""
 
     def __init__(self, mode: str):
         self.mode = mode
 
     def __call__(self, img: Any) -> Any:
-        if img.mode == self.mode:
-            return img
-        if self.mode == "RGB" and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            img = img.convert("L")  # high-bit-depth grey: via 8-bit grey, as RGB has no direct path
-        return img.convert(self.mode)
+        return to_mode(img, self.mode)
 
     def __repr__(self) -> str:
         return f"ToMode({self.mode!r})"
@@ -477,8 +531,8 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
                      interpolation: str = "bilinear", scale: tuple[float, float] = (0.35, 1.0)) -> Callable:
     """PIL image -> normalised float tensor ``[channels, H, W]``.
 
-    Every image is first converted to the model's channel count: 1 grey, 3 RGB, 4 RGBA (an
-    opaque image gets alpha 1); any other count repeats the RGB channels cyclically.
+    Every image is first converted to the model's channel count by :func:`to_mode`: 1 grey, 3 RGB,
+    4 RGBA (an opaque image gets alpha 1); any other count repeats the RGB channels cyclically.
     Training with ``augment`` (a policy of :mod:`.augment`: ``light``, the default, or True;
     ``randaugment``; ``trivialaugment``): ``RandomResizedCrop(size, scale)`` and, with ``flip``, a
     random horizontal flip (turn it off for digits, text, anything with a handedness), then the
