@@ -31,7 +31,9 @@ def adapt(
     hidden: Annotated[int, typer.Option("--hidden", help="Hidden width of the mlp head.")] = 512,
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the mlp head (the first layer uses half).")] = 0.5,
     in_chans: Annotated[int, typer.Option("--in-chans", help="Input channels; the first conv's weights are adapted.")] = 3,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input size for the probe and the manifest (default: the weights' or 224).")] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input size for the probe and the manifest (default: the weights' or 224); a timm ViT is rebuilt for it (img_size).")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", metavar="M,M,M", help="Normalisation mean per input channel, recorded in the manifest (default: the weights' metadata, else ImageNet's); one value for --in-chans 1.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option("--std", metavar="S,S,S", help="Normalisation std per input channel, as --mean.", show_default=False)] = None,
     freeze: Annotated[Optional[str], typer.Option("--freeze", metavar="head-only|none", help="Base freeze policy.")] = None,
     freeze_until: Annotated[Optional[str], typer.Option("--freeze-until", metavar="MODULE", help="Freeze everything before MODULE (e.g. layer3).")] = None,
     freeze_first: Annotated[Optional[int], typer.Option("--freeze-first", metavar="N", help="Freeze the first N top-level children that have parameters.")] = None,
@@ -68,7 +70,8 @@ def adapt(
     options = AdaptOptions.create(
         arch=arch, num_classes=num_classes, out=out, weights=weights, arch_kwargs=arch_kwargs,
         rules=_rules(ctx, rules_file, strip_prefix, rename, drop), select=select, allow_globals=allow_global or (),
-        head=head, hidden=hidden, dropout=dropout, in_chans=in_chans, input_size=input_size, freeze=freeze,
+        head=head, hidden=hidden, dropout=dropout, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
+        freeze=freeze,
         freeze_until=freeze_until, freeze_first=freeze_first, freeze_regex=freeze_regex, train_regex=train_regex,
         preset=preset, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay, unfreeze_at=unfreeze_at,
         gradual=gradual, bn=bn, strict=strict, min_coverage=min_coverage, force=force)
@@ -142,8 +145,16 @@ def _render_load(out, report) -> None:
         when = "-" if g["trainable"] else (f"epoch {g['unfreeze_at'] + 1}" if g["unfreeze_at"] is not None else "never")
         table.add_row(g["name"], human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}", when)
     out.print(table)
+    inp = report.manifest["input"]
+    out.print(f"input: {inp['size'][0]}x{inp['size'][1]} px (resize {inp['resize']}, {inp['interpolation']}), "
+              f"{inp['channels']} channels, mean {_listed(inp['mean'])}, std {_listed(inp['std'])} "
+              f"(from {inp['source']})", markup=False)
     bn = report.manifest["bn"]
     out.print(f"BatchNorm: {bn['policy']} ({len(report.frozen_bn())} of {len(bn['modules'])} layers held in eval mode)")
+
+
+def _listed(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 __all__ = ["register", "adapt", "render", "json"]

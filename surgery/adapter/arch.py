@@ -320,6 +320,23 @@ def torchvision_weights(arch: str, name: str):
     return enum[key]
 
 
+def timm_sized_for(spec: ArchSpec, model: "nn.Module", input_size: int | None) -> ArchSpec | None:
+    """The spec of a timm model whose patch embedding is built for one image size (ViT, DeiT,
+    BEiT, ...) rebuilt for ``input_size`` (``img_size``, so its position embedding is
+    interpolated); None when nothing needs rebuilding or ``--arch-kwargs`` already sets it."""
+    embed = getattr(model, "patch_embed", None)
+    built = getattr(embed, "img_size", None)
+    if (spec.kind != "timm" or input_size is None or "img_size" in spec.kwargs
+            or not isinstance(built, (tuple, list)) or tuple(built) == (input_size, input_size)):
+        return None
+    patch = getattr(embed, "patch_size", 1)
+    patch = int(patch[-1]) if isinstance(patch, (tuple, list)) else int(patch)
+    if input_size % patch:
+        raise AdaptError(f"--input-size {input_size}: {spec.display} cuts images into {patch}x{patch} patches; "
+                         f"use a multiple of {patch}")
+    return ArchSpec(spec.kind, spec.name, {**spec.kwargs, "img_size": input_size})
+
+
 def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any = None) -> dict:
     """Input size, channels and normalisation: torchvision's weights meta where known, timm's
     pretrained_cfg for timm, else ImageNet defaults at 224."""
@@ -367,3 +384,29 @@ def input_config(spec: ArchSpec, model: "nn.Module | None" = None, weights: Any 
         resize = resize[0]
     return {"size": [int(size), int(size)], "resize": int(resize), "channels": 3, "mean": [float(m) for m in mean],
             "std": [float(s) for s in std], "interpolation": interp, "source": source}
+
+
+def with_normalisation(inp: dict, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict:
+    """The input section with the caller's mean/std (``--mean/--std``) where given, its source saying so."""
+    if mean is None and std is None:
+        return inp
+    given = " and ".join(n for n, v in (("mean", mean), ("std", std)) if v is not None)
+    return {**inp, "mean": [float(m) for m in mean] if mean is not None else inp["mean"],
+            "std": [float(s) for s in std] if std is not None else inp["std"],
+            "source": f"{inp['source']}; {given} given to adapt"}
+
+
+def assumed_input(spec: ArchSpec, inp: dict, input_size: int | None, mean: Any, std: Any) -> str | None:
+    """What adapt assumed about the input for want of metadata (no torchvision weights, no timm
+    config: a factory), in one sentence; None when nothing was assumed."""
+    if not inp["source"].startswith("imagenet-default"):
+        return None
+    guessed = [] if input_size is not None or "image_size" in spec.kwargs else [f"{inp['size'][0]}x{inp['size'][1]} px"]
+    norms = [n for n, v in (("mean", mean), ("std", std)) if v is None]
+    if norms:
+        guessed.append(f"ImageNet {'/'.join(norms)}")
+    if not guessed:
+        return None
+    return (f"{spec.display} carries no input metadata: assumed {' and '.join(guessed)}; if it was trained "
+            f"otherwise, pass --input-size and --mean/--std")
+

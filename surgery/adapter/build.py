@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AdaptError
 from ..preprocess import resize_for
-from .arch import ArchSpec, accepts_num_classes, build, input_config
+from .arch import ArchSpec, accepts_num_classes, build, input_config, timm_sized_for, with_normalisation
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -43,6 +43,7 @@ def blueprint(spec: ArchSpec, opts: "AdaptOptions", weights: Any = None) -> Blue
     if opts.input_size is not None:
         inp["size"], inp["resize"] = [opts.input_size, opts.input_size], resize_for(opts.input_size)
         probe(meta_model, 3, opts.input_size)  # a model fixed to another size is refused here, not in train
+    inp = with_normalisation(inp, opts.mean, opts.std)
     head = plan_head(spec, meta_model, num_classes=opts.num_classes, kind=opts.head, took_num_classes=took,
                      in_chans=opts.in_chans, size=tuple(inp["size"]), hidden=opts.hidden, dropout=opts.dropout)
     return Blueprint(spec, took, inp, head)
@@ -63,8 +64,10 @@ def meta_model_for(spec: ArchSpec, num_classes: int, seed: int, input_size: int 
 
 
 def _for_input_size(spec: ArchSpec, model: "nn.Module", input_size: int | None) -> ArchSpec | None:
-    """The spec of a torchvision model with a fixed ``image_size`` rebuilt for ``input_size``;
-    None when nothing needs rebuilding."""
+    """The spec of a torchvision model with a fixed ``image_size`` (or a timm one with a fixed
+    ``img_size``) rebuilt for ``input_size``; None when nothing needs rebuilding."""
+    if spec.kind == "timm":
+        return timm_sized_for(spec, model, input_size)
     built = getattr(model, "image_size", None)
     if not (spec.kind == "torchvision" and input_size is not None and isinstance(built, int)
             and built != input_size and "image_size" not in spec.kwargs):

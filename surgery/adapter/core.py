@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..io import OUTPUTS, check_destination
-from .arch import resolve_arch, torchvision_weights
+from .arch import assumed_input, resolve_arch, torchvision_weights
 from .assemble import assemble_manifest
 from .build import blueprint, build_model
 from .folder import build_from_manifest, load_adapted, load_weights, write_folder
@@ -40,6 +40,7 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
           weights: str | None = None, arch_kwargs: dict | str | None = None, rules: Any = None,
           select: str | None = None, allow_globals: Iterable[str] = (), head: str = "linear",
           hidden: int = 512, dropout: float = 0.5, in_chans: int = 3, input_size: int | None = None,
+          mean: float | str | Iterable[float] | None = None, std: float | str | Iterable[float] | None = None,
           freeze: str | None = None, freeze_until: str | None = None, freeze_first: int | None = None,
           freeze_regex: str | None = None, train_regex: str | None = None, preset: str | None = None,
           backbone_lr_mult: float | None = None, layer_decay: float | None = None,
@@ -49,7 +50,9 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     """Load ``ckpt`` (a path, a state dict, or None with ``weights``) into ``arch`` with a new
     ``num_classes`` head, freeze by policy, and (with ``out``) write model.safetensors,
     manifest.json and load_report.json there. Returns (model, report); nothing is written when
-    anything fails. The keywords are those of :class:`AdaptOptions` (the freeze ones flat).
+    anything fails. The keywords are those of :class:`AdaptOptions` (the freeze ones flat);
+    ``mean``/``std``: one value per input channel, recorded in the manifest (default: the
+    weights' metadata, else ImageNet's, which the report then says it assumed).
 
     >>> model, report = adapt("resnet18.pth", arch="resnet18", num_classes=4,
     ...                       freeze="head-only", out="adapted/")  # doctest: +SKIP
@@ -79,6 +82,9 @@ def adapt_with(ckpt: Any, o: AdaptOptions) -> tuple["nn.Module", AdaptReport]:
     if m.report.mismatched:
         report.warnings.append(f"{len(m.report.mismatched)} tensors skipped for their shape: "
                                + ", ".join(t for _, t, _, _ in m.report.mismatched[:5]))
+    assumed = assumed_input(bp.spec, bp.input, o.input_size, o.mean, o.std)
+    if assumed:
+        report.warnings.append(assumed)
     if o.out is not None:
         write_folder(o.out, model, manifest, m.report)
     return model, report

@@ -7,6 +7,8 @@ everything and raises one error naming every problem, before any work is done.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ class AdaptOptions:
     dropout: float = 0.5
     in_chans: int = 3
     input_size: int | None = None
+    mean: tuple[float, ...] | None = None  # per input channel; None: the weights' metadata, else ImageNet's
+    std: tuple[float, ...] | None = None
     freezing: FreezeOptions = field(default_factory=FreezeOptions)
     strict: bool = False
     min_coverage: float = 0.5
@@ -53,8 +57,12 @@ class AdaptOptions:
         freezing = FreezeOptions(**{k: keywords.pop(k) for k in FREEZE_KEYWORDS if k in keywords})
         out = keywords.pop("out", None)
         allow = tuple(keywords.pop("allow_globals", ()) or ())
+        problems = []
+        for name in ("mean", "std"):  # "0.5,0.5,0.5", 0.5 or a sequence: a tuple of floats
+            keywords[name], problem = _floats(name, keywords.get(name))
+            problems += [problem] if problem else []
         opts = cls(freezing=freezing, out=Path(out) if out is not None else None, allow_globals=allow, **keywords)
-        problems = opts.problems()
+        problems += opts.problems()
         if problems:
             raise AdaptError("; ".join(problems))
         return opts
@@ -77,6 +85,28 @@ class AdaptOptions:
             problems.append(f"--hidden must be >= 1 and --dropout in [0, 1) (got {self.hidden}, {self.dropout})")
         if not 0 <= self.min_coverage <= 1:
             problems.append(f"--min-coverage must be in [0, 1], got {self.min_coverage}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != self.in_chans:
+                problems.append(f"--{name} takes one value per input channel ({self.in_chans} for --in-chans "
+                                f"{self.in_chans}), got {len(values)}")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            problems.append(f"--std values must be positive, got {', '.join(f'{s:g}' for s in self.std)}")
         if self.class_names is not None and len(self.class_names) != n:
             problems.append(f"{len(self.class_names)} class names for --num-classes {n}")
         return problems + self.freezing.check()[2]
+
+
+def _floats(name: str, value: Any) -> tuple[tuple[float, ...] | None, str | None]:
+    """``--mean 0.5,0.4,0.3`` (commas or spaces), one number, or a sequence, as finite floats;
+    or the problem with it."""
+    if value is None:
+        return None, None
+    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else (
+        [value] if isinstance(value, (int, float)) else value)
+    try:
+        floats = tuple(float(v) for v in items if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        floats = ()
+    if not floats or len(floats) != len(items) or not all(math.isfinite(f) for f in floats):
+        return None, f"--{name} {value!r}: give one number per input channel, e.g. 0.5,0.5,0.5 (or 0.5 for one channel)"
+    return floats, None

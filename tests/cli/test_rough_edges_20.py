@@ -215,3 +215,79 @@ def test_remap_takes_tuples_as_ops(tmp_path):
         with pytest.raises(RuleError, match=r"rules\[0\] is .*: pass Op\(kind, arg\) or a tuple \(kind, \*args\)"):
             surgery.remap(tmp_path / "dp.pt", tmp_path / "bad.safetensors", bad)
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- adapt: the input it assumed, --mean/--std
+
+@pytest.fixture(scope="module")
+def factory_ckpt(tmp_path_factory):
+    import torch
+
+    from fixtures.factory import load_factory, write_factory
+
+    root = tmp_path_factory.mktemp("factory")
+    arch = write_factory(root)
+    torch.save(load_factory(arch)(5).state_dict(), root / "cnn.pth")
+    return arch, root / "cnn.pth"
+
+
+def test_adapt_says_what_input_it_assumed(cli, factory_ckpt, tmp_path):
+    arch, ck = factory_ckpt
+    r = cli("adapt", ck, "--arch", arch, "--num-classes", 3, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert ("input: 224x224 px (resize 256, bilinear), 3 channels, mean [0.485, 0.456, 0.406], std [0.229, 0.224, "
+            "0.225] (from imagenet-default)") in r.stdout
+    said = f"{arch} carries no input metadata: assumed 224x224 px and ImageNet mean/std; if it was trained otherwise"
+    assert f"warning: {said}" in r.stdout
+    r = cli("adapt", ck, "--arch", arch, "--num-classes", 3, "--input-size", SIZE, "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == [f"{arch} carries no input metadata: assumed ImageNet mean/std; if it "
+                                                f"was trained otherwise, pass --input-size and --mean/--std"]
+
+
+def test_adapt_records_the_mean_and_std_it_is_given(cli, factory_ckpt, tmp_path):
+    import surgery
+
+    arch, ck = factory_ckpt
+    r = cli("adapt", ck, "--arch", arch, "--num-classes", 3, "--input-size", SIZE, "--mean", "0.5,0.5,0.5", "--std",
+            "0.25 0.25 0.25", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.stdout and "mean [0.5, 0.5, 0.5], std [0.25, 0.25, 0.25]" in r.stdout
+    inp = json.loads((tmp_path / "a" / "manifest.json").read_text())["input"]
+    assert (inp["mean"], inp["std"], inp["size"]) == ([0.5] * 3, [0.25] * 3, [SIZE, SIZE])
+    from surgery.preprocess import input_pipeline
+
+    pipe = input_pipeline(surgery.read_manifest(tmp_path / "a"))
+    assert (tuple(pipe.mean), tuple(pipe.std)) == ((0.5,) * 3, (0.25,) * 3)  # what train, evaluate, predict use
+
+    _, rep = surgery.adapt(str(ck), arch=arch, num_classes=3, in_chans=1, input_size=SIZE, mean=0.5, std=[0.25])
+    assert (rep.manifest["input"]["mean"], rep.manifest["input"]["std"], rep.warnings) == ([0.5], [0.25], [])
+    with pytest.raises(surgery.SurgeryError, match=r"^mean takes one value per input channel \(3 for in_chans=3\), "
+                                                   r"got 2; std values must be positive, got 0, 1, 1$"):
+        surgery.adapt(str(ck), arch=arch, num_classes=3, mean=(0.5, 0.5), std="0,1,1")
+    r = cli("adapt", ck, "--arch", arch, "--num-classes", 3, "--mean", "0.5,x", "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "--mean '0.5,x': give one number per input channel" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- adapt: --input-size for a timm ViT
+
+def test_input_size_rebuilds_a_timm_vit_for_it(cli, tmp_path):
+    timm = pytest.importorskip("timm")
+    import torch
+
+    import surgery
+
+    ck = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict(), ck)
+    r = cli("adapt", ck, "--arch", "timm:vit_tiny_patch16_224", "--num-classes", 3, "--input-size", 32,
+            "--out", tmp_path / "ad")
+    assert r.exit_code == 0, r.output
+    assert "interpolated pos_embed: [1, 197, 192] -> [1, 5, 192]" in r.stdout
+    m = json.loads((tmp_path / "ad" / "manifest.json").read_text())
+    assert m["arch"]["kwargs"] == {"img_size": 32} and m["input"]["size"] == [32, 32]
+    with torch.no_grad():
+        assert surgery.load_adapted(tmp_path / "ad").eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    r = cli("adapt", ck, "--arch", "timm:vit_tiny_patch16_224", "--num-classes", 3, "--input-size", 40,
+            "--out", tmp_path / "odd")
+    assert r.exit_code == 2 and "--input-size 40: timm:vit_tiny_patch16_224 cuts images into 16x16 patches" in r.stderr
