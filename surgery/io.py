@@ -22,7 +22,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "adapt": (r"manifest\.json", r"model\.safetensors", r"load_report\.json"),
     "remap": (r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors"),
     "train": (r"(scratch/)?(manifest\.json|model\.safetensors|load_report\.json|metrics\.jsonl|run\.log|curves\.png|"
-              r"confusion\.png|lr_find\.png|lr_find\.json|failures\.jsonl|checkpoints/|checkpoints/(last|best)\.pt)",
+              r"confusion\.png|lr_find(_unfreeze)?\.png|lr_find\.json|failures\.jsonl|checkpoints/|checkpoints/(last|best)\.pt)",
               # --compare-scratch: the scratch run beside the pretrained one, the comparison, a killed run's init
               r"scratch/", r"compare\.json", r"compare\.png", r"\.scratch-init-[A-Za-z0-9_]{8}/.*",
               r"\.scratch-init-[A-Za-z0-9_]{8}/",

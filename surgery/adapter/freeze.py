@@ -351,10 +351,12 @@ def _frozen_train(module: "nn.Module", mode: bool = True) -> "nn.Module":
 
 
 def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[str]:
-    """Put the BatchNorm layers that are frozen at ``epoch`` in eval mode, and keep them there
-    across later ``model.train()`` calls (their ``train`` is replaced, and a forward pre-hook
-    resets the flag if it is set by hand). Layers whose group trains at ``epoch`` follow
-    ``model.training`` again. Returns the frozen layers' paths.
+    """Under the ``frozen`` policy, put the BatchNorm layers of the groups frozen at the start in
+    eval mode for the whole run, and keep them there across later ``model.train()`` calls (their
+    ``train`` is replaced, and a forward pre-hook resets the flag if it is set by hand): their
+    running statistics stay the pretrained ones even after an unfreeze, while their affine
+    weights train with their group. The other layers follow ``model.training``. Returns the
+    frozen layers' paths. (``epoch`` is kept for callers that replay a schedule.)
     """
     data = _data(manifest)
     bn = data["bn"]
@@ -365,7 +367,9 @@ def apply_bn_policy(model: "nn.Module", manifest: Any, epoch: int = 0) -> list[s
         mod = mods.get(path)
         if mod is None:
             continue
-        is_frozen = bn["policy"] == "frozen" and not group_trainable(groups[gname], epoch)
+        # statistics kept for the whole run, also once the group's weights train: a few images per
+        # batch would overwrite them (on the digits demo, a val loss 50% higher at lr ~0)
+        is_frozen = bn["policy"] == "frozen" and not groups[gname]["trainable"]
         handle = mod.__dict__.get("_surgery_bn_hook")
         if is_frozen:
             if handle is None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..adapter.freeze import apply_schedule, group_trainable
 from ..errors import TrainInterrupted
 from . import distributed as D
+from . import phases
 from .balance import balanced_sampler
 from .cache import Features, IndexDataset
 from .data import set_epoch
@@ -29,19 +30,21 @@ from .state import BEST, CHECKPOINT_DIR, LAST, clean_state_dict, rng_state, save
 Observer = Callable[[str, dict], None]
 
 
-def phase(manifest: Any, epoch: int) -> str:
-    """``frozen``, ``unfrozen`` or ``gradual K`` (K stages open): what the metrics call an epoch."""
-    frozen0 = [g for g in manifest.groups if not g["trainable"]]
-    if not frozen0:
-        return "unfrozen"
-    opened = [g for g in frozen0 if group_trainable(g, epoch)]
-    if not opened:
-        return "frozen"
-    if len(opened) == len(frozen0):
-        return "unfrozen"
-    if manifest["schedule"].get("kind") == "gradual":
-        return f"gradual {len({g.get('stage', g['name']) for g in opened})}"
-    return "unfrozen"
+def phase(model: nn.Module, head_path: str) -> str:
+    """What trains this epoch, as the metrics and the log name it: ``head only``, ``partial: 94%
+    trains`` (of the parameters) or ``all``."""
+    total = trainable = 0
+    head_only = True
+    for n, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            head_only = head_only and (n == head_path or n.startswith(head_path + "."))
+    if trainable == total:
+        return "all"
+    if head_only:
+        return "head only"
+    return f"partial: {min(99, max(1, round(100 * trainable / max(total, 1))))}% trains"
 
 
 @contextlib.contextmanager
@@ -105,7 +108,8 @@ class _Epochs:
         set_epoch(run.train_dl, epoch)
         model.train()
         apply_schedule(model, run.manifest, epoch)  # requires_grad and BatchNorm modes for this epoch
-        ph = phase(run.manifest, epoch)
+        phases.unfreeze(run, epoch, self.obs)
+        ph = phase(model, run.head_path)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if run.dist.enabled and self.wrapped_for != tuple(trainable):
@@ -197,9 +201,10 @@ class _Epochs:
         """Train and score one epoch, record it; True when patience says stop."""
         run = self.run
         t0 = time.perf_counter()
-        ph, n_trainable, net, batches = self.begin(epoch)
+        ph, n_trainable, net, batches = self.begin(epoch)  # an unfreeze's range test counts in `seconds` only
+        t1 = time.perf_counter()
         totals, last_lrs = self.train(epoch, net, batches)
-        train_secs = time.perf_counter() - t0
+        train_secs = time.perf_counter() - t1
         loss_sum, correct, seen = D.all_reduce_sum(run.dist, totals, run.place.reduce_on)
         v_loss, v_correct, v_n = self.validate(self.net, None)
         self.note_failures()
@@ -210,6 +215,9 @@ class _Epochs:
              "lr": _lr_by_group(run, last_lrs, frozen_now), "frozen": frozen_now,
              "images_per_s": seen / train_secs if train_secs > 0 else None,
              "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": self.feats is not None}
+        unfreeze = [u for u in run.resolved.get("unfreeze", []) if u["epoch"] == epoch + 1]
+        if unfreeze:
+            m["unfreeze"] = unfreeze[0]
         if run.ema is not None:
             e_loss, e_correct, e_n = self.validate(run.ema.module, run.ema.module)
             m.update(ema_val_loss=e_loss / max(e_n, 1), ema_val_acc=e_correct / max(e_n, 1))
@@ -236,9 +244,12 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
     """Keep an epoch's metrics, its weights when best, its checkpoints and its log line; True when
     ``--patience`` epochs have passed without a better val accuracy."""
     p, epochs, out = run.progress, run.opts.epochs, run.opts.out
+    event = phases.guard(run, m)  # before the best is updated: a collapsed epoch is never the best
+    if event is not None:
+        m["guard"] = event
     p.history.append(m)
     weights, acc, loss = _better(m)
-    improved = acc > p.best["val_acc"] or (acc == p.best["val_acc"] and loss < p.best["val_loss"])
+    improved = event is None and (acc > p.best["val_acc"] or (acc == p.best["val_acc"] and loss < p.best["val_loss"]))
     if improved:
         p.best = {"epoch": m["epoch"], "val_acc": acc, "val_loss": loss, "weights": weights}
         p.bad_epochs = 0
@@ -256,6 +267,8 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
                       + (f" | ema val loss {m['ema_val_loss']:.4f} acc {m['ema_val_acc']:.3f}" if "ema_val_acc" in m
                          else "") + f" | {m['images_per_s'] or 0:.0f} img/s {m['seconds']:.1f}s"
                       + (f" *best{' (ema)' if weights == 'ema' else ''}" if improved else ""))
+        if event is not None:
+            run.files.log(phases.guard_message(event))
     obs("epoch_end", dict(m, best=dict(p.best), improved=improved))
     patience = run.opts.patience
     if patience is not None and p.bad_epochs >= patience and m["epoch"] < epochs:

@@ -61,8 +61,12 @@ _SWEEP = "EMA beta 0.9; the sweep stops when the smoothed loss exceeds 4x its mi
 RULE_HEAD = f"the head alone: lr at the minimum of the smoothed loss / 10 ({_SWEEP})"
 RULE_NET = (f"backbone layers train: 8 x the lr in the middle of the loss's descent (a falling step fitted to "
             f"the raw losses up to the smoothed minimum), at most the minimum ({_SWEEP})")
+RULE_UNFREEZE = ("the unfreeze, from the trained head: a tenth of the lr after which the loss of fixed training images "
+                 "(no augmentation, eval mode) first passes 1.5 x its value before the sweep; the sweep stops at 4x")
 START, END = 1e-6, 1.0
 BETA, DIVERGE, BACKOFF = 0.9, 4.0, 10.0
+RISE = 1.5  # the unfreeze: the probe's loss has clearly risen once past this many times its start
+UNFREEZE_STEPS = 60  # the unfreeze's sweep: enough to see the loss rise, a few epochs' cost at most
 AHEAD = 8.0  # backbone layers train: the suggestion is this many times the middle of the descent
 FIT_PER_DECADE, FIT_WIDTHS = 20, (0.2, 0.3, 0.45, 0.7, 1.0, 1.5)  # the descent fit's grid: middles, widths (decades)
 
@@ -82,6 +86,8 @@ class LrFind:
     cached: bool = False
     head_only: bool = False
     descent_lr: float | None = None  # the middle of the loss's descent (backbone layers train)
+    ceiling_lr: float | None = None  # the unfreeze: where the probe's loss rises past RISE x its start
+    probe: list[float] | None = None  # the unfreeze: the loss of fixed training images after each step
     rule: str = RULE_NET
     schema: str = SCHEMA
 
@@ -90,7 +96,7 @@ class LrFind:
 
     def summary(self) -> dict:
         """The record without the curve (for manifests and logs)."""
-        return {k: v for k, v in self.to_json().items() if k not in ("lrs", "losses", "smoothed")}
+        return {k: v for k, v in self.to_json().items() if k not in ("lrs", "losses", "smoothed", "probe")}
 
 
 def smooth(losses: list[float], beta: float = BETA) -> list[float]:
@@ -120,6 +126,20 @@ def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: 
         if mid is not None:
             pick = min(mid * AHEAD, lr_min)
     return min(max(pick, start), end), lr_min, mid
+
+
+def suggest_unfreeze(lrs: list[float], after: list[float], before: float, start: float = START,
+                     end: float = END) -> tuple[float, float, float]:
+    """(suggestion, lr at the probe's minimum, the ceiling) for a sweep that starts from a trained
+    head (the unfreeze): ``after[i]`` is the loss of the fixed training images after the step at
+    ``lrs[i]`` and ``before`` the same loss before the first step. The ceiling is the first lr
+    whose step leaves that loss above ``RISE x before``; the suggestion is a tenth of it."""
+    if not lrs or not after:
+        return start, start, start
+    i_min = min(range(len(after)), key=lambda i: after[i] if math.isfinite(after[i]) else math.inf)
+    ceiling = next((lrs[i] for i, v in enumerate(after[:len(lrs)]) if not (math.isfinite(v) and v <= RISE * before)),
+                   lrs[-1])  # nothing hurt up to the end of the sweep
+    return min(max(ceiling / BACKOFF, start), end), lrs[i_min], ceiling
 
 
 def descent_middle(lrs: list[float], losses: list[float], i_min: int) -> float | None:
@@ -169,13 +189,16 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
                optimizer: str = "adamw", weight_decay: float = 0.0, momentum: float = 0.9,
                loss_fn: Callable | None = None, steps: int = 200, start: float = START, end: float = END,
                prepare: Callable[[Any, Any], tuple] | None = None, autocast: Callable[[], Any] | None = None,
-               cached: bool = False, head_only: bool = False) -> LrFind:
+               cached: bool = False, head_only: bool = False,
+               probe: Callable[["nn.Module"], float] | None = None) -> LrFind:
     """Sweep the lr from ``start`` to ``end`` over ``steps`` steps on a copy of ``model``.
 
     ``batches()``: a fresh iterable of ``(x, y)`` (re-called when it runs out). ``groups(copy)``:
     optimizer groups with ``lr_mult`` (default: every parameter that requires grad, ``lr_mult`` 1).
     ``prepare(x, y)`` moves a batch to the device. ``head_only``: only a head on fixed features
-    trains, which selects the rule (see the module docstring).
+    trains; ``probe(model)``: the loss of fixed images, measured before the first step and after
+    each one, which selects the rule of a sweep from a trained head (the unfreeze); each mode has
+    its rule (see the module docstring).
     """
     import torch
 
@@ -197,6 +220,7 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
     factor = (end / start) ** (1 / max(steps - 1, 1))
     lrs, losses, smoothed = [], [], []
     stopped, best, avg = "end", math.inf, 0.0
+    probed = [probe(work)] if probe is not None else None
     devices = [p.device for p in work.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices):
         it = iter(_cycle(batches))
@@ -215,16 +239,26 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
             avg = BETA * avg + (1 - BETA) * v
             smoothed.append(avg / (1 - BETA ** (i + 1)))
             best = min(best, smoothed[-1])
-            if not math.isfinite(v) or (i >= 10 and smoothed[-1] > DIVERGE * best):
+            if probed is None and (not math.isfinite(v) or (i >= 10 and smoothed[-1] > DIVERGE * best)):
                 stopped = "diverged"
                 break
             loss.backward()
             opt.step()
+            if probed is not None:
+                probed.append(probe(work))
+                if not math.isfinite(probed[-1]) or probed[-1] > DIVERGE * probed[0]:
+                    stopped = "diverged"
+                    break
     del work, opt
-    suggestion, lr_min, mid = suggest(lrs, smoothed, start, end, head_only, losses)
+    kw: dict[str, Any] = {}
+    if probed is not None:
+        suggestion, lr_min, kw["ceiling_lr"] = suggest_unfreeze(lrs, probed[1:], probed[0], start, end)
+        kw.update(rule=RULE_UNFREEZE, probe=probed)
+    else:
+        suggestion, lr_min, kw["descent_lr"] = suggest(lrs, smoothed, start, end, head_only, losses)
+        kw["rule"] = RULE_HEAD if head_only else RULE_NET
     return LrFind(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_lr=lr_min, stopped=stopped,
-                  steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only,
-                  descent_lr=mid, rule=RULE_HEAD if head_only else RULE_NET)
+                  steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only, **kw)
 
 
 def plot(found: LrFind, path: Any) -> Any:
@@ -235,9 +269,13 @@ def plot(found: LrFind, path: Any) -> Any:
     ax = fig.subplots()
     ax.plot(found.lrs, found.losses, color="0.75", linewidth=1, label="loss")
     ax.plot(found.lrs, found.smoothed, color="C0", linewidth=2, label="smoothed")
+    if found.probe:
+        ax.plot(found.lrs, found.probe[1:len(found.lrs) + 1], color="C2", linewidth=2, label="fixed images (eval)")
     ax.axvline(found.min_lr, color="0.5", linestyle=":", linewidth=1)
     if found.descent_lr is not None:
         ax.axvline(found.descent_lr, color="0.5", linestyle="-.", linewidth=1, label="middle of the descent")
+    if found.ceiling_lr is not None:
+        ax.axvline(found.ceiling_lr, color="0.5", linestyle="-.", linewidth=1, label=f"loss past {RISE:g}x its lowest")
     ax.axvline(found.suggestion, color="C3", linestyle="--", linewidth=1.5)
     y = _interp(found.lrs, found.smoothed, found.suggestion)
     ax.plot([found.suggestion], [y], "o", color="C3", label=f"chosen lr {found.suggestion:.2g}")
@@ -286,9 +324,6 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
     100 steps, or as many as the run has when it is shorter (at least 40), so that the test never
     costs much more than the training it tunes."""
     import torch
-    from torch.utils.data import DataLoader
-
-    from .optim import optimizer_groups
 
     gen = torch.Generator().manual_seed(seed + 7919)  # the run's own generators are not touched
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -305,13 +340,49 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
                           optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
                           steps=200, prepare=prepare, autocast=autocast, cached=True, head_only=True)
     head_only = all(n.startswith(head_path + ".") for n, p in model.named_parameters() if p.requires_grad)
+    return _on_images(model, manifest, loader, gen, steps=min(100, max(40, run_steps or 100)), prepare=prepare,
+                      autocast=autocast, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
+                      loss_fn=loss_fn, head_only=head_only)
+
+
+def for_unfreeze(model: "nn.Module", manifest: Any, *, loader: Any, reference: tuple, prepare: Callable,
+                 autocast: Callable, optimizer: str, weight_decay: float, momentum: float, label_smoothing: float,
+                 seed: int, epoch: int, steps: int = UNFREEZE_STEPS) -> LrFind:
+    """The range test at an unfreeze: the model as the head phase left it, with every group that
+    trains from ``epoch`` on (``requires_grad`` already set), each at its ``lr_mult``, over the
+    training batches; after each step the loss of ``reference`` (fixed images, ``(x, y)``) in eval
+    mode is the probe the rule reads (:func:`suggest_unfreeze`): a training loss of a few
+    augmented images jumps by 10x from batch to batch, the probe does not."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 7919 + epoch)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    x_ref, y_ref = prepare(*reference)
+
+    def probe(work: "nn.Module") -> float:
+        work.eval()
+        with torch.no_grad(), autocast():
+            v = float(loss_fn(work(x_ref).float(), y_ref))
+        work.train()
+        return v
+
+    return _on_images(model, manifest, loader, gen, steps=steps, prepare=prepare, autocast=autocast,
+                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
+                      probe=probe)
+
+
+def _on_images(model: "nn.Module", manifest: Any, loader: Any, gen: Any, *, steps: int, weight_decay: float,
+               **kw: Any) -> LrFind:
+    """A sweep of the whole model over the training images, in an order of its own (``gen``)."""
+    from torch.utils.data import DataLoader
+
+    from .optim import optimizer_groups
+
     dl = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=gen,
                     num_workers=loader.num_workers, drop_last=len(loader.dataset) > loader.batch_size,
                     collate_fn=loader.collate_fn)
     return range_test(model, lambda: dl, groups=lambda m: optimizer_groups(m, manifest, 1.0, weight_decay),
-                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                      steps=min(100, max(40, run_steps or 100)), prepare=prepare, autocast=autocast,
-                      head_only=head_only)
+                      weight_decay=weight_decay, steps=steps, **kw)
 
 
 def use(found: LrFind, lr: float, opt: Any, sched: Any, out: Any, write: bool) -> None:
@@ -335,6 +406,32 @@ def use_files(found: LrFind, out: Any) -> None:
     with atomic_file(out / "lr_find.json") as tmp:
         tmp.write_text(json.dumps(found.to_json(), indent=2) + "\n", encoding="utf-8")
     plot(found, out / "lr_find.png")
+
+
+def use_unfreeze_files(found: LrFind, lr: float, epoch: int, out: Any) -> None:
+    """The unfreeze's range test beside the first one: ``lr_find.json`` gains ``unfreeze`` (the
+    curve and the lr used) and ``phases`` (each phase's first epoch and lr); the curve is plotted
+    to ``lr_find_unfreeze.png``."""
+    import json
+
+    from ..io import atomic_file
+
+    out = Path(out)
+    path = out / "lr_find.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    phases = data.get("phases") if isinstance(data.get("phases"), list) else []
+    if not phases and isinstance(data.get("suggestion"), (int, float)):
+        phases = [{"epoch": 1, "lr": data["suggestion"], "rule": data.get("rule")}]
+    data["phases"] = [ph for ph in phases if ph.get("epoch") != epoch] + [{"epoch": epoch, "lr": lr, "rule": found.rule}]
+    data["unfreeze"] = dict(found.to_json(), lr=lr, epoch=epoch)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    plot(found, out / "lr_find_unfreeze.png")
 
 
 def fmt_lr(lr: float) -> str:

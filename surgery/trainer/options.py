@@ -26,7 +26,7 @@ CACHE_CHOICES = ("auto", "on", "off")
 HYPER = ("epochs", "lr", "val_split", "seed", "batch_size", "workers", "optimizer", "weight_decay", "momentum",
          "schedule", "warmup_epochs", "label_smoothing", "clip_grad", "patience", "image_size", "augment", "flip",
          "device", "amp", "compile", "cache_features", "cache_views", "mixup", "cutmix", "ema", "accumulate",
-         "class_weights", "balanced_sampler")
+         "class_weights", "balanced_sampler", "guard")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class TrainOptions:
     accumulate: int = 1
     class_weights: str = "none"
     balanced_sampler: bool = False
+    guard: bool = True
     tensorboard: bool = False
     resume: bool | str | os.PathLike | None = None
     force: bool = False

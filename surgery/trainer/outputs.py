@@ -40,6 +40,10 @@ class TrainResult:
     resumed_from: str | None = None
     best_weights: str = "raw"  # "ema": the averaged weights (--ema) scored higher and are the ones kept
     per_class_val_acc: dict[str, float] | None = None  # when the classes are skewed
+    unfreeze: list[dict] = field(default_factory=list)  # each unfreeze: epoch, groups, lrs, how the lr was found
+    guard: list[dict] = field(default_factory=list)  # each guard event: epoch, val loss, restored epoch, new lrs
+    head_phase_best: dict | None = None  # best val acc/loss before the first unfreeze, and after it
+    after_unfreeze_best: dict | None = None
 
     def to_json(self) -> dict:
         d = {"schema": SCHEMA, **asdict(self)}

@@ -27,7 +27,7 @@ from .data import Samples, check_num_classes, discover, make_loaders, pipeline_a
 from .augment import DEFAULT_AUGMENT, batch_mixer
 from .device import Placement
 from .ema import WeightEma
-from .optim import LrMultiplier, optimizer_groups
+from .optim import LENGTH_FIELDS, LrMultiplier, optimizer_groups
 from .options import TrainOptions
 from .outputs import RunFiles
 from .resume import inside, load_moving
@@ -123,7 +123,7 @@ def check_inputs(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, dis
                                      compiled=opts.compile, mixing=opts.mixing)
     fp = fingerprint(manifest, model, samples.classes)
     if ckpt is not None:
-        check_fingerprint(ckpt.get("fingerprint") or {}, fp, str(ckpt["path"]))
+        check_fingerprint(ckpt.get("fingerprint", {}), fp, str(ckpt["path"]))
         if int(ckpt["epoch"]) > opts.epochs:
             raise ResumeError(f"{ckpt['path']}: holds {ckpt['epoch']} finished epochs but --epochs is {opts.epochs}; "
                               f"pass --epochs {ckpt['epoch']} or more")
@@ -247,7 +247,9 @@ def build_training(run: Run) -> None:
         run.opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.decay)
     steps = optimizer_steps(len(run.train_dl), o.accumulate)
     run.mult = LrMultiplier(o.schedule, steps * o.epochs, round(o.warmup * steps))
-    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, run.mult)
+    # one multiplier per group: an unfreeze and the guard change some groups' lrs and not others
+    run.sched = torch.optim.lr_scheduler.LambdaLR(
+        run.opt, [LrMultiplier(o.schedule, run.mult.total, run.mult.warmup) for _ in run.opt.param_groups])
     run.scaler = torch.amp.GradScaler("cuda") if run.place.amp_dtype == torch.float16 else None
     run.moving = changing_keys(run.model, run.manifest)
     build_objective(run)
@@ -316,7 +318,7 @@ def restore(run: Run) -> None:
     ckpt, p = run.ckpt, run.progress
     load_moving(run.model, ckpt["model"], run.moving, str(ckpt["path"]))
     run.opt.load_state_dict(ckpt["optimizer"])
-    length = dict(vars(run.mult))
+    length = {k: getattr(run.mult, k) for k in LENGTH_FIELDS}
     run.sched.load_state_dict(ckpt["scheduler"])
     for f in run.sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
         f.__dict__.update(length)
@@ -326,6 +328,10 @@ def restore(run: Run) -> None:
         run.ema.load_state_dict(ckpt["ema"])
     p.start_epoch, p.best, p.bad_epochs = int(ckpt["epoch"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
     p.history = list(ckpt.get("history") or [])
+    saved = ckpt.get("args") or {}
+    for k in ("unfreeze", "guard"):  # what the phases did so far: the manifest records it at the end
+        if isinstance(saved.get(k), list):
+            run.resolved[k] = list(saved[k])
     best_file = Path(ckpt["path"]).parent / BEST
     if best_file.is_file() and p.best["epoch"] > 0:
         p.best_state = load_checkpoint(best_file)["model"]

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import TrainError
-from . import balance, lr_find
+from . import balance, lr_find, phases
 from . import distributed as D
 from .cache import Features, build as build_cache, verify_split
 from .data import pipeline_transforms
@@ -50,7 +50,7 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
           augment: bool = True, flip: bool = True, device: str = "auto", amp: bool = True,
           compile: bool = False, cache_features: str = "auto", cache_views: int = 0,
           mixup: float = 0.0, cutmix: float = 0.0, ema: float | None = None, accumulate: int = 1,
-          class_weights: str = "none", balanced_sampler: bool = False, tensorboard: bool = False,
+          class_weights: str = "none", balanced_sampler: bool = False, guard: bool = True, tensorboard: bool = False,
           resume: bool | str | os.PathLike | None = None, force: bool = False,
           observer: Optional[Observer] = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune the model in ``adapted_dir`` (written by ``surgery adapt``) on ``data`` and
@@ -68,6 +68,8 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     ``augment``: a policy (``none``, ``light``, ``randaugment``, ``trivialaugment``; True is
     ``light``), ``mixup``/``cutmix`` the alpha of batch mixing (:mod:`.augment`); ``ema``: a decay
     for an average of the weights, validated beside the raw ones, the better kept (:mod:`.ema`);
+    ``guard``: after an unfreeze, an epoch whose val loss passes twice the head phase's best brings
+    the best weights back and cuts the unfrozen groups' lr tenfold (:mod:`.phases`).
     ``accumulate``: batches per optimizer step (the schedule counts steps); ``class_weights="auto"``
     and ``balanced_sampler`` for skewed classes (:mod:`.balance`); ``tensorboard``: event files in
     ``out/tensorboard`` (:mod:`.tensorboard`).
@@ -83,7 +85,7 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
         clip_grad=clip_grad, patience=patience, image_size=image_size, augment=augment, flip=flip, device=device,
         amp=amp, compile=compile, cache_features=cache_features, cache_views=cache_views, mixup=mixup, cutmix=cutmix,
         ema=ema, accumulate=accumulate, class_weights=class_weights, balanced_sampler=balanced_sampler,
-        tensorboard=tensorboard, resume=resume, force=force, trust_code=trust_code)
+        guard=guard, tensorboard=tensorboard, resume=resume, force=force, trust_code=trust_code)
     return run_training(opts, observer or (lambda event, info: None))
 
 
@@ -194,7 +196,9 @@ def _finish(run: Run, feats: Features | None, obs: Observer) -> TrainResult:
                          cache_used=feats is not None, cache_reason=run.cache_reason, skipped=list(run.skipped),
                          device=str(run.place.device), world_size=run.dist.world_size,
                          resumed_from=run.ckpt["path"] if run.ckpt is not None else None,
-                         best_weights=p.best.get("weights", "raw"))
+                         best_weights=p.best.get("weights", "raw"), unfreeze=list(run.resolved.get("unfreeze", [])),
+                         guard=list(run.resolved.get("guard", [])))
+    result.head_phase_best, result.after_unfreeze_best = phases.bests(run.manifest, p.history)
     per_class = per_class_accuracy(cm)
     counts = balance.class_counts([y for _, y in run.samples.train], len(run.samples.classes))
     if balance.is_skewed(counts):

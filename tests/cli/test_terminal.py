@@ -50,7 +50,7 @@ def test_piped_output_is_plain_text_without_padding(cli, setup, tmp_path):
     assert "\x1b[" not in r.stdout
     for want in HEADER:
         assert any(want in line for line in lines), (want, r.stdout)
-    assert any(line.startswith("epoch 1 [frozen] train loss") for line in lines)
+    assert any(line.startswith("epoch 1 [head only] train loss") for line in lines)
     # metrics.jsonl: which groups were frozen, and the lr they trained at (0 while frozen)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["frozen"]["head"] is False and metrics[0]["lr"]["head"] > 0
@@ -89,6 +89,6 @@ def test_in_a_terminal_log_lines_print_above_the_progress_bar(setup, tmp_path, n
     screen = _tmux(tmp_path, _train_args(root, data, tmp_path / "run"), env)
     for want in HEADER:
         assert want in screen, (want, screen)
-    assert "epoch 1/2 [frozen]" in screen or no_color  # the progress bar's label keeps its tag
-    assert "epoch 1 [frozen] train loss" in screen
+    assert "epoch 1/2 [head only]" in screen or no_color  # the progress bar's label keeps its tag
+    assert "epoch 1 [head only] train loss" in screen
     assert ("\x1b[" in screen) != no_color, screen  # colour on a terminal, none with NO_COLOR

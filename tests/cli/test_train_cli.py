@@ -31,7 +31,7 @@ def test_train_evaluate_predict_round_trip(cli, setup, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["epochs_run"] == 2 and res["class_names"] == ["5", "6", "7", "8", "9"]
-    assert [m["phase"] for m in res["metrics"]] == ["frozen", "unfrozen"]
+    assert [m["phase"] for m in res["metrics"]] == ["head only", "all"]
     model = load_adapted(out, trust_code=True)
     sd = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())

@@ -35,7 +35,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout[p.stdout.index("{"):])  # rank 0 alone prints
     assert res["world_size"] == 2 and res["epochs_run"] == 2 and not res["cache_used"]
-    assert [m["phase"] for m in res["metrics"]] == ["frozen", "unfrozen"]
+    assert [m["phase"] for m in res["metrics"]] == ["head only", "all"]
     sd = load_file(str(out / "model.safetensors"))
     assert not any(k.startswith("module.") for k in sd)
     model = load_adapted(out, trust_code=True)
