@@ -48,18 +48,24 @@ def fingerprint(manifest: Any, model: "nn.Module", classes: list[str]) -> dict:
     data = manifest.data if hasattr(manifest, "data") else manifest
     structure = {k: data.get(k) for k in ("arch", "head", "num_classes", "groups", "schedule", "bn")}
     structure["head"] = {k: v for k, v in (structure["head"] or {}).items() if k != "class_names"}
+    pinned = _sha(structure)  # what checkpoints recorded before a re-pin could keep a run going
+    if isinstance(structure["arch"], dict):  # a factory's pin (`surgery trust --repin`) is not its structure
+        structure["arch"] = {k: v for k, v in structure["arch"].items() if k != "sha256"}
     params = [[n, list(p.shape)] for n, p in model.named_parameters()]
-    return {"manifest_sha256": _sha(structure), "params_sha256": _sha(params), "num_params": len(params),
-            "classes": list(classes)}
+    return {"manifest_sha256": _sha(structure), "manifest_sha256_pinned": pinned, "params_sha256": _sha(params),
+            "num_params": len(params), "classes": list(classes)}
 
 
 def check_fingerprint(saved: dict, current: dict, where: str) -> None:
     """Raise ResumeError naming every difference between two fingerprints."""
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{where}: cannot resume from this checkpoint: its fingerprint is not a record "
+                          f"({type(saved).__name__}); it was not written by surgery train")
     problems = []
     if saved.get("params_sha256") != current["params_sha256"]:
         problems.append(f"the model's parameters differ ({saved.get('num_params')} tensors saved, "
                         f"{current['num_params']} now)")
-    elif saved.get("manifest_sha256") != current["manifest_sha256"]:
+    elif saved.get("manifest_sha256") not in (current["manifest_sha256"], current["manifest_sha256_pinned"]):
         problems.append("the adapted model's manifest differs (architecture, head, groups or schedule)")
     if list(saved.get("classes") or []) != current["classes"]:
         old, new = saved.get("classes") or [], current["classes"]

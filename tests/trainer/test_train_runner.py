@@ -91,7 +91,7 @@ def test_finetune_beats_scratch(env, pretrained, tmp_path):
     kw = dict(epochs=4, lr=1e-2, seed=0, batch_size=16, augment=False)
     r_ft = train(ft, few, out=tmp_path / "run_ft", **kw)
     train(sc, few, out=tmp_path / "run_sc", **kw)
-    assert [m["phase"] for m in r_ft.metrics] == ["frozen"] + ["unfrozen"] * 3
+    assert [m["phase"] for m in r_ft.metrics] == ["head only"] + ["all"] * 3
     acc_ft = evaluate(tmp_path / "run_ft", held_out, split="all").accuracy
     acc_sc = evaluate(tmp_path / "run_sc", held_out, split="all").accuracy
     print(f"held-out accuracy: fine-tuned {acc_ft:.3f}, scratch {acc_sc:.3f}")
@@ -181,7 +181,7 @@ def test_frozen_phase_schedule_and_exact_resume(env, pretrained, tmp_path):
         torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-6)
     keys = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "trainable_params")
     assert [{k: m[k] for k in keys} for m in rb.metrics] == [{k: m[k] for k in keys} for m in ra.metrics]
-    assert ra.metrics[1]["phase"] == "frozen" and ra.metrics[2]["phase"] == "unfrozen"
+    assert ra.metrics[1]["phase"] == "head only" and ra.metrics[2]["phase"] == "all"
     assert not any(backbone_k not in la for backbone_k in backbone)
     assert not all(torch.equal(la[k], start[k]) for k in backbone)  # the backbone trained after unfreezing
 
