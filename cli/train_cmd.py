@@ -91,7 +91,10 @@ class Renderer:
         elif event == "epoch_end":
             line = (f"epoch {info['epoch']} [{info['phase']}] train loss {info['train_loss']:.4f} acc "
                     f"{info['train_acc']:.3f} | val loss {info['val_loss']:.4f} acc {info['val_acc']:.3f} | "
-                    f"{info['images_per_s'] or 0:.0f} img/s" + (" *" if info.get("improved") else ""))
+                    + (f"ema val loss {info['ema_val_loss']:.4f} acc {info['ema_val_acc']:.3f} | "
+                       if "ema_val_acc" in info else "")
+                    + f"{info['images_per_s'] or 0:.0f} img/s"
+                    + (f" *{' (ema)' if info['best'].get('weights') == 'ema' else ''}" if info.get("improved") else ""))
             self.out.print(line, markup=False)
         elif event == "lr_find" and self.live:  # plain output prints the run.log line instead
             from surgery.trainer.lr_find import fmt_lr
@@ -154,6 +157,7 @@ def train(
     accumulate: Annotated[int, typer.Option("--accumulate", metavar="N", help="Sum gradients over N batches per optimizer step (effective batch N x --batch-size).")] = 1,
     class_weights: Annotated[str, typer.Option("--class-weights", metavar="none|auto", help="auto: weight each class's loss by n / (classes x its images).")] = "none",
     balanced_sampler: Annotated[bool, typer.Option("--balanced-sampler", help="Draw training images so every class is equally likely.")] = False,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="After an unfreeze, do not undo a val loss past 2x the head phase's best (by default the best weights come back and the unfrozen groups' lr drops tenfold).")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write TensorBoard event files to OUT/tensorboard (needs the tensorboard package).")] = False,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="No horizontal flips (digits, text).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of everything random.")] = 0,
@@ -225,7 +229,8 @@ def _run_only(a: SimpleNamespace) -> dict:
     return dict(epochs=a.epochs, lr=a.lr, workers=a.workers, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
                 clip_grad=a.clip_grad, patience=a.patience, amp=not a.no_amp, compile=a.compile_,
                 cache_views=a.cache_views, mixup=a.mixup, cutmix=a.cutmix, ema=a.ema, accumulate=a.accumulate,
-                class_weights=a.class_weights, balanced_sampler=a.balanced_sampler, tensorboard=a.tensorboard)
+                class_weights=a.class_weights, balanced_sampler=a.balanced_sampler, tensorboard=a.tensorboard,
+                guard=not a.no_guard)
 
 
 def _run(ctx: typer.Context, a: SimpleNamespace, renderer: "Renderer") -> Any:
@@ -257,6 +262,16 @@ def render(result: Any) -> None:
               f"val loss {result.best_val_loss:.4f}", markup=False)
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable images (listed in run.log)", markup=False)
+    for u in result.unfreeze:
+        out.print(u["message"], markup=False)
+    for b, name in ((result.head_phase_best, "head phase"), (result.after_unfreeze_best, "after the unfreeze")):
+        if b is not None:
+            out.print(f"best {name}: epoch {b['epoch']}, val acc {b['val_acc']:.4f}, val loss {b['val_loss']:.4f}",
+                      markup=False)
+    for g in result.guard:
+        from surgery.trainer.phases import guard_message
+
+        out.print(guard_message(g), markup=False)
     if result.best_weights == "ema":
         out.print("kept the averaged (--ema) weights: they scored higher than the raw ones", markup=False)
     if result.per_class_val_acc is not None:
