@@ -220,17 +220,17 @@ class _Torch03Pickler(eras._EraPickler):
         return super().reducer_override(obj)
 
 
-@pytest.fixture
-def torch03_model(monkeypatch, tmp_path):
-    """A whole model saved by torch 0.3's torch.save(model) (as VDSR's model_epoch_50.pth is), one
-    parameter frozen."""
+@pytest.fixture(params=[False, True], ids=["python3", "python2"])
+def torch03_model(request, monkeypatch, tmp_path):
+    """A whole model saved by torch 0.3's torch.save(model) (as VDSR's model_epoch_50.pth is), on
+    Python 3 and on Python 2, one parameter frozen."""
     from fixtures.generate import tiny_model
 
     torch.manual_seed(0)
     model = tiny_model("tinynet")
     next(model.parameters()).requires_grad_(False)
     monkeypatch.setattr(eras, "_EraPickler", _Torch03Pickler)
-    return eras.write_legacy(model, tmp_path / "model_epoch_50.pth", tensors="v1", modules=True)
+    return eras.write_legacy(model, tmp_path / "model_epoch_50.pth", py2=request.param, tensors="v1", modules=True)
 
 
 def test_torch03_whole_model_parameters_set_by_build(torch03_model, cli):
