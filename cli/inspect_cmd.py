@@ -32,7 +32,7 @@ def inspect(
     """Show what is in a checkpoint, from metadata only (no tensor data is read).
 
     Format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree, and the
-    torchvision architecture the checkpoint fits. Given many checkpoints, a table of them; the
+    torchvision or timm architecture the checkpoint fits. Given many checkpoints, a table of them; the
     exit code is 2 when any could not be read (each is one error row, the scan goes on)."""
     from surgery.report import inspect as run_inspect
 
@@ -160,9 +160,9 @@ def _key_rows(report) -> list[tuple[str, str]]:
 
 
 def _guess_rows(report) -> list[tuple[str, str]]:
-    """The torchvision model the keys fit, if any."""
+    """The torchvision or timm model the keys fit, if a known one does."""
     if not report.guesses:
-        return []
+        return [("architecture", "no known architecture")] if report.ckpt.tensors else []
     g = report.guesses[0]
     if g.score >= 0.5:
         text = f"{g.arch}: {g.matched}/{g.total} keys match (score {g.score:.2f})"
@@ -172,7 +172,7 @@ def _guess_rows(report) -> list[tuple[str, str]]:
         if rest:
             text += f"; next: {', '.join(rest)}"
     else:
-        text = f"no torchvision model fits (best: {g.arch}, score {g.score:.2f})"
+        text = f"no known model fits; nearest: {g.arch} ({g.matched}/{g.total} keys match, score {g.score:.2f})"
     return [("architecture", text)]
 
 

@@ -1,9 +1,11 @@
-"""Which torchvision architecture a checkpoint fits, judged from key names and shapes alone.
+"""Which architecture a checkpoint fits, judged from key names and shapes alone.
 
 The signatures of every torchvision classification model (state-dict key -> shape, which keys
 hold the classifier) live in a small gzip JSON table shipped with the package, so a guess costs
-a table read and some set arithmetic: no torch, no torchvision. The table is rebuilt from the
-installed torchvision with ``python -m surgery.archsig --rebuild``.
+a table read and some set arithmetic: no torch, no torchvision. A second table holds a few
+representative timm models per family (ConvNeXt, ViT, EfficientNet), named as ``--arch`` takes
+them (``timm:convnext_tiny``). Both are rebuilt with ``python -m surgery.archsig --rebuild``
+(torchvision's from the installed torchvision, timm's when timm is installed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TABLE_PATH = Path(__file__).with_name("data") / "torchvision_signatures.json.gz"
 TABLE_FORMAT = "surgery.torchvision_signatures/1"
+TIMM_TABLE_PATH = TABLE_PATH.with_name("timm_signatures.json.gz")  # same format, names "timm:..."
+# Representatives of the timm families whose key names no torchvision model shares, one per
+# width (a model of another width matches no shape: convnext_large scores 0.002 against
+# convnext_tiny). timm's resnet50 has torchvision's very signature: that table names it already.
+TIMM_MODELS = ("convnext_nano", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+               "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+               "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4")
+# The score below which a guess is noise. A model's own checkpoint scores 1.0, half of it 0.5, a
+# sibling of the same family mostly 0.2-0.99 (resnet18 against resnet34: 0.55); checkpoints of
+# models in neither table (timm ConvNeXt/ViT/EfficientNet against torchvision; timm regnety, swin,
+# dla, ghostnet, poolformer against both) stay at or under 0.012. 0.1 sits well clear of noise.
+KNOWN_MIN_SCORE = 0.1
 # BatchNorm's step counter: absent from many published checkpoints, says nothing about the model
 _IGNORED_SUFFIX = "num_batches_tracked"
 _PROBE_CLASSES = 7  # a second build with this many classes shows which keys depend on num_classes
@@ -117,7 +131,7 @@ def table_info() -> dict[str, Any]:
 
 
 def _model(arch: str) -> _Model:
-    models = _table()[1]
+    models = _table(TIMM_TABLE_PATH if arch.startswith("timm:") else None)[1]
     if arch not in models:
         close = difflib.get_close_matches(arch, list(models), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(models)}"
@@ -126,7 +140,8 @@ def _model(arch: str) -> _Model:
 
 
 def model_signature(arch: str) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of torchvision's ``arch`` (num_classes=1000) -> shape, in order."""
+    """Every state-dict key of torchvision's ``arch`` (or of ``timm:NAME`` of the timm table),
+    num_classes=1000 -> shape, in order."""
     return dict(_model(arch).signature)
 
 
@@ -247,6 +262,20 @@ def guess_architecture(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable
     return best[:top]
 
 
+def known_architectures(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterable[int]], top: int = 3,
+                        min_score: float = KNOWN_MIN_SCORE) -> list[ArchGuess]:
+    """The ``top`` architectures of both tables (torchvision, then timm's as ``timm:NAME``) the
+    checkpoint fits with at least ``min_score``, best first; empty when none does ("no known
+    architecture"), rather than the least bad of unrelated models.
+
+    >>> known_architectures(convnext_ckpt.tensors)[0].arch  # doctest: +SKIP
+    'timm:convnext_tiny'
+    """
+    guesses = guess_architecture(infos, top=top) + guess_architecture(infos, top=top, table=TIMM_TABLE_PATH)
+    guesses.sort(key=lambda g: (-g.score, -g.matched, g.arch))
+    return [g for g in guesses if g.score >= min_score][:top]
+
+
 # ----------------------------------------------------------------------------- rebuilding
 
 def _build(builder, kwargs: dict):
@@ -267,50 +296,72 @@ def rebuild_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
     ``nn.Linear``/``nn.Conv2d`` with 1000 outputs. For models with ``aux_logits``, a build without
     them marks the auxiliary keys optional. Imports torch and torchvision.
     """
+    import torchvision
+
+    def build(name: str):
+        builder = torchvision.models.get_model_builder(name)
+        return lambda kwargs: _build(builder, kwargs)
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return _rebuild(Path(path or TABLE_PATH), {n: build(n) for n in names}, "torchvision", torchvision.__version__)
+
+
+def rebuild_timm_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Regenerate the timm table (:data:`TIMM_MODELS`, keyed ``timm:NAME``) from the installed
+    timm, the same way as :func:`rebuild_table`; returns a summary. Imports torch and timm."""
+    import timm
+
+    def build(name: str):
+        return lambda kwargs: meta_build(timm.create_model, {"model_name": name, "pretrained": False, **kwargs})
+
+    return _rebuild(Path(path or TIMM_TABLE_PATH), {f"timm:{n}": build(n) for n in TIMM_MODELS}, "timm",
+                    timm.__version__)
+
+
+def _rebuild(out_path: Path, builders: dict[str, Any], library: str, version: str) -> dict[str, Any]:
+    """Build every model of ``builders`` (name -> kwargs -> meta model) and write the table."""
     import warnings
 
     import torch
-    import torchvision
 
-    out_path = Path(path or TABLE_PATH)
     models: dict[str, Any] = {}
     problems: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in torchvision.models.list_models(module=torchvision.models):
-            entry = _table_entry(name, torchvision.models.get_model_builder(name))
+        for name, build in builders.items():
+            entry = _table_entry(build)
             if isinstance(entry, str):
                 problems.append(f"{name}: {entry}")
             else:
                 models[name] = entry
     if problems:
         raise SurgeryError("could not build the signature table: " + "; ".join(problems))
-    data = {"format": TABLE_FORMAT, "torchvision": torchvision.__version__, "torch": torch.__version__,
-            "num_classes": 1000, "models": models}
+    data = {"format": TABLE_FORMAT, library: version, "torch": torch.__version__, "num_classes": 1000,
+            "models": models}
     _write_gzip_json(out_path, data)
     _load.cache_clear()
-    return {"path": str(out_path), "models": len(models), "bytes": out_path.stat().st_size,
-            "torchvision": torchvision.__version__}
+    _known_keys.cache_clear()
+    return {"path": str(out_path), "models": len(models), "bytes": out_path.stat().st_size, library: version}
 
 
-def _table_entry(name: str, builder: Any) -> dict | str:
+def _table_entry(build: Any) -> dict | str:
     """One model's row of the table (classifier, head keys, every key's shape, optional keys), or
-    why it cannot have one."""
+    why it cannot have one. ``build``: extra kwargs -> the model on the meta device."""
     import inspect as pyinspect
 
     import torch
 
     try:
-        base = _build(builder, {})
+        base = build({})
         cls_params = pyinspect.signature(type(base).__init__).parameters
         extra = {"init_weights": False} if "init_weights" in cls_params else {}
         if extra:
-            base = _build(builder, extra)
+            base = build(extra)
         sig = _signature_of(base)
-        probe = _signature_of(_build(builder, {**extra, "num_classes": _PROBE_CLASSES}))
+        probe = _signature_of(build({**extra, "num_classes": _PROBE_CLASSES}))
         optional: list[str] = []
         if "aux_logits" in cls_params:
-            lean = _signature_of(_build(builder, {**extra, "aux_logits": False}))
+            lean = _signature_of(build({**extra, "aux_logits": False}))
             optional = [k for k in sig if k not in lean]
     except Exception as e:  # noqa: BLE001 - report every model that fails, then stop
         return f"{type(e).__name__}: {e}"
@@ -347,15 +398,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m surgery.archsig", description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="regenerate the table from the installed torchvision")
-    ap.add_argument("--out", default=None, help=f"where to write it (default {TABLE_PATH})")
+    ap.add_argument("--timm", action="store_true", help="with --rebuild: the timm table, from the installed timm")
+    ap.add_argument("--out", default=None, help=f"where to write it (default {TABLE_PATH} or {TIMM_TABLE_PATH})")
     args = ap.parse_args(argv)
     if not args.rebuild:
         info = table_info()
         print(json.dumps(info))
         return 0
-    summary = rebuild_table(args.out)
+    summary = rebuild_timm_table(args.out) if args.timm else rebuild_table(args.out)
+    library = "timm" if args.timm else "torchvision"
     print(f"wrote {summary['path']}: {summary['models']} models, {summary['bytes']} bytes, "
-          f"torchvision {summary['torchvision']}")
+          f"{library} {summary[library]}")
     return 0
 
 

@@ -26,7 +26,7 @@ class InspectReport:
     common_prefix: str | None
     remap_command: str | None
     tree: list[Any]
-    guesses: list[Any]
+    guesses: list[Any]  # archsig.ArchGuess, best first; empty when no known architecture fits
     keys: list[str] | None = None  # the tensors to list (--keys / --filter), in checkpoint order
     depth: int | None = None
 
@@ -179,7 +179,7 @@ def _report(ckpt: Checkpoint, path: str, listing: bool, rx: re.Pattern | None, d
     names = list(ckpt.tensors)
     listed = [n for n in names if rx is None or rx.search(n)] if listing else None
     wrappers = analysis.detect_wrapper_prefixes(names)
-    guesses = archsig.guess_architecture(ckpt.tensors, top=top)
+    guesses = archsig.known_architectures(ckpt.tensors, top=top)  # empty when nothing known fits
     common = _strippable_prefix(analysis.common_prefix(names), wrappers, guesses)
     opts = (["--auto"] if wrappers else []) + ([f"--strip-prefix {common}"] if common else [])
     return InspectReport(
