@@ -27,7 +27,7 @@ from .build import blueprint, build_model
 from .folder import build_from_manifest, load_adapted, load_weights, write_folder
 from .freeze import apply_bn_policy, apply_schedule, plan_freeze
 from .groups import param_groups
-from .match import check_match, load_matched, match_keys
+from .match import check_match, fit_warnings, load_matched, match_keys
 from .options import AdaptOptions
 from .reports import ADAPT_SCHEMA, AdaptReport, LoadReport
 from .source import open_source
@@ -78,7 +78,7 @@ def adapt_with(ckpt: Any, o: AdaptOptions) -> tuple["nn.Module", AdaptReport]:
     manifest = assemble_manifest(o, bp, src, m, plan_freeze(model, bp.head.modules, o.freezing))
     model.train()
     apply_schedule(model, manifest, 0)
-    report = AdaptReport(m.report, manifest, str(o.out) if o.out else None)
+    report = AdaptReport(m.report, manifest, str(o.out) if o.out else None, fit_warnings(m, src, bp.spec))
     if m.report.mismatched:
         report.warnings.append(f"{len(m.report.mismatched)} tensors skipped for their shape: "
                                + ", ".join(t for _, t, _, _ in m.report.mismatched[:5]))

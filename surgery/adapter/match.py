@@ -3,16 +3,20 @@
 model that covers, and then the copy of the matched tensors into the model.
 
 The match reads names and shapes only; tensor bytes are read by :func:`load_matched`, after
-every refusal (too little coverage, ``--strict``) has had its chance.
+every refusal (too little coverage, ``--strict``) has had its chance. A load that leaves much of
+the backbone or of the checkpoint unused is a wrong architecture more often than not: the
+refusals and :func:`fit_warnings` then say which architecture the keys fit.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ..keys import collapse_keys
-from ..archsig import guess_architecture
+from ..archsig import known_architectures
 from ..errors import AlignError
 from .align import align_keys
 from .arch import ArchSpec
@@ -23,9 +27,14 @@ from .tensors import adapt_input_conv, input_conv_fits, interpolate_pos_embed, p
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+    from ..archsig import ArchGuess
+
     from .heads import HeadPlan
 
 _IGNORED = "num_batches_tracked"  # BatchNorm's step counter: never reported missing
+WARN_BELOW = 0.9  # a load that covers less of the backbone than this is worth a warning
+WARN_UNUSED = 0.1  # ... and so is one that leaves more of the checkpoint's elements than this unused
+_FITS = 0.5  # an architecture guess this good is a fit worth naming as the --arch to try
 
 
 @dataclass
@@ -89,27 +98,109 @@ def _measure_coverage(model: "nn.Module", m: Match, head_modules: list[str]) -> 
 
 def check_match(m: Match, src: Source, spec: ArchSpec, min_coverage: float, strict: bool) -> None:
     """Refuse a match that covers less of the backbone than ``min_coverage``, or, with
-    ``strict``, one that leaves anything besides the head missing or mismatched."""
+    ``strict``, one that leaves anything besides the head missing, mismatched or unused (as
+    ``load_state_dict(strict=True)`` would)."""
     rep = m.report
     where = src.info["path"] or src.info["weights"] or "checkpoint"
     if rep.backbone_coverage < min_coverage:
-        guess = guess_architecture(src.shapes, top=1)
-        hint = ""
-        if guess and guess[0].score > 0.5 and guess[0].arch != spec.name:
-            hint = f"; `surgery inspect` guesses it is {guess[0].arch} (score {guess[0].score:.2f}): try --arch {guess[0].arch}"
+        guess, prefix = best_guess(src.shapes), explaining_prefix(src.shapes, m)
+        fix = [arch_hint(guess, spec)]
+        if prefix:
+            fix.append(f"the keys meet the model's without a prefix they share: try --strip-prefix {prefix!r}")
+        elif guess is None or guess.score < _FITS or guess.arch == spec.display:  # names, not the model, differ
+            fix.append("rename keys with --rename if they are this model's under other names")
         mm = f", {len(rep.mismatched)} with other shapes" if rep.mismatched else ""
         raise AlignError(f"{where}: matches almost nothing of {spec.display}: {rep.backbone_coverage:.1%} of its "
                          f"backbone parameters ({len(m.to_load)} of {len(m.model_shapes) - len(m.head_keys)} "
-                         f"tensors{mm}){hint}; use --rename/--strip-prefix if the names differ, or --min-coverage 0 "
-                         f"to load anyway")
-    if strict and (rep.missing or rep.mismatched):
+                         f"tensors{mm}); {'; '.join(fix)}; or --min-coverage 0 to load anyway")
+    if strict and (rep.missing or rep.mismatched or rep.unexpected):
         parts = []
         if rep.missing:
             parts.append(f"missing {', '.join(collapse_keys(rep.missing)[:6])}")
         if rep.mismatched:
             parts.append("shape-mismatched " + ", ".join(f"{t} {list(cs)} vs {list(ms)}"
                                                          for _, t, cs, ms in rep.mismatched[:4]))
+        if rep.unexpected:
+            parts.append(f"{len(rep.unexpected)} checkpoint tensors unused: {_listed(unused_groups(rep.unexpected, src.shapes))}")
+            parts.append(arch_hint(best_guess(src.shapes), spec))
         raise AlignError(f"{where}: --strict: {'; '.join(parts)}; drop --strict to load the rest")
+
+
+def fit_warnings(m: Match, src: Source, spec: ArchSpec) -> list[str]:
+    """What a load that went through still deserves a word about: less than 90% of the backbone
+    loaded, or more than a tenth of the checkpoint's elements unused; with the architecture the
+    checkpoint fits when it is not ``spec``."""
+    rep, out = m.report, []
+    if rep.backbone_coverage < WARN_BELOW:
+        out.append(f"only {rep.backbone_coverage:.1%} of {spec.display}'s backbone parameters loaded "
+                   f"({len(m.to_load)} of {len(m.model_shapes) - len(m.head_keys)} tensors); the rest start "
+                   f"from random values")
+    total = sum(math.prod(s) for s in src.shapes.values()) or 1
+    unused = sum(math.prod(src.shapes[k]) for k in rep.unexpected) / total
+    if unused > WARN_UNUSED:
+        out.append(f"{len(rep.unexpected)} checkpoint tensors ({unused:.1%} of its elements) unused: "
+                   f"{_listed(unused_groups(rep.unexpected, src.shapes))}")
+    if out:
+        out[-1] += f"; {arch_hint(best_guess(src.shapes), spec, advise=False)}"
+    return out
+
+
+def best_guess(shapes: Mapping[str, tuple[int, ...]]) -> "ArchGuess | None":
+    """`surgery inspect`'s best architecture guess; None when no known architecture fits."""
+    guesses = known_architectures(shapes, top=1)
+    return guesses[0] if guesses else None
+
+
+def arch_hint(g: "ArchGuess | None", spec: ArchSpec, advise: bool = True) -> str:
+    """What the guess ``g`` says of the checkpoint, in the words of ``--arch``; ``advise``: with
+    the ``--arch`` to try (errors only: a warning cannot know whether the caller typed flags)."""
+    if g is None:
+        return "`surgery inspect` knows no architecture these keys fit"
+    if g.arch == spec.display:
+        return f"the keys fit {g.arch} (score {g.score:.2f})"
+    if g.score >= _FITS:
+        fit = f"the keys fit {g.arch} (score {g.score:.2f}), not {spec.display}"
+        return f"{fit}: try --arch {g.arch!r}" if advise else fit
+    return f"no known architecture fits the keys well; the nearest is {g.arch} (score {g.score:.2f})"
+
+
+def explaining_prefix(shapes: Mapping[str, tuple[int, ...]], m: Match) -> str | None:
+    """The longest prefix every checkpoint key shares (cut after a '.' or '_') whose removal makes
+    more than half of the model's backbone tensors, and more than the match found, meet a
+    checkpoint tensor of their shape; None when no prefix explains the mismatch."""
+    wanted = {k: s for k, s in m.model_shapes.items() if k not in m.head_keys}  # as counted in m.to_load
+    common = os.path.commonprefix(list(shapes))
+    for end in range(len(common), 0, -1):  # longest first; the separators are few
+        if common[end - 1] not in "._":
+            continue
+        p = common[:end]
+        hits = sum(1 for k, s in shapes.items() if wanted.get(k[len(p):]) == tuple(s))
+        if hits > max(len(m.to_load), len(wanted) // 2):
+            return p
+    return None
+
+
+def unused_groups(unused: Iterable[str], keys: Iterable[str]) -> list[str]:
+    """``unused`` (some of ``keys``) by the outermost module they fill alone, collapsed: resnet34's
+    96 extra tensors in resnet18 read ``layer1.2.*, layer2.{2,3}.*, layer3.{2..5}.*, layer4.2.*``;
+    a key whose every enclosing module holds used keys too stays itself."""
+    unused = list(unused)
+    spent = set(unused)
+    mixed = set()  # modules holding a used key
+    for k in keys:
+        if k not in spent:
+            parts = k.split(".")
+            mixed.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    labels: dict[str, None] = {}
+    for k in unused:
+        parts = k.split(".")
+        owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in mixed), None)
+        labels[f"{owner}.*" if owner else k] = None
+    return collapse_keys(labels)
+
+
+def _listed(groups: list[str], most: int = 8) -> str:
+    return ", ".join(groups[:most]) + (f", ... ({len(groups) - most} more)" if len(groups) > most else "")
 
 
 def load_matched(model: "nn.Module", src: Source, m: Match, in_chans: int) -> None:
