@@ -35,18 +35,32 @@ class Blueprint:
 def blueprint(spec: ArchSpec, opts: "AdaptOptions", weights: Any = None) -> Blueprint:
     """The spec, input pipeline and head plan, from a meta-device build; ``weights``: the
     torchvision weights whose metadata gives the input pipeline."""
-    from .heads import plan_head, probe  # heads defines nn.Modules: it imports torch
+    from .heads import plan_head  # heads defines nn.Modules: it imports torch
 
     took = accepts_num_classes(spec)
     spec, meta_model = meta_model_for(spec, opts.num_classes, opts.seed, opts.input_size)
     inp = input_config(spec, meta_model, weights)
     if opts.input_size is not None:
         inp["size"], inp["resize"] = [opts.input_size, opts.input_size], resize_for(opts.input_size)
-        probe(meta_model, 3, opts.input_size)  # a model fixed to another size is refused here, not in train
+        _probe_at(meta_model, spec, opts.input_size)
     inp = with_normalisation(inp, opts.mean, opts.std)
     head = plan_head(spec, meta_model, num_classes=opts.num_classes, kind=opts.head, took_num_classes=took,
                      in_chans=opts.in_chans, size=tuple(inp["size"]), hidden=opts.hidden, dropout=opts.dropout)
     return Blueprint(spec, took, inp, head)
+
+
+def _probe_at(model: "nn.Module", spec: ArchSpec, size: int) -> None:
+    """A model fixed to another size is refused here, not in train; as --input-size was given,
+    the refusal says how a factory that builds for one size is told the size."""
+    from .heads import probe
+
+    try:
+        probe(model, 3, size)
+    except AdaptError as e:
+        failed = str(e).split("; pass --input-size")[0]
+        raise AdaptError(f"--input-size {size}: {failed}; if {spec.display} is built for one image size, give it "
+                         f"this one with --arch-kwargs (e.g. '{{\"img_size\": {size}}}'), or pass the size it "
+                         f"was built for") from None
 
 
 def meta_model_for(spec: ArchSpec, num_classes: int, seed: int, input_size: int | None) -> tuple[ArchSpec, "nn.Module"]:

@@ -291,3 +291,31 @@ def test_input_size_rebuilds_a_timm_vit_for_it(cli, tmp_path):
     r = cli("adapt", ck, "--arch", "timm:vit_tiny_patch16_224", "--num-classes", 3, "--input-size", 40,
             "--out", tmp_path / "odd")
     assert r.exit_code == 2 and "--input-size 40: timm:vit_tiny_patch16_224 cuts images into 16x16 patches" in r.stderr
+
+
+FIXED = '''
+import torch
+from torch import nn
+
+
+def fixed(num_classes=5, img_size=16):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * img_size * img_size, num_classes))
+'''
+
+
+def test_input_size_a_model_cannot_take_hints_what_sizes_it(cli, tmp_path):
+    (tmp_path / "fixed.py").write_text(FIXED)
+    arch = f"{tmp_path / 'fixed.py'}:fixed"
+    import torch
+
+    from fixtures.factory import load_factory
+
+    torch.save(load_factory(arch)(5).state_dict(), tmp_path / "fixed.pth")
+    r = cli("adapt", tmp_path / "fixed.pth", "--arch", arch, "--num-classes", 3, "--input-size", 32, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "--input-size 32: a forward pass of the model on a 3x32x32 input failed" in r.stderr
+    assert """give it this one with --arch-kwargs (e.g. '{"img_size": 32}')""" in r.stderr
+    assert "pass --input-size with" not in r.stderr
+    r = cli("adapt", tmp_path / "fixed.pth", "--arch", arch, "--num-classes", 3, "--input-size", 32, "--arch-kwargs",
+            '{"img_size": 32}', "--min-coverage", 0, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
