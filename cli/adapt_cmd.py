@@ -150,11 +150,24 @@ def _render_load(out, report) -> None:
               f"{inp['channels']} channels, mean {_listed(inp['mean'])}, std {_listed(inp['std'])} "
               f"(from {inp['source']})", markup=False)
     bn = report.manifest["bn"]
-    out.print(f"BatchNorm: {bn['policy']} ({len(report.frozen_bn())} of {len(bn['modules'])} layers held in eval mode)")
+    out.print(f"BatchNorm: {bn_line(bn['policy'], len(report.frozen_bn()), len(bn['modules']))}")
 
 
 def _listed(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
+def bn_line(policy: str, held: int, total: int) -> str:
+    """What the BatchNorm policy does to this model, in words that stay true when nothing is frozen."""
+    if total == 0:
+        return "none in the backbone"
+    if held == 0:
+        why = "nothing is frozen" if policy == "frozen" else "--bn train"
+        return f"all {total} layers update their statistics while training ({why})"
+    rest = f"; the other {total - held} update theirs" if held < total else ""
+    return (f"{held} of {total} layers keep their pretrained statistics for the whole run (eval mode, also after an "
+            f"unfreeze){rest}")
+
+
 __all__ = ["register", "adapt", "render", "json"]
+

@@ -49,6 +49,17 @@ def test_adapt_writes_folder_and_prints_groups(run, ddp_resnet, tmp_path):
     assert report["head_new"]["grouped"] == ["fc.{weight,bias}"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--freeze", "none"], "BatchNorm: all 20 layers update their statistics while training (nothing is frozen)"),
+    (["--freeze", "none", "--bn", "train"], "BatchNorm: all 20 layers update their statistics while training (--bn train)"),
+    (["--freeze-until", "layer3"], "BatchNorm: 10 of 20 layers keep their pretrained statistics for the whole run (eval mode, also after an unfreeze); the other 10 update theirs"),
+])
+def test_the_batchnorm_line_says_what_is_true(run, ddp_resnet, tmp_path, args, says):
+    r = run(ddp_resnet, "--arch", "resnet18", "--num-classes", 4, "--out", tmp_path / "out", *args)
+    assert r.exit_code == 0, r.stderr
+    assert says in r.stdout, r.stdout
+
+
 def test_adapt_rules_and_json(run, ddp_resnet, tmp_path):
     r = run(ddp_resnet, "--arch", "resnet18", "--num-classes", 4, "--out", tmp_path / "o", "--drop", r"layer4\.1\.",
             "--head", "mlp", "--json")
