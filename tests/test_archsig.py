@@ -91,6 +91,16 @@ def test_inspect_says_no_known_architecture(junk, cli):
     assert json.loads(r.stdout)["architecture"] == []
 
 
+def test_inspect_names_the_nearest_model_when_none_fits(tmp_path, cli):
+    """A third of resnet18 (score 0.33): a relative worth naming, not a fit."""
+    sig = [(k, s) for k, s in model_signature("resnet18").items() if not k.endswith("num_batches_tracked")]
+    p = tmp_path / "part.pth"
+    torch.save({k: torch.zeros(s) for k, s in sig[:34]}, p)
+    r = cli("inspect", p)
+    assert r.exit_code == 0, r.stderr
+    assert "architecture  no known model fits; nearest: resnet18 (34/102 keys match, score 0.33)" in r.stdout
+
+
 def test_a_scan_row_has_no_guess_for_unknown_keys(junk, tmp_path, cli):
     other = tmp_path / "other.pth"
     torch.save({"a.weight": torch.zeros(3)}, other)
