@@ -189,7 +189,8 @@ def train(
         return run_find_lr(adapted, data, out, dict(_shared(a), epochs=a.epochs, accumulate=a.accumulate), as_json)
     renderer = Renderer(quiet, as_json)
     if compare_scratch:
-        return run_compare(adapted, data, out, renderer, as_json, dict(_shared(a), **_run_only(a)))
+        return run_compare(adapted, data, out, renderer, as_json, dict(_shared(a), **_run_only(a)),
+                           resume=a.resume is not None, ctx=ctx)
     result = _run(ctx, a, renderer)
     if not is_main_process():
         return
@@ -206,8 +207,9 @@ def _check(a: SimpleNamespace) -> None:
         raise TrainError("--out DIR is required: where to write the run")
     if a.no_augment and a.augment not in ("light", "none"):
         raise TrainError(f"--no-augment and --augment {a.augment} contradict each other; give one")
-    if a.compare_scratch and (a.resume is not None or a.nproc is not None or a.find_lr):
-        raise TrainError("--compare-scratch runs both trainings afresh in one process; drop --resume, --nproc, --find-lr")
+    if a.compare_scratch and (a.resume not in (None, _RESUME_LAST) or a.nproc is not None or a.find_lr):
+        raise TrainError("--compare-scratch runs both trainings in one process, and its --resume continues both from "
+                         "OUT (no PATH); drop --nproc, --find-lr, the PATH after --resume")
 
 
 def _forwarded(ctx: typer.Context) -> list[str]:

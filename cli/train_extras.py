@@ -36,12 +36,25 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     c.print(f"({found.seconds:.1f}s)", markup=False)
 
 
-def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bool, options: dict) -> None:
-    """The run, then the same budget from random weights in OUT/scratch, then the verdict."""
+def resumed_options(ctx: Any, options: dict) -> dict:
+    """``--resume``: --epochs and --lr left off the command line come from the checkpoint, not
+    from their defaults (another --epochs would change the run's length)."""
+    for name in ("epochs", "lr"):
+        if getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE":
+            options = dict(options, **{name: None})
+    return options
+
+
+def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bool, options: dict,
+                resume: bool = False, ctx: Any = None) -> None:
+    """The run, then the same budget from random weights in OUT/scratch, then the verdict;
+    ``resume``: whatever of the three an interruption left unfinished."""
     from surgery.trainer.compare import compare_scratch
 
+    if resume:
+        options = resumed_options(ctx, options)
     try:
-        report = compare_scratch(adapted, data, out=out, observer=renderer, **options)
+        report = compare_scratch(adapted, data, out=out, observer=renderer, resume=resume, **options)
     finally:
         renderer.close()
     if as_json:

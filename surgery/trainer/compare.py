@@ -6,7 +6,9 @@ usual, then the same architecture, head and input pipeline from a seeded random 
 (everything trains, BatchNorm trains, one learning rate: the ``large-different`` setting) with
 the same data, epochs, batch size, optimizer, schedule and ``--lr`` (``auto`` finds its own)
 into ``OUT/scratch/``. It writes ``compare.json``, ``compare.png`` (both validation curves) and
-adds ``scratch_*`` columns to each epoch of ``OUT/metrics.jsonl``.
+adds ``scratch_*`` columns to each epoch of ``OUT/metrics.jsonl``. Interrupted, it is continued
+as a whole (``--resume --compare-scratch``): each run resumes, or stands when it had finished, and
+the scratch init is made again from the seed, the same.
 
 The verdict compares best validation accuracies against their sampling noise: ``se =
 sqrt((p1 (1 - p1) + p2 (1 - p2)) / n_val)``; a difference beyond ``2 se`` is a win for one side,
@@ -18,13 +20,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ResumeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .outputs import TrainResult
 
 SCHEMA = "surgery.compare/1"
+_INIT_NAME = re.compile(r"\.scratch-init-[A-Za-z0-9_]{8}")  # tempfile.mkdtemp's names, as surgery.io lists them
 
 
 @dataclass
@@ -77,25 +86,121 @@ def scratch_init(adapted_dir: str | os.PathLike, dest: Path, seed: int, trust_co
 
 
 def compare_scratch(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
-                    seed: int = 0, observer: Any = None, **train_kwargs: Any) -> dict:
+                    seed: int = 0, observer: Any = None, resume: bool = False, **train_kwargs: Any) -> dict:
     """Train ``adapted_dir`` into ``out`` and the scratch baseline into ``out/scratch``; returns
-    the comparison (also written as ``out/compare.json``). ``train_kwargs`` go to both runs."""
+    the comparison (also written as ``out/compare.json``). ``train_kwargs`` go to both runs.
+
+    ``resume=True`` finishes an interrupted comparison: the pretrained run continues
+    ``out/checkpoints/last.pt`` (or stands, when it had finished), then the scratch run continues
+    ``out/scratch/checkpoints/last.pt`` (or starts, from the same seeded init), both with the
+    arguments the pretrained run saved; the comparison is then written as an uninterrupted one."""
+    from .resume import continue_command, continued_by
     from .runner import train
 
     out_p = Path(out)
-    pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, **train_kwargs)
-    tmp = Path(tempfile.mkdtemp(prefix=".scratch-init-", dir=out_p))
-    try:
-        init = scratch_init(adapted_dir, tmp / "adapted", seed, trust_code=bool(train_kwargs.get("trust_code")))
-        kw = dict(train_kwargs, force=True, resume=None)
-        scratch = train(init, data, out=out_p / "scratch", seed=seed, observer=_tagged(observer), **kw)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if resume not in (None, False, True):
+        raise ResumeError(f"resume={resume!r}: a comparison continues both of its runs from {out_p} (checkpoints/"
+                          f"last.pt, then scratch/checkpoints/last.pt); pass resume=True")
+    trust = bool(train_kwargs.get("trust_code"))
+    # an interruption of either run is continued by continuing the comparison
+    with continued_by(continue_command(Path(adapted_dir), Path(data), out_p, trust, compare_scratch=True)):
+        if resume:
+            pre = _finished(out_p, train_kwargs.get("epochs"))
+            if pre is None:
+                pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, resume=True, **train_kwargs)
+            elif observer is not None:
+                observer("log", {"message": f"the pretrained run in {out_p} had finished; it stands as it is"})
+            kw = dict(train_kwargs, **_saved_options(adapted_dir, data, out_p, seed, train_kwargs))
+        else:
+            pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, **train_kwargs)
+            kw = dict(train_kwargs, seed=seed)
+        scratch = _scratch_run(adapted_dir, data, out_p, kw, observer, bool(resume))
     n_val = sum(sum(row) for row in json.loads((out_p / "manifest.json").read_text())["results"]["confusion"])
     v = verdict(pre.best_val_acc, scratch.best_val_acc, n_val)
     report = {"schema": SCHEMA, "pretrained": _summary(pre), "scratch": _summary(scratch), "verdict": asdict(v)}
     _write(out_p, pre.metrics, scratch.metrics, report)
     return report
+
+
+def _scratch_run(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: Path, kw: dict, observer: Any,
+                 resume: bool) -> "TrainResult":
+    """The scratch run in ``out/scratch`` from its seeded init (made again, the same, to resume it):
+    afresh, or (``resume``) as it stands when it had finished, or continued from its last.pt."""
+    from ..errors import TrainInterrupted
+    from .resume import continue_command
+    from .runner import train
+    from .state import CHECKPOINT_DIR, LAST
+
+    where = out / "scratch"
+    run = dict(kw, force=True, resume=None)
+    if resume:
+        _remove_stale_inits(out)
+        done = _finished(where, kw.get("epochs"))
+        if done is not None:
+            if observer is not None:
+                observer("log", {"message": f"the scratch run in {where} had finished; it stands as it is"})
+            return done
+        if (where / CHECKPOINT_DIR / LAST).is_file():
+            run.update(force=False, resume=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".scratch-init-", dir=out))
+    try:
+        init = scratch_init(adapted_dir, tmp / "adapted", int(kw.get("seed", 0)), trust_code=bool(kw.get("trust_code")))
+        return train(init, data, out=where, observer=_tagged(observer), **run)
+    except KeyboardInterrupt:  # outside the scratch run's epochs (those raise TrainInterrupted themselves)
+        again = continue_command(Path(adapted_dir), Path(data), out)  # the comparison's: see compare_scratch
+        raise TrainInterrupted(f"interrupted while the scratch run was being set up or written; the pretrained run is "
+                               f"done in {out}; continue with: {again}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finished(out: Path, epochs: int | None) -> "TrainResult | None":
+    """The run in ``out`` as it ended (a TrainResult), when it had: its manifest holds the results
+    of as many epochs as its last.pt, and ``epochs`` does not ask for more. Otherwise None."""
+    from .outputs import TrainResult
+    from .state import CHECKPOINT_DIR, LAST, load_checkpoint
+
+    last = out / CHECKPOINT_DIR / LAST
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    res = manifest.get("results") if isinstance(manifest, dict) else None
+    if not isinstance(res, dict) or not last.is_file():
+        return None
+    ran = (res.get("train_args") or {}).get("epochs")
+    ckpt = load_checkpoint(last)  # a run extended with --epochs and interrupted has saved more epochs
+    if ckpt["epoch"] != res.get("epochs_run") or (ckpt.get("args") or {}).get("epochs") != ran \
+            or epochs not in (None, ran):
+        return None
+    return TrainResult(out=str(out), best_epoch=int(res["best_epoch"]), best_val_acc=float(res["val_acc"]),
+                       best_val_loss=float(res["val_loss"]), epochs_run=int(res["epochs_run"]),
+                       stopped_early=bool(res.get("stopped_early")), class_names=list(manifest["class_names"]),
+                       metrics=list(ckpt.get("history") or []), best_weights=res.get("weights") or "raw")
+
+
+def _saved_options(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: Path, seed: int,
+                   train_kwargs: dict) -> dict:
+    """The pretrained run's arguments as it saved them, for the scratch run: those left at their
+    defaults take the saved values (the seed too: it makes the scratch init), one given
+    differently is refused, as a resumed run refuses it (--epochs, --workers, --device may change)."""
+    from ..adapter.manifest import MANIFEST_NAME
+    from .options import HYPER, TrainOptions
+    from .resume import restore_args
+
+    where = out / MANIFEST_NAME
+    saved = json.loads(where.read_text(encoding="utf-8"))["results"]["train_args"]
+    given = {k: v for k, v in train_kwargs.items() if k in HYPER}
+    opts = TrainOptions(adapted=Path(adapted_dir), data=Path(data), out=out, **dict(given, seed=seed))
+    opts, _ = restore_args(opts, {k: saved[k] for k in HYPER if k in saved}, str(where))
+    return opts.hyper()
+
+
+def _remove_stale_inits(out: Path) -> None:
+    """The scratch inits a killed comparison left in OUT (a finished or interrupted one removes its own)."""
+    for p in out.glob(".scratch-init-*"):
+        if _INIT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _tagged(observer: Any) -> Any:

@@ -3,10 +3,12 @@ continue an interrupted run."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import shlex
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..adapter.core import load_weights
 from ..errors import ResumeError
@@ -71,11 +73,32 @@ def restore_args(opts: TrainOptions, saved: dict, where: str) -> tuple[TrainOpti
     return replace(opts, **changes), restored
 
 
-def continue_command(adapted: Path, data: Path, out: Path, trust_code: bool = False) -> str:
+# a run that is one part of a larger command (the scratch half of --compare-scratch) is continued by
+# continuing that command: its run.log and its interruption name the command, never the part alone
+_WHOLE: contextvars.ContextVar[str | None] = contextvars.ContextVar("surgery_continue_whole", default=None)
+
+
+def continue_command(adapted: Path, data: Path, out: Path, trust_code: bool = False,
+                     compare_scratch: bool = False) -> str:
     """The command that continues an interrupted run (its other arguments are in the checkpoint;
-    consent to run the folder's factory is not, so it is repeated when it was given)."""
+    consent to run the folder's factory is not, so it is repeated when it was given; a comparison
+    is continued as a comparison). Inside :func:`continued_by`, that command instead."""
+    whole = _WHOLE.get()
+    if whole is not None:
+        return whole
     return " ".join(["surgery train", shlex.quote(str(adapted)), "--data", shlex.quote(str(data)),
-                     "--out", shlex.quote(str(out)), "--resume", *(["--trust-code"] if trust_code else [])])
+                     "--out", shlex.quote(str(out)), "--resume", *(["--compare-scratch"] if compare_scratch else []),
+                     *(["--trust-code"] if trust_code else [])])
+
+
+@contextlib.contextmanager
+def continued_by(command: str) -> Iterator[None]:
+    """Every run interrupted inside names ``command`` as the one that continues it."""
+    token = _WHOLE.set(command)
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
 
 
 def load_moving(model: "nn.Module", state: dict, moving: set[str], where: str) -> None:
