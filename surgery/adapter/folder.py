@@ -8,6 +8,7 @@ only with ``trust_code`` (see :func:`~surgery.adapter.arch.check_trust`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import ManifestError, OutputError
 from ..io import atomic_dir, sha256_file
-from .arch import ArchSpec, check_trust
+from .arch import ArchSpec, build, check_trust
 from .build import build_model
 from .freeze import apply_schedule
-from .manifest import MANIFEST_NAME, REPORT_NAME, SCHEMA, WEIGHTS_NAME, Manifest, as_manifest, read_manifest, write_json
+from .manifest import (MANIFEST_NAME, REPORT_NAME, SCHEMA, WEIGHTS_NAME, Manifest, as_manifest, inside, read_manifest,
+                       write_json)
 from .reports import LoadReport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,8 +69,48 @@ def build_from_manifest(manifest: Any, *, meta: bool = False, trust_code: bool =
 
     m = as_manifest(manifest)
     spec = check_trust(ArchSpec.from_json(m["arch"]), m.path or "manifest", trust_code)
+    _check_head_names(m, _module_kinds(spec, m.num_classes))
     plan = HeadPlan.from_json(m.head)
-    return build_model(spec, m.num_classes, plan, int(m.data.get("seed", 0)), meta=meta)
+    return build_model(spec, m.num_classes, plan, int(m.data.get("seed") or 0), meta=meta)
+
+
+def _module_kinds(spec: ArchSpec, num_classes: int) -> dict[str, str]:
+    """Module path -> class name of the model ``spec`` builds before its head is changed (on the
+    meta device; the last one is kept: load_adapted asks twice for the same folder)."""
+    key = (json.dumps(spec.to_json(), sort_keys=True, default=str), num_classes)
+    if _KINDS_CACHE.get("key") != key:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # callers' random streams stay as they were
+            model = build(spec, num_classes, meta=True)
+        _KINDS_CACHE.update(key=key, kinds={n: type(mod).__name__ for n, mod in model.named_modules()})
+    return _KINDS_CACHE["kinds"]
+
+
+_KINDS_CACHE: dict[str, Any] = {}
+_RESIZABLE = ("Linear", "Conv2d")
+
+
+def _check_head_names(m: Manifest, kinds: Mapping[str, str]) -> None:
+    """The modules the manifest's head names exist in the model its arch builds, of a kind the
+    head can change: a wrong name would otherwise end in a traceback inside the head code."""
+    head = m.head
+    want: list[tuple[str, Any, tuple[str, ...]]] = [("head.first_conv", head.get("first_conv"), ("Conv2d",))]
+    if head["kind"] == "mlp":
+        want += [("head.pool", head["pool"], ()), ("head.block", head["block"], ())]
+    else:
+        want.append(("head.classifier", head["classifier"], _RESIZABLE if head.get("replace") else ()))
+    want += [(f"head.aux[{i}]", a, ()) for i, a in enumerate(head.get("aux") or [])]
+    problems = []
+    for field, name, types in want:
+        if name is None:
+            continue
+        if name not in kinds or name == "":
+            problems.append(f"{field} {name!r} names no module of {m['arch']['name']}")
+        elif types and kinds[name] not in types:
+            problems.append(f"{field} {name!r} is a {kinds[name]}, not a {' or '.join(types)}")
+    if problems:
+        raise ManifestError(f"{m.path or 'manifest'}: invalid manifest: {'; '.join(problems)}")
 
 
 def load_weights(model: "nn.Module", state: Mapping[str, Any], *, strict: bool = True) -> Any:
@@ -110,7 +152,7 @@ def load_adapted(folder: str | os.PathLike, *, device: Any = None, epoch: int = 
 
 def _weights_path(m: Manifest, verify: bool) -> Path:
     """The weights file the manifest names, there and (with ``verify``) with the pinned sha256."""
-    wpath = Path(m.path) / m["files"]["weights"]  # type: ignore[arg-type]
+    wpath = inside(m.path, m["files"]["weights"], "files.weights")  # type: ignore[arg-type]
     if not wpath.is_file():
         raise ManifestError(f"{wpath}: weights file named by the manifest is missing")
     want = m["files"].get("weights_sha256")
