@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from .errors import InputError
@@ -23,6 +24,7 @@ PREFIX = "hf:"
 _PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^({_PART})/({_PART})$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REF_CAP = 256  # a ref holds a 40-digit hash and a newline; a bigger one is not the Hub's
 # A name ending like a checkpoint file is a missing local file, not a Hub model
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json", ".pkl", ".tar", ".distcp")
 # What a snapshot's weights are called, in the order Hugging Face's loaders prefer them
@@ -87,8 +89,8 @@ def snapshot(repo_id: str, revision: str | None = None, *, shown: str | None = N
     if _COMMIT.match(rev) and (snaps / rev).is_dir():
         return snaps / rev
     ref = repo / "refs" / rev
-    if ref.is_file():
-        commit = ref.read_text(encoding="utf-8", errors="replace").strip()
+    if os.path.lexists(ref):
+        commit = _read_ref(ref, repo, shown)
     else:
         have = sorted(p.name for p in snaps.iterdir() if p.is_dir()) if snaps.is_dir() else []
         if revision is None and len(have) == 1:
@@ -99,10 +101,31 @@ def snapshot(repo_id: str, revision: str | None = None, *, shown: str | None = N
                          f"(refs there: {', '.join(refs) or 'none'}; snapshots: {', '.join(h[:12] for h in have) or 'none'}); "
                          f"{fetch}")
     folder = snaps / commit
-    if not _COMMIT.match(commit) or not folder.is_dir():
-        raise InputError(f"{shown}: refs/{rev} names commit {commit[:40]!r} but {snaps} has no such snapshot; "
+    if not folder.is_dir():
+        raise InputError(f"{shown}: refs/{rev} names commit {commit!r} but {snaps} has no such snapshot; "
                          f"the download did not finish: {fetch}")
     return folder
+
+
+def _read_ref(ref: Path, repo: Path, shown: str) -> str:
+    """The commit hash a ``refs/`` file holds. It must be a small regular file inside the repo
+    folder (the Hub writes 40 hex digits); anything else is refused without quoting a byte of it,
+    since a link could lead to any file on the machine."""
+    where = f"{shown}: {ref} in the Hugging Face cache"
+    st = os.lstat(ref)
+    if not stat.S_ISREG(st.st_mode) or repo.resolve() not in ref.resolve().parents:
+        raise InputError(f"{where} is not a regular file inside {repo}; the cache holds refs as plain files: "
+                         f"delete it and download the model again")
+    try:
+        with open(ref, "rb") as fh:
+            data = fh.read(_REF_CAP + 1)
+    except OSError as e:
+        raise InputError(f"{where} cannot be read ({e.strerror or e})") from None
+    commit = data.decode("ascii", errors="replace").strip()
+    if len(data) > _REF_CAP or not _COMMIT.match(commit):
+        raise InputError(f"{where} does not hold a commit hash (40 hex digits); the download did not finish "
+                         f"or the file was changed: delete it and download the model again")
+    return commit
 
 
 def weights_in(folder: Path) -> Path:
