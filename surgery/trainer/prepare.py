@@ -191,6 +191,10 @@ def check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path]
     if resuming_here:
         if not out.is_dir():
             raise ResumeError(f"{out}: --resume continues a run in OUT, but there is no such folder")
+        ckpts = out / CHECKPOINT_DIR
+        if ckpts.is_symlink() or (ckpts.exists() and not ckpts.is_dir()):  # checkpoints are written into it
+            raise ResumeError(f"{ckpts}: is {'a link' if ckpts.is_symlink() else 'not a folder'}; a run writes its "
+                              f"checkpoints only into a real folder inside OUT: replace it with the folder it names")
     elif (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it, or --resume to continue its run")
     elif out.exists() or out.is_symlink():
