@@ -10,7 +10,7 @@ import typer
 
 from surgery.errors import AdaptError
 
-from .common import console, handles_errors, human_count, print_json
+from .common import console, escaped, handles_errors, human_count, print_json
 from .remap_cmd import _KeepsArgOrder, ops_in_order
 
 
@@ -98,18 +98,15 @@ def _rules(ctx: typer.Context, rules_file: Optional[Path], strip_prefix: Optiona
 
 
 def render(report, quiet: bool = False) -> None:
-    from rich.markup import escape
-
     out = console()
     if not quiet:
         _render_load(out, report)
     for w in report.warnings:
-        out.print(f"[yellow]warning[/yellow]: {escape(w)}")
-    out.print(f"wrote {report.out}", markup=False)
+        out.print(f"[yellow]warning[/yellow]: {escaped(w)}")
+    out.print(f"wrote {escaped(report.out, markup=False)}", markup=False)
 
 
 def _render_load(out, report) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     rep = report.load
@@ -130,25 +127,25 @@ def _render_load(out, report) -> None:
 
             grouped = collapse_keys(keys)
             shown = ", ".join(grouped[:8]) + (f", ... ({len(grouped) - 8} more)" if len(grouped) > 8 else "")
-            out.print(f"  {title} ({len(keys)} tensors): {escape(shown)}")
+            out.print(f"  {title} ({len(keys)} tensors): {escaped(shown)}")
     for ck, m, cs, ms in rep.mismatched:
-        out.print(f"  [yellow]shape mismatch, skipped[/yellow]: {escape(m)} checkpoint {list(cs)} vs model {list(ms)}")
+        out.print(f"  [yellow]shape mismatch, skipped[/yellow]: {escaped(m)} checkpoint {list(cs)} vs model {list(ms)}")
     for n, cs, ms in rep.resized:
-        out.print(f"  interpolated {n}: {list(cs)} -> {list(ms)}")
+        out.print(f"  interpolated {escaped(n)}: {list(cs)} -> {list(ms)}")
     for n in rep.adapted:
-        out.print(f"  adapted {n} to the input channels")
+        out.print(f"  adapted {escaped(n)} to the input channels")
     table = Table(title="parameter groups", title_justify="left", show_edge=False)
     for col in ("group", "params", "trainable now", "lr mult", "unfreezes"):
         table.add_column(col)
     for g in report.groups:
         # epochs counted from 1, as train prints them: --unfreeze-at 3 trains the group from epoch 4
         when = "-" if g["trainable"] else (f"epoch {g['unfreeze_at'] + 1}" if g["unfreeze_at"] is not None else "never")
-        table.add_row(g["name"], human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}", when)
+        table.add_row(escaped(g["name"]), human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}", when)
     out.print(table)
     inp = report.manifest["input"]
     out.print(f"input: {inp['size'][0]}x{inp['size'][1]} px (resize {inp['resize']}, {inp['interpolation']}), "
               f"{inp['channels']} channels, mean {_listed(inp['mean'])}, std {_listed(inp['std'])} "
-              f"(from {inp['source']})", markup=False)
+              f"(from {escaped(inp['source'], markup=False)})", markup=False)
     bn = report.manifest["bn"]
     out.print(f"BatchNorm: {bn_line(bn['policy'], len(report.frozen_bn()), len(bn['modules']))}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable, TypeVar
@@ -59,6 +60,25 @@ class _NoTrailingSpace:
         return getattr(self.stream, name)
 
 
+# C0 and C1 control characters (ESC, CSI, BEL, CR, ...) and the bidirectional overrides that
+# reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def escaped(value: Any, markup: bool = True) -> str:
+    """``value`` as text safe to print: every control character as an escape (``\\x1b``,
+    ``\\u202e``), so a key, path or metadata value cannot move the cursor, recolour, retitle or
+    hide what is shown; with ``markup`` (text a rich console parses) its ``[tags]`` are escaped
+    too, so ``layer[bold]1[/bold].weight`` prints as it is. JSON output needs none of this:
+    ``json.dumps`` escapes control characters and carries the raw names."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(value))
+    if markup:
+        from rich.markup import escape
+
+        text = escape(text)
+    return text
+
+
 def console(stderr: bool = False, survive_pipe: bool = False):
     """A rich console: colours and live progress on a terminal; plain text with no markup
     styling and no trailing padding when NO_COLOR is set or the stream is not a terminal.
@@ -67,12 +87,14 @@ def console(stderr: bool = False, survive_pipe: bool = False):
 
     stream = sys.stderr if stderr else sys.stdout
     plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
+    # emoji=False: a name holding ":thumbs_up:" prints as it is
     return Console(file=_NoTrailingSpace(stream, survive_pipe) if plain else stream, no_color=plain, highlight=False,
+                   emoji=False,
                    soft_wrap=plain, force_terminal=False if plain else None, width=120 if plain else None)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.stderr.write(f"error: {escaped(' '.join(message.split()), markup=False)}\n")
     return typer.Exit(code)
 
 
@@ -112,7 +134,7 @@ def skipped_lines(skipped: list, shown: int = 5) -> list[str]:
     if not skipped:
         return []
     lines = [f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}:"]
-    lines += [f"  {path}: {why}" for path, why in skipped[:shown]]
+    lines += [f"  {escaped(path, markup=False)}: {escaped(why, markup=False)}" for path, why in skipped[:shown]]
     if len(skipped) > shown:
         lines.append(f"  ... {len(skipped) - shown} more")
     return lines

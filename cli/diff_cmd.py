@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .common import console, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from surgery.analysis import DiffReport
@@ -45,21 +45,21 @@ def diff(
 def _render(rep: DiffReport, values: bool) -> None:
     out = console()
     if rep.prefix_a or rep.prefix_b:
-        out.print(f"names compared without prefixes: A {rep.prefix_a or '-'}  B {rep.prefix_b or '-'}")
+        out.print(f"names compared without prefixes: A {escaped(rep.prefix_a or '-')}  B {escaped(rep.prefix_b or '-')}")
     out.print(f"{len(rep.common)} common tensors, {len(rep.only_a)} only in A, {len(rep.only_b)} only in B")
     for label, names in (("only in A", rep.only_a), ("only in B", rep.only_b)):
         for n in names[:50]:
-            out.print(f"  {label}: {n}")
+            out.print(f"  {label}: {escaped(n)}")
         if len(names) > 50:
             out.print(f"  ... {len(names) - 50} more {label}")
     for n, sa, sb in rep.shape_mismatch:
-        out.print(f"  shape: {n}  {list(sa)} vs {list(sb)}")
+        out.print(f"  shape: {escaped(n)}  {escaped(list(sa))} vs {escaped(list(sb))}")
     for n, da, db in rep.dtype_mismatch:
-        out.print(f"  dtype: {n}  {da} vs {db}")
+        out.print(f"  dtype: {escaped(n)}  {escaped(da)} vs {escaped(db)}")
     if values:
         differing = {k: v for k, v in rep.max_abs_diff.items() if v != 0.0}
         worst = sorted(differing.items(), key=lambda kv: -kv[1])[:20]
         out.print(f"{len(rep.max_abs_diff) - len(differing)} of {len(rep.max_abs_diff)} compared tensors are equal")
         for k, v in worst:
-            out.print(f"  max |A-B| {v:.3g}  {k}")
+            out.print(f"  max |A-B| {v:.3g}  {escaped(k)}")
     out.print("identical" if rep.identical else "different")

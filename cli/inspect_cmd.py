@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, handles_errors, human_bytes, human_count, print_json
+from .common import console, escaped, handles_errors, human_bytes, human_count, print_json
 
 _WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
 
@@ -95,7 +95,7 @@ def render(report, show_tree: bool = True) -> None:
     head.add_column(style="bold")
     head.add_column()
     for k, v in _summary_rows(report) + _key_rows(report) + _guess_rows(report):
-        head.add_row(k, v)
+        head.add_row(k, escaped(v))  # values hold key names, paths and metadata from the file
     out.print(head)
     if show_tree and report.tree:
         out.print(f"\n[bold]module tree[/bold] (depth {report.depth}; numbered siblings with identical structure collapse)")
@@ -187,7 +187,7 @@ def _tree_table(report):
         label = "  " * (r.depth - 1) + r.name
         if r.repeat > 1 and "{" in r.name:
             label += f"  x{r.repeat}"
-        t.add_row(label, human_count(r.params), str(r.n_tensors))
+        t.add_row(escaped(label), human_count(r.params), str(r.n_tensors))
     return t
 
 
@@ -203,5 +203,5 @@ def _keys_table(report):
     for n in report.keys:
         info = c.tensors[n]
         dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
-        t.add_row(n, dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel))
+        t.add_row(escaped(n), escaped(dtype), "x".join(map(str, info.shape)) or "scalar", str(info.numel))
     return t

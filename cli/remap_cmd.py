@@ -11,7 +11,7 @@ from typer.core import TyperCommand
 
 from surgery.remapping.ops import OP_KINDS, Op, OpKind
 
-from .common import console, handles_errors, human_bytes, print_json
+from .common import console, escaped, handles_errors, human_bytes, print_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
@@ -114,30 +114,31 @@ def _render(report: RemapReport) -> None:
     if report.dry_run or len(report.rows) <= 40:
         out.print(_table(report))
     for op, n in report.op_counts:
-        out.print(f"  {op}: {n} keys" + ("  [yellow](matched nothing)[/yellow]" if n == 0 else ""))
+        out.print(f"  {escaped(op)}: {n} keys" + ("  [yellow](matched nothing)[/yellow]" if n == 0 else ""))
     summary = f"{report.kept} tensors kept ({report.renamed} renamed), {report.dropped} dropped"
     if report.dry_run:
         out.print(f"{summary}; dry run, nothing written")
         return
     verified = ", verified bit for bit" if report.verified else ""
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
-    out.print(f"{summary}; wrote {report.dst_format} {report.dst} ({human_bytes(report.bytes_written)}{files}){verified}")
+    out.print(f"{summary}; wrote {report.dst_format} {escaped(report.dst)} ({human_bytes(report.bytes_written)}{files})"
+              f"{verified}")
 
 
 def _table(report: RemapReport) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"{report.src} -> {report.dst}" + (" (dry run: nothing written)" if report.dry_run else ""),
+    table = Table(title=f"{escaped(report.src)} -> {escaped(report.dst)}" + (" (dry run: nothing written)" if report.dry_run else ""),
                   title_justify="left", show_edge=False)
     table.add_column("old")
     table.add_column("new")
     table.add_column("dtype")
     for r in report.rows:
-        new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else r.new)
+        new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else escaped(r.new))
         if r.alias_of:
-            new += f" (tied to {r.alias_of})"
+            new += f" (tied to {escaped(r.alias_of)})"
         dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
         if r.kind != "dense" or r.new_kind != "dense":
             dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
-        table.add_row(r.old, new, dt)
+        table.add_row(escaped(r.old), new, escaped(dt))
     return table

@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import nullcontext
 
-from .common import console, human_bytes, human_count
+from .common import console, escaped, human_bytes, human_count
 
 
 def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> int:
@@ -83,10 +83,10 @@ RIGHT = {"tensors", "params", "size"}
 
 def _cells(r) -> list[str]:
     if not r.ok:
-        return [r.path, "-", "-", "-", "-", "-", "-", "error"]
+        return [escaped(r.path, markup=False), "-", "-", "-", "-", "-", "-", "error"]
     d = r.data
-    return [r.path, d["format"], str(d["tensor_count"]), human_count(d["param_count"]), human_bytes(d["file_size"]),
-            ",".join(d["dtypes"]), _arch(d), "ok"]
+    return [escaped(r.path, markup=False), d["format"], str(d["tensor_count"]), human_count(d["param_count"]),
+            human_bytes(d["file_size"]), escaped(",".join(d["dtypes"]), markup=False), _arch(d), "ok"]
 
 
 def _table(rows: list) -> None:
@@ -102,4 +102,4 @@ def _table(rows: list) -> None:
     out.write(f"{len(rows)} checkpoints: {len(rows) - len(failed)} read, {len(failed)} failed\n")
     out.flush()
     for r in failed:
-        sys.stderr.write(f"error: {r.error}\n")
+        sys.stderr.write(f"error: {escaped(r.error, markup=False)}\n")
