@@ -99,7 +99,8 @@ class Renderer:
         elif event == "lr_find" and self.live:  # plain output prints the run.log line instead
             from surgery.trainer.lr_find import fmt_lr
 
-            line = f"lr {fmt_lr(info['lr'])} (found){' for the scratch run' if info.get('run') == 'scratch' else ''}"
+            line = (f"lr {fmt_lr(info['lr'])} (found){' for the scratch run' if info.get('run') == 'scratch' else ''}"
+                    + (f" for the phase unfrozen at epoch {info['epoch']}" if info.get("epoch") else ""))
             self.out.print(line, markup=False)  # above the live progress bar when there is one
         elif event == "end":
             self.close()

@@ -103,11 +103,11 @@ def _measure(run: Run, epoch: int, obs: Observer) -> dict:
     new = min(lr, before)
     for fn in run.sched.lr_lambdas:
         fn.scale *= new / before
-    how = (f"range test of {found.steps} steps from the head phase's weights: the loss of {min(REFERENCE_IMAGES, len(run.samples.train))} "
-           f"training images passes {lr_find.RISE:g}x its start at lr {lr_find.fmt_lr(found.ceiling_lr)}, a tenth "
-           f"of it")
+    images = min(REFERENCE_IMAGES, len(run.samples.train))
+    how = (f"range test of {found.steps} steps from the head phase's weights: the loss of {images} training images "
+           f"passes {lr_find.RISE:g}x its start at lr {lr_find.fmt_lr(found.ceiling_lr)}, a tenth of it")
     if new < lr:
-        how += f" capped at the first phase's lr {lr_find.fmt_lr(before)}"
+        how += f", capped at the first phase's lr {lr_find.fmt_lr(before)}"
     if run.dist.is_main:
         lr_find.use_unfreeze_files(found, new, epoch + 1, run.opts.out)
     obs("lr_find", dict(found.to_json(), lr=new, epoch=epoch + 1))
@@ -128,8 +128,10 @@ def _reference(run: Run) -> tuple:
 
 
 def _base_lr(run: Run) -> float:
-    """The head's lr (``lr_mult`` 1) as the multipliers stand, before the schedule's shape."""
-    g, fn = run.opt.param_groups[0], run.sched.lr_lambdas[0]
+    """The base lr (``lr_mult`` 1) as a group that trains from the start stands (the guard cuts
+    only the opened groups), before the schedule's shape."""
+    frozen = frozen_at_start(run.manifest)
+    g, fn = next((g, fn) for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas) if g["group"] not in frozen)
     return g["initial_lr"] / g.get("lr_mult", 1.0) * fn.scale
 
 
