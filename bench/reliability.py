@@ -31,6 +31,17 @@ Classes, each a generator of inputs (see CLASSES):
                 FIFO, device, socket, symlinks, folders with foreign files (with and without --force)
   manifest      adapted folders whose manifest names code (os:system, subprocess:run, a file
                 factory, timm loaders) or absurd sizes, loaded without trust_code
+  which-pkl     torch zips with a decoy *data.pkl listed first, a DATA.PKL case variant, one raw
+                name twice with and without the UTF-8 flag, entries outside the archive's folder
+  central-dir   torch zips with two central directories (offset of one, size of the other), a
+                wrong entry count, an end record after the declared comment
+  tar-polyglot  legacy torch files whose first 512 bytes are (or nearly are) a valid tar header
+  dup-shard     shard folders where a later (or earlier) shard stores a tensor mapped elsewhere
+  jit-decl      TorchScript archives declaring __parameters__/__buffers__ twice in one class
+  inflate       a deflated data.pkl: honest, with junk after its stream, or a MEMOIZE bomb padded
+                so that its declared compressed size passes the ratio
+  The last six are checked against the real loader (torch.load(weights_only=True), torch.jit.load,
+  tarfile's tar-first test, transformers' shard order): reading other tensors is "differential".
 
 The tests (tests/hardening/test_fuzz.py) import the same seeds, mutators and checker, and drive
 them with hypothesis.
@@ -54,6 +65,7 @@ import stat
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +74,10 @@ if str(REPO) not in sys.path:
 
 PARSERS = ("safetensors", "torch-zip", "data.pkl", "torch-legacy", "shard-index", "rules")
 HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest")
-CLASSES = PARSERS + HOSTILE
-OUTCOMES = ("ok", "refused", "crashed", "hung", "partial", "marker")
+# files where two readers could disagree: each must be refused or read exactly as torch's own reader reads it
+DIFFERENTIAL = ("which-pkl", "central-dir", "tar-polyglot", "dup-shard", "jit-decl", "inflate")
+CLASSES = PARSERS + HOSTILE + DIFFERENTIAL
+OUTCOMES = ("ok", "refused", "crashed", "hung", "partial", "marker", "differential")
 RSS_GOAL_MB = 500
 # Seed files are kept between runs: legacy torch.save names storages by their address, so seeds
 # built afresh differ from run to run, and so would the torch-legacy inputs made from them.
@@ -694,9 +708,299 @@ def gen_manifest(rng: random.Random, env: "Env") -> tuple[str, str]:
     return "ok", ""
 
 
+# ---------------------------------------------------------------- reader differentials (torch's rules)
+#
+# Files two readers could read differently: each must be refused, or read exactly as torch's own
+# reader reads it (torch.load(weights_only=True), torch.jit.load(...).state_dict(), tarfile for the
+# tar-first order, transformers' shard-by-shard loading where a later shard's copy wins).
+
+_LOCAL_HDR = struct.Struct("<4s5H3L2H")
+_CENTRAL_HDR = struct.Struct("<4s6H3L5H2L")
+_END = struct.Struct("<4s4H2LH")
+
+
+def zip_raw(entries: list[tuple[bytes, bytes, int]], *, count: int | None = None, comment: bytes = b"",
+            second: list[tuple[bytes, bytes, int]] | None = None,
+            deflate: dict[bytes, tuple[bytes, int]] | None = None) -> bytes:
+    """A stored zip of (raw name, data, flags) entries written by hand: names may repeat, differ in
+    case or carry the UTF-8 flag (bit 11); ``count`` overrides the end record's entry count. With
+    ``second``, those entries get their own central directory after the first, and the end record
+    gives the first one's offset with the second one's size: zipfile reads the second (before the
+    end record), torch's miniz the first (at the offset). ``deflate`` maps a name to the bytes it
+    holds deflated, and how many junk bytes follow its deflate stream inside the entry."""
+    out, dirs = bytearray(), []
+    for group in ([entries] + ([second] if second else [])):
+        cd = bytearray()
+        for name, data, flags in group:
+            plain, junk = (deflate or {}).get(name, (data, None))
+            payload = plain if junk is None else _deflated(plain, junk)
+            method, crc, size, csize = (0 if junk is None else 8), zlib.crc32(plain), len(plain), len(payload)
+            cd += _CENTRAL_HDR.pack(b"PK\x01\x02", 20, 20, flags, method, 0, 33, crc, csize, size, len(name),
+                                    0, 0, 0, 0, 0, len(out)) + name
+            out += _LOCAL_HDR.pack(b"PK\x03\x04", 20, flags, method, 0, 33, crc, csize, size, len(name), 0) + name + payload
+        dirs.append(cd)
+    first_at = len(out)
+    for cd in dirs:
+        out += cd
+    if second:  # zipfile adds (end - size - offset) to every offset of the directory it reads
+        shift = len(dirs[0])
+        second_cd = bytearray(dirs[1])
+        pos = 0
+        while pos < len(second_cd):
+            (off,) = struct.unpack_from("<L", second_cd, pos + 42)
+            struct.pack_into("<L", second_cd, pos + 42, off - shift)
+            pos += 46 + struct.unpack_from("<H", second_cd, pos + 28)[0]
+        out[first_at + shift:] = second_cd
+    n = len(entries) if count is None else count
+    out += _END.pack(b"PK\x05\x06", 0, 0, n, n, len(dirs[-1]), first_at, len(comment)) + comment
+    return bytes(out)
+
+
+def zip_entries(data: bytes) -> list[tuple[str, bytes]]:
+    z = zipfile.ZipFile(io.BytesIO(data))
+    return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def evil_pickle(pkl: bytes) -> bytes:
+    """The same pickle with every key renamed (same length): another state dict over the same storages."""
+    return pkl.replace(b"module.", b"EVILXX.")
+
+
+def torch_state(path: Path, kind: str = "load") -> dict:
+    """What torch's own reader returns: torch.load(weights_only=True), or torch.jit.load's state_dict."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "jit":
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj
+
+
+def hf_shards_state(folder: Path) -> dict:
+    """transformers' sharded loading: every shard the index names, in sorted order, each one's whole
+    state dict loaded in turn, so a tensor stored in two shards takes the later shard's copy."""
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(folder / shard)))
+    return out
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    """name -> tensor of a nested checkpoint object, as surgery's container walk names them."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix.rstrip("."): obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {}
+
+
+def agree(path: Path, env: "Env", reference) -> tuple[str, str]:
+    """'refused' when surgery refuses the file, 'ok' when surgery reads what ``reference()`` (the real
+    loader) reads, 'differential' when they read different tensors, 'crashed' on any other exception
+    in surgery. torch is asked only when surgery reads the file: only then can the two differ."""
+    import torch
+
+    import surgery
+    from surgery.errors import SurgeryError
+
+    try:
+        ours = surgery.open(path).state_dict()
+    except SurgeryError as e:
+        if "\n" in e.one_line() or not str(e).strip():
+            return "crashed", f"SurgeryError with an empty or multi-line message: {e!r}"
+        return "refused", ""
+    except Exception as e:  # noqa: BLE001 - anything else is a bug
+        return "crashed", f"{type(e).__name__}: {str(e)[:200]}"
+    try:
+        theirs = reference()
+    except Exception as e:  # noqa: BLE001 - the loader refusing what surgery reads is a disagreement too
+        return "differential", f"surgery reads {len(ours)} tensors, the loader refuses: {type(e).__name__}: {str(e)[:120]}"
+    theirs = _flat(theirs) if not all(isinstance(v, torch.Tensor) for v in theirs.values()) else theirs
+    if sorted(ours) != sorted(theirs):
+        return "differential", f"keys differ: surgery {sorted(ours)[:4]}, loader {sorted(theirs)[:4]}"
+    bad = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    return ("differential", f"values differ: {bad[:4]}") if bad else ("ok", "")
+
+
+def _write(env: "Env", name: str, data: bytes) -> Path:
+    path = env.dir / name
+    path.write_bytes(data)
+    return path
+
+
+def gen_which_pkl(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """Which data.pkl: a decoy listed first, a case variant, the same raw name with the UTF-8 flag,
+    an entry outside the archive's folder, a storage named twice by case."""
+    entries = zip_entries(env.templates[0])
+    prefix = entries[0][0].split("/")[0]
+    pkl = next(d for n, d in entries if n.endswith("/data.pkl"))
+    raw = [(n.encode(), d, 0) for n, d in entries]
+    how = rng.choice(("decoy-first", "case", "utf8-flag", "outside", "storage-case", "top-level", "clean"))
+    if how == "decoy-first":
+        raw.insert(0 if rng.random() < 0.5 else 1, (f"{prefix}/{rng.choice(('x', 'a', '_'))}data.pkl".encode(), evil_pickle(pkl), 0))
+    elif how == "case":
+        raw.insert(rng.randrange(len(raw) + 1), (f"{prefix}/{rng.choice(('DATA.PKL', 'Data.pkl', 'data.PKL'))}".encode(), evil_pickle(pkl), 0))
+    elif how == "utf8-flag":  # a non-ASCII folder: one copy flagged UTF-8, one not; the bytes are the same
+        raw = [("\u00e9".encode() + n[len(prefix):], d, 0x800 if rng.random() < 0.5 else 0) for n, d, _ in raw]
+        at = next(i for i, (n, _, _) in enumerate(raw) if n.endswith(b"/data.pkl"))
+        n, d, f = raw[at]
+        raw.insert(rng.choice((at, at + 1, len(raw))), (n, evil_pickle(d), f ^ 0x800))
+    elif how == "outside":
+        raw.insert(rng.randrange(len(raw) + 1), (rng.choice((b"other/data.pkl", b"data.pkl", b"x")), evil_pickle(pkl), 0))
+    elif how == "storage-case":
+        name, data, _ = next(e for e in raw if b"/data/" in e[0])
+        raw.append((name.replace(b"/data/", b"/DATA/"), bytes(len(data)), 0))
+    elif how == "top-level":
+        raw = [(n[len(prefix) + 1:], d, f) for n, d, f in raw]
+    return agree(_write(env, "which.pt", zip_raw(raw)), env, lambda: torch_state(env.dir / "which.pt"))
+
+
+def gen_central_dir(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """Which central directory: two of them (offset of one, size of the other), a record count
+    that is not the records' number, a second end record after the first, a zip64 locator that
+    points elsewhere."""
+    entries = zip_entries(env.templates[0])
+    raw = [(n.encode(), d, 0) for n, d in entries]
+    how = rng.choice(("two", "count", "second-end", "clean"))
+    if how == "two":
+        evil = [(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw]
+        data = zip_raw(raw, second=evil) if rng.random() < 0.5 else zip_raw(evil, second=raw)
+    elif how == "count":
+        data = zip_raw(raw, count=len(raw) + rng.choice((-2, -1, 1)))
+    elif how == "second-end":  # another end record in the comment, its own comment reaching past the end or not
+        fake = zip_raw([(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw])
+        data = zip_raw(raw, comment=fake[-22:-2] + struct.pack("<H", rng.choice((0, 1, 9))))
+    else:
+        data = zip_raw(raw)
+    return agree(_write(env, "cd.pt", data), env, lambda: torch_state(env.dir / "cd.pt"))
+
+
+def legacy_tar_polyglot(legacy: bytes, valid: bool = True) -> bytes:
+    """A legacy torch file whose first 512 bytes are also a tar header (its checksum right when
+    ``valid``): a string added to the sys_info pickle holds the header's fields from byte 100 on.
+    torch.load tries tar first; the file is still a well-formed legacy pickle stream."""
+    from surgery.formats.torch_legacy import SIGNATURE
+
+    at = len(SIGNATURE) + 1 + 6  # the magic number's pickle, then the protocol's (PROTO 2, BININT2 1001, STOP)
+    opening = b"\x80\x02}q\x00("  # sys_info: PROTO 2, EMPTY_DICT, BINPUT 0, MARK, then its items
+    if not (legacy.startswith(SIGNATURE) and legacy[at:at + len(opening)] == opening):
+        raise ValueError("not a legacy torch file as torch.save writes one")
+    head = legacy[:at] + opening + b"X\x03\x00\x00\x00padX"
+    block = bytearray(head + struct.pack("<I", 512) + b"\0" * 512)  # NULs and octal digits: valid UTF-8
+    block[156] = ord("0")  # typeflag: a regular member (of size 0)
+    block[148:156] = b" " * 8
+    chksum = sum(block[:512]) + (0 if valid else 1)
+    block[148:156] = b"%06o\0 " % chksum
+    return bytes(block) + legacy[at + len(opening):]
+
+
+
+
+def _deflated(data: bytes, junk: int) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush() + b"\0" * junk
+
+
+def gen_tar_polyglot(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """Legacy files whose first 512 bytes are (or, checksum off by one, are not) a tar header."""
+    import tarfile
+
+    path = _write(env, "poly.pt", legacy_tar_polyglot((env.shard_dir / "legacy.pt").read_bytes(), rng.random() < 0.7))
+
+    def reference() -> dict:
+        try:  # torch.load's first step for a file that is not a zip: tarfile.open
+            tarfile.open(path, "r:").close()
+        except tarfile.TarError:
+            return torch_state(path)
+        raise RuntimeError("torch.load reads this file as a tar archive")
+
+    return agree(path, env, reference)
+
+
+def gen_dup_shard(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """A tensor the index maps to one shard and a later (or earlier) shard also stores."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = env.fresh("dupshard")
+    for p in env.shard_dir.glob("model-*.safetensors"):
+        shutil.copy(p, folder / p.name)
+    (folder / "model.safetensors.index.json").write_bytes(env.seed_index)
+    wm = json.loads(env.seed_index)["weight_map"]
+    name = rng.choice(sorted(wm))
+    others = sorted(set(wm.values()) - {wm[name]})
+    if others and rng.random() < 0.85:
+        victim = folder / rng.choice(others)
+        sd = load_file(str(victim))
+        t = load_file(str(folder / wm[name]))[name]
+        sd[name] = t.clone() if rng.random() < 0.2 else t + 1 if t.is_floating_point() else t ^ 1
+        save_file(sd, str(victim))
+    return agree(folder, env, lambda: hf_shards_state(folder))
+
+
+def _script_archive(env: "Env") -> bytes:
+    cached = env.dir / "script-clean.pt"
+    if not cached.is_file():
+        import torch
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        torch.jit.save(torch.jit.script(net), str(cached))
+    return cached.read_bytes()
+
+
+JIT_EDITS = (
+    (b'  __parameters__ = ["weight", "bias", ]\n', b'  __parameters__ = ["weight", "bias", ]\n  __parameters__ = []\n'),
+    (b'  __parameters__ = ["weight", "bias", ]\n', b'  __parameters__ = []\n  __parameters__ = ["weight", "bias", ]\n'),
+    (b'  __buffers__ = ["running_mean", "running_var", "num_batches_tracked", ]\n',
+     b'  __buffers__ = ["running_mean", "running_var", "num_batches_tracked", ]\n  __buffers__ = []\n'),
+    (b'  __buffers__ = []\n', b'  __buffers__ = []\n  __buffers__ = []\n'),
+    (b'  __parameters__ = ["weight", "bias", ]\n', b'  __parameters__ : List[str] = []\n  __parameters__ = ["weight", "bias", ]\n'),
+    (b"  training : bool\n", b"  training : bool\n"),  # unchanged: the clean archive
+)
+
+
+def gen_jit_decl(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """TorchScript code declaring a class's parameters or buffers twice (torch adds the lists up)."""
+    old, new = rng.choice(JIT_EDITS)
+    entries = zip_entries(_script_archive(env))
+    code = [i for i, (n, d) in enumerate(entries) if n.endswith(".py") and old in d]
+    if code:
+        i = rng.choice(code)
+        entries[i] = (entries[i][0], entries[i][1].replace(old, new, 1))
+    path = _write(env, "jit.pt", zip_raw([(n.encode(), d, 0) for n, d in entries]))
+    return agree(path, env, lambda: torch_state(path, "jit"))
+
+
+def gen_inflate(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """A deflated data.pkl: honest, with junk after its stream, or a MEMOIZE bomb whose declared
+    compressed size is padded with junk to pass a ratio checked against it."""
+    entries = zip_entries(env.templates[0])
+    at = next(i for i, (n, _) in enumerate(entries) if n.endswith("/data.pkl"))
+    pkl = entries[at][1]
+    bomb = rng.random() < 0.5
+    if bomb:  # n memo stores (BINPUT: torch's weights-only reader takes it, MEMOIZE it refuses), then
+        # the real pickle: the same state dict, dear to unpickle
+        n = rng.choice((1 << 18, 1 << 20, 4 << 20))
+        pkl = pkl.replace(b"q\x00", b"q\x00" * (n + 1), 1)  # the first memo store, repeated
+    junk = max(0, (len(pkl) - (1 << 20)) // 64 + 1024) if bomb else rng.choice((0, 0, 7, 4096))
+    raw = [(n.encode(), d, 0) for n, d in entries]
+    path = _write(env, "inflate.pt", zip_raw(raw, deflate={raw[at][0]: (pkl, junk)}))
+    return agree(path, env, lambda: torch_state(path))
+
+
 GENERATORS = {"big-ints": gen_big_ints, "memo": gen_memo, "build": gen_build, "codecs": gen_codecs,
               "dup-zip": gen_dup_zip, "symlink-shard": gen_symlink_shard, "destination": gen_destination,
-              "manifest": gen_manifest}
+              "manifest": gen_manifest, "which-pkl": gen_which_pkl, "central-dir": gen_central_dir,
+              "tar-polyglot": gen_tar_polyglot, "dup-shard": gen_dup_shard, "jit-decl": gen_jit_decl,
+              "inflate": gen_inflate}
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -1014,7 +1318,8 @@ def render(results: list[dict], args, elapsed: float, load: float, hostile: list
     total = sum(sum(d["tally"].values()) for d in by_class.values())
     cpu_in = sum(d["cpu_inputs_s"] for d in by_class.values())
     cpu_setup = sum(d["cpu_setup_s"] for d in by_class.values())
-    bad = {k: sum(d["tally"][k] for d in by_class.values()) for k in ("crashed", "hung", "partial", "marker")}
+    bad = {k: sum(d["tally"].get(k, 0) for d in by_class.values())
+           for k in ("crashed", "hung", "partial", "marker", "differential")}
     over = [c for c, d in by_class.items() if not goal_met(d["mem_kb"])]
     classes = " ".join(f"--classes {c}" for c in args.classes) if args.classes != list(CLASSES) else ""
     verdict = ("met" if not any(bad.values()) and not over else
@@ -1033,7 +1338,8 @@ def render(results: list[dict], args, elapsed: float, load: float, hostile: list
         f"the inputs, {cpu_setup / 60:.1f} core-min to start and warm up {sum(d['workers'] for d in by_class.values())} "
         f"worker processes; on {args.jobs} idle cores the workers would take about "
         f"{(cpu_in + cpu_setup) / args.jobs / 60:.1f} min.", "",
-        f"**Goal** (0 crashed, 0 hung over {args.stall:g} s, 0 partial, 0 marker; peak anonymous memory under "
+        f"**Goal** (0 crashed, 0 hung over {args.stall:g} s, 0 partial, 0 marker, 0 differential; peak anonymous "
+        f"memory under "
         f"{RSS_GOAL_MB} MB in every class): **{verdict}**.", "",
     ]
     lines += _method(args, by_class) + _outcome_table(by_class) + _memory_table(by_class, args)
@@ -1066,20 +1372,24 @@ def _method(args, by_class: dict) -> list[str]:
         f"{args.stall:g} s are what it would take on an idle machine: the worker is killed, the input counted and a "
         f"new worker continues with the next input), **partial** (an output left after a failure, "
         f"an output that does not open, or a pre-existing file changed), **marker** (the file a payload would "
-        f"create exists afterwards: code ran). CPU per input: the workers' user + system time over the inputs "
+        f"create exists afterwards: code ran), **differential** (surgery read a file as other tensors than the "
+        f"real loader reads from it: torch.load(weights_only=True), torch.jit.load(...).state_dict(), tarfile "
+        f"for torch's tar-first order, or transformers' shard-by-shard loading; the loader is asked only when "
+        f"surgery reads the file). CPU per input: the workers' user + system time over the inputs "
         f"(start-up, warm-up and exit not included); dearest input: the one that took the most CPU.", "",
     ]
 
 
 def _outcome_table(by_class: dict) -> list[str]:
-    lines = ["| class | inputs | ok | refused | crashed | hung | partial | marker | CPU per input | dearest input |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| class | inputs | ok | refused | crashed | hung | partial | marker | differential | CPU per input | "
+             "dearest input |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in CLASSES:
         if c in by_class:
             d = by_class[c]
             t, n = d["tally"], sum(d["tally"].values())
             lines.append(f"| {c} | {n:,} | {t['ok']:,} | {t['refused']:,} | {t['crashed']} | {t['hung']} | "
-                         f"{t['partial']} | {t['marker']} | {1000 * d['cpu_inputs_s'] / max(n, 1):.1f} ms | "
+                         f"{t['partial']} | {t['marker']} | {t.get('differential', 0)} | "
+                         f"{1000 * d['cpu_inputs_s'] / max(n, 1):.1f} ms | "
                          f"{1000 * d['slowest'][0]:,.0f} ms (#{d['slowest'][1]}) |")
     return lines + [""]
 

@@ -162,6 +162,11 @@ def sniff_bytes(head: bytes, size: int, p: Path) -> str:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "torch-zip"
     if head.startswith(SIGNATURE):
+        from .torch_tar import tarfile_takes
+
+        if tarfile_takes(head):  # torch.load tries tar first: it would not read the pickles surgery reads
+            raise FormatError(f"{p}: a legacy torch file whose first 512 bytes are also a valid tar header; torch.load "
+                              f"reads it as a tar archive, not as the pickles surgery would show, refusing it")
         return "torch-legacy"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"

@@ -45,6 +45,7 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
         if fmt not in ("safetensors", "torch-zip"):
             raise FormatError(f"{src}: shard {rel} is {fmt}, expected safetensors or a torch zip")
         shards[rel] = opener()
+    _check_stored_once(shards, src)
     tensors: dict[str, TensorInfo] = {}
     problems = []
     for name, rel in wm.items():
@@ -63,6 +64,21 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
     return Checkpoint(path=Path(path), format="safetensors-index", file_size=sum(c.file_size for c in shards.values()),
                       tensors=tensors, extras=extra, metadata={**first.metadata, **meta} if first.format == "safetensors" else meta,
                       files=files)
+
+
+def _check_stored_once(shards: dict[str, Checkpoint], src: str) -> None:
+    """Refuse a tensor stored in two shards: transformers loads every shard in turn, so a later
+    shard's copy replaces the one the index maps, and what surgery shows would not be what loads."""
+    where: dict[str, str] = {}
+    twice = []
+    for rel, shard in shards.items():
+        for name in shard.tensors:
+            if name in where:
+                twice.append(f"{name} (in {where[name]} and {rel})")
+            where.setdefault(name, rel)
+    if twice:
+        raise FormatError(f"{src}: {len(twice)} tensor{'s are' if len(twice) > 1 else ' is'} stored in two shards: "
+                          f"{', '.join(twice[:3])}; loaders differ on which copy wins, refusing it")
 
 
 def read_json_index(path: Path) -> dict:

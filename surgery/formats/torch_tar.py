@@ -209,4 +209,15 @@ def is_tar(head: bytes) -> bool:
     return len(head) >= 262 and head[257:262] == b"ustar"
 
 
-__all__ = ["open_tar", "is_tar", "MEMBERS"]
+def tarfile_takes(head: bytes) -> bool:
+    """Whether Python's tarfile, which torch.load tries before the legacy pickle format, takes the
+    first 512 bytes of a file for a tar header (no "ustar" magic is needed: a checksum that
+    matches and numeric fields that parse are enough)."""
+    try:
+        tarfile.TarInfo.frombuf(head[:512], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+__all__ = ["open_tar", "is_tar", "tarfile_takes", "MEMBERS"]

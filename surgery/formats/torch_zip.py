@@ -38,21 +38,22 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
         zf = ZipIndex(raw.fileno(), base, (size - base) if length is None else length, src)
         names = zf.names
         _check_names(zf.twice, src)
-        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
-        if not pkl:
+        prefix = _record_prefix(zf, src)
+        pkl = zf.find(prefix + "data.pkl")  # the one torch.load reads: in the first entry's folder
+        if pkl is None:
             if any(n.endswith("model.json") for n in names) and any("/code/" in n or n.startswith("code/") for n in names):
                 raise FormatError(f"{src}: a TorchScript archive of torch < 1.4 (model.json); load it with a torch of "
                                   f"that era (torch.jit.load) and save model.state_dict()")
-            raise FormatError(f"{src}: zip archive has no data.pkl, so it is not a torch checkpoint "
+            raise FormatError(f"{src}: zip archive has no {prefix}data.pkl, so it is not a torch checkpoint "
                               f"(entries: {', '.join(names[:5])})")
-        prefix = pkl[0][: -len("data.pkl")]
-        bo = prefix + "byteorder"
-        if bo in zf.entries and _read_entry(zf, bo, 64, src).strip() not in (b"little", b""):
+        bo = zf.find(prefix + "byteorder")
+        if bo is not None and _read_entry(zf, bo, 64, src).strip() not in (b"little", b""):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
-        data = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, src)
+        data = _read_entry(zf, pkl, MAX_PICKLE_BYTES, src)
         if torchscript.is_torchscript(names, prefix):
             def read_code(name: str) -> bytes | None:
-                return _read_entry(zf, name, torchscript.MAX_CODE_BYTES, src) if name in zf.entries else None
+                found = zf.find(name)
+                return None if found is None else _read_entry(zf, found, torchscript.MAX_CODE_BYTES, src)
 
             up = torchscript.read_torchscript(data, src, accept, torchscript.Declarations(read_code, prefix, src))
             up.torchscript = True  # type: ignore[attr-defined]
@@ -62,18 +63,39 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
     return up, offsets
 
 
+def _record_prefix(zf: ZipIndex, src: str) -> str:
+    """torch's reader looks every record up in the folder of the archive's first entry
+    (``ARCHIVE/data.pkl``) by the offsets the end record gives: an entry outside that folder, or a
+    directory placed where the end record does not say, is read by no torch and by other readers."""
+    if zf.concat:
+        raise FormatError(f"{src}: zip archive's central directory does not end where its end record begins: bytes "
+                          f"before the archive starts or a second central directory; torch and other zip readers "
+                          f"would read different entries, refusing it")
+    first = zf.names[0] if zf.names else ""
+    if "/" not in first:
+        raise FormatError(f"{src}: zip archive's first entry {first[:80]!r} is not in a folder; torch reads only "
+                          f"archives whose entries share one top folder")
+    prefix = first[:first.index("/") + 1]
+    outside = [n for n in zf.names if not n.startswith(prefix)]
+    if outside:
+        raise FormatError(f"{src}: zip archive has entries outside its top folder {prefix!r} ({', '.join(repr(n[:60]) for n in outside[:3])}"
+                          f"); torch never reads them and another reader could, refusing it")
+    return prefix
+
+
 def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str, tuple[int, int]]:
     """Each storage's (absolute offset, bytes): a stored entry wholly inside the archive."""
     keys = list(storages)
     entries = []
     for key in keys:
         entry = f"{prefix}data/{key}"
-        zi = zf.entries.get(entry)
+        found = zf.find(entry)
+        zi = None if found is None else zf.entries[found]
         if zi is None:
             raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete")
         if zi.method != STORED:
             raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
-        entries.append(entry)
+        entries.append(found)
     offsets: dict[str, tuple[int, int]] = {}
     base, end = zf.base, zf.length
     for key, entry, start in zip(keys, entries, zf.data_offsets(entries)):
@@ -85,8 +107,9 @@ def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str,
 
 
 def _check_names(twice: list[str], src: str) -> None:
-    """Refuse an archive that names one entry twice: Python's zipfile reads the last copy, torch the
-    first, so what surgery shows would not be what torch.load runs."""
+    """Refuse an archive that names one entry twice (ignoring ASCII case and the UTF-8 flag, as torch's
+    lookup does): which copy a reader takes differs (zipfile the last, torch's sorted lookup either),
+    so what surgery shows would not be what torch.load runs."""
     dups = sorted(set(twice))
     if dups:
         raise FormatError(f"{src}: zip archive holds {len(dups)} entr{'y' if len(dups) == 1 else 'ies'} twice "
@@ -106,7 +129,7 @@ def _read_entry(zf: ZipIndex, name: str, limit: int, src: str) -> bytes:
         # torch stores every entry; a deflated one inflating 1000x is a zip bomb, not a re-zipped checkpoint
         raise FormatError(f"{src}: {name} inflates {info.compress_size} bytes to {info.file_size}; refusing a zip bomb")
     try:
-        return zf.read(name)
+        return zf.read(name, MAX_INFLATION if info.method != STORED else None)
     except FormatError as e:
         raise FormatError(f"{src}: cannot read {name} ({e}); the file is truncated or corrupt") from None
 

@@ -48,7 +48,9 @@ _JIT_HELPERS = {("torch.jit._pickle", n): _identity for n in (
 
 def is_torchscript(names: list[str], prefix: str) -> bool:
     """The archive has the files only torch.jit.save writes: compiled code and constants."""
-    return f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
+    # torch's reader looks records up ignoring ASCII case; so does this test
+    folded = [n.lower() for n in names]
+    return f"{prefix}constants.pkl".lower() in folded or any(n.startswith(f"{prefix}code/".lower()) for n in folded)
 
 
 def _script_globals(data: bytes) -> dict[tuple[str, str], type]:
@@ -84,25 +86,51 @@ class Declarations:
         return self.files[path].get(name)
 
 
+_LISTS = ("__parameters__", "__buffers__")
+
+
 def _parse_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Class name -> (parameters, buffers) for each class of a code file that declares them."""
+    """Class name -> (parameters, buffers) for each class of a code file that declares them.
+    torch's importer adds up every assignment of a list where Python's last one wins: a class (or a
+    list) given twice, or a list assigned in any other form, is refused rather than read one way."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return _scan_declarations(text)
-    out = {}
+        return _scan_declarations(text, path, src)
+    out, classes = {}, set()
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
             continue
+        where = f"{src}: {path}: class {node.name}"
+        if node.name in classes:
+            raise FormatError(f"{where} is defined twice; torch and surgery could read different ones, refusing it")
+        classes.add(node.name)
         lists: dict[str, list[str]] = {}
         for stmt in node.body:
-            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-                target = stmt.targets[0].id
-                if target in ("__parameters__", "__buffers__"):
-                    lists[target] = _string_list(stmt.value, f"{src}: {path}: class {node.name}")
+            target = _list_target(stmt, where)
+            if target is None:
+                continue
+            if target in lists:
+                raise FormatError(f"{where} assigns {target} twice; torch.jit.load reads both, refusing it")
+            lists[target] = _string_list(stmt.value, where)  # type: ignore[attr-defined]
         if "__parameters__" in lists:
             out[node.name] = (lists["__parameters__"], lists.get("__buffers__", []))
     return out
+
+
+def _list_target(stmt: ast.stmt, where: str) -> str | None:
+    """``__parameters__`` or ``__buffers__`` for a plain ``NAME = [...]`` of one of them, None for a
+    statement naming neither; any other statement naming one (annotated, augmented, unpacked) is refused."""
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+        return stmt.targets[0].id if stmt.targets[0].id in _LISTS else None
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        named = {n.id for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])
+                 for n in ast.walk(t) if isinstance(n, ast.Name)}
+        hit = sorted(named & set(_LISTS))
+        if hit:
+            raise FormatError(f"{where} assigns {hit[0]} in a form torch's importer and surgery could read differently, "
+                              f"refusing it")
+    return None
 
 
 def _string_list(node: ast.AST, where: str) -> list[str]:
@@ -116,17 +144,24 @@ _CLASS = re.compile(r"^class (\w+)\(")
 _DECL = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
 
 
-def _scan_declarations(text: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Line by line, for code Python's parser does not take: class headers and their two lists."""
+def _scan_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Line by line, for code Python's parser does not take: class headers and their two lists
+    (a class or a list given twice is refused, as by the parser)."""
     out: dict[str, dict[str, list[str]]] = {}
     current = None
     for line in text.splitlines():
         m = _CLASS.match(line)
         if m:
+            if m.group(1) in out:
+                raise FormatError(f"{src}: {path}: class {m.group(1)} is defined twice; torch and surgery could read "
+                                  f"different ones, refusing it")
             current = out.setdefault(m.group(1), {})
             continue
         d = _DECL.match(line)
         if d and current is not None:
+            if d.group(1) in current:
+                raise FormatError(f"{src}: {path}: a class assigns {d.group(1)} twice; torch.jit.load reads both, "
+                                  f"refusing it")
             current[d.group(1)] = re.findall(r'"([^"]*)"', d.group(2))
     return {k: (v["__parameters__"], v.get("__buffers__", [])) for k, v in out.items() if "__parameters__" in v}
 

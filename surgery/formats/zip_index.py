@@ -6,6 +6,14 @@ keeps, per entry, only what locating and reading it needs, and makes the checks 
 (end record found, zip64 records honoured, central directory inside the archive, every record's
 magic number, extra fields well formed) plus those torch's reader relies on (no name twice, local
 headers where the directory says). Every failure is one `FormatError` line.
+
+Where Python's zipfile and torch's reader (miniz) would read different entries from one file, the
+archive is refused rather than read one way: torch looks names up ignoring ASCII case and compares
+raw bytes (whatever the UTF-8 flag says), reads the directory at the offset the end record gives
+(zipfile at the size before the end record), walks as many records as the end record counts
+(zipfile as many as its size holds) and finds the zip64 record where the locator points (zipfile
+just before the locator). So names are decoded as UTF-8 (torch's lookups are UTF-8 strings), two
+names equal ignoring case are `twice`, and the end records must agree with each other.
 """
 
 from __future__ import annotations
@@ -56,7 +64,13 @@ class ZipIndex:
         self.names: list[str] = []
         self.entries: dict[str, Entry] = {}
         self.twice: list[str] = []
+        self._folded: dict[bytes, str] = {}  # raw name, ASCII-lowercased (torch's lookup key) -> name
         self._directory(start_dir, size_cd, count)
+
+    def find(self, name: str) -> str | None:
+        """The entry torch's reader finds for ``name``: the same bytes ignoring ASCII case (miniz's
+        lookup), or None. Unambiguous once `twice` is empty."""
+        return self._folded.get(name.encode("utf-8", "surrogatepass").lower())
 
     def _pread(self, n: int, at: int) -> bytes:
         if at < 0 or at + n > self.length:
@@ -75,9 +89,13 @@ class ZipIndex:
             at = tail.rfind(b"PK\x05\x06")  # an archive comment follows the end record
             if at < 0 or at + _EOCD.size > tail_len:
                 raise _corrupt(self.src, "no end of central directory record")
-        _, _, _, _, count, size_cd, offset_cd, _ = _EOCD.unpack_from(tail, at)
+        _, disk, disk_cd, count_disk, count, size_cd, offset_cd, comment = _EOCD.unpack_from(tail, at)
+        if at + _EOCD.size + comment != tail_len:
+            # bytes after the declared comment may hold another end record: readers pick different ones
+            raise _corrupt(self.src, "its end record's comment length does not reach the end of the file")
         eocd = self.length - tail_len + at
         concat = eocd - size_cd - offset_cd
+        several = disk or disk_cd or count_disk != count  # (a zip64 record, if any, says instead)
         if eocd >= _EOCD64_LOC.size:
             loc = _EOCD64_LOC.unpack(self._pread(_EOCD64_LOC.size, eocd - _EOCD64_LOC.size))
             if loc[0] == b"PK\x06\x07":
@@ -85,9 +103,19 @@ class ZipIndex:
                     raise _corrupt(self.src, "it spans several disks")
                 at64 = eocd - _EOCD64_LOC.size - _EOCD64.size
                 rec = _EOCD64.unpack(self._pread(_EOCD64.size, at64)) if at64 >= 0 else None
-                if rec is not None and rec[0] == b"PK\x06\x06":
-                    count, size_cd, offset_cd = rec[7], rec[8], rec[9]
-                    concat = at64 - size_cd - offset_cd
+                if rec is None or rec[0] != b"PK\x06\x06" or rec[1] != _EOCD64.size - 12:
+                    raise _corrupt(self.src, "its zip64 end record is missing or has a size zipfile does not read")
+                several = rec[4] or rec[5] or rec[6] != rec[7]
+                count, size_cd, offset_cd = rec[7], rec[8], rec[9]
+                concat = at64 - size_cd - offset_cd
+                # torch reads the zip64 record where the locator points, zipfile right before it (an
+                # archive with bytes before it, concat, torch does not read at all: `torch_zip`)
+                if concat == 0 and loc[2] != at64:
+                    raise _corrupt(self.src, "its zip64 end record is not where its locator points")
+        if several:
+            raise _corrupt(self.src, "it spans several disks")
+        # bytes before the archive (a self-extractor's stub), as zipfile counts them: the directory
+        # ends where the end record (or zip64 end record) begins. torch counts none (`torch_zip`).
         self.concat = concat
         start_dir = offset_cd + concat
         if start_dir < 0 or size_cd > self.length or start_dir + size_cd > self.length:
@@ -100,6 +128,7 @@ class ZipIndex:
     def _directory(self, start_dir: int, size_cd: int, count: int) -> None:
         cd = self._pread(size_cd, start_dir)
         unpack, concat, entries, names = _CENTRAL.unpack_from, self.concat, self.entries, self.names
+        folded_names = self._folded
         new, entry = tuple.__new__, Entry  # an Entry without its Python-level __new__: one per entry
         pos = 0
         while pos < size_cd:
@@ -114,17 +143,22 @@ class ZipIndex:
             if end + elen + clen > size_cd:
                 raise _corrupt(self.src, "truncated central directory")
             raw = cd[pos + 46:end]
-            try:
-                name = raw.decode("utf-8") if flags & 0x800 else raw.decode("cp437")
+            try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
+                name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise _corrupt(self.src, f"entry name {raw[:60]!r} is not UTF-8") from None
             if elen:
                 size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
-            if name in entries:
+            folded = raw.lower()
+            if folded in folded_names:
                 self.twice.append(name)
+            folded_names[folded] = name
             names.append(name)
             entries[name] = new(entry, (offset + concat, method, flags, crc, csize, size))
             pos = end + elen + clen
+        if len(names) != count:
+            # torch walks as many records as the end record counts, zipfile as many as fit its size
+            raise _corrupt(self.src, f"its end record counts {count} entries, its central directory holds {len(names)}")
 
     def data_offset(self, name: str) -> int:
         """Offset (from the archive's start) of a stored entry's first byte: after its local header."""
@@ -161,13 +195,14 @@ class ZipIndex:
             raise FormatError(f"zip entry {name!r} has a corrupt local header")
         return _LOCAL.unpack(raw)
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, max_ratio: int | None = None) -> bytes:
         """An entry's bytes (stored or deflated), checked against its sizes and CRC-32. The
-        caller bounds the declared sizes first (`torch_zip._read_entry`)."""
+        caller bounds the declared sizes first (`torch_zip._read_entry`); ``max_ratio`` bounds
+        what the deflate stream itself inflates to, counted against the bytes it really uses."""
         e = self.entries[name]
         hdr = self._local(name, e)
         local_name = os.pread(self.fd, hdr[10], self.base + e.header_offset + 30) if hdr[10] else b""
-        if local_name.decode("utf-8" if hdr[3] & 0x800 else "cp437", "replace") != name:
+        if local_name != name.encode("utf-8", "surrogatepass"):
             raise FormatError(f"zip entry {name!r} has another name in its local header")
         if e.flags & 0x1:
             raise FormatError(f"zip entry {name!r} is encrypted")
@@ -182,11 +217,7 @@ class ZipIndex:
         if e.method == STORED:
             data = raw
         elif e.method == DEFLATED:
-            d = zlib.decompressobj(-15)
-            try:
-                data = d.decompress(raw, e.file_size + 1)
-            except zlib.error as err:
-                raise FormatError(f"zip entry {name!r} does not inflate ({err})") from None
+            data = _inflate(name, raw, e.file_size, max_ratio)
         else:
             raise FormatError(f"zip entry {name!r} is compressed with method {e.method}, which torch cannot read either")
         if len(data) != e.file_size or zlib.crc32(data) != e.crc:
@@ -194,15 +225,50 @@ class ZipIndex:
         return data
 
 
+_STEP = 1 << 16  # deflated bytes fed at a time; each yields at most 16 steps of output
+
+
+def _inflate(name: str, raw: bytes, size: int, max_ratio: int | None) -> bytes:
+    """Inflate a raw deflate stream a step at a time: never more than ``size`` + 1 bytes out, and
+    (with ``max_ratio``) never more than that many times the input the stream has consumed (plus
+    1 MiB). A declared compressed size can pad a tiny bomb with junk after the stream's end; this
+    counts the stream itself."""
+    d = zlib.decompressobj(-15)
+    out: list[bytes] = []
+    produced = fed = 0
+    pending = b""
+    try:
+        while not d.eof and produced <= size:
+            if not pending:
+                if fed >= len(raw):
+                    break
+                pending = raw[fed:fed + _STEP]
+                fed += len(pending)
+            piece = d.decompress(pending, min(16 * _STEP, size + 1 - produced))
+            pending = d.unconsumed_tail
+            out.append(piece)
+            produced += len(piece)
+            used = fed - len(pending) - len(d.unused_data)
+            if max_ratio is not None and produced > max_ratio * used + (1 << 20):
+                raise FormatError(f"zip entry {name!r} inflates {used} bytes of its deflate stream to more than "
+                                  f"{produced}; refusing a zip bomb")
+    except zlib.error as err:
+        raise FormatError(f"zip entry {name!r} does not inflate ({err})") from None
+    return b"".join(out)
+
+
 def _zip64(extra: bytes, size: int, csize: int, offset: int, src: str) -> tuple[int, int, int]:
     """Sizes and offset, with those the zip64 extra field holds (as `zipfile` reads them); any
     extra field running past its block is corrupt."""
-    pos = 0
+    pos, seen = 0, False
     while len(extra) - pos >= 4:
         tp, ln = struct.unpack_from("<HH", extra, pos)
         if pos + 4 + ln > len(extra):
             raise _corrupt(src, f"corrupt extra field {tp:04x} (size={ln})")
         if tp == 0x0001:
+            if seen:  # torch reads the first, zipfile every one in turn
+                raise _corrupt(src, "an entry has two zip64 extra fields")
+            seen = True
             data, at = extra[pos + 4:pos + 4 + ln], 0
             try:
                 if size in (0xFFFF_FFFF_FFFF_FFFF, _U32):

@@ -1,0 +1,285 @@
+"""Files two readers could read differently: each is refused with one line, or read exactly as
+torch's own reader reads it (torch.load(weights_only=True), torch.jit.load(...).state_dict(),
+tarfile for torch's tar-first order, transformers' shard-by-shard loading). Every file is built
+by hand (bench/reliability.py's builders, which the reliability run also uses) and the test shows
+what the real loader makes of it."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import surgery
+from bench.reliability import (JIT_EDITS, evil_pickle, hf_shards_state, legacy_tar_polyglot, torch_state, zip_entries,
+                               zip_raw)
+from surgery.errors import FormatError
+
+CLEAN = {"module.a": torch.arange(4.0), "module.b": torch.full((2, 3), 7.0)}
+
+
+def _saved(**kw) -> bytes:
+    buf = io.BytesIO()
+    torch.save(CLEAN, buf, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[list[tuple[bytes, bytes, int]], str, bytes]:
+    """A real torch zip's entries (raw name, bytes, flags), its folder and its data.pkl."""
+    entries = zip_entries(_saved())
+    prefix = entries[0][0].split("/")[0]
+    pkl = next(d for n, d in entries if n.endswith("/data.pkl"))
+    return [(n.encode(), d, 0) for n, d in entries], prefix, pkl
+
+
+def _write(tmp_path: Path, data: bytes, name: str = "f.pt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _same_as_torch(path: Path, kind: str = "load") -> None:
+    ours, theirs = surgery.open(path).state_dict(), torch_state(path, kind)
+    assert list(ours) == list(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
+
+
+def _refused(path: Path, match: str) -> None:
+    with pytest.raises(FormatError, match=match) as e:
+        surgery.open(path)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ which data.pkl
+
+def test_a_decoy_data_pkl_listed_first_is_not_what_surgery_reads(tmp_path, parts):
+    raw, prefix, pkl = parts
+    path = _write(tmp_path, zip_raw([(f"{prefix}/xdata.pkl".encode(), evil_pickle(pkl), 0)] + raw))
+    assert list(torch_state(path)) == ["module.a", "module.b"]  # torch reads ARCHIVE/data.pkl
+    _same_as_torch(path)
+
+
+def test_a_lone_data_pkl_in_other_case_is_read_as_torch_finds_it(tmp_path, parts):
+    raw, _, _ = parts
+    path = _write(tmp_path, zip_raw([(n.replace(b"data.pkl", b"DATA.PKL"), d, f) for n, d, f in raw]))
+    _same_as_torch(path)
+
+
+def _case_twin_first(raw, prefix, pkl):
+    return [(f"{prefix}/DATA.PKL".encode(), evil_pickle(pkl), 0)] + raw
+
+
+def _case_twin_last(raw, prefix, pkl):
+    return raw + [(f"{prefix}/Data.Pkl".encode(), evil_pickle(pkl), 0)]
+
+
+def _utf8_flag_twin(raw, prefix, pkl):
+    """A non-ASCII folder; data.pkl twice with the same bytes, the second copy flagged UTF-8."""
+    out = [("\u00e9".encode() + n[len(prefix):], d, 0) for n, d, _ in raw]
+    at = next(i for i, (n, _, _) in enumerate(out) if n.endswith(b"/data.pkl"))
+    return out[:at + 1] + [(out[at][0], evil_pickle(out[at][1]), 0x800)] + out[at + 1:]
+
+
+def _storage_case_twin(raw, prefix, pkl):
+    name, data, _ = next(e for e in raw if b"/data/" in e[0])
+    return raw + [(name.replace(b"/data/", b"/DATA/"), bytes(len(data)), 0)]
+
+
+TWINS = {"case twin first": _case_twin_first, "case twin last": _case_twin_last, "utf8 flag twin": _utf8_flag_twin,
+         "storage case twin": _storage_case_twin}
+
+
+@pytest.mark.parametrize("how", TWINS)
+def test_names_equal_ignoring_case_or_encoding_are_refused(tmp_path, parts, how):
+    path = _write(tmp_path, zip_raw(TWINS[how](*parts)))
+    torch_state(path)  # torch reads one of the copies without a word
+    _refused(path, "holds 1 entry twice")
+
+
+@pytest.mark.parametrize("names, match", [
+    ([b"other/data.pkl"], "outside its top folder 'archive/'"),
+    ([b"x"], "outside its top folder"),
+])
+def test_entries_outside_the_record_folder_are_refused(tmp_path, parts, names, match):
+    raw, _, pkl = parts
+    _refused(_write(tmp_path, zip_raw(raw + [(n, evil_pickle(pkl), 0) for n in names])), match)
+
+
+def test_an_archive_without_a_top_folder_is_refused_as_torch_does(tmp_path, parts):
+    raw, prefix, _ = parts
+    path = _write(tmp_path, zip_raw([(n[len(prefix) + 1:], d, f) for n, d, f in raw]))
+    with pytest.raises(RuntimeError, match="not in a subdirectory"):
+        torch_state(path)
+    _refused(path, "first entry 'data.pkl' is not in a folder")
+
+
+# ------------------------------------------------------------------------ which central directory
+
+@pytest.mark.parametrize("evil_first", [False, True])
+def test_two_central_directories_are_refused(tmp_path, parts, evil_first):
+    """The end record gives one directory's offset and the other's size: zipfile reads the one
+    before the end record, torch the one at the offset."""
+    raw, _, _ = parts
+    evil = [(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw]
+    first, second = (evil, raw) if evil_first else (raw, evil)
+    path = _write(tmp_path, zip_raw(first, second=second))
+    with zipfile.ZipFile(path) as z:
+        zipfile_keys = z.read("archive/data.pkl")
+    assert (b"EVILXX" in zipfile_keys) != evil_first  # zipfile reads the second directory
+    assert any(k.startswith("EVILXX") for k in torch_state(path)) == evil_first  # torch the first
+    _refused(path, "does not end where its end record begins")
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_an_end_record_counting_other_than_its_records_is_refused(tmp_path, parts, delta):
+    raw, _, _ = parts
+    _refused(_write(tmp_path, zip_raw(raw, count=len(raw) + delta)), f"counts {len(raw) + delta} entries")
+
+
+def test_an_end_record_whose_comment_does_not_reach_the_end_is_refused(tmp_path, parts):
+    """A second end record in the first one's comment, declaring a comment longer than what
+    follows: zipfile and torch take the last record, readers that check the comment the first."""
+    raw, _, _ = parts
+    fake = zip_raw([(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw])
+    path = _write(tmp_path, zip_raw(raw, comment=fake[-22:-2] + b"\x09\x00"))
+    _refused(path, "comment length does not reach the end")
+
+
+def test_a_zip64_locator_pointing_elsewhere_is_refused(tmp_path):
+    raw = bytearray(_saved())  # torch writes zip64 end records
+    loc = raw.rfind(b"PK\x06\x07")
+    raw[loc + 8:loc + 16] = (int.from_bytes(raw[loc + 8:loc + 16], "little") - 1).to_bytes(8, "little")
+    _refused(_write(tmp_path, bytes(raw)), "zip64 end record is not where its locator points")
+
+
+# ----------------------------------------------------------------------------- legacy/tar polyglot
+
+def test_a_legacy_file_that_is_also_a_tar_is_refused(tmp_path):
+    path = _write(tmp_path, legacy_tar_polyglot(_saved(_use_new_zipfile_serialization=False)))
+    tarfile.open(path, "r:").close()  # torch.load's first try for a non-zip file takes it
+    with pytest.raises(RuntimeError, match="legacy .tar format"):
+        torch_state(path)
+    _refused(path, "also a valid tar header")
+
+
+def test_a_legacy_file_with_a_near_tar_header_reads_like_torch(tmp_path):
+    path = _write(tmp_path, legacy_tar_polyglot(_saved(_use_new_zipfile_serialization=False), valid=False))
+    _same_as_torch(path)
+
+
+# ----------------------------------------------------------------------------------------- shards
+
+def _shards(folder: Path, later_copy: bool) -> Path:
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    second = {"b": torch.zeros(3)} | ({"a": torch.full((2,), 9.0)} if later_copy else {})
+    save_file(second, str(folder / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path):
+    folder = _shards(tmp_path / "m", later_copy=True)
+    assert torch.equal(hf_shards_state(folder)["a"], torch.full((2,), 9.0))  # the later shard's copy loads
+    with pytest.raises(FormatError, match=r"stored in two shards: a \(in model-00001-of-00002.safetensors and "
+                                          r"model-00002-of-00002.safetensors\)"):
+        surgery.open(folder)
+
+
+def test_shards_storing_each_tensor_once_read_like_transformers(tmp_path):
+    folder = _shards(tmp_path / "m", later_copy=False)
+    ours, theirs = surgery.open(folder).state_dict(), hf_shards_state(folder)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+# ------------------------------------------------------------------------------------ TorchScript
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> list[tuple[str, bytes]]:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("jit") / "s.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))), str(path))
+    return zip_entries(path.read_bytes())
+
+
+def _edited(entries, old: bytes, new: bytes) -> bytes:
+    hits = [i for i, (n, d) in enumerate(entries) if n.endswith(".py") and old in d]
+    assert hits
+    out = list(entries)
+    out[hits[0]] = (out[hits[0]][0], out[hits[0]][1].replace(old, new, 1))
+    return zip_raw([(n.encode(), d, 0) for n, d in out])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (JIT_EDITS[0], "class Linear assigns __parameters__ twice"),
+    (JIT_EDITS[1], "class Linear assigns __parameters__ twice"),
+    (JIT_EDITS[2], "class BatchNorm1d assigns __buffers__ twice"),
+    (JIT_EDITS[4], "assigns __parameters__ in a form"),
+    ((b"class Linear(Module):\n", b"class Linear(Module):\n  pass\nclass Linear(Module):\n"), "Linear is defined twice"),
+])
+def test_torchscript_declarations_given_twice_are_refused(tmp_path, script, edit, match):
+    path = _write(tmp_path, _edited(script, *edit))
+    if edit in JIT_EDITS[:3]:  # torch adds the lists up: every parameter and buffer is still there
+        assert sorted(torch_state(path, "jit")) == ["0.bias", "0.weight", "1.bias", "1.num_batches_tracked",
+                                                    "1.running_mean", "1.running_var", "1.weight"]
+    _refused(path, match)
+
+
+def test_a_rezipped_torchscript_archive_reads_like_torch_jit(tmp_path, script):
+    _same_as_torch(_write(tmp_path, _edited(script, *JIT_EDITS[-1])), "jit")
+
+
+# ------------------------------------------------------------------------------------ inflation
+
+def test_a_memoize_bomb_padded_past_the_declared_ratio_is_refused_at_once(tmp_path, parts):
+    """16 MB of MEMOIZE deflate to about 16 KB; junk after the stream makes the declared compressed
+    size pass a 64x ratio. The real stream is counted: refused before the pickle is read."""
+    raw, prefix, _ = parts
+    bomb = b"\x80\x04K\x01" + b"\x94" * (16 << 20) + b"0}."
+    name = f"{prefix}/data.pkl".encode()
+    path = _write(tmp_path, zip_raw(raw, deflate={name: (bomb, 240 << 10)}))
+    assert path.stat().st_size < 300 << 10
+    t0 = time.perf_counter()
+    _refused(path, "inflates .* of its deflate stream to more than .*refusing a zip bomb")
+    assert time.perf_counter() - t0 < 2
+
+
+@pytest.mark.parametrize("junk", [0, 4096])
+def test_a_deflated_data_pkl_reads_like_torch(tmp_path, parts, junk):
+    raw, prefix, pkl = parts
+    _same_as_torch(_write(tmp_path, zip_raw(raw, deflate={f"{prefix}/data.pkl".encode(): (pkl, junk)})))
+
+
+# --------------------------------------------------------------------------- diff and --verify
+
+def _hostile(tmp_path: Path, parts) -> dict[str, Path]:
+    raw, prefix, pkl = parts
+    evil = [(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw]
+    return {
+        "case twin": _write(tmp_path, zip_raw(_case_twin_last(raw, prefix, pkl)), "twin.pt"),
+        "two directories": _write(tmp_path, zip_raw(raw, second=evil), "two.pt"),
+        "tar polyglot": _write(tmp_path, legacy_tar_polyglot(_saved(_use_new_zipfile_serialization=False)), "poly.pt"),
+    }
+
+
+def test_diff_and_remap_verify_never_call_a_hostile_file_identical(tmp_path, parts, cli):
+    clean = _write(tmp_path, _saved(), "clean.pt")
+    for what, path in _hostile(tmp_path, parts).items():
+        r = cli("diff", clean, path)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (what, r.stdout, r.stderr)
+        out = tmp_path / f"out-{path.stem}.safetensors"
+        r = cli("remap", path, out, "--verify")
+        assert r.exit_code == 2 and not out.exists(), (what, r.stdout, r.stderr)
