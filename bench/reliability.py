@@ -1437,7 +1437,7 @@ def _memory_table(by_class: dict, args) -> list[str]:
 def _problems(by_class: dict, args) -> list[str]:
     problems = [(c, x) for c, d in by_class.items() for x in d["problems"]]
     if not problems:
-        return ["No input crashed, hung, left partial output or ran code.", ""]
+        return ["No input crashed, hung, left partial output, ran code or was read other than its loader reads it.", ""]
     lines = [f"## Problems found ({len(problems)}; the first 60)", "",
              f"Replay one input with `.venv/bin/python bench/reliability.py --worker CLASS {args.seed} INPUT 1 DIR`.", ""]
     lines += [f"- {c} input {x['i']}: {x['outcome']}: {x.get('detail', '')}" for c, x in problems[:60]]
