@@ -140,7 +140,8 @@ def _render_load(out, report) -> None:
     for g in report.groups:
         # epochs counted from 1, as train prints them: --unfreeze-at 3 trains the group from epoch 4
         when = "-" if g["trainable"] else (f"epoch {g['unfreeze_at'] + 1}" if g["unfreeze_at"] is not None else "never")
-        table.add_row(escaped(g["name"]), human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}", when)
+        table.add_row(escaped(g["name"]), human_count(g["numel"]), "yes" if g["trainable"] else "no", f"{g['lr_mult']:g}",
+                      when)
     out.print(table)
     inp = report.manifest["input"]
     out.print(f"input: {inp['size'][0]}x{inp['size'][1]} px (resize {inp['resize']}, {inp['interpolation']}), "

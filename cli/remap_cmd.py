@@ -128,7 +128,8 @@ def _render(report: RemapReport) -> None:
 def _table(report: RemapReport) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"{escaped(report.src)} -> {escaped(report.dst)}" + (" (dry run: nothing written)" if report.dry_run else ""),
+    dry = " (dry run: nothing written)" if report.dry_run else ""
+    table = Table(title=f"{escaped(report.src)} -> {escaped(report.dst)}{dry}",
                   title_justify="left", show_edge=False)
     table.add_column("old")
     table.add_column("new")

@@ -140,12 +140,22 @@ def _is_text(v: Any) -> bool:
 
 
 def _is_texts(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_text(x) for x in v)
+    return isinstance(v, (list, tuple)) and all(_is_text(x) for x in v)
+
+
+def _is_names(v: Any) -> bool:
+    """Class names: folder names, so any non-empty string."""
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) and x != "" and "\0" not in x for x in v)
+
+
+def _is_numbers(v: Any, positive: bool = False) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_num(x) and (x > 0 or not positive) for x in v)
 
 
 def _is_local_file(v: Any) -> bool:
     """A file name relative to the folder that stays inside it (no absolute path, no '..')."""
-    return (_is_text(v) and not v.startswith(("/", "\\")) and ":" not in v[:2] and ".." not in v.replace("\\", "/").split("/"))
+    return (_is_text(v) and not v.startswith(("/", "\\")) and ":" not in v[:2]
+            and ".." not in v.replace("\\", "/").split("/"))
 
 
 _POSITIVE = ("an integer >= 1", lambda v: _is_int(v, 1))
@@ -158,7 +168,7 @@ _FIELDS: dict[str, tuple[str, Any, bool]] = {
     "arch.sha256": ("a string", lambda v: isinstance(v, str), True),
     "arch.relative": ("a string", lambda v: isinstance(v, str), True),
     "num_classes": (*_POSITIVE, False),
-    "class_names": ("a list of non-empty strings, one per class", _is_texts, True),
+    "class_names": ("a list of non-empty strings, one per class", _is_names, True),
     "seed": ("an integer >= 0", _is_int, True),
     "coverage": ("a number", _is_num, True),
     "head.kind": (" or ".join(HEAD_KINDS), lambda v: v in HEAD_KINDS, False),
@@ -173,17 +183,16 @@ _FIELDS: dict[str, tuple[str, Any, bool]] = {
     "head.out_features": (*_POSITIVE, False),
     "head.hidden": (*_POSITIVE, True),
     "head.dropout": ("a number from 0 to below 1", lambda v: _is_num(v) and 0 <= v < 1, True),
-    "head.in_chans": ("an integer from 1 to 64", lambda v: _is_int(v, 1, 64), True),
+    "head.in_chans": ("an integer from 1 to 4096", lambda v: _is_int(v, 1, 4096), True),
     "head.num_classes": (*_POSITIVE, False),
-    "head.class_names": ("a list of non-empty strings, one per class", _is_texts, True),
+    "head.class_names": ("a list of non-empty strings, one per class", _is_names, True),
     "head.original_classes": (*_POSITIVE, True),
     "input.size": ("[height, width], integers from 1 to 16384",
-                   lambda v: isinstance(v, list) and len(v) == 2 and all(_PIXELS[1](x) for x in v), False),
+                   lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_PIXELS[1](x) for x in v), False),
     "input.resize": (*_PIXELS, True),
-    "input.channels": ("an integer from 1 to 64", lambda v: _is_int(v, 1, 64), False),
-    "input.mean": ("a list of numbers, one per channel", lambda v: isinstance(v, list) and v and all(map(_is_num, v)), False),
-    "input.std": ("a list of positive numbers, one per channel",
-                  lambda v: isinstance(v, list) and v and all(_is_num(x) and x > 0 for x in v), False),
+    "input.channels": ("an integer from 1 to 4096", lambda v: _is_int(v, 1, 4096), False),
+    "input.mean": ("a list of numbers, one per channel", _is_numbers, False),
+    "input.std": ("a list of positive numbers, one per channel", lambda v: _is_numbers(v, positive=True), False),
     "input.interpolation": (", ".join(INTERPOLATIONS), lambda v: v in INTERPOLATIONS, True),
     "schedule.kind": (", ".join(SCHEDULE_KINDS), lambda v: v in SCHEDULE_KINDS, False),
     "schedule.unfreeze_at": ("an integer >= 0", _is_int, True),
@@ -250,7 +259,7 @@ def _table_problems(data: dict) -> list[str]:
     for n, p in data["params"].items():
         if not isinstance(p, dict) or not {"shape", "trainable", "group", "lr_mult"} <= set(p):
             problems.append(f"params[{_shown(n)}] needs shape, trainable, group, lr_mult")
-        elif not (isinstance(p["shape"], list) and all(_is_int(d) for d in p["shape"])
+        elif not (isinstance(p["shape"], (list, tuple)) and all(_is_int(d) for d in p["shape"])
                   and isinstance(p["trainable"], bool) and _is_num(p["lr_mult"])):
             problems.append(f"params[{_shown(n)}]: shape is a list of integers >= 0, trainable true or false, "
                             f"lr_mult a number")
