@@ -15,6 +15,7 @@ import io
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -158,6 +159,8 @@ def _expect(x: Any, cls: type, what: str) -> Any:
 
 
 def _ints(values: Any, what: str) -> tuple[int, ...]:
+    if type(values) not in (tuple, list) or len(values) > MAX_RANK:
+        raise FormatError(f"tensor record has a malformed {what} (not a tuple of at most {MAX_RANK} integers, the rank limit)")
     try:
         out = tuple(int(s) for s in values)
     except (TypeError, ValueError):
@@ -189,6 +192,11 @@ def _tensor(storage, storage_offset, size, stride, requires_grad, dtype) -> Tens
         dt = dtype.dtype
     else:
         raise FormatError(f"unsupported tensor dtype record {_what(dtype)}")
+    # checked before anything is built from them: a pickle may pass one huge tuple to every tensor
+    if type(size) not in (tuple, list) or type(stride) not in (tuple, list):
+        raise FormatError("tensor record has a malformed size or stride (not two tuples of integers)")
+    if len(size) > MAX_RANK:
+        raise FormatError(f"tensor record's size has rank {len(size)} (at most {MAX_RANK})")
     try:
         shape = tuple(map(int, size))
         strides = tuple(map(int, stride))
@@ -399,12 +407,46 @@ def _ordered_dict(*args, **kwargs):
     return _Dict(*args, **kwargs)
 
 
+_SIZE_SOURCES = (list, tuple, set, frozenset, dict, bytes, bytearray)
+
+
 def _torch_size(*args):
-    return tuple(*args)
+    # torch.Size takes one iterable of ints (bytes count as ints, bool as 0/1); a str, a float or
+    # a nested tuple fails in torch.load at once, and here too rather than building a tuple of chars
+    if len(args) > 1 or (args and not isinstance(args[0], _SIZE_SOURCES)):
+        raise FormatError(f"torch.Size({_args(args)}) is not a size; torch.Size takes one "
+                          f"sequence of integers (torch.load refuses it too)")
+    out = tuple(args[0]) if args else ()
+    kinds = set(map(type, out))  # C loops: a size may be long, and a pickle may call this often
+    if not kinds <= {int, bool} or (out and not (-(1 << 63) <= min(out) and max(out) <= MAX_INT64)):
+        bad = next(x for x in out if type(x) not in (int, bool) or not -(1 << 63) <= x <= MAX_INT64)
+        raise FormatError(f"torch.Size holds {_what(bad)}, not a 64-bit integer (torch.load refuses it too)")
+    return tuple(map(int, out)) if bool in kinds else out
+
+
+# torch.device's own grammar: a known type name, then ':' and an index without leading zeros
+_DEVICE = re.compile(r"([a-z]+)(?::(0|[1-9][0-9]{0,18}))?")
+_DEVICE_TYPES = frozenset(("cpu cuda ipu xpu mkldnn opengl opencl ideep hip ve fpga maia xla lazy vulkan mps meta "
+                           "hpu mtia privateuseone").split())
 
 
 def _device(*args):
-    return ":".join(str(a) for a in args)
+    """``torch.device(type)``, ``(type, index)`` or ``(index)`` as torch pickles and parses them: the
+    device string ("cuda:1"). Anything else is refused as torch.load refuses it."""
+    kind = args[0].decode("latin-1") if args and type(args[0]) is bytes and len(args[0]) <= 64 else args[0] if args else None
+    index = args[1] if len(args) == 2 else None
+    m = _DEVICE.fullmatch(kind) if type(kind) is str and len(kind) <= 64 else None
+    if len(args) == 1 and type(kind) is int and 0 <= kind <= MAX_INT64:
+        return f"cuda:{kind}"
+    if m and m[1] in _DEVICE_TYPES and len(args) <= 2 and (index is None or (type(index) is int and 0 <= index <= MAX_INT64
+                                                                              and m[2] is None)):
+        return kind if index is None else f"{kind}:{index}"
+    raise FormatError(f"torch.device({_args(args)}) names no device torch.load accepts")
+
+
+def _args(args: tuple) -> str:
+    """A call's arguments by kind, the first few: never their (maybe huge) contents."""
+    return ", ".join(_what(a) for a in args[:4]) + (f", ... ({len(args)} arguments)" if len(args) > 4 else "")
 
 
 # Protocol-2 pickles store bytes as text: CPython's ``save_bytes`` writes
@@ -545,8 +587,10 @@ def _explain(refused: list[str], obj: Any, classes: dict[str, type]) -> Refused:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None):
+    def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None,
+                 pickle_bytes: int):
         super().__init__(f, encoding="utf-8")
+        self.meter = _Meter(pickle_bytes)
         self.accept = accept
         self.extra = extra or {}
         self.refused: list[str] = []
@@ -675,6 +719,45 @@ def _call(fn: Callable) -> _Call:
     return cls(fn)
 
 
+class _Meter:
+    """What the stand-ins below build in all, for one pickle. Each builds in time linear in its
+    argument, but a pickle can pass one large object to them again and again through the memo
+    (two bytes a reference); a checkpoint passes each object once, so all they build together
+    stays within one element per byte of pickle plus `BUILD_BUDGET`."""
+
+    def __init__(self, pickle_bytes: int):
+        self.budget = self.left = BUILD_BUDGET + pickle_bytes
+
+    def spend(self, args: tuple) -> None:
+        for a in args:
+            if isinstance(a, _SIZED):
+                self.left -= len(a)
+        if self.left < 0:
+            raise FormatError(f"pickle passes the same objects to torch.Size, set, OrderedDict and the like again and "
+                              f"again: together they would build more than {self.budget:,} elements (one per byte of "
+                              f"pickle plus {BUILD_BUDGET:,}), which no checkpoint does")
+
+
+class _Metered(_Call):
+    """A stand-in whose work grows with its argument: `_Call`, charging its `_Meter` first."""
+
+    __slots__ = ("meter",)
+
+    def __init__(self, fn: Callable, meter: _Meter):
+        super().__init__(fn)
+        object.__setattr__(self, "meter", meter)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.meter.spend(args + tuple(kwargs.values()))
+        return self.fn(*args, **kwargs)
+
+
+BUILD_BUDGET = 1 << 20
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+_METERED = {id(f) for f in (_torch_size, _ordered_dict, _bytearray, _codecs_encode, set, frozenset,
+                            collections.Counter, complex)}
+
+
 class _Guarded(_Unpickler):
     """The restricted unpickler with every function it hands out wrapped in `_Call`. Records
     (`_Sealed`) refuse BUILD themselves; classes with a ``__setstate__`` (inert records, torch's
@@ -685,6 +768,8 @@ class _Guarded(_Unpickler):
         obj = super().find_class(module, name)
         if isinstance(obj, _Sealed) or not callable(obj):
             return obj
+        if id(obj) in _METERED:
+            return _Metered(obj, self.meter)
         if isinstance(obj, type) and hasattr(obj, "__setstate__"):
             return obj
         return _call(obj)
@@ -779,7 +864,7 @@ def _records(obj: Any) -> list[TensorRef]:
     stack = [obj]
     while stack:
         x = stack.pop()
-        if id(x) in seen or isinstance(x, (str, bytes, int, float)):
+        if x is None or id(x) in seen or isinstance(x, (str, bytes, int, float)):
             continue
         seen.add(id(x))
         if isinstance(x, TensorRef):
@@ -850,17 +935,16 @@ def _layout(t: TensorRef) -> tuple[bool, int, int, int]:
     return True, span, PACKED_DTYPES.get(t.dtype, 0), itemsize(t.dtype)
 
 
-def _scan_stream(f: Any, source: str) -> None:
+def _scan_stream(f: Any, source: str) -> int:
     """`scan` the pickle that starts at ``f``'s position, reading only as much as it needs: a
-    legacy checkpoint is a few pickles followed by gigabytes of storage bytes."""
+    legacy checkpoint is a few pickles followed by gigabytes of storage bytes. Returns its length."""
     start = f.tell()
     want = 1 << 20
     while True:
         f.seek(start)
         buf = f.read(want)
         try:
-            scan(buf, source)
-            return
+            return scan(buf, source)
         except Truncated:
             if len(buf) < want:
                 raise FormatError(f"{source}: pickle is truncated; the file is incomplete") from None
@@ -877,16 +961,16 @@ def unpickle(data: bytes | io.BufferedIOBase, source: str, accept: frozenset[str
     if isinstance(data, (bytes, bytearray, memoryview)):
         buf = bytes(data)
         try:
-            scan(buf, source)
+            size = scan(buf, source)
         except Truncated:
             raise FormatError(f"{source}: pickle is truncated; the file is incomplete") from None
         f: Any = io.BytesIO(buf)
     else:
         f = _Capped(data) if hasattr(data, "fileno") else data
         start = f.tell()
-        _scan_stream(f, source)
+        size = _scan_stream(f, source)
         f.seek(start)
-    up = _Guarded(f, set(accept), extra, pid_handler)
+    up = _Guarded(f, set(accept), extra, pid_handler, size)
     with gc_paused():
         return _load(up, source)
 
