@@ -8,10 +8,12 @@ the most familiar name (EMA copies only when asked), else the largest.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..checkpoint import PACKED_DTYPES, TensorInfo, contiguous_stride
@@ -23,7 +25,24 @@ from .torch_pickle import DType, Layout, LegacyTensorType, Opaque, QScheme, Stor
 PREFERRED = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
              "model_state", "student", "teacher")
 EMA_NAMES = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model", "params_ema", "model_ema_state_dict")
-_MAX_NODES = 1_000_000
+# Steps (entries looked at, name characters built) that one read's searches of the unpickled
+# object may take together. Every search is linear in the object graph, which the pickle scan and
+# the reader's stand-ins keep linear in the file; the budget is the backstop for whatever is left.
+WALK_BUDGET = 32_000_000
+
+
+class Walk:
+    """The steps left to one read's searches (containers, pickled modules, summaries)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.budget = self.left = WALK_BUDGET
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise FormatError(f"{self.source}: searching the checkpoint's objects takes more than {self.budget:,} steps "
+                              f"(surgery's walk budget); no checkpoint's metadata is that large, so the file is crafted")
 
 
 BARE_TENSOR_NAME = "tensor"  # the one name of a file that is a single tensor (torch.save(t))
@@ -36,6 +55,7 @@ class Found:
     others: dict[str, Any]
     keys: tuple = ()  # the keys (list indices) leading to it, as the pickle has them
     module: bool = False  # read from a pickled nn.Module rather than a dict
+    walk: Walk | None = field(default=None, repr=False, compare=False)  # the budget `extras` goes on with
 
 
 def as_tensor(v: Any) -> TensorRef | None:
@@ -50,8 +70,12 @@ def as_tensor(v: Any) -> TensorRef | None:
 
 def _tensor_entries(d: dict | list | tuple, share: float = 0.5) -> tuple[dict[str, TensorRef], dict[str, Any]] | None:
     """A tensor dict or list: string keys (list indices), values mostly (``share``) tensors; else None."""
+    # most large containers in a checkpoint hold no tensor at all: ruled out before any item is built
+    refs = sum(1 for v in (d.values() if isinstance(d, dict) else d) if isinstance(v, (TensorRef, StorageRef)))
+    if not refs or refs < share * len(d):
+        return None
     items = list(d.items()) if isinstance(d, dict) else [(str(i), v) for i, v in enumerate(d)]
-    if not items or not all(isinstance(k, str) for k, _ in items):
+    if not all(isinstance(k, str) for k, _ in items):
         return None
     tensors = {k: t for k, v in items if (t := as_tensor(v)) is not None}
     if not tensors or len(tensors) < share * len(items):
@@ -65,20 +89,22 @@ def _children(obj: Any, key: str) -> dict | None:
     return v if isinstance(v, dict) else None
 
 
-def module_state(obj: Any) -> dict[str, TensorRef] | None:
+def module_state(obj: Any, walk: Walk | None = None, visited: set[int] | None = None) -> dict[str, TensorRef] | None:
     """The state dict of a pickled ``nn.Module`` (read as an inert record), or None.
 
     A module pickles its ``__dict__``: ``_parameters`` and ``_buffers`` (name -> tensor) and
     ``_modules`` (name -> child). Walking those gives what ``model.state_dict()`` would, without
-    building a single module.
+    building a single module. ``visited`` collects the ids of the modules walked.
     """
     if not (isinstance(obj, Opaque) and isinstance(obj.state, dict) and "_modules" in obj.state):
         return None
+    walk = walk or Walk("checkpoint")
     out: dict[str, TensorRef] = {}
     stack: list[tuple[str, Any]] = [("", obj)]
-    seen: set[int] = set()
-    while stack and len(seen) < _MAX_NODES:
+    seen: set[int] = set() if visited is None else visited
+    while stack:
         prefix, mod = stack.pop()
+        walk.spend(1 + len(prefix))  # a name is built for each entry below: its prefix counts
         if id(mod) in seen or not isinstance(mod, Opaque) or not isinstance(mod.state, dict):
             continue
         seen.add(id(mod))
@@ -86,11 +112,14 @@ def module_state(obj: Any) -> dict[str, TensorRef] | None:
         skip = st.get("_non_persistent_buffers_set")
         skip = skip if isinstance(skip, (set, frozenset, list, tuple, dict)) else ()
         for section in ("_parameters", "_buffers"):
-            for k, v in (_children(st, section) or {}).items():
+            entries = _children(st, section) or {}
+            walk.spend(len(entries))
+            for k, v in entries.items():
                 t = as_tensor(v)
                 if t is not None and not (section == "_buffers" and _member(k, skip)):
                     out[prefix + str(k)] = t
         children = list((_children(st, "_modules") or {}).items())
+        walk.spend(len(children))
         stack.extend((f"{prefix}{k}.", c) for k, c in reversed(children))
     return out
 
@@ -116,40 +145,56 @@ def _record_dict(node: Opaque) -> dict | None:
     return None
 
 
-def find_containers(obj: Any, share: float = 0.5) -> list[Found]:
+def find_containers(obj: Any, share: float = 0.5, walk: Walk | None = None) -> list[Found]:
     """Every tensor dict reachable through dicts, lists and records, breadth first (shallow ones
     first). A file that is one tensor is a tensor dict of one, named `BARE_TENSOR_NAME`.
     ``share``: the least fraction of a dict's values that must be tensors."""
     bare = as_tensor(obj)
     if bare is not None:
         return [Found("", {BARE_TENSOR_NAME: bare}, {})]
+    walk = walk or Walk("checkpoint")
     out: list[Found] = []
     seen: set[int] = set()
-    queue: list[tuple[tuple, Any]] = [((), obj)]
-    visited = 0
-    while queue and visited < _MAX_NODES:
-        keys, node = queue.pop(0)
-        visited += 1
+    tensorless: set[int] = set()  # pickled modules whose whole tree holds no tensor: walked once
+    # (node, trail): a trail is (key, parent's trail), so queuing a child costs the same at any depth
+    queue: collections.deque[tuple[Any, tuple | None]] = collections.deque([(obj, None)])
+    while queue:
+        node, trail = queue.popleft()
+        walk.spend(1)
         if id(node) in seen:
             continue
         seen.add(id(node))
-        path = ".".join(map(label, keys))
-        pickled_module = module_state(node)
-        if pickled_module:
-            out.append(Found(path, pickled_module, {}, keys, module=True))
-            continue
+        if id(node) not in tensorless:
+            walked: set[int] = set()
+            pickled_module = module_state(node, walk, walked)
+            if pickled_module:
+                out.append(_found(trail, walk, pickled_module, {}, module=True))
+                continue
+            tensorless |= walked
         if isinstance(node, Opaque):
             node = _record_dict(node)
         if isinstance(node, (dict, list, tuple)):
+            walk.spend(len(node))
             entries = _tensor_entries(node, share)
             if entries is not None:
-                out.append(Found(path, *entries, keys))
+                out.append(_found(trail, walk, *entries))
                 continue
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
                 if isinstance(v, (dict, list, tuple, Opaque)):
-                    queue.append(((*keys, k), v))
+                    queue.append((v, (k, trail)))
     return out
+
+
+def _found(trail: tuple | None, walk: Walk, tensors: dict, others: dict, module: bool = False) -> Found:
+    keys: list = []
+    while trail is not None:
+        key, trail = trail
+        keys.append(key)
+    keys.reverse()
+    path = ".".join(map(label, keys))
+    walk.spend(len(path))
+    return Found(path, tensors, others, tuple(keys), module=module)
 
 
 def _numbered(part: str) -> bool:
@@ -173,7 +218,10 @@ def _rank(found: Found) -> tuple:
 def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found]]:
     """The container to use and all candidates; ``select`` is a dotted path chosen by the user."""
     # a dict mostly of tensors; failing that, any dict with a tensor (a config beside one tensor)
-    found = find_containers(obj) or find_containers(obj, share=0)
+    walk = Walk(source)
+    found = find_containers(obj, walk=walk) or find_containers(obj, share=0, walk=walk)
+    for f in found:
+        f.walk = walk
     listed = [f for f in found if not any(_numbered(p) for p in f.path.split("."))] or found
     if select is not None:
         sel = select.strip(".")
@@ -229,7 +277,7 @@ def summarize(value: Any, count_tensors: Callable[[Any], int] | None = None) -> 
     if isinstance(value, (str, bytes)):
         r = repr(value[:60])  # never the repr of a whole (maybe huge) string
         return r if len(r) <= 60 and len(value) <= 60 else r[:57] + "..."
-    n = _count_tensors(value)
+    n = (count_tensors or _count_tensors)(value)
     extra = f", {n} tensors" if n else ""
     if isinstance(value, dict):
         return f"dict ({len(value)} entries{extra})"
@@ -254,9 +302,12 @@ def _plain_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _count_tensors(value: Any) -> int:
-    n, stack, seen = 0, [value], set()
-    while stack and len(seen) < _MAX_NODES:
+def _count_tensors(value: Any, seen: set[int] | None = None, walk: Walk | None = None) -> int:
+    """Tensors reachable from ``value`` and not in ``seen`` (ids already counted)."""
+    n, stack = 0, [value]
+    seen = set() if seen is None else seen
+    walk = walk or Walk("checkpoint")
+    while stack:
         v = stack.pop()
         if id(v) in seen:
             continue
@@ -264,32 +315,40 @@ def _count_tensors(value: Any) -> int:
         if as_tensor(v) is not None:
             n += 1
         elif isinstance(v, dict):
+            walk.spend(len(v))
             stack.extend(v.values())
         elif isinstance(v, (list, tuple)):
+            walk.spend(len(v))
             stack.extend(v)
     return n
 
 
 def extras(obj: Any, chosen: Found) -> dict[str, str]:
-    """Summaries of every entry that is not the chosen container, along the path to it."""
+    """Summaries of every entry that is not the chosen container, along the path to it. A tensor
+    that two entries reach is counted under the first (one walk for all: entries that share a
+    large object cost it once)."""
     out: dict[str, str] = {}
+    walk = chosen.walk or Walk("checkpoint")
+    count = functools.partial(_count_tensors, seen=set(), walk=walk)
     node, prefix = obj, ""
     for key in chosen.keys:
         if isinstance(node, Opaque):
             node = _record_dict(node)
         if isinstance(node, dict):
+            walk.spend(len(node))
             for k, v in node.items():
                 if k != key:
-                    out[f"{prefix}{label(k)}"] = summarize(v)
+                    out[f"{prefix}{label(k)}"] = summarize(v, count)
             node = node.get(key)
         elif isinstance(node, (list, tuple)) and isinstance(key, int) and 0 <= key < len(node):
+            walk.spend(len(node))
             for i, v in enumerate(node):
                 if i != key:
-                    out[f"{prefix}{i}"] = summarize(v)
+                    out[f"{prefix}{i}"] = summarize(v, count)
             node = node[key]
         prefix += f"{label(key)}."
     for k, v in chosen.others.items():
-        out[f"{prefix}{label(k)}"] = summarize(v)
+        out[f"{prefix}{label(k)}"] = summarize(v, count)
     return out
 
 
