@@ -10,6 +10,7 @@ file never ends the scan. Metadata only, like inspect: torch is not imported.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
@@ -78,7 +79,7 @@ def expand(inputs: Iterable[str | os.PathLike]) -> Found:
     skipped: dict[str, None] = {}
     for item in inputs:
         text = os.fspath(item)
-        matches = sorted(glob.glob(text, recursive=True)) if glob.has_magic(text) and not os.path.lexists(text) else [text]
+        matches = sorted(glob_paths(text)) if glob.has_magic(text) and not os.path.lexists(text) else [text]
         for path in matches or [text]:
             if os.path.isdir(path) and not is_checkpoint_folder(path):
                 for found, ok in _walk(path):
@@ -86,6 +87,63 @@ def expand(inputs: Iterable[str | os.PathLike]) -> Found:
             else:
                 out[path] = None
     return Found(list(out), [p for p in skipped if p not in out])
+
+
+def glob_paths(pattern: str) -> Iterator[str]:
+    """What ``glob.glob(pattern, recursive=True)`` matches, except that no symlinked folder is
+    entered once matching starts (glob follows them: two links to "." never end, and a folder
+    reached twice is listed twice); a link itself still matches, and folders are walked as
+    `expand` walks them. The literal folders before the first wildcard are taken as given."""
+    parts = pattern.split(os.sep)
+    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    root = os.sep.join(parts[:first]) if first else ""
+    if first == 1 and not parts[0]:
+        root = os.sep  # an absolute pattern: "/*.pt"
+    rest = [p for p in parts[first:] if p]  # "a//b" names what "a/b" names
+    start = _closure(rest, {0})
+    if root and len(rest) in start:  # "zoo/**" matches zoo/ itself too
+        yield os.path.join(root, "")
+    for path in _glob_in(root, rest, start):
+        if not pattern.endswith(os.sep):
+            yield path
+        elif os.path.isdir(path):  # "zoo/*/" names folders only, written with the slash
+            yield os.path.join(path, "")
+
+
+def _closure(rest: list[str], states: set[int]) -> set[int]:
+    """The pattern positions reachable without consuming a name: a "**" may match no folder."""
+    out, todo = set(states), list(states)
+    while todo:
+        s = todo.pop()
+        if s < len(rest) and rest[s] == "**" and s + 1 not in out:
+            out.add(s + 1)
+            todo.append(s + 1)
+    return out
+
+
+def _glob_in(root: str, rest: list[str], states: set[int]) -> Iterator[str]:
+    """Matches under ``root`` for pattern positions ``states``: one os.scandir per folder that
+    can still match, real folders only, so the walk ends on any tree (a loop, not recursion)."""
+    todo = [(root, states)]
+    while todo:
+        folder, states = todo.pop()
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+        except OSError:  # unreadable or vanished: glob skips it too
+            continue
+        for name, real_dir in entries:
+            step = set()
+            for s in states:
+                if s < len(rest) and (rest[s] == "**" or fnmatch.fnmatchcase(name, rest[s])) \
+                        and (not name.startswith(".") or rest[s].startswith(".")):  # glob hides dotfiles
+                    step.add(s if rest[s] == "**" else s + 1)
+            step = _closure(rest, step)
+            path = os.path.join(folder, name)
+            if len(rest) in step:
+                yield path
+            if real_dir and any(s < len(rest) for s in step):
+                todo.append((path, step))
 
 
 def _walk(folder: str) -> Iterator[tuple[str, bool]]:
