@@ -78,8 +78,9 @@ def _record_prefix(zf: ZipIndex, src: str) -> str:
     prefix = first[:first.index("/") + 1]
     outside = [n for n in zf.names if not n.startswith(prefix)]
     if outside:
-        raise FormatError(f"{src}: zip archive has entries outside its top folder {prefix!r} ({', '.join(repr(n[:60]) for n in outside[:3])}"
-                          f"); torch never reads them and another reader could, refusing it")
+        shown = ", ".join(repr(n[:60]) for n in outside[:3])
+        raise FormatError(f"{src}: zip archive has entries outside its top folder {prefix!r} ({shown}); torch never "
+                          f"reads them and another reader could, refusing it")
     return prefix
 
 

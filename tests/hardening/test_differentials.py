@@ -265,19 +265,21 @@ def test_a_deflated_data_pkl_reads_like_torch(tmp_path, parts, junk):
 
 # --------------------------------------------------------------------------- diff and --verify
 
-def _hostile(tmp_path: Path, parts) -> dict[str, Path]:
+def _hostile(tmp_path: Path, parts, script) -> dict[str, Path]:
     raw, prefix, pkl = parts
     evil = [(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw]
     return {
         "case twin": _write(tmp_path, zip_raw(_case_twin_last(raw, prefix, pkl)), "twin.pt"),
         "two directories": _write(tmp_path, zip_raw(raw, second=evil), "two.pt"),
         "tar polyglot": _write(tmp_path, legacy_tar_polyglot(_saved(_use_new_zipfile_serialization=False)), "poly.pt"),
+        "stored twice": _shards(tmp_path / "shards", later_copy=True),
+        "declared twice": _write(tmp_path, _edited(script, *JIT_EDITS[0]), "jit.pt"),
     }
 
 
-def test_diff_and_remap_verify_never_call_a_hostile_file_identical(tmp_path, parts, cli):
+def test_diff_and_remap_verify_never_call_a_hostile_file_identical(tmp_path, parts, script, cli):
     clean = _write(tmp_path, _saved(), "clean.pt")
-    for what, path in _hostile(tmp_path, parts).items():
+    for what, path in _hostile(tmp_path, parts, script).items():
         r = cli("diff", clean, path)
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (what, r.stdout, r.stderr)
         out = tmp_path / f"out-{path.stem}.safetensors"
