@@ -180,9 +180,7 @@ def find_containers(obj: Any, share: float = 0.5, walk: Walk | None = None) -> l
                 out.append(_found(trail, walk, *entries))
                 continue
             items = node.items() if isinstance(node, dict) else enumerate(node)
-            for k, v in items:
-                if isinstance(v, (dict, list, tuple, Opaque)):
-                    queue.append((v, (k, trail)))
+            queue.extend([(v, (k, trail)) for k, v in items if isinstance(v, _NESTED)])
     return out
 
 
@@ -302,6 +300,10 @@ def _plain_type(value: Any) -> str:
     return type(value).__name__
 
 
+_NESTED = (dict, list, tuple, Opaque)
+_LEAVES = frozenset((bool, int, float, str, bytes))
+
+
 def _count_tensors(value: Any, seen: set[int] | None = None, walk: Walk | None = None) -> int:
     """Tensors reachable from ``value`` and not in ``seen`` (ids already counted)."""
     n, stack = 0, [value]
@@ -309,7 +311,7 @@ def _count_tensors(value: Any, seen: set[int] | None = None, walk: Walk | None =
     walk = walk or Walk("checkpoint")
     while stack:
         v = stack.pop()
-        if id(v) in seen:
+        if v is None or type(v) in _LEAVES or id(v) in seen:
             continue
         seen.add(id(v))
         if as_tensor(v) is not None:
