@@ -16,7 +16,7 @@ import surgery
 from surgery.errors import TrainError
 from surgery.trainer.distributed import is_main_process, relaunch
 
-from .common import console, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json
 from .train_extras import run_compare, run_find_lr
 
 _RESUME_LAST = "\0last"
@@ -111,11 +111,11 @@ class Renderer:
         if msg.startswith("  skipped "):
             self.skipped += 1
             if self.skipped <= self.SKIPPED_SHOWN:
-                self.out.print(msg, markup=False)
+                self.out.print(escaped(msg, markup=False), markup=False)
             return
         self._more_skipped()
         if not msg.startswith(("epoch ", "interrupted during epoch ")):
-            self.out.print(msg, markup=False)  # above the live progress bar when there is one
+            self.out.print(escaped(msg, markup=False), markup=False)  # class and file names: escaped
 
     def _more_skipped(self) -> None:
         if self.skipped > self.SKIPPED_SHOWN:
@@ -278,8 +278,9 @@ def render(result: Any) -> None:
     if result.best_weights == "ema":
         out.print("kept the averaged (--ema) weights: they scored higher than the raw ones", markup=False)
     if result.per_class_val_acc is not None:
-        out.print("skewed classes; val acc per class: "
-                  + ", ".join(f"{c} {v:.3f}" for c, v in result.per_class_val_acc.items()), markup=False)
+        out.print(escaped("skewed classes; val acc per class: "
+                          + ", ".join(f"{c} {v:.3f}" for c, v in result.per_class_val_acc.items()), markup=False),
+                  markup=False)
     if result.cache_used:
         out.print("trained the head on cached backbone features", markup=False)
     out.print(f"wrote {result.out} (model.safetensors, manifest.json, metrics.jsonl, curves.png, confusion.png)",

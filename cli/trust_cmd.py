@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +36,8 @@ def trust(
         print_json(rep.to_json())
         return
     out = console()
-    for line in _lines(rep, folder):
-        out.print(line, markup=False)
+    for line in _lines(rep, folder):  # paths and names come from a folder under review: escaped
+        out.print(escaped(line, markup=False), markup=False)
 
 
 def _lines(rep, folder: Path) -> list[str]:

@@ -136,7 +136,7 @@ _IN_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("surgery_in_cli",
 # a command line a message quotes: in backticks, or from `surgery COMMAND` to the clause's end
 _COMMAND_LINE = re.compile(r"`[^`]*`|\bsurgery (?:inspect|remap|adapt|advise|train|evaluate|predict|export|diff|demo|"
                            r"trust)\b[^;()]*")
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
+_FLAG = re.compile(r"(?<![\w/.-])(?P<no>\bno )?--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
                    r"(?: ('[^']*'|\"[^\"]*\"|-?\d[\w.+-]*|[A-Z][A-Z_]*)(?![\w-]))?")
 
 
@@ -160,13 +160,20 @@ def keyword_text(text: str, params: Mapping[str, inspect.Parameter]) -> str:
     'num_classes=0; pass force=True'
     """
     def keyword(m: re.Match) -> str:
-        name, value = m.group(1).replace("-", "_"), m.group(2)
+        name, value = m.group(2).replace("-", "_"), m.group(3)
+        if m.group("no") and name in params and _takes_bool(params[name]):  # "no --balanced-sampler"
+            return f"{name}=False" + (f" {value}" if value else "")
+        if m.group("no"):
+            return "no " + keyword_flag(m, name, value)
+        return keyword_flag(m, name, value)
+
+    def keyword_flag(m: re.Match, name: str, value: str | None) -> str:
         if name not in params and name + "s" in params:  # --allow-global: allow_globals
             name += "s"
         if name not in params and name.startswith("no_") and name[3:] in params:  # --no-flip: flip=False
             return f"{name[3:]}=False" + (f" {value}" if value else "")
         if name not in params:
-            return m.group(0)
+            return m.group(0)[len(m.group("no") or ""):]
         if value is None:
             return f"{name}=True" if _takes_bool(params[name]) else name
         return f"{name}={value}"

@@ -75,22 +75,32 @@ def _load(folder: str | os.PathLike, device: str, image_size: int | None, trust_
     pipe = input_pipeline(m, image_size)
     tf = pipeline_transforms(pipe, train=False)
     names = m["class_names"] or m.head.get("class_names") or [str(i) for i in range(m.num_classes)]
-    targs = (m.data.get("results") or {}).get("train_args") or {}
+    targs = train_args(m)
     views = TTAViews(pipe, flip=bool(targs.get("flip", True))) if tta else None
     return _Loaded(m, dev, model, tf, [str(n) for n in names], views)
+
+
+def train_args(m: Any) -> dict:
+    """The run's arguments the manifest records (``results.train_args``), or none when that part is
+    missing or not a record: they only supply defaults (the split's seed, flips for TTA)."""
+    results = m.data.get("results")
+    targs = results.get("train_args") if isinstance(results, dict) else None
+    return targs if isinstance(targs, dict) else {}
 
 
 def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_split: float | None,
              seed: int | None) -> tuple[Samples, list[tuple[str, str]]]:
     """DATA split as the training run split it (its --val-split and --seed from the manifest's
     results) unless given; any split for ``all``."""
-    targs = (m.data.get("results") or {}).get("train_args") or {}
+    targs = train_args(m)
     if seed is None:
-        seed = int(targs.get("seed") or 0)
+        seed = targs.get("seed") if isinstance(targs.get("seed"), int) and not isinstance(targs.get("seed"), bool) else 0
     try:
         samples = discover(data, val_split=val_split, seed=seed)
     except DataError as e:
-        fallback = val_split if val_split is not None else targs.get("val_split")
+        saved = targs.get("val_split")
+        saved = saved if isinstance(saved, float) and 0 < saved < 1 else None
+        fallback = val_split if val_split is not None else saved
         if fallback is None and split == "all":
             fallback = 0.5  # any split: every image is used
         if fallback is None and val_split is None:

@@ -215,7 +215,7 @@ class _Epochs:
              "lr": _lr_by_group(run, last_lrs, frozen_now), "frozen": frozen_now,
              "images_per_s": seen / train_secs if train_secs > 0 else None,
              "seconds": time.perf_counter() - t0, "trainable_params": n_trainable, "cached": self.feats is not None}
-        unfreeze = [u for u in run.resolved.get("unfreeze", []) if u["epoch"] == epoch + 1]
+        unfreeze = [u for u in run.resolved.get(phases.UNFREEZES, []) if u["epoch"] == epoch + 1]
         if unfreeze:
             m["unfreeze"] = unfreeze[0]
         if run.ema is not None:

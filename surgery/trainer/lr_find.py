@@ -61,12 +61,8 @@ _SWEEP = "EMA beta 0.9; the sweep stops when the smoothed loss exceeds 4x its mi
 RULE_HEAD = f"the head alone: lr at the minimum of the smoothed loss / 10 ({_SWEEP})"
 RULE_NET = (f"backbone layers train: 8 x the lr in the middle of the loss's descent (a falling step fitted to "
             f"the raw losses up to the smoothed minimum), at most the minimum ({_SWEEP})")
-RULE_UNFREEZE = ("the unfreeze, from the trained head: a tenth of the lr after which the loss of fixed training images "
-                 "(no augmentation, eval mode) first passes 1.5 x its value before the sweep; the sweep stops at 4x")
 START, END = 1e-6, 1.0
 BETA, DIVERGE, BACKOFF = 0.9, 4.0, 10.0
-RISE = 1.5  # the unfreeze: the probe's loss has clearly risen once past this many times its start
-UNFREEZE_STEPS = 60  # the unfreeze's sweep: enough to see the loss rise, a few epochs' cost at most
 AHEAD = 8.0  # backbone layers train: the suggestion is this many times the middle of the descent
 FIT_PER_DECADE, FIT_WIDTHS = 20, (0.2, 0.3, 0.45, 0.7, 1.0, 1.5)  # the descent fit's grid: middles, widths (decades)
 
@@ -87,7 +83,8 @@ class LrFind:
     head_only: bool = False
     descent_lr: float | None = None  # the middle of the loss's descent (backbone layers train)
     ceiling_lr: float | None = None  # the unfreeze: where the probe's loss rises past RISE x its start
-    probe: list[float] | None = None  # the unfreeze: the loss of fixed training images after each step
+    probe: list[float] | None = None  # the unfreeze: the loss of fixed training images, before and after each step
+    rose: bool | None = None  # the unfreeze: whether that loss passed the limit within the sweep
     rule: str = RULE_NET
     schema: str = SCHEMA
 
@@ -126,20 +123,6 @@ def suggest(lrs: list[float], smoothed: list[float], start: float = START, end: 
         if mid is not None:
             pick = min(mid * AHEAD, lr_min)
     return min(max(pick, start), end), lr_min, mid
-
-
-def suggest_unfreeze(lrs: list[float], after: list[float], before: float, start: float = START,
-                     end: float = END) -> tuple[float, float, float]:
-    """(suggestion, lr at the probe's minimum, the ceiling) for a sweep that starts from a trained
-    head (the unfreeze): ``after[i]`` is the loss of the fixed training images after the step at
-    ``lrs[i]`` and ``before`` the same loss before the first step. The ceiling is the first lr
-    whose step leaves that loss above ``RISE x before``; the suggestion is a tenth of it."""
-    if not lrs or not after:
-        return start, start, start
-    i_min = min(range(len(after)), key=lambda i: after[i] if math.isfinite(after[i]) else math.inf)
-    ceiling = next((lrs[i] for i, v in enumerate(after[:len(lrs)]) if not (math.isfinite(v) and v <= RISE * before)),
-                   lrs[-1])  # nothing hurt up to the end of the sweep
-    return min(max(ceiling / BACKOFF, start), end), lrs[i_min], ceiling
 
 
 def descent_middle(lrs: list[float], losses: list[float], i_min: int) -> float | None:
@@ -190,15 +173,16 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
                loss_fn: Callable | None = None, steps: int = 200, start: float = START, end: float = END,
                prepare: Callable[[Any, Any], tuple] | None = None, autocast: Callable[[], Any] | None = None,
                cached: bool = False, head_only: bool = False,
-               probe: Callable[["nn.Module"], float] | None = None) -> LrFind:
+               probe: Callable[["nn.Module"], float] | None = None, rule: Callable[..., dict] | None = None) -> LrFind:
     """Sweep the lr from ``start`` to ``end`` over ``steps`` steps on a copy of ``model``.
 
     ``batches()``: a fresh iterable of ``(x, y)`` (re-called when it runs out). ``groups(copy)``:
     optimizer groups with ``lr_mult`` (default: every parameter that requires grad, ``lr_mult`` 1).
     ``prepare(x, y)`` moves a batch to the device. ``head_only``: only a head on fixed features
-    trains; ``probe(model)``: the loss of fixed images, measured before the first step and after
-    each one, which selects the rule of a sweep from a trained head (the unfreeze); each mode has
-    its rule (see the module docstring).
+    trains, which selects the head's rule (see the module docstring). ``probe(model)``: the loss of
+    fixed images, measured before the first step and after each one (the sweep then stops once it
+    passes ``DIVERGE`` times its start); ``rule(sweep)`` reads the suggestion off a :class:`_Sweep`
+    instead of this module's rules (the unfreeze's, :mod:`.lr_unfreeze`).
     """
     import torch
 
@@ -214,51 +198,67 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
         opt = torch.optim.SGD(pgroups, lr=start, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(pgroups, lr=start, weight_decay=weight_decay)
-    loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    prepare = prepare or (lambda x, y: (x, y))
-    autocast = autocast or contextlib.nullcontext
-    factor = (end / start) ** (1 / max(steps - 1, 1))
-    lrs, losses, smoothed = [], [], []
-    stopped, best, avg = "end", math.inf, 0.0
-    probed = [probe(work)] if probe is not None else None
+    sweep = _Sweep(work, opt, loss_fn or torch.nn.functional.cross_entropy, prepare or (lambda x, y: (x, y)),
+                   autocast or contextlib.nullcontext, probe)
     devices = [p.device for p in work.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices):
-        it = iter(_cycle(batches))
-        for i in range(steps):
-            lr = start * factor ** i
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            x, y = prepare(*next(it))
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                out = work(x)
-            loss = loss_fn(out.float(), y)
-            v = float(loss.detach())
-            lrs.append(lr)
-            losses.append(v)
-            avg = BETA * avg + (1 - BETA) * v
-            smoothed.append(avg / (1 - BETA ** (i + 1)))
-            best = min(best, smoothed[-1])
-            if probed is None and (not math.isfinite(v) or (i >= 10 and smoothed[-1] > DIVERGE * best)):
-                stopped = "diverged"
-                break
-            loss.backward()
-            opt.step()
-            if probed is not None:
-                probed.append(probe(work))
-                if not math.isfinite(probed[-1]) or probed[-1] > DIVERGE * probed[0]:
-                    stopped = "diverged"
-                    break
+        sweep.run(iter(_cycle(batches)), steps, start, end)
     del work, opt
-    kw: dict[str, Any] = {}
-    if probed is not None:
-        suggestion, lr_min, kw["ceiling_lr"] = suggest_unfreeze(lrs, probed[1:], probed[0], start, end)
-        kw.update(rule=RULE_UNFREEZE, probe=probed)
+    if rule is not None:
+        kw = rule(sweep, start, end)
     else:
-        suggestion, lr_min, kw["descent_lr"] = suggest(lrs, smoothed, start, end, head_only, losses)
-        kw["rule"] = RULE_HEAD if head_only else RULE_NET
-    return LrFind(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_lr=lr_min, stopped=stopped,
-                  steps=len(lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only, **kw)
+        suggestion, lr_min, mid = suggest(sweep.lrs, sweep.smoothed, start, end, head_only, sweep.losses)
+        kw = dict(suggestion=suggestion, min_lr=lr_min, descent_lr=mid, rule=RULE_HEAD if head_only else RULE_NET)
+    return LrFind(lrs=sweep.lrs, losses=sweep.losses, smoothed=sweep.smoothed, stopped=sweep.stopped,
+                  steps=len(sweep.lrs), seconds=time.perf_counter() - t0, cached=cached, head_only=head_only, **kw)
+
+
+class _Sweep:
+    """The steps of one range test on a model's copy: the lrs, raw and smoothed training losses,
+    the probe's losses (before the first step, then after each), and why it stopped."""
+
+    def __init__(self, work: Any, opt: Any, loss_fn: Callable, prepare: Callable, autocast: Callable,
+                 probe: Callable[[Any], float] | None):
+        self.work, self.opt, self.loss_fn, self.prepare, self.autocast = work, opt, loss_fn, prepare, autocast
+        self.probe = probe
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.probed: list[float] | None = [probe(work)] if probe is not None else None
+        self.stopped = "end"
+        self._avg, self._best = 0.0, math.inf
+
+    def run(self, it: Iterable, steps: int, start: float, end: float) -> None:
+        factor = (end / start) ** (1 / max(steps - 1, 1))
+        for i in range(steps):
+            if not self.step(next(it), start * factor ** i):
+                self.stopped = "diverged"
+                return
+
+    def step(self, batch: tuple, lr: float) -> bool:
+        """One step at ``lr``; False once the loss diverged (the smoothed training loss past
+        ``DIVERGE`` times its minimum, or the probe's past ``DIVERGE`` times its start)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        x, y = self.prepare(*batch)
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.work(x)
+        loss = self.loss_fn(out.float(), y)
+        v = float(loss.detach())
+        self.lrs.append(lr)
+        self.losses.append(v)
+        self._avg = BETA * self._avg + (1 - BETA) * v
+        self.smoothed.append(self._avg / (1 - BETA ** len(self.losses)))
+        self._best = min(self._best, self.smoothed[-1])
+        if self.probed is None and (not math.isfinite(v) or (len(self.losses) > 10 and self.smoothed[-1] > DIVERGE * self._best)):
+            return False
+        loss.backward()
+        self.opt.step()
+        if self.probed is not None:
+            self.probed.append(self.probe(self.work))
+            return math.isfinite(self.probed[-1]) and self.probed[-1] <= DIVERGE * self.probed[0]
+        return True
 
 
 def plot(found: LrFind, path: Any) -> Any:
@@ -275,7 +275,7 @@ def plot(found: LrFind, path: Any) -> Any:
     if found.descent_lr is not None:
         ax.axvline(found.descent_lr, color="0.5", linestyle="-.", linewidth=1, label="middle of the descent")
     if found.ceiling_lr is not None:
-        ax.axvline(found.ceiling_lr, color="0.5", linestyle="-.", linewidth=1, label=f"loss past {RISE:g}x its lowest")
+        ax.axvline(found.ceiling_lr, color="0.5", linestyle="-.", linewidth=1, label="fixed images' loss past 1.5x")
     ax.axvline(found.suggestion, color="C3", linestyle="--", linewidth=1.5)
     y = _interp(found.lrs, found.smoothed, found.suggestion)
     ax.plot([found.suggestion], [y], "o", color="C3", label=f"chosen lr {found.suggestion:.2g}")
@@ -345,32 +345,6 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
                       loss_fn=loss_fn, head_only=head_only)
 
 
-def for_unfreeze(model: "nn.Module", manifest: Any, *, loader: Any, reference: tuple, prepare: Callable,
-                 autocast: Callable, optimizer: str, weight_decay: float, momentum: float, label_smoothing: float,
-                 seed: int, epoch: int, steps: int = UNFREEZE_STEPS) -> LrFind:
-    """The range test at an unfreeze: the model as the head phase left it, with every group that
-    trains from ``epoch`` on (``requires_grad`` already set), each at its ``lr_mult``, over the
-    training batches; after each step the loss of ``reference`` (fixed images, ``(x, y)``) in eval
-    mode is the probe the rule reads (:func:`suggest_unfreeze`): a training loss of a few
-    augmented images jumps by 10x from batch to batch, the probe does not."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed + 7919 + epoch)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    x_ref, y_ref = prepare(*reference)
-
-    def probe(work: "nn.Module") -> float:
-        work.eval()
-        with torch.no_grad(), autocast():
-            v = float(loss_fn(work(x_ref).float(), y_ref))
-        work.train()
-        return v
-
-    return _on_images(model, manifest, loader, gen, steps=steps, prepare=prepare, autocast=autocast,
-                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                      probe=probe)
-
-
 def _on_images(model: "nn.Module", manifest: Any, loader: Any, gen: Any, *, steps: int, weight_decay: float,
                **kw: Any) -> LrFind:
     """A sweep of the whole model over the training images, in an order of its own (``gen``)."""
@@ -406,32 +380,6 @@ def use_files(found: LrFind, out: Any) -> None:
     with atomic_file(out / "lr_find.json") as tmp:
         tmp.write_text(json.dumps(found.to_json(), indent=2) + "\n", encoding="utf-8")
     plot(found, out / "lr_find.png")
-
-
-def use_unfreeze_files(found: LrFind, lr: float, epoch: int, out: Any) -> None:
-    """The unfreeze's range test beside the first one: ``lr_find.json`` gains ``unfreeze`` (the
-    curve and the lr used) and ``phases`` (each phase's first epoch and lr); the curve is plotted
-    to ``lr_find_unfreeze.png``."""
-    import json
-
-    from ..io import atomic_file
-
-    out = Path(out)
-    path = out / "lr_find.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    phases = data.get("phases") if isinstance(data.get("phases"), list) else []
-    if not phases and isinstance(data.get("suggestion"), (int, float)):
-        phases = [{"epoch": 1, "lr": data["suggestion"], "rule": data.get("rule")}]
-    data["phases"] = [ph for ph in phases if ph.get("epoch") != epoch] + [{"epoch": epoch, "lr": lr, "rule": found.rule}]
-    data["unfreeze"] = dict(found.to_json(), lr=lr, epoch=epoch)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    plot(found, out / "lr_find_unfreeze.png")
 
 
 def fmt_lr(lr: float) -> str:

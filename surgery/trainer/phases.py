@@ -2,35 +2,43 @@
 
 **The unfreeze.** The lr found before the first epoch is the head's, measured on the head alone:
 it is not an lr for a whole network (on the demo, 1.5e-2 for the head put AdamW's backbone at
-1.5e-3 and took val accuracy from 0.955 to 0.395). So at the epoch where frozen groups open, the
-head phase's best weights come back (its val loss moves from epoch to epoch), and with
-``--lr auto`` a range test of the whole network starts from them (each group at its ``lr_mult``) and the unfrozen phase trains at what it found
-(:func:`~.lr_find.suggest_unfreeze`), never above the first phase's lr. The groups that open
-warm up over one epoch (their optimizer moments start empty), whatever the lr.
+1.5e-3 and took val accuracy from 0.955 to 0.395). So at the first epoch where frozen groups
+open, the head phase's best weights come back (its val loss moves from epoch to epoch), and with
+``--lr auto`` a range test of the whole network starts from them (each group at its ``lr_mult``;
+:mod:`.lr_unfreeze`): the unfrozen phase trains at what it found, never above the first phase's
+lr. Later stages of a gradual unfreeze keep that lr and the weights they reach. The groups that
+open warm up over one epoch (their optimizer moments start empty), whatever the lr.
 
-**The guard.** When, after an unfreeze, an epoch's val loss passes ``GUARD_LIMIT`` times the
-head phase's best, the best weights come back, the opened groups' lr is cut tenfold (their
-moments cleared, their warmup restarted) and the run goes on. Everything it changes lives in the
-model, the optimizer and the schedule's multipliers, which checkpoints save, so a resumed run
-continues exactly. ``--no-guard`` turns it off.
+**The guard.** When, after the unfreeze, an epoch's val loss passes ``GUARD_LIMIT`` times the
+head phase's best (and that best by ``GUARD_MARGIN``, so a near-zero loss is not noise's toy), or
+is not a number, the best weights come back, the lr of the groups opened so far is cut tenfold
+(their moments cleared, their warmup restarted) and the run goes on, at most ``GUARD_EVENTS``
+times. Everything it changes lives in the model, the optimizer and the schedule's multipliers,
+which checkpoints save, so a resumed run continues exactly. ``--no-guard`` turns it off.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ..adapter.freeze import group_trainable
 from . import distributed as D
-from . import lr_find
+from . import lr_unfreeze
 from .ema import WeightEma
+from .lr_find import fmt_lr
 from .optim import refresh_lrs
 from .prepare import Run, optimizer_steps
 from .resume import load_moving
 
 Observer = Callable[[str, dict], None]
 GUARD_LIMIT = 2.0  # the guard acts when the val loss passes this many times the head phase's best
+GUARD_MARGIN = 0.05  # and passes it by this much at least
 GUARD_CUT = 0.1  # and multiplies the opened groups' lr by this
+GUARD_EVENTS = 3  # at most this many times in a run
 REFERENCE_IMAGES = 64  # the unfreeze's range test watches the loss of this many training images
+#: what the run records (checkpoint ``args``, the manifest's ``train_args``): each unfreeze, each guard event
+UNFREEZES, GUARD_EVENTS_KEY = "unfreezes", "guard_events"
 
 
 def frozen_at_start(manifest: Any) -> set[str]:
@@ -64,27 +72,26 @@ def _open(run: Run, groups: set[str], step: int) -> None:
 
 
 def unfreeze(run: Run, epoch: int, obs: Observer) -> None:
-    """At the start of ``epoch``, after the schedule opened its groups: their warmup and, with
-    ``--lr auto``, the unfrozen phase's lr, measured."""
+    """At the start of ``epoch``, after the schedule opened its groups: their warmup; at the first
+    unfreeze also the head phase's best weights and, with ``--lr auto``, the phase's lr, measured."""
     groups = opening(run.manifest, epoch)
     if not groups:
         return
-    step = run.sched.last_epoch
-    _open(run, groups, step)
+    _open(run, groups, run.sched.last_epoch)
     record: dict[str, Any] = {"epoch": epoch + 1, "groups": sorted(groups), "warmup_steps": _steps_per_epoch(run)}
-    p = run.progress
-    if p.best_state is not None and p.best["epoch"] < epoch:
+    p, first = run.progress, epoch == first_unfreeze(run.manifest)
+    if first and p.best_state is not None and p.best["epoch"] < epoch:
         # the head phase's val loss moves from epoch to epoch: the unfrozen phase starts from its best
         load_moving(run.model, p.best_state, run.moving, "the best epoch's weights")
         record["from_epoch"] = p.best["epoch"]
-    if run.opts.lr == "auto":
+    if first and run.opts.lr == "auto":
         record.update(_measure(run, epoch, obs))
     refresh_lrs(run.opt, run.sched)
     record["lrs"] = _lrs(run)
-    run.resolved.setdefault("unfreeze", []).append(record)
-    lrs = ", ".join(f"{k} {lr_find.fmt_lr(v)}" for k, v in record["lrs"].items())
-    how = (f"lr {lr_find.fmt_lr(record['lr'])} ({record['how']})" if "lr" in record
-           else f"lr {lr_find.fmt_lr(run.opt.param_groups[0]['initial_lr'])} (given)")
+    run.resolved.setdefault(UNFREEZES, []).append(record)
+    lrs = ", ".join(f"{k} {fmt_lr(v)}" for k, v in record["lrs"].items())
+    how = (f"lr {fmt_lr(record['lr'])} ({record['how']})" if "lr" in record
+           else f"lr {fmt_lr(_base_lr(run))} ({'given' if run.opts.lr != 'auto' else 'kept from the unfreeze'})")
     start = f"from epoch {record['from_epoch']}'s weights (the best so far), " if "from_epoch" in record else ""
     record["message"] = (f"unfreeze at epoch {epoch + 1} ({', '.join(sorted(groups))}): {start}{how}; peak lrs {lrs}; "
                          f"the opened groups warm up over {record['warmup_steps']} steps")
@@ -92,24 +99,25 @@ def unfreeze(run: Run, epoch: int, obs: Observer) -> None:
 
 
 def _measure(run: Run, epoch: int, obs: Observer) -> dict:
-    """The range test from the head phase's weights; every group's multiplier scaled so the base
-    lr becomes what it found (never more than the first phase's)."""
+    """The range test from the head phase's weights, as long as the rest of the run; every
+    group's multiplier scaled so the base lr becomes what it found (never more than the first
+    phase's)."""
     o, place = run.opts, run.place
-    found = lr_find.for_unfreeze(run.model, run.manifest, loader=run.train_dl, reference=_reference(run),
-                                 prepare=place.batch, autocast=place.autocast, optimizer=o.optimizer, weight_decay=o.decay,
-                                 momentum=o.momentum, label_smoothing=o.label_smoothing, seed=o.seed, epoch=epoch)
+    remaining = run.mult.total - run.sched.last_epoch
+    found = lr_unfreeze.range_test(run.model, run.manifest, loader=run.train_dl, reference=_reference(run),
+                                   prepare=place.batch, autocast=place.autocast, optimizer=o.optimizer,
+                                   weight_decay=o.decay, momentum=o.momentum, label_smoothing=o.label_smoothing,
+                                   seed=o.seed, epoch=epoch, steps=lr_unfreeze.steps_for(remaining))
     lr = D.all_reduce_sum(run.dist, [found.suggestion], place.reduce_on)[0] / run.dist.world_size
     before = _base_lr(run)
     new = min(lr, before)
     for fn in run.sched.lr_lambdas:
         fn.scale *= new / before
-    images = min(REFERENCE_IMAGES, len(run.samples.train))
-    how = (f"range test of {found.steps} steps from the head phase's weights: the loss of {images} training images "
-           f"passes {lr_find.RISE:g}x its start at lr {lr_find.fmt_lr(found.ceiling_lr)}, a tenth of it")
+    how = lr_unfreeze.describe(found, min(REFERENCE_IMAGES, len(run.samples.train)))
     if new < lr:
-        how += f", capped at the first phase's lr {lr_find.fmt_lr(before)}"
+        how += f", capped at the first phase's lr {fmt_lr(before)}"
     if run.dist.is_main:
-        lr_find.use_unfreeze_files(found, new, epoch + 1, run.opts.out)
+        lr_unfreeze.write_files(found, new, epoch + 1, (run.resolved.get("lr_find") or {}).get("lr"), run.opts.out)
     obs("lr_find", dict(found.to_json(), lr=new, epoch=epoch + 1))
     return {"lr": new, "found": dict(found.summary(), lr=new), "how": how}
 
@@ -129,9 +137,10 @@ def _reference(run: Run) -> tuple:
 
 def _base_lr(run: Run) -> float:
     """The base lr (``lr_mult`` 1) as a group that trains from the start stands (the guard cuts
-    only the opened groups), before the schedule's shape."""
+    only opened groups; a multiplier of 0 says nothing), before the schedule's shape."""
     frozen = frozen_at_start(run.manifest)
-    g, fn = next((g, fn) for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas) if g["group"] not in frozen)
+    g, fn = next((g, fn) for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas)
+                 if g["group"] not in frozen and g.get("lr_mult", 1.0) > 0)
     return g["initial_lr"] / g.get("lr_mult", 1.0) * fn.scale
 
 
@@ -146,8 +155,7 @@ def _lrs(run: Run) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the guard
 
 def head_phase_best(run: Run) -> float | None:
-    """The lowest val loss of the epochs before the first unfreeze; None when nothing unfreezes
-    or the run is not past the unfreeze yet."""
+    """The lowest val loss of the epochs before the first unfreeze; None when nothing unfreezes."""
     at = first_unfreeze(run.manifest)
     if at is None:
         return None
@@ -155,20 +163,29 @@ def head_phase_best(run: Run) -> float | None:
     return min(losses) if losses else None
 
 
+def guard_limit(best: float) -> float:
+    """The val loss past which the guard acts, for a head phase whose best was ``best``."""
+    return max(GUARD_LIMIT * best, best + GUARD_MARGIN)
+
+
 def guard(run: Run, m: dict) -> dict | None:
-    """After an unfreeze: an epoch whose val loss passes ``GUARD_LIMIT`` x the head phase's best
-    brings the best weights back and cuts the opened groups' lr tenfold. The event, or None."""
+    """After the unfreeze: an epoch whose val loss passes :func:`guard_limit` (or is not a number)
+    brings the best weights back and cuts the lr of the groups opened so far tenfold. The event,
+    or None."""
     at = first_unfreeze(run.manifest)
-    if not run.opts.guard or at is None or m["epoch"] <= at or run.progress.best_state is None:
+    events = run.resolved.get(GUARD_EVENTS_KEY, [])
+    if not run.opts.guard or at is None or m["epoch"] <= at or run.progress.best_state is None \
+            or len(events) >= GUARD_EVENTS:
         return None
     best = head_phase_best(run)
-    if best is None or not m["val_loss"] > GUARD_LIMIT * best:
+    if best is None or (math.isfinite(m["val_loss"]) and m["val_loss"] <= guard_limit(best)):
         return None
     p = run.progress
     load_moving(run.model, p.best_state, run.moving, "the best epoch's weights")
     if run.ema is not None:  # the average of the collapsed weights is no better: start it again
         run.ema = WeightEma(run.model, run.ema.decay)
-    opened = frozen_at_start(run.manifest)
+    opened = {g["name"] for g in run.manifest.groups
+              if not g["trainable"] and group_trainable(g, m["epoch"] - 1)}
     for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas):
         if g["group"] in opened:
             fn.scale *= GUARD_CUT
@@ -176,19 +193,21 @@ def guard(run: Run, m: dict) -> dict | None:
                 run.opt.state.pop(param, None)
     _open(run, opened, run.sched.last_epoch)
     refresh_lrs(run.opt, run.sched)
-    lrs = {k: v for k, v in _lrs(run).items() if k in opened}
-    event = {"epoch": m["epoch"], "val_loss": m["val_loss"], "limit": GUARD_LIMIT * best,
-             "restored_epoch": p.best["epoch"], "restored_val_loss": p.best["val_loss"], "lrs": lrs}
-    run.resolved.setdefault("guard", []).append(event)
+    event = {"epoch": m["epoch"], "val_loss": m["val_loss"], "limit": guard_limit(best),
+             "restored_epoch": p.best["epoch"], "restored_val_loss": p.best["val_loss"],
+             "lrs": {k: v for k, v in _lrs(run).items() if k in opened}, "left": GUARD_EVENTS - len(events) - 1}
+    run.resolved.setdefault(GUARD_EVENTS_KEY, []).append(event)
     return event
 
 
 def guard_message(event: dict) -> str:
     """The guard's one line for run.log and the summary."""
-    lrs = ", ".join(f"{k} {lr_find.fmt_lr(v)}" for k, v in event["lrs"].items())
-    return (f"guard: epoch {event['epoch']}'s val loss {event['val_loss']:.4f} passed {GUARD_LIMIT:g}x the head "
-            f"phase's best ({event['limit']:.4f}); restored epoch {event['restored_epoch']}'s weights and cut the "
-            f"unfrozen groups' lr tenfold ({lrs}); --no-guard turns this off")
+    lrs = ", ".join(f"{k} {fmt_lr(v)}" for k, v in event["lrs"].items())
+    left = (f"it acts {event['left']} more time{'s' if event['left'] != 1 else ''} at most" if event.get("left")
+            else "it will not act again in this run")
+    return (f"guard: epoch {event['epoch']}'s val loss {event['val_loss']:.4f} passed the limit {event['limit']:.4f} "
+            f"({GUARD_LIMIT:g}x the head phase's best); restored epoch {event['restored_epoch']}'s weights and cut the "
+            f"unfrozen groups' lr tenfold ({lrs}); {left}; --no-guard turns this off")
 
 
 def bests(manifest: Any, history: list[dict]) -> tuple[dict | None, dict | None]:

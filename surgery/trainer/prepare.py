@@ -316,6 +316,16 @@ def _extras(run: Run) -> list[str]:
     return said
 
 
+def best_weights(best: dict, which: str, moving: set[str]) -> dict:
+    """The best epoch's tensors as the run kept them from ``best.pt``: the averaged ones when
+    ``--ema``'s weights won that epoch (the checkpoint's ``ema`` holds them as ``module.NAME``)."""
+    ema = best.get("ema")
+    if which == "ema" and isinstance(ema, dict):
+        cut = len("module.")
+        return {k[cut:]: v for k, v in ema.items() if k.startswith("module.") and k[cut:] in moving}
+    return best["model"]
+
+
 def restore(run: Run) -> None:
     """The checkpoint's weights, optimizer, schedule (stretched to this run's length), scaler and
     progress; its best weights when best.pt is beside it."""
@@ -333,12 +343,12 @@ def restore(run: Run) -> None:
     p.start_epoch, p.best, p.bad_epochs = int(ckpt["epoch"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
     p.history = list(ckpt.get("history") or [])
     saved = ckpt.get("args") or {}
-    for k in ("unfreeze", "guard"):  # what the phases did so far: the manifest records it at the end
+    for k in ("unfreezes", "guard_events"):  # what the phases did so far (phases.UNFREEZES, GUARD_EVENTS_KEY)
         if isinstance(saved.get(k), list):
             run.resolved[k] = list(saved[k])
     best_file = Path(ckpt["path"]).parent / BEST
     if best_file.is_file() and p.best["epoch"] > 0:
-        p.best_state = load_checkpoint(best_file)["model"]
+        p.best_state = best_weights(load_checkpoint(best_file), p.best.get("weights", "raw"), run.moving)
     run.files.log(f"resumed from {ckpt['path']} after epoch {p.start_epoch}"
                   + (f"; from the checkpoint: {', '.join(run.restored)}" if run.restored else ""))
     saved_epochs = (ckpt.get("args") or {}).get("epochs")

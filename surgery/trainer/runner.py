@@ -196,8 +196,8 @@ def _finish(run: Run, feats: Features | None, obs: Observer) -> TrainResult:
                          cache_used=feats is not None, cache_reason=run.cache_reason, skipped=list(run.skipped),
                          device=str(run.place.device), world_size=run.dist.world_size,
                          resumed_from=run.ckpt["path"] if run.ckpt is not None else None,
-                         best_weights=p.best.get("weights", "raw"), unfreeze=list(run.resolved.get("unfreeze", [])),
-                         guard=list(run.resolved.get("guard", [])))
+                         best_weights=p.best.get("weights", "raw"), unfreeze=list(run.resolved.get(phases.UNFREEZES, [])),
+                         guard=list(run.resolved.get(phases.GUARD_EVENTS_KEY, [])))
     result.head_phase_best, result.after_unfreeze_best = phases.bests(run.manifest, p.history)
     per_class = per_class_accuracy(cm)
     counts = balance.class_counts([y for _, y in run.samples.train], len(run.samples.classes))

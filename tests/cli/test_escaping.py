@@ -114,3 +114,12 @@ def test_escaped_helper():
     assert escaped("a\x1b[1mb\u202ec\n") == "a\\x1b[1mb\\u202ec\\x0a"
     assert escaped("[bold]x[/bold]") == "\\[bold]x\\[/bold]"  # rich prints it as typed
     assert escaped("[bold]x", markup=False) == "[bold]x"
+
+
+def test_train_log_lines_and_trust_escape_control_characters(capsys):
+    from cli.train_cmd import Renderer
+
+    r = Renderer(False, False)
+    r("log", {"message": "classes (2): a\x1b[2Jb, c"})
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "a\\x1b[2Jb" in out

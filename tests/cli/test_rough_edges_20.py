@@ -319,3 +319,14 @@ def test_input_size_a_model_cannot_take_hints_what_sizes_it(cli, tmp_path):
     r = cli("adapt", tmp_path / "fixed.pth", "--arch", arch, "--num-classes", 3, "--input-size", 32, "--arch-kwargs",
             '{"img_size": 32}', "--min-coverage", 0, "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
+
+
+def test_keyword_text_reads_no_flags_and_leaves_paths_alone():
+    import inspect
+
+    from surgery.errors import keyword_text
+
+    params = inspect.signature(lambda balanced_sampler=False, force=False: 0).parameters
+    assert keyword_text("started with no --balanced-sampler", params) == "started with balanced_sampler=False"
+    assert keyword_text("/tmp/--force/run exists; pass --force", params) == "/tmp/--force/run exists; pass force=True"
+    assert keyword_text("no --other here", params) == "no --other here"
