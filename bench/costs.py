@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Callable
 
