@@ -14,8 +14,10 @@ The backbone: torchvision ResNet-18 trained by a plain loop on digits 0-4
 
 For each regime and seed: the regime's own preset trained with ``--lr auto`` (the default run)
 and with each lr of a five-point grid; every other preset with ``--lr auto``; the same
-architecture from scratch (``--compare-scratch``'s baseline); and ``surgery advise``'s preset.
-The table gives means and spreads (min-max) over seeds.
+architecture from scratch (``--compare-scratch``'s baseline); ``surgery advise``'s preset; and
+the seed's two-phase recipe (the head alone, then everything; ``two-phase``), judged per run
+against its acceptance (:func:`two_phase_ok`). The table gives means and spreads (min-max) over
+seeds.
 
     .venv/bin/python bench/outcome.py                   # 3 seeds, 32 px, 8 epochs
     .venv/bin/python bench/outcome.py --quick           # 1 seed, 16 px, 3 epochs, fewer images
@@ -23,6 +25,7 @@ The table gives means and spreads (min-max) over seeds.
     .venv/bin/python bench/outcome.py --table A.json B.json   # one table from runs split by --regimes
     .venv/bin/python bench/outcome.py --collect --workdir W   # the table of every run finished in W
     .venv/bin/python bench/outcome.py --timing          # advise's wall time against one training run
+    .venv/bin/python bench/outcome.py --quick --seeds 3 --val 100 --epochs 8 --parts two-phase   # the recipe alone
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
     if "presets" in parts:
         for p in PRESETS:
             row["presets"][p] = run(adapted[p], "auto", f"{p}-auto")
+    if "two-phase" in parts:
+        row["two_phase"] = two_phase(work, ckpt, data, seed, a, kw)
     if "scratch" in parts:
         init = scratch_init(adapted[preset], work / "scratch-init", seed)
         row["scratch"] = run(init, "auto", "scratch")
@@ -119,6 +124,64 @@ def one_regime(work: Path, ckpt: Path, data: Path, preset: str, seed: int, a: ar
         row["advise_s"] = time.perf_counter() - t
         (work / "advise.json").write_text(json.dumps({"advise": row["advise"], "advise_s": row["advise_s"]}))
     return row
+
+
+def two_phase(work: Path, ckpt: Path, data: Path, seed: int, a: argparse.Namespace, kw: dict) -> dict:
+    """The seed's recipe: the head alone for ``k`` epochs (about a third of the run), then
+    everything at the backbone multiplier, ``--lr auto``. Kept: the head phase's best, the best
+    after the unfreeze, the last epoch's val loss, the guard's events, and the verdict of
+    :func:`two_phase_ok`."""
+    from surgery import adapt, train
+
+    k = max(1, round(a.epochs * 0.3))
+    folder = ckpt.parent / f"adapted-{a.size}" / f"two-phase-{k}"
+    if not (folder / "manifest.json").is_file():
+        adapt(str(ckpt), arch="resnet18", num_classes=5, preset="small-similar", unfreeze_at=k, input_size=a.size,
+              out=folder, force=True)
+    key = {"folder": str(folder), "data": str(data), **{k2: v for k2, v in kw.items() if k2 != "force"}}
+    done = work / "runs" / "two-phase.result.json"
+    if done.is_file() and json.loads(done.read_text())["key"] == key:
+        return json.loads(done.read_text())["row"]
+    r = train(folder, data, lr="auto", out=work / "runs" / "two-phase", **kw)
+    n_val = sum(1 for _ in (data / "val").rglob("*.png"))
+    head = [m for m in r.metrics if m["epoch"] <= k]
+    row = {"k": k, "n_val": n_val, "head_best": r.head_phase_best, "after_best": r.after_unfreeze_best,
+           "head_min_loss": min(m["val_loss"] for m in head), "last_loss": r.metrics[-1]["val_loss"],
+           "lrs": [u.get("lr") for u in r.unfreeze], "guard": [g["epoch"] for g in r.guard]}
+    row["ok"], row["why"] = two_phase_ok(row)
+    done.write_text(json.dumps({"key": key, "row": row}))
+    shutil.rmtree(work / "runs" / "two-phase" / "checkpoints", ignore_errors=True)
+    return row
+
+
+def two_phase_ok(row: dict) -> tuple[bool, str]:
+    """The recipe's acceptance: the best val acc after the unfreeze is at least the head phase's
+    best minus the noise (2 standard errors of the difference of two accuracies on ``n_val``
+    images), and the run ends healthy (its last val loss at most 1.5x the head phase's best)."""
+    h, u = row["head_best"]["val_acc"], row["after_best"]["val_acc"]
+    noise = 2 * ((h * (1 - h) + u * (1 - u)) / row["n_val"]) ** 0.5
+    kept = u >= h - noise
+    healthy = row["last_loss"] <= 1.5 * row["head_min_loss"]
+    why = (f"after {u:.3f} vs head {h:.3f} (noise {noise:.3f}); last loss {row['last_loss']:.3f} = "
+           f"{row['last_loss'] / row['head_min_loss']:.2f}x the head's best")
+    return kept and healthy, why
+
+
+def two_phase_table(results: dict) -> str:
+    """One line per regime and seed: the two-phase recipe against its acceptance."""
+    lines = ["| regime | seed | head phase best | after unfreeze best | last val loss / head best | unfreeze lr | "
+             "guard | ok |", "|---|---|---|---|---|---|---|---|"]
+    for regime, rows in results.items():
+        for seed, r in enumerate(rows):
+            t = r.get("two_phase")
+            if not t:
+                continue
+            lrs = ", ".join(f"{lr:.1e}" for lr in t["lrs"] if lr is not None) or "-"
+            lines.append(f"| {regime} | {seed} | {t['head_best']['val_acc']:.3f} (ep {t['head_best']['epoch']}) | "
+                         f"{t['after_best']['val_acc']:.3f} (ep {t['after_best']['epoch']}) | "
+                         f"{t['last_loss'] / t['head_min_loss']:.2f}x | {lrs} | "
+                         f"{', '.join(map(str, t['guard'])) or '-'} | {'yes' if t['ok'] else 'NO: ' + t['why']} |")
+    return "\n".join(lines)
 
 
 def collect(workdir: Path, regimes: list[str], seeds: int) -> dict:
@@ -138,6 +201,8 @@ def collect(workdir: Path, regimes: list[str], seeds: int) -> dict:
                 row["auto"], row["auto_lr"] = runs[f"{regime}-auto"]["acc"], runs[f"{regime}-auto"]["lr_found"]
             if "scratch" in runs:
                 row["scratch"] = runs["scratch"]["acc"]
+            if (work / "runs" / "two-phase.result.json").is_file():
+                row["two_phase"] = json.loads((work / "runs" / "two-phase.result.json").read_text())["row"]
             if (work / "advise.json").is_file():
                 row.update(json.loads((work / "advise.json").read_text()))
             if runs or "advise" in row:
@@ -244,8 +309,9 @@ def main() -> None:
     ap.add_argument("--large")
     ap.add_argument("--val", type=int)
     ap.add_argument("--regimes", default="small-similar,small-different,large-similar,large-different")
-    ap.add_argument("--parts", default="grid,presets,scratch,advise",  # "default": only the regime's own preset
-                    help="what to run per regime and seed (finished runs are reused: split a long bench into calls)")
+    ap.add_argument("--parts", default="grid,presets,scratch,advise,two-phase",  # "default": the regime's own preset
+                    help="what to run per regime and seed (finished runs are reused: split a long bench into calls); "
+                         "two-phase: the head alone for 30%% of the epochs, then everything (--lr auto)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: the same figures on every machine, and no oversubscription)")
     ap.add_argument("--quick", action="store_true",
@@ -255,7 +321,9 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="only time advise against one training run at the demo's scale")
     a = ap.parse_args()
     if a.collect:
-        print(table(collect(a.workdir, a.regimes.split(","), a.seeds or 3)))
+        results = collect(a.workdir, a.regimes.split(","), a.seeds or 3)
+        print(table(results))
+        print(two_phase_table(results))
         return
     if a.table:
         merged: dict = {}
@@ -263,6 +331,7 @@ def main() -> None:
             for regime, rows in json.loads(f.read_text())["results"].items():
                 merged.setdefault(regime, []).extend(rows)
         print(table(merged))
+        print(two_phase_table(merged))
         return
     full = dict(seeds=3, size=32, epochs=8, large="all", val=30)
     quick = dict(seeds=1, size=16, epochs=3, large="50", val=10)
@@ -292,6 +361,8 @@ def main() -> None:
     out = a.workdir / f"outcome-{a.regimes.replace(',', '_')}-{a.parts.replace(',', '_')}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=2))
     print(table(results))
+    if any(r.get("two_phase") for rows in results.values() for r in rows):
+        print(two_phase_table(results))
     print(f"({time.perf_counter() - t0:.0f}s; every run in {out})")
 
 
