@@ -67,10 +67,17 @@ def phase_rows(run: Path, unfreeze_at: int, epochs: int) -> list[tuple[str, ...]
     rows = []
     for name, first, last in (("head phase", 1, unfreeze_at), ("after unfreeze", unfreeze_at + 1, epochs)):
         phase = [m for m in ms if first <= m["epoch"] <= last]
-        best = max(phase, key=lambda m: max(m["val_acc"], m.get("ema_val_acc") or 0.0), default=None)
-        acc = "" if best is None else f"{max(best['val_acc'], best.get('ema_val_acc') or 0.0):.3f}"
+        best = max(phase, key=_score, default=None)  # the run's own rule: accuracy, then the lower loss
+        acc = "" if best is None else f"{_score(best)[0]:.3f}"
         rows.append((f"  {name} ({first}-{last})", str(last - first + 1), acc, str(best["epoch"]) if best else "", ""))
     return rows
+
+
+def _score(m: dict) -> tuple[float, float]:
+    """(val accuracy, minus val loss) of an epoch's better weights, raw or averaged (--ema)."""
+    raw = (m["val_acc"], -m["val_loss"])
+    ema = (m["ema_val_acc"], -m.get("ema_val_loss", m["val_loss"])) if "ema_val_acc" in m else raw
+    return max(raw, ema)
 
 
 COLUMNS = ("run", "epochs", "val accuracy", "best epoch", "time in epochs")
