@@ -10,7 +10,7 @@ import typer
 import surgery
 from surgery.errors import DataError
 
-from .common import console, handles_errors, print_json, skipped_lines
+from .common import console, escaped, handles_errors, print_json, skipped_lines
 
 
 def register(app: typer.Typer) -> None:
@@ -56,8 +56,8 @@ def evaluate(
     table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left", show_edge=False)
     table.add_column("class")
     for c in rep.classes:
-        table.add_column(str(c), justify="right")
+        table.add_column(escaped(c), justify="right")  # class names are folder names: escaped
     table.add_column("accuracy", justify="right")
     for c, row, acc in zip(rep.classes, rep.confusion, rep.per_class):
-        table.add_row(str(c), *map(str, row), "-" if acc is None else f"{acc:.3f}")
+        table.add_row(escaped(c), *map(str, row), "-" if acc is None else f"{acc:.3f}")
     out.print(table)

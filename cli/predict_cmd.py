@@ -10,7 +10,7 @@ import typer
 
 import surgery
 
-from .common import console, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +45,7 @@ def predict(
     out = console()
     for p in preds:
         if "error" in p:
-            sys.stderr.write(f"warning: skipped {p['path']}: {p['error']}\n")
+            sys.stderr.write(escaped(f"warning: skipped {p['path']}: {p['error']}", markup=False) + "\n")
             continue
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["top"])
-        out.print(f"{p['path']}: {tops}", markup=False)
+        out.print(escaped(f"{p['path']}: {tops}", markup=False), markup=False)  # paths and class names
