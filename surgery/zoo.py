@@ -273,7 +273,7 @@ class Scan:
         # fork: the workers share the already imported reader and the architecture table (read
         # here once, not once per worker), and import nothing from the disk
         try:
-            archsig.list_archs()
+            archsig.known_architectures({})  # both tables, torchvision's and timm's
         except SurgeryError:  # no table: each row says so
             pass
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
