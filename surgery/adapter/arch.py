@@ -28,7 +28,7 @@ from ..errors import AdaptError, ArchError, TrustError
 from ..io import sha256_file
 from ..metabuild import meta_build
 from ..preprocess import CROP_PCT, resize_for
-from .manifest import ARCH_KINDS
+from .manifest import ARCH_KINDS, FETCHING_KWARGS
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -183,6 +183,12 @@ def resolve_arch(arch: str, kwargs: dict | str | None = None) -> ArchSpec:
     if not arch or not arch.strip():
         raise ArchError("--arch is empty; name a torchvision model (e.g. resnet18), timm:NAME, or file.py:fn")
     arch = arch.strip()
+    fetching = sorted(k for k, v in kw.items() if k in FETCHING_KWARGS and v not in (None, False))
+    if fetching and ":" not in arch.replace("timm:", "", 1):
+        # the weights come from CKPT; a folder built with these would fetch at every load, and is refused
+        raise ArchError(f"--arch-kwargs {', '.join(fetching)}: surgery takes the weights from the checkpoint "
+                        f"(or --weights DEFAULT for torchvision's own), never from the network or a file named in "
+                        f"kwargs; drop {'them' if len(fetching) > 1 else 'it'}")
     if arch.startswith("timm:"):
         name = arch[5:]
         timm = _import_timm()

@@ -133,3 +133,15 @@ def test_timm_checkpoint_into_torchvision_names_the_timm_model():
     with pytest.raises(AlignError, match=r"the keys fit timm:vit_tiny_patch16_224 \(score 1\.00\), not resnet18: "
                                          r"try arch='timm:vit_tiny_patch16_224'; or min_coverage=0"):
         surgery.adapt(sd, arch="resnet18", num_classes=3)
+
+
+@pytest.mark.parametrize("arch, kwargs", [("resnet18", {"weights": "IMAGENET1K_V1"}),
+                                          ("resnet18", '{"weights_backbone": "DEFAULT"}'),
+                                          ("timm:resnet18", {"pretrained": True})])
+def test_arch_kwargs_that_fetch_weights_are_refused_before_anything_is_built(arch, kwargs, tmp_path):
+    from surgery.adapter.arch import resolve_arch
+    from surgery.errors import ArchError
+
+    with pytest.raises(ArchError, match=r"--arch-kwargs .*: surgery takes the weights from the checkpoint"):
+        resolve_arch(arch, kwargs)
+    assert resolve_arch("resnet18", {"weights": None}).kind == "torchvision"  # an explicit no
