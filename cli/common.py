@@ -62,7 +62,9 @@ class _NoTrailingSpace:
 
 # C0 and C1 control characters (ESC, CSI, BEL, CR, ...) and the bidirectional overrides that
 # reorder what a terminal shows
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, and the invisible or direction-changing format characters and separators
+# (zero-width spaces and joiners, marks, embeddings and isolates, line and paragraph separators)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def escaped(value: Any, markup: bool = True) -> str:

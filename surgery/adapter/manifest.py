@@ -263,12 +263,12 @@ def _table_problems(data: dict) -> list[str]:
                   and isinstance(p["trainable"], bool) and _is_num(p["lr_mult"])):
             problems.append(f"params[{_shown(n)}]: shape is a list of integers >= 0, trainable true or false, "
                             f"lr_mult a number")
-        elif p["group"] not in names:
+        elif not isinstance(p["group"], str) or p["group"] not in names:
             problems.append(f"params[{_shown(n)}] is in group {_shown(p['group'])}, which is not in 'groups'")
         if len(problems) > 8:
             return problems
     for mod, g in data["bn"]["modules"].items():
-        if g not in names:
+        if not isinstance(g, str) or g not in names:
             problems.append(f"bn.modules[{_shown(mod)}] names unknown group {_shown(g)}")
             break
     return problems

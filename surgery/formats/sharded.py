@@ -57,7 +57,13 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
     if problems:
         raise FormatError(f"{src}: the index names tensors its shards do not hold: {', '.join(problems[:5])}"
                           + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
-    extra = {f"{rel}:{n}": "tensor (not in weight_map)" for rel, c in shards.items() for n in c.tensors if n not in wm}
+    unmapped = [f"{n} (in {rel})" for rel, c in shards.items() for n in c.tensors if n not in wm]
+    if unmapped:  # transformers loads every tensor of every shard: these would load unseen
+        raise FormatError(f"{src}: its shards hold {len(unmapped)} tensor{'s' if len(unmapped) > 1 else ''} the index "
+                          f"does not map: {', '.join(unmapped[:5])}" + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5
+                                                                          else "")
+                          + "; transformers would load them and surgery would not show them, refusing it")
+    extra: dict[str, str] = {}
     meta = {k: str(v) for k, v in (index.get("metadata") or {}).items()} if isinstance(index.get("metadata"), dict) else {}
     files = [str(folder / r) for r in shards]
     first = next(iter(shards.values()))

@@ -142,6 +142,7 @@ def _string_list(node: ast.AST, where: str) -> list[str]:
 
 _CLASS = re.compile(r"^class (\w+)\(")
 _DECL = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
+_PLAIN_LIST = re.compile(r'^\s*(?:"[^"\\]*"\s*,\s*)*(?:"[^"\\]*"\s*,?)?\s*$')  # "a", "b" and nothing else
 
 
 def _scan_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -158,6 +159,11 @@ def _scan_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[s
             current = out.setdefault(m.group(1), {})
             continue
         d = _DECL.match(line)
+        if ("__parameters__" in line or "__buffers__" in line) and not (d and _PLAIN_LIST.match(d.group(2))):
+            # a form the line reader does not read exactly (tabs, no spaces, escapes, more after the
+            # list): torch's own parser may read names from it that surgery would miss
+            raise FormatError(f"{src}: {path}: declares parameters or buffers in a line surgery cannot read exactly "
+                              f"as torch does ({line.strip()[:60]!r}); refusing it")
         if d and current is not None:
             if d.group(1) in current:
                 raise FormatError(f"{src}: {path}: a class assigns {d.group(1)} twice; torch.jit.load reads both, "

@@ -123,3 +123,11 @@ def test_train_log_lines_and_trust_escape_control_characters(capsys):
     r("log", {"message": "classes (2): a\x1b[2Jb, c"})
     out = capsys.readouterr().out
     assert "\x1b" not in out and "a\\x1b[2Jb" in out
+
+
+def test_invisible_and_direction_changing_characters_are_shown():
+    from cli.common import escaped
+
+    # a zero-width space makes two different keys look alike; separators and marks move text
+    assert escaped("conv1\u200b.weight") == "conv1\\u200b.weight"
+    assert escaped("x\u2028y\u200f\u061c\ufeff") == "x\\u2028y\\u200f\\u061c\\ufeff"

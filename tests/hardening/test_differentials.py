@@ -285,3 +285,48 @@ def test_diff_and_remap_verify_never_call_a_hostile_file_identical(tmp_path, par
         out = tmp_path / f"out-{path.stem}.safetensors"
         r = cli("remap", path, out, "--verify")
         assert r.exit_code == 2 and not out.exists(), (what, r.stdout, r.stderr)
+
+
+class _Scripted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.ones(2))
+        self.register_buffer("b", torch.zeros(3))
+
+    def forward(self, x):
+        return x * self.a.sum() + self.b.sum()
+
+
+def _rescripted(tmp_path: Path, edit) -> Path:
+    """A torch.jit.save archive whose model code is edited by ``edit(bytes) -> bytes``."""
+    src = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(_Scripted()), str(src))
+    out = tmp_path / "edited.pt"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
+        for i in z.infolist():
+            d = z.read(i.filename)
+            code = "/code/__torch__" in i.filename and i.filename.endswith(".py")
+            zo.writestr(i.filename, edit(d) if code else d)
+    return out
+
+
+@pytest.mark.parametrize("unparsable", [b"\t\t\t\t", b"    # \x00\n    "])
+def test_a_declaration_the_line_reader_cannot_read_exactly_is_refused(tmp_path, unparsable):
+    # code Python's parser refuses (a tab, a NUL) sends surgery to its line reader; a second list
+    # without the spaces it expects would hide parameters torch.jit.load still finds
+    def edit(d: bytes) -> bytes:
+        d = d.replace(b"  __buffers__ = [", b'  __parameters__ =["b"]\n  __buffers__ = [', 1)
+        return d.replace(b"\n    a = self.a", b"\n" + unparsable + b"a = self.a", 1)
+
+    path = _rescripted(tmp_path, edit)
+    _refused(path, r"declares parameters or buffers in a line surgery cannot read exactly")
+
+
+def test_a_tensor_a_shard_holds_outside_the_index_is_refused(tmp_path):
+    folder = tmp_path / "sh"
+    folder.mkdir()
+    save_file({"w": torch.ones(2), "lm_head.weight": torch.full((2,), 9.0)}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    assert set(hf_shards_state(folder)) == {"w", "lm_head.weight"}  # what transformers would load
+    _refused(folder, r"the index does not map: lm_head.weight")

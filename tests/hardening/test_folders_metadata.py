@@ -79,6 +79,8 @@ FIELDS = {
     "interpolation": ([_set("input.interpolation", "cubic!")], r"input\.interpolation must be nearest"),
     "dropout": ([_set("head.dropout", 3)], r"head\.dropout must be a number from 0 to below 1"),
     "group lr": ([lambda m: m["groups"][0].__setitem__("lr_mult", "fast")], r"groups\[0\]: name is a string"),
+    "param group a list": ([lambda m: next(iter(m["params"].values())).__setitem__("group", ["x"])],
+                           r"params\[.*\] is in group \['x'\], which is not in 'groups'"),
 }
 
 
