@@ -479,12 +479,8 @@ def _open_deep(path: Path, env: "Env", remap: bool) -> tuple[str, str]:
         surgery.inspect(path)
         if sum(os.path.getsize(f) for f in ckpt.files) <= MATERIALIZE_LIMIT:
             ckpt.state_dict()
-    except SurgeryError as e:
-        if "\n" in e.one_line() or not str(e).strip():
-            return "crashed", f"SurgeryError with an empty or multi-line message: {e!r}"
-        return "refused", ""
-    except Exception as e:  # noqa: BLE001 - anything else is a bug
-        return "crashed", f"{type(e).__name__}: {str(e)[:200]}"
+    except Exception as e:  # noqa: BLE001 - a refusal, or a bug
+        return outcome_of(e)
     return check_remap(path, env) if remap else ("ok", "")
 
 
@@ -778,6 +774,16 @@ def torch_state(path: Path, kind: str = "load") -> dict:
     return obj
 
 
+def outcome_of(e: Exception) -> tuple[str, str]:
+    """A reader's exception as an outcome: a one-line SurgeryError is a refusal; anything else,
+    or a refusal whose message is empty or spans lines, is a crash."""
+    if isinstance(e, SurgeryError):
+        if "\n" in e.one_line() or not str(e).strip():
+            return "crashed", f"SurgeryError with an empty or multi-line message: {e!r}"
+        return "refused", ""
+    return "crashed", f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def hf_shards_state(folder: Path) -> dict:
     """transformers' sharded loading: every shard the index names, in sorted order, each one's whole
     state dict loaded in turn, so a tensor stored in two shards takes the later shard's copy."""
@@ -812,12 +818,8 @@ def agree(path: Path, env: "Env", reference) -> tuple[str, str]:
 
     try:
         ours = surgery.open(path).state_dict()
-    except SurgeryError as e:
-        if "\n" in e.one_line() or not str(e).strip():
-            return "crashed", f"SurgeryError with an empty or multi-line message: {e!r}"
-        return "refused", ""
-    except Exception as e:  # noqa: BLE001 - anything else is a bug
-        return "crashed", f"{type(e).__name__}: {str(e)[:200]}"
+    except Exception as e:  # noqa: BLE001 - a refusal, or a bug
+        return outcome_of(e)
     try:
         theirs = reference()
     except Exception as e:  # noqa: BLE001 - the loader refusing what surgery reads is a disagreement too
