@@ -472,7 +472,6 @@ def _sd(entries: list[tuple[str, bytes]]) -> bytes:
 def _open_deep(path: Path, env: "Env", remap: bool) -> tuple[str, str]:
     """surgery.open, inspect, state_dict (small files), and optionally remap: the reader's paths."""
     import surgery
-    from surgery.errors import SurgeryError
 
     try:
         ckpt = surgery.open(path)
@@ -777,6 +776,8 @@ def torch_state(path: Path, kind: str = "load") -> dict:
 def outcome_of(e: Exception) -> tuple[str, str]:
     """A reader's exception as an outcome: a one-line SurgeryError is a refusal; anything else,
     or a refusal whose message is empty or spans lines, is a crash."""
+    from surgery.errors import SurgeryError
+
     if isinstance(e, SurgeryError):
         if "\n" in e.one_line() or not str(e).strip():
             return "crashed", f"SurgeryError with an empty or multi-line message: {e!r}"
@@ -814,7 +815,6 @@ def agree(path: Path, env: "Env", reference) -> tuple[str, str]:
     import torch
 
     import surgery
-    from surgery.errors import SurgeryError
 
     try:
         ours = surgery.open(path).state_dict()

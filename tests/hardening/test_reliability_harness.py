@@ -69,3 +69,18 @@ def test_an_input_spinning_on_the_cpu_is_hung_however_loaded_the_machine(tmp_pat
     chunk, proc = _fake_worker(tmp_path, BASE + "print('#6', flush=True)\nwhile True: pass")
     hung, cpu = _follow(proc, 0.5, chunk.line, busy=lambda: chunk.current is not None, sample=lambda: None)
     assert hung and proc.returncode == -9 and cpu > 0
+
+
+def test_a_refusal_is_refused_and_anything_else_is_a_crash():
+    from bench.reliability import outcome_of
+    from surgery.errors import SurgeryError
+
+    assert outcome_of(SurgeryError("not a checkpoint")) == ("refused", "")
+    assert outcome_of(ValueError("boom"))[0] == "crashed"
+    assert outcome_of(SurgeryError(""))[0] == "crashed"
+
+
+def test_a_real_chunk_of_generated_attacks_has_no_crash(tmp_path):
+    """Generated attacks go through the same outcome rules as the parsers: none crashes a worker."""
+    r = run_chunk("memo", 0, 0, 3, tmp_path / "w-memo-0", stall_s=60)
+    assert r["tally"]["crashed"] == 0 and r["tally"]["refused"] == 3 and r["workers"] == 1
