@@ -44,7 +44,7 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
         fmt, opener = open_shard(shard_path, accept)
         if fmt not in ("safetensors", "torch-zip"):
             raise FormatError(f"{src}: shard {rel} is {fmt}, expected safetensors or a torch zip")
-        shards[rel] = opener()
+        shards[rel] = _flat_shard(opener(), src, rel)
     _check_stored_once(shards, src)
     tensors: dict[str, TensorInfo] = {}
     problems = []
@@ -70,6 +70,19 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
     return Checkpoint(path=Path(path), format="safetensors-index", file_size=sum(c.file_size for c in shards.values()),
                       tensors=tensors, extras=extra, metadata={**first.metadata, **meta} if first.format == "safetensors" else meta,
                       files=files)
+
+
+def _flat_shard(shard: Checkpoint, src: str, rel: str) -> Checkpoint:
+    """A shard as transformers loads it: the file's top level is the tensor dict. surgery's search
+    for the tensors inside a checkpoint (``{'model': {...}, 'epoch': 3}``) is no loader's rule for a
+    shard, so a shard that needs it is refused rather than read differently."""
+    if shard.container or shard.file_kind != "state_dict" or shard.extras:
+        inside = f"its tensors are under {shard.container!r}" if shard.container else (
+            f"it holds {', '.join(sorted(shard.extras)[:3])} beside its tensors" if shard.extras else
+            f"it is {shard.description or shard.file_kind}")
+        raise FormatError(f"{src}: shard {rel} is not a flat dict of tensors ({inside}); transformers would load its "
+                          f"top level as the state dict, refusing it")
+    return shard
 
 
 def _check_stored_once(shards: dict[str, Checkpoint], src: str) -> None:

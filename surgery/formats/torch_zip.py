@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
@@ -46,9 +47,7 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
                                   f"that era (torch.jit.load) and save model.state_dict()")
             raise FormatError(f"{src}: zip archive has no {prefix}data.pkl, so it is not a torch checkpoint "
                               f"(entries: {', '.join(names[:5])})")
-        bo = zf.find(prefix + "byteorder")
-        if bo is not None and _read_entry(zf, bo, 64, src).strip() not in (b"little", b""):
-            raise FormatError(f"{src}: big-endian checkpoints are not supported")
+        _check_records(zf, prefix, src)
         data = _read_entry(zf, pkl, MAX_PICKLE_BYTES, src)
         if torchscript.is_torchscript(names, prefix):
             def read_code(name: str) -> bytes | None:
@@ -82,6 +81,33 @@ def _record_prefix(zf: ZipIndex, src: str) -> str:
         raise FormatError(f"{src}: zip archive has entries outside its top folder {prefix!r} ({shown}); torch never "
                           f"reads them and another reader could, refusing it")
     return prefix
+
+
+# the file format versions torch's archive reader accepts (kMinSupportedFileFormatVersion ..
+# kMaxSupportedFileFormatVersion); a file outside them torch refuses, and so does surgery
+FORMAT_VERSIONS = range(1, 11)
+_VERSION = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")  # what C's stoull reads: spaces, a sign, digits
+
+
+def _check_records(zf: ZipIndex, prefix: str, src: str) -> None:
+    """The two records torch checks before it reads anything: ``version`` (``.data/version`` first)
+    must parse as a supported format version, and ``byteorder``, when present, must be exactly
+    ``little`` or ``big``. torch refuses a file that fails either, so surgery does too: a file
+    torch cannot load must not look clean here."""
+    found = zf.find(prefix + ".data/version") or zf.find(prefix + "version")
+    if found is None:
+        raise FormatError(f"{src}: zip archive has no {prefix}version record; torch refuses such a file, so it is "
+                          f"not a torch checkpoint (or it was re-zipped without it)")
+    m = _VERSION.match(_read_entry(zf, found, 4096, src))
+    if m is None or int(m.group(1)) not in FORMAT_VERSIONS:
+        raise FormatError(f"{src}: {found} does not hold a file format version torch reads "
+                          f"({FORMAT_VERSIONS.start}..{FORMAT_VERSIONS.stop - 1}); torch refuses the file")
+    bo = zf.find(prefix + "byteorder")
+    order = None if bo is None else _read_entry(zf, bo, 64, src)
+    if order == b"big":
+        raise FormatError(f"{src}: big-endian checkpoints are not supported")
+    if order not in (None, b"little"):
+        raise FormatError(f"{src}: {bo} holds {order[:16]!r}, not 'little' or 'big'; torch refuses the file")
 
 
 def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str, tuple[int, int]]:

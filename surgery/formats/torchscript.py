@@ -47,10 +47,10 @@ _JIT_HELPERS = {("torch.jit._pickle", n): _identity for n in (
 
 
 def is_torchscript(names: list[str], prefix: str) -> bool:
-    """The archive has the files only torch.jit.save writes: compiled code and constants."""
-    # torch's reader looks records up ignoring ASCII case; so does this test
-    folded = [n.lower() for n in names]
-    return f"{prefix}constants.pkl".lower() in folded or any(n.startswith(f"{prefix}code/".lower()) for n in folded)
+    """The archive holds ``constants.pkl``, the record only torch.jit.save writes. torch.load
+    decides by this exact name (in its list of records), and so does surgery: an extra
+    ``CONSTANTS.PKL`` or ``code/`` entry leaves a torch.save file what torch.load reads."""
+    return f"{prefix}constants.pkl" in names
 
 
 def _script_globals(data: bytes) -> dict[tuple[str, str], type]:
@@ -134,12 +134,20 @@ def _list_target(stmt: ast.stmt, where: str) -> str | None:
 
 
 def _string_list(node: ast.AST, where: str) -> list[str]:
-    if isinstance(node, (ast.List, ast.Tuple)) and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
-                                                       for e in node.elts):
-        return [e.value for e in node.elts]  # type: ignore[attr-defined]
-    raise FormatError(f"{where} declares its parameters or buffers as something other than a list of names")
+    if not (isinstance(node, (ast.List, ast.Tuple)) and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                            for e in node.elts)):
+        raise FormatError(f"{where} declares its parameters or buffers as something other than a list of names")
+    for e in node.elts:
+        # a name written as itself in quotes: "\x63", u"c", r"c", "a" "b" or triple quotes are
+        # Python's strings but not TorchScript's, so torch refuses a file surgery would read
+        if not (_NAME.fullmatch(e.value) and e.lineno == e.end_lineno  # type: ignore[attr-defined]
+                and e.end_col_offset - e.col_offset == len(e.value.encode()) + 2):  # type: ignore[attr-defined,operator]
+            raise FormatError(f"{where} declares a parameter or buffer name in a form TorchScript does not write "
+                              f"({e.value[:40]!r}, not a plain quoted name); torch.jit.load refuses it, and so does surgery")
+    return [e.value for e in node.elts]  # type: ignore[attr-defined]
 
 
+_NAME = re.compile(r"[^\"'\\\x00-\x1f\x7f]+")  # no quote, backslash or control character: nothing to escape
 _CLASS = re.compile(r"^class (\w+)\(")
 _DECL = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
 _PLAIN_LIST = re.compile(r'^\s*(?:"[^"\\]*"\s*,\s*)*(?:"[^"\\]*"\s*,?)?\s*$')  # "a", "b" and nothing else

@@ -330,3 +330,98 @@ def test_a_tensor_a_shard_holds_outside_the_index_is_refused(tmp_path):
         {"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
     assert set(hf_shards_state(folder)) == {"w", "lm_head.weight"}  # what transformers would load
     _refused(folder, r"the index does not map: lm_head.weight")
+
+
+# ------------------------------------------------------------- records torch checks before reading
+
+def _with_record(raw, prefix: str, name: str, data: bytes | None) -> list:
+    """The archive's entries with record ``name`` replaced by ``data`` (dropped when None)."""
+    full = f"{prefix}/{name}".encode()
+    out = [(n, data if n == full else d, f) for n, d, f in raw if not (n == full and data is None)]
+    return out if any(n == full for n, _, _ in raw) or data is None else out + [(full, data, 0)]
+
+
+@pytest.mark.parametrize("name, data, match", [
+    ("byteorder", b" little\n", "holds b' little\\\\n', not 'little' or 'big'"),
+    ("byteorder", b"", "not 'little' or 'big'"),
+    ("byteorder", b"LITTLE", "not 'little' or 'big'"),
+    ("version", None, "has no archive/version record"),
+    ("version", b"abc", "does not hold a file format version torch reads"),
+    ("version", b"", "does not hold a file format version"),
+    ("version", b"0", "does not hold a file format version"),
+    ("version", b"11", "does not hold a file format version"),
+    ("version", b"-1", "does not hold a file format version"),
+    (".data/version", b"99", "archive/.data/version does not hold"),  # read before archive/version, as torch does
+])
+def test_a_record_torch_refuses_is_refused(tmp_path, parts, name, data, match):
+    raw, prefix, _ = parts
+    path = _write(tmp_path, zip_raw(_with_record(raw, prefix, name, data)))
+    with pytest.raises((RuntimeError, ValueError)):
+        torch_state(path)
+    _refused(path, match)
+
+
+@pytest.mark.parametrize("version", [b"1", b" 3", b"3abc", b"+3\n", b"10"])
+def test_a_version_record_torch_reads_is_read(tmp_path, parts, version):
+    raw, prefix, _ = parts
+    _same_as_torch(_write(tmp_path, zip_raw(_with_record(raw, prefix, "version", version))))
+
+
+@pytest.mark.parametrize("extra", ["CONSTANTS.PKL", "code/x.py", "Constants.pkl"])
+def test_a_torch_save_file_with_a_stray_torchscript_name_reads_like_torch_load(tmp_path, parts, extra):
+    """torch.load calls a file TorchScript only when its records include exactly ``constants.pkl``."""
+    raw, prefix, _ = parts
+    path = _write(tmp_path, zip_raw(raw + [(f"{prefix}/{extra}".encode(), b"\x80\x02).", 0)]))
+    _same_as_torch(path)
+    assert surgery.open(path).format == "torch-zip"
+
+
+@pytest.mark.parametrize("literal, torch_refuses", [
+    (rb'"\x62"', True), (b'u"b"', True), (b'r"b"', True), (b'"b" ""', False), (b'"""b"""', False)])
+def test_a_declared_name_torchscript_does_not_write_is_refused(tmp_path, literal, torch_refuses):
+    """Python reads each of these as "b"; TorchScript's own parser refuses the first three, and
+    surgery reads only the plain quoted names TorchScript writes."""
+    path = _rescripted(tmp_path, lambda d: d.replace(b'__buffers__ = ["b", ]', b"__buffers__ = [" + literal + b", ]", 1))
+    if torch_refuses:
+        with pytest.raises(Exception):
+            torch_state(path, "jit")
+    _refused(path, "not a plain quoted name")
+
+
+def test_a_plain_torchscript_archive_still_reads_like_torch_jit(tmp_path):
+    _same_as_torch(_rescripted(tmp_path, lambda d: d), "jit")
+
+
+# ------------------------------------------------------------------- .bin shards are flat dicts
+
+def _bin_shards(folder: Path, second: dict) -> Path:
+    folder.mkdir()
+    torch.save({"a": torch.ones(2)}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save(second, folder / "pytorch_model-00002-of-00002.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    return folder / "pytorch_model.bin.index.json"
+
+
+def _bin_shards_state(index: Path) -> dict:
+    """transformers' loading of .bin shards: each file's top level, torch.load(weights_only=True)."""
+    out: dict = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(torch.load(index.parent / shard, weights_only=True))
+    return out
+
+
+@pytest.mark.parametrize("second, match", [
+    ({"model": {"b": torch.zeros(3)}, "epoch": 3}, "shard pytorch_model-00002-of-00002.bin is not a flat dict of tensors"),
+    ({"b": torch.zeros(3), "epoch": 3}, "holds epoch beside its tensors"),
+])
+def test_a_bin_shard_that_is_not_a_flat_tensor_dict_is_refused(tmp_path, second, match):
+    index = _bin_shards(tmp_path / "m", second)
+    assert set(_bin_shards_state(index)) != {"a", "b"}  # transformers' state dict is each file's top level
+    _refused(index, match)
+
+
+def test_flat_bin_shards_read_like_transformers(tmp_path):
+    index = _bin_shards(tmp_path / "m", {"b": torch.zeros(3)})
+    ours, theirs = surgery.open(index).state_dict(), _bin_shards_state(index)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
