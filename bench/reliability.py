@@ -32,15 +32,20 @@ Classes, each a generator of inputs (see CLASSES):
   manifest      adapted folders whose manifest names code (os:system, subprocess:run, a file
                 factory, timm loaders) or absurd sizes, loaded without trust_code
   which-pkl     torch zips with a decoy *data.pkl listed first, a DATA.PKL case variant, one raw
-                name twice with and without the UTF-8 flag, entries outside the archive's folder
+                name twice with and without the UTF-8 flag, entries outside the archive's folder,
+                a stray CONSTANTS.PKL or code/ entry (torch.load still reads them as torch.save files)
   central-dir   torch zips with two central directories (offset of one, size of the other), a
                 wrong entry count, an end record after the declared comment
   tar-polyglot  legacy torch files whose first 512 bytes are (or nearly are) a valid tar header
-  dup-shard     shard folders where a later (or earlier) shard stores a tensor mapped elsewhere
-  jit-decl      TorchScript archives declaring __parameters__/__buffers__ twice in one class
+  dup-shard     shard folders where a later (or earlier) shard stores a tensor mapped elsewhere,
+                .bin shards whose top level is not a flat tensor dict
+  jit-decl      TorchScript archives declaring __parameters__/__buffers__ twice in one class, or
+                a name written other than as a plain quoted name (u"", r"", escapes)
   inflate       a deflated data.pkl: honest, with junk after its stream, or a MEMOIZE bomb padded
                 so that its declared compressed size passes the ratio
-  The last six are checked against the real loader (torch.load(weights_only=True), torch.jit.load,
+  records       torch zips whose version (.data/version) or byteorder record is missing, or holds
+                what torch accepts (" 3", "3abc") or refuses ("abc", "11", " little\n")
+  The last seven are checked against the real loader (torch.load(weights_only=True), torch.jit.load,
   tarfile's tar-first test, transformers' shard order): reading other tensors is "differential".
 
 The tests (tests/hardening/test_fuzz.py) import the same seeds, mutators and checker, and drive
@@ -75,7 +80,7 @@ if str(REPO) not in sys.path:
 PARSERS = ("safetensors", "torch-zip", "data.pkl", "torch-legacy", "shard-index", "rules")
 HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest")
 # files where two readers could disagree: each must be refused or read exactly as torch's own reader reads it
-DIFFERENTIAL = ("which-pkl", "central-dir", "tar-polyglot", "dup-shard", "jit-decl", "inflate")
+DIFFERENTIAL = ("which-pkl", "central-dir", "tar-polyglot", "dup-shard", "jit-decl", "inflate", "records")
 CLASSES = PARSERS + HOSTILE + DIFFERENTIAL
 OUTCOMES = ("ok", "refused", "crashed", "hung", "partial", "marker", "differential")
 RSS_GOAL_MB = 500
@@ -844,7 +849,7 @@ def gen_which_pkl(rng: random.Random, env: "Env") -> tuple[str, str]:
     prefix = entries[0][0].split("/")[0]
     pkl = next(d for n, d in entries if n.endswith("/data.pkl"))
     raw = [(n.encode(), d, 0) for n, d in entries]
-    how = rng.choice(("decoy-first", "case", "utf8-flag", "outside", "storage-case", "top-level", "clean"))
+    how = rng.choice(("decoy-first", "case", "utf8-flag", "outside", "storage-case", "top-level", "stray-script", "clean"))
     if how == "decoy-first":
         raw.insert(0 if rng.random() < 0.5 else 1, (f"{prefix}/{rng.choice(('x', 'a', '_'))}data.pkl".encode(), evil_pickle(pkl), 0))
     elif how == "case":
@@ -861,7 +866,30 @@ def gen_which_pkl(rng: random.Random, env: "Env") -> tuple[str, str]:
         raw.append((name.replace(b"/data/", b"/DATA/"), bytes(len(data)), 0))
     elif how == "top-level":
         raw = [(n[len(prefix) + 1:], d, f) for n, d, f in raw]
+    elif how == "stray-script":  # names only torch.jit.save writes, but not exactly constants.pkl
+        stray = rng.choice(("CONSTANTS.PKL", "Constants.pkl", "code/x.py", "code/__torch__/m.py", "constants.pk"))
+        raw.insert(rng.randrange(1, len(raw) + 1), (f"{prefix}/{stray}".encode(), b"\x80\x02).", 0))
     return agree(_write(env, "which.pt", zip_raw(raw)), env, lambda: torch_state(env.dir / "which.pt"))
+
+
+RECORDS = {"version": (None, b"", b"abc", b"0", b"-1", b"11", b"99", b"1", b" 3", b"3abc", b"+3\n", b"10"),
+           ".data/version": (b"0", b"99", b"2"),
+           "byteorder": (None, b"little", b"big", b" little\n", b"", b"LITTLE", b"little\n")}
+
+
+def gen_records(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """The records torch checks before it reads: ``version`` (``.data/version`` first) and
+    ``byteorder``, dropped or holding what torch accepts and what it refuses."""
+    entries = zip_entries(env.templates[0])
+    prefix = entries[0][0].split("/")[0]
+    name = rng.choice(sorted(RECORDS))
+    value = rng.choice(RECORDS[name])
+    full = f"{prefix}/{name}"
+    raw = [(n.encode(), value if n == full else d, 0) for n, d in entries if not (n == full and value is None)]
+    if value is not None and full not in dict(entries):
+        raw.insert(rng.randrange(1, len(raw) + 1), (full.encode(), value, 0))
+    path = _write(env, "records.pt", zip_raw(raw))
+    return agree(path, env, lambda: torch_state(path))
 
 
 def gen_central_dir(rng: random.Random, env: "Env") -> tuple[str, str]:
@@ -927,10 +955,13 @@ def gen_tar_polyglot(rng: random.Random, env: "Env") -> tuple[str, str]:
 
 
 def gen_dup_shard(rng: random.Random, env: "Env") -> tuple[str, str]:
-    """A tensor the index maps to one shard and a later (or earlier) shard also stores."""
+    """A tensor the index maps to one shard and a later (or earlier) shard also stores; .bin
+    shards whose top level is not the flat tensor dict transformers loads."""
     import torch
     from safetensors.torch import load_file, save_file
 
+    if rng.random() < 0.25:
+        return _bin_shard_case(rng, env)
     folder = env.fresh("dupshard")
     for p in env.shard_dir.glob("model-*.safetensors"):
         shutil.copy(p, folder / p.name)
@@ -945,6 +976,29 @@ def gen_dup_shard(rng: random.Random, env: "Env") -> tuple[str, str]:
         sd[name] = t.clone() if rng.random() < 0.2 else t + 1 if t.is_floating_point() else t ^ 1
         save_file(sd, str(victim))
     return agree(folder, env, lambda: hf_shards_state(folder))
+
+
+def bin_shards_state(index: Path) -> dict:
+    """transformers' loading of .bin shards: each file's top level, torch.load(weights_only=True)."""
+    out: dict = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(torch_state(index.parent / shard))
+    return out
+
+
+def _bin_shard_case(rng: random.Random, env: "Env") -> tuple[str, str]:
+    import torch
+
+    folder = env.fresh("binshard")
+    b = torch.full((3,), 2.0)
+    second = rng.choice(({"b": b}, {"model": {"b": b}, "epoch": 3}, {"b": b, "epoch": 3}, {"state_dict": {"b": b}},
+                         [b], b))
+    torch.save({"a": torch.ones(2)}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save(second, folder / "pytorch_model-00002-of-00002.bin")
+    index = folder / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    return agree(index, env, lambda: bin_shards_state(index))
 
 
 def _script_archive(env: "Env") -> bytes:
@@ -965,6 +1019,9 @@ JIT_EDITS = (
      b'  __buffers__ = ["running_mean", "running_var", "num_batches_tracked", ]\n  __buffers__ = []\n'),
     (b'  __buffers__ = []\n', b'  __buffers__ = []\n  __buffers__ = []\n'),
     (b'  __parameters__ = ["weight", "bias", ]\n', b'  __parameters__ : List[str] = []\n  __parameters__ = ["weight", "bias", ]\n'),
+    # names Python reads as the plain name and TorchScript's parser refuses (or reads alike)
+    (b'"running_var"', b'"running_\\x76ar"'), (b'"running_var"', b'u"running_var"'),
+    (b'"running_var"', b'r"running_var"'), (b'"running_var"', b'"running_" "var"'),
     (b"  training : bool\n", b"  training : bool\n"),  # unchanged: the clean archive
 )
 
@@ -1002,7 +1059,7 @@ GENERATORS = {"big-ints": gen_big_ints, "memo": gen_memo, "build": gen_build, "c
               "dup-zip": gen_dup_zip, "symlink-shard": gen_symlink_shard, "destination": gen_destination,
               "manifest": gen_manifest, "which-pkl": gen_which_pkl, "central-dir": gen_central_dir,
               "tar-polyglot": gen_tar_polyglot, "dup-shard": gen_dup_shard, "jit-decl": gen_jit_decl,
-              "inflate": gen_inflate}
+              "inflate": gen_inflate, "records": gen_records}
 
 
 # ------------------------------------------------------------------------------------- worker

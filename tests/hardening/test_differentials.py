@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from bench.reliability import (JIT_EDITS, evil_pickle, hf_shards_state, legacy_tar_polyglot, torch_state, zip_entries,
+from bench.reliability import (JIT_EDITS, bin_shards_state, evil_pickle, hf_shards_state, legacy_tar_polyglot, torch_state, zip_entries,
                                zip_raw)
 from surgery.errors import FormatError
 
@@ -403,25 +403,17 @@ def _bin_shards(folder: Path, second: dict) -> Path:
     return folder / "pytorch_model.bin.index.json"
 
 
-def _bin_shards_state(index: Path) -> dict:
-    """transformers' loading of .bin shards: each file's top level, torch.load(weights_only=True)."""
-    out: dict = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        out.update(torch.load(index.parent / shard, weights_only=True))
-    return out
-
-
 @pytest.mark.parametrize("second, match", [
     ({"model": {"b": torch.zeros(3)}, "epoch": 3}, "shard pytorch_model-00002-of-00002.bin is not a flat dict of tensors"),
     ({"b": torch.zeros(3), "epoch": 3}, "holds epoch beside its tensors"),
 ])
 def test_a_bin_shard_that_is_not_a_flat_tensor_dict_is_refused(tmp_path, second, match):
     index = _bin_shards(tmp_path / "m", second)
-    assert set(_bin_shards_state(index)) != {"a", "b"}  # transformers' state dict is each file's top level
+    assert set(bin_shards_state(index)) != {"a", "b"}  # transformers' state dict is each file's top level
     _refused(index, match)
 
 
 def test_flat_bin_shards_read_like_transformers(tmp_path):
     index = _bin_shards(tmp_path / "m", {"b": torch.zeros(3)})
-    ours, theirs = surgery.open(index).state_dict(), _bin_shards_state(index)
+    ours, theirs = surgery.open(index).state_dict(), bin_shards_state(index)
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
