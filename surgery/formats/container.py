@@ -26,17 +26,21 @@ PREFERRED = ("state_dict", "model_state_dict", "model", "module", "net", "networ
              "model_state", "student", "teacher")
 EMA_NAMES = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model", "params_ema", "model_ema_state_dict")
 # Steps (entries looked at, name characters built) that one read's searches of the unpickled
-# object may take together. Every search is linear in the object graph, which the pickle scan and
-# the reader's stand-ins keep linear in the file; the budget is the backstop for whatever is left.
+# object may take together: a base, and more for each byte of the pickle. Every search is linear
+# in the object graph, which the pickle scan and the reader's stand-ins keep linear in the pickle
+# (an entry costs it at least one opcode byte, and every search visits an object once), so a real
+# checkpoint's metadata, however large, stays within it; the budget is the backstop for a crafted
+# file whose walk grows faster than its bytes (long names built at every level of a deep tree).
 WALK_BUDGET = 32_000_000
+WALK_PER_BYTE = 4
 
 
 class Walk:
     """The steps left to one read's searches (containers, pickled modules, summaries)."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, pickle_bytes: int = 0):
         self.source = source
-        self.budget = self.left = WALK_BUDGET
+        self.budget = self.left = WALK_BUDGET + WALK_PER_BYTE * pickle_bytes
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -213,10 +217,11 @@ def _rank(found: Found) -> tuple:
     return (4 if numbered else 2, len(parts), 0, -len(found.tensors))
 
 
-def choose(obj: Any, source: str, select: str | None) -> tuple[Found, list[Found]]:
-    """The container to use and all candidates; ``select`` is a dotted path chosen by the user."""
+def choose(obj: Any, source: str, select: str | None, pickle_bytes: int = 0) -> tuple[Found, list[Found]]:
+    """The container to use and all candidates; ``select`` is a dotted path chosen by the user;
+    ``pickle_bytes``, the size of the pickle ``obj`` came from, sets the walk's budget."""
     # a dict mostly of tensors; failing that, any dict with a tensor (a config beside one tensor)
-    walk = Walk(source)
+    walk = Walk(source, pickle_bytes)
     found = find_containers(obj, walk=walk) or find_containers(obj, share=0, walk=walk)
     for f in found:
         f.walk = walk

@@ -52,7 +52,7 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
                 raise FormatError(f"{src}: storage {key!r} declares {nbytes} bytes past the end of the file; the file is truncated")
             offsets[key] = (pos + 8, nbytes)
             pos += 8 + nbytes
-    return checkpoint_from_pickle(path, "torch-legacy", up.obj, offsets, src, select)
+    return checkpoint_from_pickle(path, "torch-legacy", up, offsets, src, select)
 
 
 def _persistent(pid: Any, storages: dict[str, StorageRef]) -> Any:

@@ -545,6 +545,7 @@ def _accepted(qualname: str, accept: set[str]) -> bool:
 class Unpickled:
     obj: Any
     storages: dict[str, StorageRef]
+    size: int = 0  # the pickle's bytes
 
 
 class Refused(list):
@@ -590,6 +591,7 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None,
                  pickle_bytes: int):
         super().__init__(f, encoding="utf-8")
+        self.size = pickle_bytes
         self.meter = _Meter(pickle_bytes)
         self.accept = accept
         self.extra = extra or {}
@@ -993,4 +995,4 @@ def _load(up: "_Guarded", source: str) -> Unpickled:
     if up.refused:
         raise UnsafeCheckpointError(source, up.refused)
     check_records(_records(obj), up.storages, source)
-    return Unpickled(obj, up.storages)
+    return Unpickled(obj, up.storages, up.size)

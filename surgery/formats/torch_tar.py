@@ -81,7 +81,7 @@ def open_tar(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
         if pkl.size > MAX_PICKLE_BYTES:
             raise FormatError(f"{src}: the pickle member declares {pkl.size} bytes, far more than a checkpoint's")
         up = unpickle(_read(raw, pkl), src, accept, pid_handler=_pid_handler(tensors, storages, src))
-    return checkpoint_from_pickle(path, "torch-tar", up.obj, offsets, src, select)
+    return checkpoint_from_pickle(path, "torch-tar", up, offsets, src, select)
 
 
 def _members(raw, src: str) -> dict[str, tarfile.TarInfo]:

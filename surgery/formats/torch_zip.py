@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
 from ..errors import FormatError
 from ..io import atomic_file
 from . import container, torchscript
-from .torch_pickle import TensorRef, unpickle
+from .torch_pickle import TensorRef, Unpickled, unpickle
 from .writing import Payload
 from .zip_index import STORED, ZipIndex
 
@@ -196,11 +196,12 @@ def open_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | Non
     with gc_paused():
         up, offsets = read_zip(path, accept)
         fmt = "torchscript" if getattr(up, "torchscript", False) else "torch-zip"
-        return checkpoint_from_pickle(path, fmt, up.obj, offsets, str(path), select)
+        return checkpoint_from_pickle(path, fmt, up, offsets, str(path), select)
 
 
-def checkpoint_from_pickle(path: Path, fmt: str, obj, offsets, file: str, select: str | None) -> Checkpoint:
-    chosen, listed = container.choose(obj, str(path), select)
+def checkpoint_from_pickle(path: Path, fmt: str, up: Unpickled, offsets, file: str, select: str | None) -> Checkpoint:
+    obj = up.obj
+    chosen, listed = container.choose(obj, str(path), select, up.size)
     return Checkpoint(
         path=Path(path), format=fmt, file_size=os.path.getsize(file),
         tensors=tensor_infos(chosen.tensors, offsets, file, str(path)),

@@ -150,6 +150,7 @@ def test_pickled_modules_are_walked_once(cli, monkeypatch, tmp_path):
     tree again from every module cost 15 x 100,000 steps per search (two searches); now the
     steps are counted and stay within a dozen per child."""
     monkeypatch.setattr(container, "WALK_BUDGET", 1_200_000)
+    monkeypatch.setattr(container, "WALK_PER_BYTE", 0)
     r = cli("inspect", _pt(tmp_path, costs.module_comb(100_000)), "--allow-global", "mylib.Net", "--json")
     assert r.exit_code == 0, r.stderr[-500:]
     assert json.loads(r.stdout)["extras"]["model"] == "mylib.Net (opaque)"
@@ -158,6 +159,7 @@ def test_pickled_modules_are_walked_once(cli, monkeypatch, tmp_path):
 def test_summaries_count_a_shared_object_once(cli, monkeypatch, tmp_path):
     """30 entries around one shared list of 200,000 items: each summary walked the list again."""
     monkeypatch.setattr(container, "WALK_BUDGET", 2_000_000)
+    monkeypatch.setattr(container, "WALK_PER_BYTE", 0)
     r = cli("inspect", _pt(tmp_path, costs.summaries(200_000)), "--json")
     assert r.exit_code == 0, r.stderr[-500:]
     assert json.loads(r.stdout)["extras"]["e7"] == "list (1 items)"
@@ -165,7 +167,23 @@ def test_summaries_count_a_shared_object_once(cli, monkeypatch, tmp_path):
 
 def test_the_walk_budget_refuses_by_name(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(container, "WALK_BUDGET", 1000)
+    monkeypatch.setattr(container, "WALK_PER_BYTE", 0)
     _refused(cli, "inspect", _pt(tmp_path, costs.queue(5000)), match="more than 1,000 steps (surgery's walk budget)")
+
+
+def test_the_walk_budget_grows_with_the_pickle(cli, monkeypatch, tmp_path):
+    """Metadata of many small objects (a dataset index saved beside the weights) walks in steps
+    proportional to its bytes: a larger pickle gets a larger budget, so no real file runs out."""
+    import torch
+
+    path = tmp_path / "meta.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "meta": [[i, i + 1] for i in range(3000)]}, path)
+    monkeypatch.setattr(container, "WALK_BUDGET", 1000)
+    r = cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.stderr[-500:]
+    assert json.loads(r.stdout)["extras"]["meta"] == "list (3000 items)"
+    monkeypatch.setattr(container, "WALK_PER_BYTE", 0)
+    _refused(cli, "inspect", path, match="more than 1,000 steps")
 
 
 # ----------------------------------------------------------------------------- globs
