@@ -417,3 +417,16 @@ def test_flat_bin_shards_read_like_transformers(tmp_path):
     index = _bin_shards(tmp_path / "m", {"b": torch.zeros(3)})
     ours, theirs = surgery.open(index).state_dict(), bin_shards_state(index)
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_the_readme_states_the_limits_the_code_holds():
+    """The README's "What surgery refuses" section quotes the reader's own constants."""
+    from surgery.formats import container, torch_zip
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## What surgery refuses"):text.index("## Folders are data")]
+    flat = " ".join(section.split())
+    assert f"budget of {container.WALK_BUDGET // 1_000_000} M steps plus {container.WALK_PER_BYTE} a byte of pickle" in flat
+    versions = torch_zip.FORMAT_VERSIONS
+    assert f"format version outside {versions.start}..{versions.stop - 1}" in flat
+    assert f"over {torch_zip.MAX_INFLATION} times the bytes it really uses" in flat
