@@ -9,6 +9,10 @@ import typer
 from .common import console, escaped, handles_errors, human_bytes, human_count, print_json
 
 _WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
+DEPTH = 2  # the tree depth shown when --depth is not given
+TREE_ROWS = 40  # tree rows shown when --depth is not given: a screenful, whatever the checkpoint
+GROUP_NAMES = 4  # names shown of one tied or shared group
+LONG_TABLE = 200  # rows from which a table is laid out here, not by rich (about 1 ms a row there)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +27,9 @@ def inspect(
         "or with --json one JSON line, per checkpoint."))],
     keys: Annotated[bool, typer.Option("--keys", help="List every tensor: name, dtype, shape.")] = False,
     filter: Annotated[Optional[str], typer.Option("--filter", metavar="REGEX", help="Only list tensors whose name matches (implies --keys).")] = None,
-    depth: Annotated[int, typer.Option("--depth", min=0, help="Module tree depth (0 hides the tree).")] = 2,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=0, show_default=False, help=(
+        f"Module tree depth (default {DEPTH}; 0 hides the tree). Without it the tree stops after {TREE_ROWS} rows; "
+        "with it every row is printed."))] = None,
     select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
     allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1); a scan prints one JSON object per line.")] = False,
@@ -39,7 +45,8 @@ def inspect(
     if not _is_single(paths):
         from . import zoo_view
 
-        raise typer.Exit(zoo_view.run(paths, as_json=as_json, keys=keys, filter=filter, depth=depth, select=select,
+        raise typer.Exit(zoo_view.run(paths, as_json=as_json, keys=keys, filter=filter,
+                                      depth=DEPTH if depth is None else depth, select=select,
                                       allow_globals=tuple(allow_global or ()), workers=workers))
     from surgery.checkpoint import gc_paused
 
@@ -47,18 +54,17 @@ def inspect(
     # until _show returns and are freed then, by reference counts, so the collection that runs
     # when the pause ends has almost nothing left to walk
     with gc_paused():
+        # --depth 0 builds no tree at all; an explicit --depth prints every row it asks for
         _show(run_inspect(paths[0], select=select, allow_globals=tuple(allow_global or ()), keys=keys,
-                          filter=filter, depth=depth or None), as_json, depth)
+                          filter=filter, depth=DEPTH if depth is None else depth), as_json,
+              tree_rows=TREE_ROWS if depth is None else None)
 
 
-def _show(report, as_json: bool, depth: int) -> None:
+def _show(report, as_json: bool, tree_rows: int | None) -> None:
     if as_json:
-        data = report.to_json()
-        if depth == 0:
-            data["tree"] = []
-        print_json(data)
+        print_json(report.to_json())  # every row: JSON is for programs, which page nothing
         return
-    render(report, show_tree=depth > 0)
+    render(report, show_tree=bool(report.depth), tree_rows=tree_rows)
 
 
 def _is_single(paths: list[str]) -> bool:
@@ -87,8 +93,12 @@ def _is_single(paths: list[str]) -> bool:
     return True
 
 
-def render(report, show_tree: bool = True) -> None:
+def render(report, show_tree: bool = True, tree_rows: int | None = TREE_ROWS) -> None:
+    """The report as text; the tree stops after ``tree_rows`` rows (None: every row) with one line
+    saying what the rest hold and how to see them."""
     from rich.table import Table
+
+    from surgery.analysis import cut_tree
 
     out = console()
     head = Table.grid(padding=(0, 2))
@@ -99,10 +109,17 @@ def render(report, show_tree: bool = True) -> None:
     out.print(head)
     if show_tree and report.tree:
         out.print(f"\n[bold]module tree[/bold] (depth {report.depth}; numbered siblings with identical structure collapse)")
-        out.print(_tree_table(report))
+        cut = cut_tree(report.tree, len(report.tree) if tree_rows is None else tree_rows)
+        _print_table(out, _TREE_COLUMNS, _tree_cells(cut.shown))
+        if cut.hidden:
+            out.print(escaped(
+                f"  ... {cut.hidden:,} more rows: {cut.modules:,} more module{'s' if cut.modules > 1 else ''} like {cut.like} "
+                f"({human_count(cut.params)} parameters, {cut.n_tensors:,} tensors)"))
+            out.print(f"  --depth {report.depth} prints all {len(report.tree):,} rows, --json lists them, "
+                      "--keys lists every tensor, --filter REGEX those whose names match")
     if report.keys is not None:
         out.print()
-        out.print(_keys_table(report))
+        _print_table(out, _KEY_COLUMNS, _key_cells(report))
         out.print(f"{len(report.keys)} of {len(report.ckpt.tensors)} tensors listed")
 
 
@@ -119,7 +136,9 @@ def _summary_rows(report) -> list[tuple[str, str]]:
     if c.description and c.file_kind != "state_dict":
         rows.append(("contents", c.description))
     others = [p for p in c.containers if p != c.container]
-    rows.append(("container", (c.container or "(top level)") + (f"   also: {', '.join(p or '(top level)' for p in others)} (pick with --select)" if others else "")))
+    also = ", ".join(p or "(top level)" for p in others[:8]) + (f", ... {len(others) - 8:,} more (--json lists them)"
+                                                                 if len(others) > 8 else "")
+    rows.append(("container", (c.container or "(top level)") + (f"   also: {also} (pick with --select)" if others else "")))
     if c.extras:
         items = list(c.extras.items())
         text = "; ".join(f"{k} = {v}" for k, v in items[:8]) + (f"; ... {len(items) - 8} more" if len(items) > 8 else "")
@@ -150,13 +169,22 @@ def _key_rows(report) -> list[tuple[str, str]]:
         rows.append(("prefixes", "none (keys are clean)"))
     tied = report.tied_groups
     if tied:
-        rows.append(("tied", "; ".join(" = ".join(g) for g in tied[:5]) + (f"; ... {len(tied) - 5} more" if len(tied) > 5 else "")))
+        rows.append(("tied", "; ".join(_group(g, " = ") for g in tied[:5])
+                     + (f"; ... {len(tied) - 5} more groups (--json lists them)" if len(tied) > 5 else "")))
     shared = report.shared_storage()
     if shared:
-        rows.append(("shared storage", "; ".join(", ".join(g) for g in shared[:5])))
+        rows.append(("shared storage", "; ".join(_group(g, ", ") for g in shared[:5])
+                     + (f"; ... {len(shared) - 5} more (--json lists them)" if len(shared) > 5 else "")))
     if c.metadata:
         rows.append(("metadata", ", ".join(f"{k}={v if len(v) < 40 else v[:37] + '...'}" for k, v in list(c.metadata.items())[:6])))
     return rows
+
+
+def _group(names: list[str], sep: str) -> str:
+    """A group of names, the first few of a long one."""
+    if len(names) <= GROUP_NAMES:
+        return sep.join(names)
+    return sep.join(names[:GROUP_NAMES]) + f"{sep}... ({len(names):,} names, --json lists them)"
 
 
 def _guess_rows(report) -> list[tuple[str, str]]:
@@ -176,32 +204,59 @@ def _guess_rows(report) -> list[tuple[str, str]]:
     return [("architecture", text)]
 
 
-def _tree_table(report):
-    from rich.table import Table
+_TREE_COLUMNS = (("module", "left"), ("params", "right"), ("tensors", "right"))
+_KEY_COLUMNS = (("name", "left"), ("dtype", "left"), ("shape", "left"), ("params", "right"))
 
-    t = Table(show_edge=False, box=None, padding=(0, 2))
-    t.add_column("module")
-    t.add_column("params", justify="right")
-    t.add_column("tensors", justify="right")
-    for r in report.tree:
+
+def _tree_cells(rows) -> list[tuple[str, ...]]:
+    out = []
+    for r in rows:
         label = "  " * (r.depth - 1) + r.name
         if r.repeat > 1 and "{" in r.name:
             label += f"  x{r.repeat}"
-        t.add_row(escaped(label), human_count(r.params), str(r.n_tensors))
-    return t
+        out.append((label, human_count(r.params), str(r.n_tensors)))
+    return out
 
 
-def _keys_table(report):
+def _key_cells(report) -> list[tuple[str, ...]]:
+    tensors, out = report.ckpt.tensors, []
+    for n in report.keys:
+        info = tensors[n]
+        dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
+        out.append((n, dtype, "x".join(map(str, info.shape)) or "scalar", str(info.numel)))
+    return out
+
+
+def _print_table(out, columns, rows: list[tuple[str, ...]]) -> None:
+    """A borderless table, two spaces either side of each cell. ``rows`` hold raw text (names
+    from the file): escaped here. A long table (which only --keys, --filter or --depth print) is
+    laid out here in one pass, as rich would lay it out when it fits the width, and not wrapped
+    when it does not: rich's layout costs about a millisecond a row, a minute for 50,000 keys."""
+    from rich.cells import cell_len
     from rich.table import Table
 
-    c = report.ckpt
-    t = Table(show_edge=False, box=None, padding=(0, 2))
-    t.add_column("name")
-    t.add_column("dtype")
-    t.add_column("shape")
-    t.add_column("params", justify="right")
-    for n in report.keys:
-        info = c.tensors[n]
-        dtype = info.dtype if info.kind == "dense" else f"{info.dtype} ({info.kind.replace('_', ' ')})"
-        t.add_row(escaped(n), escaped(dtype), "x".join(map(str, info.shape)) or "scalar", str(info.numel))
-    return t
+    if len(rows) < LONG_TABLE:
+        t = Table(show_edge=False, box=None, padding=(0, 2))
+        for name, justify in columns:
+            t.add_column(name, justify=justify)
+        for row in rows:
+            t.add_row(*(escaped(c) for c in row))
+        out.print(t)
+        return
+    rows = [tuple(escaped(c, markup=False) for c in row) for row in rows]
+    widths = [len(name) for name, _ in columns]
+    lens = [[cell_len(c) for c in row] for row in rows]
+    for ls in lens:
+        widths = [max(w, n) for w, n in zip(widths, ls)]
+
+    def line(cells, ls) -> str:
+        parts = []
+        for (_, justify), c, n, w in zip(columns, cells, ls, widths):
+            pad = " " * (w - n)
+            parts.append(f"  {c}{pad}  " if justify == "left" else f"  {pad}{c}  ")
+        return "".join(parts)
+
+    header = tuple(name for name, _ in columns)
+    out.print(line(header, [len(h) for h in header]), style="bold", markup=False, highlight=False)
+    out.file.write("".join(line(row, ls) + "\n" for row, ls in zip(rows, lens)))
+    out.file.flush()

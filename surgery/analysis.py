@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .keys import bottom_up as _bottom_up
 from .keys import KeyNode, common_prefix, detect_wrapper_prefixes, strip_wrappers
 from .keys import key_trie as _trie
-from .keys import sibling_groups as _groups
 from .keys import subtree_signatures as _signatures
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,6 +116,50 @@ def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozense
     return stats
 
 
+def _numbered(name: str) -> tuple[str, int] | None:
+    """'3' -> ('', 3); 'layer12' -> ('layer', 12); 'layers_0' -> ('layers_', 0); 'fc' -> None.
+
+    Unlike `keys.collapse_keys`, which compares names only, the tree also takes a number glued to
+    the name (``layer0``, ``block12``): its siblings merge only when their keys, shapes and dtypes
+    are the same, so ``conv1``/``conv2`` of different shapes stay apart.
+    """
+    if name.isdecimal():  # nn.Sequential's children (and the odd non-ASCII number)
+        return "", int(name)
+    stem = name.rstrip("0123456789")  # a C loop: a model may have 50,000 such names
+    return (stem, int(name[len(stem):])) if len(stem) < len(name) else None
+
+
+def _label(names: list[str], stem: str) -> str:
+    """'layer{0..11}' for runs of three or more, 'layer{0,1,5}' otherwise; ``names`` share ``stem``."""
+    if len(names) == 1:
+        return names[0]
+    ordered = sorted((int(n[len(stem):]), n[len(stem):]) for n in names)
+    text: list[str] = []
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i < len(ordered) and ordered[i][0] == ordered[i - 1][0] + 1:
+            continue
+        run = ordered[start:i]
+        text.extend([f"{run[0][1]}..{run[-1][1]}"] if len(run) >= 3 else [n for _, n in run])
+        start = i
+    return f"{stem}{{{','.join(text)}}}"
+
+
+def _tree_groups(node: "KeyNode", sigs: dict[int, int]) -> list[tuple[str, list["KeyNode"]]]:
+    """Children of ``node`` as (label, members): consecutive numbered siblings with the same stem
+    and the same signature become one group, whatever the numbering style."""
+    groups: list[tuple[list[str], list[KeyNode], Any]] = []
+    for name, child in node.children.items():
+        num = _numbered(name)
+        key = None if num is None else (num[0], sigs[id(child)])
+        if key is not None and groups and groups[-1][2] == key:
+            groups[-1][0].append(name)
+            groups[-1][1].append(child)
+        else:
+            groups.append(([name], [child], key))
+    return [(_label(names, "" if key is None else key[0]), members) for names, members, key in groups]
+
+
 def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> list[TreeRow]:
     """Rows of the module tree in key order, parents before children, identical numbered
     siblings collapsed.
@@ -124,15 +167,17 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     ResNet's ``layer1.0`` and ``layer1.1`` have the same keys and shapes, so they become one row
     ``layer1.{0,1}`` (params summed, ``repeat=2``) with children such as
     ``layer1.{0,1}.conv1.weight``; ``layer2.0`` carries a downsample branch and stays apart from
-    ``layer2.{1,2,3}``... Long runs read ``{0..11}``. ``depth`` keeps rows with at most that many
-    components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by ``row.depth - 1``.
+    ``layer2.{1,2,3}``... Long runs read ``{0..11}``. Any numbering collapses the same way:
+    ``layer0``..``layer9`` read ``layer{0..9}``, ``layers_0``.. ``layers_{0..9}``. ``depth`` keeps
+    rows with at most that many components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by
+    ``row.depth - 1``.
     """
     root = _trie(infos.items(), depth)
     order = _bottom_up(root)
     sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype), order)
     stats = _subtree_stats(order)
     rows: list[TreeRow] = []
-    todo = [(label, members, "", 1, 1) for label, members in reversed(_groups(root, sigs, merge_leaves=False))]
+    todo = [(label, members, "", 1, 1) for label, members in reversed(_tree_groups(root, sigs))]
     while todo:  # depth first, parents before children, in key order
         label, members, prefix, level, mult = todo.pop()
         if depth is not None and level > depth:
@@ -144,9 +189,57 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
         rows.append(TreeRow(path=path, name=label, depth=level, params=params * n, n_tensors=count * n,
                             dtypes=tuple(sorted(dts)), shape=None if rep.info is None else tuple(rep.info.shape),
                             repeat=n))
-        todo.extend((lb, ms, path + ".", level + 1, n) for lb, ms in reversed(_groups(rep, sigs, merge_leaves=False)))
+        todo.extend((lb, ms, path + ".", level + 1, n) for lb, ms in reversed(_tree_groups(rep, sigs)))
     return rows
 
+
+@dataclass(frozen=True)
+class TreeCut:
+    """The first rows of a module tree and what the rest hold (:func:`cut_tree`).
+
+    ``hidden`` counts the rows left out; ``modules`` the top rows of the subtrees left out, whose
+    ``params`` and ``n_tensors`` are totalled here (each tensor once); ``like`` names them:
+    ``layerN`` or ``blocks.N`` when most are numbered alike, else the path of the first row left out.
+    """
+
+    shown: list[TreeRow]
+    hidden: int = 0
+    modules: int = 0
+    params: int = 0
+    n_tensors: int = 0
+    like: str = ""
+
+
+def cut_tree(rows: list[TreeRow], limit: int) -> TreeCut:
+    """At most ``limit`` rows of ``rows`` (from :func:`module_tree`), and totals for the others.
+
+    >>> cut = cut_tree(module_tree(infos), 40); len(cut.shown), cut.hidden  # doctest: +SKIP
+    (40, 99960)
+    """
+    if len(rows) <= limit:
+        return TreeCut(shown=list(rows))
+    rest = rows[limit:]
+    params = tensors = 0
+    stems: dict[str, int] = {}
+    top = rest[0].depth + 1
+    modules = 0
+    for r in rest:
+        # in depth-first order a left-out row heads a left-out subtree unless a shallower
+        # (or equally deep) left-out row came before it: that row or a later one is its parent
+        if r.depth < top:
+            top = r.depth
+        if r.depth == top:
+            modules += 1
+            params += r.params
+            tensors += r.n_tensors
+            num = _numbered(r.name.split("{", 1)[0] + "0" if "{" in r.name else r.name)
+            if num is not None:  # 'layer7' -> 'layer', 'blocks.12' -> 'blocks.'
+                key = r.path[:len(r.path) - len(r.name)] + num[0]
+                stems[key] = stems.get(key, 0) + 1
+    stem, count = max(stems.items(), key=lambda kv: kv[1], default=("", 0))
+    like = f"{stem}N" if 2 * count >= modules and count > 1 else rest[0].path
+    return TreeCut(shown=rows[:limit], hidden=len(rest), modules=modules, params=params, n_tensors=tensors,
+                   like=like)
 
 
 # ----------------------------------------------------------------------------- dtypes

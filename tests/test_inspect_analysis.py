@@ -24,6 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.analysis import (
     DiffReport,
     compare_values,
+    cut_tree,
     diff,
     dtype_bytes,
     dtype_counts,
@@ -163,6 +164,69 @@ def test_module_tree_depth_and_ranges():
 def test_module_tree_key_that_is_also_a_module():
     rows = module_tree(infos_of({"a": (2,), "a.b": (3,)}))
     assert [(r.path, r.params, r.shape) for r in rows] == [("a", 5, (2,)), ("a.b", 3, (3,))]
+
+
+@pytest.mark.parametrize("style, top, label", [
+    ("layer{}", None, "layer{0..11}"),      # number glued to the name
+    ("layers_{}", None, "layers_{0..11}"),
+    ("block-{}", None, "block-{0..11}"),
+    ("h.{}", "h", "h.{0..11}"),             # a dotted index, as before
+    ("encoder.layer.{}", "encoder", "encoder.layer.{0..11}"),
+])
+def test_module_tree_collapses_numbered_siblings_whatever_the_style(style, top, label):
+    shapes = {}
+    for i in range(12):
+        shapes[style.format(i) + ".attn.weight"] = (4, 4)
+        shapes[style.format(i) + ".attn.bias"] = (4,)
+    rows = module_tree(infos_of(shapes), depth=None)
+    by_path = {r.path: r for r in rows}
+    row = by_path[label]
+    assert (row.repeat, row.params, row.n_tensors) == (12, 12 * 20, 24)
+    assert by_path[label + ".attn.weight"].shape == (4, 4)
+    assert len(rows) == label.split("{")[0].count(".") + 4  # the parents, the block, attn, weight, bias
+    if top is not None:
+        assert rows[0].path == top
+
+
+def test_module_tree_glued_numbers_collapse_only_identical_structures():
+    # different shapes, a different dtype, an extra key, or a sibling in between: no merge
+    cases = [
+        {"layer0.w": info("layer0.w", (4,)), "layer1.w": info("layer1.w", (5,))},
+        {"layer0.w": info("layer0.w", (4,)), "layer1.w": info("layer1.w", (4,), "F16")},
+        {"layer0.w": info("layer0.w", (4,)), "layer1.w": info("layer1.w", (4,)), "layer1.b": info("layer1.b", (4,))},
+        {"layer0.w": info("layer0.w", (4,)), "norm.w": info("norm.w", (4,)), "layer1.w": info("layer1.w", (4,))},
+        {"conv.w": info("conv.w", (4,)), "conv1.w": info("conv1.w", (4,))},  # 'conv' carries no number
+    ]
+    for infos in cases:
+        rows = module_tree(infos)
+        assert not any("{" in r.path for r in rows), [r.path for r in rows]
+    # a run is cut where the structure changes, and gaps in the numbering show
+    infos = infos_of({**{f"layer{i}.w": (4,) for i in (0, 1, 2, 4)}, "layer5.w": (8,)})
+    assert [r.path for r in module_tree(infos) if r.depth == 1] == ["layer{0..2,4}", "layer5"]
+
+
+def test_module_tree_of_fifty_thousand_glued_names_is_two_rows():
+    infos = infos_of({f"layer{i}.weight": (2,) for i in range(50_000)})
+    start = time.perf_counter()
+    rows = module_tree(infos, depth=2)
+    assert time.perf_counter() - start < 3
+    assert [(r.path, r.repeat, r.params) for r in rows] == [
+        ("layer{0..49999}", 50_000, 100_000), ("layer{0..49999}.weight", 50_000, 100_000)]
+
+
+def test_cut_tree_keeps_the_first_rows_and_totals_the_rest():
+    infos = infos_of({f"layer{i}.{p}": (i + 1,) for i in range(100) for p in ("weight", "bias")})
+    rows = module_tree(infos, depth=2)
+    assert len(rows) == 300  # distinct shapes: nothing collapses
+    assert cut_tree(rows, 300).hidden == 0 and cut_tree(rows, 300).shown == rows
+    cut = cut_tree(rows, 40)
+    assert cut.shown == rows[:40] and cut.hidden == 260
+    # totals over the hidden subtrees, each counted once: layer13's two tensors, then layer14..layer99
+    assert cut.modules == 2 + 86 and cut.like == "layerN"
+    hidden = {k: t for k, t in infos.items() if int(k.split(".")[0][5:]) >= 13}
+    assert cut.params == sum(t.numel for t in hidden.values()) and cut.n_tensors == len(hidden)
+    other = module_tree(infos_of({"a.x": (1,), "a.y": (2,), "b.x": (3,), "c.z": (4,)}), depth=2)
+    assert cut_tree(other, 2).like == "a.y"  # no shared numbered stem: the first row left out
 
 
 def test_collapse_keys():
