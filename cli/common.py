@@ -113,7 +113,8 @@ def handles_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from surgery.errors import SurgeryError, cli_names
+        from surgery.errors import SurgeryError
+        from surgery.flag_names import cli_names
 
         try:
             with warnings.catch_warnings(), cli_names():  # errors name the flags the user typed

@@ -61,7 +61,7 @@ def __getattr__(name: str) -> Any:
         mod, attr = _EXPORTS[name]
         value = getattr(import_module(mod), attr)
         if name in _KEYWORD_ERRORS:
-            from .errors import keyword_errors
+            from .flag_names import keyword_errors
 
             value = keyword_errors(value)
         globals()[name] = value

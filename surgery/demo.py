@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import SurgeryError
+from .errors import DemoError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 INSTALL = "pip install 'surgery[demo]'"
-
-
-class DemoError(SurgeryError):
-    """The demo cannot run here (a missing optional dependency)."""
 
 
 def _load_digits():

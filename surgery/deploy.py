@@ -24,17 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import SurgeryError
+from .errors import ExportError
 from .preprocess import input_pipeline
 
 SCHEMA = "surgery.export/1"
 PREPROCESS_SCHEMA = "surgery.preprocess/1"
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
 EXTRA = "pip install 'surgery[export]'"
-
-
-class ExportError(SurgeryError):
-    """A model that cannot be exported in the asked format, or a missing exporter package."""
 
 
 @dataclass

@@ -24,10 +24,6 @@ AUGMENTS = ("none", "light", "randaugment", "trivialaugment")
 DEFAULT_AUGMENT = "light"
 
 
-class AugmentError(SurgeryError):
-    """An augmentation option that cannot apply."""
-
-
 def augment_policy(value: Any) -> Any:
     """``True`` is the default policy and ``False`` is ``none`` (the older boolean ``augment``);
     a name is kept as given (checked by :func:`check_augment`)."""

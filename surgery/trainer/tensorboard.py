@@ -12,15 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import SurgeryError
+from ..errors import LoggerError
 
 LOG_DIR = "tensorboard"
 
 Observer = Callable[[str, dict], None]
-
-
-class LoggerError(SurgeryError):
-    """A logger that cannot start."""
 
 
 def require_tensorboard() -> None:

@@ -324,7 +324,7 @@ def test_input_size_a_model_cannot_take_hints_what_sizes_it(cli, tmp_path):
 def test_keyword_text_reads_no_flags_and_leaves_paths_alone():
     import inspect
 
-    from surgery.errors import keyword_text
+    from surgery.flag_names import keyword_text
 
     params = inspect.signature(lambda balanced_sampler=False, force=False: 0).parameters
     assert keyword_text("started with no --balanced-sampler", params) == "started with balanced_sampler=False"
