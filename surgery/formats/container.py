@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..checkpoint import PACKED_DTYPES, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
-from .torch_pickle import DType, Layout, LegacyTensorType, Opaque, QScheme, StorageRef, StorageType, TensorRef
+from .torch_records import DType, Layout, LegacyTensorType, Opaque, QScheme, StorageRef, StorageType, TensorRef
 
 # Most preferred first. EMA copies come after every plain name: they are picked only by --select
 # or when nothing else holds tensors.

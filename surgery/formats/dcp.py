@@ -14,7 +14,8 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import FormatError, SelectError
-from .torch_pickle import DType, Opaque, _opaque_class, unpickle
+from .torch_pickle import unpickle
+from .torch_records import DType, Opaque, _opaque_class
 from .sharded import check_inside
 from .torch_zip import read_zip, tensor_infos
 

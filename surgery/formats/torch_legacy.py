@@ -14,7 +14,8 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
-from .torch_pickle import StorageRef, storage_ref, unpickle
+from .torch_pickle import storage_ref, unpickle
+from .torch_records import StorageRef
 from .torch_zip import checkpoint_from_pickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
-from .torch_pickle import StorageRef, StorageType, TensorRef, unpickle
+from .torch_pickle import unpickle
+from .torch_records import StorageRef, StorageType, TensorRef
 from .torch_zip import MAX_PICKLE_BYTES, checkpoint_from_pickle
 
 MEMBERS = ("sys_info", "pickle", "tensors", "storages")

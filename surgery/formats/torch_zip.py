@@ -15,7 +15,8 @@ from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
 from ..errors import FormatError
 from ..io import atomic_file
 from . import container, torchscript
-from .torch_pickle import TensorRef, Unpickled, unpickle
+from .torch_pickle import Unpickled, unpickle
+from .torch_records import TensorRef
 from .writing import Payload
 from .zip_index import STORED, ZipIndex
 

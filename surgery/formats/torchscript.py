@@ -18,7 +18,8 @@ import re
 from typing import Any, Callable
 
 from ..errors import FormatError
-from .torch_pickle import TensorRef, Unpickled, unpickle
+from .torch_pickle import Unpickled, unpickle
+from .torch_records import TensorRef
 
 MAX_CODE_BYTES = 64 * 1024 * 1024
 _MAX_MODULES = 1_000_000

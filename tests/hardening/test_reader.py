@@ -18,7 +18,7 @@ import pytest
 
 import surgery
 from surgery.errors import FormatError
-from surgery.formats import torch_pickle
+from surgery.formats import torch_records
 from tests import REPO
 
 
@@ -73,11 +73,11 @@ def test_a_crafted_record_reads_like_torch_writes_it(tmp_path):
 # ----------------------------------------------------------------------------- BUILD
 
 def test_build_cannot_rewrite_a_function_the_reader_hands_out(cli, tmp_path):
-    before = torch_pickle._rebuild_tensor_v2.__defaults__
+    before = torch_records._rebuild_tensor_v2.__defaults__
     slotstate = b"N}" + _s("__defaults__") + b"(K\x07K\x07K\x07ts\x86b"
     pkl = _ckpt(("w", _tensor()), ("f", b"ctorch._utils\n_rebuild_tensor_v2\n" + slotstate))
     _refused(cli, "inspect", _pt(tmp_path, pkl), match="BUILD")
-    assert torch_pickle._rebuild_tensor_v2.__defaults__ == before
+    assert torch_records._rebuild_tensor_v2.__defaults__ == before
     # a dict state would land in the function's __dict__
     pkl = _ckpt(("w", _tensor()), ("f", b"ccollections\nOrderedDict\n}" + _s("x") + b"K\x01sb"))
     _refused(cli, "inspect", _pt(tmp_path, pkl), match="BUILD")
@@ -86,10 +86,10 @@ def test_build_cannot_rewrite_a_function_the_reader_hands_out(cli, tmp_path):
 @pytest.mark.parametrize("cls, match", [(b"ctorch\nTensor\n", "__setstate__"),
                                         (b"ctorch.nn.parameter\nParameter\n", "__setstate__")])
 def test_build_cannot_set_attributes_on_a_record_class(cli, tmp_path, cls, match):
-    before = dict(vars(torch_pickle._LegacyTensor)), dict(vars(torch_pickle._Parameter))
+    before = dict(vars(torch_records._LegacyTensor)), dict(vars(torch_records._Parameter))
     slotstate = b"N}" + _s("__new__") + b"K\x07s\x86b"
     _refused(cli, "inspect", _pt(tmp_path, _ckpt(("w", _tensor()), ("c", cls + slotstate))), match=match)
-    assert (dict(vars(torch_pickle._LegacyTensor)), dict(vars(torch_pickle._Parameter))) == before
+    assert (dict(vars(torch_records._LegacyTensor)), dict(vars(torch_records._Parameter))) == before
 
 
 def test_a_legacy_tensor_filled_by_build_is_checked_like_any_record(cli, tmp_path):
