@@ -221,7 +221,9 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
     from .adapter.core import adapt, build_from_manifest
     from .preprocess import input_pipeline
     from .trainer.cache import head_path
-    from .trainer.data import DataError, build_transforms, discover, scan_images
+    from .errors import DataError
+    from .trainer.data import build_transforms, scan_images
+    from .trainer.samples import discover
     from .trainer.device import resolve_device
 
     t0 = time.perf_counter()

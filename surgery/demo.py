@@ -89,7 +89,8 @@ def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(10), *
     import torch
     import torchvision
 
-    from .trainer.data import ImageDataset, build_transforms, discover
+    from .trainer.data import ImageDataset, build_transforms
+    from .trainer.samples import discover
 
     out_dir = Path(out_dir)
     classes = [int(c) for c in classes]

@@ -6,7 +6,6 @@ SurgeryError to exit code 2 and prints its message on one line; anything else is
 
 from __future__ import annotations
 
-from typing import Any
 
 
 class SurgeryError(Exception):

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from ..adapter.freeze import group_trainable
 from ..errors import TrainError
-from .data import ImageDataset, Samples
+from .data import ImageDataset
+from .samples import Samples
 
 if TYPE_CHECKING:  # pragma: no cover
     from .device import Placement

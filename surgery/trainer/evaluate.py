@@ -19,8 +19,8 @@ from ..adapter.core import load_adapted
 from ..adapter.manifest import read_manifest
 from ..errors import DataError, InputError, SurgeryError
 from ..preprocess import input_pipeline
-from .data import (ImageDataset, Samples, check_num_classes, discover, image_problem, images_under, pipeline_transforms,
-                   scan_images)
+from .data import ImageDataset, image_problem, pipeline_transforms, scan_images
+from .samples import Samples, check_num_classes, discover, images_under
 from .device import resolve_device
 from .plots import confusion_matrix, per_class_accuracy
 from .predictions import score

@@ -428,7 +428,8 @@ def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed
     from ..errors import OutputError
     from ..preprocess import input_pipeline
     from . import cache as cache_mod
-    from .data import ImageDataset, check_num_classes, discover, make_loaders, scan_images
+    from .data import ImageDataset, make_loaders, scan_images
+    from .samples import check_num_classes, discover
     from .device import resolve_device
     from .prepare import optimizer_steps
     from .state import TrainError

@@ -23,7 +23,8 @@ from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
 from ..preprocess import InputPipeline, input_pipeline
 from . import balance, cache
 from . import distributed as D
-from .data import Samples, check_num_classes, discover, make_loaders, pipeline_args, scan_images
+from .data import make_loaders, pipeline_args, scan_images
+from .samples import Samples, check_num_classes, discover
 from .augment import DEFAULT_AUGMENT, batch_mixer
 from .device import Placement
 from .ema import WeightEma

@@ -12,8 +12,8 @@ from PIL import Image
 
 from fixtures.generate import digits_imagefolder
 from surgery.errors import DataError, SurgeryError
-from surgery.trainer.data import (ImageDataset, Samples, ShardSampler, build_transforms, check_num_classes, discover,
-                                  make_loaders, scan_images, sort_classes)
+from surgery.trainer.data import ImageDataset, ShardSampler, build_transforms, make_loaders, scan_images
+from surgery.trainer.samples import Samples, check_num_classes, discover, sort_classes
 from surgery.trainer.plots import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -111,7 +111,8 @@ def test_skewed_classes_get_weights_and_a_per_class_line(cli, setup, tmp_path):
 
 
 def test_balanced_sampler_draws_classes_evenly(setup):
-    from surgery.trainer.data import discover, make_loaders
+    from surgery.trainer.data import make_loaders
+    from surgery.trainer.samples import discover
 
     _, data = setup
     s = discover(data)

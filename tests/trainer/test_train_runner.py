@@ -39,7 +39,8 @@ def env(tmp_path_factory):
 def _pretrain(arch: str, root: Path) -> Path:
     """SmallCNN trained on digits 0-4 for a few epochs, saved through nn.DataParallel in the
     legacy (pre-1.6, non-zip) format."""
-    from surgery.trainer.data import build_transforms, discover
+    from surgery.trainer.data import build_transforms
+    from surgery.trainer.samples import discover
     from PIL import Image
 
     data = digits_imagefolder(root / "digits04", classes=range(5), per_class=120, size=SIZE)
