@@ -7,7 +7,6 @@ SurgeryError to exit code 2 and prints its message on one line; anything else is
 from __future__ import annotations
 
 
-
 class SurgeryError(Exception):
     """Base class: bad input or a refused operation, never a bug in surgery itself."""
 

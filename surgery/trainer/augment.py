@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-
 AUGMENTS = ("none", "light", "randaugment", "trivialaugment")
 DEFAULT_AUGMENT = "light"
 
