@@ -9,14 +9,11 @@ the most familiar name (EMA copies only when asked), else the largest.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-import math
 import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint import PACKED_DTYPES, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
 from .torch_records import DType, Layout, LegacyTensorType, Opaque, QScheme, StorageRef, StorageType, TensorRef
 
@@ -364,24 +361,3 @@ def label(key: Any) -> str:
     if isinstance(key, str):
         return key if len(key) <= 200 else key[:197] + "..."
     return reprlib.repr(key)
-
-
-def tensor_info(name: str, t: TensorRef, offsets: dict[str, tuple[int, int]], file: str, src: str) -> TensorInfo:
-    """The `TensorInfo` of a quantized, sparse, nested or meta tensor record: its parts located
-    like any dense tensor, its quantizer and flags kept as they are."""
-    from .torch_zip import tensor_infos
-
-    if any(p.kind != "dense" for p in t.parts.values()):
-        raise FormatError(f"{src}: tensor {name!r} ({t.kind}) is built from tensors that are not plain ones")
-    located = tensor_infos({f"{name}.{k}": p for k, p in t.parts.items()}, offsets, file, src)
-    parts = {k: located[f"{name}.{k}"] for k in t.parts}
-    if t.kind == "quantized":
-        # a packed dtype (quint4x2: two values a byte) is checked as the bytes its values fill
-        pack = PACKED_DTYPES.get(t.dtype, 1)
-        shape = (-(-math.prod(t.shape) // pack),) if pack > 1 else t.shape
-        plain = TensorRef(t.storage, t.storage_offset, shape, contiguous_stride(shape) if pack > 1 else t.stride, t.dtype)
-        info = dataclasses.replace(tensor_infos({name: plain}, offsets, file, src)[name], shape=t.shape, stride=t.stride)
-        return dataclasses.replace(info, kind=t.kind, parts=parts, params=dict(t.params))
-    device = parts["values"].device if "values" in parts else parts["buffer"].device if "buffer" in parts else "meta"
-    return TensorInfo(name=name, dtype=t.dtype, shape=t.shape, file=file, data_offset=0, storage_nbytes=0,
-                      stride=t.stride, device=device, kind=t.kind, parts=parts, params=dict(t.params))

@@ -17,7 +17,8 @@ from ..errors import FormatError, SelectError
 from .torch_pickle import unpickle
 from .torch_records import DType, Opaque, _opaque_class
 from .sharded import check_inside
-from .torch_zip import read_zip, tensor_infos
+from .locate import tensor_infos
+from .torch_zip import read_zip
 
 _MD = "torch.distributed.checkpoint.metadata"
 _RECORDS = {

@@ -11,12 +11,12 @@ import os
 import re
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, TensorInfo, gc_paused, itemsize
+from ..checkpoint import Checkpoint, gc_paused
 from ..errors import FormatError
 from ..io import atomic_file
 from . import container, torchscript
+from .locate import tensor_infos
 from .torch_pickle import Unpickled, unpickle
-from .torch_records import TensorRef
 from .writing import Payload
 from .zip_index import STORED, ZipIndex
 
@@ -162,37 +162,6 @@ def _read_entry(zf: ZipIndex, name: str, limit: int, src: str) -> bytes:
         raise FormatError(f"{src}: cannot read {name} ({e}); the file is truncated or corrupt") from None
 
 
-def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
-    out = {}
-    dense = TensorInfo.dense
-    spans: dict[tuple, int] = {}  # (shape, stride) -> last element's distance from the first, -1 if none
-    for name, t in refs.items():
-        if t.kind != "dense":  # quantized, sparse, nested, meta: built from parts
-            out[name] = container.tensor_info(name, t, offsets, file, src)
-            continue
-        s = t.storage
-        start, nbytes = offsets[s.key]
-        key = (t.shape, t.stride)
-        span = spans.get(key)
-        if span is None:
-            span = spans[key] = -1 if 0 in t.shape else sum((n - 1) * st for n, st in zip(t.shape, t.stride))
-        if span >= 0 and (t.storage_offset + span + 1) * itemsize(t.dtype) > nbytes:
-            _check_extent(name, t, nbytes, src)  # raises, with the tensor named
-        out[name] = dense(name, t.dtype, t.shape, file, start, nbytes, t.storage_offset, t.stride, s.key, s.location)
-    return out
-
-
-def _check_extent(name: str, t: TensorRef, storage_bytes: int, src: str) -> None:
-    last = t.storage_offset
-    for n, st in zip(t.shape, t.stride):
-        if n == 0:
-            return
-        last += (n - 1) * st
-    if (last + 1) * itemsize(t.dtype) > storage_bytes:
-        raise FormatError(f"{src}: tensor {name!r} {list(t.shape)} reaches past the end of its storage "
-                          f"({storage_bytes} bytes); the file is corrupt")
-
-
 def open_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
     with gc_paused():
         up, offsets = read_zip(path, accept)
@@ -211,7 +180,7 @@ def checkpoint_from_pickle(path: Path, fmt: str, up: Unpickled, offsets, file: s
     )
 
 
-__all__ = ["open_zip", "read_zip", "tensor_infos", "checkpoint_from_pickle"]
+__all__ = ["open_zip", "read_zip", "checkpoint_from_pickle"]
 
 
 # ---------------------------------------------------------------------------- writing
