@@ -4,7 +4,9 @@ A TorchScript archive is a torch zip whose ``data.pkl`` pickles ``__torch__.*`` 
 each object's state (BUILD) holds its parameters, buffers, submodules and other attributes by name.
 Which attributes are parameters and buffers is declared by the class in the archive's
 ``code/__torch__/...py`` (``__parameters__ = ["weight", "bias", ]``, ``__buffers__ = [...]``): those
-files are parsed as text with `ast`, never executed. Tensors are named as
+files are parsed as text with `ast`, never executed; code Python's parser does not read, a
+module class that restores its state with its own ``__setstate__``, and classes torch.jit.load
+would refuse are refused. Tensors are named as
 ``torch.jit.load(f).state_dict()`` names them: per module its parameters, then its buffers (in the
 order the object holds them), then each submodule. TorchScript keeps no non-persistent buffers:
 every buffer is in its state dict.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ast
 import pickletools
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import FormatError
@@ -67,15 +70,27 @@ def _script_globals(data: bytes) -> dict[tuple[str, str], type]:
     return found
 
 
+@dataclass
+class ClassDecl:
+    """What a class of the archive's code declares: whether it is a module, its parameters and
+    buffers, and whether it restores its state with its own code (``__setstate__``)."""
+
+    module: bool
+    params: list[str]
+    buffers: list[str]
+    setstate: bool = False
+
+
 class Declarations:
-    """``__parameters__``/``__buffers__`` of each class, read from the archive's code files."""
+    """The classes of the archive's code files, as torch's importer reads them."""
 
     def __init__(self, read: Callable[[str], bytes | None], prefix: str, src: str):
         self.read, self.prefix, self.src = read, prefix, src
-        self.files: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+        self.files: dict[str, dict[str, ClassDecl]] = {}
 
-    def of(self, qualname: str) -> tuple[list[str], list[str]] | None:
-        """(parameters, buffers) of a module class, or None for a class that is not a module."""
+    def of(self, qualname: str) -> ClassDecl:
+        """The class ``qualname`` names; a class the archive's code does not define is refused
+        (torch.jit.load cannot load it either)."""
         module, _, name = qualname.rpartition(".")
         path = f"{self.prefix}code/{module.replace('.', '/')}.py"
         if path not in self.files:
@@ -83,40 +98,58 @@ class Declarations:
             if text is None:
                 raise FormatError(f"{self.src}: TorchScript archive has no code for class {qualname} ({path}); "
                                   f"the file is incomplete")
-            self.files[path] = _parse_declarations(text.decode("utf-8", "replace"), path, self.src)
-        return self.files[path].get(name)
+            self.files[path] = _parse_classes(text, path, self.src)
+        found = self.files[path].get(name)
+        if found is None:
+            raise FormatError(f"{self.src}: {path} does not define class {name}, which the archive's data uses; "
+                              f"the file is incomplete or crafted")
+        return found
 
 
 _LISTS = ("__parameters__", "__buffers__")
 
 
-def _parse_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Class name -> (parameters, buffers) for each class of a code file that declares them.
-    torch's importer adds up every assignment of a list where Python's last one wins: a class (or a
-    list) given twice, or a list assigned in any other form, is refused rather than read one way."""
+def _parse_classes(code: bytes, path: str, src: str) -> dict[str, ClassDecl]:
+    """Each class of a code file. torch's importer adds up every assignment of a list where
+    Python's last one wins, and treats the lists as optional: a class (or a list) given twice, a
+    list in any other form, or code Python's parser does not read is refused rather than read
+    one way."""
     try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return _scan_declarations(text, path, src)
-    out, classes = {}, set()
+        tree = ast.parse(code.decode("utf-8"))
+    except (SyntaxError, ValueError, RecursionError, MemoryError, UnicodeDecodeError) as e:
+        raise FormatError(f"{src}: {path} is not code surgery can parse ({type(e).__name__}); torch's importer could "
+                          f"read declarations from it that surgery would miss, refusing it") from None
+    out: dict[str, ClassDecl] = {}
     for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        where = f"{src}: {path}: class {node.name}"
-        if node.name in classes:
-            raise FormatError(f"{where} is defined twice; torch and surgery could read different ones, refusing it")
-        classes.add(node.name)
-        lists: dict[str, list[str]] = {}
-        for stmt in node.body:
-            target = _list_target(stmt, where)
-            if target is None:
-                continue
-            if target in lists:
-                raise FormatError(f"{where} assigns {target} twice; torch.jit.load reads both, refusing it")
-            lists[target] = _string_list(stmt.value, where)  # type: ignore[attr-defined]
-        if "__parameters__" in lists:
-            out[node.name] = (lists["__parameters__"], lists.get("__buffers__", []))
+        if isinstance(node, ast.ClassDef):
+            where = f"{src}: {path}: class {node.name}"
+            if node.name in out:
+                raise FormatError(f"{where} is defined twice; torch and surgery could read different ones, refusing it")
+            out[node.name] = _class_decl(node, where)
     return out
+
+
+def _class_decl(node: ast.ClassDef, where: str) -> ClassDecl:
+    lists: dict[str, list[str]] = {}
+    setstate = False
+    for stmt in node.body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name == "__setstate__":
+            setstate = True
+        target = _list_target(stmt, where)
+        if target is None:
+            continue
+        if target in lists:
+            raise FormatError(f"{where} assigns {target} twice; torch.jit.load reads both, refusing it")
+        lists[target] = _string_list(stmt.value, where)  # type: ignore[attr-defined]
+    module = any((b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "") == "Module"
+                 for b in node.bases)
+    params, buffers = lists.get("__parameters__", []), lists.get("__buffers__", [])
+    if lists and not module:
+        raise FormatError(f"{where} declares {' and '.join(lists)} but is not a Module; torch.jit.load refuses it")
+    both = sorted(set(params) & set(buffers))
+    if both:
+        raise FormatError(f"{where} declares {both[0]!r} both a parameter and a buffer; torch.jit.load refuses it")
+    return ClassDecl(module, params, buffers, setstate)
 
 
 def _list_target(stmt: ast.stmt, where: str) -> str | None:
@@ -149,36 +182,6 @@ def _string_list(node: ast.AST, where: str) -> list[str]:
 
 
 _NAME = re.compile(r"[^\"'\\\x00-\x1f\x7f]+")  # no quote, backslash or control character: nothing to escape
-_CLASS = re.compile(r"^class (\w+)\(")
-_DECL = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
-_PLAIN_LIST = re.compile(r'^\s*(?:"[^"\\]*"\s*,\s*)*(?:"[^"\\]*"\s*,?)?\s*$')  # "a", "b" and nothing else
-
-
-def _scan_declarations(text: str, path: str, src: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Line by line, for code Python's parser does not take: class headers and their two lists
-    (a class or a list given twice is refused, as by the parser)."""
-    out: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _CLASS.match(line)
-        if m:
-            if m.group(1) in out:
-                raise FormatError(f"{src}: {path}: class {m.group(1)} is defined twice; torch and surgery could read "
-                                  f"different ones, refusing it")
-            current = out.setdefault(m.group(1), {})
-            continue
-        d = _DECL.match(line)
-        if ("__parameters__" in line or "__buffers__" in line) and not (d and _PLAIN_LIST.match(d.group(2))):
-            # a form the line reader does not read exactly (tabs, no spaces, escapes, more after the
-            # list): torch's own parser may read names from it that surgery would miss
-            raise FormatError(f"{src}: {path}: declares parameters or buffers in a line surgery cannot read exactly "
-                              f"as torch does ({line.strip()[:60]!r}); refusing it")
-        if d and current is not None:
-            if d.group(1) in current:
-                raise FormatError(f"{src}: {path}: a class assigns {d.group(1)} twice; torch.jit.load reads both, "
-                                  f"refusing it")
-            current[d.group(1)] = re.findall(r'"([^"]*)"', d.group(2))
-    return {k: (v["__parameters__"], v.get("__buffers__", [])) for k, v in out.items() if "__parameters__" in v}
 
 
 def read_torchscript(data: bytes, src: str, accept: frozenset[str], decl: Declarations) -> Unpickled:
@@ -201,17 +204,20 @@ def _state_dict(root: ScriptObject, decl: Declarations, src: str) -> dict[str, T
         if id(obj) in seen or len(seen) >= _MAX_MODULES:
             continue
         seen.add(id(obj))
-        declared = decl.of(obj.qualname)
-        if declared is None or not isinstance(obj.state, dict):
-            continue
-        params, buffers = declared
-        for names in (set(params), set(buffers)):
+        cls = decl.of(obj.qualname)
+        if not cls.module:
+            continue  # a TorchScript class that is not a module: none of its tensors is in a state dict
+        if cls.setstate or not isinstance(obj.state, dict):
+            raise FormatError(f"{src}: TorchScript module {obj.qualname} restores its state with its own code "
+                              f"(__setstate__); which tensors it ends up with only running that code can tell, "
+                              f"and surgery runs none, refusing it")
+        for names in (set(cls.params), set(cls.buffers)):
             for k, v in obj.state.items():
                 if k in names and isinstance(v, TensorRef):
                     out[prefix + k] = v
-        children = [(k, v) for k, v in obj.state.items() if isinstance(v, ScriptObject) and decl.of(v.qualname) is not None]
+        children = [(k, v) for k, v in obj.state.items() if isinstance(v, ScriptObject) and decl.of(v.qualname).module]
         stack.extend((f"{prefix}{k}.", v) for k, v in reversed(children))
     return out
 
 
-__all__ = ["is_torchscript", "read_torchscript", "Declarations", "ScriptObject"]
+__all__ = ["is_torchscript", "read_torchscript", "ClassDecl", "Declarations", "ScriptObject"]

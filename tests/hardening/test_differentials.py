@@ -311,15 +311,94 @@ def _rescripted(tmp_path: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("unparsable", [b"\t\t\t\t", b"    # \x00\n    "])
-def test_a_declaration_the_line_reader_cannot_read_exactly_is_refused(tmp_path, unparsable):
-    # code Python's parser refuses (a tab, a NUL) sends surgery to its line reader; a second list
-    # without the spaces it expects would hide parameters torch.jit.load still finds
+def test_code_pythons_parser_does_not_read_is_refused(tmp_path, unparsable):
+    # a tab or a NUL torch's lexer takes: a second list, or a class header spaced otherwise,
+    # would hide parameters torch.jit.load still finds from any reader but a full parser
     def edit(d: bytes) -> bytes:
         d = d.replace(b"  __buffers__ = [", b'  __parameters__ =["b"]\n  __buffers__ = [', 1)
         return d.replace(b"\n    a = self.a", b"\n" + unparsable + b"a = self.a", 1)
 
     path = _rescripted(tmp_path, edit)
-    _refused(path, r"declares parameters or buffers in a line surgery cannot read exactly")
+    _refused(path, r"is not code surgery can parse")
+
+
+class _Child(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _Parent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = _Child()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.c(x) * self.w.sum()
+
+
+def _reparented(tmp_path: Path, old: bytes, new: bytes) -> Path:
+    """A torch.jit.save archive of _Parent whose code has ``old`` replaced by ``new``."""
+    src = tmp_path / "parent.pt"
+    torch.jit.save(torch.jit.script(_Parent()), str(src))
+    entries = zip_entries(src.read_bytes())
+    hits = [i for i, (n, d) in enumerate(entries) if n.endswith(".py") and old in d]
+    assert hits, old
+    entries[hits[0]] = (entries[hits[0]][0], entries[hits[0]][1].replace(old, new, 1))
+    return _write(tmp_path, zip_raw([(n.encode(), d, 0) for n, d in entries]), "edited.pt")
+
+
+def test_a_module_class_without_declarations_is_still_a_module(tmp_path):
+    """torch's importer takes the two lists as optional: a Module class without them still
+    holds submodules, whose tensors torch.jit.load(...).state_dict() lists."""
+    path = _reparented(tmp_path, b"  __parameters__ = []\n  __buffers__ = []\n", b"")
+    assert sorted(torch_state(path, "jit")) == ["c.lin.bias", "c.lin.weight", "w"]
+    _same_as_torch(path, "jit")
+
+
+@pytest.mark.parametrize("old, new, match", [
+    (b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = []', b'__parameters__ = ["weight", "bias", ]\n  '
+     b'__buffers__ = ["weight", ]', "both a parameter and a buffer"),
+    (b"class Linear(Module):", b"class Linear:", "but is not a Module"),
+    (b"class Linear(Module):", b"class Other(Module):", "does not define class Linear"),
+])
+def test_torchscript_classes_torch_cannot_load_are_refused(tmp_path, old, new, match):
+    path = _reparented(tmp_path, old, new)
+    with pytest.raises(Exception):
+        torch_state(path, "jit")
+    _refused(path, match)
+
+
+class _Stateful(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.full((2,), 1.0))
+        self.q = torch.nn.Parameter(torch.full((2,), 2.0))
+
+    def forward(self, x):
+        return x * self.p + self.q
+
+    @torch.jit.export
+    def __getstate__(self):
+        return {"p": self.q, "q": self.p}
+
+    @torch.jit.export
+    def __setstate__(self, state: dict[str, torch.Tensor]):
+        self.p = state["q"]
+        self.q = state["p"]
+        self.training = False
+
+
+def test_a_module_that_restores_its_own_state_is_refused(tmp_path):
+    """torch.jit.save writes such a module itself; only running its __setstate__ says which tensor is which."""
+    path = tmp_path / "stateful.pt"
+    torch.jit.save(torch.jit.script(_Stateful()), str(path))
+    assert torch_state(path, "jit")["p"].tolist() == [1.0, 1.0]  # torch ran the archive's __setstate__
+    _refused(path, r"restores its state with its own code \(__setstate__\)")
 
 
 def test_a_tensor_a_shard_holds_outside_the_index_is_refused(tmp_path):
