@@ -73,9 +73,15 @@ def open_index(path: Path, accept=frozenset(), select: str | None = None, *, ope
 
 
 def _flat_shard(shard: Checkpoint, src: str, rel: str) -> Checkpoint:
-    """A shard as transformers loads it: the file's top level is the tensor dict. surgery's search
-    for the tensors inside a checkpoint (``{'model': {...}, 'epoch': 3}``) is no loader's rule for a
-    shard, so a shard that needs it is refused rather than read differently."""
+    """A shard as transformers loads it: the loader is chosen by the file's name (``.safetensors``:
+    safetensors, anything else: torch.load(weights_only=True), which refuses TorchScript), and the
+    file's top level is the tensor dict. surgery's search for the tensors inside a checkpoint
+    (``{'model': {...}, 'epoch': 3}``) is no loader's rule for a shard, so a shard that needs it, or
+    whose bytes are not what its name says, is refused rather than read differently."""
+    expected = "safetensors" if rel.endswith(".safetensors") else "torch-zip"
+    if shard.format != expected:
+        raise FormatError(f"{src}: shard {rel} is {shard.format}, but its name makes transformers read it as "
+                          f"{expected}; refusing it")
     if shard.container or shard.file_kind != "state_dict" or shard.extras:
         inside = f"its tensors are under {shard.container!r}" if shard.container else (
             f"it holds {', '.join(sorted(shard.extras)[:3])} beside its tensors" if shard.extras else

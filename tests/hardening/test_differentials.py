@@ -509,3 +509,21 @@ def test_the_readme_states_the_limits_the_code_holds():
     versions = torch_zip.FORMAT_VERSIONS
     assert f"format version outside {versions.start}..{versions.stop - 1}" in flat
     assert f"over {torch_zip.MAX_INFLATION} times the bytes it really uses" in flat
+
+
+@pytest.mark.parametrize("name, write, match", [
+    ("pytorch_model-00001-of-00001.bin", lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p)),
+     "is torchscript, but its name makes transformers read it as torch-zip"),
+    ("model-00001-of-00001.safetensors", lambda p: torch.save({"weight": torch.ones(2)}, p), "is torch-zip, but"),
+    ("pytorch_model-00001-of-00001.bin", lambda p: save_file({"weight": torch.ones(2)}, str(p)), "is safetensors, but"),
+])
+def test_a_shard_whose_bytes_are_not_what_its_name_says_is_refused(tmp_path, name, write, match):
+    """transformers picks a shard's loader by its name; the loader refuses each of these."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write(folder / name)
+    index = folder / ("model.safetensors.index.json" if name.endswith(".safetensors") else "pytorch_model.bin.index.json")
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"weight": name}}))
+    with pytest.raises(Exception):
+        bin_shards_state(index) if name.endswith(".bin") else hf_shards_state(folder)
+    _refused(index, match)
