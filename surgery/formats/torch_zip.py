@@ -91,9 +91,9 @@ _VERSION = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")  # what C's stoull reads: s
 
 
 def _check_records(zf: ZipIndex, prefix: str, src: str) -> None:
-    """The two records torch checks before it reads anything: ``version`` (``.data/version`` first)
-    must parse as a supported format version, and ``byteorder``, when present, must be exactly
-    ``little`` or ``big``. torch refuses a file that fails either, so surgery does too: a file
+    """The records torch checks before it reads anything: ``version`` (``.data/version`` first)
+    must parse as a supported format version, ``.storage_alignment``, when present, as an integer,
+    and ``byteorder``, when present, must be exactly ``little`` or ``big``. torch refuses a file that fails either, so surgery does too: a file
     torch cannot load must not look clean here."""
     found = zf.find(prefix + ".data/version") or zf.find(prefix + "version")
     if found is None:
@@ -103,6 +103,12 @@ def _check_records(zf: ZipIndex, prefix: str, src: str) -> None:
     if m is None or int(m.group(1)) not in FORMAT_VERSIONS:
         raise FormatError(f"{src}: {found} does not hold a file format version torch reads "
                           f"({FORMAT_VERSIONS.start}..{FORMAT_VERSIONS.stop - 1}); torch refuses the file")
+    align = zf.find(prefix + ".storage_alignment")
+    if align is not None:
+        try:  # torch.load calls int() on the record's bytes before it reads anything
+            int(_read_entry(zf, align, 4096, src))
+        except ValueError:
+            raise FormatError(f"{src}: {align} does not hold an integer; torch refuses the file") from None
     bo = zf.find(prefix + "byteorder")
     order = None if bo is None else _read_entry(zf, bo, 64, src)
     if order == b"big":

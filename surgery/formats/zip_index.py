@@ -30,7 +30,7 @@ _EOCD64_LOC = struct.Struct("<4sLQL")   # zip64 end-of-directory locator: 20 byt
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")   # zip64 end of central directory: 56 bytes, just before the locator
 # one central directory record (46 bytes), the fields read: signature, version needed, flags,
 # method, CRC-32, compressed and uncompressed size, name, extra and comment lengths, local header offset
-_CENTRAL = struct.Struct("<4s2xB1xHH4xLLLHHH8xL")
+_CENTRAL = struct.Struct("<4s2xB1xHH4xLLLHHHH6xL")
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # one local header: 30 bytes
 _MAX_COMMENT = 1 << 16
 _MAX_EXTRACT_VERSION = 63  # as zipfile: newer features (and their version numbers) it cannot read
@@ -49,6 +49,25 @@ class Entry(NamedTuple):
     crc: int
     compress_size: int
     file_size: int
+
+
+MAX_NAME_BYTES = 512
+_REFUSED_FLAGS = 0x1 | 0x40 | 0x2000  # encrypted, strongly encrypted, local header masked
+
+
+def _check_record(src: str, raw: bytes, flags: int, method: int, csize: int, size: int, disk: int, offset: int,
+                  length: int) -> None:
+    """What torch's zip reader (miniz) checks of every central directory record when it opens an
+    archive, whether or not the entry is ever read: a record it refuses makes torch refuse the
+    file, so surgery refuses it too."""
+    problem = ("is encrypted or masks its local header" if flags & _REFUSED_FLAGS else
+               f"uses compression method {method}" if method not in (0, 8) else
+               "is stored with a compressed size other than its size" if method == 0 and csize != size else
+               "declares data but no compressed bytes" if size and not csize else
+               "names another disk" if disk not in (0, 1) else
+               "reaches past the end of the archive" if offset + 30 + csize > length else None)
+    if problem:
+        raise _corrupt(src, f"entry {raw[:60]!r} {problem}; torch refuses such an archive")
 
 
 def _corrupt(src: str, why: str) -> FormatError:
@@ -134,7 +153,7 @@ class ZipIndex:
         while pos < size_cd:
             if pos + 46 > size_cd:
                 raise _corrupt(self.src, "truncated central directory")
-            sig, version, flags, method, crc, csize, size, nlen, elen, clen, offset = unpack(cd, pos)
+            sig, version, flags, method, crc, csize, size, nlen, elen, clen, disk, offset = unpack(cd, pos)
             if sig != b"PK\x01\x02":
                 raise _corrupt(self.src, "bad magic number for central directory")
             if version > _MAX_EXTRACT_VERSION:
@@ -143,12 +162,17 @@ class ZipIndex:
             if end + elen + clen > size_cd:
                 raise _corrupt(self.src, "truncated central directory")
             raw = cd[pos + 46:end]
+            if b"\0" in raw or nlen >= MAX_NAME_BYTES:
+                # torch reads names as C strings in a buffer of 512 bytes: a NUL or a long name is cut short
+                raise _corrupt(self.src, f"entry name {raw[:60]!r} holds a NUL byte or is {MAX_NAME_BYTES} bytes or "
+                                         f"longer; torch would read it cut short")
             try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise _corrupt(self.src, f"entry name {raw[:60]!r} is not UTF-8") from None
             if elen:
                 size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
+            _check_record(self.src, raw, flags, method, csize, size, disk, offset + concat, self.length)
             folded = raw.lower()
             if folded in folded_names:
                 self.twice.append(name)

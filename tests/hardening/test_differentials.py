@@ -431,6 +431,9 @@ def _with_record(raw, prefix: str, name: str, data: bytes | None) -> list:
     ("version", b"11", "does not hold a file format version"),
     ("version", b"-1", "does not hold a file format version"),
     (".data/version", b"99", "archive/.data/version does not hold"),  # read before archive/version, as torch does
+    (".storage_alignment", b"abc", "storage_alignment does not hold an integer"),
+    (".storage_alignment", b"64.0", "storage_alignment does not hold an integer"),
+    (".storage_alignment", b"", "storage_alignment does not hold an integer"),
 ])
 def test_a_record_torch_refuses_is_refused(tmp_path, parts, name, data, match):
     raw, prefix, _ = parts
@@ -527,3 +530,49 @@ def test_a_shard_whose_bytes_are_not_what_its_name_says_is_refused(tmp_path, nam
     with pytest.raises(Exception):
         bin_shards_state(index) if name.endswith(".bin") else hf_shards_state(folder)
     _refused(index, match)
+
+
+def _patched_record(data: bytes, name: bytes, at: int, fmt: str, value: int) -> bytes:
+    """``data`` with one field of ``name``'s central directory record set to ``value``."""
+    import struct
+
+    b = bytearray(data)
+    i = 0
+    while True:
+        i = b.index(b"PK\x01\x02", i)
+        nlen = struct.unpack_from("<H", b, i + 28)[0]
+        if bytes(b[i + 46:i + 46 + nlen]) == name:
+            struct.pack_into(fmt, b, i + at, value)
+            return bytes(b)
+        i += 4
+
+
+@pytest.mark.parametrize("at, fmt, value, match", [
+    (34, "<H", 0xFFFF, "names another disk"),
+    (8, "<H", 0x2000, "is encrypted or masks its local header"),
+    (8, "<H", 0x1, "is encrypted"),
+    (24, "<L", 41, "is stored with a compressed size other than its size"),
+    (10, "<H", 99, "uses compression method 99"),
+])
+def test_a_record_torchs_zip_reader_refuses_is_refused_though_never_read(tmp_path, parts, at, fmt, value, match):
+    """miniz checks every central directory record when it opens an archive."""
+    raw, prefix, _ = parts
+    data = _patched_record(zip_raw(raw), f"{prefix}/.data/serialization_id".encode(), at, fmt, value)
+    path = _write(tmp_path, data)
+    with pytest.raises(RuntimeError):
+        torch_state(path)
+    _refused(path, match)
+
+
+@pytest.mark.parametrize("how", ["nul", "long"])
+def test_names_torch_reads_cut_short_are_refused(tmp_path, parts, how):
+    raw, prefix, pkl = parts
+    if how == "nul":  # torch lists archive/constants.pkl\0xyz as constants.pkl: TorchScript to torch.load
+        extra = [(f"{prefix}/constants.pkl\0xyz".encode(), b"\x80\x02).", 0)]
+        path = _write(tmp_path, zip_raw(raw + extra))
+    else:  # a top folder of 600 bytes: torch reads the first name cut short
+        folder = "f" * 600
+        path = _write(tmp_path, zip_raw([(folder.encode() + n[len(prefix):], d, f) for n, d, f in raw]))
+    with pytest.raises(Exception):
+        torch_state(path)
+    _refused(path, "holds a NUL byte or is 512 bytes or longer")
