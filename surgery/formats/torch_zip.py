@@ -159,6 +159,11 @@ def _read_entry(zf: ZipIndex, name: str, limit: int, src: str) -> bytes:
         raise FormatError(f"{src}: {name} declares {info.file_size} bytes, far more than it ever holds (limit {limit})")
     if info.compress_size > zf.length or (info.method == STORED and info.compress_size != info.file_size):
         raise FormatError(f"{src}: {name} declares sizes that do not fit the archive; the file is truncated or corrupt")
+    if info.method != STORED and info.file_size > zf.length + (1 << 20):
+        # a real checkpoint's pickle is small beside its storages; a deflated one larger than the
+        # whole archive would make a small file cost what a large one does
+        raise FormatError(f"{src}: {name} inflates to {info.file_size} bytes, more than the whole archive "
+                          f"({zf.length}) plus 1 MiB; refusing a zip bomb")
     if info.method != STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
         # torch stores every entry; a deflated one inflating 1000x is a zip bomb, not a re-zipped checkpoint
         raise FormatError(f"{src}: {name} inflates {info.compress_size} bytes to {info.file_size}; refusing a zip bomb")

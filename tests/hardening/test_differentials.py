@@ -245,13 +245,14 @@ def test_a_rezipped_torchscript_archive_reads_like_torch_jit(tmp_path, script):
 # ------------------------------------------------------------------------------------ inflation
 
 def test_a_memoize_bomb_padded_past_the_declared_ratio_is_refused_at_once(tmp_path, parts):
-    """16 MB of MEMOIZE deflate to about 16 KB; junk after the stream makes the declared compressed
-    size pass a 64x ratio. The real stream is counted: refused before the pickle is read."""
+    """2 MB of MEMOIZE deflate to about 2 KB; 1 MB of junk after the stream makes the declared
+    compressed size pass a 64x ratio (and the archive large enough to hold the pickle). The real
+    stream is counted: refused before the pickle is read."""
     raw, prefix, _ = parts
-    bomb = b"\x80\x04K\x01" + b"\x94" * (16 << 20) + b"0}."
+    bomb = b"\x80\x04K\x01" + b"\x94" * (2 << 20) + b"0}."
     name = f"{prefix}/data.pkl".encode()
-    path = _write(tmp_path, zip_raw(raw, deflate={name: (bomb, 240 << 10)}))
-    assert path.stat().st_size < 300 << 10
+    path = _write(tmp_path, zip_raw(raw, deflate={name: (bomb, 1 << 20)}))
+    assert path.stat().st_size < 1100 << 10
     t0 = time.perf_counter()
     _refused(path, "inflates .* of its deflate stream to more than .*refusing a zip bomb")
     assert time.perf_counter() - t0 < 2
@@ -576,3 +577,16 @@ def test_names_torch_reads_cut_short_are_refused(tmp_path, parts, how):
     with pytest.raises(Exception):
         torch_state(path)
     _refused(path, "holds a NUL byte or is 512 bytes or longer")
+
+
+def test_a_deflated_pickle_larger_than_its_archive_is_refused(tmp_path, parts):
+    """Ints deflate about 40x: a 250 KB file would carry an 8 MB pickle, and cost what an 8 MB file does."""
+    import pickle as _pickle
+
+    raw, prefix, pkl = parts
+    big = _pickle.dumps({"junk": [i % 7 == 0 for i in range(2_000_000)]}, protocol=2)
+    path = _write(tmp_path, zip_raw(raw, deflate={f"{prefix}/data.pkl".encode(): (big, 0)}))
+    assert path.stat().st_size < 300_000 < len(big)
+    t0 = time.perf_counter()
+    _refused(path, "more than the whole archive .* plus 1 MiB; refusing a zip bomb")
+    assert time.perf_counter() - t0 < 2
