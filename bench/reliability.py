@@ -878,7 +878,8 @@ def gen_which_pkl(rng: random.Random, env: "Env") -> tuple[str, str]:
 
 RECORDS = {"version": (None, b"", b"abc", b"0", b"-1", b"11", b"99", b"1", b" 3", b"3abc", b"+3\n", b"10"),
            ".data/version": (b"0", b"99", b"2"),
-           "byteorder": (None, b"little", b"big", b" little\n", b"", b"LITTLE", b"little\n")}
+           "byteorder": (None, b"little", b"big", b" little\n", b"", b"LITTLE", b"little\n"),
+           ".storage_alignment": (None, b"64", b" 64\n", b"abc", b"", b"64.0", b"1_0")}
 
 
 def gen_records(rng: random.Random, env: "Env") -> tuple[str, str]:
@@ -902,7 +903,7 @@ def gen_central_dir(rng: random.Random, env: "Env") -> tuple[str, str]:
     points elsewhere."""
     entries = zip_entries(env.templates[0])
     raw = [(n.encode(), d, 0) for n, d in entries]
-    how = rng.choice(("two", "count", "second-end", "clean"))
+    how = rng.choice(("two", "count", "second-end", "record", "name", "clean"))
     if how == "two":
         evil = [(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw]
         data = zip_raw(raw, second=evil) if rng.random() < 0.5 else zip_raw(evil, second=raw)
@@ -911,9 +912,33 @@ def gen_central_dir(rng: random.Random, env: "Env") -> tuple[str, str]:
     elif how == "second-end":  # another end record in the comment, its own comment reaching past the end or not
         fake = zip_raw([(n, evil_pickle(d) if n.endswith(b"/data.pkl") else d, f) for n, d, f in raw])
         data = zip_raw(raw, comment=fake[-22:-2] + struct.pack("<H", rng.choice((0, 1, 9))))
+    elif how == "record":  # a field of one record torch's zip reader checks at open, in an entry never read
+        at, fmt, value = rng.choice(((34, "<H", 0xFFFF), (34, "<H", 1), (8, "<H", 0x2000), (8, "<H", 0x1),
+                                     (8, "<H", 0x40), (24, "<L", 41), (10, "<H", 99), (10, "<H", 12)))
+        data = patch_central(zip_raw(raw), rng.choice(raw)[0], at, fmt, value)
+    elif how == "name":  # names torch reads as C strings: a NUL, or 512 bytes and more
+        prefix = raw[0][0].split(b"/")[0]
+        if rng.random() < 0.5:
+            data = zip_raw(raw + [(prefix + b"/" + rng.choice((b"constants.pkl", b"x", b"data.pkl")) + b"\0y", b"\x80\x02).", 0)])
+        else:
+            folder = b"f" * rng.choice((400, 505, 506, 600))
+            data = zip_raw([(folder + n[len(prefix):], d, f) for n, d, f in raw])
     else:
         data = zip_raw(raw)
     return agree(_write(env, "cd.pt", data), env, lambda: torch_state(env.dir / "cd.pt"))
+
+
+def patch_central(data: bytes, name: bytes, at: int, fmt: str, value: int) -> bytes:
+    """``data`` with one field (at offset ``at`` of its record) of ``name``'s central directory record set."""
+    b = bytearray(data)
+    i = 0
+    while True:
+        i = b.index(b"PK\x01\x02", i)
+        nlen = struct.unpack_from("<H", b, i + 28)[0]
+        if bytes(b[i + 46:i + 46 + nlen]) == name:
+            struct.pack_into(fmt, b, i + at, value)
+            return bytes(b)
+        i += 4
 
 
 def legacy_tar_polyglot(legacy: bytes, valid: bool = True) -> bytes:
@@ -990,15 +1015,39 @@ def bin_shards_state(index: Path) -> dict:
     return out
 
 
+def _holds_b():
+    import torch
+
+    class HoldsB(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.full((3,), 2.0))
+
+        def forward(self, x):
+            return x * self.b
+
+    return HoldsB()
+
+
 def _bin_shard_case(rng: random.Random, env: "Env") -> tuple[str, str]:
     import torch
 
     folder = env.fresh("binshard")
     b = torch.full((3,), 2.0)
     second = rng.choice(({"b": b}, {"model": {"b": b}, "epoch": 3}, {"b": b, "epoch": 3}, {"state_dict": {"b": b}},
-                         [b], b))
+                         [b], b, "script", "safetensors"))
     torch.save({"a": torch.ones(2)}, folder / "pytorch_model-00001-of-00002.bin")
-    torch.save(second, folder / "pytorch_model-00002-of-00002.bin")
+    shard = folder / "pytorch_model-00002-of-00002.bin"
+    if second == "script":  # a TorchScript archive named .bin: torch.load(weights_only=True) refuses it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(_holds_b()), str(shard))
+    elif second == "safetensors":  # safetensors bytes named .bin: torch.load refuses them
+        from safetensors.torch import save_file
+
+        save_file({"b": b}, str(shard))
+    else:
+        torch.save(second, shard)
     index = folder / "pytorch_model.bin.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": {
         "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
@@ -1026,6 +1075,14 @@ JIT_EDITS = (
     # names Python reads as the plain name and TorchScript's parser refuses (or reads alike)
     (b'"running_var"', b'"running_\\x76ar"'), (b'"running_var"', b'u"running_var"'),
     (b'"running_var"', b'r"running_var"'), (b'"running_var"', b'"running_" "var"'),
+    # a Module class without its lists (torch takes them as optional), lists on a class that is not a
+    # Module, a name both parameter and buffer, a class the code does not define, a __setstate__
+    (b'  __parameters__ = ["weight", "bias", ]\n  __buffers__ = []\n', b""),
+    (b"class Linear(Module):", b"class Linear:"), (b"class Linear(Module):", b"class Other(Module):"),
+    (b'  __buffers__ = []\n', b'  __buffers__ = ["weight", ]\n'),
+    (b"  def forward(self: __torch__.torch.nn.modules.linear.Linear,",
+     b"  def __setstate__(self: __torch__.torch.nn.modules.linear.Linear, state: Tensor) -> None:\n"
+     b"    return None\n  def forward(self: __torch__.torch.nn.modules.linear.Linear,"),
     (b"  training : bool\n", b"  training : bool\n"),  # unchanged: the clean archive
 )
 

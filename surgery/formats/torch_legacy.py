@@ -37,17 +37,20 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
         up = unpickle(f, src, accept, pid_handler=lambda pid: _persistent(pid, storages))
         up.storages = storages
         keys = unpickle(f, src).obj
-        if not isinstance(keys, list) or set(map(str, keys)) != set(up.storages):
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(up.storages):
             raise FormatError(f"{src}: storage key list does not match the storages the checkpoint uses")
         offsets: dict[str, tuple[int, int]] = {}
         pos = f.tell()
-        for key in map(str, keys):
+        for key in keys:
             f.seek(pos)
             hdr = f.read(8)
             if len(hdr) != 8:
                 raise FormatError(f"{src}: file is truncated at storage {key!r} (offset {pos})")
             (numel,) = struct.unpack("<q", hdr)
             ref = up.storages[key]
+            if numel != ref.numel:  # torch refuses it: "storage has wrong byte size"
+                raise FormatError(f"{src}: storage {key!r} holds {numel} elements in the file but the pickle declares "
+                                  f"{ref.numel}; torch refuses such a file")
             nbytes = numel * itemsize(ref.dtype)
             if numel < 0 or pos + 8 + nbytes > size:
                 raise FormatError(f"{src}: storage {key!r} declares {nbytes} bytes past the end of the file; the file is truncated")

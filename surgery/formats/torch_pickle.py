@@ -199,7 +199,9 @@ def storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
     one `StorageRef` of ``key`` in ``storages`` (made on first sight)."""
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
         raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
-    stype, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
+    if not isinstance(pid[2], str):  # torch looks storages up by the key as pickled: str() would join keys it keeps apart
+        raise FormatError(f"storage record's key {str(pid[2])[:40]!r} is not a string; torch.save never writes that")
+    stype, key, location, numel = pid[1], pid[2], str(pid[3]), pid[4]
     if len(pid) > 5 and pid[5] is not None:
         raise FormatError("legacy storage views are not supported; re-save the checkpoint with a current torch")
     if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:

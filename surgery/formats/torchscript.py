@@ -211,6 +211,10 @@ def _state_dict(root: ScriptObject, decl: Declarations, src: str) -> dict[str, T
             raise FormatError(f"{src}: TorchScript module {obj.qualname} restores its state with its own code "
                               f"(__setstate__); which tensors it ends up with only running that code can tell, "
                               f"and surgery runs none, refusing it")
+        missing = [n for n in cls.params + cls.buffers if n not in obj.state]
+        if missing:
+            raise FormatError(f"{src}: TorchScript module {obj.qualname} declares {missing[0]!r}, which its data does not "
+                              f"hold; torch.jit.load refuses such an archive")
         for names in (set(cls.params), set(cls.buffers)):
             for k, v in obj.state.items():
                 if k in names and isinstance(v, TensorRef):

@@ -113,10 +113,10 @@ def _eocd_at(raw: bytes) -> int:
     ("directory offset", "corrupt local header|before the archive starts"),
     ("directory size", "bad offset for central directory|truncated central directory|bad magic"),
     ("no end record", "no end of central directory record"),
-    ("local header offset", "corrupt local header|before the archive starts|outside the archive"),
+    ("local header offset", "corrupt local header|before the archive starts|outside the archive|reaches past the end"),
     ("extra field", "corrupt extra field"),
     ("central magic", "bad magic number for central directory"),
-    ("encrypted", "data.pkl' is encrypted"),
+    ("encrypted", "data.pkl' is encrypted"),  # the record itself, before the entry is read
     ("patched data", "compressed patched data"),
     ("local name", "another name in its local header"),
 ])
@@ -175,7 +175,7 @@ def test_other_compression_methods_are_refused(tmp_path):
         for info, data in entries:
             zout.writestr(info.filename, data, compress_type=zipfile.ZIP_BZIP2 if info.filename.endswith("data.pkl") else 0)
     dst.write_bytes(out.getvalue())
-    with pytest.raises(FormatError, match="compressed with method 12"):
+    with pytest.raises(FormatError, match="compression method 12"):
         surgery.open(dst)
 
 

@@ -374,7 +374,11 @@ def test_torchscript_classes_torch_cannot_load_are_refused(tmp_path, old, new, m
     _refused(path, match)
 
 
-class _Stateful(torch.nn.Module):
+_STATEFUL = """
+import sys, torch
+
+
+class Stateful(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.p = torch.nn.Parameter(torch.full((2,), 1.0))
@@ -394,10 +398,18 @@ class _Stateful(torch.nn.Module):
         self.training = False
 
 
+torch.jit.save(torch.jit.script(Stateful()), sys.argv[1])
+"""
+
+
 def test_a_module_that_restores_its_own_state_is_refused(tmp_path):
     """torch.jit.save writes such a module itself; only running its __setstate__ says which tensor is which."""
-    path = tmp_path / "stateful.pt"
-    torch.jit.save(torch.jit.script(_Stateful()), str(path))
+    import subprocess
+    import sys
+
+    path = tmp_path / "stateful.pt"  # scripted in a fresh process: TorchScript's type cache is process-wide
+    (tmp_path / "make.py").write_text(_STATEFUL)
+    subprocess.run([sys.executable, str(tmp_path / "make.py"), str(path)], check=True, capture_output=True, timeout=300)
     assert torch_state(path, "jit")["p"].tolist() == [1.0, 1.0]  # torch ran the archive's __setstate__
     _refused(path, r"restores its state with its own code \(__setstate__\)")
 
@@ -590,3 +602,39 @@ def test_a_deflated_pickle_larger_than_its_archive_is_refused(tmp_path, parts):
     t0 = time.perf_counter()
     _refused(path, "more than the whole archive .* plus 1 MiB; refusing a zip bomb")
     assert time.perf_counter() - t0 < 2
+
+
+def _legacy_raw() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def test_a_legacy_storage_whose_count_differs_from_the_pickle_is_refused(tmp_path):
+    import struct
+
+    raw = _legacy_raw()
+    assert raw[-24:-16] == struct.pack("<q", 4)  # the one storage: its count, then 16 bytes
+    path = _write(tmp_path, raw[:-24] + struct.pack("<q", 5) + raw[-16:] + b"\0" * 4)
+    with pytest.raises(RuntimeError):
+        torch_state(path)
+    _refused(path, "holds 5 elements in the file but the pickle declares 4")
+
+
+def test_a_legacy_storage_key_that_is_not_a_string_is_refused(tmp_path):
+    import pickle as _pickle
+
+    raw = _legacy_raw()
+    i = raw.rindex(b"\x80\x02]q\x00X")
+    j = raw.index(b"a.", i) + 2
+    key = _pickle.loads(raw[i:j])[0]
+    path = _write(tmp_path, raw[:i] + _pickle.dumps([int(key)], protocol=2) + raw[j:])
+    with pytest.raises(Exception):
+        torch_state(path)
+    _refused(path, "storage key list does not match")
+
+
+def test_a_declared_name_the_data_does_not_hold_is_refused(tmp_path):
+    path = _reparented(tmp_path, b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = []',
+                       b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = ["ghost", ]')
+    _refused(path, "declares 'ghost', which its data does not hold")
