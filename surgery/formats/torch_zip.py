@@ -51,6 +51,8 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
         _check_records(zf, prefix, src)
         data = _read_entry(zf, pkl, MAX_PICKLE_BYTES, src)
         if torchscript.is_torchscript(names, prefix):
+            if not _read_entry(zf, zf.find(prefix + "constants.pkl"), MAX_PICKLE_BYTES, src).startswith(b"\x80"):
+                raise FormatError(f"{src}: {prefix}constants.pkl is not a pickle; torch.jit.load refuses the archive")
             def read_code(name: str) -> bytes | None:
                 found = zf.find(name)
                 return None if found is None else _read_entry(zf, found, torchscript.MAX_CODE_BYTES, src)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import pickletools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import FormatError
@@ -79,6 +79,7 @@ class ClassDecl:
     params: list[str]
     buffers: list[str]
     setstate: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)  # attribute -> its type, as the code writes it
 
 
 class Declarations:
@@ -100,6 +101,10 @@ class Declarations:
                                   f"the file is incomplete")
             self.files[path] = _parse_classes(text, path, self.src)
         found = self.files[path].get(name)
+        if found is None and module.startswith("__torch__.torch.classes"):
+            raise FormatError(f"{self.src}: TorchScript archive holds a {qualname[len('__torch__.'):]} object, whose "
+                              f"state only its own C++ code reads (a quantized or packed module); surgery runs no code, "
+                              f"refusing it")
         if found is None:
             raise FormatError(f"{self.src}: {path} does not define class {name}, which the archive's data uses; "
                               f"the file is incomplete or crafted")
@@ -132,6 +137,7 @@ def _parse_classes(code: bytes, path: str, src: str) -> dict[str, ClassDecl]:
 def _class_decl(node: ast.ClassDef, where: str) -> ClassDecl:
     lists: dict[str, list[str]] = {}
     setstate = False
+    annotations = _annotations(node)
     for stmt in node.body:
         if isinstance(stmt, ast.FunctionDef) and stmt.name == "__setstate__":
             setstate = True
@@ -149,7 +155,23 @@ def _class_decl(node: ast.ClassDef, where: str) -> ClassDecl:
     both = sorted(set(params) & set(buffers))
     if both:
         raise FormatError(f"{where} declares {both[0]!r} both a parameter and a buffer; torch.jit.load refuses it")
-    return ClassDecl(module, params, buffers, setstate)
+    untyped = [n for n in params + buffers if n not in annotations]
+    if untyped:
+        raise FormatError(f"{where} declares {untyped[0]!r} without giving its type; torch.jit.load refuses it")
+    return ClassDecl(module, params, buffers, setstate, annotations)
+
+
+def _annotations(node: ast.ClassDef) -> dict[str, str]:
+    """Each attribute's type as the class writes it: ``name : T`` or ``__annotations__["name"] = T``."""
+    out: dict[str, str] = {}
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            out[stmt.target.id] = ast.unparse(stmt.annotation)
+        elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript)
+              and isinstance(stmt.targets[0].value, ast.Name) and stmt.targets[0].value.id == "__annotations__"
+              and isinstance(stmt.targets[0].slice, ast.Constant) and isinstance(stmt.targets[0].slice.value, str)):
+            out[stmt.targets[0].slice.value] = ast.unparse(stmt.value)
+    return out
 
 
 def _list_target(stmt: ast.stmt, where: str) -> str | None:
@@ -220,6 +242,10 @@ def _state_dict(root: ScriptObject, decl: Declarations, src: str) -> dict[str, T
                 if k in names and isinstance(v, TensorRef):
                     out[prefix + k] = v
         children = [(k, v) for k, v in obj.state.items() if isinstance(v, ScriptObject) and decl.of(v.qualname).module]
+        untyped = [k for k, _ in children if cls.annotations.get(k, "Any") == "Any"]
+        if untyped:
+            raise FormatError(f"{src}: TorchScript module {obj.qualname} holds submodule {untyped[0]!r} without its module "
+                              f"type; torch.jit.load refuses it")
         stack.extend((f"{prefix}{k}.", v) for k, v in reversed(children))
     return out
 

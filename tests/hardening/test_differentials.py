@@ -636,5 +636,26 @@ def test_a_legacy_storage_key_that_is_not_a_string_is_refused(tmp_path):
 
 def test_a_declared_name_the_data_does_not_hold_is_refused(tmp_path):
     path = _reparented(tmp_path, b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = []',
-                       b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = ["ghost", ]')
+                       b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = ["ghost", ]\n  ghost : Tensor')
     _refused(path, "declares 'ghost', which its data does not hold")
+
+
+@pytest.mark.parametrize("old, new, match", [
+    (b"  bias : Tensor\n", b"", "declares 'bias' without giving its type"),
+    (b"  c : __torch__.", b"  c : Any\n  _unused : __torch__.", "holds submodule 'c' without its module type"),
+])
+def test_torchscript_attributes_torch_cannot_type_are_refused(tmp_path, old, new, match):
+    path = _reparented(tmp_path, old, new)
+    with pytest.raises(Exception):
+        torch_state(path, "jit")
+    _refused(path, match)
+
+
+def test_a_torchscript_archive_whose_constants_are_not_a_pickle_is_refused(tmp_path):
+    src = tmp_path / "parent.pt"
+    torch.jit.save(torch.jit.script(_Parent()), str(src))
+    entries = [(n, b"garbage" if n.endswith("/constants.pkl") else d) for n, d in zip_entries(src.read_bytes())]
+    path = _write(tmp_path, zip_raw([(n.encode(), d, 0) for n, d in entries]), "garbage.pt")
+    with pytest.raises(Exception):
+        torch_state(path, "jit")
+    _refused(path, "constants.pkl is not a pickle")
