@@ -159,7 +159,7 @@ def _read_entry(zf: ZipIndex, name: str, limit: int, src: str) -> bytes:
     info = zf.entries[name]
     if info.file_size > limit:
         raise FormatError(f"{src}: {name} declares {info.file_size} bytes, far more than it ever holds (limit {limit})")
-    if info.compress_size > zf.length or (info.method == STORED and info.compress_size != info.file_size):
+    if info.compress_size > zf.length:
         raise FormatError(f"{src}: {name} declares sizes that do not fit the archive; the file is truncated or corrupt")
     if info.method != STORED and info.file_size > zf.length + (1 << 20):
         # a real checkpoint's pickle is small beside its storages; a deflated one larger than the

@@ -61,8 +61,8 @@ def _check_record(src: str, raw: bytes, flags: int, method: int, csize: int, siz
     archive, whether or not the entry is ever read: a record it refuses makes torch refuse the
     file, so surgery refuses it too."""
     problem = ("is encrypted or masks its local header" if flags & _REFUSED_FLAGS else
-               f"uses compression method {method}" if method not in (0, 8) else
-               "is stored with a compressed size other than its size" if method == 0 and csize != size else
+               f"uses compression method {method}" if method not in (STORED, DEFLATED) else
+               "is stored with a compressed size other than its size" if method == STORED and csize != size else
                "declares data but no compressed bytes" if size and not csize else
                "names another disk" if disk not in (0, 1) else
                "reaches past the end of the archive" if offset + 30 + csize > length else None)
@@ -228,8 +228,6 @@ class ZipIndex:
         local_name = os.pread(self.fd, hdr[10], self.base + e.header_offset + 30) if hdr[10] else b""
         if local_name != name.encode("utf-8", "surrogatepass"):
             raise FormatError(f"zip entry {name!r} has another name in its local header")
-        if e.flags & 0x1:
-            raise FormatError(f"zip entry {name!r} is encrypted")
         if e.flags & 0x20:
             raise FormatError(f"zip entry {name!r} holds compressed patched data, which torch cannot read either")
         start = e.header_offset + 30 + hdr[10] + hdr[11]
@@ -238,12 +236,8 @@ class ZipIndex:
         raw = os.pread(self.fd, e.compress_size, self.base + start)
         if len(raw) != e.compress_size:
             raise FormatError(f"zip entry {name!r} is truncated")
-        if e.method == STORED:
-            data = raw
-        elif e.method == DEFLATED:
-            data = _inflate(name, raw, e.file_size, max_ratio)
-        else:
-            raise FormatError(f"zip entry {name!r} is compressed with method {e.method}, which torch cannot read either")
+        # `_check_record` admits only stored and deflated entries, none encrypted
+        data = raw if e.method == STORED else _inflate(name, raw, e.file_size, max_ratio)
         if len(data) != e.file_size or zlib.crc32(data) != e.crc:
             raise FormatError(f"zip entry {name!r} does not match its declared size and CRC-32")
         return data

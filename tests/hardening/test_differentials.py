@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from bench.reliability import (JIT_EDITS, bin_shards_state, evil_pickle, hf_shards_state, legacy_tar_polyglot, torch_state, zip_entries,
-                               zip_raw)
+from bench.reliability import (JIT_EDITS, bin_shards_state, evil_pickle, hf_shards_state, legacy_tar_polyglot,
+                               patch_central, torch_state, zip_entries, zip_raw)
 from surgery.errors import FormatError
 
 CLEAN = {"module.a": torch.arange(4.0), "module.b": torch.full((2, 3), 7.0)}
@@ -366,6 +366,8 @@ def test_a_module_class_without_declarations_is_still_a_module(tmp_path):
      b'__buffers__ = ["weight", ]', "both a parameter and a buffer"),
     (b"class Linear(Module):", b"class Linear:", "but is not a Module"),
     (b"class Linear(Module):", b"class Other(Module):", "does not define class Linear"),
+    (b"  bias : Tensor\n", b"", "declares 'bias' without giving its type"),
+    (b"  c : __torch__.", b"  c : Any\n  _unused : __torch__.", "holds submodule 'c' without its module type"),
 ])
 def test_torchscript_classes_torch_cannot_load_are_refused(tmp_path, old, new, match):
     path = _reparented(tmp_path, old, new)
@@ -545,21 +547,6 @@ def test_a_shard_whose_bytes_are_not_what_its_name_says_is_refused(tmp_path, nam
     _refused(index, match)
 
 
-def _patched_record(data: bytes, name: bytes, at: int, fmt: str, value: int) -> bytes:
-    """``data`` with one field of ``name``'s central directory record set to ``value``."""
-    import struct
-
-    b = bytearray(data)
-    i = 0
-    while True:
-        i = b.index(b"PK\x01\x02", i)
-        nlen = struct.unpack_from("<H", b, i + 28)[0]
-        if bytes(b[i + 46:i + 46 + nlen]) == name:
-            struct.pack_into(fmt, b, i + at, value)
-            return bytes(b)
-        i += 4
-
-
 @pytest.mark.parametrize("at, fmt, value, match", [
     (34, "<H", 0xFFFF, "names another disk"),
     (8, "<H", 0x2000, "is encrypted or masks its local header"),
@@ -570,7 +557,7 @@ def _patched_record(data: bytes, name: bytes, at: int, fmt: str, value: int) -> 
 def test_a_record_torchs_zip_reader_refuses_is_refused_though_never_read(tmp_path, parts, at, fmt, value, match):
     """miniz checks every central directory record when it opens an archive."""
     raw, prefix, _ = parts
-    data = _patched_record(zip_raw(raw), f"{prefix}/.data/serialization_id".encode(), at, fmt, value)
+    data = patch_central(zip_raw(raw), f"{prefix}/.data/serialization_id".encode(), at, fmt, value)
     path = _write(tmp_path, data)
     with pytest.raises(RuntimeError):
         torch_state(path)
@@ -638,17 +625,6 @@ def test_a_declared_name_the_data_does_not_hold_is_refused(tmp_path):
     path = _reparented(tmp_path, b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = []',
                        b'__parameters__ = ["weight", "bias", ]\n  __buffers__ = ["ghost", ]\n  ghost : Tensor')
     _refused(path, "declares 'ghost', which its data does not hold")
-
-
-@pytest.mark.parametrize("old, new, match", [
-    (b"  bias : Tensor\n", b"", "declares 'bias' without giving its type"),
-    (b"  c : __torch__.", b"  c : Any\n  _unused : __torch__.", "holds submodule 'c' without its module type"),
-])
-def test_torchscript_attributes_torch_cannot_type_are_refused(tmp_path, old, new, match):
-    path = _reparented(tmp_path, old, new)
-    with pytest.raises(Exception):
-        torch_state(path, "jit")
-    _refused(path, match)
 
 
 def test_a_torchscript_archive_whose_constants_are_not_a_pickle_is_refused(tmp_path):
