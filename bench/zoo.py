@@ -125,7 +125,7 @@ def make_zoo(zoo: Path, files: int) -> tuple[list[str], int]:
         subprocess.run([sys.executable, "-c", GENERATE, str(zoo), str(files)], check=True)
         stamp.write_text(version)
     sys.path.insert(0, str(REPO))
-    from surgery.zoo import expand
+    from surgery.inspection.zoo_scan import expand
 
     found = expand([zoo])
     others = (files + 1) // 2 + (files + 2) // 4  # config.json for even i, train.log for i % 4 == 1

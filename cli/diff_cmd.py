@@ -10,7 +10,7 @@ import typer
 from .common import console, escaped, handles_errors, print_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from surgery.analysis import DiffReport
+    from surgery.inspection.diff_report import DiffReport
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,7 @@ def diff(
     """Keys only in A, only in B, shape and dtype differences, and the largest |A - B| of common tensors.
 
     Exit code 0 when identical, 1 when they differ, 2 on bad input (like diff(1))."""
-    from surgery.report import diff as run_diff  # the library loads only when a diff runs
+    from surgery.inspection.diff_report import diff as run_diff  # the library loads only when a diff runs
 
     res = run_diff(a, b, values=values, strip_wrappers=strip, select_a=select_a, select_b=select_b,
                    allow_globals=tuple(allow_global or ()))

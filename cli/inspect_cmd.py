@@ -40,7 +40,7 @@ def inspect(
     Format, container, tensors, dtypes, wrapper prefixes, tied weights, module tree, and the
     torchvision or timm architecture the checkpoint fits. Given many checkpoints, a table of them; the
     exit code is 2 when any could not be read (each is one error row, the scan goes on)."""
-    from surgery.report import inspect as run_inspect
+    from surgery.inspection.inspect_report import inspect as run_inspect
 
     if not _is_single(paths):
         from . import zoo_view
@@ -75,7 +75,7 @@ def _is_single(paths: list[str]) -> bool:
 
     from surgery.errors import InputError
     from surgery.formats import sniff
-    from surgery.zoo import expand, is_checkpoint_folder
+    from surgery.inspection.zoo_scan import expand, is_checkpoint_folder
 
     if len(paths) != 1:
         return False
@@ -98,7 +98,7 @@ def render(report, show_tree: bool = True, tree_rows: int | None = TREE_ROWS) ->
     saying what the rest hold and how to see them."""
     from rich.table import Table
 
-    from surgery.analysis import cut_tree
+    from surgery.inspection.key_analysis import cut_tree
 
     out = console()
     head = Table.grid(padding=(0, 2))

@@ -12,7 +12,7 @@ from .common import console, escaped, human_bytes, human_count
 def run(paths: list[str], *, as_json: bool, workers: int | None, **options) -> int:
     """Scan ``paths``; print the rows; return the exit code: 0 when every checkpoint was read,
     2 when any was not (its error is a row of its own)."""
-    from surgery.zoo import scan
+    from surgery.inspection.zoo_scan import scan
 
     if not as_json and (options.get("keys") or options.get("filter") is not None):
         from surgery.errors import InputError

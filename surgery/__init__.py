@@ -3,7 +3,7 @@
 Importing the package is cheap: torch is imported only by functions that need tensors.
 
 The API functions (``surgery.inspect``, ``surgery.remap``, ``surgery.adapt``, ...) live in modules
-whose names differ from theirs (``report``, ``remapping``, ``adapter``, ``trainer``): a submodule named
+whose names differ from theirs (``inspection``, ``remapping``, ``adapter``, ``trainer``): a submodule named
 like a function would replace that function on this package as soon as it is imported.
 """
 
@@ -20,9 +20,9 @@ _EXPORTS = {
     "Checkpoint": ("surgery.checkpoint", "Checkpoint"),
     "TensorInfo": ("surgery.checkpoint", "TensorInfo"),
     "SurgeryError": ("surgery.errors", "SurgeryError"),
-    "inspect": ("surgery.report", "inspect"),
-    "scan": ("surgery.zoo", "scan"),
-    "diff": ("surgery.report", "diff"),
+    "inspect": ("surgery.inspection.inspect_report", "inspect"),
+    "scan": ("surgery.inspection.zoo_scan", "scan"),
+    "diff": ("surgery.inspection.diff_report", "diff"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "Op": ("surgery.remapping", "Op"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.archsig import (
+from surgery.inspection.arch_guess import (
     KNOWN_MIN_SCORE,
     TIMM_MODELS,
     TIMM_TABLE_PATH,
@@ -63,7 +63,7 @@ def test_timm_families_are_named_as_arch_takes_them(name):
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientnet_b2", "convnext_nano"])
 def test_timm_table_matches_installed_timm(name):
-    """Each row is the model's own signature; otherwise `python -m surgery.archsig --rebuild --timm`."""
+    """Each row is the model's own signature; otherwise `python -m surgery.inspection.arch_guess --rebuild --timm`."""
     assert name in TIMM_MODELS
     best = known_architectures(_timm_signature(name), top=1)[0]
     assert (best.arch, best.matched, best.unexpected) == (f"timm:{name}", best.total, 0)
@@ -122,7 +122,7 @@ def test_inspect_names_a_timm_checkpoint(tmp_path, cli):
 
 
 def test_known_architectures_do_not_import_torch():
-    code = ("import sys\nfrom surgery.archsig import known_architectures, model_signature\n"
+    code = ("import sys\nfrom surgery.inspection.arch_guess import known_architectures, model_signature\n"
             f"assert known_architectures({FOREIGN!r}) == []\n"
             "sig = model_signature('timm:convnext_tiny')\n"
             "assert known_architectures(sig)[0].arch == 'timm:convnext_tiny'\n"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from surgery.archsig import (
+from surgery.inspection.arch_guess import (
     ArchGuess,
     classifier_key,
     guess_architecture,
@@ -21,11 +21,10 @@ from surgery.archsig import (
 )
 from surgery.checkpoint import TensorInfo, canonical_from_torch, itemsize
 from surgery.errors import SurgeryError
-from surgery.analysis import (
-    DiffReport,
-    compare_values,
+from surgery.inspection.diff_report import DiffReport, compare_values
+from surgery.inspection.diff_report import diff_infos as diff
+from surgery.inspection.key_analysis import (
     cut_tree,
-    diff,
     dtype_bytes,
     dtype_counts,
     module_tree,
@@ -428,7 +427,7 @@ def test_table_matches_installed_torchvision():
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    assert sorted(list_archs()) == sorted(names), "run `python -m surgery.archsig --rebuild`"
+    assert sorted(list_archs()) == sorted(names), "run `python -m surgery.inspection.arch_guess --rebuild`"
     info = table_info()
     assert info["models"] == len(names) and info["torchvision"]
 
@@ -438,7 +437,7 @@ def test_meta_build_fallback_for_regnet():
     import torch
     import torchvision
 
-    from surgery.archsig import _build
+    from surgery.inspection.arch_guess import _build
 
     before = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
     model = _build(torchvision.models.get_model_builder("regnet_y_400mf"), {"num_classes": 7})
@@ -452,7 +451,7 @@ def test_meta_build_fallback_for_regnet():
 
 
 def test_table_is_small():
-    from surgery.archsig import TABLE_PATH
+    from surgery.inspection.arch_guess import TABLE_PATH
 
     assert TABLE_PATH.stat().st_size < 400_000
 
@@ -460,9 +459,10 @@ def test_table_is_small():
 def test_inspect_and_guess_do_not_import_torch():
     code = (
         "import sys\n"
-        "from surgery.analysis import module_tree, diff, suggest_remap\n"
+        "from surgery.inspection.key_analysis import module_tree, suggest_remap\n"
+        "from surgery.inspection.diff_report import diff_infos\n"
         "from surgery.keys import collapse_keys\n"
-        "from surgery.archsig import guess_architecture, model_signature, classifier_key\n"
+        "from surgery.inspection.arch_guess import guess_architecture, model_signature, classifier_key\n"
         "sig = model_signature('resnet18')\n"
         "g = guess_architecture({'module.' + k: v for k, v in sig.items()})\n"
         "assert g[0].arch == 'resnet18', g\n"

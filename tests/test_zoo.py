@@ -186,7 +186,7 @@ def _zip_head(first: bytes) -> bytes:
     (b"m/version", True), (b"m/version.txt", False), (b"x.npy", False), (b"[Content_Types].xml", False),
     (b"a/b/data.pkl", False), (b"", False)])
 def test_a_zip_is_torch_by_its_first_record(first, torch_zip):
-    from surgery.zoo import sniffs_as_checkpoint
+    from surgery.inspection.zoo_scan import sniffs_as_checkpoint
 
     assert sniffs_as_checkpoint(_zip_head(first), 4096) is torch_zip
 

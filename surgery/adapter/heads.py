@@ -3,7 +3,7 @@ and give the first convolution another number of input channels (its weights: ``
 
 Detection runs a forward pass on a meta-device copy (no memory, no compute): the logits layer
 is the last Linear/Conv2d to run whose output width is the model's output width. For
-torchvision models the shipped signature table (``surgery.archsig``) names the classifier and
+torchvision models the shipped signature table (``surgery.inspection.arch_guess``) names the classifier and
 the auxiliary heads (Inception, GoogLeNet) directly.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archsig import classifier_key, head_keys
+from ..inspection.arch_guess import classifier_key, head_keys
 from ..errors import AdaptError
 from .arch import ArchSpec
 from .manifest import HEAD_KINDS

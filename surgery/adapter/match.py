@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ..keys import collapse_keys
-from ..archsig import known_architectures
+from ..inspection.arch_guess import known_architectures
 from ..errors import AlignError
 from .align import align_keys
 from .arch import ArchSpec
@@ -27,7 +27,7 @@ from .tensors import adapt_input_conv, input_conv_fits, interpolate_pos_embed, p
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..archsig import ArchGuess
+    from ..inspection.arch_guess import ArchGuess
 
     from .heads import HeadPlan
 

@@ -87,7 +87,7 @@ def test_a_wrapper_prefix_on_all_but_the_wrappers_own_entries(cli, tmp_path):
 
 
 def test_a_prefix_on_a_dotted_minority_is_not_a_wrapper():
-    from surgery.analysis import detect_wrapper_prefixes
+    from surgery.keys import detect_wrapper_prefixes
 
     keys = [f"module.l{i}.weight" for i in range(20)] + ["head.weight"]
     assert detect_wrapper_prefixes(keys) == []  # a real submodule named 'head', not a wrapper's entry

@@ -22,7 +22,7 @@ from bench import costs
 from bench.costs import ckpt, s
 from surgery.errors import FormatError
 from surgery.formats import container
-from surgery import zoo as zoo_module
+from surgery.inspection import zoo_scan as zoo_module
 from tests import REPO
 
 

@@ -55,10 +55,10 @@ def test_module_command_ignores_the_working_directory(tmp_path):
     (hostile / "surgery" / "__init__.py").write_text(PLANTED.format(marker=str(marker)))
     for mod in ("runpy", "json", "argparse"):  # what the bootstrap and the module import
         (hostile / f"{mod}.py").write_text(PLANTED.format(marker=str(marker)))
-    cmd = module_command("surgery.archsig", ["--help"], root=str(ROOT))
+    cmd = module_command("surgery.inspection.arch_guess", ["--help"], root=str(ROOT))
     r = subprocess.run(cmd, cwd=hostile, capture_output=True, text=True, timeout=120)
     assert not marker.exists() and r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "surgery.archsig", "--help"], cwd=hostile, capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "surgery.inspection.arch_guess", "--help"], cwd=hostile, capture_output=True, timeout=120)
     assert marker.exists()  # what the bootstrap prevents: `python -m` imports the working directory first
 
 

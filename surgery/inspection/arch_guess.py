@@ -4,7 +4,7 @@ The signatures of every torchvision classification model (state-dict key -> shap
 hold the classifier) live in a small gzip JSON table shipped with the package, so a guess costs
 a table read and some set arithmetic: no torch, no torchvision. A second table holds a few
 representative timm models per family (ConvNeXt, ViT, EfficientNet), named as ``--arch`` takes
-them (``timm:convnext_tiny``). Both are rebuilt with ``python -m surgery.archsig --rebuild``
+them (``timm:convnext_tiny``). Both are rebuilt with ``python -m surgery.inspection.arch_guess --rebuild``
 (torchvision's from the installed torchvision, timm's when timm is installed).
 """
 
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .keys import common_prefix, strip_wrappers
-from .errors import SurgeryError
-from .metabuild import meta_build
+from ..keys import common_prefix, strip_wrappers
+from ..errors import SurgeryError
+from ..metabuild import meta_build
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import TensorInfo
+    from ..checkpoint import TensorInfo
 
-TABLE_PATH = Path(__file__).with_name("data") / "torchvision_signatures.json.gz"
+TABLE_PATH = Path(__file__).parent.parent / "data" / "torchvision_signatures.json.gz"
 TABLE_FORMAT = "surgery.torchvision_signatures/1"
 TIMM_TABLE_PATH = TABLE_PATH.with_name("timm_signatures.json.gz")  # same format, names "timm:..."
 # Representatives of the timm families whose key names no torchvision model shares, one per
@@ -82,13 +82,13 @@ def _parse(path: str) -> tuple[dict[str, Any], dict[str, _Model]]:
             data = json.load(f)
     except FileNotFoundError:
         raise SurgeryError(f"{path}: architecture signature table is missing; regenerate it with "
-                           f"`python -m surgery.archsig --rebuild` (needs torchvision)") from None
+                           f"`python -m surgery.inspection.arch_guess --rebuild` (needs torchvision)") from None
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{path}: architecture signature table is unreadable ({e}); regenerate it "
-                           f"with `python -m surgery.archsig --rebuild`") from None
+                           f"with `python -m surgery.inspection.arch_guess --rebuild`") from None
     if data.get("format") != TABLE_FORMAT:
         raise SurgeryError(f"{path}: table format {data.get('format')!r} is not {TABLE_FORMAT!r}; "
-                           f"regenerate it with `python -m surgery.archsig --rebuild`")
+                           f"regenerate it with `python -m surgery.inspection.arch_guess --rebuild`")
     models: dict[str, _Model] = {}
     for name, m in data["models"].items():
         sig = {k: tuple(s) for k, s in m["keys"].items()}
@@ -396,7 +396,7 @@ def _write_gzip_json(out_path: Path, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m surgery.archsig", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m surgery.inspection.arch_guess", description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="regenerate the table from the installed torchvision")
     ap.add_argument("--timm", action="store_true", help="with --rebuild: the timm table, from the installed timm")
     ap.add_argument("--out", default=None, help=f"where to write it (default {TABLE_PATH} or {TIMM_TABLE_PATH})")

@@ -1,6 +1,6 @@
-"""The reports behind `surgery inspect` and `surgery diff`: plain data the CLI renders.
+"""The report behind `surgery inspect`: plain data the CLI renders.
 
-No torch here except in `diff(..., values=True)`, which must read tensor values.
+No torch here: a checkpoint is read as metadata.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint import PACKED_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
-from .errors import RuleError
+from ..checkpoint import PACKED_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
+from ..errors import RuleError
 
 SCHEMA = "surgery.inspect/1"
-DIFF_SCHEMA = "surgery.diff/1"
 
 
 @dataclass
@@ -26,7 +25,7 @@ class InspectReport:
     common_prefix: str | None
     remap_command: str | None
     tree: list[Any]
-    guesses: list[Any]  # archsig.ArchGuess, best first; empty when no known architecture fits
+    guesses: list[Any]  # arch_guess.ArchGuess, best first; empty when no known architecture fits
     keys: list[str] | None = None  # the tensors to list (--keys / --filter), in checkpoint order
     depth: int | None = None
 
@@ -158,7 +157,7 @@ def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals
     >>> r = inspect("dp.pth"); r.wrapper_prefixes, r.guesses[0].arch  # doctest: +SKIP
     (['module.'], 'resnet18')
     """
-    from .formats import open_checkpoint
+    from ..formats import open_checkpoint
 
     rx = None
     if filter is not None:
@@ -174,7 +173,7 @@ def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals
 def _report(ckpt: Checkpoint, path: str, listing: bool, rx: re.Pattern | None, depth: int | None,
             top: int) -> InspectReport:
     """The analyses of an opened checkpoint, each done once."""
-    from . import analysis, archsig
+    from . import arch_guess as archsig, key_analysis as analysis
 
     names = list(ckpt.tensors)
     listed = [n for n in names if rx is None or rx.search(n)] if listing else None
@@ -210,30 +209,3 @@ def _strippable_prefix(common: str | None, wrappers: list[str], guesses: list) -
     if best is not None and best.score >= 0.5 and best.prefix_stripped.endswith(common):
         return common
     return None
-
-
-@dataclass
-class DiffResult:
-    a: Checkpoint
-    b: Checkpoint
-    report: Any  # analysis.DiffReport
-    values_compared: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {"schema": DIFF_SCHEMA, "a": str(self.a.path), "b": str(self.b.path),
-                "values_compared": self.values_compared, **self.report.to_json()}
-
-
-def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = True, strip_wrappers: bool = True,
-         select_a: str | None = None, select_b: str | None = None, allow_globals: tuple[str, ...] = ()) -> DiffResult:
-    """Keys only in A, only in B, shape/dtype differences and (``values``) max |A - B| per tensor."""
-    from . import analysis
-    from .formats import open_checkpoint
-
-    ca = open_checkpoint(a, select=select_a, allow_globals=allow_globals)
-    cb = open_checkpoint(b, select=select_b, allow_globals=allow_globals)
-    rep = analysis.diff(ca.tensors, cb.tensors, strip_wrappers=strip_wrappers)
-    if values:
-        rep.compare(ca, cb)
-    return DiffResult(ca, cb, rep, values)

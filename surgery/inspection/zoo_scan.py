@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RuleError, SurgeryError
-from .formats import SNIFF_BYTES, sniff_bytes
-from .formats.torch_tar import MEMBERS as TAR_MEMBERS
+from ..errors import RuleError, SurgeryError
+from ..formats import SNIFF_BYTES, sniff_bytes
+from ..formats.torch_tar import MEMBERS as TAR_MEMBERS
 
 ERROR_SCHEMA = "surgery.inspect-error/1"
 # Files of a walked folder that are inspected whatever their bytes; any other file is inspected
@@ -231,7 +231,7 @@ def sniffs_as_checkpoint(head: bytes, size: int, tar_member: bytes = b"") -> boo
 
 def inspect_one(path: str, options: dict | None = None) -> Row:
     """One row for ``path``; every failure is caught so that the scan goes on."""
-    from .report import inspect
+    from .inspect_report import inspect
 
     opts = dict(options or {})
     depth = opts.pop("depth", 2)
@@ -268,7 +268,7 @@ class Scan:
             return
         import multiprocessing
 
-        from . import archsig
+        from . import arch_guess as archsig
 
         # fork: the workers share the already imported reader and the architecture table (read
         # here once, not once per worker), and import nothing from the disk
