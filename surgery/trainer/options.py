@@ -1,7 +1,8 @@
 """A training run's options: one frozen object, validated once, every problem named in one error.
 
-``surgery.train(...)`` keeps its keyword signature for users and builds a :class:`TrainOptions`
-from it. With ``resume``, options left at their defaults take the checkpoint's values first
+Each option is declared once, as a field of :class:`TrainOptions` (its flag, help and default;
+:mod:`surgery.option_table`): ``surgery train``'s flags are built from it, and ``surgery.train``
+takes the object or keywords checked against it. With ``resume``, options left at their defaults take the checkpoint's values first
 (:func:`surgery.trainer.resume.restore_args`); :meth:`TrainOptions.validated` then checks the lot.
 """
 
@@ -11,9 +12,10 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import TrainError
+from ..option_table import option, shared, text_to_path
 from .augment import DEFAULT_AUGMENT, augment_policy, check_augment
 from .balance import CLASS_WEIGHTS
 from .ema import check_decay
@@ -29,51 +31,90 @@ HYPER = ("epochs", "lr", "val_split", "seed", "batch_size", "workers", "optimize
          "class_weights", "balanced_sampler", "guard")
 
 
+def parse_lr(text: str) -> float | str:
+    """``--lr``'s text: ``auto`` or a number."""
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise TrainError(f"--lr {text!r}: give a number (e.g. 3e-3) or auto") from None
+
+
 @dataclass(frozen=True)
 class TrainOptions:
-    """What ``surgery.train`` was asked to do. ``epochs``/``lr`` of ``None``: from the checkpoint
-    when resuming; otherwise ``lr`` becomes ``"auto"`` and ``epochs`` is required."""
+    """What ``surgery.train`` was asked to do, and the flags of ``surgery train``: each field is
+    declared once here (:mod:`surgery.option_table`). ``epochs``/``lr`` of ``None``: from the
+    checkpoint when resuming; otherwise ``lr`` becomes ``"auto"`` and ``epochs`` is required."""
 
-    adapted: Path
-    data: Path
-    out: Path
-    epochs: int | None = None
-    lr: float | str | None = None
-    val_split: float | None = None
-    seed: int = 0
-    batch_size: int = 32
-    workers: int = 0
-    optimizer: str = "adamw"
-    weight_decay: float | None = None
+    adapted: Path | None = option(None, "Folder written by `surgery adapt` (or an earlier train run).", argument=True,
+                                  show_default=False)
+    data: Path | None = option(None, "ImageFolder root (train/ and val/), one folder of class folders with "
+                               "--val-split, or a CSV of path,label.", show_default=False)
+    out: Path | None = option(None, "Folder for the run (must not exist, unless --force or --resume).",
+                              show_default=False)
+    epochs: int | None = option(None, "Epochs in the whole run (all phases); with --resume, another count changes "
+                                "the run's length.", cli_type=int, cli_default=10)
+    lr: float | str | None = option(None, "Learning rate of the head (pretrained groups use lr x their multiplier); "
+                                    "auto: found by a range test before training.", metavar="auto|LR", cli_type=str,
+                                    cli_default="auto", parse=parse_lr)
+    val_split: float | None = option(None, "Hold out this fraction (stratified, seeded) when DATA has no val set.")
+    seed: int = option(0, "Seed of everything random.")
+    batch_size: int = option(32, "Images per step (per process).")
+    workers: int = option(0, "DataLoader worker processes.")
+    optimizer: str = option("adamw", "AdamW, or SGD with momentum 0.9.", metavar="adamw|sgd")
+    weight_decay: float | None = option(None, "Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")
     momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_epochs: float | None = None
-    label_smoothing: float = 0.0
-    clip_grad: float | None = None
-    patience: int | None = None
-    image_size: int | None = None
-    augment: bool | str = DEFAULT_AUGMENT
-    flip: bool = True
-    device: str = "auto"
-    amp: bool = True
-    compile: bool = False
-    cache_features: str = "auto"
-    cache_views: int = 0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema: float | None = None
-    accumulate: int = 1
-    class_weights: str = "none"
-    balanced_sampler: bool = False
-    guard: bool = True
-    tensorboard: bool = False
-    resume: bool | str | os.PathLike | None = None
-    force: bool = False
-    trust_code: bool = False
+    schedule: str = option("cosine", "LR schedule over the whole run, per batch.", metavar="cosine|onecycle|constant")
+    warmup_epochs: float | None = option(None, "Linear warmup length in epochs; 0: no warmup (default 1, none for a "
+                                         "one-epoch run).")
+    label_smoothing: float = option(0.0, "Cross-entropy label smoothing.")
+    clip_grad: float | None = option(None, "Clip the gradient norm to this.")
+    patience: int | None = option(None, "Stop after this many epochs without a better val accuracy.")
+    image_size: int | None = option(None, "Override the manifest's input size.")
+    augment: bool | str = option(DEFAULT_AUGMENT, "Training augmentation: light = random resized crop and flip; "
+                                 "randaugment / trivialaugment add torchvision's policies.",
+                                 metavar="none|light|randaugment|trivialaugment", cli_type=str)
+    flip: bool = option(True, "No horizontal flips (digits, text).", flag="--no-flip", negated=True)
+    device: str = shared("device", "auto")
+    amp: bool = option(True, "No bf16/fp16 autocast on CUDA.", flag="--no-amp", negated=True)
+    compile: bool = option(False, "torch.compile the model.")
+    cache_features: str = option("auto", "Train the head on cached backbone features (auto: when the backbone stays "
+                                 "frozen).", metavar="auto|on|off")
+    cache_views: int = option(0, "With the feature cache: K augmented views of each training image; 0 (the "
+                              "default): one plain view, so the cached head trains without augmentation.")
+    mixup: float = option(0.0, "Mix pairs of images and labels (Beta(ALPHA, ALPHA); 0.2 is usual; 0: off).",
+                          metavar="ALPHA")
+    cutmix: float = option(0.0, "Paste a patch of another image, labels mixed by area (1.0 is usual; 0: off).",
+                           metavar="ALPHA")
+    ema: float | None = option(None, "Keep an exponential moving average of the weights (e.g. 0.999); validated "
+                               "beside the raw weights, the better saved.", metavar="DECAY", show_default=False)
+    accumulate: int = option(1, "Sum gradients over N batches per optimizer step (effective batch N x --batch-size).",
+                             metavar="N")
+    class_weights: str = option("none", "auto: weight each class's loss by n / (classes x its images).",
+                                metavar="none|auto")
+    balanced_sampler: bool = option(False, "Draw training images so every class is equally likely.")
+    guard: bool = option(True, "After an unfreeze, do not undo a val loss past 2x the head phase's best (by default "
+                         "the best weights come back and the unfrozen groups' lr drops tenfold).", flag="--no-guard",
+                         negated=True)
+    tensorboard: bool = option(False, "Write TensorBoard event files to OUT/tensorboard (needs the tensorboard "
+                               "package).")
+    resume: bool | str | os.PathLike | None = option(None, "Continue OUT's checkpoints/last.pt, or the checkpoint at "
+                                                     "PATH, with the run's saved arguments.", metavar="[PATH]",
+                                                     cli_type=Optional[str], show_default=False)
+    force: bool = option(False, "Replace OUT if it exists.")
+    trust_code: bool = option(False, "Run the file or module factory the folder's manifest names (it is code; "
+                              "torchvision and timm models need no flag).")
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> "TrainOptions":
+        return cls(**keywords)
 
     def __post_init__(self) -> None:
         # --no-augment / augment=False is the policy "none"; augment=True the default policy
         object.__setattr__(self, "augment", augment_policy(self.augment))
+        for name in ("adapted", "data", "out"):
+            object.__setattr__(self, name, text_to_path(getattr(self, name)))
 
     @property
     def mixing(self) -> bool:
@@ -83,6 +124,17 @@ class TrainOptions:
     def hyper(self) -> dict[str, Any]:
         """The options a checkpoint records, in :data:`HYPER` order."""
         return {k: getattr(self, k) for k in HYPER}
+
+    def require(self, *names: str) -> "TrainOptions":
+        """These options, if each of ``names`` (``data``, ``out``) is given; else the TrainError
+        naming the first missing one."""
+        said = {"adapted": "the adapted folder is required: a folder written by `surgery adapt`",
+                "data": "--data is required: an ImageFolder root, a folder of class folders, or a CSV",
+                "out": "--out DIR is required: where to write the run"}
+        for name in names:
+            if getattr(self, name) is None:
+                raise TrainError(said[name])
+        return self
 
     def validated(self) -> "TrainOptions":
         """These options with ``lr`` defaulted to ``"auto"``; every problem raised in one TrainError."""

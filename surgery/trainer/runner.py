@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..errors import TrainError
+from ..option_table import options_from, signature
 from . import balance, lr_find, phases
 from . import distributed as D
 from .cache import Features, build as build_cache, verify_split
@@ -42,19 +43,12 @@ from .tensorboard import TensorBoardObserver
 Observer = Callable[[str, dict], None]
 
 
-def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: int | None = None,
-          lr: float | str | None = None, out: str | os.PathLike, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
-          workers: int = 0, optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
-          schedule: str = "cosine", warmup_epochs: float | None = None, label_smoothing: float = 0.0,
-          clip_grad: float | None = None, patience: int | None = None, image_size: int | None = None,
-          augment: bool = True, flip: bool = True, device: str = "auto", amp: bool = True,
-          compile: bool = False, cache_features: str = "auto", cache_views: int = 0,
-          mixup: float = 0.0, cutmix: float = 0.0, ema: float | None = None, accumulate: int = 1,
-          class_weights: str = "none", balanced_sampler: bool = False, guard: bool = True, tensorboard: bool = False,
-          resume: bool | str | os.PathLike | None = None, force: bool = False,
-          observer: Optional[Observer] = None, trust_code: bool = False) -> TrainResult:
+def train(adapted_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+          options: TrainOptions | None = None, *, observer: Optional[Observer] = None, **keywords: Any) -> TrainResult:
     """Fine-tune the model in ``adapted_dir`` (written by ``surgery adapt``) on ``data`` and
-    write the run into ``out``: checkpoints, metrics.jsonl, curves.png, confusion.png, run.log,
+    write the run into ``out``. The keywords are the fields of :class:`TrainOptions` (the flags of
+    ``surgery train``, each declared there once); ``options``: a TrainOptions, the keywords laid
+    over it. Writes: checkpoints, metrics.jsonl, curves.png, confusion.png, run.log,
     and the best weights as model.safetensors with an updated manifest.json, so that
     ``surgery.load_adapted(out)`` returns the fine-tuned model.
 
@@ -78,19 +72,17 @@ def train(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, epochs: in
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
     anything is written.
     """
-    opts = TrainOptions(
-        adapted=Path(adapted_dir), data=Path(data), out=Path(out), epochs=epochs, lr=lr, val_split=val_split,
-        seed=seed, batch_size=batch_size, workers=workers, optimizer=optimizer, weight_decay=weight_decay,
-        momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        clip_grad=clip_grad, patience=patience, image_size=image_size, augment=augment, flip=flip, device=device,
-        amp=amp, compile=compile, cache_features=cache_features, cache_views=cache_views, mixup=mixup, cutmix=cutmix,
-        ema=ema, accumulate=accumulate, class_weights=class_weights, balanced_sampler=balanced_sampler,
-        guard=guard, tensorboard=tensorboard, resume=resume, force=force, trust_code=trust_code)
+    given = {k: v for k, v in (("adapted", adapted_dir), ("data", data)) if v is not None}
+    opts = options_from(TrainOptions, options, {**keywords, **given}, "train")
     return run_training(opts, observer or (lambda event, info: None))
+
+
+train.__signature__ = signature(train, TrainOptions, skip=("adapted", "data"))  # type: ignore[attr-defined]
 
 
 def run_training(opts: TrainOptions, obs: Observer) -> TrainResult:
     """:func:`train` on options already built: resume's arguments, validation, the processes."""
+    opts = opts.require("adapted", "data", "out")
     ckpt, resuming_here, restored = None, False, []
     if opts.resume:
         ckpt, resuming_here = open_resume(opts.resume, opts.out)
