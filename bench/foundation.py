@@ -9,6 +9,7 @@ median wall time and the largest peak RSS seen.
     python bench/foundation.py                          # ~2 GB checkpoints, 3 repeats
     python bench/foundation.py --size-gb 0.1 --repeat 1 # a quick smoke run
     python bench/foundation.py --cases small            # only torch files of many small tensors
+    python bench/foundation.py --cases startup --repeat 9  # only start-up: --help, inspect of one tensor
 
 Results go to stdout as a table and to ``WORKDIR/foundation.json``. The exit status is 0 when
 every command ran, whether or not it met its goal (this is a report); 1 when a command failed.
@@ -400,13 +401,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"checkpoint size in GB (1e9 bytes): float32 [{ROWS}, {COLS}] tensors, 40 for 2.0")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per command; the median is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints (reused next run)")
-    p.add_argument("--cases", default="large,small",
-                   help="comma-separated: 'large' (inspect/remap of --size-gb files, --help), 'small' (torch files of "
-                        f"{', '.join(map(str, SMALL_COUNTS))} small tensors: inspect and surgery.open vs torch.load)")
+    p.add_argument("--cases", default="large,small,startup",
+                   help="comma-separated: 'large' (inspect/remap of --size-gb files), 'small' (torch files of "
+                        f"{', '.join(map(str, SMALL_COUNTS))} small tensors: inspect and surgery.open vs torch.load), "
+                        "'startup' (--help, train --help, inspect of a one-tensor file)")
     args = p.parse_args(argv)
     args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if args.size_gb <= 0 or args.repeat < 1 or not args.cases or args.cases - {"large", "small"}:
-        p.error("--size-gb must be > 0, --repeat >= 1, --cases a list of 'large' and 'small'")
+    if args.size_gb <= 0 or args.repeat < 1 or not args.cases or args.cases - {"large", "small", "startup"}:
+        p.error("--size-gb must be > 0, --repeat >= 1, --cases a list of 'large', 'small' and 'startup'")
     return args
 
 
@@ -458,6 +460,24 @@ def print_growth(cpus: dict[str, list[tuple[int, float]]]) -> None:
                  for (n1, c1), (n2, c2) in zip(points, points[1:])]
         if steps:
             print(f"  growth of {name}: {', '.join(steps)}")
+
+
+def startup_rows(surgery: str, py: str, workdir: Path, logdir: Path, repeat: int) -> list[Row]:
+    """What a command costs before its work: ``surgery --help``, a command's help, and an
+    inspect of a one-tensor file, each against ``python -c pass`` timed in the same rounds."""
+    tiny = workdir / "startup_one_tensor.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    tiny.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    specs = [Spec("surgery --help", [surgery, "--help"]), Spec("surgery train --help", [surgery, "train", "--help"]),
+             Spec("surgery inspect (1 tensor)", [surgery, "inspect", str(tiny)]),
+             Spec("python -c pass", [py, "-c", "pass"])]
+    try:
+        *ms, base = measure_group(specs, repeat, logdir)
+    finally:
+        tiny.unlink(missing_ok=True)
+    return [Row("--help", ms[0], base, {"max_wall_s": 0.3}, "<=0.3s"),
+            Row("train --help", ms[1], base, {"max_wall_s": 0.5}, "<=0.5s"),
+            Row("inspect, start to end", ms[2], base, {"max_wall_s": 0.5}, "<=0.5s")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row(case, m, lrs, {}, "(info)"))
             clear_outputs()
 
-            m, base = measure_group([Spec("surgery --help", [surgery, "--help"]),
-                                     Spec("python -c pass", [py, "-c", "pass"])], args.repeat, logdir)
-            rows.append(Row("--help", m, base, {"max_wall_s": 0.3}, "<=0.3s"))
+        if "startup" in args.cases:
+            print("\nstart-up: the console script, against a bare interpreter")
+            rows += startup_rows(surgery, py, workdir, logdir, args.repeat)
     finally:
         for o in outputs:
             o.unlink(missing_ok=True)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from surgery.adapter.options import AdaptOptions
 from surgery.errors import AdaptError
 
-from .common import console, escaped, handles_errors, human_count, print_json
+from .common import (console, escaped, handles_errors, human_count, option_values, print_json, shared_option,
+                     with_options)
 from .remap_cmd import _KeepsArgOrder, ops_in_order
 
 
@@ -18,44 +20,19 @@ def register(app: typer.Typer) -> None:
     app.command("adapt", cls=_KeepsArgOrder)(adapt)
 
 
+@with_options(AdaptOptions)
 @handles_errors
 def adapt(
     ctx: typer.Context,
     ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint to load (any format surgery reads); omit with --weights.", show_default=False)] = None,
-    arch: Annotated[str, typer.Option("--arch", help="torchvision model name, timm:NAME, path/to/file.py:fn or package.module:fn.", show_default=False)] = "",
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Outputs of the new head.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write model.safetensors, manifest.json, load_report.json.", show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", metavar="NAME", help="Start from torchvision's weights (DEFAULT, IMAGENET1K_V2, ...) instead of CKPT.")] = None,
-    arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the model factory, a JSON object.")] = None,
-    head: Annotated[str, typer.Option("--head", help="linear, or mlp (concat pool + BN/dropout/linear x2, CNN backbones).")] = "linear",
-    hidden: Annotated[int, typer.Option("--hidden", help="Hidden width of the mlp head.")] = 512,
-    dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the mlp head (the first layer uses half).")] = 0.5,
-    in_chans: Annotated[int, typer.Option("--in-chans", help="Input channels; the first conv's weights are adapted.")] = 3,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input size for the probe and the manifest (default: the weights' or 224); a timm ViT is rebuilt for it (img_size).")] = None,
-    mean: Annotated[Optional[str], typer.Option("--mean", metavar="M,M,M", help="Normalisation mean per input channel, recorded in the manifest (default: the weights' metadata, else ImageNet's); one value for --in-chans 1.", show_default=False)] = None,
-    std: Annotated[Optional[str], typer.Option("--std", metavar="S,S,S", help="Normalisation std per input channel, as --mean.", show_default=False)] = None,
-    freeze: Annotated[Optional[str], typer.Option("--freeze", metavar="head-only|none", help="Base freeze policy.")] = None,
-    freeze_until: Annotated[Optional[str], typer.Option("--freeze-until", metavar="MODULE", help="Freeze everything before MODULE (e.g. layer3).")] = None,
-    freeze_first: Annotated[Optional[int], typer.Option("--freeze-first", metavar="N", help="Freeze the first N top-level children that have parameters.")] = None,
-    freeze_regex: Annotated[Optional[str], typer.Option("--freeze-regex", metavar="REGEX", help="Also freeze parameters matching REGEX.")] = None,
-    train_regex: Annotated[Optional[str], typer.Option("--train-regex", metavar="REGEX", help="Keep parameters matching REGEX trainable (applied last).")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", metavar="small-similar|small-different|large-similar|large-different", help="Data-regime preset.")] = None,
-    backbone_lr_mult: Annotated[Optional[float], typer.Option("--backbone-lr-mult", help="LR multiplier of pretrained layers (default 0.1).")] = None,
-    layer_decay: Annotated[Optional[float], typer.Option("--layer-decay", help="Multiply the LR by this per stage, going down from the top.")] = None,
-    unfreeze_at: Annotated[Optional[int], typer.Option("--unfreeze-at", metavar="EPOCH", help="Everything trains after EPOCH epochs (from epoch EPOCH+1, as train counts them).")] = None,
-    gradual: Annotated[bool, typer.Option("--gradual", help="Unfreeze one stage more per epoch, from the top.")] = False,
-    bn: Annotated[Optional[str], typer.Option("--bn", metavar="frozen|train", help="Frozen BatchNorm layers stay in eval mode (default frozen).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Anything missing besides the new head is an error.")] = False,
-    min_coverage: Annotated[float, typer.Option("--min-coverage", help="Refuse when less of the backbone than this loads.")] = 0.5,
+    *,
     strip_prefix: Annotated[Optional[list[str]], typer.Option("--strip-prefix", metavar="P", help="Remove prefix P from checkpoint keys first.")] = None,
     rename: Annotated[Optional[list[str]], typer.Option("--rename", metavar="'REGEX=>REPL'", help="re.sub on checkpoint keys first.")] = None,
     drop: Annotated[Optional[list[str]], typer.Option("--drop", metavar="REGEX", help="Ignore checkpoint keys matching REGEX.")] = None,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="Rules file (as for remap); its ops run first.")] = None,
-    select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
-    allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and the folder written.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, shared_option("quiet")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
+    **values: Any,
 ) -> None:
     """Load a checkpoint into ARCH with a new N-class head, frozen by policy, ready to train.
 
@@ -65,17 +42,10 @@ def adapt(
     """
     # imported here, not at the top: every command's start (and `surgery --help`) would pay for them
     from surgery.adapter.core import adapt_with
-    from surgery.adapter.options import AdaptOptions
 
-    options = AdaptOptions.create(
-        arch=arch, num_classes=num_classes, out=out, weights=weights, arch_kwargs=arch_kwargs,
-        rules=_rules(ctx, rules_file, strip_prefix, rename, drop), select=select, allow_globals=allow_global or (),
-        head=head, hidden=hidden, dropout=dropout, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
-        freeze=freeze,
-        freeze_until=freeze_until, freeze_first=freeze_first, freeze_regex=freeze_regex, train_regex=train_regex,
-        preset=preset, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay, unfreeze_at=unfreeze_at,
-        gradual=gradual, bn=bn, strict=strict, min_coverage=min_coverage, force=force)
-    if out is None:  # the library may adapt in memory only; the command always writes
+    options = AdaptOptions.create(rules=_rules(ctx, rules_file, strip_prefix, rename, drop),
+                                  **option_values(AdaptOptions, values))
+    if options.out is None:  # the library may adapt in memory only; the command always writes
         raise AdaptError("--out DIR is required: where to write the adapted model")
     _, report = adapt_with(str(ckpt) if ckpt is not None else None, options)
     if as_json:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, handles_errors, print_json
+from .common import console, handles_errors, print_json, shared_option
 
 
 def register(app: typer.Typer) -> None:
@@ -23,8 +23,8 @@ def advise(
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input size (default: the architecture's).")] = None,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="No horizontal flips in the scratch probe (digits, text).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the probe subset and the probes.")] = 0,
-    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="The advice as JSON (schema surgery.advice/1).")] = False,
+    device: Annotated[str, shared_option("device")] = "auto",
+    as_json: Annotated[bool, shared_option("as_json")] = False,
 ) -> None:
     """Recommend a preset from the data: its size per class, and quick probes of how well the
     checkpoint's features transfer (against random features and a short scratch run).

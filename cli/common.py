@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, TypeVar
+from dataclasses import MISSING
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -164,3 +166,106 @@ def human_count(n: int) -> str:
     if n >= 1_000:
         return f"{n / 1e3:.1f}K"
     return str(n)
+
+
+# ----------------------------------------------------------------------------- options from the table
+
+def shared_option(name: str) -> Any:
+    """The Typer option of a flag several commands take (``--json``, ``--select``, ...), declared
+    once in :data:`surgery.option_table.SHARED`: ``as_json: Annotated[bool, shared_option("as_json")] = False``."""
+    from surgery.option_table import SHARED
+
+    f = SHARED[name]
+    return typer.Option(f.spelled(name), *([f.short] if f.short else []), help=f.help, metavar=f.metavar,
+                        show_default=f.show_default)
+
+
+def _cli_type(entry: Any) -> Any:
+    """The command line's type of a table row: its ``cli_type``, else the Python type with None
+    made Optional and a tuple made a repeatable option."""
+    import types
+    import typing
+
+    f = entry.flag
+    if f.negated:
+        return bool
+    if f.cli_type is not None:
+        return f.cli_type
+    t = entry.type
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        if len(args) != 1:
+            raise TypeError(f"option {entry.name}: {t} needs a cli_type")
+        return Optional[args[0]]
+    if typing.get_origin(t) is tuple:
+        return Optional[list[args[0]]]
+    return t
+
+
+def _parameter(entry: Any) -> inspect.Parameter:
+    from surgery.option_table import SAME
+
+    f = entry.flag
+    default = False if f.negated else (entry.default if f.cli_default is SAME else f.cli_default)
+    if isinstance(default, tuple) or default is MISSING:  # a repeatable option, or a value the table requires
+        default = None
+    if f.argument:  # required on the command line, whatever Python's default
+        default = inspect.Parameter.empty
+        info = typer.Argument(help=f.help, show_default=f.show_default, metavar=f.metavar)
+    else:
+        info = typer.Option(f.spelled(entry.name), *([f.short] if f.short else []), help=f.help, metavar=f.metavar,
+                            show_default=f.show_default)
+    return inspect.Parameter(f.parameter(entry.name), inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[_cli_type(entry), info])
+
+
+def with_options(table: type) -> Callable[[F], F]:
+    """Give a command (which takes them as ``**values``) one option per flagged field of ``table``,
+    arguments first, then the table's options in declaration order, then the command's own."""
+
+    def give(fn: F) -> F:
+        from surgery.option_table import entries
+
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+        own = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+        rows = [_parameter(e) for e in entries(table) if e.flag is not None]
+        args = [p for p in rows if isinstance(typing_metadata(p), typer.models.ArgumentInfo)]
+        lead = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        rest = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            lead + args + [p for p in rows if p not in args] + rest)
+        return fn
+
+    return give
+
+
+def typing_metadata(p: inspect.Parameter) -> Any:
+    """The Typer info of an ``Annotated[type, info]`` parameter."""
+    return getattr(p.annotation, "__metadata__", (None,))[0]
+
+
+def option_values(table: type, values: dict[str, Any], ctx: Any = None, resuming: bool = False) -> dict[str, Any]:
+    """The table's fields from a command's ``**values``: a negated flag turned back (``--no-flip``:
+    ``flip=False``), text parsed (``--lr``). ``resuming``: an option whose shell default differs
+    from Python's and that the command line left out takes Python's default, so the checkpoint's
+    value comes back (``--epochs``)."""
+    from surgery.option_table import SAME, entries
+
+    out: dict[str, Any] = {}
+    for e in entries(table):
+        f = e.flag
+        if f is None or f.parameter(e.name) not in values:
+            continue
+        value = values[f.parameter(e.name)]
+        if f.negated:
+            value = not value
+        elif resuming and f.cli_default is not SAME and _left_out(ctx, e.name):
+            value = e.default
+        elif f.parse is not None and value is not None:
+            value = f.parse(value)
+        out[e.name] = value
+    return out
+
+
+def _left_out(ctx: Any, name: str) -> bool:
+    return getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .common import console, escaped, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json, shared_option
 
 if TYPE_CHECKING:  # pragma: no cover
     from surgery.inspection.diff_report import DiffReport
@@ -25,8 +25,8 @@ def diff(
     strip: Annotated[bool, typer.Option("--strip-wrappers/--exact-names", help="Ignore module./_orig_mod. prefixes on either side.")] = True,
     select_a: Annotated[Optional[str], typer.Option("--select-a", metavar="PATH", help="Container inside A.")] = None,
     select_b: Annotated[Optional[str], typer.Option("--select-b", metavar="PATH", help="Container inside B.")] = None,
-    allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.diff/1).")] = False,
+    allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
 ) -> None:
     """Keys only in A, only in B, shape and dtype differences, and the largest |A - B| of common tensors.
 

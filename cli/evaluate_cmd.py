@@ -10,7 +10,7 @@ import typer
 import surgery
 from surgery.errors import DataError
 
-from .common import console, escaped, handles_errors, print_json, skipped_lines
+from .common import console, escaped, handles_errors, print_json, shared_option, skipped_lines
 
 
 def register(app: typer.Typer) -> None:
@@ -26,10 +26,10 @@ def evaluate(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Split seed (default: the training run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
-    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
+    device: Annotated[str, shared_option("device")] = "auto",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Also score with test-time augmentation (5 crops, and their mirrors unless trained with --no-flip) and show the difference.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Score a model on labelled images: accuracy, loss, per-class accuracy, confusion matrix.

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, handles_errors, human_bytes, print_json
+from .common import console, handles_errors, human_bytes, print_json, shared_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the written file and compare its outputs with the model's.")] = True,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.export/1).")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
 ) -> None:
     """Export the model for deployment, with its preprocessing in FILE.preprocess.json.
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, escaped, handles_errors, human_bytes, human_count, print_json
+from .common import console, escaped, handles_errors, human_bytes, human_count, print_json, shared_option
 
 _WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
 DEPTH = 2  # the tree depth shown when --depth is not given
@@ -30,9 +30,9 @@ def inspect(
     depth: Annotated[Optional[int], typer.Option("--depth", min=0, show_default=False, help=(
         f"Module tree depth (default {DEPTH}; 0 hides the tree). Without it the tree stops after {TREE_ROWS} rows; "
         "with it every row is printed."))] = None,
-    select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
-    allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.inspect/1); a scan prints one JSON object per line.")] = False,
+    select: Annotated[Optional[str], shared_option("select")] = None,
+    allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes for a scan (default: one per CPU).")] = None,
 ) -> None:
     """Show what is in a checkpoint, from metadata only (no tensor data is read).

@@ -33,9 +33,6 @@ def _root(
 
 def build_app(commands: tuple[str, ...] = tuple(COMMANDS)) -> typer.Typer:
     """The Typer app with ``commands`` registered (every command unless told otherwise)."""
-    from .fast_params import install
-
-    install()
     app = typer.Typer(
         name="surgery",
         help="Inspect, clean, adapt and fine-tune PyTorch checkpoints.",

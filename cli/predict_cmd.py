@@ -10,7 +10,7 @@ import typer
 
 import surgery
 
-from .common import console, escaped, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json, shared_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,10 +22,10 @@ def predict(
     folder: Annotated[Path, typer.Argument(help="A trained run (or an adapted folder).", show_default=False)],
     images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images.", show_default=False)],
     top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 1,
-    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
+    device: Annotated[str, shared_option("device")] = "auto",
     image_size: Annotated[int, typer.Option("--image-size", help="Override the manifest's input size (0: keep).")] = 0,
     tta: Annotated[bool, typer.Option("--tta", help="Average the probabilities over test-time views (5 crops, and their mirrors unless trained with --no-flip).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
 ) -> None:
     """Classify images with a trained model; class names come from its manifest.

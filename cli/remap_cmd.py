@@ -11,7 +11,7 @@ from typer.core import TyperCommand
 
 from surgery.remapping.ops import OP_KINDS, Op, OpKind
 
-from .common import console, escaped, handles_errors, human_bytes, print_json
+from .common import console, escaped, handles_errors, human_bytes, print_json, shared_option
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
@@ -81,14 +81,14 @@ def remap(
     dst: Annotated[Path, typer.Argument(help="Output: .safetensors, .pt/.pth/.bin, or a folder for sharded safetensors.", show_default=False)],
     *,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="YAML or JSON rules file; its ops run before the command-line ones.")] = None,
-    select: Annotated[Optional[str], typer.Option("--select", metavar="PATH", help="Container inside the checkpoint, e.g. state_dict_ema.")] = None,
-    allow_global: Annotated[Optional[list[str]], typer.Option("--allow-global", metavar="module.Class", help="Accept this pickled global as opaque data (never imported or run).")] = None,
+    select: Annotated[Optional[str], shared_option("select")] = None,
+    allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard when DST is a folder.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the old -> new table; write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare every tensor bit for bit.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow DST to be SRC (written to a temp file, then renamed).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
     **op_values: Any,
 ) -> None:
     """Rewrite a checkpoint's keys and format. Ops apply in the order given.

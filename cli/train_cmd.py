@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any, Optional
 
 import typer
@@ -14,9 +12,10 @@ from typer.core import TyperCommand
 
 import surgery
 from surgery.errors import TrainError
+from surgery.trainer.options import TrainOptions
 from surgery.trainer.distributed import is_main_process, relaunch
 
-from .common import console, escaped, handles_errors, print_json
+from .common import console, escaped, handles_errors, option_values, print_json, shared_option, with_options
 from .train_extras import run_compare, run_find_lr
 
 _RESUME_LAST = "\0last"
@@ -129,50 +128,18 @@ class Renderer:
             self.progress = None
 
 
+@with_options(TrainOptions)
 @handles_errors
 def train(
     ctx: typer.Context,
-    adapted: Annotated[Path, typer.Argument(help="Folder written by `surgery adapt` (or an earlier train run).", show_default=False)],
-    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder root (train/ and val/), one folder of class folders with --val-split, or a CSV of path,label.", show_default=False)] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs in the whole run (all phases); with --resume, another count changes the run's length.")] = 10,
-    lr: Annotated[str, typer.Option("--lr", metavar="auto|LR", help="Learning rate of the head (pretrained groups use lr x their multiplier); auto: found by a range test before training.")] = "auto",
+    *,
     find_lr: Annotated[bool, typer.Option("--find-lr", help="Only run the learning-rate range test: print the curve and the lr it suggests.")] = False,
     compare_scratch: Annotated[bool, typer.Option("--compare-scratch", help="Also train the same architecture from random weights with the same budget, and compare.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the run (must not exist, unless --force or --resume).", show_default=False)] = None,
-    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction (stratified, seeded) when DATA has no val set.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (per process).")] = 32,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
-    optimizer: Annotated[str, typer.Option("--optimizer", metavar="adamw|sgd", help="AdamW, or SGD with momentum 0.9.")] = "adamw",
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")] = None,
-    schedule: Annotated[str, typer.Option("--schedule", metavar="cosine|onecycle|constant", help="LR schedule over the whole run, per batch.")] = "cosine",
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length in epochs; 0: no warmup (default 1, none for a one-epoch run).")] = None,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
-    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a better val accuracy.")] = None,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the manifest's input size.")] = None,
-    augment: Annotated[str, typer.Option("--augment", metavar="none|light|randaugment|trivialaugment", help="Training augmentation: light = random resized crop and flip; randaugment / trivialaugment add torchvision's policies.")] = "light",
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none.")] = False,
-    mixup: Annotated[float, typer.Option("--mixup", metavar="ALPHA", help="Mix pairs of images and labels (Beta(ALPHA, ALPHA); 0.2 is usual; 0: off).")] = 0.0,
-    cutmix: Annotated[float, typer.Option("--cutmix", metavar="ALPHA", help="Paste a patch of another image, labels mixed by area (1.0 is usual; 0: off).")] = 0.0,
-    ema: Annotated[Optional[float], typer.Option("--ema", metavar="DECAY", help="Keep an exponential moving average of the weights (e.g. 0.999); validated beside the raw weights, the better saved.", show_default=False)] = None,
-    accumulate: Annotated[int, typer.Option("--accumulate", metavar="N", help="Sum gradients over N batches per optimizer step (effective batch N x --batch-size).")] = 1,
-    class_weights: Annotated[str, typer.Option("--class-weights", metavar="none|auto", help="auto: weight each class's loss by n / (classes x its images).")] = "none",
-    balanced_sampler: Annotated[bool, typer.Option("--balanced-sampler", help="Draw training images so every class is equally likely.")] = False,
-    no_guard: Annotated[bool, typer.Option("--no-guard", help="After an unfreeze, do not undo a val loss past 2x the head phase's best (by default the best weights come back and the unfrozen groups' lr drops tenfold).")] = False,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write TensorBoard event files to OUT/tensorboard (needs the tensorboard package).")] = False,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="No horizontal flips (digits, text).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of everything random.")] = 0,
-    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when present.")] = "auto",
-    no_amp: Annotated[bool, typer.Option("--no-amp", help="No bf16/fp16 autocast on CUDA.")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    cache_features: Annotated[str, typer.Option("--cache-features", metavar="auto|on|off", help="Train the head on cached backbone features (auto: when the backbone stays frozen).")] = "auto",
-    cache_views: Annotated[int, typer.Option("--cache-views", help="With the feature cache: K augmented views of each training image; 0 (the default): one plain view, so the cached head trains without augmentation.")] = 0,
-    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[PATH]", help="Continue OUT's checkpoints/last.pt, or the checkpoint at PATH, with the run's saved arguments.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Launch N processes with torchrun (DDP).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout, nothing else there.")] = False,
-    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the file or module factory the folder's manifest names (it is code; torchvision and timm models need no flag).")] = False,
+    quiet: Annotated[bool, shared_option("quiet")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
+    **values: Any,
 ) -> None:
     """Fine-tune an adapted model in the phases its manifest schedules.
 
@@ -181,18 +148,21 @@ def train(
 
     Example: surgery train adapted/ --data data/ --epochs 10 --out run/
     """
-    a = SimpleNamespace(**{k: v for k, v in locals().items() if k != "ctx"})  # every option, by name
-    _check(a)
+    opts = _options(ctx, values, no_augment, find_lr)
+    if compare_scratch and (values["resume"] not in (None, _RESUME_LAST) or nproc is not None or find_lr):
+        raise TrainError("--compare-scratch runs both trainings in one process, and its --resume continues both from "
+                         "OUT (no PATH); drop --nproc, --find-lr, the PATH after --resume")
     if nproc is not None:
         raise typer.Exit(relaunch(nproc, _forwarded(ctx), entry=_ENTRY))
-    a.lr = _parse_lr(lr)
     if find_lr:
-        return run_find_lr(adapted, data, out, dict(_shared(a), epochs=a.epochs, accumulate=a.accumulate), as_json)
+        return run_find_lr(opts, as_json)
     renderer = Renderer(quiet, as_json)
     if compare_scratch:
-        return run_compare(adapted, data, out, renderer, as_json, dict(_shared(a), **_run_only(a)),
-                           resume=a.resume is not None, ctx=ctx)
-    result = _run(ctx, a, renderer)
+        return run_compare(opts, renderer, as_json)
+    try:
+        result = surgery.train(options=opts, observer=renderer)
+    finally:
+        renderer.close()
     if not is_main_process():
         return
     if as_json:
@@ -201,61 +171,21 @@ def train(
     render(result)
 
 
-def _check(a: SimpleNamespace) -> None:
-    if a.data is None:
-        raise TrainError("--data is required: an ImageFolder root, a folder of class folders, or a CSV")
-    if a.out is None and not a.find_lr:
-        raise TrainError("--out DIR is required: where to write the run")
-    if a.no_augment and a.augment not in ("light", "none"):
-        raise TrainError(f"--no-augment and --augment {a.augment} contradict each other; give one")
-    if a.compare_scratch and (a.resume not in (None, _RESUME_LAST) or a.nproc is not None or a.find_lr):
-        raise TrainError("--compare-scratch runs both trainings in one process, and its --resume continues both from "
-                         "OUT (no PATH); drop --nproc, --find-lr, the PATH after --resume")
+def _options(ctx: typer.Context, values: dict, no_augment: bool, find_lr: bool) -> TrainOptions:
+    """The run's options from the command line: --resume alone is True; what a resumed run's
+    command line leaves out (--epochs, --lr) comes from its checkpoint."""
+    given = option_values(TrainOptions, values, ctx, resuming=values["resume"] is not None)
+    if no_augment and given["augment"] not in ("light", "none"):
+        raise TrainError(f"--no-augment and --augment {given['augment']} contradict each other; give one")
+    opts = TrainOptions(**dict(given, augment="none" if no_augment else given["augment"],
+                               resume=True if given["resume"] == _RESUME_LAST else given["resume"]))
+    return opts.require("data") if find_lr else opts.require("data", "out")
 
 
 def _forwarded(ctx: typer.Context) -> list[str]:
     """This command's arguments, for the processes torchrun starts (--nproc is dropped there)."""
     argv = ctx.meta.get("surgery.raw_args") or sys.argv[1:]
     return argv[1:] if argv and argv[0] == "train" else list(argv)
-
-
-def _shared(a: SimpleNamespace) -> dict:
-    """The options of a run that --find-lr and --compare-scratch take too."""
-    return dict(val_split=a.val_split, seed=a.seed, batch_size=a.batch_size, optimizer=a.optimizer,
-                weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, image_size=a.image_size,
-                augment="none" if a.no_augment else a.augment, flip=not a.no_flip, device=a.device,
-                cache_features=a.cache_features,
-                force=a.force, trust_code=a.trust_code)
-
-
-def _run_only(a: SimpleNamespace) -> dict:
-    return dict(epochs=a.epochs, lr=a.lr, workers=a.workers, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
-                clip_grad=a.clip_grad, patience=a.patience, amp=not a.no_amp, compile=a.compile_,
-                cache_views=a.cache_views, mixup=a.mixup, cutmix=a.cutmix, ema=a.ema, accumulate=a.accumulate,
-                class_weights=a.class_weights, balanced_sampler=a.balanced_sampler, tensorboard=a.tensorboard,
-                guard=not a.no_guard)
-
-
-def _run(ctx: typer.Context, a: SimpleNamespace, renderer: "Renderer") -> Any:
-    options = dict(_shared(a), **_run_only(a))
-    if a.resume is not None:  # what the command line leaves out comes from the checkpoint
-        for name in ("epochs", "lr"):
-            if getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE":
-                options[name] = None
-    try:
-        return surgery.train(a.adapted, a.data, out=a.out, resume=(True if a.resume == _RESUME_LAST else a.resume),
-                             observer=renderer, **options)
-    finally:
-        renderer.close()
-
-
-def _parse_lr(text: str) -> float | str:
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise TrainError(f"--lr {text!r}: give a number (e.g. 3e-3) or auto") from None
 
 
 def render(result: Any) -> None:

@@ -1,21 +1,22 @@
 """`surgery train --find-lr` and `surgery train --compare-scratch`: the renderers of two
-variations of a training run (the options live in train_cmd)."""
+variations of a training run, on the run's options."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import console, print_json
 
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.trainer.options import TrainOptions
 
-def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_json: bool) -> None:
+
+def run_find_lr(opts: "TrainOptions", as_json: bool) -> None:
     """Only the range test; the curve as text, the suggestion, and the command that trains with it."""
     from surgery.trainer.lr_find import find_lr, fmt_lr
 
-    keep = ("val_split", "seed", "batch_size", "optimizer", "weight_decay", "label_smoothing", "image_size",
-            "augment", "flip", "device", "cache_features", "force", "trust_code", "epochs", "accumulate")
-    found = find_lr(adapted, data, out=out, **{k: options[k] for k in keep})
+    found = find_lr(options=opts)
+    out = opts.out
     if as_json:
         print_json(found.to_json())
         return
@@ -36,27 +37,16 @@ def run_find_lr(adapted: Path, data: Path, out: Path | None, options: dict, as_j
     c.print(f"({found.seconds:.1f}s)", markup=False)
 
 
-def resumed_options(ctx: Any, options: dict) -> dict:
-    """``--resume``: --epochs and --lr left off the command line come from the checkpoint, not
-    from their defaults (another --epochs would change the run's length)."""
-    for name in ("epochs", "lr"):
-        if getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE":
-            options = dict(options, **{name: None})
-    return options
-
-
-def run_compare(adapted: Path, data: Path, out: Path, renderer: Any, as_json: bool, options: dict,
-                resume: bool = False, ctx: Any = None) -> None:
-    """The run, then the same budget from random weights in OUT/scratch, then the verdict;
-    ``resume``: whatever of the three an interruption left unfinished."""
+def run_compare(opts: "TrainOptions", renderer: Any, as_json: bool) -> None:
+    """The run, then the same budget from random weights in OUT/scratch, then the verdict; with
+    ``--resume``, whatever of the three an interruption left unfinished."""
     from surgery.trainer.compare import compare_scratch
 
-    if resume:
-        options = resumed_options(ctx, options)
     try:
-        report = compare_scratch(adapted, data, out=out, observer=renderer, resume=resume, **options)
+        report = compare_scratch(options=opts, observer=renderer)
     finally:
         renderer.close()
+    out = opts.out
     if as_json:
         print_json(report)
         return

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, escaped, handles_errors, print_json
+from .common import console, escaped, handles_errors, print_json, shared_option
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
 def trust(
     folder: Annotated[Path, typer.Argument(help="An adapted folder or a trained run (manifest.json).", show_default=False)],
     repin: Annotated[bool, typer.Option("--repin", help="Pin the factory file's current sha256 in the manifest (after you reviewed the file).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema surgery.trust/1).")] = False,
+    as_json: Annotated[bool, shared_option("as_json")] = False,
 ) -> None:
     """Show the factory file DIR's manifest pins: its path, size, pinned and current sha256.
 

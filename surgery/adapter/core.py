@@ -16,11 +16,11 @@ importable from here, where the trainer and older code look for them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..io import OUTPUTS, check_destination
+from ..option_table import options_from, signature
 from .arch import assumed_input, resolve_arch, torchvision_weights
 from .assemble import assemble_manifest
 from .build import blueprint, build_model
@@ -36,21 +36,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 
-def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLike | None = None,
-          weights: str | None = None, arch_kwargs: dict | str | None = None, rules: Any = None,
-          select: str | None = None, allow_globals: Iterable[str] = (), head: str = "linear",
-          hidden: int = 512, dropout: float = 0.5, in_chans: int = 3, input_size: int | None = None,
-          mean: float | str | Iterable[float] | None = None, std: float | str | Iterable[float] | None = None,
-          freeze: str | None = None, freeze_until: str | None = None, freeze_first: int | None = None,
-          freeze_regex: str | None = None, train_regex: str | None = None, preset: str | None = None,
-          backbone_lr_mult: float | None = None, layer_decay: float | None = None,
-          unfreeze_at: int | None = None, gradual: bool = False, bn: str | None = None, strict: bool = False,
-          min_coverage: float = 0.5, interpolate: bool = True, class_names: list[str] | None = None,
-          force: bool = False, seed: int = 0) -> tuple["nn.Module", AdaptReport]:
+def adapt(ckpt: Any = None, options: AdaptOptions | None = None, **keywords: Any) -> tuple["nn.Module", AdaptReport]:
     """Load ``ckpt`` (a path, a state dict, or None with ``weights``) into ``arch`` with a new
     ``num_classes`` head, freeze by policy, and (with ``out``) write model.safetensors,
     manifest.json and load_report.json there. Returns (model, report); nothing is written when
-    anything fails. The keywords are those of :class:`AdaptOptions` (the freeze ones flat);
+    anything fails. The keywords are the fields of :class:`AdaptOptions` (the freeze ones flat;
+    each the flag of ``surgery adapt`` of the same name); ``options``: an AdaptOptions, the
+    keywords laid over it;
     ``mean``/``std``: one value per input channel, recorded in the manifest (default: the
     weights' metadata, else ImageNet's, which the report then says it assumed).
 
@@ -59,8 +51,10 @@ def adapt(ckpt: Any = None, *, arch: str, num_classes: int, out: str | os.PathLi
     >>> report.load.coverage
     0.9956
     """
-    keywords = dict(locals())
-    return adapt_with(keywords.pop("ckpt"), AdaptOptions.create(**keywords))
+    return adapt_with(ckpt, options_from(AdaptOptions, options, keywords, "adapt"))
+
+
+adapt.__signature__ = signature(adapt, AdaptOptions)  # type: ignore[attr-defined]
 
 
 def adapt_with(ckpt: Any, o: AdaptOptions) -> tuple["nn.Module", AdaptReport]:

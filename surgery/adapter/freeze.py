@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import AdaptError
+from ..option_table import option
 from .manifest import BN_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,17 +56,22 @@ PRESETS_DOC = _Presets.__doc__
 
 @dataclass(frozen=True)
 class FreezeOptions:
-    freeze: str | None = None
-    freeze_until: str | None = None
-    freeze_first: int | None = None
-    freeze_regex: str | None = None
-    train_regex: str | None = None
-    preset: str | None = None
-    backbone_lr_mult: float | None = None
-    layer_decay: float | None = None
-    unfreeze_at: int | None = None
-    gradual: bool = False
-    bn: str | None = None
+    """How ``surgery adapt`` freezes, each option declared once with its flag (``--freeze-until``)."""
+
+    freeze: str | None = option(None, "Base freeze policy.", metavar="head-only|none")
+    freeze_until: str | None = option(None, "Freeze everything before MODULE (e.g. layer3).", metavar="MODULE")
+    freeze_first: int | None = option(None, "Freeze the first N top-level children that have parameters.",
+                                      metavar="N")
+    freeze_regex: str | None = option(None, "Also freeze parameters matching REGEX.", metavar="REGEX")
+    train_regex: str | None = option(None, "Keep parameters matching REGEX trainable (applied last).", metavar="REGEX")
+    preset: str | None = option(None, "Data-regime preset.",
+                                metavar="small-similar|small-different|large-similar|large-different")
+    backbone_lr_mult: float | None = option(None, "LR multiplier of pretrained layers (default 0.1).")
+    layer_decay: float | None = option(None, "Multiply the LR by this per stage, going down from the top.")
+    unfreeze_at: int | None = option(None, "Everything trains after EPOCH epochs (from epoch EPOCH+1, as train counts "
+                                     "them).", metavar="EPOCH")
+    gradual: bool = option(False, "Unfreeze one stage more per epoch, from the top.")
+    bn: str | None = option(None, "Frozen BatchNorm layers stay in eval mode (default frozen).", metavar="frozen|train")
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import AdaptError
+from ..option_table import nested, option, shared
 from .freeze import FreezeOptions
 from .manifest import HEAD_KINDS
 
@@ -22,30 +23,46 @@ FREEZE_KEYWORDS = tuple(f.name for f in fields(FreezeOptions))
 
 @dataclass(frozen=True)
 class AdaptOptions:
-    """What to build and how to load and freeze it; the checkpoint itself is not an option."""
+    """What to build and how to load and freeze it; the checkpoint itself is not an option. Each
+    field is declared once, with its flag (:mod:`surgery.option_table`)."""
 
-    arch: str
-    num_classes: int
-    out: Path | None = None
-    weights: str | None = None  # torchvision weights name, instead of a checkpoint
-    arch_kwargs: dict | str | None = None
+    arch: str = option(help="torchvision model name, timm:NAME, path/to/file.py:fn or package.module:fn.",
+                       cli_default="", show_default=False)
+    num_classes: int = option(help="Outputs of the new head.", cli_type=Optional[int], cli_default=None,
+                              show_default=False)
+    out: Path | None = option(None, "Folder to write model.safetensors, manifest.json, load_report.json.",
+                              show_default=False)
+    weights: str | None = option(None, "Start from torchvision's weights (DEFAULT, IMAGENET1K_V2, ...) instead of "
+                                 "CKPT.", metavar="NAME")
+    arch_kwargs: dict | str | None = option(None, "Keyword arguments for the model factory, a JSON object.",
+                                            metavar="JSON", cli_type=Optional[str])
     rules: Any = None  # Rules, ops, a rules file or its dict: applied to the checkpoint's names first
-    select: str | None = None
-    allow_globals: tuple[str, ...] = ()
-    head: str = "linear"
-    hidden: int = 512
-    dropout: float = 0.5
-    in_chans: int = 3
-    input_size: int | None = None
-    mean: tuple[float, ...] | None = None  # per input channel; None: the weights' metadata, else ImageNet's
-    std: tuple[float, ...] | None = None
-    freezing: FreezeOptions = field(default_factory=FreezeOptions)
-    strict: bool = False
-    min_coverage: float = 0.5
+    select: str | None = shared("select")
+    allow_globals: tuple[str, ...] = shared("allow_globals", ())
+    head: str = option("linear", "linear, or mlp (concat pool + BN/dropout/linear x2, CNN backbones).")
+    hidden: int = option(512, "Hidden width of the mlp head.")
+    dropout: float = option(0.5, "Dropout of the mlp head (the first layer uses half).")
+    in_chans: int = option(3, "Input channels; the first conv's weights are adapted.")
+    input_size: int | None = option(None, "Input size for the probe and the manifest (default: the weights' or 224); "
+                                    "a timm ViT is rebuilt for it (img_size).")
+    # per input channel; None: the weights' metadata, else ImageNet's
+    mean: tuple[float, ...] | None = option(None, "Normalisation mean per input channel, recorded in the manifest "
+                                            "(default: the weights' metadata, else ImageNet's); one value for "
+                                            "--in-chans 1.", metavar="M,M,M", cli_type=Optional[str],
+                                            show_default=False)
+    std: tuple[float, ...] | None = option(None, "Normalisation std per input channel, as --mean.", metavar="S,S,S",
+                                           cli_type=Optional[str], show_default=False)
+    freezing: FreezeOptions = nested(FreezeOptions)
+    strict: bool = option(False, "Anything missing besides the new head is an error.")
+    min_coverage: float = option(0.5, "Refuse when less of the backbone than this loads.")
     interpolate: bool = True
     class_names: list[str] | None = None
-    force: bool = False
+    force: bool = option(False, "Replace --out if it exists.")
     seed: int = 0
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> "AdaptOptions":
+        return cls.create(**keywords)
 
     @classmethod
     def create(cls, **keywords: Any) -> "AdaptOptions":

@@ -22,7 +22,6 @@ from typing import Iterable, Iterator
 
 from ..errors import RuleError, SurgeryError
 from ..formats import SNIFF_BYTES, sniff_bytes
-from ..formats.torch_tar import MEMBERS as TAR_MEMBERS
 
 ERROR_SCHEMA = "surgery.inspect-error/1"
 # Files of a walked folder that are inspected whatever their bytes; any other file is inspected
@@ -222,8 +221,10 @@ def sniffs_as_checkpoint(head: bytes, size: int, tar_member: bytes = b"") -> boo
         name = head[30:30 + n].decode("utf-8", "replace")  # the first entry's: its local header leads the file
         return _torch_record(name) or ("/" in name and _torch_record(name.split("/", 1)[1]))
     if fmt == "torch-tar":
+        from ..formats.torch_tar import MEMBERS  # the tar reader loads only for a tar file
+
         first = (tar_member or head)[:100].split(b"\0", 1)[0].decode("latin-1")
-        return first in TAR_MEMBERS
+        return first in MEMBERS
     if fmt == "safetensors":
         return 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[9:10] in (b'"', b"}")
     return fmt == "torch-legacy"

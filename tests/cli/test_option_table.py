@@ -1,0 +1,105 @@
+"""Each option of adapt and train is declared once (a field of AdaptOptions, FreezeOptions or
+TrainOptions): the command's flags, the Python keywords and the messages all come from it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import fields
+
+import pytest
+
+import surgery
+from surgery.adapter.options import AdaptOptions
+from surgery.errors import TrainError
+from surgery.option_table import SHARED, entries, flat_values
+from surgery.trainer.options import TrainOptions
+
+TABLES = {"train": TrainOptions, "adapt": AdaptOptions}
+
+
+@pytest.mark.parametrize("command", TABLES)
+def test_every_flagged_field_is_an_option_of_its_command(cli, command):
+    r = cli(command, "--help")
+    assert r.exit_code == 0, r.output
+    flagged = [e for e in entries(TABLES[command]) if e.flag is not None and not e.flag.argument]
+    assert len(flagged) >= 25
+    for e in flagged:
+        assert e.flag.spelled(e.name) in r.stdout, e.name
+        assert e.flag.help.split()[0] in r.stdout, e.name
+
+
+@pytest.mark.parametrize("name", ["train", "adapt"])
+def test_the_python_signature_lists_every_keyword_of_the_table(name):
+    params = inspect.signature(getattr(surgery, name)).parameters
+    table = TABLES[name]
+    for e in entries(table):
+        if e.name not in ("adapted", "data"):
+            assert e.name in params, e.name
+    assert params["seed"].default == 0 and params["batch_size" if name == "train" else "hidden"].default in (32, 512)
+
+
+def test_a_misspelt_keyword_is_a_type_error_with_the_nearest_name(tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'; did you mean 'epochs'"):
+        surgery.train(tmp_path, tmp_path, epoch=3, out=tmp_path / "run")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'freeze_untill'; did you mean 'freeze_until'"):
+        surgery.adapt(None, arch="resnet18", num_classes=3, freeze_untill="layer3")
+
+
+def test_options_and_keywords_combine_and_are_checked_once():
+    base = AdaptOptions.create(arch="resnet18", num_classes=3, freeze="head-only", mean="0.5,0.5,0.5")
+    flat = flat_values(base)
+    assert flat["freeze"] == "head-only" and "freezing" not in flat
+    again = AdaptOptions.from_keywords(**dict(flat, bn="train"))
+    assert again.freezing.bn == "train" and again.freezing.freeze == "head-only" and again.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(TypeError, match="options must be a TrainOptions"):
+        surgery.train("a", "b", options=base, out="c")
+
+
+def test_python_callers_read_keywords_and_the_shell_reads_flags(cli, tmp_path):
+    with pytest.raises(TrainError, match=r"batch_size must be a positive integer"):
+        surgery.train(tmp_path, tmp_path, out=tmp_path / "run", epochs=1, lr=0.1, batch_size=0)
+    r = cli("train", tmp_path, "--data", tmp_path, "--out", tmp_path / "run", "--batch-size", "0")
+    assert r.exit_code == 2 and "--batch-size must be a positive integer" in r.stderr, r.stderr
+    r = cli("train", tmp_path, "--data", tmp_path, "--out", tmp_path / "run", "--lr", "fast")
+    assert r.exit_code == 2 and "--lr 'fast': give a number (e.g. 3e-3) or auto" in r.stderr, r.stderr
+
+
+def test_a_negated_flag_turns_its_option_off():
+    from cli.common import option_values
+
+    given = option_values(TrainOptions, {"no_flip": True, "no_amp": False, "no_guard": True, "lr": "3e-3",
+                                         "epochs": 4, "resume": None})
+    assert given == {"flip": False, "amp": True, "guard": False, "lr": 3e-3, "epochs": 4, "resume": None}
+
+
+def test_shared_flags_read_the_same_in_every_command(cli):
+    for command in ("inspect", "remap", "diff", "adapt", "advise", "train", "evaluate", "predict", "export", "trust"):
+        r = cli(command, "--help")
+        assert r.exit_code == 0, (command, r.output)
+        assert SHARED["as_json"].help in r.stdout, command
+    for command in ("inspect", "remap", "adapt"):
+        assert SHARED["select"].help in cli(command, "--help").stdout, command
+
+
+def test_a_field_without_a_flag_is_for_python_only():
+    names = {f.name for f in fields(TrainOptions)}
+    assert "momentum" in names
+    assert next(e for e in entries(TrainOptions) if e.name == "momentum").flag is None
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--depth", "-1"], "--depth"), (["--depth", "two"], "--depth"), (["--depth", "1.5"], "--depth"),
+    (["--workers", "0"], "--workers"),
+])
+def test_values_of_the_wrong_type_get_typers_errors(cli, make, args, match):
+    r = cli("inspect", make("plain_pt"), *args)
+    assert r.exit_code == 2 and "Invalid value" in r.stderr and match in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--depth", "0"], ["--depth", "007"], ["--workers", "1", "--json"]])
+def test_plain_values_work(cli, make, args):
+    r = cli("inspect", make("plain_pt"), *args)
+    assert r.exit_code == 0, r.stderr
+    if "--json" in args:
+        assert json.loads(r.stdout)["schema"] == "surgery.inspect/1"
