@@ -10,8 +10,10 @@ import typer
 from typer.core import TyperCommand
 
 from surgery.remapping.ops import OP_KINDS, Op, OpKind
+from surgery.remapping.options import RemapOptions
 
-from .common import console, escaped, handles_errors, human_bytes, print_json, shared_option
+from .common import (console, escaped, handles_errors, human_bytes, option_values, print_json, shared_option,
+                     with_options)
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
@@ -59,7 +61,7 @@ def _option(kind: OpKind) -> inspect.Parameter:
 
 
 def _with_op_options(fn: Callable) -> Callable:
-    """Give ``fn`` (which takes them as ``**op_values``) one option per op kind, in the table's
+    """Give ``fn`` (which takes them as ``**values``) one option per op kind, in the table's
     order, before its own options: the command line's ops come from `OP_KINDS`."""
     params = list(inspect.signature(fn, eval_str=True).parameters.values())
     own = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
@@ -74,6 +76,7 @@ def register(app: typer.Typer) -> None:
 
 
 @_with_op_options
+@with_options(RemapOptions)
 @handles_errors
 def remap(
     ctx: typer.Context,
@@ -82,14 +85,8 @@ def remap(
     *,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="YAML or JSON rules file; its ops run before the command-line ones.")] = None,
     select: Annotated[Optional[str], shared_option("select")] = None,
-    allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard when DST is a folder.")] = "5GB",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the old -> new table; write nothing.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare every tensor bit for bit.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
-    in_place: Annotated[bool, typer.Option("--in-place", help="Allow DST to be SRC (written to a temp file, then renamed).")] = False,
     as_json: Annotated[bool, shared_option("as_json")] = False,
-    **op_values: Any,
+    **values: Any,
 ) -> None:
     """Rewrite a checkpoint's keys and format. Ops apply in the order given.
 
@@ -98,11 +95,10 @@ def remap(
     from surgery.remapping import Rules, remap as run_remap  # the rest of remap loads only when it runs
 
     rules = Rules.from_file(rules_file) if rules_file else Rules()
-    rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), op_values))
+    rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), values))
     if select is not None:
         rules.select = select
-    report = run_remap(src, dst, rules, force=force, in_place=in_place, dry_run=dry_run, verify=verify,
-                       shard_size=shard_size, allow_globals=tuple(allow_global or ()))
+    report = run_remap(src, dst, rules, RemapOptions.from_keywords(**option_values(RemapOptions, values)))
     if as_json:
         print_json(report.to_json())
         return

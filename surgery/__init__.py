@@ -25,6 +25,7 @@ _EXPORTS = {
     "diff": ("surgery.inspection.diff_report", "diff"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
+    "RemapOptions": ("surgery.remapping.options", "RemapOptions"),
     "Op": ("surgery.remapping", "Op"),
     "strip_prefix": ("surgery.remapping", "strip_prefix"),
     "add_prefix": ("surgery.remapping", "add_prefix"),
@@ -34,6 +35,7 @@ _EXPORTS = {
     "auto_strip": ("surgery.remapping", "auto_strip"),
     "cast": ("surgery.remapping", "cast"),
     "adapt": ("surgery.adapter.core", "adapt"),
+    "AdaptOptions": ("surgery.adapter.options", "AdaptOptions"),
     "load_adapted": ("surgery.adapter.core", "load_adapted"),
     "param_groups": ("surgery.adapter.core", "param_groups"),
     "apply_schedule": ("surgery.adapter.freeze", "apply_schedule"),
@@ -41,6 +43,7 @@ _EXPORTS = {
     "read_manifest": ("surgery.adapter.manifest", "read_manifest"),
     "train": ("surgery.trainer.runner", "train"),
     "TrainResult": ("surgery.trainer.runner", "TrainResult"),
+    "TrainOptions": ("surgery.trainer.options", "TrainOptions"),
     "find_lr": ("surgery.trainer.lr_find", "find_lr"),
     "compare_scratch": ("surgery.trainer.compare", "compare_scratch"),
     "advise": ("surgery.advice", "advise"),
@@ -53,7 +56,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 # their errors name the caller's keywords (num_classes), not the command line's flags (--num-classes)
-_KEYWORD_ERRORS = ("adapt", "train", "evaluate", "predict")
+_KEYWORD_ERRORS = ("remap", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict")
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ tensor's byte range from the source, so peak memory does not grow with the file.
 - `plan`: names first (`plan_names`), then per tensor (`build_plan`), and the refusals.
 - `transforms`: the same ops as pure ``dict[str, Tensor] -> dict[str, Tensor]`` functions.
 - `output`, `verify`: the plan as the output format's writer takes it; reading it back.
-- `run`: `remap()`, the orchestrator.
+- `options`: `RemapOptions`, how remap writes (its flags); `run`: `remap()`, the orchestrator.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _EXPORTS = {
     "OP_KINDS": "ops", "Op": "ops", "OpKind": "ops", "parse_dtype": "ops", "parse_rename": "ops",
     "NamePlan": "plan", "PlanRow": "plan", "build_plan": "plan", "parse_size": "plan", "plan_names": "plan",
     "REMAP_SCHEMA": "report", "RemapReport": "report",
-    "Rules": "rules",
+    "Rules": "rules", "RemapOptions": "options",
     "remap": "run",
     **{name: "transforms" for name in ("add_prefix", "apply_rules", "auto_strip", "cast", "densify", "dequantize",
                                        "drop", "keep", "rename", "strip_prefix")},

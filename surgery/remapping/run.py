@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import RuleError, SelectError
 from ..formats import FOLDER, open_checkpoint, output_format
 from ..io import OUTPUTS, check_destination, check_source
+from ..option_table import options_from, signature
 from .ops import Op
+from .options import RemapOptions
 from .output import write
 from .plan import build_plan, parse_size, refuse_unsafetensorable
 from .report import RemapReport
@@ -17,22 +18,23 @@ from .rules import Rules
 from .verify import verify as verify_output
 
 
-def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None, *,
-          force: bool = False, in_place: bool = False, dry_run: bool = False, verify: bool = False,
-          shard_size: str | int = "5GB", allow_globals: Iterable[str] = ()) -> RemapReport:
+def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None,
+          options: RemapOptions | None = None, **keywords: object) -> RemapReport:
     """Rewrite ``src`` to ``dst`` with ``rules``; the output format follows ``dst``'s suffix.
 
     ``rules``: a `Rules`, a list of `Op` (or of ``(kind, *args)`` tuples), a dict in the rules-file
-    schema, or a rules file path.
+    schema, or a rules file path. The keywords are the fields of :class:`RemapOptions` (``force``,
+    ``in_place``, ``dry_run``, ``verify``, ``shard_size``, ``allow_globals``).
 
     >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
     >>> remap("dp.pth", "clean.safetensors", [("auto",), ("drop", "^fc\\.")])  # doctest: +SKIP
     >>> remap("dp.pth", "clean.pt", {"ops": [{"auto": True}, {"dtype": "bf16"}]})  # doctest: +SKIP
     """
+    o = options_from(RemapOptions, options, keywords, "remap")
     rules = Rules.coerce(_as_ops(rules))
     src_p, dst_p = Path(src), Path(dst)
     check_source(src_p)
-    ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=tuple(allow_globals))
+    ckpt = open_checkpoint(src_p, select=rules.select, allow_globals=o.allow_globals)
     if ckpt.file_kind == "optimizer" and rules.select is None:
         raise SelectError(f"{src_p}: this is {ckpt.description}, not a model's weights; name the tensor dict to "
                           f"write with --select (one of: {', '.join(ckpt.containers[:6])}"
@@ -41,17 +43,17 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     rows, counts = build_plan(ckpt, rules)
     if fmt.name != "torch-zip":
         refuse_unsafetensorable(str(src_p), rows)
-    shard_bytes = parse_size(shard_size)
-    report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, dry_run)
+    shard_bytes = parse_size(o.shard_size)
+    report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, o.dry_run)
     if not any(r.new is not None for r in rows):
         raise RuleError(f"{src_p}: the rules drop every tensor; nothing would be written")
-    if dry_run:
+    if o.dry_run:
         return report
-    check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=force, in_place=in_place,
+    check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=o.force, in_place=o.in_place,
                       kind="folder" if FOLDER in fmt.suffixes else "file", owned=OUTPUTS["remap"])
     report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
-    if verify:
+    if o.verify:
         verify_output(ckpt, rows, dst_p)
         report.verified = True
     return report
@@ -73,3 +75,6 @@ def _as_ops(rules: object) -> object:
                             f"or ('strip_prefix', 'model.'), every part a string")
         ops.append(Op(*item))
     return ops
+
+
+remap.__signature__ = signature(remap, RemapOptions)  # type: ignore[attr-defined]

@@ -1,0 +1,27 @@
+"""How ``remap`` writes: its options, each declared once with its flag (:mod:`surgery.option_table`).
+
+Kept apart from the reading and writing code so that ``surgery remap``'s flags cost no import of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..option_table import option, shared
+
+
+@dataclass(frozen=True)
+class RemapOptions:
+    """How ``remap`` writes, each option declared once with its flag (:mod:`surgery.option_table`);
+    what it writes is the rules'."""
+
+    shard_size: str | int = option("5GB", "Largest shard when DST is a folder.", cli_type=str)
+    dry_run: bool = option(False, "Print the old -> new table; write nothing.")
+    verify: bool = option(False, "Re-read the output and compare every tensor bit for bit.")
+    force: bool = option(False, "Replace DST if it exists.")
+    in_place: bool = option(False, "Allow DST to be SRC (written to a temp file, then renamed).")
+    allow_globals: tuple[str, ...] = shared("allow_globals", ())
+
+    @classmethod
+    def from_keywords(cls, **keywords: object) -> "RemapOptions":
+        return cls(**dict(keywords, allow_globals=tuple(keywords.get("allow_globals") or ())))
