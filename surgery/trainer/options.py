@@ -64,7 +64,7 @@ class TrainOptions:
     workers: int = option(0, "DataLoader worker processes.")
     optimizer: str = option("adamw", "AdamW, or SGD with momentum 0.9.", metavar="adamw|sgd")
     weight_decay: float | None = option(None, "Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")
-    momentum: float = 0.9
+    momentum: float = option(0.9, "SGD's momentum (--optimizer sgd).")
     schedule: str = option("cosine", "LR schedule over the whole run, per batch.", metavar="cosine|onecycle|constant")
     warmup_epochs: float | None = option(None, "Linear warmup length in epochs; 0: no warmup (default 1, none for a "
                                          "one-epoch run).")
@@ -192,6 +192,7 @@ def _problems(o: TrainOptions) -> list[str]:
         (o.warmup_epochs is None or o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
         (o.cache_views >= 0, f"--cache-views must be >= 0, got {o.cache_views}"),
         (o.weight_decay is None or o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
+        (0 <= o.momentum < 1, f"--momentum must be in [0, 1), got {o.momentum}"),
         (isinstance(o.batch_size, int) and o.batch_size >= 1,
          f"--batch-size must be a positive integer, got {o.batch_size!r}"),
         (isinstance(o.workers, int) and o.workers >= 0, f"--workers must be 0 or more, got {o.workers!r}"),
