@@ -83,9 +83,19 @@ def test_shared_flags_read_the_same_in_every_command(cli):
 
 
 def test_a_field_without_a_flag_is_for_python_only():
-    names = {f.name for f in fields(TrainOptions)}
-    assert "momentum" in names
-    assert next(e for e in entries(TrainOptions) if e.name == "momentum").flag is None
+    names = {f.name for f in fields(AdaptOptions)}
+    assert {"rules", "interpolate", "class_names", "seed"} <= names
+    assert all(e.flag is None for e in entries(AdaptOptions) if e.name in ("rules", "interpolate", "class_names"))
+
+
+def test_one_field_is_one_new_option_everywhere(cli, tmp_path):
+    """--momentum was added as one field with its check: the flag, the keyword and the message follow."""
+    assert "--momentum" in cli("train", "--help").stdout
+    assert inspect.signature(surgery.train).parameters["momentum"].default == 0.9
+    r = cli("train", tmp_path, "--data", tmp_path, "--out", tmp_path / "run", "--momentum", "1.5")
+    assert r.exit_code == 2 and "--momentum must be in [0, 1), got 1.5" in r.stderr, r.stderr
+    with pytest.raises(TrainError, match=r"momentum must be in \[0, 1\), got -0.1"):
+        surgery.train(tmp_path, tmp_path, out=tmp_path / "run", epochs=1, momentum=-0.1)
 
 
 @pytest.mark.parametrize("args, match", [
