@@ -29,7 +29,7 @@ once made the bottom of the sweep, 1e-6, the suggestion. Then it depends on what
   up to the smoothed minimum uses every point: its middle ``10^c`` moved by 2x at most between
   seeds there. The descent's middle is where the sweep *starts* to learn, after the steps below
   it; the run trains at one lr from its first step, and on the bench the best lr of a grid sat 5
-  to 20 times above the middle (``AHEAD = 8`` is the compromise; see the README for the figures).
+  to 20 times above the middle (``AHEAD = 8`` is the compromise; see docs/benchmarks.md for the figures).
   It is the idea of fastai's ``valley`` (the middle of the longest descent), fitted rather than
   counted. The whole-model sweep is as long as the run (40 to 100 steps): the descent moves to
   lower rates as the sweep gets longer (a 100-step sweep put it up to 2x lower), so a sweep as long as

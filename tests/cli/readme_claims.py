@@ -1,4 +1,4 @@
-"""What the README claims about a run, checked so that it holds on any machine.
+"""What the README and the docs/ pages claim about a run, checked so that it holds on any machine.
 
 Text stays exact: names, shapes, counts of tensors and images, key names, architecture guesses,
 presets and the words of a verdict. Figures that come from training or timing do not: CPU kernels
@@ -14,7 +14,30 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tests import REPO
+
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+# the order a reader follows, which is the order the examples replay in (a page's examples may use the
+# folders an earlier page's examples wrote); a page not listed replays after these
+DOCS_ORDER = ("inspect", "remap", "adapt", "train", "formats", "python", "benchmarks", "development")
+GENERATED = ("RELIABILITY.md",)  # written by bench/reliability.py from one run, not by hand
+
+
+def pages() -> Iterator[tuple[Path, str]]:
+    """(page, its text) for the README and every hand-written docs/ page, in reading order."""
+    found = sorted(p for p in DOCS.glob("*.md") if p.name not in GENERATED)
+    rank = {name: i for i, name in enumerate(DOCS_ORDER)}
+    yield README, README.read_text()
+    for page in sorted(found, key=lambda p: (rank.get(p.stem, len(rank)), p.name)):
+        yield page, page.read_text()
+
+
+def page_name(page: Path) -> str:
+    return page.relative_to(REPO).as_posix()
 
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?"
 FEW = 2  # a README accuracy may differ from a fresh run's by FEW noises, i.e. 4 standard errors of the difference
