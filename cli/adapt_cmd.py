@@ -46,7 +46,7 @@ def adapt(
     options = AdaptOptions.create(rules=_rules(ctx, rules_file, strip_prefix, rename, drop),
                                   **option_values(AdaptOptions, values))
     if options.out is None:  # the library may adapt in memory only; the command always writes
-        raise AdaptError("--out DIR is required: where to write the adapted model")
+        raise AdaptError("--out is required: the folder the adapted model is written to")
     _, report = adapt_with(str(ckpt) if ckpt is not None else None, options)
     if as_json:
         print_json(report.to_json())

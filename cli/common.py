@@ -8,6 +8,8 @@ import json
 import os
 import re
 import sys
+import types
+import typing
 import warnings
 from dataclasses import MISSING
 from typing import Annotated, Any, Callable, Optional, TypeVar
@@ -183,9 +185,6 @@ def shared_option(name: str) -> Any:
 def _cli_type(entry: Any) -> Any:
     """The command line's type of a table row: its ``cli_type``, else the Python type with None
     made Optional and a tuple made a repeatable option."""
-    import types
-    import typing
-
     f = entry.flag
     if f.negated:
         return bool
@@ -220,8 +219,9 @@ def _parameter(entry: Any) -> inspect.Parameter:
 
 
 def with_options(table: type) -> Callable[[F], F]:
-    """Give a command (which takes them as ``**values``) one option per flagged field of ``table``,
-    arguments first, then the table's options in declaration order, then the command's own."""
+    """Give a command (which takes them as ``**values``) one option per flagged field of ``table``:
+    in ``--help``, the table's arguments, then its options in declaration order, then the
+    command's own options (its modes and output: ``--find-lr``, ``--json``)."""
 
     def give(fn: F) -> F:
         from surgery.option_table import entries
@@ -229,7 +229,7 @@ def with_options(table: type) -> Callable[[F], F]:
         params = list(inspect.signature(fn, eval_str=True).parameters.values())
         own = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
         rows = [_parameter(e) for e in entries(table) if e.flag is not None]
-        args = [p for p in rows if isinstance(typing_metadata(p), typer.models.ArgumentInfo)]
+        args = [p for p in rows if isinstance(_typer_info(p), typer.models.ArgumentInfo)]
         lead = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
         rest = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
         fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -239,8 +239,8 @@ def with_options(table: type) -> Callable[[F], F]:
     return give
 
 
-def typing_metadata(p: inspect.Parameter) -> Any:
-    """The Typer info of an ``Annotated[type, info]`` parameter."""
+def _typer_info(p: inspect.Parameter) -> Any:
+    """The ``typer.Option``/``typer.Argument`` of an ``Annotated[type, info]`` parameter."""
     return getattr(p.annotation, "__metadata__", (None,))[0]
 
 

@@ -1,7 +1,8 @@
-"""Each option of adapt and train declared once: a dataclass field that carries its flag.
+"""Each option of adapt, train and remap declared once: a dataclass field that carries its flag.
 
-:class:`surgery.trainer.options.TrainOptions`, :class:`surgery.adapter.options.AdaptOptions` and
-the :class:`surgery.adapter.freeze.FreezeOptions` inside it declare their fields with
+:class:`surgery.trainer.options.TrainOptions`, :class:`surgery.adapter.options.AdaptOptions` (with
+the :class:`surgery.adapter.freeze.FreezeOptions` inside it) and
+:class:`surgery.remapping.options.RemapOptions` declare their fields with
 :func:`option` (type, default, help, metavar, how the command line spells it); their checks live
 beside them. From that one table:
 
@@ -10,7 +11,7 @@ beside them. From that one table:
   same fields (:func:`options_from`), and show them in their signature (:func:`signature`);
 - errors name the flag from the shell and the keyword from Python (:mod:`surgery.flag_names`).
 
-A field without a flag (``momentum``, ``rules``) is for Python callers only. A few flags are shared
+A field without a flag (``rules``, ``class_names``) is for Python callers only. A few flags are shared
 by several commands and declared once here (:data:`SHARED`), whether an options table holds them or
 a command takes them itself.
 """
@@ -40,8 +41,9 @@ class Flag:
     """How one option reads on the command line. ``flag``: the spelling (default ``--name``);
     ``negated``: the flag turns a True-by-default option off (``--no-flip``: ``flip=False``);
     ``cli_type``/``cli_default``: where the shell's type or default differs from Python's (``--lr``
-    is text, ``auto`` or a number; ``--epochs`` defaults to 10 there); ``parse``: text to value;
-    ``argument``: a positional argument."""
+    is text, ``auto`` or a number; ``--epochs`` defaults to 10 there; on ``--resume``, such a flag
+    left off the command line takes Python's default, so the checkpoint's value comes back);
+    ``parse``: text to value; ``argument``: a positional argument."""
 
     help: str
     flag: str = ""
@@ -120,8 +122,10 @@ def keywords_of(cls: type) -> list[str]:
 
 def options_from(cls: type, options: Any, keywords: dict, caller: str) -> Any:
     """``options`` (an instance of ``cls``) with ``keywords`` laid over it, or ``cls`` from the
-    keywords alone; checked by the class (``cls.from_keywords``). A keyword the table lacks is a
-    TypeError, as for any Python function, with the nearest name."""
+    keywords alone, always made by ``cls.from_keywords``: each table checks and normalises its
+    values there (or, for TrainOptions, whose defaults may come from a checkpoint, in
+    ``validated()`` once they are known). A keyword the table lacks is a TypeError, as for any
+    Python function, with the nearest name."""
     names = keywords_of(cls)
     for k in keywords:
         if k not in names:
@@ -131,8 +135,8 @@ def options_from(cls: type, options: Any, keywords: dict, caller: str) -> Any:
     if options is None:
         return cls.from_keywords(**keywords)
     if not isinstance(options, cls):
-        raise TypeError(f"{caller}(): options must be a {cls.__name__}, got {type(options).__name__}")
-    return cls.from_keywords(**{**flat_values(options), **keywords}) if keywords else options
+        raise TypeError(f"{caller}(): options must be {cls.__name__} or None, got {type(options).__name__}")
+    return cls.from_keywords(**{**flat_values(options), **keywords})  # an object built by hand is checked too
 
 
 def flat_values(options: Any) -> dict[str, Any]:

@@ -26,10 +26,9 @@ class AdaptOptions:
     """What to build and how to load and freeze it; the checkpoint itself is not an option. Each
     field is declared once, with its flag (:mod:`surgery.option_table`)."""
 
-    arch: str = option(help="torchvision model name, timm:NAME, path/to/file.py:fn or package.module:fn.",
-                       cli_default="", show_default=False)
-    num_classes: int = option(help="Outputs of the new head.", cli_type=Optional[int], cli_default=None,
-                              show_default=False)
+    arch: str = option("", "torchvision model name, timm:NAME, path/to/file.py:fn or package.module:fn.",
+                       show_default=False)
+    num_classes: int | None = option(None, "Outputs of the new head.", show_default=False)
     out: Path | None = option(None, "Folder to write model.safetensors, manifest.json, load_report.json.",
                               show_default=False)
     weights: str | None = option(None, "Start from torchvision's weights (DEFAULT, IMAGENET1K_V2, ...) instead of "
@@ -91,7 +90,7 @@ class AdaptOptions:
             problems.append("--arch is required (a torchvision name such as resnet18, timm:NAME, or file.py:fn)")
         n = self.num_classes
         if n is None:
-            problems.append("--num-classes N is required: how many classes the new head predicts")
+            problems.append("--num-classes is required: how many classes the new head predicts")
         elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
             problems.append(f"--num-classes must be a positive integer, got {n!r}")
         if self.head not in HEAD_KINDS:

@@ -23,6 +23,7 @@ from .ema import check_decay
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 CACHE_CHOICES = ("auto", "on", "off")
+DEFAULT_MOMENTUM = 0.9
 
 #: the options a checkpoint saves and a resumed run restores (``args`` in last.pt), in this order
 HYPER = ("epochs", "lr", "val_split", "seed", "batch_size", "workers", "optimizer", "weight_decay", "momentum",
@@ -62,9 +63,9 @@ class TrainOptions:
     seed: int = option(0, "Seed of everything random.")
     batch_size: int = option(32, "Images per step (per process).")
     workers: int = option(0, "DataLoader worker processes.")
-    optimizer: str = option("adamw", "AdamW, or SGD with momentum 0.9.", metavar="adamw|sgd")
+    optimizer: str = option("adamw", "AdamW, or SGD with --momentum.", metavar="adamw|sgd")
     weight_decay: float | None = option(None, "Default 0.05 (adamw) / 1e-4 (sgd); never on norms and biases.")
-    momentum: float = option(0.9, "SGD's momentum (--optimizer sgd).")
+    momentum: float = option(DEFAULT_MOMENTUM, "SGD's momentum (--optimizer sgd).")
     schedule: str = option("cosine", "LR schedule over the whole run, per batch.", metavar="cosine|onecycle|constant")
     warmup_epochs: float | None = option(None, "Linear warmup length in epochs; 0: no warmup (default 1, none for a "
                                          "one-epoch run).")
@@ -130,7 +131,7 @@ class TrainOptions:
         naming the first missing one."""
         said = {"adapted": "the adapted folder is required: a folder written by `surgery adapt`",
                 "data": "--data is required: an ImageFolder root, a folder of class folders, or a CSV",
-                "out": "--out DIR is required: where to write the run"}
+                "out": "--out is required: the folder the run is written to"}
         for name in names:
             if getattr(self, name) is None:
                 raise TrainError(said[name])
@@ -151,6 +152,8 @@ class TrainOptions:
             said.append("--class-weights auto and --balanced-sampler each correct skewed classes; together they "
                         "correct twice (a rare class weighs about (largest / its count) times too much, and "
                         "predictions can collapse onto it): use one of them")
+        if self.optimizer != "sgd" and self.momentum != DEFAULT_MOMENTUM:
+            said.append(f"--momentum {self.momentum:g} has no effect: it is SGD's, and the optimizer is {self.optimizer}")
         return said
 
     @property

@@ -19,7 +19,6 @@ Library code never prints: pass ``observer(event, info)`` to follow progress. Ev
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -72,6 +71,10 @@ def train(adapted_dir: str | os.PathLike | None = None, data: str | os.PathLike 
     SIGTERM after saving; every other problem with the input is a SurgeryError raised before
     anything is written.
     """
+    for name in ("adapted", "data"):
+        if name in keywords:
+            raise TypeError(f"train() got an unexpected keyword argument {name!r}: pass the folders as "
+                            f"train(adapted_dir, data, ...)")
     given = {k: v for k, v in (("adapted", adapted_dir), ("data", data)) if v is not None}
     opts = options_from(TrainOptions, options, {**keywords, **given}, "train")
     return run_training(opts, observer or (lambda event, info: None))

@@ -52,7 +52,7 @@ def test_options_and_keywords_combine_and_are_checked_once():
     assert flat["freeze"] == "head-only" and "freezing" not in flat
     again = AdaptOptions.from_keywords(**dict(flat, bn="train"))
     assert again.freezing.bn == "train" and again.freezing.freeze == "head-only" and again.mean == (0.5, 0.5, 0.5)
-    with pytest.raises(TypeError, match="options must be a TrainOptions"):
+    with pytest.raises(TypeError, match="options must be TrainOptions or None"):
         surgery.train("a", "b", options=base, out="c")
 
 
@@ -113,3 +113,32 @@ def test_plain_values_work(cli, make, args):
     assert r.exit_code == 0, r.stderr
     if "--json" in args:
         assert json.loads(r.stdout)["schema"] == "surgery.inspect/1"
+
+
+def test_an_options_object_built_by_hand_is_checked_like_keywords(tmp_path):
+    from surgery.errors import AdaptError
+
+    with pytest.raises(AdaptError, match="num_classes must be a positive integer, got 0"):
+        surgery.adapt(None, surgery.AdaptOptions(arch="resnet18", num_classes=0), out=tmp_path / "a")
+    with pytest.raises(AdaptError, match="mean='abc': give one number per input channel"):
+        surgery.adapt(None, surgery.AdaptOptions(arch="resnet18", num_classes=3, mean="abc"))
+    assert surgery.RemapOptions.from_keywords(allow_globals=["a.B"]).allow_globals == ("a.B",)
+
+
+def test_required_keywords_are_named_as_keywords(tmp_path):
+    from surgery.errors import AdaptError
+
+    with pytest.raises(AdaptError, match="^arch is required"):
+        surgery.adapt(None, num_classes=3)
+    with pytest.raises(AdaptError, match="^num_classes is required"):
+        surgery.adapt(None, arch="resnet18")
+    with pytest.raises(TrainError, match="^out is required"):
+        surgery.train(tmp_path, tmp_path, epochs=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'adapted'"):
+        surgery.train(tmp_path, tmp_path, adapted=tmp_path / "elsewhere", out=tmp_path / "run", epochs=1)
+
+
+def test_momentum_without_sgd_is_said_to_do_nothing():
+    said = TrainOptions(epochs=1, momentum=0.5).warnings()
+    assert any("--momentum 0.5 has no effect" in w for w in said)
+    assert not TrainOptions(epochs=1, momentum=0.5, optimizer="sgd").warnings()

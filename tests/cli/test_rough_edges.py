@@ -45,7 +45,7 @@ def test_adapt_json_carries_its_schema(cli, resnet, tmp_path):
 
 def test_a_missing_num_classes_says_it_is_required(cli, resnet, tmp_path):
     r = cli("adapt", resnet, "--arch", "resnet18", "--out", tmp_path / "ad")
-    assert r.exit_code == 2 and "--num-classes N is required" in r.stderr and "got 0" not in r.stderr
+    assert r.exit_code == 2 and "--num-classes is required" in r.stderr and "got 0" not in r.stderr
 
 
 def test_freeze_first_counts_only_children_with_parameters(resnet):
