@@ -21,7 +21,7 @@ _IN_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("surgery_in_cli",
 # a command line a message quotes: in backticks, or from `surgery COMMAND` to the clause's end
 _COMMAND_LINE = re.compile(r"`[^`]*`|\bsurgery (?:inspect|remap|adapt|advise|train|evaluate|predict|export|diff|demo|"
                            r"trust)\b[^;()]*")
-_FLAG = re.compile(r"(?<![\w/.-])(?P<no>\bno )?--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
+_FLAG = re.compile(r"(?<![\w.-])(?P<no>\bno )?--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
                    r"(?: ('[^']*'|\"[^\"]*\"|-?\d[\w.+-]*|[A-Z][A-Z_]*)(?![\w-]))?")
 
 
@@ -45,6 +45,8 @@ def keyword_text(text: str, params: Mapping[str, inspect.Parameter]) -> str:
     'num_classes=0; pass force=True'
     """
     def keyword(m: re.Match) -> str:
+        if not _flag_start(m):
+            return m.group(0)
         name, value = m.group(2).replace("-", "_"), m.group(3)
         if m.group("no") and name in params and _takes_bool(params[name]):  # "no --balanced-sampler"
             return f"{name}=False" + (f" {value}" if value else "")
@@ -71,9 +73,22 @@ def keyword_text(text: str, params: Mapping[str, inspect.Parameter]) -> str:
     return re.sub(r"(\S+) \(\1 in Python\)", r"\1", "".join(parts))  # "trust_code=True (trust_code=True in Python)"
 
 
+def _flag_start(m: re.Match) -> bool:
+    """Whether ``--`` begins a flag: not inside a word or a path (``a/--b``), but after another
+    flag's slash (``--mixup/--cutmix``)."""
+    before = m.string[:m.start()]
+    if not before.endswith("/"):
+        return True
+    word = before[:-1].split()[-1] if before[:-1].split() else ""
+    return word.startswith("--") or bool(re.fullmatch(r"[a-z_]+(=\S*)?", word))
+
+
 def _takes_bool(param: inspect.Parameter) -> bool:
-    """Whether a bare ``--flag`` is ``flag=True`` (``force: bool``, ``resume: bool | str | None``)."""
-    return isinstance(param.default, bool) or "bool" in str(param.annotation).split(" | ")
+    """Whether a bare ``--flag`` is ``flag=True``: a bool default (``force=False``), or a bool among
+    the types of a None default (``resume: bool | str | None``); ``augment="light"`` is not."""
+    if isinstance(param.default, bool):
+        return True
+    return param.default is None and "bool" in str(param.annotation).split(" | ")
 
 
 def keyword_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

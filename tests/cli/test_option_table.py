@@ -142,3 +142,12 @@ def test_momentum_without_sgd_is_said_to_do_nothing():
     said = TrainOptions(epochs=1, momentum=0.5).warnings()
     assert any("--momentum 0.5 has no effect" in w for w in said)
     assert not TrainOptions(epochs=1, momentum=0.5, optimizer="sgd").warnings()
+
+
+def test_keyword_text_rewrites_flags_joined_by_a_slash_and_keeps_text_values():
+    from surgery.flag_names import keyword_text
+
+    params = inspect.signature(surgery.train).parameters
+    assert keyword_text("--mixup/--cutmix mix whole images", params) == "mixup/cutmix mix whole images"
+    assert keyword_text("--augment must be one of none, light", params) == "augment must be one of none, light"
+    assert keyword_text("see data/--x or --resume", params) == "see data/--x or resume=True"
