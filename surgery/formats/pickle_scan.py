@@ -101,7 +101,9 @@ def _refuse(source: str, what: str) -> FormatError:
     return FormatError(f"{source}: pickle {what}; no checkpoint does that, refusing it")
 
 
-def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 - one flat loop is the point: it runs once per opcode, and split into functions each opcode would pay Python calls
+def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 - one loop is the point
+    # One flat loop on purpose: it runs once per opcode of the pickle, and split into functions
+    # every opcode would pay for Python calls.
     # Branches are ordered by how often torch.save's pickles use them (BINPUT/LONG_BINPUT, BINGET,
     # BININT1, TUPLE1, REDUCE, ...); a PUT after a new object is taken in the same step.
     end = len(data)
