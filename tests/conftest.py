@@ -33,3 +33,24 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return _run
+
+
+@pytest.fixture(autouse=True)
+def quick_plots(request, monkeypatch):
+    """Every training run draws its curves and confusion matrix (and lr-find and compare-scratch
+    theirs). Drawn at 20 dpi without the constrained-layout pass, the same figures, axes, marks and
+    PNG files cost half as much. Tests marked ``real_plots`` (the plots' own tests, the end-to-end
+    fine-tune) draw them as users get them."""
+    if request.node.get_closest_marker("real_plots"):
+        return
+    from surgery.trainer import plots
+
+    if not hasattr(plots, "_figure"):
+        return
+
+    def _figure(width: float, height: float):
+        from matplotlib.figure import Figure
+
+        return Figure(figsize=(width, height), dpi=20)
+
+    monkeypatch.setattr(plots, "_figure", _figure)

@@ -80,6 +80,7 @@ def _weights(out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- transfer beats scratch
 
+@pytest.mark.real_plots  # the end-to-end run: every output as users get it
 def test_finetune_beats_scratch(env, pretrained, tmp_path):
     def evaluate(*args, **kw):
         return _evaluate(*args, trust_code=True, **kw)
