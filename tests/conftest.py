@@ -35,17 +35,18 @@ def cli():
     return _run
 
 
-@pytest.fixture(autouse=True)
-def quick_plots(request, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def quick_plots():
     """Every training run draws its curves and confusion matrix (and lr-find and compare-scratch
     theirs). Drawn at 20 dpi without the constrained-layout pass, the same figures, axes, marks and
-    PNG files cost half as much. Tests marked ``real_plots`` (the plots' own tests, the end-to-end
-    fine-tune) draw them as users get them."""
-    if request.node.get_closest_marker("real_plots"):
-        return
+    PNG files cost half as much. Tests marked ``real_plots`` (the plots' own tests, compare-scratch,
+    the end-to-end fine-tune) draw them as users get them. Session-wide, so that module fixtures
+    that train draw quickly too."""
     from surgery.trainer import plots
 
-    if not hasattr(plots, "_figure"):
+    real = getattr(plots, "_figure", None)
+    if real is None:
+        yield None
         return
 
     def _figure(width: float, height: float):
@@ -53,4 +54,14 @@ def quick_plots(request, monkeypatch):
 
         return Figure(figsize=(width, height), dpi=20)
 
-    monkeypatch.setattr(plots, "_figure", _figure)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_figure", _figure)
+        yield real
+
+
+@pytest.fixture(autouse=True)
+def _real_plots_when_marked(request, quick_plots, monkeypatch):
+    if quick_plots is not None and request.node.get_closest_marker("real_plots"):
+        from surgery.trainer import plots
+
+        monkeypatch.setattr(plots, "_figure", quick_plots)
