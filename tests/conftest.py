@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+# One intra-op thread per process (the demo runs on one too), set before torch is imported and
+# inherited by the CLI subprocesses tests start. The tests' models are tiny: a second thread gains
+# nothing on an idle machine, and on a busy one the two threads wait on each other at every op
+# (the trainer tests took three times the CPU time and wall time on two threads under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
