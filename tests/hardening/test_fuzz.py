@@ -112,10 +112,10 @@ def _generated_shard_indexes(index, env):
 
 test_generated_shard_indexes, test_generated_shard_indexes_full = both_tiers(
     index=json_values | st.fixed_dictionaries({"weight_map": st.dictionaries(
-    st.text(max_size=30), st.sampled_from(["../x.safetensors", "/etc/passwd", "", ".", "legacy.pt",
-                                           "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                                           "a\x00b", "x" * 300]) | st.text(max_size=20), max_size=4)},
-    optional={"metadata": json_values}))(_generated_shard_indexes)
+        st.text(max_size=30), st.sampled_from(["../x.safetensors", "/etc/passwd", "", ".", "legacy.pt",
+                                               "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                               "a\x00b", "x" * 300]) | st.text(max_size=20), max_size=4)},
+        optional={"metadata": json_values}))(_generated_shard_indexes)
 
 
 _OPCODES = [bytes([c]) for c in b"()].}NIJKLMqhrgjp0123456789tlde\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x93\x94\x95\x96\x97\x98RbsuaQocXBC"]
