@@ -126,6 +126,7 @@ def test_torchvisions_init_notice_does_not_leak(tmp_path):
     assert r.stderr == "" and r.stdout == f"wrote {tmp_path / 'ad'}\n"
 
 
+@pytest.mark.real_plots
 def test_curves_show_learning_rates_and_mark_the_best_epoch_and_early_stop(tmp_path, monkeypatch):
     from surgery.trainer import plots
 

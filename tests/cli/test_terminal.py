@@ -79,6 +79,7 @@ def _tmux(tmp_path: Path, argv: list[str], env: dict[str, str]) -> str:
         subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
 
 
+@pytest.mark.slow  # a real terminal: tmux, polled until the run ends
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
 @pytest.mark.parametrize("no_color", [False, True])
 def test_in_a_terminal_log_lines_print_above_the_progress_bar(setup, tmp_path, no_color):

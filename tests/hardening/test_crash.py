@@ -26,6 +26,8 @@ from tests import REPO
 
 N_TENSORS, ROWS, COLS = 32, 1024, 1280  # 32 x 5.2 MB = 168 MB
 CLI = [sys.executable, "-m", "cli.main"]
+# SIGKILL, full-disk and racing-writer runs on a 168 MB file: the slow tier (`pytest -m slow`)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

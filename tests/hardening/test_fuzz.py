@@ -1,8 +1,9 @@
 """Property-based fuzzing of every parser: mutated real files end in success or a SurgeryError.
 
 The seeds, mutators and checker are bench/reliability.py's (the long run, >= 100,000 inputs, lives
-there); here hypothesis drives a few hundred examples per parser so a regression shows in the
-default run, shrunk to a minimal list of mutations.
+there); here hypothesis drives a few hundred examples per parser (the slow tier, `pytest -m slow`)
+so a regression shows, shrunk to a minimal list of mutations. The default tier runs every property
+at QUICK examples: the same checks, fewer inputs.
 """
 
 from __future__ import annotations
@@ -15,9 +16,20 @@ from hypothesis import strategies as st
 
 from bench.reliability import MUTATIONS, PARSERS, PICKLE_FRAGMENTS, Env, build_seeds, check, mutate
 
-EXAMPLES = 200
+EXAMPLES = 200  # full strength: the slow tier
+QUICK = 25  # the default tier
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+STRENGTHS = [pytest.param(QUICK, id="quick"), pytest.param(EXAMPLES, id="full", marks=pytest.mark.slow)]
+
+
+def both_tiers(**strategies):
+    """``test, test_full = both_tiers(...)(body)``: the property at QUICK examples for the default
+    tier, and at EXAMPLES (marked slow) for the slow tier."""
+    def make(body):
+        return (settings(SETTINGS, max_examples=QUICK)(given(**strategies)(body)),
+                pytest.mark.slow(SETTINGS(given(**strategies)(body))))
+    return make
 
 mutation_ops = st.lists(
     st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 2**40), st.binary(max_size=16)), min_size=1, max_size=5)
@@ -44,11 +56,12 @@ def test_seeds_open(parser, seeds, env):
         assert check(parser, data, env, i, do_remap=parser != "rules") == ("ok", ""), parser
 
 
+@pytest.mark.parametrize("examples", STRENGTHS)
 @pytest.mark.parametrize("parser", PARSERS)
-def test_mutated_inputs_succeed_or_refuse(parser, seeds, env):
+def test_mutated_inputs_succeed_or_refuse(parser, examples, seeds, env):
     seen: dict[str, int] = {}
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=examples)
     @given(which=st.integers(0, 7), ops=mutation_ops)
     def run(which, ops):
         k = which % len(seeds[parser])
@@ -59,7 +72,7 @@ def test_mutated_inputs_succeed_or_refuse(parser, seeds, env):
 
     run()
     # the mutations must exercise both paths: some inputs still parse, most are refused
-    assert sum(seen.values()) >= EXAMPLES and seen.get("refused", 0) > 0, seen
+    assert sum(seen.values()) >= examples and seen.get("refused", 0) > 0, seen
 
 
 # ----------------------------------------------------------------- inputs built from scratch
@@ -76,11 +89,7 @@ entry = st.fixed_dictionaries({}, optional={
 })
 
 
-@SETTINGS
-@given(header=st.dictionaries(st.text(max_size=10), entry | json_values, max_size=5),
-       meta=st.none() | st.dictionaries(st.sampled_from(["format", "surgery.aliases", "x"]), json_values | st.text(), max_size=3),
-       data=st.binary(max_size=64), declared=st.none() | st.integers(0, 2**64 - 1))
-def test_generated_safetensors_headers(header, meta, data, declared, env):
+def _generated_safetensors_headers(header, meta, data, declared, env):
     if meta is not None:
         header["__metadata__"] = meta
     raw = json.dumps(header).encode()
@@ -90,28 +99,38 @@ def test_generated_safetensors_headers(header, meta, data, declared, env):
     _assert_handled(outcome, detail, "safetensors", header)
 
 
-@SETTINGS
-@given(index=json_values | st.fixed_dictionaries({"weight_map": st.dictionaries(
-    st.text(max_size=30), st.sampled_from(["../x.safetensors", "/etc/passwd", "", ".", "legacy.pt",
-                                           "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                                           "a\x00b", "x" * 300]) | st.text(max_size=20), max_size=4)},
-    optional={"metadata": json_values}))
-def test_generated_shard_indexes(index, env):
+test_generated_safetensors_headers, test_generated_safetensors_headers_full = both_tiers(
+    header=st.dictionaries(st.text(max_size=10), entry | json_values, max_size=5),
+    meta=st.none() | st.dictionaries(st.sampled_from(["format", "surgery.aliases", "x"]), json_values | st.text(), max_size=3),
+    data=st.binary(max_size=64), declared=st.none() | st.integers(0, 2**64 - 1))(_generated_safetensors_headers)
+
+
+def _generated_shard_indexes(index, env):
     outcome, detail = check("shard-index", json.dumps(index).encode(), env)
     _assert_handled(outcome, detail, "shard-index", index)
+
+
+test_generated_shard_indexes, test_generated_shard_indexes_full = both_tiers(
+    index=json_values | st.fixed_dictionaries({"weight_map": st.dictionaries(
+        st.text(max_size=30), st.sampled_from(["../x.safetensors", "/etc/passwd", "", ".", "legacy.pt",
+                                               "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                               "a\x00b", "x" * 300]) | st.text(max_size=20), max_size=4)},
+        optional={"metadata": json_values}))(_generated_shard_indexes)
 
 
 _OPCODES = [bytes([c]) for c in b"()].}NIJKLMqhrgjp0123456789tlde\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x93\x94\x95\x96\x97\x98RbsuaQocXBC"]
 
 
-@SETTINGS
-@given(parts=st.lists(st.sampled_from(_OPCODES) | st.sampled_from(PICKLE_FRAGMENTS) | st.binary(max_size=9), max_size=40),
-       proto=st.sampled_from([b"\x80\x02", b"\x80\x04", b"\x80\x05", b""]))
-def test_generated_pickles(parts, proto, env):
+def _generated_pickles(parts, proto, env):
     """Opcode soup for data.pkl: whatever the stream, success or a SurgeryError."""
     pkl = proto + b"".join(parts) + b"."
     outcome, detail = check("data.pkl", pkl, env)
     _assert_handled(outcome, detail, "data.pkl", parts)
+
+
+test_generated_pickles, test_generated_pickles_full = both_tiers(
+    parts=st.lists(st.sampled_from(_OPCODES) | st.sampled_from(PICKLE_FRAGMENTS) | st.binary(max_size=9), max_size=40),
+    proto=st.sampled_from([b"\x80\x02", b"\x80\x04", b"\x80\x05", b""]))(_generated_pickles)
 
 
 op_items = st.dictionaries(
@@ -120,16 +139,18 @@ op_items = st.dictionaries(
     min_size=0, max_size=2)
 
 
-@SETTINGS
-@given(doc=json_values | st.fixed_dictionaries({"ops": st.lists(op_items | json_values, max_size=4)},
-                                               optional={"select": json_values, "extra": json_values}),
-       yaml=st.booleans())
-def test_generated_rules(doc, yaml, env):
+def _generated_rules(doc, yaml, env):
     import yaml as pyyaml
 
     text = pyyaml.safe_dump(doc).encode() if yaml else json.dumps(doc).encode()
     outcome, detail = check("rules", (b"Y" if yaml else b"J") + text, env)
     _assert_handled(outcome, detail, "rules", doc)
+
+
+test_generated_rules, test_generated_rules_full = both_tiers(
+    doc=json_values | st.fixed_dictionaries({"ops": st.lists(op_items | json_values, max_size=4)},
+                                            optional={"select": json_values, "extra": json_values}),
+    yaml=st.booleans())(_generated_rules)
 
 
 @pytest.mark.parametrize("text", [

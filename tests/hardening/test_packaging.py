@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 ROOT = REPO
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_holds_only_the_surgery_package(tmp_path):
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
@@ -62,6 +63,7 @@ def test_module_command_ignores_the_working_directory(tmp_path):
     assert marker.exists()  # what the bootstrap prevents: `python -m` imports the working directory first
 
 
+@pytest.mark.slow  # torchrun with two workers
 def test_nproc_workers_ignore_packages_planted_in_the_working_directory(tmp_path):
     """`surgery train --nproc 2` started as the console script would be, from a folder holding its
     own cli/, surgery/ and torch/ packages: none of them runs, and the run trains."""

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fixtures.generate import digits_imagefolder
@@ -20,6 +21,8 @@ from surgery.trainer.state import LAST, load_checkpoint
 from fixtures.factory import SIZE, load_factory, write_factory
 from tests import REPO
 
+# a training killed mid-run in a subprocess, then resumed: the slow tier (`pytest -m slow`)
+pytestmark = pytest.mark.slow
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):

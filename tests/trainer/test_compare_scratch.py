@@ -23,6 +23,7 @@ def test_verdict_weighs_the_difference_against_the_noise():
     assert verdict(0.70, 0.65, 20).noise == pytest.approx(2 * ((0.7 * 0.3 + 0.65 * 0.35) / 20) ** 0.5)
 
 
+@pytest.mark.real_plots
 def test_compare_scratch_writes_both_runs_and_the_verdict(cli, tmp_path):
     data = adapted_factory_folder(tmp_path, 12, freeze="head-only")
     out = tmp_path / "run"

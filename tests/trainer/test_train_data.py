@@ -367,6 +367,7 @@ def test_confusion_matrix_and_per_class_accuracy():
         confusion_matrix([0, 1], [0], 4)
 
 
+@pytest.mark.real_plots
 def test_plots_write_png_files(tmp_path):
     metrics = [
         {"epoch": 1, "train_loss": 2.1, "val_loss": 1.9, "train_acc": 0.3, "val_acc": 0.35},

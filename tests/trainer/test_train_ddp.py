@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,6 +19,8 @@ from tests import REPO
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ROOT = REPO
+# torchrun starts two worker processes: the slow tier (`pytest -m slow`)
+pytestmark = pytest.mark.slow
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):

@@ -36,14 +36,14 @@ def env(tmp_path_factory):
     return {"root": root, "arch": arch, "data": data, "random_sd": random_sd}
 
 
-def _pretrain(arch: str, root: Path) -> Path:
+def _pretrain(arch: str, root: Path, per_class: int = 120, epochs: int = 12) -> Path:
     """SmallCNN trained on digits 0-4 for a few epochs, saved through nn.DataParallel in the
     legacy (pre-1.6, non-zip) format."""
     from surgery.trainer.data import build_transforms
     from surgery.trainer.samples import discover
     from PIL import Image
 
-    data = digits_imagefolder(root / "digits04", classes=range(5), per_class=120, size=SIZE)
+    data = digits_imagefolder(root / "digits04", classes=range(5), per_class=per_class, size=SIZE)
     tf = build_transforms(SIZE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3, train=False)
     s = discover(data)
     xs, ys = [], []
@@ -56,7 +56,7 @@ def _pretrain(arch: str, root: Path) -> Path:
     model = load_factory(arch)(5)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(12):
+    for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 32):
             idx = perm[i:i + 32]
@@ -64,13 +64,20 @@ def _pretrain(arch: str, root: Path) -> Path:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    path = root / "pretrained_dp_legacy.pth"
+    path = root / f"pretrained_dp_legacy_{per_class}x{epochs}.pth"
     torch.save(nn.DataParallel(model).state_dict(), path, _use_new_zipfile_serialization=False)
     return path
 
 
 @pytest.fixture(scope="module")
 def pretrained(env):
+    """A briefly pretrained backbone: what the schedule, resume and cache mechanics need."""
+    return _pretrain(env["arch"], env["root"], per_class=24, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def pretrained_well(env):
+    """A backbone pretrained long enough that transfer measurably beats scratch."""
     return _pretrain(env["arch"], env["root"])
 
 
@@ -80,14 +87,16 @@ def _weights(out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- transfer beats scratch
 
-def test_finetune_beats_scratch(env, pretrained, tmp_path):
+@pytest.mark.slow  # a pretraining on 600 digits and two real fine-tunes, like the demo's table
+@pytest.mark.real_plots  # the end-to-end run: every output as users get it
+def test_finetune_beats_scratch(env, pretrained_well, tmp_path):
     def evaluate(*args, **kw):
         return _evaluate(*args, trust_code=True, **kw)
 
     # 10 images per class (8 train, 2 val); the held-out set is every other digit 5-9
     few = digits_imagefolder(tmp_path / "few59", classes=range(5, 10), per_class=10, size=SIZE)
     held_out = digits_imagefolder(tmp_path / "all59", classes=range(5, 10), size=SIZE) / "train"  # disjoint
-    ft = make_adapted(pretrained, env["arch"], tmp_path / "ft", freeze="head-only", unfreeze_at=1)
+    ft = make_adapted(pretrained_well, env["arch"], tmp_path / "ft", freeze="head-only", unfreeze_at=1)
     sc = make_adapted(env["random_sd"], env["arch"], tmp_path / "sc", freeze="none", backbone_lr_mult=1.0)
     kw = dict(epochs=4, lr=1e-2, seed=0, batch_size=16, augment=False)
     r_ft = train(ft, few, out=tmp_path / "run_ft", **kw)
