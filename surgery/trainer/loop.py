@@ -288,6 +288,24 @@ def _better(m: dict) -> tuple[str, float, float]:
     return "raw", m["val_acc"], m["val_loss"]
 
 
+def plain_epochs(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *, epochs: int,
+                 sched: Any = None, device: Any = None) -> None:
+    """``epochs`` passes over ``batches`` (an iterable of ``(x, y)`` such as a DataLoader): the
+    cross-entropy of each batch, one optimizer step and one ``sched`` step per batch, the batch
+    first moved to ``device``. The short runs outside ``surgery train`` train with it: the scratch
+    probe of ``surgery advise`` and the demo's pretraining."""
+    for _ in range(epochs):
+        model.train()
+        for x, y in batches:
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
 def run_epochs(run: Run, net: nn.Module, feats: Features | None, obs: Observer) -> None:
     """Every epoch from the checkpoint's (or the first) to ``--epochs``; on Ctrl-C or SIGTERM,
     the run's state is logged and :class:`TrainInterrupted` raised."""
