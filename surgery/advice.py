@@ -182,6 +182,7 @@ def _scratch_run(model: Any, train_items: list, val: tuple, path: str, tf_train:
     from torch.utils.data import DataLoader
 
     from .trainer.data import ImageDataset
+    from .trainer.loop import plain_epochs
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -190,18 +191,20 @@ def _scratch_run(model: Any, train_items: list, val: tuple, path: str, tf_train:
     total = SCRATCH_EPOCHS * len(dl)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(total, 1))
-    model.to(dev).train()
-    for _ in range(SCRATCH_EPOCHS):
-        for x, y in dl:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
-            opt.step()
-            sched.step()
+    model.to(dev)
+    plain_epochs(model, dl, opt, epochs=SCRATCH_EPOCHS, sched=sched, device=dev)
+    return accuracy(model, val, dev)
+
+
+def accuracy(model: Any, val: tuple, dev: Any) -> float:
+    """The accuracy of ``model`` (in eval mode) on the tensors ``val = (x, y)``, in batches of 128
+    through the prediction loop (:func:`surgery.trainer.predictions.score`)."""
+    from .trainer.predictions import feature_batches, score
+
     vx, vy = val
     model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(vx[i:i + 128].to(dev)).argmax(1).cpu() for i in range(0, len(vy), 128)])
-    return float((pred == vy).float().mean())
+    s = score(model, feature_batches(vx, vy, 128), prepare=lambda x, y: (x.to(dev), y.to(dev)), keep=True)
+    return float((s.predicted() == vy).float().mean())
 
 
 def _images(items: list, tf: Any) -> tuple[Any, Any]:

@@ -82,7 +82,8 @@ def digits_imagefolder(out_dir: Path | str, classes: Iterable[int] = range(10), 
 def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(10), *, arch: str = "resnet18",
                       size: int = 32, epochs: int = 6, seed: int = 0, half: int | None = 0) -> tuple[Path, dict]:
     """Train ``arch`` on the digits ``classes`` (the images of ``half``, see
-    :func:`digits_imagefolder`) with a plain PyTorch loop and save it through ``nn.DataParallel``.
+    :func:`digits_imagefolder`) with :func:`surgery.trainer.loop.plain_epochs` and save it through
+    ``nn.DataParallel``.
     Returns the checkpoint path and a summary (validation accuracy, epochs).
     Cached: a second call with the same arguments returns the file already there.
     """
@@ -90,6 +91,8 @@ def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(10), *
     import torchvision
 
     from .trainer.data import ImageDataset, build_transforms
+    from .trainer.loop import plain_epochs
+    from .trainer.predictions import score
     from .trainer.samples import discover
 
     out_dir = Path(out_dir)
@@ -112,19 +115,10 @@ def pretrained_digits(out_dir: Path | str, classes: Iterable[int] = range(10), *
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
         loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
                                              generator=torch.Generator().manual_seed(seed))
-        for _ in range(epochs):
-            model.train()
-            for x, y in loader:
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        plain_epochs(model, loader, opt, epochs=epochs)
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(val, batch_size=256):
-            correct += int((model(x).argmax(1) == y).sum())
-    info = {**want, "val_acc": correct / len(val), "val_images": len(val)}
+    s = score(model, torch.utils.data.DataLoader(val, batch_size=256), prepare=lambda x, y: (x, y))
+    info = {**want, "val_acc": s.correct / len(val), "val_images": len(val)}
     from .io import atomic_file
 
     # the way multi-GPU training scripts save: every key gets DataParallel's 'module.'

@@ -23,11 +23,13 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ResumeError
+from ..option_table import options_from, signature
+from .options import TrainOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from .outputs import TrainResult
@@ -85,10 +87,12 @@ def scratch_init(adapted_dir: str | os.PathLike, dest: Path, seed: int, trust_co
     return dest
 
 
-def compare_scratch(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
-                    seed: int = 0, observer: Any = None, resume: bool = False, **train_kwargs: Any) -> dict:
+def compare_scratch(adapted_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+                    options: TrainOptions | None = None, *, observer: Any = None, **keywords: Any) -> dict:
     """Train ``adapted_dir`` into ``out`` and the scratch baseline into ``out/scratch``; returns
-    the comparison (also written as ``out/compare.json``). ``train_kwargs`` go to both runs.
+    the comparison (also written as ``out/compare.json``). The keywords are the fields of
+    :class:`~.options.TrainOptions` (``options``: a TrainOptions, the keywords laid over it); both
+    runs take them.
 
     ``resume=True`` finishes an interrupted comparison: the pretrained run continues
     ``out/checkpoints/last.pt`` (or stands, when it had finished), then the scratch run continues
@@ -97,33 +101,38 @@ def compare_scratch(adapted_dir: str | os.PathLike, data: str | os.PathLike, *, 
     from .resume import continue_command, continued_by
     from .runner import train
 
-    out_p = Path(out)
+    given = {k: v for k, v in (("adapted", adapted_dir), ("data", data)) if v is not None}
+    opts = options_from(TrainOptions, options, {**keywords, **given}, "compare_scratch").require("adapted", "data",
+                                                                                               "out")
+    out, resume = opts.out, opts.resume
     if resume not in (None, False, True):
-        raise ResumeError(f"resume={resume!r}: a comparison continues both of its runs from {out_p} (checkpoints/"
+        raise ResumeError(f"resume={resume!r}: a comparison continues both of its runs from {out} (checkpoints/"
                           f"last.pt, then scratch/checkpoints/last.pt); pass resume=True")
-    trust = bool(train_kwargs.get("trust_code"))
     # an interruption of either run is continued by continuing the comparison
-    with continued_by(continue_command(Path(adapted_dir), Path(data), out_p, trust, compare_scratch=True)):
+    with continued_by(continue_command(opts.adapted, opts.data, out, opts.trust_code, compare_scratch=True)):
         if resume:
-            pre = _finished(out_p, train_kwargs.get("epochs"))
+            pre = _finished(out, opts.epochs)
             if pre is None:
-                pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, resume=True, **train_kwargs)
+                pre = train(options=replace(opts, resume=True), observer=observer)
             elif observer is not None:
-                observer("log", {"message": f"the pretrained run in {out_p} had finished; it stands as it is"})
-            kw = dict(train_kwargs, **_saved_options(adapted_dir, data, out_p, seed, train_kwargs))
+                observer("log", {"message": f"the pretrained run in {out} had finished; it stands as it is"})
+            scratch_opts = replace(opts, **_saved_options(opts))
         else:
-            pre = train(adapted_dir, data, out=out_p, seed=seed, observer=observer, **train_kwargs)
-            kw = dict(train_kwargs, seed=seed)
-        scratch = _scratch_run(adapted_dir, data, out_p, kw, observer, bool(resume))
-    n_val = sum(sum(row) for row in json.loads((out_p / "manifest.json").read_text())["results"]["confusion"])
+            pre = train(options=replace(opts, resume=None), observer=observer)
+            scratch_opts = opts
+        scratch = _scratch_run(scratch_opts, observer, bool(resume))
+    n_val = sum(sum(row) for row in json.loads((out / "manifest.json").read_text())["results"]["confusion"])
     v = verdict(pre.best_val_acc, scratch.best_val_acc, n_val)
     report = {"schema": SCHEMA, "pretrained": _summary(pre), "scratch": _summary(scratch), "verdict": asdict(v)}
-    _write(out_p, pre.metrics, scratch.metrics, report)
+    _write(out, pre.metrics, scratch.metrics, report)
     return report
 
 
-def _scratch_run(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: Path, kw: dict, observer: Any,
-                 resume: bool) -> "TrainResult":
+compare_scratch.__signature__ = signature(compare_scratch, TrainOptions,  # type: ignore[attr-defined]
+                                          skip=("adapted", "data"))
+
+
+def _scratch_run(opts: TrainOptions, observer: Any, resume: bool) -> "TrainResult":
     """The scratch run in ``out/scratch`` from its seeded init (made again, the same, to resume it):
     afresh, or (``resume``) as it stands when it had finished, or continued from its last.pt."""
     from ..errors import TrainInterrupted
@@ -131,11 +140,12 @@ def _scratch_run(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: P
     from .runner import train
     from .state import CHECKPOINT_DIR, LAST
 
+    out = opts.out
     where = out / "scratch"
-    run = dict(kw, force=True, resume=None)
+    run = dict(force=True, resume=None)
     if resume:
         _remove_stale_inits(out)
-        done = _finished(where, kw.get("epochs"))
+        done = _finished(where, opts.epochs)
         if done is not None:
             if observer is not None:
                 observer("log", {"message": f"the scratch run in {where} had finished; it stands as it is"})
@@ -144,10 +154,10 @@ def _scratch_run(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: P
             run.update(force=False, resume=True)
     tmp = Path(tempfile.mkdtemp(prefix=".scratch-init-", dir=out))
     try:
-        init = scratch_init(adapted_dir, tmp / "adapted", int(kw.get("seed", 0)), trust_code=bool(kw.get("trust_code")))
-        return train(init, data, out=where, observer=_tagged(observer), **run)
+        init = scratch_init(opts.adapted, tmp / "adapted", opts.seed, trust_code=opts.trust_code)
+        return train(options=replace(opts, adapted=init, out=where, **run), observer=_tagged(observer))
     except KeyboardInterrupt:  # outside the scratch run's epochs (those raise TrainInterrupted themselves)
-        again = continue_command(Path(adapted_dir), Path(data), out)  # the comparison's: see compare_scratch
+        again = continue_command(opts.adapted, opts.data, out)  # the comparison's: see compare_scratch
         raise TrainInterrupted(f"interrupted while the scratch run was being set up or written; the pretrained run is "
                                f"done in {out}; continue with: {again}") from None
     finally:
@@ -179,21 +189,18 @@ def _finished(out: Path, epochs: int | None) -> "TrainResult | None":
                        metrics=list(ckpt.get("history") or []), best_weights=res.get("weights") or "raw")
 
 
-def _saved_options(adapted_dir: str | os.PathLike, data: str | os.PathLike, out: Path, seed: int,
-                   train_kwargs: dict) -> dict:
+def _saved_options(opts: TrainOptions) -> dict:
     """The pretrained run's arguments as it saved them, for the scratch run: those left at their
     defaults take the saved values (the seed too: it makes the scratch init), one given
     differently is refused, as a resumed run refuses it (--epochs, --workers, --device may change)."""
     from ..adapter.manifest import MANIFEST_NAME
-    from .options import HYPER, TrainOptions
+    from .options import HYPER
     from .resume import restore_args
 
-    where = out / MANIFEST_NAME
+    where = opts.out / MANIFEST_NAME
     saved = json.loads(where.read_text(encoding="utf-8"))["results"]["train_args"]
-    given = {k: v for k, v in train_kwargs.items() if k in HYPER}
-    opts = TrainOptions(adapted=Path(adapted_dir), data=Path(data), out=out, **dict(given, seed=seed))
-    opts, _ = restore_args(opts, {k: saved[k] for k in HYPER if k in saved}, str(where))
-    return opts.hyper()
+    restored, _ = restore_args(replace(opts, resume=None), {k: saved[k] for k in HYPER if k in saved}, str(where))
+    return restored.hyper()
 
 
 def _remove_stale_inits(out: Path) -> None:

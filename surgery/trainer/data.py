@@ -3,8 +3,8 @@ check the images, transform and batch them.
 
     >>> samples = discover("data/", val_split=0.2, seed=0)
     >>> samples, bad = scan_images(samples)            # bad: [(path, reason)] for the run log
-    >>> train_dl, val_dl = make_loaders(samples, image_size=224, mean=m, std=s, channels=3,
-    ...                                 batch_size=64, num_workers=4, device="cuda")
+    >>> pipe = input_pipeline(manifest)                   # surgery.preprocess
+    >>> train_dl, val_dl = make_loaders(samples, pipe, batch_size=64, num_workers=4, device="cuda")
 
 Every problem with the user's data raises :class:`DataError` with a one-line message that names
 the file and says what to do.
@@ -257,8 +257,7 @@ def build_transforms(image_size: int | Sequence[int], mean: Sequence[float], std
 
 
 def pipeline_args(pipe: InputPipeline) -> dict[str, Any]:
-    """The keyword arguments of :func:`build_transforms` and :func:`make_loaders` that describe
-    a model's input (:func:`surgery.preprocess.input_pipeline`)."""
+    """The keyword arguments of :func:`build_transforms` that describe a model's input (:func:`surgery.preprocess.input_pipeline`)."""
     return dict(image_size=pipe.size, mean=pipe.mean, std=pipe.std, channels=pipe.channels, resize=pipe.resize,
                 interpolation=pipe.interpolation)
 
@@ -365,13 +364,12 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
-def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 channels: int, batch_size: int, num_workers: int = 0, seed: int = 0, augment: bool = True,
-                 flip: bool = True, device: str | torch.device = "cpu", distributed: bool = False,
-                 eval_batch_size: int | None = None, resize: int | None = None, interpolation: str = "bilinear",
-                 failure_log: str | os.PathLike | None = None,
-                 balanced: bool = False) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders for ``samples``.
+def make_loaders(samples: Samples, pipe: InputPipeline, *, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 augment: bool | str = True, flip: bool = True, device: str | torch.device = "cpu",
+                 distributed: bool = False, eval_batch_size: int | None = None,
+                 failure_log: str | os.PathLike | None = None, balanced: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders for ``samples``, transformed by the input pipeline ``pipe``
+    (:func:`pipeline_transforms`).
 
     Training order comes from a ``torch.Generator`` seeded with ``seed`` (a new permutation each
     epoch, the same sequence every run); the same generator seeds the workers' augmentation
@@ -393,12 +391,9 @@ def make_loaders(samples: Samples, *, image_size: int | Sequence[int], mean: Seq
         raise DataError(f"--num-workers must be 0 or more, got {num_workers!r}")
     if not samples.train:
         raise DataError(f"{samples.root or 'the data'}: no training images")
-    train_tf = build_transforms(image_size, mean, std, channels, train=True, augment=augment, flip=flip,
-                                resize=resize, interpolation=interpolation)
-    eval_tf = build_transforms(image_size, mean, std, channels, train=False, resize=resize,
-                               interpolation=interpolation)
-    train_ds = ImageDataset(samples.train, train_tf, failure_log=failure_log)
-    val_ds = ImageDataset(samples.val, eval_tf, failure_log=failure_log)
+    train_ds = ImageDataset(samples.train, pipeline_transforms(pipe, train=True, augment=augment, flip=flip),
+                            failure_log=failure_log)
+    val_ds = ImageDataset(samples.val, pipeline_transforms(pipe, train=False), failure_log=failure_log)
 
     pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
     common: dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)

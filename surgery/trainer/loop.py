@@ -72,11 +72,11 @@ def checkpoint_state(run: Run, done_epochs: int) -> dict:
     """What last.pt/best.pt hold: the tensors the run can change, optimizer, schedule, scaler,
     progress, random states, the fingerprint and the arguments."""
     p = run.progress
-    return {"epoch": done_epochs, "model": clean_state_dict(run.model, run.moving, copy=False),
-            "ema": run.ema.state_dict() if run.ema is not None else None,
-            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "best": dict(p.best),
-            "bad_epochs": p.bad_epochs, "rng": rng_state({"train_loader": run.train_dl.generator}),
+    return {"epoch": done_epochs, "model": clean_state_dict(run.inputs.model, run.optim.moving, copy=False),
+            "ema": run.objective.ema.state_dict() if run.objective.ema is not None else None,
+            "optimizer": run.optim.opt.state_dict(), "scheduler": run.optim.sched.state_dict(),
+            "scaler": run.optim.scaler.state_dict() if run.optim.scaler is not None else None, "best": dict(p.best),
+            "bad_epochs": p.bad_epochs, "rng": rng_state({"train_loader": run.inputs.train_dl.generator}),
             "fingerprint": run.fingerprint, "history": list(p.history), "args": run.args}
 
 
@@ -84,13 +84,13 @@ def val_scores(run: Run, forward: nn.Module, feats: Features | None, keep: bool 
                model: nn.Module | None = None) -> Scores:
     """The validation set through ``forward`` (eval mode), or through the head of ``model`` (the
     run's by default) on cached features."""
-    model = run.model if model is None else model
+    model = run.inputs.model if model is None else model
     model.eval()
     if feats is not None:
         dev = run.place.device
-        return score(model.get_submodule(run.head_path), feature_batches(*feats.val),
+        return score(model.get_submodule(run.cache.head_path), feature_batches(*feats.val),
                      prepare=lambda x, y: (x.to(dev), y.to(dev)), autocast=run.place.autocast, keep=keep)
-    return score(forward, run.val_dl, prepare=run.place.batch, autocast=run.place.autocast, keep=keep)
+    return score(forward, run.inputs.val_dl, prepare=run.place.batch, autocast=run.place.autocast, keep=keep)
 
 
 class _Epochs:
@@ -104,12 +104,12 @@ class _Epochs:
 
     def begin(self, epoch: int) -> tuple[str, int, nn.Module, Iterable]:
         """Open this epoch's groups; (phase, trainable parameters, the network to step, its batches)."""
-        run, model = self.run, self.run.model
-        set_epoch(run.train_dl, epoch)
+        run, model = self.run, self.run.inputs.model
+        set_epoch(run.inputs.train_dl, epoch)
         model.train()
-        apply_schedule(model, run.manifest, epoch)  # requires_grad and BatchNorm modes for this epoch
+        apply_schedule(model, run.inputs.manifest, epoch)  # requires_grad and BatchNorm modes for this epoch
         phases.unfreeze(run, epoch, self.obs)
-        ph = phase(model, run.head_path)
+        ph = phase(model, run.cache.head_path)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if run.dist.enabled and self.wrapped_for != tuple(trainable):
@@ -119,17 +119,17 @@ class _Epochs:
         if history and ph != history[-1]["phase"]:
             run.files.log(f"epoch {epoch + 1}: phase {ph}, {n_trainable} trainable parameters")
         self.obs("epoch_start", {"epoch": epoch + 1, "epochs": run.opts.epochs, "phase": ph,
-                                 "trainable_params": n_trainable, "steps": len(run.train_dl)})
+                                 "trainable_params": n_trainable, "steps": len(run.inputs.train_dl)})
         if self.feats is None:
-            return ph, n_trainable, self.ddp_net, iter(run.train_dl)
+            return ph, n_trainable, self.ddp_net, iter(run.inputs.train_dl)
         tx, ty = self.feats.train_view(epoch)
-        dl = run.train_dl
-        sampler = (balanced_sampler(ty.tolist(), len(run.samples.classes), dl.generator)
+        dl = run.inputs.train_dl
+        sampler = (balanced_sampler(ty.tolist(), len(run.inputs.samples.classes), dl.generator)
                    if run.opts.balanced_sampler else None)
         batches = ((tx[idx], ty[idx]) for idx in DataLoader(IndexDataset(len(ty)), batch_size=dl.batch_size,
                                                             shuffle=sampler is None, sampler=sampler,
                                                             generator=dl.generator, drop_last=dl.drop_last))
-        head = model.get_submodule(run.head_path)
+        head = model.get_submodule(run.cache.head_path)
         head.train()
         return ph, n_trainable, head, batches
 
@@ -137,13 +137,13 @@ class _Epochs:
         """Forward and backward one batch (mixed with --mixup/--cutmix); with ``update``, the
         optimizer step for the gradients summed since the last one (gradient scaling on fp16,
         clipping when asked), the schedule's step and the weight average's. (logits, loss)."""
-        run, scaler = self.run, self.run.scaler
+        run, scaler = self.run, self.run.optim.scaler
         target = yb
-        if run.mixer is not None:
-            xb, target = run.mixer(xb, yb)
+        if run.objective.mixer is not None:
+            xb, target = run.objective.mixer(xb, yb)
         with run.place.autocast():
             logits = net(xb)
-            loss = run.crit(logits.float(), target)
+            loss = run.objective.crit(logits.float(), target)
         scaled = loss / run.opts.accumulate if run.opts.accumulate > 1 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
@@ -151,39 +151,39 @@ class _Epochs:
         return logits, loss
 
     def update(self) -> None:
-        run, scaler = self.run, self.run.scaler
+        run, scaler = self.run, self.run.optim.scaler
         if run.opts.clip_grad is not None:
             if scaler is not None:
-                scaler.unscale_(run.opt)
-            torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None],
+                scaler.unscale_(run.optim.opt)
+            torch.nn.utils.clip_grad_norm_([p for p in run.inputs.model.parameters() if p.grad is not None],
                                            run.opts.clip_grad)
         if scaler is not None:
-            scaler.step(run.opt)
+            scaler.step(run.optim.opt)
             scaler.update()
         else:
-            run.opt.step()
-        run.sched.step()
-        run.opt.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update(run.model)
+            run.optim.opt.step()
+        run.optim.sched.step()
+        run.optim.opt.zero_grad(set_to_none=True)
+        if run.objective.ema is not None:
+            run.objective.ema.update(run.inputs.model)
 
     def train(self, epoch: int, net: nn.Module, batches: Iterable) -> tuple[list[float], list[float]]:
         """Every step of the epoch; ([loss sum, correct, images] over ranks, the lrs of its last step)."""
         run = self.run
         loss_sum, correct, seen = 0.0, 0, 0
-        last_lrs: list[float] = [g["lr"] for g in run.opt.param_groups]
-        n, every = len(run.train_dl), run.opts.accumulate
-        run.opt.zero_grad(set_to_none=True)
+        last_lrs: list[float] = [g["lr"] for g in run.optim.opt.param_groups]
+        n, every = len(run.inputs.train_dl), run.opts.accumulate
+        run.optim.opt.zero_grad(set_to_none=True)
         for i, (xb, yb) in enumerate(batches):
             xb, yb = run.place.batch(xb, yb)
-            lrs = [g["lr"] for g in run.opt.param_groups]
+            lrs = [g["lr"] for g in run.optim.opt.param_groups]
             logits, loss = self.step(net, xb, yb, update=(i + 1) % every == 0 or i + 1 >= n)
             bl = float(loss.detach())
             loss_sum += bl * len(yb)
             correct += int((logits.detach().argmax(1) == yb).sum())
             seen += len(yb)
             last_lrs = lrs
-            self.obs("step", {"epoch": epoch + 1, "step": i + 1, "steps": len(run.train_dl), "loss": bl,
+            self.obs("step", {"epoch": epoch + 1, "step": i + 1, "steps": len(run.inputs.train_dl), "loss": bl,
                               "lrs": lrs, "images": len(yb) * run.dist.world_size})
         return [loss_sum, correct, seen], last_lrs
 
@@ -192,9 +192,9 @@ class _Epochs:
         run = self.run
         if self.feats is not None or not run.dist.is_main:
             return
-        fails = run.train_dl.dataset.collect_failures()
-        for p in sorted(set(fails) - {p for p, _ in run.skipped}):
-            run.skipped.append((p, fails[p]))
+        fails = run.inputs.train_dl.dataset.collect_failures()
+        for p in sorted(set(fails) - {p for p, _ in run.inputs.skipped}):
+            run.inputs.skipped.append((p, fails[p]))
             run.files.log(f"  skipped {p}: {fails[p]} (failed while training)", write=False)
 
     def one(self, epoch: int) -> bool:
@@ -208,7 +208,7 @@ class _Epochs:
         loss_sum, correct, seen = D.all_reduce_sum(run.dist, totals, run.place.reduce_on)
         v_loss, v_correct, v_n = self.validate(self.net, None)
         self.note_failures()
-        frozen_now = {g["name"]: not group_trainable(g, epoch) for g in run.manifest.groups}
+        frozen_now = {g["name"]: not group_trainable(g, epoch) for g in run.inputs.manifest.groups}
         m = {"epoch": epoch + 1, "phase": ph,
              "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
              "val_loss": v_loss / max(v_n, 1), "val_acc": v_correct / max(v_n, 1),
@@ -218,8 +218,8 @@ class _Epochs:
         unfreeze = [u for u in run.resolved.get(phases.UNFREEZES, []) if u["epoch"] == epoch + 1]
         if unfreeze:
             m["unfreeze"] = unfreeze[0]
-        if run.ema is not None:
-            e_loss, e_correct, e_n = self.validate(run.ema.module, run.ema.module)
+        if run.objective.ema is not None:
+            e_loss, e_correct, e_n = self.validate(run.objective.ema.module, run.objective.ema.module)
             m.update(ema_val_loss=e_loss / max(e_n, 1), ema_val_acc=e_correct / max(e_n, 1))
         return record(run, m, self.obs)
 
@@ -234,7 +234,7 @@ def _lr_by_group(run: Run, last_lrs: list[float], frozen_now: dict[str, bool]) -
     """The lr each group trained at: 0 for a group frozen this epoch (the schedule's value is not
     what it saw)."""
     by_group: dict[str, float] = {}
-    for g, lr in zip(run.opt.param_groups, last_lrs):
+    for g, lr in zip(run.optim.opt.param_groups, last_lrs):
         name = g.get("group", g.get("name"))
         by_group.setdefault(name, 0.0 if frozen_now.get(name) else lr)
     return by_group
@@ -253,7 +253,7 @@ def record(run: Run, m: dict, obs: Observer) -> bool:
     if improved:
         p.best = {"epoch": m["epoch"], "val_acc": acc, "val_loss": loss, "weights": weights}
         p.bad_epochs = 0
-        p.best_state = clean_state_dict(run.ema.module if weights == "ema" else run.model, run.moving)
+        p.best_state = clean_state_dict(run.objective.ema.module if weights == "ema" else run.inputs.model, run.optim.moving)
     else:
         p.bad_epochs += 1
     if run.dist.is_main:
@@ -288,6 +288,24 @@ def _better(m: dict) -> tuple[str, float, float]:
     return "raw", m["val_acc"], m["val_loss"]
 
 
+def plain_epochs(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *, epochs: int,
+                 sched: Any = None, device: Any = None) -> None:
+    """``epochs`` passes over ``batches`` (an iterable of ``(x, y)`` such as a DataLoader): the
+    cross-entropy of each batch, one optimizer step and one ``sched`` step per batch, the batch
+    first moved to ``device``. The short runs outside ``surgery train`` train with it: the scratch
+    probe of ``surgery advise`` and the demo's pretraining."""
+    for _ in range(epochs):
+        model.train()
+        for x, y in batches:
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
 def run_epochs(run: Run, net: nn.Module, feats: Features | None, obs: Observer) -> None:
     """Every epoch from the checkpoint's (or the first) to ``--epochs``; on Ctrl-C or SIGTERM,
     the run's state is logged and :class:`TrainInterrupted` raised."""
@@ -315,6 +333,6 @@ def interrupted(run: Run, during: int) -> None:
         run.files.log(f"interrupted during epoch {during}; {last} holds {done} finished epoch"
                       f"{'s' if done != 1 else ''}; continue with: {again}")
         if history:
-            plot_run_curves(history, o.out, run.manifest, o.epochs)
+            plot_run_curves(history, o.out, run.inputs.manifest, o.epochs)
     raise TrainInterrupted(f"interrupted; {done} of {o.epochs} epochs are saved in {last}; continue with: {again} "
                            f"(the run's other arguments come from the checkpoint)")

@@ -53,6 +53,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..option_table import options_from, signature
+from .options import TrainOptions
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -94,6 +97,35 @@ class LrFind:
     def summary(self) -> dict:
         """The record without the curve (for manifests and logs)."""
         return {k: v for k, v in self.to_json().items() if k not in ("lrs", "losses", "smoothed", "probe")}
+
+
+@dataclass(frozen=True)
+class SweepOptim:
+    """How a sweep steps: the optimizer (``adamw`` or ``sgd``), its weight decay and momentum,
+    and the loss (``loss_fn``, or cross-entropy with ``label_smoothing``)."""
+
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    loss_fn: Callable | None = None
+
+    @classmethod
+    def of(cls, opts: Any) -> "SweepOptim":
+        """The sweep of a run with these :class:`~.options.TrainOptions`."""
+        return cls(opts.optimizer, opts.decay, opts.momentum, opts.label_smoothing)
+
+    def loss(self) -> Callable:
+        import torch
+
+        return self.loss_fn or torch.nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+
+    def build(self, groups: list[dict], start: float) -> Any:
+        import torch
+
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=start, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(groups, lr=start, weight_decay=self.weight_decay)
 
 
 def smooth(losses: list[float], beta: float = BETA) -> list[float]:
@@ -169,16 +201,15 @@ def _cycle(batches: Callable[[], Iterable]) -> Iterable:
 
 
 def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: Callable[["nn.Module"], list[dict]] | None = None,
-               optimizer: str = "adamw", weight_decay: float = 0.0, momentum: float = 0.9,
-               loss_fn: Callable | None = None, steps: int = 200, start: float = START, end: float = END,
-               prepare: Callable[[Any, Any], tuple] | None = None, autocast: Callable[[], Any] | None = None,
-               cached: bool = False, head_only: bool = False,
+               optim: SweepOptim = SweepOptim(), steps: int = 200, start: float = START, end: float = END,
+               place: Any = None, cached: bool = False, head_only: bool = False,
                probe: Callable[["nn.Module"], float] | None = None, rule: Callable[..., dict] | None = None) -> LrFind:
     """Sweep the lr from ``start`` to ``end`` over ``steps`` steps on a copy of ``model``.
 
     ``batches()``: a fresh iterable of ``(x, y)`` (re-called when it runs out). ``groups(copy)``:
     optimizer groups with ``lr_mult`` (default: every parameter that requires grad, ``lr_mult`` 1).
-    ``prepare(x, y)`` moves a batch to the device. ``head_only``: only a head on fixed features
+    ``optim``: the optimizer and loss. ``place``: a :class:`~.device.Placement` that moves each
+    batch to the device and autocasts (default: batches as they come, no autocast). ``head_only``: only a head on fixed features
     trains, which selects the head's rule (see the module docstring). ``probe(model)``: the loss of
     fixed images, measured before the first step and after each one (the sweep then stops once it
     passes ``DIVERGE`` times its start); ``rule(sweep)`` reads the suggestion off a :class:`_Sweep`
@@ -194,12 +225,9 @@ def range_test(model: "nn.Module", batches: Callable[[], Iterable], *, groups: C
     for g in pgroups:
         g.setdefault("lr_mult", 1.0)
         g["lr"] = start * g["lr_mult"]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(pgroups, lr=start, momentum=momentum, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(pgroups, lr=start, weight_decay=weight_decay)
-    sweep = _Sweep(work, opt, loss_fn or torch.nn.functional.cross_entropy, prepare or (lambda x, y: (x, y)),
-                   autocast or contextlib.nullcontext, probe)
+    opt = optim.build(pgroups, start)
+    sweep = _Sweep(work, opt, optim.loss(), place.batch if place is not None else (lambda x, y: (x, y)),
+                   place.autocast if place is not None else contextlib.nullcontext, probe)
     devices = [p.device for p in work.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices):
         sweep.run(iter(_cycle(batches)), steps, start, end)
@@ -316,9 +344,8 @@ def curve_text(found: LrFind, points: int = 12) -> list[str]:
 
 # ----------------------------------------------------------------------------- inside a train run
 
-def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path: str, loader: Any, prepare: Callable,
-            autocast: Callable, optimizer: str, weight_decay: float, momentum: float, label_smoothing: float,
-            seed: int, run_steps: int | None = None) -> LrFind:
+def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path: str, loader: Any, place: Any,
+            optim: SweepOptim, seed: int, run_steps: int | None = None) -> LrFind:
     """The range test a train run does for ``--lr auto``: on the cached features (the head alone,
     200 steps) when the backbone is frozen, else on the whole model over the training images:
     100 steps, or as many as the run has when it is shorter (at least 40), so that the test never
@@ -326,7 +353,6 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
     import torch
 
     gen = torch.Generator().manual_seed(seed + 7919)  # the run's own generators are not touched
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if feats is not None:
         tx, ty = feats["train"][0]
         bs = min(loader.batch_size, len(ty))
@@ -337,16 +363,14 @@ def for_run(model: "nn.Module", manifest: Any, *, feats: dict | None, head_path:
 
         head = model.get_submodule(head_path)
         return range_test(head, batches, groups=lambda m: [{"params": [p for p in m.parameters() if p.requires_grad]}],
-                          optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                          steps=200, prepare=prepare, autocast=autocast, cached=True, head_only=True)
+                          optim=optim, steps=200, place=place, cached=True, head_only=True)
     head_only = all(n.startswith(head_path + ".") for n, p in model.named_parameters() if p.requires_grad)
-    return _on_images(model, manifest, loader, gen, steps=min(100, max(40, run_steps or 100)), prepare=prepare,
-                      autocast=autocast, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
-                      loss_fn=loss_fn, head_only=head_only)
+    return on_images(model, manifest, loader, gen, steps=min(100, max(40, run_steps or 100)), place=place,
+                     optim=optim, head_only=head_only)
 
 
-def _on_images(model: "nn.Module", manifest: Any, loader: Any, gen: Any, *, steps: int, weight_decay: float,
-               **kw: Any) -> LrFind:
+def on_images(model: "nn.Module", manifest: Any, loader: Any, gen: Any, *, steps: int, optim: SweepOptim,
+              **kw: Any) -> LrFind:
     """A sweep of the whole model over the training images, in an order of its own (``gen``)."""
     from torch.utils.data import DataLoader
 
@@ -355,8 +379,8 @@ def _on_images(model: "nn.Module", manifest: Any, loader: Any, gen: Any, *, step
     dl = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=gen,
                     num_workers=loader.num_workers, drop_last=len(loader.dataset) > loader.batch_size,
                     collate_fn=loader.collate_fn)
-    return range_test(model, lambda: dl, groups=lambda m: optimizer_groups(m, manifest, 1.0, weight_decay),
-                      weight_decay=weight_decay, steps=steps, **kw)
+    return range_test(model, lambda: dl, groups=lambda m: optimizer_groups(m, manifest, 1.0, optim.weight_decay),
+                      optim=optim, steps=steps, **kw)
 
 
 def use(found: LrFind, lr: float, opt: Any, sched: Any, out: Any, write: bool) -> None:
@@ -412,66 +436,59 @@ def message(found: LrFind, lr: float) -> str:
 
 # ----------------------------------------------------------------------------- the test alone
 
-def find_lr(adapted_dir: Any, data: Any, *, val_split: float | None = None, seed: int = 0, batch_size: int = 32,
-            optimizer: str = "adamw", weight_decay: float | None = None, momentum: float = 0.9,
-            label_smoothing: float = 0.0, image_size: int | None = None, augment: bool = True, flip: bool = True,
-            device: str = "auto", cache_features: str = "auto", out: Any = None, force: bool = False,
-            trust_code: bool = False, epochs: int | None = None, accumulate: int = 1) -> LrFind:
-    """``surgery train --find-lr``: only the range test a run with ``--lr auto`` would do first
-    (``epochs`` and ``accumulate`` give the run's length, which sets a whole-model sweep's).
-    With ``out``, writes ``lr_find.json`` and ``lr_find.png`` there (a new folder, or ``force``)."""
+def find_lr(adapted_dir: Any = None, data: Any = None, options: TrainOptions | None = None, **keywords: Any) -> LrFind:
+    """``surgery train --find-lr``: only the range test a run with ``--lr auto`` would do first, on
+    the same inputs (``epochs`` and ``accumulate`` give the run's length, which sets a whole-model
+    sweep's). The keywords are the fields of :class:`~.options.TrainOptions`; ``options``: a
+    TrainOptions, the keywords laid over it. ``out`` is optional: with it, writes ``lr_find.json``
+    and ``lr_find.png`` there (a new folder, or ``force``)."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from ..adapter.core import load_adapted
-    from ..adapter.manifest import read_manifest
     from ..errors import OutputError
-    from ..preprocess import input_pipeline
-    from . import cache as cache_mod
-    from .data import ImageDataset, make_loaders, scan_images
-    from .samples import check_num_classes, discover
-    from .device import resolve_device
+    from .cache import head_path
+    from .device import Placement, resolve_device
+    from .inputs import read_inputs
     from .prepare import optimizer_steps
     from .state import TrainError
 
-    if optimizer not in ("adamw", "sgd"):
-        raise TrainError(f"--optimizer {optimizer!r}: choose one of adamw, sgd")
-    out_p = Path(out) if out is not None else None
-    if out_p is not None and out_p.exists() and not force:
-        raise OutputError(f"{out_p}: already exists; pass --force to write lr_find.png there")
-    manifest = read_manifest(adapted_dir)
-    samples = discover(data, val_split=val_split, seed=seed)
-    check_num_classes(samples, manifest.num_classes)
-    samples, _ = scan_images(samples)
-    dev = resolve_device(device)
-    model = load_adapted(adapted_dir, device=dev, trust_code=trust_code)
-    pipe = input_pipeline(manifest, image_size)
-    train_dl, _ = make_loaders(samples, image_size=list(pipe.size), mean=list(pipe.mean), std=list(pipe.std),
-                               channels=pipe.channels, batch_size=batch_size, seed=seed, augment=augment, flip=flip,
-                               device=dev, resize=pipe.resize, interpolation=pipe.interpolation)
-    torch.manual_seed(seed)
-    path = cache_mod.head_path(manifest)
-    feats = None
-    ok, why = cache_mod.eligibility(model, manifest, 1)
-    if cache_features == "on" and not ok:
-        raise TrainError(f"--cache-features on: not possible here: {why}")
-    if ok and cache_features != "off":
-        plain = DataLoader(ImageDataset(samples.train, _plain(pipe)), batch_size=max(batch_size, 64))
-        feats = {"train": [cache_mod.extract(model, path, plain, dev, lambda x: x.to(dev), contextlib.nullcontext)]}
-    wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 1e-4)
-    found = for_run(model, manifest, feats=feats, head_path=path, loader=train_dl,
-                    prepare=lambda x, y: (x.to(dev), y.to(dev)), autocast=contextlib.nullcontext,
-                    optimizer=optimizer, weight_decay=wd, momentum=momentum, label_smoothing=label_smoothing, seed=seed,
-                    run_steps=None if epochs is None else epochs * optimizer_steps(len(train_dl), accumulate))
-    if out_p is not None:
-        out_p.mkdir(parents=True, exist_ok=True)
-        use_files(found, out_p)
+    given = {k: v for k, v in (("adapted", adapted_dir), ("data", data)) if v is not None}
+    opts = options_from(TrainOptions, options, {**keywords, **given}, "find_lr").require("adapted", "data")
+    if opts.optimizer not in ("adamw", "sgd"):
+        raise TrainError(f"--optimizer {opts.optimizer!r}: choose one of adamw, sgd")
+    if opts.out is not None and opts.out.exists() and not opts.force:
+        raise OutputError(f"{opts.out}: already exists; pass --force to write lr_find.png there")
+    dev = resolve_device(opts.device)
+    inputs = read_inputs(opts, device=dev, need_val=False)
+    model = inputs.model.to(dev)
+    torch.manual_seed(opts.seed)
+    feats = _cached_features(opts, inputs, dev)
+    runs = None if opts.epochs is None else opts.epochs * optimizer_steps(len(inputs.train_dl), opts.accumulate)
+    found = for_run(model, inputs.manifest, feats=feats, head_path=head_path(inputs.manifest), loader=inputs.train_dl,
+                    place=Placement(dev), optim=SweepOptim.of(opts), seed=opts.seed, run_steps=runs)
+    if opts.out is not None:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        use_files(found, opts.out)
     return found
 
 
-def _plain(pipe: Any) -> Any:
-    """The evaluation transform of an :class:`~surgery.preprocess.InputPipeline`."""
-    from .data import build_transforms
+def _cached_features(opts: TrainOptions, inputs: Any, dev: Any) -> dict | None:
+    """The head's inputs for every training image (evaluation transform) when the cache can serve
+    the range test, as a train run's cache would; None when it cannot or is off."""
+    from torch.utils.data import DataLoader
 
-    return build_transforms(list(pipe.size), list(pipe.mean), list(pipe.std), pipe.channels, train=False,
-                            resize=pipe.resize, interpolation=pipe.interpolation)
+    from . import cache as cache_mod
+    from .data import ImageDataset, pipeline_transforms
+    from .state import TrainError
+
+    ok, why = cache_mod.eligibility(inputs.model, inputs.manifest, 1)
+    if opts.cache_features == "on" and not ok:
+        raise TrainError(f"--cache-features on: not possible here: {why}")
+    if not ok or opts.cache_features == "off":
+        return None
+    plain = DataLoader(ImageDataset(inputs.samples.train, pipeline_transforms(inputs.pipe, train=False)),
+                       batch_size=max(opts.batch_size, 64))
+    return {"train": [cache_mod.extract(inputs.model, cache_mod.head_path(inputs.manifest), plain, dev, lambda x: x.to(dev),
+                                        contextlib.nullcontext)]}
+
+
+find_lr.__signature__ = signature(find_lr, TrainOptions, skip=("adapted", "data"))  # type: ignore[attr-defined]

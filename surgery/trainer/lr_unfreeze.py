@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .lr_find import BACKOFF, END, START, LrFind, _on_images, plot
+from .lr_find import BACKOFF, END, START, LrFind, SweepOptim, on_images, plot
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -54,8 +55,7 @@ def steps_for(remaining: int) -> int:
     return min(MAX_STEPS, max(MIN_STEPS, remaining))
 
 
-def range_test(model: "nn.Module", manifest: Any, *, loader: Any, reference: tuple, prepare: Callable,
-               autocast: Callable, optimizer: str, weight_decay: float, momentum: float, label_smoothing: float,
+def range_test(model: "nn.Module", manifest: Any, *, loader: Any, reference: tuple, place: Any, optim: SweepOptim,
                seed: int, epoch: int, steps: int) -> LrFind:
     """The test on ``model`` as the head phase left it, with every group that trains from
     ``epoch`` on (``requires_grad`` already set), over the training batches in an order of its own;
@@ -63,19 +63,18 @@ def range_test(model: "nn.Module", manifest: Any, *, loader: Any, reference: tup
     import torch
 
     gen = torch.Generator().manual_seed(seed + 7919 + epoch)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    x_ref, y_ref = prepare(*reference)
+    loss_fn = optim.loss()
+    x_ref, y_ref = place.batch(*reference)
 
     def probe(work: "nn.Module") -> float:
         work.eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), place.autocast():
             v = float(loss_fn(work(x_ref).float(), y_ref))
         work.train()
         return v
 
-    return _on_images(model, manifest, loader, gen, steps=steps, prepare=prepare, autocast=autocast,
-                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, loss_fn=loss_fn,
-                      probe=probe, rule=_rule)
+    return on_images(model, manifest, loader, gen, steps=steps, place=place, optim=replace(optim, loss_fn=loss_fn),
+                     probe=probe, rule=_rule)
 
 
 def describe(found: LrFind, images: int) -> str:

@@ -26,7 +26,7 @@ from ..adapter.freeze import group_trainable
 from . import distributed as D
 from . import lr_unfreeze
 from .ema import WeightEma
-from .lr_find import fmt_lr
+from .lr_find import SweepOptim, fmt_lr
 from .optim import refresh_lrs
 from .prepare import Run, optimizer_steps
 from .resume import load_moving
@@ -61,12 +61,12 @@ def first_unfreeze(manifest: Any) -> int | None:
 
 
 def _steps_per_epoch(run: Run) -> int:
-    return optimizer_steps(len(run.train_dl), run.opts.accumulate)
+    return optimizer_steps(len(run.inputs.train_dl), run.opts.accumulate)
 
 
 def _open(run: Run, groups: set[str], step: int) -> None:
     """Warm the optimizer groups of ``groups`` up over one epoch from ``step``."""
-    for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas):
+    for g, fn in zip(run.optim.opt.param_groups, run.optim.sched.lr_lambdas):
         if g["group"] in groups:
             fn.open_at(step, _steps_per_epoch(run))
 
@@ -74,19 +74,19 @@ def _open(run: Run, groups: set[str], step: int) -> None:
 def unfreeze(run: Run, epoch: int, obs: Observer) -> None:
     """At the start of ``epoch``, after the schedule opened its groups: their warmup; at the first
     unfreeze also the head phase's best weights and, with ``--lr auto``, the phase's lr, measured."""
-    groups = opening(run.manifest, epoch)
+    groups = opening(run.inputs.manifest, epoch)
     if not groups:
         return
-    _open(run, groups, run.sched.last_epoch)
+    _open(run, groups, run.optim.sched.last_epoch)
     record: dict[str, Any] = {"epoch": epoch + 1, "groups": sorted(groups), "warmup_steps": _steps_per_epoch(run)}
-    p, first = run.progress, epoch == first_unfreeze(run.manifest)
+    p, first = run.progress, epoch == first_unfreeze(run.inputs.manifest)
     if first and p.best_state is not None and p.best["epoch"] < epoch:
         # the head phase's val loss moves from epoch to epoch: the unfrozen phase starts from its best
-        load_moving(run.model, p.best_state, run.moving, "the best epoch's weights")
+        load_moving(run.inputs.model, p.best_state, run.optim.moving, "the best epoch's weights")
         record["from_epoch"] = p.best["epoch"]
     if first and run.opts.lr == "auto":
         record.update(_measure(run, epoch, obs))
-    refresh_lrs(run.opt, run.sched)
+    refresh_lrs(run.optim.opt, run.optim.sched)
     record["lrs"] = _lrs(run)
     run.resolved.setdefault(UNFREEZES, []).append(record)
     lrs = ", ".join(f"{k} {fmt_lr(v)}" for k, v in record["lrs"].items())
@@ -103,17 +103,16 @@ def _measure(run: Run, epoch: int, obs: Observer) -> dict:
     group's multiplier scaled so the base lr becomes what it found (never more than the first
     phase's)."""
     o, place = run.opts, run.place
-    remaining = run.mult.total - run.sched.last_epoch
-    found = lr_unfreeze.range_test(run.model, run.manifest, loader=run.train_dl, reference=_reference(run),
-                                   prepare=place.batch, autocast=place.autocast, optimizer=o.optimizer,
-                                   weight_decay=o.decay, momentum=o.momentum, label_smoothing=o.label_smoothing,
-                                   seed=o.seed, epoch=epoch, steps=lr_unfreeze.steps_for(remaining))
+    remaining = run.optim.mult.total - run.optim.sched.last_epoch
+    found = lr_unfreeze.range_test(run.inputs.model, run.inputs.manifest, loader=run.inputs.train_dl,
+                                   reference=_reference(run), place=place, optim=SweepOptim.of(o), seed=o.seed,
+                                   epoch=epoch, steps=lr_unfreeze.steps_for(remaining))
     lr = D.all_reduce_sum(run.dist, [found.suggestion], place.reduce_on)[0] / run.dist.world_size
     before = _base_lr(run)
     new = min(lr, before)
-    for fn in run.sched.lr_lambdas:
+    for fn in run.optim.sched.lr_lambdas:
         fn.scale *= new / before
-    how = lr_unfreeze.describe(found, min(REFERENCE_IMAGES, len(run.samples.train)))
+    how = lr_unfreeze.describe(found, min(REFERENCE_IMAGES, len(run.inputs.samples.train)))
     if new < lr:
         how += f", capped at the first phase's lr {fmt_lr(before)}"
     if run.dist.is_main:
@@ -129,7 +128,7 @@ def _reference(run: Run) -> tuple:
 
     from .data import ImageDataset, pipeline_transforms
 
-    ds = ImageDataset(run.samples.train, pipeline_transforms(run.pipe, train=False))
+    ds = ImageDataset(run.inputs.samples.train, pipeline_transforms(run.inputs.pipe, train=False))
     n = min(REFERENCE_IMAGES, len(ds))
     items = [ds[i * len(ds) // n] for i in range(n)]  # spread over the classes, which come in order
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
@@ -138,8 +137,8 @@ def _reference(run: Run) -> tuple:
 def _base_lr(run: Run) -> float:
     """The base lr (``lr_mult`` 1) as a group that trains from the start stands (the guard cuts
     only opened groups; a multiplier of 0 says nothing), before the schedule's shape."""
-    frozen = frozen_at_start(run.manifest)
-    g, fn = next((g, fn) for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas)
+    frozen = frozen_at_start(run.inputs.manifest)
+    g, fn = next((g, fn) for g, fn in zip(run.optim.opt.param_groups, run.optim.sched.lr_lambdas)
                  if g["group"] not in frozen and g.get("lr_mult", 1.0) > 0)
     return g["initial_lr"] / g.get("lr_mult", 1.0) * fn.scale
 
@@ -147,7 +146,7 @@ def _base_lr(run: Run) -> float:
 def _lrs(run: Run) -> dict[str, float]:
     """Each manifest group's peak lr from here on: base lr x multiplier x scale."""
     out: dict[str, float] = {}
-    for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas):
+    for g, fn in zip(run.optim.opt.param_groups, run.optim.sched.lr_lambdas):
         out.setdefault(g["group"], g["initial_lr"] * fn.scale)
     return out
 
@@ -156,7 +155,7 @@ def _lrs(run: Run) -> dict[str, float]:
 
 def head_phase_best(run: Run) -> float | None:
     """The lowest val loss of the epochs before the first unfreeze; None when nothing unfreezes."""
-    at = first_unfreeze(run.manifest)
+    at = first_unfreeze(run.inputs.manifest)
     if at is None:
         return None
     losses = [m["val_loss"] for m in run.progress.history if m["epoch"] <= at]
@@ -172,7 +171,7 @@ def guard(run: Run, m: dict) -> dict | None:
     """After the unfreeze: an epoch whose val loss passes :func:`guard_limit` (or is not a number)
     brings the best weights back and cuts the lr of the groups opened so far tenfold. The event,
     or None."""
-    at = first_unfreeze(run.manifest)
+    at = first_unfreeze(run.inputs.manifest)
     events = run.resolved.get(GUARD_EVENTS_KEY, [])
     if not run.opts.guard or at is None or m["epoch"] <= at or run.progress.best_state is None \
             or len(events) >= GUARD_EVENTS:
@@ -181,18 +180,18 @@ def guard(run: Run, m: dict) -> dict | None:
     if best is None or (math.isfinite(m["val_loss"]) and m["val_loss"] <= guard_limit(best)):
         return None
     p = run.progress
-    load_moving(run.model, p.best_state, run.moving, "the best epoch's weights")
-    if run.ema is not None:  # the average of the collapsed weights is no better: start it again
-        run.ema = WeightEma(run.model, run.ema.decay)
-    opened = {g["name"] for g in run.manifest.groups
+    load_moving(run.inputs.model, p.best_state, run.optim.moving, "the best epoch's weights")
+    if run.objective.ema is not None:  # the average of the collapsed weights is no better: start it again
+        run.objective.ema = WeightEma(run.inputs.model, run.objective.ema.decay)
+    opened = {g["name"] for g in run.inputs.manifest.groups
               if not g["trainable"] and group_trainable(g, m["epoch"] - 1)}
-    for g, fn in zip(run.opt.param_groups, run.sched.lr_lambdas):
+    for g, fn in zip(run.optim.opt.param_groups, run.optim.sched.lr_lambdas):
         if g["group"] in opened:
             fn.scale *= GUARD_CUT
             for param in g["params"]:
-                run.opt.state.pop(param, None)
-    _open(run, opened, run.sched.last_epoch)
-    refresh_lrs(run.opt, run.sched)
+                run.optim.opt.state.pop(param, None)
+    _open(run, opened, run.optim.sched.last_epoch)
+    refresh_lrs(run.optim.opt, run.optim.sched)
     event = {"epoch": m["epoch"], "val_loss": m["val_loss"], "limit": guard_limit(best),
              "restored_epoch": p.best["epoch"], "restored_val_loss": p.best["val_loss"],
              "lrs": {k: v for k, v in _lrs(run).items() if k in opened}, "left": GUARD_EVENTS - len(events) - 1}

@@ -1,6 +1,7 @@
-"""Everything before the first epoch, as one unit: check every input (nothing is written until all
-pass), resume, claim OUT, seed, place the model, build the loaders and the optimizer, restore a
-checkpoint. :func:`prepare` returns the :class:`Run` the epoch loop works on."""
+"""Everything before the first epoch, as one unit: read the inputs (:mod:`.inputs`) and check the
+run (nothing is written until all pass), claim OUT, seed, place the model, build the optimization
+and the objective, restore a checkpoint. :func:`prepare` returns the :class:`Run` the epoch loop
+works on; each part of it is built by the step that owns it."""
 
 from __future__ import annotations
 
@@ -15,19 +16,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter.core import load_adapted
-from ..adapter.manifest import read_manifest
 from ..deploy import SUFFIXES as EXPORT_SUFFIXES
-from ..errors import DataError, OutputError, ResumeError, TrainError
+from ..errors import OutputError, ResumeError, TrainError
 from ..io import OUTPUTS, check_replaceable, remove_outputs, remove_temps
-from ..preprocess import InputPipeline, input_pipeline
 from . import balance, cache
 from . import distributed as D
-from .data import make_loaders, pipeline_args, scan_images
-from .samples import Samples, check_num_classes, discover
 from .augment import DEFAULT_AUGMENT, batch_mixer
 from .device import Placement
 from .ema import WeightEma
+from .inputs import RunInputs, read_inputs
 from .optim import LENGTH_FIELDS, LrMultiplier, optimizer_groups
 from .options import TrainOptions
 from .outputs import RunFiles
@@ -50,42 +47,59 @@ class Progress:
 
 
 @dataclass
+class CachePlan:
+    """Whether the head trains on cached backbone features, why not, and the module the model
+    splits at (the head's). The feature cache turns it off when the split fails its check."""
+
+    use: bool
+    reason: str
+    head_path: str
+
+
+@dataclass
+class Optimization:
+    """The optimizer over every manifest group, its per-group lr schedule (``mult``: the run's
+    length and warmup), the fp16 gradient scaler, and the keys of the tensors that change."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    mult: LrMultiplier
+    scaler: torch.amp.GradScaler | None
+    moving: set[str]
+
+
+@dataclass
+class Objective:
+    """The loss (class weights, label smoothing), the batch mixer and the weight average."""
+
+    crit: nn.CrossEntropyLoss
+    mixer: Callable | None
+    ema: WeightEma | None
+
+
+@dataclass
 class Run:
-    """A prepared run: its options and inputs, the model on its device, loaders, optimizer,
-    OUT's files, and the progress restored from a checkpoint (if any)."""
+    """A prepared run: its options, its inputs (:class:`.inputs.RunInputs`), the processes and
+    device, OUT's files, the cache plan, the optimization and objective, and the progress restored
+    from a checkpoint (if any). ``resolved``: what the run chose beyond its options (saved with them)."""
 
     opts: TrainOptions
-    manifest: Any
-    samples: Samples
-    skipped: list[tuple[str, str]]
-    model: nn.Module
-    pipe: InputPipeline
+    inputs: RunInputs
     dist: D.DistInfo
     place: Placement
     files: RunFiles
     fingerprint: dict
-    use_cache: bool
-    cache_reason: str
+    cache: CachePlan
+    optim: Optimization
+    objective: Objective
     ckpt: dict | None = None
     restored: list[str] = field(default_factory=list)
-    train_dl: Any = None
-    val_dl: Any = None
-    opt: Any = None
-    sched: Any = None
-    mult: LrMultiplier | None = None
-    scaler: Any = None
-    moving: set[str] = field(default_factory=set)
-    crit: Any = None
-    mixer: Any = None
-    ema: Any = None
-    head_path: str = ""
     resolved: dict = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
 
     @property
     def failure_log(self) -> Path:
-        """Images that failed to decode: one JSON line each, appended by every worker and rank."""
-        return self.opts.out / "failures.jsonl"
+        return failure_log(self.opts.out)
 
     @property
     def args(self) -> dict:
@@ -93,15 +107,23 @@ class Run:
         return {**self.opts.hyper(), **self.resolved}
 
 
+def failure_log(out: Path) -> Path:
+    """Images that failed to decode: one JSON line each, appended by every worker and rank."""
+    return out / "failures.jsonl"
+
+
 def prepare(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, restored: list[str], dist: D.DistInfo,
             place: Placement, obs: Observer) -> Run:
     """Check, claim OUT, seed, place, build: the steps in the order a run depends on."""
-    run = check_inputs(opts, ckpt, resuming_here, dist, place, obs)
-    run.restored = restored
-    claim_out(run, resuming_here)
+    inputs = read_inputs(opts, device=place.device, distributed=dist.enabled, failure_log=failure_log(opts.out))
+    fp, plan = check_run(opts, inputs, ckpt, resuming_here, dist)
+    files = RunFiles(opts.out, dist.is_main, obs)
+    claim_out(opts, dist, files, resuming_here)
     seed_everything(opts.seed, dist.rank)
-    place.place_model(run.model)
-    build_training(run)
+    place.place_model(inputs.model)
+    run = Run(opts=opts, inputs=inputs, dist=dist, place=place, files=files, fingerprint=fp, cache=plan,
+              optim=build_optimization(opts, inputs, place), objective=build_objective(opts, inputs, place),
+              ckpt=ckpt, restored=restored, resolved=opts.resolved())
     log_setup(run)
     if ckpt is not None:
         restore(run)
@@ -110,19 +132,15 @@ def prepare(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, restored
 
 # ----------------------------------------------------------------------------- checks
 
-def check_inputs(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, dist: D.DistInfo, place: Placement,
-                 obs: Observer) -> Run:
-    """Read and check the manifest, the data, the model and OUT; nothing is written."""
-    manifest = read_manifest(opts.adapted)
-    samples, skipped = _check_data(opts, manifest)
-    model = load_adapted(opts.adapted, trust_code=opts.trust_code)
-    pipe = input_pipeline(manifest, opts.image_size)
-    if opts.image_size is not None:
-        _check_image_size(model, manifest, opts.image_size, pipe.channels)
+def check_run(opts: TrainOptions, inputs: RunInputs, ckpt: dict | None, resuming_here: bool,
+              dist: D.DistInfo) -> tuple[dict, CachePlan]:
+    """What a run checks beyond its inputs: the groups, the cache, the checkpoint and OUT; nothing
+    is written. Returns the run's fingerprint and its cache plan."""
+    manifest, model = inputs.manifest, inputs.model
     _check_groups(opts, manifest)
     use_cache, reason = cache.decide(model, manifest, opts.epochs, opts.cache_features, distributed=dist.enabled,
                                      compiled=opts.compile, mixing=opts.mixing)
-    fp = fingerprint(manifest, model, samples.classes)
+    fp = fingerprint(manifest, model, inputs.samples.classes)
     if ckpt is not None:
         check_fingerprint(ckpt.get("fingerprint", {}), fp, str(ckpt["path"]))
         if int(ckpt["epoch"]) > opts.epochs:
@@ -130,40 +148,7 @@ def check_inputs(opts: TrainOptions, ckpt: dict | None, resuming_here: bool, dis
                               f"pass --epochs {ckpt['epoch']} or more")
     check_out(opts.out, force=opts.force, resuming_here=resuming_here, inputs=[opts.adapted, opts.data])
     D.barrier(dist)
-    return Run(opts=opts, manifest=manifest, samples=samples, skipped=skipped, model=model, pipe=pipe, dist=dist,
-               place=place, files=RunFiles(opts.out, dist.is_main, obs), fingerprint=fp, use_cache=use_cache,
-               cache_reason=reason, ckpt=ckpt, head_path=cache.head_path(manifest),
-               resolved=opts.resolved())
-
-
-def _check_data(opts: TrainOptions, manifest: Any) -> tuple[Samples, list[tuple[str, str]]]:
-    samples = discover(opts.data, val_split=opts.val_split, seed=opts.seed)
-    check_num_classes(samples, manifest.num_classes)
-    named = manifest["class_names"] or manifest.head.get("class_names")
-    if named and list(named) != list(samples.classes):
-        raise DataError(f"{samples.root}: its classes ({', '.join(samples.classes[:8])}) are not the adapted "
-                        f"model's class names ({', '.join(map(str, named[:8]))}); rename the class folders or "
-                        f"re-run surgery adapt")
-    if not samples.val:
-        raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
-    return scan_images(samples)
-
-
-def _check_image_size(model: nn.Module, manifest: Any, size: int, channels: int) -> None:
-    """``--image-size`` other than adapt's: one image through the model first, so that a model
-    built for one size (a ViT) is refused in one line, not with a traceback after the setup."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, channels, size, size))
-    except Exception as e:  # noqa: BLE001 - any model code: reported as a refusal
-        adapted = "x".join(map(str, manifest["input"]["size"]))
-        raise TrainError(f"--image-size {size}: the model does not take {size}x{size} images "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); it was adapted for {adapted}: "
-                         f"drop --image-size, or re-run surgery adapt with --input-size {size}") from None
-    finally:
-        model.train(was)
+    return fp, CachePlan(use_cache, reason, cache.head_path(manifest))
 
 
 def _check_groups(opts: TrainOptions, manifest: Any) -> None:
@@ -211,18 +196,18 @@ def check_out(out: Path, *, force: bool, resuming_here: bool, inputs: list[Path]
 
 # ----------------------------------------------------------------------------- from here on OUT is ours
 
-def claim_out(run: Run, resuming_here: bool) -> None:
+def claim_out(opts: TrainOptions, dist: D.DistInfo, files: RunFiles, resuming_here: bool) -> None:
     """Replace (--force) or tidy (--resume) OUT on rank 0; every rank waits for it."""
-    out = run.opts.out
-    if run.dist.is_main:
-        if out.exists() and not resuming_here and run.opts.force:
+    out = opts.out
+    if dist.is_main:
+        if out.exists() and not resuming_here and opts.force:
             remove_outputs(out, RUN_OUTPUTS) if out.is_dir() and not out.is_symlink() else out.unlink()
         if resuming_here:
             remove_temps(out)  # what a process killed mid-write left
         (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    D.barrier(run.dist)
+    D.barrier(dist)
     if resuming_here:
-        run.files.load_existing()
+        files.load_existing()
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -237,27 +222,22 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def build_training(run: Run) -> None:
-    """Loaders, optimizer (every manifest group, decay split), lr schedule and gradient scaler."""
-    o = run.opts
-    run.train_dl, run.val_dl = make_loaders(
-        run.samples, **pipeline_args(run.pipe), batch_size=o.batch_size, num_workers=o.workers, seed=o.seed,
-        augment=o.augment, flip=o.flip, device=run.place.device, distributed=run.dist.enabled,
-        failure_log=run.failure_log, balanced=o.balanced_sampler)
+def build_optimization(opts: TrainOptions, inputs: RunInputs, place: Placement) -> Optimization:
+    """Optimizer (every manifest group, decay split), lr schedule and gradient scaler."""
+    o, model = opts, inputs.model
     lr = 1e-3 if o.lr == "auto" else o.lr  # "auto": a placeholder until the range test has run
-    groups = optimizer_groups(run.model, run.manifest, lr, o.decay)
+    groups = optimizer_groups(model, inputs.manifest, lr, o.decay)
     if o.optimizer == "adamw":
-        run.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=o.decay)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=o.decay)
     else:
-        run.opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.decay)
-    steps = optimizer_steps(len(run.train_dl), o.accumulate)
-    run.mult = LrMultiplier(o.schedule, steps * o.epochs, round(o.warmup * steps))
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.decay)
+    steps = optimizer_steps(len(inputs.train_dl), o.accumulate)
+    mult = LrMultiplier(o.schedule, steps * o.epochs, round(o.warmup * steps))
     # one multiplier per group: an unfreeze and the guard change some groups' lrs and not others
-    run.sched = torch.optim.lr_scheduler.LambdaLR(
-        run.opt, [LrMultiplier(o.schedule, run.mult.total, run.mult.warmup) for _ in run.opt.param_groups])
-    run.scaler = torch.amp.GradScaler("cuda") if run.place.amp_dtype == torch.float16 else None
-    run.moving = changing_keys(run.model, run.manifest)
-    build_objective(run)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [LrMultiplier(o.schedule, mult.total, mult.warmup) for _ in opt.param_groups])
+    scaler = torch.amp.GradScaler("cuda") if place.amp_dtype == torch.float16 else None
+    return Optimization(opt, sched, mult, scaler, changing_keys(model, inputs.manifest))
 
 
 def optimizer_steps(batches: int, accumulate: int) -> int:
@@ -266,33 +246,32 @@ def optimizer_steps(batches: int, accumulate: int) -> int:
     return -(-batches // accumulate)
 
 
-def build_objective(run: Run) -> None:
+def build_objective(opts: TrainOptions, inputs: RunInputs, place: Placement) -> Objective:
     """The loss (class weights), the batch mixer (--mixup/--cutmix) and the weight average (--ema)."""
-    o, n = run.opts, len(run.samples.classes)
+    o, n = opts, len(inputs.samples.classes)
     weight = None
     if o.class_weights == "auto":
-        w = balance.balanced_weights(balance.class_counts([y for _, y in run.samples.train], n))
-        weight = torch.tensor(w, dtype=torch.float32, device=run.place.device)
-    run.crit = nn.CrossEntropyLoss(weight=weight, label_smoothing=o.label_smoothing)
-    run.mixer = batch_mixer(n, o.mixup, o.cutmix)
-    run.ema = WeightEma(run.model, o.ema) if o.ema is not None else None
+        w = balance.balanced_weights(balance.class_counts([y for _, y in inputs.samples.train], n))
+        weight = torch.tensor(w, dtype=torch.float32, device=place.device)
+    return Objective(nn.CrossEntropyLoss(weight=weight, label_smoothing=o.label_smoothing),
+                     batch_mixer(n, o.mixup, o.cutmix), WeightEma(inputs.model, o.ema) if o.ema is not None else None)
 
 
 def log_setup(run: Run) -> None:
-    o, s, log = run.opts, run.samples, run.files.log
+    o, s, log = run.opts, run.inputs.samples, run.files.log
     counts = s.counts()
     log(f"surgery train: {o.adapted} on {s.root} ({s.source}) -> {o.out}")
     log(f"classes ({len(s.classes)}): {', '.join(s.classes)}")
     log(f"images: {len(s.train)} train, {len(s.val)} val; per class train "
         f"{json.dumps(counts['train'])}, val {json.dumps(counts['val'])}")
-    if run.skipped:
-        log(f"skipped {len(run.skipped)} unreadable images:")
-        for p, r in run.skipped:
+    if run.inputs.skipped:
+        log(f"skipped {len(run.inputs.skipped)} unreadable images:")
+        for p, r in run.inputs.skipped:
             log(f"  skipped {p}: {r}")
     amp = run.place.amp_dtype if run.place.amp_dtype is not None else "off"
     log(f"device {run.place.device}{' x' + str(run.dist.world_size) + ' processes' if run.dist.enabled else ''}; "
         f"amp {amp}; optimizer {o.optimizer} lr {o.lr} weight decay {o.decay:g}; schedule {o.schedule} over "
-        f"{run.mult.total} steps, warmup {run.mult.warmup} steps")
+        f"{run.optim.mult.total} steps, warmup {run.optim.mult.warmup} steps")
     extras = _extras(run)
     if extras:
         log("; ".join(extras))
@@ -311,7 +290,8 @@ def _extras(run: Run) -> list[str]:
     if o.ema is not None:
         said.append(f"ema decay {o.ema:g}")
     if o.class_weights == "auto":
-        said.append("class weights " + ", ".join(f"{c} {w:.2f}" for c, w in zip(run.samples.classes, run.crit.weight.tolist())))
+        weights = zip(run.inputs.samples.classes, run.objective.crit.weight.tolist())
+        said.append("class weights " + ", ".join(f"{c} {w:.2f}" for c, w in weights))
     if o.balanced_sampler:
         said.append("balanced sampler")
     return said
@@ -331,16 +311,16 @@ def restore(run: Run) -> None:
     """The checkpoint's weights, optimizer, schedule (stretched to this run's length), scaler and
     progress; its best weights when best.pt is beside it."""
     ckpt, p = run.ckpt, run.progress
-    load_moving(run.model, ckpt["model"], run.moving, str(ckpt["path"]))
-    run.opt.load_state_dict(ckpt["optimizer"])
-    length = {k: getattr(run.mult, k) for k in LENGTH_FIELDS}
-    run.sched.load_state_dict(ckpt["scheduler"])
-    for f in run.sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
+    load_moving(run.inputs.model, ckpt["model"], run.optim.moving, str(ckpt["path"]))
+    run.optim.opt.load_state_dict(ckpt["optimizer"])
+    length = {k: getattr(run.optim.mult, k) for k in LENGTH_FIELDS}
+    run.optim.sched.load_state_dict(ckpt["scheduler"])
+    for f in run.optim.sched.lr_lambdas:  # LambdaLR restores the saved length; another --epochs changes it
         f.__dict__.update(length)
-    if run.scaler is not None and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    if run.ema is not None and ckpt.get("ema"):
-        run.ema.load_state_dict(ckpt["ema"])
+    if run.optim.scaler is not None and ckpt.get("scaler"):
+        run.optim.scaler.load_state_dict(ckpt["scaler"])
+    if run.objective.ema is not None and ckpt.get("ema"):
+        run.objective.ema.load_state_dict(ckpt["ema"])
     p.start_epoch, p.best, p.bad_epochs = int(ckpt["epoch"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
     p.history = list(ckpt.get("history") or [])
     saved = ckpt.get("args") or {}
@@ -349,10 +329,10 @@ def restore(run: Run) -> None:
             run.resolved[k] = list(saved[k])
     best_file = Path(ckpt["path"]).parent / BEST
     if best_file.is_file() and p.best["epoch"] > 0:
-        p.best_state = best_weights(load_checkpoint(best_file), p.best.get("weights", "raw"), run.moving)
+        p.best_state = best_weights(load_checkpoint(best_file), p.best.get("weights", "raw"), run.optim.moving)
     run.files.log(f"resumed from {ckpt['path']} after epoch {p.start_epoch}"
                   + (f"; from the checkpoint: {', '.join(run.restored)}" if run.restored else ""))
     saved_epochs = (ckpt.get("args") or {}).get("epochs")
     if saved_epochs is not None and saved_epochs != run.opts.epochs:
         run.files.log(f"--epochs {run.opts.epochs} (the run was started with {saved_epochs}): the schedule now "
-                      f"runs over {run.mult.total} steps")
+                      f"runs over {run.optim.mult.total} steps")

@@ -109,13 +109,13 @@ def _fit(run: Run, obs: Observer) -> TrainResult:
     feats = _feature_cache(run, obs)
     _find_lr(run, feats, obs)
     if run.ckpt is not None:
-        set_rng_state(run.ckpt["rng"], {"train_loader": run.train_dl.generator})
-    net = torch.compile(run.model) if run.opts.compile else run.model
-    s = run.samples
+        set_rng_state(run.ckpt["rng"], {"train_loader": run.inputs.train_dl.generator})
+    net = torch.compile(run.inputs.model) if run.opts.compile else run.inputs.model
+    s = run.inputs.samples
     obs("start", {"epochs": run.opts.epochs, "start_epoch": run.progress.start_epoch,
-                  "steps_per_epoch": len(run.train_dl), "train_images": len(s.train), "val_images": len(s.val),
-                  "device": str(run.place.device), "cache": run.use_cache, "classes": s.classes,
-                  "world_size": run.dist.world_size, "groups": [g["name"] for g in run.opt.param_groups]})
+                  "steps_per_epoch": len(run.inputs.train_dl), "train_images": len(s.train), "val_images": len(s.val),
+                  "device": str(run.place.device), "cache": run.cache.use, "classes": s.classes,
+                  "world_size": run.dist.world_size, "groups": [g["name"] for g in run.optim.opt.param_groups]})
     run_epochs(run, net, feats, obs)
     return _finish(run, feats, obs)
 
@@ -123,27 +123,27 @@ def _fit(run: Run, obs: Observer) -> TrainResult:
 def _feature_cache(run: Run, obs: Observer) -> Features | None:
     """The backbone's features of every image, once, when the cache was chosen and the model
     splits cleanly at its head (checked on real images first)."""
-    if not run.use_cache:
-        if run.cache_reason and run.opts.cache_features == "auto":
-            run.files.log(f"feature cache off: {run.cache_reason}")
+    if not run.cache.use:
+        if run.cache.reason and run.opts.cache_features == "auto":
+            run.files.log(f"feature cache off: {run.cache.reason}")
         return None
-    o, path = run.opts, run.head_path
-    x0, _ = next(iter(run.val_dl))
-    why = verify_split(run.model, path, run.place.inputs(x0[:8]))
+    o, path = run.opts, run.cache.head_path
+    x0, _ = next(iter(run.inputs.val_dl))
+    why = verify_split(run.inputs.model, path, run.place.inputs(x0[:8]))
     if why is not None:
-        run.use_cache, run.cache_reason = False, f"the split at {path!r} does not reproduce the model: {why}"
+        run.cache.use, run.cache.reason = False, f"the split at {path!r} does not reproduce the model: {why}"
         if o.cache_features == "on":
-            raise TrainError(f"--cache-features on: {run.cache_reason}; use --cache-features auto or off")
-        run.files.log(f"feature cache off: {run.cache_reason}")
+            raise TrainError(f"--cache-features on: {run.cache.reason}; use --cache-features auto or off")
+        run.files.log(f"feature cache off: {run.cache.reason}")
         return None
     views = o.cache_views if o.augment != "none" else 0
-    transforms = (pipeline_transforms(run.pipe, train=False),
-                  pipeline_transforms(run.pipe, train=True, augment=o.augment, flip=o.flip))
-    feats = build_cache(run.model, path, run.samples, run.val_dl.dataset, transforms, views=views,
+    transforms = (pipeline_transforms(run.inputs.pipe, train=False),
+                  pipeline_transforms(run.inputs.pipe, train=True, augment=o.augment, flip=o.flip))
+    feats = build_cache(run.inputs.model, path, run.inputs.samples, run.inputs.val_dl.dataset, transforms, views=views,
                         batch_size=o.batch_size, workers=o.workers, place=run.place, seed=o.seed,
                         failure_log=run.failure_log, on_images=lambda done, total: obs("cache", {"done": done,
                                                                                                   "total": total}))
-    run.files.log(f"feature cache on: {len(run.samples.train)} train images x {max(views, 1)} "
+    run.files.log(f"feature cache on: {len(run.inputs.samples.train)} train images x {max(views, 1)} "
                   f"{'augmented views' if views else 'view (no augmentation)'}, features "
                   f"{list(feats.train[0][0].shape[1:])} from the input of {path!r}")
     return feats
@@ -158,13 +158,11 @@ def _find_lr(run: Run, feats: Features | None, obs: Observer) -> None:
         run.resolved["lr_find"] = (run.ckpt.get("args") or {}).get("lr_find")
         return
     o, place = run.opts, run.place
-    found = lr_find.for_run(run.model, run.manifest, feats=vars(feats) if feats is not None else None,
-                            head_path=run.head_path, loader=run.train_dl, prepare=place.batch,
-                            autocast=place.autocast, optimizer=o.optimizer, weight_decay=o.decay,
-                            momentum=o.momentum, label_smoothing=o.label_smoothing, seed=o.seed,
-                            run_steps=run.mult.total)
+    found = lr_find.for_run(run.inputs.model, run.inputs.manifest, feats=vars(feats) if feats is not None else None,
+                            head_path=run.cache.head_path, loader=run.inputs.train_dl, place=place,
+                            optim=lr_find.SweepOptim.of(o), seed=o.seed, run_steps=run.optim.mult.total)
     lr = D.all_reduce_sum(run.dist, [found.suggestion], place.reduce_on)[0] / run.dist.world_size
-    lr_find.use(found, lr, run.opt, run.sched, o.out, write=run.dist.is_main)
+    lr_find.use(found, lr, run.optim.opt, run.optim.sched, o.out, write=run.dist.is_main)
     run.resolved["lr_find"] = dict(found.summary(), lr=lr)
     obs("lr_find", dict(found.to_json(), lr=lr))
     run.files.log(lr_find.message(found, lr))
@@ -172,8 +170,8 @@ def _find_lr(run: Run, feats: Features | None, obs: Observer) -> None:
 
 def _confusion(run: Run, feats: Features | None) -> list[list[int]]:
     """The validation confusion matrix of the model as it is now (summed over ranks)."""
-    s = val_scores(run, run.model, feats, keep=True)
-    cm = torch.tensor(confusion_matrix(s.predicted(), s.targets(), len(run.samples.classes)), dtype=torch.float64)
+    s = val_scores(run, run.inputs.model, feats, keep=True)
+    cm = torch.tensor(confusion_matrix(s.predicted(), s.targets(), len(run.inputs.samples.classes)), dtype=torch.float64)
     cm = D.all_reduce_tensor(run.dist, cm.to(run.place.device) if run.place.cuda else cm)
     return cm.cpu().long().tolist()
 
@@ -181,28 +179,28 @@ def _confusion(run: Run, feats: Features | None) -> list[list[int]]:
 def _finish(run: Run, feats: Features | None, obs: Observer) -> TrainResult:
     """The best epoch's weights back in the model, its confusion matrix, and OUT's outputs."""
     p, o = run.progress, run.opts
-    best_state = p.best_state if p.best_state is not None else clean_state_dict(run.model, run.moving)
-    load_moving(run.model, best_state, run.moving, "the best epoch's weights")
-    weights = clean_state_dict(run.model)
+    best_state = p.best_state if p.best_state is not None else clean_state_dict(run.inputs.model, run.optim.moving)
+    load_moving(run.inputs.model, best_state, run.optim.moving, "the best epoch's weights")
+    weights = clean_state_dict(run.inputs.model)
     cm = _confusion(run, feats)
     result = TrainResult(out=str(o.out), best_epoch=int(p.best["epoch"]), best_val_acc=float(p.best["val_acc"]),
                          best_val_loss=float(p.best["val_loss"]), epochs_run=len(p.history),
-                         stopped_early=p.stopped_early, class_names=list(run.samples.classes), metrics=p.history,
-                         cache_used=feats is not None, cache_reason=run.cache_reason, skipped=list(run.skipped),
+                         stopped_early=p.stopped_early, class_names=list(run.inputs.samples.classes), metrics=p.history,
+                         cache_used=feats is not None, cache_reason=run.cache.reason, skipped=list(run.inputs.skipped),
                          device=str(run.place.device), world_size=run.dist.world_size,
                          resumed_from=run.ckpt["path"] if run.ckpt is not None else None,
                          best_weights=p.best.get("weights", "raw"), unfreeze=list(run.resolved.get(phases.UNFREEZES, [])),
                          guard=list(run.resolved.get(phases.GUARD_EVENTS_KEY, [])))
-    result.head_phase_best, result.after_unfreeze_best = phases.bests(run.manifest, p.history)
+    result.head_phase_best, result.after_unfreeze_best = phases.bests(run.inputs.manifest, p.history)
     per_class = per_class_accuracy(cm)
-    counts = balance.class_counts([y for _, y in run.samples.train], len(run.samples.classes))
+    counts = balance.class_counts([y for _, y in run.inputs.samples.train], len(run.inputs.samples.classes))
     if balance.is_skewed(counts):
-        result.per_class_val_acc = dict(zip(run.samples.classes, per_class))
+        result.per_class_val_acc = dict(zip(run.inputs.samples.classes, per_class))
     if run.dist.is_main:
-        plot_run_curves(p.history, o.out, run.manifest, o.epochs, result.best_epoch, p.stopped_early)
-        plot_confusion(cm, run.samples.classes, o.out / "confusion.png",
+        plot_run_curves(p.history, o.out, run.inputs.manifest, o.epochs, result.best_epoch, p.stopped_early)
+        plot_confusion(cm, run.inputs.samples.classes, o.out / "confusion.png",
                        title=f"Confusion matrix (validation, best epoch {result.best_epoch})")
-        write_model(o.out, o.adapted, run.manifest, weights, run.samples.classes, result,
+        write_model(o.out, o.adapted, run.inputs.manifest, weights, run.inputs.samples.classes, result,
                     run.args, cm, per_class)
         if result.per_class_val_acc is not None:
             run.files.log(f"classes are skewed (train images {min(counts)} to {max(counts)} per class); val acc per "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgery.adapter.core import adapt
-from surgery.trainer.lr_find import AHEAD, BACKOFF, range_test, smooth, suggest
+from surgery.trainer.lr_find import AHEAD, BACKOFF, SweepOptim, range_test, smooth, suggest
 from surgery.trainer.runner import train
 from fixtures.factory import SIZE, factory_and_digits
 
@@ -46,8 +46,8 @@ def test_range_test_stops_when_the_loss_diverges():
     x, _ = _blobs()
     y = x.sum(1, keepdim=True)
     model = nn.Linear(8, 1)  # least squares: SGD blows up once the lr passes 2 / the largest curvature
-    found = range_test(model, lambda: [(x, y)], optimizer="sgd", steps=200, start=1e-4, end=1e4,
-                       loss_fn=nn.functional.mse_loss)
+    found = range_test(model, lambda: [(x, y)], optim=SweepOptim("sgd", loss_fn=nn.functional.mse_loss), steps=200,
+                       start=1e-4, end=1e4)
     assert found.stopped == "diverged" and found.steps < 200
     assert found.suggestion < found.lrs[-1]
 

@@ -169,8 +169,8 @@ def test_the_guard_fires_on_a_loss_that_is_not_a_number_and_only_so_often():
 
     class Run:
         opts, resolved = Opts(), {}
-        manifest = type("M", (), {"groups": [{"name": "head", "trainable": True},
-                                             {"name": "body", "trainable": False, "unfreeze_at": 1}]})()
+        inputs = type("I", (), {"manifest": type("M", (), {"groups": [
+            {"name": "head", "trainable": True}, {"name": "body", "trainable": False, "unfreeze_at": 1}]})()})()
         progress = type("P", (), {"history": [{"epoch": 1, "val_loss": 0.5}], "best_state": None})()
 
     # without best weights nothing can be restored: no event; the limit itself

@@ -290,10 +290,18 @@ def test_transforms_follow_the_models_input_channels(channels):
         torch.testing.assert_close(x[:, 3, 3], torch.tensor(want), atol=1e-6, rtol=0)
 
 
+def _pipe(size, mean, channels):
+    """The input pipeline of a model that takes ``size`` x ``size`` images, mean = std = ``mean``."""
+    from surgery.preprocess import InputPipeline, resize_for
+
+    return InputPipeline((size, size), resize_for(size), channels, tuple(mean), tuple(mean), "bilinear")
+
+
 def test_loaders_yield_batches_with_the_right_shapes_and_labels(digits):
     s = discover(digits)
-    kw = dict(image_size=28, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], channels=3, batch_size=5, seed=7, flip=False)
-    train_dl, val_dl = make_loaders(s, **kw)
+    kw = dict(batch_size=5, seed=7, flip=False)
+    pipe = _pipe(28, [0.5, 0.5, 0.5], 3)
+    train_dl, val_dl = make_loaders(s, pipe, **kw)
     x, y = next(iter(train_dl))
     assert x.shape == (5, 3, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -1.0 - 1e-5 <= float(x.min()) and float(x.max()) <= 1.0 + 1e-5
@@ -305,15 +313,15 @@ def test_loaders_yield_batches_with_the_right_shapes_and_labels(digits):
     assert [len(b[1]) for b in train_dl] == [5, 5, 5, 5, 4]
     # the same seed gives the same order; another seed another
     order = lambda dl: list(dl.sampler)  # noqa: E731
-    assert order(make_loaders(s, **kw)[0]) == order(make_loaders(s, **kw)[0])
-    assert order(make_loaders(s, **{**kw, "seed": 8})[0]) != order(make_loaders(s, **kw)[0])
+    assert order(make_loaders(s, pipe, **kw)[0]) == order(make_loaders(s, pipe, **kw)[0])
+    assert order(make_loaders(s, pipe, **{**kw, "seed": 8})[0]) != order(make_loaders(s, pipe, **kw)[0])
     # a lone last image is dropped: BatchNorm cannot train on a batch of one
-    assert make_loaders(s, **{**kw, "batch_size": 23})[0].drop_last
+    assert make_loaders(s, pipe, **{**kw, "batch_size": 23})[0].drop_last
 
 
 def test_loader_with_a_worker_process(digits):
     s = discover(digits)
-    train_dl, _ = make_loaders(s, image_size=16, mean=[0.5], std=[0.5], channels=1, batch_size=24, num_workers=1)
+    train_dl, _ = make_loaders(s, _pipe(16, [0.5], 1), batch_size=24, num_workers=1)
     assert train_dl.persistent_workers
     x, y = next(iter(train_dl))
     assert x.shape == (24, 1, 16, 16) and sorted(y.tolist()) == sorted(lab for _, lab in s.train)
@@ -324,13 +332,14 @@ def test_distributed_loaders(digits, tmp_path):
     from torch.utils.data.distributed import DistributedSampler
 
     s = discover(digits)
-    kw = dict(image_size=16, mean=[0.5], std=[0.5], channels=3, batch_size=4, distributed=True)
+    kw = dict(batch_size=4, distributed=True)
+    pipe = _pipe(16, [0.5], 3)
     if not dist.is_initialized():
         with pytest.raises(DataError, match=r"needs torch.distributed initialised"):
-            make_loaders(s, **kw)
+            make_loaders(s, pipe, **kw)
         dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
         try:
-            train_dl, val_dl = make_loaders(s, **kw)
+            train_dl, val_dl = make_loaders(s, pipe, **kw)
         finally:
             dist.destroy_process_group()
         assert isinstance(train_dl.sampler, DistributedSampler) and isinstance(val_dl.sampler, ShardSampler)
@@ -340,9 +349,9 @@ def test_distributed_loaders(digits, tmp_path):
 def test_bad_loader_arguments(digits):
     s = discover(digits)
     with pytest.raises(DataError, match=r"--batch-size must be a positive integer"):
-        make_loaders(s, image_size=16, mean=[0.5], std=[0.5], channels=3, batch_size=0)
+        make_loaders(s, _pipe(16, [0.5], 3), batch_size=0)
     with pytest.raises(DataError, match=r"no training images"):
-        make_loaders(Samples(["a"], [], [], "csv"), image_size=16, mean=[0.5], std=[0.5], channels=3, batch_size=2)
+        make_loaders(Samples(["a"], [], [], "csv"), _pipe(16, [0.5], 3), batch_size=2)
 
 
 # ---------------------------------------------------------------- plots

@@ -111,14 +111,15 @@ def test_skewed_classes_get_weights_and_a_per_class_line(cli, setup, tmp_path):
 
 
 def test_balanced_sampler_draws_classes_evenly(setup):
+    from surgery.preprocess import InputPipeline, resize_for
     from surgery.trainer.data import make_loaders
     from surgery.trainer.samples import discover
 
     _, data = setup
     s = discover(data)
     s.train = [t for t in s.train if t[1] != 0 or t[0].endswith(("0.png", "1.png"))]  # class 0 rare
-    dl, _ = make_loaders(s, image_size=16, mean=[0.5] * 3, std=[0.5] * 3, channels=3, batch_size=8, balanced=True,
-                         augment=False)
+    pipe = InputPipeline((16, 16), resize_for(16), 3, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    dl, _ = make_loaders(s, pipe, batch_size=8, balanced=True, augment=False)
     labels = torch.cat([y for _, y in dl]).tolist()
     share = labels.count(0) / len(labels)
     assert len(labels) == len(s.train) and 0.05 < share < 0.5  # 1 in 5 expected; without it about 1 in 25
