@@ -157,11 +157,11 @@ def test_rules_file_yaml_and_json(make, tmp_path):
 
 def test_refusals_leave_nothing(make, tmp_path):
     src = make("plain_safetensors")
-    with pytest.raises(OutputError, match="is the source.*--in-place"):
+    with pytest.raises(OutputError, match="is the source.*in_place=True"):
         surgery.remap(src, src, [])
     dst = tmp_path / "exists.safetensors"
     dst.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match="already exists.*--force"):
+    with pytest.raises(OutputError, match="already exists.*force=True"):
         surgery.remap(src, dst, [])
     assert dst.read_bytes() == b"keep me"
     surgery.remap(src, dst, [], force=True, verify=True)
