@@ -13,6 +13,18 @@ from typer.testing import CliRunner
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core for the default tier, whose tests each
+    use one thread. The slow tier (``-m slow``) runs in this process, one test at a time: its
+    SIGKILL and disk-full races, torchrun's ranks and the timed replays start processes of their
+    own and must not share the cores with another test. ``-n 0`` runs any selection in-process."""
+    expr = (config.option.markexpr or "").replace(" ", "")
+    if "slow" in expr and "notslow" not in expr:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 8)
+
+
 @pytest.fixture(scope="session")
 def make(tmp_path_factory):
     """Build a named fixture (see fixtures/generate.py) once per test session; returns its path."""

@@ -42,7 +42,9 @@ def test_objects_a_process_froze_stay_frozen():
         frozen = gc.get_freeze_count()
         with gc_paused():
             _cycle()
-        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        # Neither unfrozen (the count would drop to 0) nor frozen again (it would grow); frozen
+        # objects that die meanwhile (another thread's, as in a pytest-xdist worker) leave it.
+        assert frozen // 2 < gc.get_freeze_count() <= frozen and gc.isenabled()
     finally:
         gc.unfreeze()
     del keep
