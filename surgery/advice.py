@@ -224,16 +224,12 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
     from .adapter.core import adapt, build_from_manifest
     from .preprocess import input_pipeline
     from .trainer.cache import head_path
-    from .errors import DataError
-    from .trainer.data import build_transforms, scan_images
-    from .trainer.samples import discover
+    from .trainer.data import pipeline_transforms
     from .trainer.device import resolve_device
+    from .trainer.inputs import read_samples
 
     t0 = time.perf_counter()
-    samples = discover(data, val_split=val_split, seed=seed)
-    if not samples.val:
-        raise DataError(f"{samples.root}: no validation images; add val/<class>/ images or use --val-split")
-    samples, _ = scan_images(samples)
+    samples, _ = read_samples(data, val_split=val_split, seed=seed, need_val=True)
     classes = list(samples.classes)
     counts = samples.counts()["train"]
     per_class = min(int(counts.get(c, 0)) for c in classes)
@@ -242,10 +238,8 @@ def advise(ckpt: str | os.PathLike, *, arch: str, data: str | os.PathLike, val_s
                           input_size=input_size, seed=seed)
     m = report.manifest
     pipe, path = input_pipeline(m), head_path(m)
-    args = (list(pipe.size), list(pipe.mean), list(pipe.std), pipe.channels)
-    kw = dict(resize=pipe.resize, interpolation=pipe.interpolation)
-    tf_val = build_transforms(*args, train=False, **kw)
-    tf_train = build_transforms(*args, train=True, flip=flip, **kw)
+    tf_val = pipeline_transforms(pipe, train=False)
+    tf_train = pipeline_transforms(pipe, train=True, flip=flip)
     train_items, val_items = _subset(samples, PROBE_PER_CLASS, seed)
     probes = []
     for name, net in (("pretrained", model.to(dev)), ("random", _fresh(build_from_manifest, m, seed).to(dev))):

@@ -15,12 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..adapter.core import load_adapted
 from ..adapter.manifest import read_manifest
 from ..errors import DataError, InputError, SurgeryError
-from ..preprocess import input_pipeline
 from .data import ImageDataset, image_problem, pipeline_transforms, scan_images
-from .samples import Samples, check_num_classes, discover, images_under
+from .inputs import check_classes, read_model
+from .samples import Samples, discover, images_under
 from .device import resolve_device
 from .plots import confusion_matrix, per_class_accuracy
 from .predictions import score
@@ -70,9 +69,8 @@ def _load(folder: str | os.PathLike, device: str, image_size: int | None, trust_
           tta: bool = False) -> _Loaded:
     m = read_manifest(folder)
     dev = resolve_device(device)
-    model = load_adapted(folder, device=dev, trust_code=trust_code)
+    model, pipe = read_model(folder, m, image_size, trust_code=trust_code, device=dev)
     model.eval()
-    pipe = input_pipeline(m, image_size)
     tf = pipeline_transforms(pipe, train=False)
     names = m["class_names"] or m.head.get("class_names") or [str(i) for i in range(m.num_classes)]
     targs = train_args(m)
@@ -88,7 +86,7 @@ def train_args(m: Any) -> dict:
     return targs if isinstance(targs, dict) else {}
 
 
-def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_split: float | None,
+def _samples(data: str | os.PathLike, m: Any, split: str, val_split: float | None,
              seed: int | None) -> tuple[Samples, list[tuple[str, str]]]:
     """DATA split as the training run split it (its --val-split and --seed from the manifest's
     results) unless given; any split for ``all``."""
@@ -108,10 +106,7 @@ def _samples(data: str | os.PathLike, m: Any, names: list[str], split: str, val_
         if fallback is None or val_split is not None:
             raise
         samples = discover(data, val_split=fallback, seed=seed)
-    check_num_classes(samples, m.num_classes)
-    if m["class_names"] and list(samples.classes) != names:
-        raise DataError(f"{samples.root}: its classes ({', '.join(samples.classes[:8])}) are not the model's "
-                        f"({', '.join(names[:8])})")
+    check_classes(samples, m)
     return scan_images(samples)
 
 
@@ -141,7 +136,7 @@ def evaluate(folder: str | os.PathLike, data: str | os.PathLike, *, split: str =
     if split not in SPLITS:
         raise SurgeryError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     ld = _load(folder, device, image_size, trust_code, tta)
-    samples, skipped = _samples(data, ld.manifest, ld.names, split, val_split, seed)
+    samples, skipped = _samples(data, ld.manifest, split, val_split, seed)
     items = {"train": samples.train, "val": samples.val, "all": samples.train + samples.val}[split]
     if not items:
         raise DataError(f"{samples.root}: no images in the {split} split")

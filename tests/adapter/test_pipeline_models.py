@@ -8,6 +8,7 @@ representative models: the whole pipeline with real forward passes on tiny image
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import warnings
 
 import pytest
@@ -115,6 +116,15 @@ def test_vit_at_a_size_it_cannot_take_is_refused_before_training(vit, digits, tm
                                          r"64x64: drop image_size, or re-run surgery adapt with --input-size 96"):
         train(ad, digits, epochs=1, lr=1e-3, out=tmp_path / "run", image_size=96)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_and_predict_refuse_that_size_in_one_line(vit, digits, cli):
+    ad, _ = vit
+    image = next(p for p in Path(digits).rglob("*.png"))
+    for args in (("evaluate", ad, digits), ("predict", ad, image)):
+        r = cli(*args, "--image-size", "96")
+        assert r.exit_code == 2, r.output
+        assert "the model does not take 96x96 images" in r.output and "Traceback" not in r.output
 
 
 def test_vit_input_size_must_be_a_multiple_of_the_patch():
