@@ -147,6 +147,8 @@ def _summary_rows(report) -> list[tuple[str, str]]:
     rows.append(("tensors", f"{len(c.tensors)} ({human_count(report.num_params)} parameters, "
                             f"{human_bytes(report.nbytes)}{kinds})"))
     rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
+    if c.certificate is not None:
+        rows.append(("ranks' chunks", c.certificate.summary() + "; `surgery remap` writes them as one file"))
     devices = report.devices
     if set(devices) != {"cpu"}:
         rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))

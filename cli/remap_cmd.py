@@ -115,6 +115,12 @@ def _render(report: RemapReport) -> None:
     if report.dry_run:
         out.print(f"{summary}; dry run, nothing written")
         return
+    if report.certificate is not None:
+        c = report.certificate
+        where = ("the output's metadata (surgery.certificate)" if report.dst_format != "torch-zip"
+                 else "--json (a torch file keeps no metadata)")
+        out.print(f"{c['tensors']:,} tensors assembled from {c['chunks']:,} chunks of {c['ranks']} ranks, each covered "
+                  f"exactly once; the certificate and each tensor's sha256 are in {where}")
     verified = ", verified bit for bit" if report.verified else ""
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     out.print(f"{summary}; wrote {report.dst_format} {escaped(report.dst)} ({human_bytes(report.bytes_written)}{files})"

@@ -234,6 +234,9 @@ class Checkpoint:
     # "optimizer" (torch.save(opt.state_dict())) or "model" (torch.save(model)); and in words
     file_kind: str = "state_dict"
     description: str = ""
+    # for a checkpoint whose tensors are stored in ranks' chunks: what the cover check proved
+    # (formats/chunks.py's Certificate)
+    certificate: Any = None
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -343,6 +346,10 @@ def _other_kind(info: TensorInfo) -> "torch.Tensor":
         return _sparse(info)
     if info.kind == "nested":
         return _nested(info)
+    if info.kind == "chunked":
+        from .formats.chunks import assemble
+
+        return assemble(info)
     if info.kind == "meta":
         import torch
 

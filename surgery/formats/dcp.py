@@ -9,6 +9,7 @@ same way as in a ``.pt`` file.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from .torch_records import DType, Opaque, _opaque_class
 from .sharded import check_inside
 from .locate import tensor_infos
 from .torch_zip import read_zip
+from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
 
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")  # FileSystemWriter's __{rank}_{n}.distcp
 _MD = "torch.distributed.checkpoint.metadata"
 _RECORDS = {
     (_MD, n): _opaque_class(f"{_MD}.{n}")
@@ -48,57 +51,130 @@ def _field(obj: Any, name: str, src: str) -> Any:
     raise FormatError(f"{src}: DCP metadata record {obj!r} has no field {name!r}; unsupported DCP version")
 
 
+def _has(obj: Any, name: str) -> bool:
+    try:
+        _field(obj, name, "")
+    except FormatError:
+        return False
+    return True
+
+
 def open_dcp(path: Path, accept=frozenset(), select: str | None = None) -> Checkpoint:
     src = str(path)
     meta_file = Path(path) / ".metadata"
     up = unpickle(meta_file.read_bytes(), str(meta_file), accept, extra=_RECORDS)
     try:
-        tensors, extras = _tensors(path, up.obj, src)
+        tensors, extras, ranks = _tensors(path, up.obj, src)
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
         raise FormatError(f"{src}: DCP metadata has a field of the wrong type ({type(e).__name__}: {str(e)[:100]}); "
                           f"the .metadata file is corrupt or from an unsupported torch") from None
-    return _select(path, tensors, extras, select, src, meta_file)
+    if select is None:
+        select = _default_select(up.obj, tensors)
+    ckpt = _select(path, tensors, extras, select, src, meta_file)
+    ckpt.containers = _tops(up.obj, tensors)
+    ckpt.certificate = _certificate(ckpt.tensors, ranks)
+    return ckpt
 
 
-def _tensors(path: Path, md: Any, src: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _tensors(path: Path, md: Any, src: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Every tensor of the metadata (a chunked one when ranks stored pieces of it), the other
+    entries, and how many ranks wrote the files; refused when any tensor is not covered exactly
+    once by its chunks."""
     sd_meta = _field(md, "state_dict_metadata", src)
     storage = _field(md, "storage_data", src)
     if not isinstance(sd_meta, dict) or not isinstance(storage, dict):
         raise FormatError(f"{src}: DCP metadata is malformed")
-    where: dict[str, tuple[str, int, int]] = {}
+    where = _storage(storage, src)
+    tensors: dict[str, TensorInfo] = {}
+    extras: dict[str, str] = {}
+    gaps: list[str] = []
+    for fqn, m in sd_meta.items():
+        if type(m).__name__ != "TensorStorageMetadata":
+            extras[fqn] = "bytes (pickled object)"
+            continue
+        size = tuple(int(n) for n in _field(m, "size", src))
+        boxes = [(tuple(int(n) for n in _field(c, "offsets", src)), tuple(int(n) for n in _field(c, "sizes", src)))
+                 for c in _field(m, "chunks", src)]
+        problem = cover_problem(size, boxes) if boxes else "no chunks"
+        if problem:
+            gaps.append(f"{fqn!r} {list(size)}: {problem}")
+            continue
+        dtype = _field(_field(m, "properties", src), "dtype", src)
+        parts = [(offsets, _chunk(path, where, fqn, offsets, sizes, dtype, src)) for offsets, sizes in boxes]
+        whole = len(parts) == 1 and parts[0][1].shape == size
+        tensors[fqn] = parts[0][1] if whole else chunked(fqn, parts[0][1].dtype, size, parts)
+    if gaps:
+        raise FormatError(f"{src}: {len(gaps)} tensor{'s are' if len(gaps) > 1 else ' is'} not covered exactly once by "
+                          f"the ranks' chunks, nothing was read: {'; '.join(gaps[:4])}{' ...' if len(gaps) > 4 else ''}")
+    ranks = {m.group(1) for rel, _, _ in where.values() if (m := _RANK_FILE.match(Path(rel).name))}
+    return tensors, extras, len(ranks) or len({rel for rel, _, _ in where.values()})
+
+
+def _storage(storage: dict, src: str) -> dict[tuple[str, tuple[int, ...]], tuple[str, int, int]]:
+    """(fqn, chunk offsets) -> (file in the folder, byte offset, length) of that chunk."""
+    where: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
     for idx, info in storage.items():
         fqn = _field(idx, "fqn", src)
+        # a bytes entry's index has no offset (torch pickles only the fields that are set)
+        offset = _field(idx, "offset", src) if _has(idx, "offset") else None
         rel = str(_field(info, "relative_path", src))
         if os.path.isabs(rel) or ".." in Path(rel).parts:
             raise FormatError(f"{src}: DCP metadata points outside the checkpoint folder ({rel!r})")
-        where[fqn] = (rel, int(_field(info, "offset", src)), int(_field(info, "length", src)))
-    tensors: dict[str, TensorInfo] = {}
-    extras: dict[str, str] = {}
-    for fqn, m in sd_meta.items():
-        kind = type(m).__name__
-        if kind != "TensorStorageMetadata":
-            extras[fqn] = "bytes (pickled object)"
-            continue
-        chunks = _field(m, "chunks", src)
-        dtype = _field(_field(m, "properties", src), "dtype", src)
-        if len(chunks) != 1:
-            raise FormatError(f"{src}: tensor {fqn!r} is split into {len(chunks)} chunks across ranks; "
-                              f"merge it first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
-        if fqn not in where:
-            raise FormatError(f"{src}: tensor {fqn!r} has no storage entry")
-        rel, off, length = where[fqn]
-        file = str(Path(path) / rel)
-        if not os.path.isfile(file):
-            raise FormatError(f"{src}: {rel} is missing from the checkpoint folder")
-        check_inside(Path(file), Path(path) / ".metadata", src, rel)
-        blob, offsets = read_zip(Path(file), base=off, length=length, display=f"{file}@{off}")
-        if not hasattr(blob.obj, "storage") and type(blob.obj).__name__ != "TensorRef":
-            raise FormatError(f"{src}: chunk of {fqn!r} is not a tensor")
-        info = tensor_infos({fqn: blob.obj}, offsets, file, src)[fqn]
-        if isinstance(dtype, DType) and dtype.dtype != info.dtype:
-            raise FormatError(f"{src}: tensor {fqn!r} is {info.dtype} on disk but {dtype.dtype} in .metadata")
-        tensors[fqn] = info
-    return tensors, extras
+        key = (fqn, tuple(int(n) for n in offset) if offset is not None else ())
+        where[key] = (rel, int(_field(info, "offset", src)), int(_field(info, "length", src)))
+    return where
+
+
+def _chunk(path: Path, where: dict, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: Any,
+           src: str) -> TensorInfo:
+    """The chunk of ``fqn`` at ``offsets``, located in its ``.distcp`` file and checked against the
+    metadata's shape and dtype."""
+    found = where.get((fqn, offsets)) or (where.get((fqn, ())) if not any(offsets) else None)
+    if found is None:
+        raise FormatError(f"{src}: tensor {fqn!r} has no storage entry for its chunk at {list(offsets)}")
+    rel, off, length = found
+    file = str(Path(path) / rel)
+    if not os.path.isfile(file):
+        raise FormatError(f"{src}: {rel} is missing from the checkpoint folder")
+    check_inside(Path(file), Path(path) / ".metadata", src, rel)
+    blob, located = read_zip(Path(file), base=off, length=length, display=f"{file}@{off}")
+    if not hasattr(blob.obj, "storage") and type(blob.obj).__name__ != "TensorRef":
+        raise FormatError(f"{src}: chunk of {fqn!r} is not a tensor")
+    info = tensor_infos({fqn: blob.obj}, located, file, src)[fqn]
+    if isinstance(dtype, DType) and dtype.dtype != info.dtype:
+        raise FormatError(f"{src}: tensor {fqn!r} is {info.dtype} on disk but {dtype.dtype} in .metadata")
+    if info.shape != sizes:
+        raise FormatError(f"{src}: the chunk of {fqn!r} at {list(offsets)} is {list(info.shape)} on disk but "
+                          f"{list(sizes)} in .metadata")
+    return info
+
+
+def _certificate(tensors: dict[str, TensorInfo], ranks: int) -> Certificate | None:
+    """What the cover check proved, for a checkpoint with at least one tensor in several chunks."""
+    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
+    if not split:
+        return None
+    return Certificate(source="DCP .metadata", ranks=ranks, tensors=len(tensors), chunked=len(split),
+                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
+                       elements=sum(t.numel for t in tensors.values()), split=split)
+
+
+def _tops(md: Any, tensors: dict[str, TensorInfo]) -> list[str]:
+    """The top-level entries of the state dict that was saved, when it was nested (``dcp.save({"model":
+    ..., "optim": ...})``), from the planner's record of each name's path; else none."""
+    planner = _field(md, "planner_data", "") if _has(md, "planner_data") else None
+    if not isinstance(planner, dict):
+        return []
+    paths = [planner.get(n) for n in tensors]
+    if not paths or not all(isinstance(p, tuple) and len(p) > 1 and isinstance(p[0], str) for p in paths):
+        return []
+    return list(dict.fromkeys(p[0] for p in paths))
+
+
+def _default_select(md: Any, tensors: dict[str, TensorInfo]) -> str | None:
+    """A model's weights saved beside its optimizer state (``{"model": ..., "optim": ...}``): the model
+    unless ``--select`` names another entry."""
+    return "model" if "model" in _tops(md, tensors) else None
 
 
 def _select(path: Path, tensors: dict[str, TensorInfo], extras: dict[str, str], select: str | None, src: str,
@@ -112,8 +188,8 @@ def _select(path: Path, tensors: dict[str, TensorInfo], extras: dict[str, str], 
         if not picked:
             tops = sorted({k.split(".")[0] for k in tensors})
             raise SelectError(f"{src}: --select {select!r} matches no tensor; top-level names: {', '.join(tops)}")
-        extras.update({k: "tensor (not selected)" for k in tensors if not k.startswith(pre)})
+        extras.update({k: f"tensor (not selected; --select {k.split('.')[0]})" for k in tensors if not k.startswith(pre)})
         tensors = picked
-    files = sorted({t.file for t in tensors.values()})
+    files = sorted({p.file for t in tensors.values() for p in (t.parts.values() if t.kind == KIND else (t,))})
     return Checkpoint(path=Path(path), format="torch-dcp", file_size=sum(os.path.getsize(f) for f in files) + meta_file.stat().st_size,
                       tensors=tensors, extras=extras, files=files, container=container)

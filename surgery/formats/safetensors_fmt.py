@@ -123,8 +123,7 @@ def write(dst: Path, payload: Payload) -> list[str]:
     """Write ``payload`` as one safetensors file at ``dst`` (through a temp file beside it)."""
     with atomic_file(dst) as tmp:
         write_file(tmp, payload.entries, payload.metadata, payload.aliases)
-        for old, new in payload.finish().items():
-            patch_header(tmp, old, new)
+        patch_header(tmp, payload.finish())
     return [str(dst)]
 
 
@@ -150,17 +149,23 @@ def build_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def patch_header(path: Path, old: str, new: str) -> None:
-    """Replace ``old`` by ``new``, of the same length, in a written file's header, in place: a
-    metadata value known only once the tensors are written (see `Payload.finish`)."""
-    if len(old.encode()) != len(new.encode()):
+def patch_header(path: Path, replacements: dict[str, str]) -> None:
+    """Replace each ``old`` by its ``new``, of the same length, in a written file's header, in
+    place and in one read: metadata values known only once the tensors are written (see
+    `Payload.finish`)."""
+    if any(len(old.encode()) != len(new.encode()) for old, new in replacements.items()):
         raise ValueError("patch_header keeps the header's length: old and new must be as long")
+    if not replacements:
+        return
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
-        pos = f.read(min(n, MAX_HEADER)).find(old.encode())
-        if pos >= 0:
-            f.seek(8 + pos)
-            f.write(new.encode())
+        header = bytearray(f.read(min(n, MAX_HEADER)))
+        for old, new in replacements.items():
+            pos = header.find(old.encode())
+            if pos >= 0:
+                header[pos:pos + len(new.encode())] = new.encode()
+        f.seek(8)
+        f.write(header)
 
 
 def copy_ranges(f, entries: Iterable[Entry]) -> None:

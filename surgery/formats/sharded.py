@@ -150,8 +150,7 @@ def write(dst: Path, payload: Payload) -> list[str]:
             write_file(tmp / name, shard, payload.metadata, aliases)
         late = payload.finish()
         for name in names:
-            for old, new in late.items():
-                patch_header(tmp / name, old, new)
+            patch_header(tmp / name, late)
         meta = {k: late.get(v, v) for k, v in payload.index_metadata.items()}
         index = {"metadata": {"total_size": sum(e.nbytes for e in payload.entries), **meta}, "weight_map": weight_map}
         (tmp / WRITTEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -135,6 +135,7 @@ class InspectReport:
             "bytes": self.nbytes,
             "dtypes": self.dtype_summary,
             "kinds": c.kinds,
+            "certificate": c.certificate.to_json() if c.certificate is not None else None,
             "devices": self.devices,
             "wrapper_prefixes": self.wrapper_prefixes,
             "common_prefix": self.common_prefix,

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import SPARSE_KINDS, Checkpoint, torch_dtype
+from ..checkpoint import SPARSE_KINDS, Checkpoint, read_range, torch_dtype
 from ..errors import OutputError
 from ..formats import Format
+from ..formats.chunks import CERTIFICATE_KEY, Digests
 from ..formats.writing import Entry, Payload
 from ..io import BackgroundHash, same_path
 from .plan import PlanRow
@@ -23,19 +24,27 @@ PENDING_SHA = "sha256-pending-" + "0" * 49  # 64 chars, as long as the hash that
 
 
 def write(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, fmt: Format, shard_bytes: int) -> tuple[list[str], str]:
-    """Write the plan to ``dst`` in ``fmt``; the files written and the source's sha256."""
+    """Write the plan to ``dst`` in ``fmt``; the files written and the source's sha256. A source
+    stored in ranks' chunks gets its certificate, each written tensor's digest taken as its bytes
+    are written, in the output's metadata."""
     hasher = _hash_source(ckpt)
     sha: list[str] = []
+    kept = [r for r in rows if r.new is not None]
+    stored = [r for r in kept if r.alias_of is None]
+    digests = Digests(ckpt.certificate, [r.new for r in stored])
+    metadata, index_metadata = _metadata(ckpt, rules), {"surgery.source": ckpt.path.name, "surgery.source_sha256": PENDING_SHA}
+    if digests.certificate is not None:
+        metadata[CERTIFICATE_KEY] = index_metadata[CERTIFICATE_KEY] = digests.placeholder
 
     def finish() -> dict[str, str]:
         sha.append(hasher.get())
-        return {PENDING_SHA: sha[0]}
+        return {PENDING_SHA: sha[0], **digests.final()}
 
-    kept = [r for r in rows if r.new is not None]
-    payload = Payload(entries=[Entry(r.new, r.new_dtype, r.shape, source(ckpt, r)) for r in kept if r.alias_of is None],
+    payload = Payload(entries=[Entry(r.new, r.new_dtype, r.shape, digests.taken(r.new, source(ckpt, r, digests.on)))
+                               for r in stored],
                       names=[r.new for r in kept], aliases={r.new: r.alias_of for r in kept if r.alias_of is not None},
-                      metadata=_metadata(ckpt, rules), state_dict=lambda: _state_dict(ckpt, kept),
-                      shard_bytes=shard_bytes, index_metadata={"surgery.source": ckpt.path.name, "surgery.source_sha256": PENDING_SHA},
+                      metadata=metadata, state_dict=lambda: _state_dict(ckpt, kept),
+                      shard_bytes=shard_bytes, index_metadata=index_metadata,
                       keep=_kept_in_place(ckpt, dst), finish=finish)
     try:
         files = fmt.writer(dst, payload)  # type: ignore[misc]
@@ -44,15 +53,16 @@ def write(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, fmt: F
     return files, sha[0]
 
 
-def source(ckpt: Checkpoint, row: PlanRow) -> tuple[str, int, int] | Callable[[], bytes]:
+def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int, int] | Callable[[], bytes]:
     """Where a row's bytes come from: a byte range of the source file when they are written as
-    stored, else a function that reads (and converts) the tensor."""
+    stored (unless ``read``: the bytes pass through this process), else a function that reads
+    (and converts, or assembles from chunks) the tensor."""
     info = ckpt.tensors[row.old]
     rng = info.byte_range
-    if row.kind != "dense":  # --densify / --dequantize: refuse_unsafetensorable let only those through
+    if row.kind != "dense":  # --densify / --dequantize, chunks: refuse_unsafetensorable let only those through
         return lambda: _converted_bytes(ckpt, row)
     if row.new_dtype == row.dtype and rng is not None:
-        return (info.file, rng[0], rng[1])
+        return (lambda: read_range(info.file, *rng)) if read else (info.file, rng[0], rng[1])
     if row.new_dtype == row.dtype:
         return lambda: ckpt.read_bytes(row.old)
     return lambda: _converted_bytes(ckpt, row)

@@ -95,6 +95,8 @@ def _after_conversion(t: TensorInfo, kinds: set[str]) -> tuple[str, str]:
         return "dense", t.dtype
     if "dequantize" in kinds and t.kind == "quantized":
         return "dense", "F32"
+    if t.kind == "chunked":  # ranks' pieces of one tensor: always written whole
+        return "dense", t.dtype
     return t.kind, t.dtype
 
 
@@ -111,7 +113,7 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         rows.append(PlanRow(old, new, t.dtype, new_dtype, t.shape, kind=t.kind, new_kind=kind))
         if new is not None:
             converted["dtype"] += new_dtype != dtype
-            converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind
+            converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind and t.kind != "chunked"
     _mark_aliases(ckpt, rows)
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 

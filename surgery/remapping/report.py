@@ -23,6 +23,7 @@ class RemapReport:
     files: list[str] = field(default_factory=list)
     verified: bool | None = None
     source_sha256: str | None = None
+    certificate: dict | None = None  # a source in ranks' chunks: formats/chunks.py's Certificate, with digests once written
 
     @property
     def renamed(self) -> int:
@@ -43,7 +44,7 @@ class RemapReport:
             "ops": [{"op": o, "matched": n} for o, n in self.op_counts],
             "kept": self.kept, "renamed": self.renamed, "dropped": self.dropped,
             "bytes_written": self.bytes_written, "files": self.files, "verified": self.verified,
-            "source_sha256": self.source_sha256,
+            "source_sha256": self.source_sha256, "certificate": self.certificate,
             "tensors": [{"old": r.old, "new": r.new, "dtype": r.new_dtype, "shape": list(r.shape),
                          **({"from_dtype": r.dtype} if r.dtype != r.new_dtype else {}),
                          **({"kind": r.new_kind} if r.new_kind != "dense" or r.kind != "dense" else {}),

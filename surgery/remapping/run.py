@@ -44,7 +44,8 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     if fmt.name != "torch-zip":
         refuse_unsafetensorable(str(src_p), rows)
     shard_bytes = parse_size(o.shard_size)
-    report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, o.dry_run)
+    report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, o.dry_run,
+                         certificate=ckpt.certificate.to_json() if ckpt.certificate is not None else None)
     if not any(r.new is not None for r in rows):
         raise RuleError(f"{src_p}: the rules drop every tensor; nothing would be written")
     if o.dry_run:
@@ -53,6 +54,8 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
                       kind="folder" if FOLDER in fmt.suffixes else "file", owned=OUTPUTS["remap"])
     report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
+    if ckpt.certificate is not None:
+        report.certificate = ckpt.certificate.to_json()
     if o.verify:
         verify_output(ckpt, rows, dst_p)
         report.verified = True

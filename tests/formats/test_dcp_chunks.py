@@ -1,0 +1,168 @@
+"""DCP checkpoints whose tensors ranks saved in pieces (FSDP2's Shard(0), Shard(1), a 2-D mesh):
+read, certified complete, and consolidated bit for bit as torch's own ``dcp_to_torch_save`` does.
+The folders are laid out as torch's FileSystemWriter writes them (fixtures/distributed.py; torch
+reads them as the reference); tests/formats/test_dcp_real.py checks real FSDP2 runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fixtures.distributed import grid_boxes, reference, shard_boxes, write_chunked_dcp
+from surgery.formats.chunks import cover_problem
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "embed.weight": torch.randn(11, 6, generator=g),  # 11 rows on 4 ranks: 3, 3, 3, 2
+        "embed.bias": torch.randn(3, generator=g),  # 3 rows on 4 ranks: the last rank holds none
+        "proj.weight": torch.randn(6, 10, generator=g).to(torch.bfloat16),  # tensor parallel: Shard(1)
+        "mix.weight": torch.randn(8, 6, 2, generator=g),  # a 2-D mesh: 2 x 3 pieces
+        "norm.running_mean": torch.randn(6, generator=g),  # replicated: one whole chunk
+        "norm.num_batches_tracked": torch.tensor(7),
+    }
+
+
+BOXES = {"embed.weight": shard_boxes((11, 6), 4), "embed.bias": shard_boxes((3,), 4),
+         "proj.weight": shard_boxes((6, 10), 4, dim=1), "mix.weight": grid_boxes((8, 6, 2), (2, 3))}
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    t = _tensors()
+    write_chunked_dcp(tmp_path / "ckpt", t, BOXES, ranks=4, nested="model")
+    return tmp_path / "ckpt", t
+
+
+def test_inspect_reports_the_chunks_and_certifies_the_cover(sharded, cli):
+    path, t = sharded
+    r = cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)["certificate"]
+    assert c["complete"] and c["ranks"] == 4 and c["tensors"] == len(t) and c["chunked"] == 4
+    assert c["chunks"] == 4 + 3 + 4 + 6 + 1 + 1
+    assert c["elements"] == sum(x.numel() for x in t.values())
+    assert c["split"] == {"embed.weight": [0], "embed.bias": [0], "proj.weight": [1], "mix.weight": [0, 1]}
+    text = cli("inspect", path).stdout
+    assert "each covered exactly once" in text and "from 4 ranks" in text
+
+
+@pytest.mark.parametrize("out", ["one.safetensors", "one.pt", "folder"])
+def test_remap_consolidates_as_torchs_converter_does(sharded, cli, tmp_path, out):
+    path, t = sharded
+    dst = tmp_path / out
+    r = cli("remap", path, dst, "--verify")
+    assert r.exit_code == 0, r.output
+    assert "6 tensors assembled from 19 chunks of 4 ranks" in r.stdout
+    ref = reference(path)["model"]
+    if out == "folder":
+        got = {}
+        for f in sorted(dst.glob("*.safetensors")):
+            got.update(load_file(f))
+    elif out.endswith(".pt"):
+        got = torch.load(dst, weights_only=True)
+    else:
+        got = load_file(dst)
+    assert list(got) == list(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+
+
+def test_the_certificate_in_the_output_holds_each_tensors_digest(sharded, cli, tmp_path):
+    path, t = sharded
+    r = cli("remap", path, tmp_path / "one.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.stdout)["certificate"]
+    with safe_open(tmp_path / "one.safetensors", "pt") as f:
+        stored = json.loads(f.metadata()["surgery.certificate"])
+        for name in f.keys():
+            data = f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert stored["digests"][name] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert stored == printed and stored["complete"] and len(stored["digests"]) == len(t)
+
+
+def test_the_optimizer_state_beside_the_model_is_selectable(tmp_path, cli):
+    model = {"w": torch.randn(6, 4)}
+    both = {"model.w": model["w"], "optim.state.w.exp_avg": torch.randn(6, 4)}
+    path = tmp_path / "ckpt"
+    write_chunked_dcp(path, {"w": model["w"]}, {"w": shard_boxes((6, 4), 2)}, ranks=2, nested="model")
+    # add the optimizer entry under its own top level, as dcp.save({"model": ..., "optim": ...}) does
+    other = write_chunked_dcp(tmp_path / "opt", {"state.w.exp_avg": both["optim.state.w.exp_avg"]},
+                              {"state.w.exp_avg": shard_boxes((6, 4), 2)}, ranks=2, nested="optim")
+    _merge_dcp(path, other)
+    r = cli("inspect", path, "--json")
+    data = json.loads(r.stdout)
+    assert data["container"] == "model" and data["containers"] == ["model", "optim"]
+    r = cli("remap", path, tmp_path / "opt.safetensors", "--select", "optim")
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "opt.safetensors")
+    assert list(got) == ["state.w.exp_avg"] and torch.equal(got["state.w.exp_avg"], both["optim.state.w.exp_avg"])
+
+
+def _merge_dcp(path, other):
+    """Fold ``other``'s entries into ``path``'s metadata (their files renamed to ranks 2 and 3)."""
+    md, extra = (pickle.loads((p / ".metadata").read_bytes()) for p in (path, other))
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    for r in (0, 1):
+        (other / f"__{r}_0.distcp").rename(path / f"__{r + 2}_0.distcp")
+    md.state_dict_metadata.update(extra.state_dict_metadata)
+    md.planner_data.update(extra.planner_data)
+    for k, v in extra.storage_data.items():
+        md.storage_data[k] = _StorageInfo(v.relative_path.replace("__0_", "__2_").replace("__1_", "__3_"), v.offset, v.length)
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def _edit_chunks(path, name, edit):
+    md = pickle.loads((path / ".metadata").read_bytes())
+    entry = md.state_dict_metadata[f"model.{name}"]
+    entry.chunks[:] = edit(list(entry.chunks))
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda chunks: chunks[:-1], "chunks leave a gap (33 of 66 elements stored)"),
+    (lambda chunks: chunks + [chunks[0]], "chunks overlap"),
+])
+def test_a_gap_or_an_overlap_is_refused_naming_the_tensor_and_nothing_is_written(sharded, cli, tmp_path, edit, why):
+    path, _ = sharded
+    _edit_chunks(path, "embed.weight", lambda c: c[:2] if why.startswith("chunks leave") else edit(c))
+    for args in (("inspect", path), ("remap", path, tmp_path / "out.safetensors")):
+        r = cli(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert "'model.embed.weight' [11, 6]" in r.output and why.split(" (")[0] in r.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_chunk_whose_bytes_do_not_match_its_metadata_is_refused(sharded, cli):
+    path, _ = sharded
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    def lie(chunks):  # the first chunk claims 4 rows; its file holds 3 (and the cover still adds up)
+        a, b = chunks[0], chunks[1]
+        return [ChunkStorageMetadata(a.offsets, torch.Size([4, 6])),
+                ChunkStorageMetadata(torch.Size([4, 0]), torch.Size([2, 6])), *chunks[2:]]
+
+    _edit_chunks(path, "embed.weight", lie)
+    r = cli("inspect", path)
+    assert r.exit_code == 2 and "is [3, 6] on disk but [4, 6] in .metadata" in r.output
+
+
+def test_the_cover_check_is_exact_and_bounded():
+    assert cover_problem((4, 4), [((0, 0), (2, 4)), ((2, 0), (2, 4))]) is None
+    assert cover_problem((4, 4), [((0, 0), (4, 2)), ((0, 2), (4, 2))]) is None
+    assert cover_problem((4, 4), [((0, 0), (2, 2)), ((2, 2), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 2))]) is None
+    # as many elements as the tensor, but one piece twice and one missing
+    assert "overlap" in cover_problem((4, 4), [((0, 0), (2, 2)), ((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 4))])
+    assert "outside" in cover_problem((4,), [((3,), (2,))])
+    assert cover_problem((0, 3), []) is None
+    # staggered boxes cutting each other's faces: more grid than a rank grid makes, refused quickly
+    boxes = [((i, i), (1, 1)) for i in range(3000)]
+    assert "pieces" in cover_problem((3000, 3000), boxes)
