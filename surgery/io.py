@@ -20,7 +20,7 @@ from .errors import OutputError
 # (and surgery's own temp files); anything else there makes --force refuse, listing it.
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "adapt": (r"manifest\.json", r"model\.safetensors", r"load_report\.json"),
-    "remap": (r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors"),
+    "remap": (r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors", r"\.metadata", r"__0_0\.distcp"),
     "train": (r"(scratch/)?(manifest\.json|model\.safetensors|load_report\.json|metrics\.jsonl|run\.log|curves\.png|"
               r"confusion\.png|lr_find(_unfreeze)?\.png|lr_find\.json|failures\.jsonl|checkpoints/|checkpoints/(last|best)\.pt)",
               # --compare-scratch: the scratch run beside the pretrained one, the comparison, a killed run's init

@@ -32,6 +32,7 @@ class Format:
     opener: Callable[..., Checkpoint]
     writer: Callable[[Path, Payload], list[str]] | None = None  # (dst, payload) -> the files written
     suffixes: tuple[str, ...] = ()  # output paths with these suffixes are written in this format
+    folder: bool = False  # written as a folder of files
 
 
 def _open_safetensors(path, accept, select):
@@ -92,6 +93,12 @@ def _write_sharded(dst: Path, payload: Payload) -> list[str]:
     return write(dst, payload)
 
 
+def _write_dcp(dst: Path, payload: Payload) -> list[str]:
+    from .dcp_write import write
+
+    return write(dst, payload)
+
+
 def _write_zip(dst: Path, payload: Payload) -> list[str]:
     from .torch_zip import write
 
@@ -103,12 +110,13 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("safetensors", "safetensors file (.safetensors)", _open_safetensors, _write_safetensors, (".safetensors",)),
         Format("safetensors-index", "sharded checkpoint: *.index.json naming safetensors or torch shards", _open_index,
-               _write_sharded, (FOLDER,)),
+               _write_sharded, (FOLDER,), folder=True),
         Format("torch-zip", "torch.save zip archive (.pt/.pth/.bin/.ckpt)", _open_zip, _write_zip, (".pt", ".pth", ".bin", ".ckpt")),
         Format("torchscript", "torch.jit.save archive: its weights, its code never run", _open_zip),
         Format("torch-legacy", "torch.save legacy pickle (torch < 1.6)", _open_legacy),
         Format("torch-tar", "torch.save tar archive (torch <= 0.1.10)", _open_tar),
-        Format("torch-dcp", "torch.distributed.checkpoint folder (.metadata + *.distcp)", _open_dcp),
+        Format("torch-dcp", "torch.distributed.checkpoint folder (.metadata + *.distcp)", _open_dcp, _write_dcp,
+               folder=True),
     )
 }
 
@@ -198,9 +206,18 @@ def open_checkpoint(path: str | os.PathLike, select: str | None = None,
     return ckpt
 
 
-def output_format(dst: Path) -> Format:
-    """The format a path is written in, chosen by its suffix: a `Format` whose ``suffixes`` hold
-    it, or the folder format for a path without one (or an existing folder)."""
+# What ``--format`` takes: the formats surgery writes, by a short name.
+OUTPUT_NAMES = {"safetensors": "safetensors", "folder": "safetensors-index", "pt": "torch-zip", "dcp": "torch-dcp"}
+
+
+def output_format(dst: Path, name: str = "") -> Format:
+    """The format a path is written in: ``name`` (``--format``) when given, else chosen by its
+    suffix: a `Format` whose ``suffixes`` hold it, or the folder format for a path without one (or
+    an existing folder)."""
+    if name:
+        if name not in OUTPUT_NAMES:
+            raise RuleError(f"--format {name!r}: choose one of {', '.join(OUTPUT_NAMES)}")
+        return FORMATS[OUTPUT_NAMES[name]]
     suffix = dst.suffix.lower()
     if dst.is_dir() or not suffix or str(dst).endswith(os.sep):
         suffixes = [suffix, FOLDER]
@@ -212,4 +229,4 @@ def output_format(dst: Path) -> Format:
                 return f
     known = [s for f in FORMATS.values() for s in f.suffixes if s != FOLDER]
     raise RuleError(f"{dst}: cannot tell the output format from the suffix {suffix!r}; use {', '.join(known)}, "
-                    f"or a folder name for sharded safetensors")
+                    f"a folder name for sharded safetensors, or --format {'|'.join(OUTPUT_NAMES)}")

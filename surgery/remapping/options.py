@@ -15,6 +15,8 @@ class RemapOptions:
     """How ``remap`` writes, each option declared once with its flag (:mod:`surgery.option_table`);
     what it writes is the rules'."""
 
+    format: str = option("", "Write DST as safetensors, pt, folder (sharded safetensors) or dcp (a "
+                              "torch.distributed.checkpoint folder); by default DST's suffix says.", metavar="NAME")
     shard_size: str | int = option("5GB", "Largest shard when DST is a folder.", cli_type=str)
     dry_run: bool = option(False, "Print the old -> new table; write nothing.")
     verify: bool = option(False, "Re-read the output and compare every tensor bit for bit.")

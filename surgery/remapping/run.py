@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import RuleError, SelectError
-from ..formats import FOLDER, open_checkpoint, output_format
+from ..formats import open_checkpoint, output_format
 from ..io import OUTPUTS, check_destination, check_source
 from ..option_table import options_from, signature
 from .ops import Op
@@ -39,7 +39,7 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
         raise SelectError(f"{src_p}: this is {ckpt.description}, not a model's weights; name the tensor dict to "
                           f"write with --select (one of: {', '.join(ckpt.containers[:6])}"
                           f"{' ...' if len(ckpt.containers) > 6 else ''})")
-    fmt = output_format(dst_p)
+    fmt = output_format(dst_p, o.format)
     rows, counts = build_plan(ckpt, rules)
     if fmt.name != "torch-zip":
         refuse_unsafetensorable(str(src_p), rows)
@@ -51,7 +51,7 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     if o.dry_run:
         return report
     check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=o.force, in_place=o.in_place,
-                      kind="folder" if FOLDER in fmt.suffixes else "file", owned=OUTPUTS["remap"])
+                      kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
     report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
     if ckpt.certificate is not None:

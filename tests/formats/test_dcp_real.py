@@ -56,3 +56,15 @@ def test_the_optimizer_state_of_a_real_run_is_selectable(tmp_path, cli):
     for param, state in ref.items():
         for key, value in state.items():
             assert torch.equal(got[f"state.{param}.{key}"], value), (param, key)
+
+
+def test_a_written_dcp_folder_seeds_a_fully_sharded_model(tmp_path, cli):
+    src = _save("fsdp2", 2, tmp_path / "fsdp2")
+    assert cli("remap", src, tmp_path / "model.safetensors").exit_code == 0
+    assert cli("remap", tmp_path / "model.safetensors", tmp_path / "seed", "--format", "dcp").exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "fixtures" / "fsdp_save.py"), "load", str(tmp_path / "seed"), str(tmp_path / "model.safetensors")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "seed.loaded").read_text().split(",") == sorted(load_file(tmp_path / "model.safetensors"))
