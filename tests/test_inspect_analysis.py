@@ -206,9 +206,9 @@ def test_module_tree_glued_numbers_collapse_only_identical_structures():
 
 def test_module_tree_of_fifty_thousand_glued_names_is_two_rows():
     infos = infos_of({f"layer{i}.weight": (2,) for i in range(50_000)})
-    start = time.perf_counter()
+    start = time.process_time()
     rows = module_tree(infos, depth=2)
-    assert time.perf_counter() - start < 3
+    assert time.process_time() - start < 3
     assert [(r.path, r.repeat, r.params) for r in rows] == [
         ("layer{0..49999}", 50_000, 100_000), ("layer{0..49999}.weight", 50_000, 100_000)]
 
@@ -385,10 +385,11 @@ def test_guess_foreign_model_scores_low():
 def test_guess_is_fast():
     sig = model_signature("resnet152")  # ~900 keys
     guess_architecture(sig)  # loads and caches the table
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(10):
         guess_architecture(sig)
-    assert (time.perf_counter() - t0) / 10 < 0.25  # ~3 ms here; generous for busy CI machines
+    # CPU seconds of this process, not wall time: other tests on the other cores do not count
+    assert (time.process_time() - t0) / 10 < 0.25  # ~3 ms here
 
 
 def test_unknown_arch_error():

@@ -121,7 +121,7 @@ def test_vit_at_a_size_it_cannot_take_is_refused_before_training(vit, digits, tm
 def test_evaluate_and_predict_refuse_that_size_in_one_line(vit, digits, cli):
     ad, _ = vit
     image = next(p for p in Path(digits).rglob("*.png"))
-    for args in (("evaluate", ad, digits), ("predict", ad, image)):
+    for args in (("evaluate", ad, "--data", digits), ("predict", ad, image)):
         r = cli(*args, "--image-size", "96")
         assert r.exit_code == 2, r.output
         assert "the model does not take 96x96 images" in r.output and "Traceback" not in r.output

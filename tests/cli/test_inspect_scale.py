@@ -44,9 +44,9 @@ def _tree_lines(stdout: str) -> list[str]:
 
 
 def test_fifty_thousand_numbered_names_print_a_screenful(cli, flat50k):
-    start = time.perf_counter()
+    start = time.process_time()
     r = cli("inspect", flat50k)
-    took = time.perf_counter() - start
+    took = time.process_time() - start
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) < 20, lines

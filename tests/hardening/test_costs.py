@@ -41,8 +41,9 @@ def _refused(cli, *args, match: str) -> str:
 
 
 class _Cost:
-    """Wall time and, with ``trace``, peak traced memory of the block (tracing slows allocation
-    several times): a guard against costs orders of magnitude larger, not a benchmark."""
+    """CPU seconds of this process (so tests on the other cores do not count) and, with ``trace``,
+    peak traced memory of the block (tracing slows allocation several times): a guard against
+    costs orders of magnitude larger, not a benchmark."""
 
     def __init__(self, trace: bool = False):
         self.trace, self.mb = trace, 0.0
@@ -50,11 +51,11 @@ class _Cost:
     def __enter__(self):
         if self.trace:
             tracemalloc.start()
-        self.t0 = time.perf_counter()
+        self.t0 = time.process_time()
         return self
 
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds = time.process_time() - self.t0
         if self.trace:
             self.mb = tracemalloc.get_traced_memory()[1] / 1e6
             tracemalloc.stop()

@@ -253,9 +253,9 @@ def test_a_memoize_bomb_padded_past_the_declared_ratio_is_refused_at_once(tmp_pa
     name = f"{prefix}/data.pkl".encode()
     path = _write(tmp_path, zip_raw(raw, deflate={name: (bomb, 1 << 20)}))
     assert path.stat().st_size < 1100 << 10
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     _refused(path, "inflates .* of its deflate stream to more than .*refusing a zip bomb")
-    assert time.perf_counter() - t0 < 2
+    assert time.process_time() - t0 < 2
 
 
 @pytest.mark.parametrize("junk", [0, 4096])
@@ -587,9 +587,9 @@ def test_a_deflated_pickle_larger_than_its_archive_is_refused(tmp_path, parts):
     big = _pickle.dumps({"junk": [i % 7 == 0 for i in range(2_000_000)]}, protocol=2)
     path = _write(tmp_path, zip_raw(raw, deflate={f"{prefix}/data.pkl".encode(): (big, 0)}))
     assert path.stat().st_size < 300_000 < len(big)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     _refused(path, "more than the whole archive .* plus 1 MiB; refusing a zip bomb")
-    assert time.perf_counter() - t0 < 2
+    assert time.process_time() - t0 < 2
 
 
 def _legacy_raw() -> bytes:

@@ -117,10 +117,10 @@ def test_refusal_names_the_globals(tmp_path):
 def test_bombs_are_refused_quickly(name, tmp_path):
     path = tmp_path / "bomb.pt"
     path.write_bytes(_torch_zip(BOMBS[name]))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with pytest.raises(SurgeryError):
         surgery.open(path)
-    assert time.perf_counter() - t0 < 5
+    assert time.process_time() - t0 < 5
 
 
 def _zip_bombs(tmp_path: Path) -> dict[str, Path]:

@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 
 import surgery
 from surgery.errors import OutputError, RuleError
-from surgery.formats import FOLDER, FORMATS
+from surgery.formats import FORMATS, OUTPUT_NAMES
 from surgery.remapping import OP_KINDS, Op, Rules, plan_names
 
-# one output path ending per writable format, from the registry: "_dir" stands for a folder
-OUTPUTS = {f.name: "_dir" if f.suffixes[0] == FOLDER else f.suffixes[0] for f in FORMATS.values() if f.writer}
+# every writable format of the registry, each named as --format names it
+OUTPUTS = {name: short for short, name in OUTPUT_NAMES.items()}
+assert sorted(OUTPUTS) == sorted(f.name for f in FORMATS.values() if f.writer)
 
 
 def test_plan_applies_ops_in_order():
@@ -64,8 +65,8 @@ def test_pure_state_dict_functions():
 def test_every_format_round_trips_bit_for_bit(make, tmp_path, src_name, fmt):
     src = make(src_name)
     ref = surgery.open(src).state_dict()
-    dst = tmp_path / f"out{OUTPUTS[fmt]}"
-    report = surgery.remap(src, dst, [], verify=True, shard_size="1MB")
+    dst = tmp_path / "out"
+    report = surgery.remap(src, dst, [], verify=True, shard_size="1MB", format=OUTPUTS[fmt])
     assert report.verified and report.dst_format == fmt == surgery.open(dst).format
     back = tmp_path / "back.pt"
     surgery.remap(dst, back, [], verify=True)
