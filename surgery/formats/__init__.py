@@ -93,6 +93,12 @@ def _write_sharded(dst: Path, payload: Payload) -> list[str]:
     return write(dst, payload)
 
 
+def _open_dcp_hf(path, accept, select):
+    from .dcp_hf import open_hf_dcp
+
+    return open_hf_dcp(path, accept, select)
+
+
 def _write_dcp(dst: Path, payload: Payload) -> list[str]:
     from .dcp_write import write
 
@@ -117,6 +123,8 @@ FORMATS: dict[str, Format] = {
         Format("torch-tar", "torch.save tar archive (torch <= 0.1.10)", _open_tar),
         Format("torch-dcp", "torch.distributed.checkpoint folder (.metadata + *.distcp)", _open_dcp, _write_dcp,
                folder=True),
+        Format("torch-dcp-hf", "torch.distributed.checkpoint's Hugging Face layout: each rank's safetensors "
+               "pieces (shard-R-model-K-of-N.safetensors)", _open_dcp_hf),
     )
 }
 
@@ -139,6 +147,10 @@ def sniff(path: str | os.PathLike) -> tuple[str, Path]:
         for name in INDEX_NAMES:
             if (p / name).is_file():
                 return "safetensors-index", p / name
+        from .dcp_hf import shard_files
+
+        if shard_files(p):
+            return "torch-dcp-hf", p
         indexes = sorted(p.glob("*.index.json"))
         if len(indexes) == 1:
             return "safetensors-index", indexes[0]

@@ -118,8 +118,8 @@ class Certificate:
         dims = sorted({tuple(d) for d in self.split.values()})
         along = ", ".join("dim " + "+".join(map(str, d)) for d in dims) or "none"
         return (f"{self.tensors:,} tensors in {self.chunks:,} chunks from {self.ranks} rank{'s' if self.ranks != 1 else ''} "
-                f"({self.chunked:,} cut along {along}); each covered exactly once, {self.elements:,} elements "
-                f"as the {self.source} says")
+                f"({self.chunked:,} cut along {along}); each covered exactly once, {self.elements:,} elements, "
+                f"checked against the {self.source}")
 
     def to_json(self) -> dict:
         return {"source": self.source, "ranks": self.ranks, "tensors": self.tensors, "chunked": self.chunked,

@@ -51,10 +51,13 @@ class Row:
 
 
 def is_checkpoint_folder(path: str) -> bool:
-    """A folder that is one checkpoint: torch DCP (``.metadata``) or sharded (``*.index.json``)."""
+    """A folder that is one checkpoint: torch DCP (``.metadata``, or the ranks' safetensors pieces of
+    its Hugging Face layout) or sharded (``*.index.json``)."""
+    from ..formats.dcp_hf import SHARD_FILE
+
     try:
         return os.path.isfile(os.path.join(path, ".metadata")) or any(
-            e.name.endswith(".index.json") and e.is_file() for e in os.scandir(path))
+            (e.name.endswith(".index.json") or SHARD_FILE.match(e.name)) and e.is_file() for e in os.scandir(path))
     except OSError:
         return False
 

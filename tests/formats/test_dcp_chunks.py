@@ -166,3 +166,56 @@ def test_the_cover_check_is_exact_and_bounded():
     # staggered boxes cutting each other's faces: more grid than a rank grid makes, refused quickly
     boxes = [((i, i), (1, 1)) for i in range(3000)]
     assert "pieces" in cover_problem((3000, 3000), boxes)
+
+
+# ------------------------------------------------ torch's Hugging Face layout: each rank's safetensors pieces
+
+
+def _hf_reference(path, like):
+    """What torch's own HuggingFaceStorageReader loads from the folder."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    into = {k: torch.zeros_like(v) for k, v in like.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(into, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    return into
+
+
+def test_the_hugging_face_layout_consolidates_as_torch_reads_it(tmp_path, cli):
+    from fixtures.distributed import write_hf_pieces
+
+    t = {k: v for k, v in _tensors().items() if k != "mix.weight"}  # one piece per rank and name
+    boxes = {k: v for k, v in BOXES.items() if k != "mix.weight"}
+    path = write_hf_pieces(tmp_path / "hf", t, boxes, ranks=4)
+    data = json.loads(cli("inspect", path, "--json").stdout)
+    assert data["format"] == "torch-dcp-hf" and data["certificate"]["ranks"] == 4
+    r = cli("remap", path, tmp_path / "one.safetensors", "--verify")
+    assert r.exit_code == 0, r.output
+    got, ref = load_file(tmp_path / "one.safetensors"), _hf_reference(path, t)
+    for k, v in t.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v) and torch.equal(ref[k], v), k
+
+
+def test_a_missing_rank_or_piece_of_the_hugging_face_layout_is_refused(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    from fixtures.distributed import write_hf_pieces
+
+    t = {"w": torch.randn(9, 2)}
+    path = write_hf_pieces(tmp_path / "hf", t, {"w": shard_boxes((9, 2), 3)}, ranks=3)
+    (path / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    r = cli("remap", path, tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and "rank 1 are missing (shard-00002-*)" in r.output
+    save_file({"x": torch.zeros(1)}, path / "shard-00002-model-00001-of-00001.safetensors",
+              metadata={"DCP_SHARDING_INFO": json.dumps({"x": {"saved_offsets": [0]}})})
+    r = cli("remap", path, tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and "'w': [9, 2]: chunks leave a gap (12 of 18 elements stored)" in r.output
+    save_file({"w": torch.zeros(3, 2)}, path / "shard-00002-model-00001-of-00001.safetensors",
+              metadata={"DCP_SHARDING_INFO": json.dumps({"w": {"saved_offsets": [3, "0"]}})})
+    r = cli("inspect", path)
+    assert r.exit_code == 2 and "tensor 'w' has no valid saved_offsets" in r.output
+    assert not (tmp_path / "out.safetensors").exists()

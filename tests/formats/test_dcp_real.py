@@ -68,3 +68,21 @@ def test_a_written_dcp_folder_seeds_a_fully_sharded_model(tmp_path, cli):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "seed.loaded").read_text().split(",") == sorted(load_file(tmp_path / "model.safetensors"))
+
+
+def test_torchs_hugging_face_layout_of_a_real_run_consolidates_as_torch_reads_it(tmp_path, cli):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    src = _save("hf", 2, tmp_path / "hf")
+    r = cli("remap", src, tmp_path / "one.safetensors", "--verify")
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "one.safetensors")
+    ref = {k: torch.zeros_like(v) for k, v in got.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(ref, storage_reader=HuggingFaceStorageReader(str(src)), no_dist=True)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
