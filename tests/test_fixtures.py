@@ -68,7 +68,7 @@ def test_registry_names():
         "dataparallel_compiled_pt", "lightning_ckpt", "timm_ema_pth", "timm_args_pth", "nested_pt",
         "legacy_pt", "legacy_cuda_pt", "zip_cuda_pt", "plain_safetensors", "fp16_safetensors",
         "bf16_safetensors", "sharded_safetensors", "sharded_bin", "hf_bin", "lfs_pointer", "tied_pt",
-        "tied_view_pt", "dcp_dir", "malicious_pickle_pt", "malicious_legacy_pt", "digits_imagefolder",
+        "tied_view_pt", "dcp_dir", "dcp_hf_dir", "malicious_pickle_pt", "malicious_legacy_pt", "digits_imagefolder",
         "tar_pt", "lpips_v00_pth", "cifar_dp_th", "legacy_v1_dp_pth", "legacy_module_pt", "torchscript_pt",
         "torchscript_traced_pt", "torchscript_nested_pt", "torchscript_resnet18_pt",
     }

@@ -41,6 +41,7 @@ CASES = {
     "sharded_bin": ("safetensors-index", "", ""),
     "hf_bin": ("torch-zip", "", ""),
     "dcp_dir": ("torch-dcp", "", ""),
+    "dcp_hf_dir": ("torch-dcp-hf", "", ""),
     "tar_pt": ("torch-tar", "", ""),
     "torchscript_pt": ("torchscript", "", ""),
 }
@@ -56,6 +57,8 @@ def reference(path, container, fmt):
             if not os.path.exists(out):
                 dcp_to_torch_save(path, out)
             return torch.load(out, weights_only=True)
+        if any(p.startswith("shard-") for p in os.listdir(path)):  # the Hugging Face layout: torch's reader
+            return _hf_dcp_reference(path)
         import json
 
         index = next(p for p in os.listdir(path) if p.endswith(".index.json"))
@@ -83,6 +86,19 @@ def reference(path, container, fmt):
     for part in container.split(".") if container else []:
         obj = obj[part]
     return obj
+
+
+def _hf_dcp_reference(path):
+    """torch's HuggingFaceStorageReader, loading into tensors shaped as the pieces say."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    md = HuggingFaceStorageReader(str(path)).read_metadata()
+    into = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        dcp.load(into, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    return into
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
