@@ -117,10 +117,11 @@ def _render(report: RemapReport) -> None:
         return
     if report.certificate is not None:
         c = report.certificate
-        where = ("the output's metadata (surgery.certificate)" if report.dst_format != "torch-zip"
-                 else "--json (a torch file keeps no metadata)")
-        out.print(f"{c['tensors']:,} tensors assembled from {c['chunks']:,} chunks of {c['ranks']} ranks, each covered "
-                  f"exactly once; the certificate and each tensor's sha256 are in {where}")
+        where = ("the output's metadata (surgery.certificate) and --json" if report.dst_format.startswith("safetensors")
+                 else "--json (this format keeps no metadata of its own)")
+        out.print(f"source: {c['tensors']:,} tensors in {c['chunks']:,} chunks from {c['ranks']} ranks, each covered "
+                  f"exactly once; the certificate and the sha256 of the {len(c['digests']):,} tensors written are in "
+                  f"{where}")
     verified = ", verified bit for bit" if report.verified else ""
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     out.print(f"{summary}; wrote {report.dst_format} {escaped(report.dst)} ({human_bytes(report.bytes_written)}{files})"

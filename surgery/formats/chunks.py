@@ -10,8 +10,10 @@ where each chunk starts in it. Nothing here imports torch but :func:`assemble`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -54,29 +56,21 @@ def cover_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Seq
         return f"{len(boxes)} chunks cut it into more than {limit:,} pieces, not a grid of ranks' pieces"
     where = [{x: i for i, x in enumerate(c)} for c in cuts]
     strides = [math.prod(len(c) - 1 for c in cuts[d + 1:]) for d in range(dims)]
-    count: dict[int, int] = {}
+    marked: set[int] = set()
     for offsets, sizes in boxes:
         if not math.prod(sizes):
             continue
         ranges = [range(where[d][offsets[d]], where[d][offsets[d] + sizes[d]]) for d in range(dims)]
-        for cell in _cells(ranges, strides):
-            count[cell] = count.get(cell, 0) + 1
-    overlap = sum(1 for n in count.values() if n > 1)
-    if overlap or covered > numel:
+        for cell in itertools.product(*ranges):  # stops at the first cell marked twice: work <= the cells
+            flat = sum(i * s for i, s in zip(cell, strides))
+            if flat in marked:
+                return f"chunks overlap ({covered:,} elements stored for {numel:,})"
+            marked.add(flat)
+    if covered > numel:
         return f"chunks overlap ({covered:,} elements stored for {numel:,})"
-    if len(count) != math.prod(len(c) - 1 for c in cuts) or covered < numel:
+    if len(marked) != math.prod(len(c) - 1 for c in cuts) or covered < numel:
         return f"chunks leave a gap ({covered:,} of {numel:,} elements stored)"
     return None
-
-
-def _cells(ranges: list[range], strides: list[int]):
-    """The flat indices of the grid cells in the product of ``ranges``."""
-    if not ranges:
-        yield 0
-        return
-    for i in ranges[0]:
-        for rest in _cells(ranges[1:], strides[1:]):
-            yield i * strides[0] + rest
 
 
 def split_dims(info: TensorInfo) -> list[int]:
@@ -128,7 +122,9 @@ class Certificate:
 
 
 CERTIFICATE_KEY = "surgery.certificate"  # the metadata entry of an output written from chunks
-_TOKEN = "digest-pending-{:049d}"  # 64 characters, as long as the sha256 that replaces it
+# 64 characters, as long as the sha256 that replaces it; random per write, so that no tensor name
+# or other metadata of the output can hold one
+_TOKEN = "{}-{:047d}"
 
 
 class Digests:
@@ -140,7 +136,8 @@ class Digests:
     def __init__(self, certificate: Certificate | None, names: list[str]):
         self.certificate = certificate
         self.on = certificate is not None
-        self.tokens = {n: _TOKEN.format(i) for i, n in enumerate(names)} if self.on else {}
+        run = secrets.token_hex(8)
+        self.tokens = {n: _TOKEN.format(run, i) for i, n in enumerate(names)} if self.on else {}
         self.sources: dict[str, Callable[[], bytes]] = {}
 
     @property

@@ -8,6 +8,7 @@ same way as in a ``.pt`` file.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import FormatError, SelectError
 from .torch_pickle import unpickle
 from .torch_records import DType, Opaque, _opaque_class
+from .safetensors_fmt import MAX_RANK
 from .sharded import check_inside
 from .locate import tensor_infos
 from .torch_zip import read_zip
@@ -89,25 +91,38 @@ def _tensors(path: Path, md: Any, src: str) -> tuple[dict[str, TensorInfo], dict
     extras: dict[str, str] = {}
     gaps: list[str] = []
     for fqn, m in sd_meta.items():
+        if not isinstance(fqn, str):
+            raise FormatError(f"{src}: DCP metadata names a tensor by {type(fqn).__name__} {str(fqn)[:40]!r}, not a string")
         if type(m).__name__ != "TensorStorageMetadata":
             extras[fqn] = "bytes (pickled object)"
             continue
-        size = tuple(int(n) for n in _field(m, "size", src))
-        boxes = [(tuple(int(n) for n in _field(c, "offsets", src)), tuple(int(n) for n in _field(c, "sizes", src)))
+        size = _ints(_field(m, "size", src), src, fqn)
+        boxes = [(_ints(_field(c, "offsets", src), src, fqn), _ints(_field(c, "sizes", src), src, fqn))
                  for c in _field(m, "chunks", src)]
-        problem = cover_problem(size, boxes) if boxes else "no chunks"
+        problem = cover_problem(size, boxes) if boxes or not math.prod(size) else "no chunks"
         if problem:
             gaps.append(f"{fqn!r} {list(size)}: {problem}")
             continue
         dtype = _field(_field(m, "properties", src), "dtype", src)
+        if not isinstance(dtype, DType):
+            raise FormatError(f"{src}: tensor {fqn!r} has dtype {str(dtype)[:40]!r} in .metadata, not a torch dtype")
         parts = [(offsets, _chunk(path, where, fqn, offsets, sizes, dtype, src)) for offsets, sizes in boxes]
         whole = len(parts) == 1 and parts[0][1].shape == size
-        tensors[fqn] = parts[0][1] if whole else chunked(fqn, parts[0][1].dtype, size, parts)
+        tensors[fqn] = parts[0][1] if whole else chunked(fqn, dtype.dtype, size, parts)
     if gaps:
         raise FormatError(f"{src}: {len(gaps)} tensor{'s are' if len(gaps) > 1 else ' is'} not covered exactly once by "
                           f"the ranks' chunks, nothing was read: {'; '.join(gaps[:4])}{' ...' if len(gaps) > 4 else ''}")
     ranks = {m.group(1) for rel, _, _ in where.values() if (m := _RANK_FILE.match(Path(rel).name))}
     return tensors, extras, len(ranks) or len({rel for rel, _, _ in where.values()})
+
+
+def _ints(value: Any, src: str, fqn: str) -> tuple[int, ...]:
+    """A size or offsets of .metadata: a tuple of at most 64 non-negative ints, as torch.Size holds."""
+    if (not isinstance(value, (tuple, list)) or len(value) > MAX_RANK
+            or not all(type(n) is int and 0 <= n < 1 << 62 for n in value)):
+        raise FormatError(f"{src}: tensor {fqn!r} has a size or offset of {str(value)[:60]} in .metadata, "
+                          f"not a tuple of at most {MAX_RANK} sizes")
+    return tuple(value)
 
 
 def _storage(storage: dict, src: str) -> dict[tuple[str, tuple[int, ...]], tuple[str, int, int]]:
@@ -118,6 +133,9 @@ def _storage(storage: dict, src: str) -> dict[tuple[str, tuple[int, ...]], tuple
         # a bytes entry's index has no offset (torch pickles only the fields that are set)
         offset = _field(idx, "offset", src) if _has(idx, "offset") else None
         rel = str(_field(info, "relative_path", src))
+        if _has(info, "transform_descriptors") and _field(info, "transform_descriptors", src):
+            raise FormatError(f"{src}: the chunks of {str(fqn)[:80]!r} are stored transformed "
+                              f"({str(_field(info, 'transform_descriptors', src))[:60]}, e.g. compressed); not supported")
         if os.path.isabs(rel) or ".." in Path(rel).parts:
             raise FormatError(f"{src}: DCP metadata points outside the checkpoint folder ({rel!r})")
         key = (fqn, tuple(int(n) for n in offset) if offset is not None else ())
@@ -141,6 +159,9 @@ def _chunk(path: Path, where: dict, fqn: str, offsets: tuple[int, ...], sizes: t
     if not hasattr(blob.obj, "storage") and type(blob.obj).__name__ != "TensorRef":
         raise FormatError(f"{src}: chunk of {fqn!r} is not a tensor")
     info = tensor_infos({fqn: blob.obj}, located, file, src)[fqn]
+    if info.kind != "dense" or info.nbytes > info.storage_nbytes:
+        what = f"a {info.kind} tensor" if info.kind != "dense" else "a view larger than its storage"
+        raise FormatError(f"{src}: the chunk of {fqn!r} at {list(offsets)} is {what}; a chunk must be a plain tensor")
     if isinstance(dtype, DType) and dtype.dtype != info.dtype:
         raise FormatError(f"{src}: tensor {fqn!r} is {info.dtype} on disk but {dtype.dtype} in .metadata")
     if info.shape != sizes:
@@ -174,7 +195,8 @@ def _tops(md: Any, tensors: dict[str, TensorInfo]) -> list[str]:
 def _default_select(md: Any, tensors: dict[str, TensorInfo]) -> str | None:
     """A model's weights saved beside its optimizer state (``{"model": ..., "optim": ...}``): the model
     unless ``--select`` names another entry."""
-    return "model" if "model" in _tops(md, tensors) else None
+    has = "model" in _tops(md, tensors) and any(n.startswith("model.") for n in tensors)
+    return "model" if has else None
 
 
 def _select(path: Path, tensors: dict[str, TensorInfo], extras: dict[str, str], select: str | None, src: str,

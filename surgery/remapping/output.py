@@ -125,6 +125,8 @@ def _kept_in_place(ckpt: Checkpoint, dst: Path) -> list[str]:
         return []
     shards = {os.path.realpath(f) for f in ckpt.files}
     own = {os.path.basename(f) for f in shards}
+    if (dst / ".metadata").is_file():  # a DCP folder's metadata names its files: it goes with them
+        own.add(".metadata")
     for entry in os.scandir(dst):
         if entry.name.endswith(".index.json") and entry.is_file():
             try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import RuleError, SelectError
 from ..formats import open_checkpoint, output_format
-from ..io import OUTPUTS, check_destination, check_source
+from ..io import OUTPUTS, check_destination, check_source, same_path
 from ..option_table import options_from, signature
 from .ops import Op
 from .options import RemapOptions
@@ -15,7 +15,7 @@ from .output import write
 from .plan import build_plan, parse_size, refuse_unsafetensorable
 from .report import RemapReport
 from .rules import Rules
-from .verify import verify as verify_output
+from .verify import source_digests, verify as verify_output
 
 
 def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op] | dict | str | os.PathLike | None = None,
@@ -52,12 +52,14 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
         return report
     check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=o.force, in_place=o.in_place,
                       kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
+    # in place, the source is gone by the time the output is verified: its digests are taken first
+    before = source_digests(ckpt, rows) if o.verify and same_path(dst_p, src_p) else None
     report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
     if ckpt.certificate is not None:
         report.certificate = ckpt.certificate.to_json()
     if o.verify:
-        verify_output(ckpt, rows, dst_p)
+        verify_output(ckpt, rows, dst_p, before)
         report.verified = True
     return report
 

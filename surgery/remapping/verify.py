@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, OutputError
 from ..formats import open_checkpoint
+from ..formats.chunks import CERTIFICATE_KEY
 from .output import converted, source
 from .plan import PlanRow
 
@@ -38,12 +40,26 @@ def _digest(ckpt: Checkpoint, name: str, rng: tuple[str, int, int] | Callable[[]
     return h.hexdigest()
 
 
-def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path) -> None:
-    """Re-read the written output and compare every tensor's bytes with what the plan promised;
+def source_digests(ckpt: Checkpoint, rows: list[PlanRow]) -> dict[str, str]:
+    """What :func:`verify` compares each written tensor with, taken from the source now: a
+    rewrite in place replaces the source before it is verified."""
+    return {r.new: _expected(ckpt, r) for r in rows if r.new is not None}
+
+
+def _expected(ckpt: Checkpoint, r: PlanRow) -> str:
+    if r.new_kind != "dense":
+        return _tensor_digest(converted(ckpt.tensor(r.old), r))
+    return _digest(ckpt, r.old, source(ckpt, r))
+
+
+def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path, expected: dict[str, str] | None = None) -> None:
+    """Re-read the written output and compare every tensor's bytes with what the plan promised
+    (the source's, or ``expected``: :func:`source_digests` taken before an in-place rewrite);
     one OutputError naming the first differences."""
     out = open_checkpoint(dst)
     problems = []
     kept = [r for r in rows if r.new is not None]
+    written: dict[str, str] = {}  # name -> sha256 of its bytes in the output
     extra = set(out.tensors) - {r.new for r in kept}
     if extra:
         problems.append(f"unexpected tensors {sorted(extra)[:3]}")
@@ -56,14 +72,32 @@ def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path) -> None:
             problems.append(f"{r.new!r} is {t.dtype}{list(t.shape)} {t.kind}, expected {r.new_dtype}{list(r.shape)} "
                             f"{r.new_kind}")
             continue
+        want = expected[r.new] if expected is not None else _expected(ckpt, r)
         if r.new_kind != "dense":  # kept as it is in a torch file: compare what makes it that tensor
-            if _tensor_digest(out.tensor(r.new)) != _tensor_digest(converted(ckpt.tensor(r.old), r)):
+            if _tensor_digest(out.tensor(r.new)) != want:
                 problems.append(f"{r.new!r} differs from the source")
             continue
-        if _digest(out, r.new) != _digest(ckpt, r.old, source(ckpt, r)):
+        written[r.new] = _digest(out, r.new)
+        if written[r.new] != want:
             problems.append(f"{r.new!r} bytes differ from the source")
+    problems += _certificate_problems(out, written)
     if problems:
         raise OutputError(f"{dst}: verification failed: {'; '.join(problems[:5])}")
+
+
+def _certificate_problems(out: Checkpoint, written: dict[str, str]) -> list[str]:
+    """The digests a certificate in the output's metadata gives, against the bytes written."""
+    text = out.metadata.get(CERTIFICATE_KEY)
+    if text is None:
+        return []
+    try:
+        digests = json.loads(text)["digests"]
+    except (ValueError, KeyError, TypeError):
+        return [f"its {CERTIFICATE_KEY} metadata is not a certificate"]
+    if not isinstance(digests, dict):
+        return [f"its {CERTIFICATE_KEY} metadata is not a certificate"]
+    wrong = [n for n, d in digests.items() if n not in written or d != "sha256:" + written[n]]
+    return [f"the certificate's digest of {n!r} is not the written bytes'" for n in wrong[:3]]
 
 
 def _tensor_digest(t: "torch.Tensor") -> str:

@@ -60,7 +60,7 @@ def test_remap_consolidates_as_torchs_converter_does(sharded, cli, tmp_path, out
     dst = tmp_path / out
     r = cli("remap", path, dst, "--verify")
     assert r.exit_code == 0, r.output
-    assert "6 tensors assembled from 19 chunks of 4 ranks" in r.stdout
+    assert "source: 6 tensors in 19 chunks from 4 ranks, each covered exactly once" in r.stdout
     ref = reference(path)["model"]
     if out == "folder":
         got = {}
@@ -219,3 +219,98 @@ def test_a_missing_rank_or_piece_of_the_hugging_face_layout_is_refused(tmp_path,
     r = cli("inspect", path)
     assert r.exit_code == 2 and "tensor 'w' has no valid saved_offsets" in r.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ------------------------------------------------ what an outside review found
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "folder"])
+def test_a_rewrite_in_place_keeps_the_folder_readable_and_verifies_against_the_source(sharded, cli, fmt):
+    path, t = sharded
+    r = cli("remap", path, path, "--in-place", "--format", fmt, "--verify")
+    assert r.exit_code == 0, r.output
+    back = cli("remap", path, path.parent / "back.safetensors")
+    assert back.exit_code == 0, back.output
+    got = load_file(path.parent / "back.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in t.items())
+
+
+def _hostile(path, edit):
+    md = pickle.loads((path / ".metadata").read_bytes())
+    edit(md)
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def _set_chunks(name, chunks):
+    return lambda md: setattr(md.state_dict_metadata[name], "chunks", chunks)
+
+
+def _stored_chunk(path, name, piece):
+    """Point the second chunk of ``name`` at a new tensor appended to rank 1's file."""
+    import io
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    buf = io.BytesIO()
+    torch.save(piece, buf)
+    f = path / "__1_0.distcp"
+    start = f.stat().st_size
+    f.write_bytes(f.read_bytes() + buf.getvalue())
+    md = pickle.loads((path / ".metadata").read_bytes())
+    key = sorted((k for k in md.storage_data if k.fqn == name), key=lambda k: tuple(k.offset))[1]
+    md.storage_data[key] = _StorageInfo("__1_0.distcp", start, len(buf.getvalue()))
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+
+
+HOSTILE = {
+    "float offsets": (lambda md: setattr(md.state_dict_metadata["model.embed.bias"], "size", (3.5,)),
+                      "has a size or offset of (3.5,)"),
+    "a string size": (lambda md: setattr(md.state_dict_metadata["model.embed.bias"], "size", "3"),
+                      "has a size or offset of 3"),
+    "a name that is no string": (lambda md: md.state_dict_metadata.update({7: md.state_dict_metadata["model.embed.bias"]}),
+                                 "names a tensor by int '7'"),
+    "a dtype that is no dtype": (lambda md: setattr(md.state_dict_metadata["model.embed.bias"].properties, "dtype", "x"),
+                                 "has dtype 'x' in .metadata, not a torch dtype"),
+    "a tensor of 3000 dims": (lambda md: setattr(md.state_dict_metadata["model.norm.num_batches_tracked"], "size",
+                                                 torch.Size([1] * 3000)), "not a tuple of at most 64 sizes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_metadata_is_one_line_and_nothing_is_written(sharded, cli, tmp_path, case):
+    path, _ = sharded
+    edit, why = HOSTILE[case]
+    _hostile(path, edit)
+    r = cli("remap", path, tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("piece,why", [
+    (lambda: torch.randn(3, 6).to_sparse(), "is a sparse_coo tensor"),
+    (lambda: torch.empty(3, 6, device="meta"), "is a meta tensor"),
+    (lambda: torch.zeros(1).expand(18).reshape(3, 6), "is a view larger than its storage"),
+])
+def test_a_chunk_that_is_no_plain_tensor_is_refused(sharded, cli, piece, why):
+    path, _ = sharded
+    _stored_chunk(path, "model.embed.weight", piece())
+    r = cli("inspect", path)
+    assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, r.output
+
+
+def test_overlapping_chunks_are_found_without_quadratic_work():
+    import time
+
+    n = 4000  # n unit chunks, then n chunks of the whole tensor: found at the first repeated cell
+    boxes = [((i,), (1,)) for i in range(n)] + [((0,), (n,))] * n
+    t0 = time.process_time()
+    assert "overlap" in cover_problem((n,), boxes)
+    assert time.process_time() - t0 < 2  # CPU seconds; the quadratic check took minutes at 20x this size
+
+
+def test_an_empty_tensor_needs_no_chunk(tmp_path, cli):
+    path = write_chunked_dcp(tmp_path / "ckpt", {"w": torch.randn(2, 3), "e": torch.zeros(0, 4)}, ranks=1)
+    _hostile(path, _set_chunks("e", []))
+    r = cli("remap", path, tmp_path / "out.safetensors", "--verify")
+    assert r.exit_code == 0, r.output
+    assert load_file(tmp_path / "out.safetensors")["e"].shape == (0, 4)

@@ -20,6 +20,19 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """saved(kind, ranks): that run's folder, run once per module (each run starts its ranks)."""
+    done: dict[str, Path] = {}
+
+    def _get(kind: str, ranks: int) -> Path:
+        if kind not in done:
+            done[kind] = _save(kind, ranks, tmp_path_factory.mktemp("runs") / kind)
+        return done[kind]
+
+    return _get
+
+
 def _save(kind: str, ranks: int, out: Path) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
@@ -30,8 +43,8 @@ def _save(kind: str, ranks: int, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind,ranks,split", [("fsdp2", 2, [[0]]), ("2d", 4, [[0], [0, 1]]), ("fsdp1", 2, [[0]])])
-def test_a_real_sharded_run_consolidates_as_torchs_converter_does(tmp_path, cli, kind, ranks, split):
-    src = _save(kind, ranks, tmp_path / kind)
+def test_a_real_sharded_run_consolidates_as_torchs_converter_does(tmp_path, cli, saved, kind, ranks, split):
+    src = saved(kind, ranks)
     r = cli("inspect", src, "--json")
     assert r.exit_code == 0, r.output
     cert = json.loads(r.stdout)["certificate"]
@@ -45,8 +58,8 @@ def test_a_real_sharded_run_consolidates_as_torchs_converter_does(tmp_path, cli,
         assert got[name].dtype == ref[name].dtype and torch.equal(got[name], ref[name]), name
 
 
-def test_the_optimizer_state_of_a_real_run_is_selectable(tmp_path, cli):
-    src = _save("fsdp2", 2, tmp_path / "fsdp2")
+def test_the_optimizer_state_of_a_real_run_is_selectable(tmp_path, cli, saved):
+    src = saved("fsdp2", 2)
     data = json.loads(cli("inspect", src, "--json").stdout)
     assert data["container"] == "model" and data["containers"] == ["model", "optim"]
     r = cli("remap", src, tmp_path / "optim.safetensors", "--select", "optim")
@@ -58,8 +71,8 @@ def test_the_optimizer_state_of_a_real_run_is_selectable(tmp_path, cli):
             assert torch.equal(got[f"state.{param}.{key}"], value), (param, key)
 
 
-def test_a_written_dcp_folder_seeds_a_fully_sharded_model(tmp_path, cli):
-    src = _save("fsdp2", 2, tmp_path / "fsdp2")
+def test_a_written_dcp_folder_seeds_a_fully_sharded_model(tmp_path, cli, saved):
+    src = saved("fsdp2", 2)
     assert cli("remap", src, tmp_path / "model.safetensors").exit_code == 0
     assert cli("remap", tmp_path / "model.safetensors", tmp_path / "seed", "--format", "dcp").exit_code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -70,13 +83,13 @@ def test_a_written_dcp_folder_seeds_a_fully_sharded_model(tmp_path, cli):
     assert (tmp_path / "seed.loaded").read_text().split(",") == sorted(load_file(tmp_path / "model.safetensors"))
 
 
-def test_torchs_hugging_face_layout_of_a_real_run_consolidates_as_torch_reads_it(tmp_path, cli):
+def test_torchs_hugging_face_layout_of_a_real_run_consolidates_as_torch_reads_it(tmp_path, cli, saved):
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
-    src = _save("hf", 2, tmp_path / "hf")
+    src = saved("hf", 2)
     r = cli("remap", src, tmp_path / "one.safetensors", "--verify")
     assert r.exit_code == 0, r.output
     got = load_file(tmp_path / "one.safetensors")
