@@ -80,6 +80,12 @@ def _open_dcp(path, accept, select):
     return open_dcp(path, accept, select)
 
 
+def _open_zero(path, accept, select):
+    from .zero import open_zero
+
+    return open_zero(path, accept, select)
+
+
 def _write_safetensors(dst: Path, payload: Payload) -> list[str]:
     from .safetensors_fmt import write
 
@@ -109,6 +115,8 @@ FORMATS: dict[str, Format] = {
         Format("torch-legacy", "torch.save legacy pickle (torch < 1.6)", _open_legacy),
         Format("torch-tar", "torch.save tar archive (torch <= 0.1.10)", _open_tar),
         Format("torch-dcp", "torch.distributed.checkpoint folder (.metadata + *.distcp)", _open_dcp),
+        Format("deepspeed-zero", "DeepSpeed ZeRO 1/2/3 folder (latest + global_step*/): its fp32 master weights",
+               _open_zero),
     )
 }
 
@@ -128,6 +136,10 @@ def sniff(path: str | os.PathLike) -> tuple[str, Path]:
     if p.is_dir():
         if (p / ".metadata").is_file():
             return "torch-dcp", p
+        from .zero import is_zero_folder
+
+        if is_zero_folder(p):
+            return "deepspeed-zero", p
         for name in INDEX_NAMES:
             if (p / name).is_file():
                 return "safetensors-index", p / name

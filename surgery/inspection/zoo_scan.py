@@ -51,10 +51,13 @@ class Row:
 
 
 def is_checkpoint_folder(path: str) -> bool:
-    """A folder that is one checkpoint: torch DCP (``.metadata``) or sharded (``*.index.json``)."""
+    """A folder that is one checkpoint: torch DCP (``.metadata``), sharded (``*.index.json``) or
+    DeepSpeed ZeRO (``latest`` beside ``global_step*/``)."""
+    from surgery.formats.zero import is_zero_folder
+
     try:
         return os.path.isfile(os.path.join(path, ".metadata")) or any(
-            e.name.endswith(".index.json") and e.is_file() for e in os.scandir(path))
+            e.name.endswith(".index.json") and e.is_file() for e in os.scandir(path)) or is_zero_folder(Path(path))
     except OSError:
         return False
 
