@@ -69,7 +69,8 @@ def _rank_files(folder: Path, kind: str, src: str) -> list[Path]:
         if not m or m.group(3) != kind:
             continue
         if m.group(2) != "00":
-            raise FormatError(f"{src}: {f.name} is a model-parallel rank's file; only mp_rank_00 ZeRO checkpoints are read")
+            raise FormatError(f"{src}: {f.name} is a model-parallel rank's file; only mp_rank_00 ZeRO checkpoints "
+                              f"are read")
         rank = int(m.group(1))
         if rank in found:
             raise FormatError(f"{src}: two {kind} states files for rank {rank} ({found[rank].name}, {f.name})")
@@ -119,7 +120,8 @@ def _stage_world(optim: list[_File], src: str) -> tuple[int, int]:
         worlds.append(max(count) if isinstance(count, list) and count else count)
     stage, world = stages[0], worlds[0]
     if stage not in (1, 2, 3) or any(s != stage for s in stages):
-        raise FormatError(f"{src}: the rank files say ZeRO stage {', '.join(map(str, stages))[:80]}, not one of 1, 2, 3")
+        said = ", ".join(map(str, stages))[:80]
+        raise FormatError(f"{src}: the rank files say ZeRO stage {said}, not one of 1, 2, 3")
     if any(w != world for w in worlds) or world != len(optim):
         raise FormatError(f"{src}: the optimizer states say a world of {world} ranks (partition_count) but "
                           f"{len(optim)} rank files are here; a rank's file is missing or left from another run")
@@ -129,7 +131,8 @@ def _stage_world(optim: list[_File], src: str) -> tuple[int, int]:
 def open_zero(path: Path, accept: frozenset = frozenset(), select: str | None = None) -> Checkpoint:
     src = str(path)
     if select:
-        raise SelectError(f"{src}: --select does not apply to a DeepSpeed ZeRO folder; it gives the fp32 master weights")
+        raise SelectError(f"{src}: --select does not apply to a DeepSpeed ZeRO folder; it gives the fp32 master "
+                          f"weights")
     folder = _step_folder(Path(path), src)
     optim = [_read(f, accept, src) for f in _rank_files(folder, "optim", src)]
     stage, world = _stage_world(optim, src)
