@@ -29,6 +29,7 @@ from ..checkpoint import Checkpoint, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
 from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
 from .locate import tensor_infos
+from .sharded import check_inside
 from .torch_records import Opaque, TensorRef
 from .torch_zip import read_zip
 
@@ -57,6 +58,7 @@ def _step_folder(p: Path, src: str) -> Path:
         raise FormatError(f"{src}: 'latest' holds {tag[:60]!r}, not a checkpoint tag such as global_step2")
     if not (p / tag).is_dir():
         raise FormatError(f"{src}: 'latest' names {tag!r}, but there is no such folder")
+    check_inside(p / tag, p / "latest", src, tag)
     return p / tag
 
 
@@ -98,6 +100,7 @@ class _File:
 
 
 def _read(path: Path, accept: frozenset, src: str) -> _File:
+    check_inside(path, path.parent / MODEL_FILE, src, path.name)
     up, offsets = read_zip(path, accept | DS_RECORDS)
     if not isinstance(up.obj, dict):
         raise FormatError(f"{src}: {path.name} does not hold a dict; not a DeepSpeed checkpoint file")

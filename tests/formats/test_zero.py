@@ -105,6 +105,12 @@ def _short(src: Path, stage: int) -> None:
         torch.save(sd, f)
 
 
+def _linked(src: Path, stage: int) -> None:
+    f = src / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    f.rename(src.parent / "elsewhere.pt")
+    f.symlink_to(src.parent / "elsewhere.pt")
+
+
 def _latest(src: Path, stage: int) -> None:
     (src / "latest").write_text("global_step9")
 
@@ -113,7 +119,8 @@ def _latest(src: Path, stage: int) -> None:
 @pytest.mark.parametrize("edit,why", [(_drop_first, "states of rank 0 are missing"),
                                       (_drop_last, "world of 2 ranks (partition_count) but 1 rank files"),
                                       (_world, "world of 3 ranks"),
-                                      (_short, "do not add up to param_shapes"), (_latest, "no such folder")])
+                                      (_short, "do not add up to param_shapes"), (_latest, "no such folder"),
+                                      (_linked, "outside the checkpoint's folder")])
 def test_an_inconsistent_folder_is_refused_in_one_line_and_nothing_is_written(tmp_path, cli, stage, edit, why):
     src = _folder(tmp_path, stage, 2)
     edit(src, stage)
