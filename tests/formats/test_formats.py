@@ -41,6 +41,7 @@ CASES = {
     "sharded_bin": ("safetensors-index", "", ""),
     "hf_bin": ("torch-zip", "", ""),
     "dcp_dir": ("torch-dcp", "", ""),
+    "zero_dir": ("deepspeed-zero", "", ""),
     "tar_pt": ("torch-tar", "", ""),
     "torchscript_pt": ("torchscript", "", ""),
 }
@@ -49,6 +50,8 @@ CASES = {
 def reference(path, container, fmt):
     """What torch itself loads, for parity."""
     if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "latest")):  # DeepSpeed ZeRO: its consolidation, saved beside it
+            return torch.load(str(path) + ".ref.pt", weights_only=True)
         if os.path.exists(os.path.join(path, ".metadata")):
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
