@@ -96,13 +96,23 @@ def _world(src: Path, stage: int) -> None:
     torch.save(sd, f)
 
 
-def _short(src: Path, stage: int) -> None:
+def _resize(src: Path, stage: int, by: int) -> None:
     key = "single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"
     for r in (0, 1):
         f = src / "global_step1" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
         sd = torch.load(f)
-        sd["optimizer_state_dict"][key] = [g[:-8].clone() for g in sd["optimizer_state_dict"][key]]
+        groups = sd["optimizer_state_dict"][key]
+        sd["optimizer_state_dict"][key] = [g[:by].clone() if by < 0 else torch.cat([g, g.new_zeros(by)])
+                                           for g in groups]
         torch.save(sd, f)
+
+
+def _short(src: Path, stage: int) -> None:
+    _resize(src, stage, -8)
+
+
+def _long(src: Path, stage: int) -> None:
+    _resize(src, stage, 8)  # more than the alignment padding
 
 
 def _linked(src: Path, stage: int) -> None:
@@ -119,7 +129,8 @@ def _latest(src: Path, stage: int) -> None:
 @pytest.mark.parametrize("edit,why", [(_drop_first, "states of rank 0 are missing"),
                                       (_drop_last, "world of 2 ranks (partition_count) but 1 rank files"),
                                       (_world, "world of 3 ranks"),
-                                      (_short, "do not add up to param_shapes"), (_latest, "no such folder"),
+                                      (_short, "do not add up to param_shapes"),
+                                      (_long, "do not match param_shapes"), (_latest, "no such folder"),
                                       (_linked, "outside the checkpoint's folder")])
 def test_an_inconsistent_folder_is_refused_in_one_line_and_nothing_is_written(tmp_path, cli, stage, edit, why):
     src = _folder(tmp_path, stage, 2)
