@@ -31,8 +31,10 @@ def _expected(weights, frozen, buffers):
     return {**out, **frozen, **weights, "out.weight": weights["head.weight"]}
 
 
-def _folder(tmp_path: Path, stage: int, ranks: int) -> Path:
+def _folder(tmp_path: Path, stage: int, ranks: int, groups: int = 1) -> Path:
     weights, frozen, buffers = _model()
+    if groups == 2:  # two param groups: the weights and the rest
+        weights = [{k: v for k, v in weights.items() if v.dim() > 1}, {k: v for k, v in weights.items() if v.dim() < 2}]
     return write_zero(tmp_path / f"zero{stage}", stage, weights, buffers, ranks=ranks, frozen=frozen,
                       shared={"out.weight": "head.weight"})
 
@@ -44,9 +46,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return {**got, **{a: got[t] for a, t in aliases.items()}}
 
 
-@pytest.mark.parametrize("stage,ranks", [(1, 2), (2, 2), (2, 3), (3, 2), (3, 3)])
-def test_a_zero_folder_consolidates_to_its_fp32_weights(tmp_path, cli, stage, ranks):
-    src = _folder(tmp_path, stage, ranks)
+@pytest.mark.parametrize("stage,ranks,groups", [(1, 2, 1), (2, 2, 1), (2, 3, 1), (3, 2, 1), (3, 3, 1), (2, 2, 2),
+                                                (3, 3, 2)])
+def test_a_zero_folder_consolidates_to_its_fp32_weights(tmp_path, cli, stage, ranks, groups):
+    src = _folder(tmp_path, stage, ranks, groups)
     r = cli("remap", src, tmp_path / "one.safetensors")
     assert r.exit_code == 0, r.output
     got, want = _read(tmp_path / "one.safetensors"), _expected(*_model())

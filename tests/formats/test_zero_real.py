@@ -81,14 +81,15 @@ def test_the_hand_written_layout_is_the_one_deepspeed_writes(tmp_path, run, stag
     tag = src / "global_step2"
     ref = _reference(src)
     model = torch.load(sorted(tag.glob("*model_states.pt"))[0], weights_only=False)
-    weights = {k: ref[k] for k in model["param_shapes"][0]}
+    weights = [{k: ref[k] for k in group} for group in model["param_shapes"]]
+    assert len(weights) == 2  # the run's two param groups
     frozen = {k: ref[k] for k in model["frozen_param_shapes"]}
     buffers = {k: ref[k] for k in model["buffer_names"]}
     fake = write_zero(tmp_path / "fake", stage, weights, buffers, ranks=2, frozen=frozen,
                       shared=model["shared_params"], tag="global_step2")
     # where the layout puts data, not padding (DeepSpeed leaves its stage 3 padding uninitialised)
-    ones = write_zero(tmp_path / "ones", stage, {k: torch.ones_like(v) for k, v in weights.items()}, buffers,
-                      ranks=2, frozen={k: torch.ones_like(v) for k, v in frozen.items()}, tag="global_step2")
+    ones = write_zero(tmp_path / "ones", stage, [{k: torch.ones_like(v) for k, v in g.items()} for g in weights],
+                      buffers, ranks=2, frozen={k: torch.ones_like(v) for k, v in frozen.items()}, tag="global_step2")
     key = "single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"
     for rank in range(2):
         name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
