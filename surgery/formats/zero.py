@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint, TensorInfo, contiguous_stride
+from ..checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
 from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
 from .locate import tensor_infos
@@ -38,7 +38,6 @@ DS_RECORDS = frozenset({"deepspeed.*"})  # DeepSpeed's pickled records, loaded i
 MODEL_FILE = "mp_rank_00_model_states.pt"
 _RANK_FILE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
 _TAG = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-FLOAT = {"F64", "F16", "BF16", "F32"}
 
 
 def is_zero_folder(p: Path) -> bool:
@@ -196,7 +195,7 @@ def _buffers(model: _File, src: str) -> dict[str, TensorInfo]:
     found = model.tensors({k: v for k, v in model.obj["module"].items() if k in names}, src)
     out = {}
     for name, t in found.items():
-        if t.dtype in FLOAT and t.dtype != "F32":
+        if t.dtype in FLOAT_DTYPES and t.dtype != "F32":
             t = chunked(name, "F32", t.shape, [((0,) * len(t.shape), t)])  # one chunk, cast as it is copied
         out[name] = t
     return out
