@@ -81,6 +81,12 @@ def _open_dcp(path, accept, select):
     return open_dcp(path, accept, select)
 
 
+def _open_zero(path, accept, select):
+    from .zero import open_zero
+
+    return open_zero(path, accept, select)
+
+
 def _write_safetensors(dst: Path, payload: Payload) -> list[str]:
     from .safetensors_fmt import write
 
@@ -125,6 +131,8 @@ FORMATS: dict[str, Format] = {
                folder=True),
         Format("torch-dcp-hf", "torch.distributed.checkpoint's Hugging Face layout: each rank's safetensors "
                "pieces (shard-R-model-K-of-N.safetensors)", _open_dcp_hf),
+        Format("deepspeed-zero", "DeepSpeed ZeRO 1/2/3 folder (latest + global_step*/): its fp32 master weights",
+               _open_zero),
     )
 }
 
@@ -144,6 +152,10 @@ def sniff(path: str | os.PathLike) -> tuple[str, Path]:
     if p.is_dir():
         if (p / ".metadata").is_file():
             return "torch-dcp", p
+        from .zero import is_zero_folder
+
+        if is_zero_folder(p):
+            return "deepspeed-zero", p
         for name in INDEX_NAMES:
             if (p / name).is_file():
                 return "safetensors-index", p / name

@@ -4,7 +4,10 @@ asked for, and the completeness certificate: every global tensor covered exactly
 
 A chunked tensor is a :class:`~surgery.checkpoint.TensorInfo` of kind ``"chunked"``: its shape and
 dtype are the global tensor's, ``parts`` its chunks (``"0"``, ``"1"``, ...) and ``params["offsets"]``
-where each chunk starts in it. Nothing here imports torch but :func:`assemble`.
+where each chunk starts in it. A tensor whose chunks are runs of its flattened elements (a DeepSpeed
+ZeRO rank's slice of a flat fp32 group) has ``params["flat"]``: its chunks are 1-D, their offsets
+1-tuples into the flattened tensor. A chunk stored in another dtype is cast as it is copied into
+place. Nothing here imports torch but :func:`assemble`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ KIND = "chunked"
 CELLS_PER_CHUNK = 16  # grid cells the cover check may mark per chunk (a mesh's grid makes one each)
 
 
-def chunked(name: str, dtype: str, shape: tuple[int, ...], chunks: Sequence[tuple[tuple[int, ...], TensorInfo]]) -> TensorInfo:
-    """The global tensor ``name`` made of ``chunks``: ``(offsets, chunk)`` pairs, in storage order."""
+def chunked(name: str, dtype: str, shape: tuple[int, ...], chunks: Sequence[tuple[tuple[int, ...], TensorInfo]],
+            flat: bool = False) -> TensorInfo:
+    """The global tensor ``name`` made of ``chunks``: ``(offsets, chunk)`` pairs, in storage order;
+    with ``flat``, 1-D chunks at offsets into the flattened tensor."""
     first = chunks[0][1] if chunks else None
+    params: dict[str, Any] = {"offsets": [tuple(o) for o, _ in chunks]}
+    if flat:
+        params["flat"] = True
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=first.file if first else "", data_offset=0,
                       storage_nbytes=0, kind=KIND, parts={str(i): c for i, (_, c) in enumerate(chunks)},
-                      params={"offsets": [tuple(o) for o, _ in chunks]})
+                      params=params)
 
 
 def cover_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> str | None:
@@ -74,8 +82,11 @@ def cover_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Seq
 
 
 def split_dims(info: TensorInfo) -> list[int]:
-    """The dims along which a chunked tensor is cut (dim 0 for FSDP; two for a 2-D mesh)."""
+    """The dims along which a chunked tensor is cut (dim 0 for FSDP; two for a 2-D mesh; dim 0 of
+    the flattened tensor for one cut in flat runs)."""
     offsets = info.params.get("offsets", [])
+    if info.params.get("flat"):
+        return [0] if len({o[0] for o in offsets}) > 1 else []
     return [d for d in range(len(info.shape)) if len({o[d] for o in offsets}) > 1]
 
 
@@ -85,12 +96,13 @@ def assemble(info: TensorInfo) -> "torch.Tensor":
 
     from ..checkpoint import materialize, torch_dtype
 
-    out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    flat = bool(info.params.get("flat"))
+    out = torch.empty((math.prod(info.shape),) if flat else info.shape, dtype=torch_dtype(info.dtype))
     for key, offsets in zip(info.parts, info.params["offsets"]):
         part = info.parts[key]
         where = tuple(slice(o, o + s) for o, s in zip(offsets, part.shape))
         out[where] = materialize(part)
-    return out
+    return out.reshape(info.shape) if flat else out
 
 
 @dataclass

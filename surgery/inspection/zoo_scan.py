@@ -52,12 +52,15 @@ class Row:
 
 def is_checkpoint_folder(path: str) -> bool:
     """A folder that is one checkpoint: torch DCP (``.metadata``, or the ranks' safetensors pieces of
-    its Hugging Face layout) or sharded (``*.index.json``)."""
+    its Hugging Face layout), sharded (``*.index.json``) or DeepSpeed ZeRO (``latest`` beside
+    ``global_step*/``)."""
     from ..formats.dcp_hf import SHARD_FILE
+    from ..formats.zero import is_zero_folder
 
     try:
         return os.path.isfile(os.path.join(path, ".metadata")) or any(
-            (e.name.endswith(".index.json") or SHARD_FILE.match(e.name)) and e.is_file() for e in os.scandir(path))
+            (e.name.endswith(".index.json") or SHARD_FILE.match(e.name)) and e.is_file()
+            for e in os.scandir(path)) or is_zero_folder(Path(path))
     except OSError:
         return False
 

@@ -42,6 +42,7 @@ CASES = {
     "hf_bin": ("torch-zip", "", ""),
     "dcp_dir": ("torch-dcp", "", ""),
     "dcp_hf_dir": ("torch-dcp-hf", "", ""),
+    "zero_dir": ("deepspeed-zero", "", ""),
     "tar_pt": ("torch-tar", "", ""),
     "torchscript_pt": ("torchscript", "", ""),
 }
@@ -50,6 +51,8 @@ CASES = {
 def reference(path, container, fmt):
     """What torch itself loads, for parity."""
     if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "latest")):  # DeepSpeed ZeRO: its consolidation, saved beside it
+            return torch.load(str(path) + ".ref.pt", weights_only=True)
         if os.path.exists(os.path.join(path, ".metadata")):
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
