@@ -347,15 +347,27 @@ def _other_kind(info: TensorInfo) -> "torch.Tensor":
     if info.kind == "nested":
         return _nested(info)
     if info.kind == "chunked":
-        from .formats.chunks import assemble
-
-        return assemble(info)
+        return _chunked(info)
     if info.kind == "meta":
         import torch
 
         return _torch_call(info, "meta tensor", torch.empty_strided, info.shape, info.stride or contiguous_stride(info.shape),
                            dtype=torch_dtype(info.dtype), device="meta")
     raise FormatError(f"{info.file}: tensor {info.name!r} is of an unknown kind {info.kind!r}")
+
+
+def _chunked(info: TensorInfo) -> "torch.Tensor":
+    """A tensor ranks stored in chunks (formats/chunks.py), each chunk read and copied into its
+    place (cast, where stored in another dtype): memory is the tensor and one chunk. With
+    ``params["flat"]``, the chunks are runs of the flattened tensor."""
+    import torch
+
+    flat = bool(info.params.get("flat"))
+    out = torch.empty((math.prod(info.shape),) if flat else info.shape, dtype=torch_dtype(info.dtype))
+    for key, offsets in zip(info.parts, info.params["offsets"]):
+        part = info.parts[key]
+        out[tuple(slice(o, o + s) for o, s in zip(offsets, part.shape))] = materialize(part)
+    return out.reshape(info.shape) if flat else out
 
 
 def _dense(info: TensorInfo) -> "torch.Tensor":

@@ -4,10 +4,10 @@ asked for, and the completeness certificate: every global tensor covered exactly
 
 A chunked tensor is a :class:`~surgery.checkpoint.TensorInfo` of kind ``"chunked"``: its shape and
 dtype are the global tensor's, ``parts`` its chunks (``"0"``, ``"1"``, ...) and ``params["offsets"]``
-where each chunk starts in it. A tensor whose chunks are runs of its flattened elements (a DeepSpeed
+where each chunk starts in it (``checkpoint.materialize`` assembles it). A tensor whose chunks are runs of its flattened elements (a DeepSpeed
 ZeRO rank's slice of a flat fp32 group) has ``params["flat"]``: its chunks are 1-D, their offsets
 1-tuples into the flattened tensor. A chunk stored in another dtype is cast as it is copied into
-place. Nothing here imports torch but :func:`assemble`.
+place. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..checkpoint import TensorInfo
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 KIND = "chunked"
 CELLS_PER_CHUNK = 16  # grid cells the cover check may mark per chunk (a mesh's grid makes one each)
@@ -88,21 +85,6 @@ def split_dims(info: TensorInfo) -> list[int]:
     if info.params.get("flat"):
         return [0] if len({o[0] for o in offsets}) > 1 else []
     return [d for d in range(len(info.shape)) if len({o[d] for o in offsets}) > 1]
-
-
-def assemble(info: TensorInfo) -> "torch.Tensor":
-    """The global tensor, each chunk read and copied into its place: memory is the tensor and one chunk."""
-    import torch
-
-    from ..checkpoint import materialize, torch_dtype
-
-    flat = bool(info.params.get("flat"))
-    out = torch.empty((math.prod(info.shape),) if flat else info.shape, dtype=torch_dtype(info.dtype))
-    for key, offsets in zip(info.parts, info.params["offsets"]):
-        part = info.parts[key]
-        where = tuple(slice(o, o + s) for o, s in zip(offsets, part.shape))
-        out[where] = materialize(part)
-    return out.reshape(info.shape) if flat else out
 
 
 @dataclass
