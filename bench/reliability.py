@@ -78,7 +78,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PARSERS = ("safetensors", "torch-zip", "data.pkl", "torch-legacy", "shard-index", "rules")
-HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest")
+HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest", "dcp-chunks")
 # files where two readers could disagree: each must be refused or read exactly as torch's own reader reads it
 DIFFERENTIAL = ("which-pkl", "central-dir", "tar-polyglot", "dup-shard", "jit-decl", "inflate", "records")
 CLASSES = PARSERS + HOSTILE + DIFFERENTIAL
@@ -311,6 +311,22 @@ class Env:
             shutil.rmtree(p)
         p.mkdir()
         return p
+
+    @functools.cached_property
+    def dcp_seed(self) -> Path:
+        """A DCP folder of 3 ranks' chunks (Shard(0) with uneven rows, Shard(1), a 2 x 2 grid, a
+        replicated buffer, a scalar), as torch's FileSystemWriter lays them out."""
+        import torch
+
+        from fixtures.distributed import grid_boxes, shard_boxes, write_chunked_dcp
+
+        g = torch.Generator().manual_seed(0)
+        tensors = {"a.weight": torch.randn(7, 4, generator=g), "b.weight": torch.randn(4, 6, generator=g).half(),
+                   "c.weight": torch.randn(4, 4, generator=g), "c.bias": torch.randn(3, generator=g),
+                   "n": torch.tensor(3)}
+        boxes = {"a.weight": shard_boxes((7, 4), 3), "b.weight": shard_boxes((4, 6), 3, dim=1),
+                 "c.weight": grid_boxes((4, 4), (2, 2)), "c.bias": shard_boxes((3,), 3)}
+        return write_chunked_dcp(self.dir / "dcp_seed", tensors, boxes, ranks=3, nested="model")
 
     @functools.cached_property
     def fifo(self) -> Path:
@@ -1116,11 +1132,64 @@ def gen_inflate(rng: random.Random, env: "Env") -> tuple[str, str]:
     return agree(path, env, lambda: torch_state(path))
 
 
+def gen_dcp_chunks(rng: random.Random, env: "Env") -> tuple[str, str]:
+    """A DCP folder of ranks' chunks whose .metadata lies: a chunk moved, resized, dropped or
+    repeated, a size or a storage entry changed (edited as records), or its pickle's bytes mutated."""
+    import pickle
+
+    folder = env.fresh("dcp")
+    for p in env.dcp_seed.iterdir():
+        shutil.copy(p, folder / p.name)
+    meta = folder / ".metadata"
+    if rng.random() < 0.6:
+        md = pickle.loads(meta.read_bytes())  # the seed's own metadata, written by this process
+        _lie(md, rng)
+        meta.write_bytes(pickle.dumps(md))
+    else:
+        meta.write_bytes(mutate(meta.read_bytes(), "data.pkl", random_ops(rng, "data.pkl")))
+    return _open_deep(folder, env, rng.random() < 0.3)
+
+
+def _lie(md, rng: random.Random) -> None:
+    """One edit of a DCP Metadata's records, at random."""
+    import torch
+
+    entries = [m for m in md.state_dict_metadata.values() if hasattr(m, "chunks")]
+    m = rng.choice(entries)
+    number = rng.choice(INTERESTING + (0, 1, 2, 3, 4, 5, 6, 7))
+    kind = rng.randrange(6)
+    if kind < 4 and m.chunks:
+        i = rng.randrange(len(m.chunks))
+        c = m.chunks[i]
+        if kind == 0:  # a chunk moved
+            offsets = list(c.offsets) or [0]
+            offsets[rng.randrange(len(offsets))] = number
+            m.chunks[i] = type(c)(torch.Size(offsets[:len(c.offsets)]), c.sizes)
+        elif kind == 1:  # a chunk resized
+            sizes = list(c.sizes) or [0]
+            sizes[rng.randrange(len(sizes))] = number
+            m.chunks[i] = type(c)(c.offsets, torch.Size(sizes[:len(c.sizes)]))
+        elif kind == 2:
+            del m.chunks[i]
+        else:
+            m.chunks.append(c)
+    elif kind == 4:  # the global size
+        size = list(m.size) or [1]
+        size[rng.randrange(len(size))] = number
+        m.size = torch.Size(size)
+    else:  # where a chunk's bytes are
+        key = rng.choice(list(md.storage_data))
+        info = md.storage_data[key]
+        field = rng.choice(("offset", "length"))
+        md.storage_data[key] = type(info)(info.relative_path, number if field == "offset" else info.offset,
+                                          number if field == "length" else info.length)
+
+
 GENERATORS = {"big-ints": gen_big_ints, "memo": gen_memo, "build": gen_build, "codecs": gen_codecs,
               "dup-zip": gen_dup_zip, "symlink-shard": gen_symlink_shard, "destination": gen_destination,
               "manifest": gen_manifest, "which-pkl": gen_which_pkl, "central-dir": gen_central_dir,
               "tar-polyglot": gen_tar_polyglot, "dup-shard": gen_dup_shard, "jit-decl": gen_jit_decl,
-              "inflate": gen_inflate, "records": gen_records}
+              "inflate": gen_inflate, "records": gen_records, "dcp-chunks": gen_dcp_chunks}
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -1169,6 +1238,8 @@ def warm_up(cls: str, env: Env, seeds: dict[str, list[bytes]]) -> None:
         surgery.load_adapted(env.adapted)
     elif cls == "destination":
         surgery.adapt(env.tiny_ckpt, arch=env.tiny_arch, num_classes=3, out=env.dir / "warm", force=True)
+    elif cls == "dcp-chunks":
+        surgery.remap(env.dcp_seed, env.dir / "warm.safetensors", [], force=True)  # and torch.distributed's imports
 
 
 def run_input(cls: str, seed: int, i: int, env: Env, seeds: dict[str, list[bytes]]) -> tuple[str, str, dict]:

@@ -84,3 +84,11 @@ def test_a_real_chunk_of_generated_attacks_has_no_crash(tmp_path):
     """Generated attacks go through the same outcome rules as the parsers: none crashes a worker."""
     r = run_chunk("memo", 0, 0, 3, tmp_path / "w-memo-0", stall_s=60)
     assert r["tally"]["crashed"] == 0 and r["tally"]["refused"] == 3 and r["workers"] == 1
+
+
+def test_lying_dcp_chunks_are_refused_or_read_never_crash(tmp_path):
+    """DCP folders whose .metadata moves, resizes, drops or repeats chunks: one worker, no crash."""
+    r = run_chunk("dcp-chunks", 0, 0, 12, tmp_path / "w-dcp-0", stall_s=60)
+    assert sum(r["tally"].values()) == 12 and r["workers"] == 1
+    assert r["tally"]["crashed"] == r["tally"]["hung"] == r["tally"]["partial"] == r["tally"]["marker"] == 0, r
+    assert r["tally"]["refused"] > 0
