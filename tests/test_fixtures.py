@@ -70,7 +70,7 @@ def test_registry_names():
         "bf16_safetensors", "sharded_safetensors", "sharded_bin", "hf_bin", "lfs_pointer", "tied_pt",
         "tied_view_pt", "dcp_dir", "dcp_hf_dir", "malicious_pickle_pt", "malicious_legacy_pt", "digits_imagefolder",
         "tar_pt", "lpips_v00_pth", "cifar_dp_th", "legacy_v1_dp_pth", "legacy_module_pt", "torchscript_pt",
-        "torchscript_traced_pt", "torchscript_nested_pt", "torchscript_resnet18_pt", "zero_dir",
+        "torchscript_traced_pt", "torchscript_nested_pt", "torchscript_resnet18_pt", "zero_dir", "per_rank_dir",
     }
     with pytest.raises(KeyError, match="unknown fixture 'nope'"):
         build("nope", Path("unused"))

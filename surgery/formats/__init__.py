@@ -87,6 +87,12 @@ def _open_zero(path, accept, select):
     return open_zero(path, accept, select)
 
 
+def _open_per_rank(path, accept, select):
+    from .per_rank import open_per_rank
+
+    return open_per_rank(path, accept, select)
+
+
 def _write_safetensors(dst: Path, payload: Payload) -> list[str]:
     from .safetensors_fmt import write
 
@@ -133,6 +139,8 @@ FORMATS: dict[str, Format] = {
                "pieces (shard-R-model-K-of-N.safetensors)", _open_dcp_hf),
         Format("deepspeed-zero", "DeepSpeed ZeRO 1/2/3 folder (latest + global_step*/): its fp32 master weights",
                _open_zero),
+        Format("torch-per-rank", "per-rank torch.save files of an FSDP2 model's DTensors (model_world_size_N_rank_K.pt)",
+               _open_per_rank),
     )
 }
 
@@ -163,6 +171,10 @@ def sniff(path: str | os.PathLike) -> tuple[str, Path]:
 
         if shard_files(p):
             return "torch-dcp-hf", p
+        from .per_rank import is_per_rank
+
+        if is_per_rank(p):
+            return "torch-per-rank", p
         indexes = sorted(p.glob("*.index.json"))
         if len(indexes) == 1:
             return "safetensors-index", indexes[0]
@@ -182,7 +194,13 @@ def sniff(path: str | os.PathLike) -> tuple[str, Path]:
             head = f.read(SNIFF_BYTES)
     except OSError as e:
         raise InputError(f"{p}: cannot read: {e.strerror}") from None
-    return sniff_bytes(head, size, p), p
+    fmt = sniff_bytes(head, size, p)
+    if fmt == "torch-zip":
+        from .per_rank import is_per_rank
+
+        if is_per_rank(p):  # one of a sharded model's per-rank files: the set opens as one checkpoint
+            return "torch-per-rank", p
+    return fmt, p
 
 
 def sniff_bytes(head: bytes, size: int, p: Path) -> str:

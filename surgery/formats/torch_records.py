@@ -215,7 +215,10 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     # new_type (torch.Tensor, nn.Parameter or a subclass) changes the Python class, not the data
-    return func(*args)
+    out = func(*args)
+    if isinstance(out, Opaque) and getattr(out, "wrapper", False):
+        out.__setstate__(state)  # a wrapper subclass record (a DTensor) keeps its fields: local tensor, spec
+    return out
 
 
 def _number(x: Any, kinds: tuple, what: str) -> Any:
@@ -310,6 +313,8 @@ def _rebuild_device_tensor_from_numpy(data, dtype, device, requires_grad=False):
 
 
 def _rebuild_wrapper_subclass(cls, *args):
+    if isinstance(cls, type) and issubclass(cls, Opaque) and getattr(cls, "wrapper", False):
+        return cls(*args)  # a reader's record of a subclass whose data are its fields (a DTensor's local tensor)
     if isinstance(cls, type) and issubclass(cls, Opaque):
         cls.builds_tensor = True  # accepting the subclass would not give its data
     raise FormatError(f"tensor subclass {_what(cls)} keeps its data in its own code; surgery cannot read it")

@@ -25,16 +25,17 @@ MAX_INFLATION = 64  # largest ratio accepted for a compressed data.pkl
 
 
 def read_zip(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None,
-             base: int = 0, length: int | None = None, display: str | None = None):
-    """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets)."""
+             base: int = 0, length: int | None = None, display: str | None = None, extra: dict | None = None):
+    """Unpickle ``data.pkl`` and locate every storage. Returns (unpickled, storage offsets).
+    ``extra``: a reader's own records for some globals (as ``unpickle`` takes them)."""
     src = display or str(path)
     try:
-        return _read_zip(path, accept, base, length, src)
+        return _read_zip(path, accept, base, length, src, extra)
     except OSError as e:  # a seek or read that a lying central directory sent astray
         raise FormatError(f"{src}: zip archive cannot be read ({e.strerror or e}); its central directory is corrupt") from None
 
 
-def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None, src: str):
+def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None, src: str, extra: dict | None = None):
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
         zf = ZipIndex(raw.fileno(), base, (size - base) if length is None else length, src)
@@ -60,7 +61,7 @@ def _read_zip(path: Path, accept: frozenset[str], base: int, length: int | None,
             up = torchscript.read_torchscript(data, src, accept, torchscript.Declarations(read_code, prefix, src))
             up.torchscript = True  # type: ignore[attr-defined]
         else:
-            up = unpickle(data, src, accept)
+            up = unpickle(data, src, accept, extra=extra)
         offsets = _storage_offsets(zf, up.storages, prefix, src)
     return up, offsets
 

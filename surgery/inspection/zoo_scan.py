@@ -52,15 +52,16 @@ class Row:
 
 def is_checkpoint_folder(path: str) -> bool:
     """A folder that is one checkpoint: torch DCP (``.metadata``, or the ranks' safetensors pieces of
-    its Hugging Face layout), sharded (``*.index.json``) or DeepSpeed ZeRO (``latest`` beside
-    ``global_step*/``)."""
+    its Hugging Face layout), sharded (``*.index.json``), DeepSpeed ZeRO (``latest`` beside
+    ``global_step*/``) or a sharded model's per-rank files (``model_world_size_N_rank_K.pt``)."""
     from ..formats.dcp_hf import SHARD_FILE
+    from ..formats.per_rank import is_per_rank
     from ..formats.zero import is_zero_folder
 
     try:
         return os.path.isfile(os.path.join(path, ".metadata")) or any(
             (e.name.endswith(".index.json") or SHARD_FILE.match(e.name)) and e.is_file()
-            for e in os.scandir(path)) or is_zero_folder(Path(path))
+            for e in os.scandir(path)) or is_zero_folder(Path(path)) or is_per_rank(Path(path))
     except OSError:
         return False
 

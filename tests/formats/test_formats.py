@@ -43,6 +43,7 @@ CASES = {
     "dcp_dir": ("torch-dcp", "", ""),
     "dcp_hf_dir": ("torch-dcp-hf", "", ""),
     "zero_dir": ("deepspeed-zero", "", ""),
+    "per_rank_dir": ("torch-per-rank", "", ""),
     "tar_pt": ("torch-tar", "", ""),
     "torchscript_pt": ("torchscript", "", ""),
 }
@@ -51,7 +52,8 @@ CASES = {
 def reference(path, container, fmt):
     """What torch itself loads, for parity."""
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "latest")):  # DeepSpeed ZeRO: its consolidation, saved beside it
+        per_rank = any(n.startswith("model_world_size_") for n in os.listdir(path))
+        if os.path.exists(os.path.join(path, "latest")) or per_rank:  # ZeRO, per-rank files: the full tensors beside it
             return torch.load(str(path) + ".ref.pt", weights_only=True)
         if os.path.exists(os.path.join(path, ".metadata")):
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -1,0 +1,273 @@
+"""Per-rank files of a sharded model: ``torch.save(model.state_dict())`` run on each rank of an
+FSDP2 (``fully_shard``) model, one file a rank (verl's ``model_world_size_N_rank_K.pt``, or any N
+files ``*rank{K}*.pt|.bin`` in one folder), read as one checkpoint.
+
+Each value of such a file is a DTensor: the rank's local tensor and its spec (the device mesh, the
+placements, the global shape, stride and dtype). A global tensor ``Shard(d)`` on a 1-D mesh is made
+of the ranks' local tensors at the offsets along ``d`` torch gives them (ceil(n / N) a rank, the
+last ranks short or empty), checked to cover it exactly once; a ``Replicate()`` one is rank 0's
+local tensor. Plain tensors (buffers left unsharded) are rank 0's. DTensor, DeviceMesh, the
+placements and the spec's records load as inert records through the restricted unpickler: their
+classes are never imported or called, no pickled code is run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint, TensorInfo
+from ..errors import FormatError, SelectError
+from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
+from .locate import tensor_infos
+from .sharded import check_inside
+from .torch_records import DType, Opaque, TensorRef, _opaque_class
+from .torch_zip import read_zip
+
+FORMAT = "torch-per-rank"
+_RANKED = re.compile(r"^(?P<pre>.*rank[_-]?)(?P<rank>\d+)(?P<post>(?:\D.*)?\.(?:pt|bin))$")
+_WORLD = re.compile(r"world_size_(\d+)")
+_ACCEPT = frozenset({"torch.distributed.tensor.*", "torch.distributed._tensor.*", "torch.distributed.device_mesh.*",
+                     "torch.distributed._mesh_layout.*"})
+
+
+class _Record(Opaque):
+    """A record built with NEWOBJ's arguments (a NamedTuple such as TensorMeta): kept as ``args``."""
+
+    def __new__(cls, *args: Any) -> Any:
+        out = object.__new__(cls)
+        out.args = args
+        return out
+
+
+def _wrapper(qualname: str) -> type:
+    cls = _opaque_class(qualname)
+    cls.wrapper = True  # torch_records builds it from _rebuild_wrapper_subclass and keeps its fields
+    return cls
+
+
+_RECORDS = {
+    ("torch.distributed.tensor", "DTensor"): _wrapper("torch.distributed.tensor.DTensor"),
+    ("torch.distributed.tensor.api", "DTensor"): _wrapper("torch.distributed.tensor.DTensor"),
+    ("torch.distributed._tensor.api", "DTensor"): _wrapper("torch.distributed.tensor.DTensor"),
+}
+for _m in ("torch.distributed.tensor._dtensor_spec", "torch.distributed._tensor.placement_types"):
+    _RECORDS[_m, "TensorMeta"] = type("TensorMeta", (_Record,), {"qualname": f"{_m}.TensorMeta"})
+
+
+def _template(name: str) -> tuple[str, str, int] | None:
+    m = _RANKED.match(name)
+    return (m["pre"], m["post"], int(m["rank"])) if m else None
+
+
+def _named_world(pre: str) -> int | None:
+    m = _WORLD.search(pre)
+    return int(m.group(1)) if m else None
+
+
+def _groups(folder: Path) -> dict[tuple[str, str], dict[int, list[Path]]]:
+    out: dict[tuple[str, str], dict[int, list[Path]]] = {}
+    for f in sorted(folder.iterdir()):
+        t = _template(f.name)
+        if t and f.is_file():
+            out.setdefault(t[:2], {}).setdefault(t[2], []).append(f)
+    return out
+
+
+def _candidates(folder: Path) -> dict[tuple[str, str], dict[int, list[Path]]]:
+    """The rank file sets that may be the model's: those named ``model*`` if any (verl saves its
+    optimizer's and extra state's per-rank files beside them), each of two files or more or naming
+    a world of two ranks or more."""
+    groups = {t: g for t, g in _groups(folder).items()
+              if sum(map(len, g.values())) > 1 or (_named_world(t[0]) or 0) > 1}
+    models = {t: g for t, g in groups.items() if t[0].startswith("model")}
+    return models or groups
+
+
+def is_per_rank(p: Path) -> bool:
+    """A folder of per-rank files, or a file named ``*world_size_N_rank_K*`` among them."""
+    if p.is_dir():
+        return bool(_candidates(p))
+    t = _template(p.name)
+    return bool(t and _named_world(t[0]) and t[:2] in _candidates(p.parent))
+
+
+def _rank_files(p: Path, src: str) -> tuple[list[Path], int]:
+    """Each rank's file, rank 0 first, and the world size; refused when the set is ambiguous, a
+    rank is missing or twice, or a file names another world size."""
+    folder = p if p.is_dir() else p.parent
+    sets = _candidates(folder)
+    if not p.is_dir():
+        sets = {t: g for t, g in sets.items() if t == _template(p.name)[:2]}
+    if len(sets) != 1:
+        said = ", ".join(f"{pre}K{post}" for pre, post in sorted(sets)[:4])
+        worlds = sorted({_named_world(pre) or 0 for pre, _ in sets})
+        if len({(_WORLD.sub("", pre), post) for pre, post in sets}) == 1 and len(worlds) == len(sets):
+            raise FormatError(f"{src}: rank files of worlds of {', '.join(map(str, worlds))} ranks ({said}); a "
+                              f"rank's file is left from another run")
+        raise FormatError(f"{src}: {len(sets)} sets of per-rank files ({said}); pass one of the files to choose")
+    (pre, post), found = next(iter(sets.items()))
+    twice = [r for r, fs in found.items() if len(fs) > 1]
+    if twice:
+        raise FormatError(f"{src}: two files for rank {twice[0]} ({', '.join(f.name for f in found[twice[0]])})")
+    stem = _WORLD.sub("", pre)
+    others = sorted({w for t in _groups(folder) if t[1] == post and t[0] != pre and _WORLD.sub("", t[0]) == stem
+                     for w in [_named_world(t[0])] if w is not None})
+    world = _named_world(pre) or max(found) + 1
+    if others:
+        raise FormatError(f"{src}: rank files of a world of {world} beside ones of a world of "
+                          f"{', '.join(map(str, others))}; a rank's file is left from another run")
+    missing = [r for r in range(world) if r not in found]
+    extra = [r for r in found if r >= world]
+    if missing or extra:
+        what = f"rank {', '.join(map(str, missing[:8]))} missing" if missing else f"rank {extra[0]} beyond it"
+        raise FormatError(f"{src}: {pre}K{post} names a world of {world} ranks but {len(found)} files are here "
+                          f"({what})")
+    return [found[r][0] for r in range(world)], world
+
+
+def _fields(obj: Opaque) -> dict:
+    """A record's fields: its BUILD state, a (dict, slots) pair merged."""
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, (dict, type(None))) for x in state):
+        state = {**(state[0] or {}), **(state[1] or {})}
+    if not isinstance(state, dict):
+        raise TypeError(f"{obj!r} has no fields")
+    return state
+
+
+def _placement(p: Any, src: str, where: str) -> tuple:
+    kind = type(p).__name__
+    if isinstance(p, Opaque) and p.qualname.endswith(".Shard"):
+        return ("Shard", int(_fields(p)["dim"]))
+    if isinstance(p, Opaque) and p.qualname.endswith(".Replicate"):
+        return ("Replicate",)
+    raise FormatError(f"{src}: {where} is placed as {kind}; only Shard(d) and Replicate() on a 1-D mesh are read")
+
+
+def _dtensor(v: Opaque, src: str, where: str) -> dict:
+    """A DTensor record's local tensor, placement, global shape and dtype, mesh size and coordinate."""
+    d = _fields(v)
+    local, spec = d["_local_tensor"], _fields(d["_spec"])
+    if not isinstance(local, TensorRef) or local.kind != "dense":
+        raise FormatError(f"{src}: {where}'s local tensor is not a plain tensor")
+    placements = [_placement(p, src, where) for p in spec["placements"]]
+    if len(placements) != 1:
+        said = ", ".join(f"{p[0]}({p[1] if len(p) > 1 else ''})" for p in placements)
+        raise FormatError(f"{src}: {where} is placed ({said}) on a {len(placements)}-D mesh; only 1-D meshes "
+                          f"(FSDP2's) are read")
+    shape, stride, dtype = spec["tensor_meta"].args
+    if not isinstance(dtype, DType):
+        raise TypeError("tensor_meta's dtype is not a dtype")
+    mesh = _fields(spec["mesh"])
+    ranks = mesh.get("_rank_map", mesh.get("mesh"))
+    size = math.prod(ranks.shape) if isinstance(ranks, TensorRef) else None
+    coord = mesh.get("_coordinate_on_dim")
+    return {"local": local, "placement": placements[0], "shape": tuple(int(n) for n in shape), "dtype": dtype.dtype,
+            "size": size, "coord": int(coord[0]) if isinstance(coord, (tuple, list)) and coord else None}
+
+
+def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | None = None) -> Checkpoint:
+    src = str(path)
+    if select:
+        raise SelectError(f"{src}: --select does not apply to per-rank files; they hold one state dict")
+    files, world = _rank_files(Path(path), src)
+    read = []
+    for f in files:
+        check_inside(f, files[0].parent / "rank file", src, f.name)
+        up, offsets = read_zip(f, accept | _ACCEPT, extra=_RECORDS)
+        if not isinstance(up.obj, dict):
+            raise FormatError(f"{src}: {f.name} does not hold a state dict")
+        read.append((up.obj, offsets))
+    try:
+        tensors, extras = _tensors(files, read, world, src)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        raise FormatError(f"{src}: a DTensor record has a field of the wrong type ({type(e).__name__}: "
+                          f"{str(e)[:100]}); the files are corrupt or from an unsupported torch") from None
+    folder = files[0].parent
+    ckpt = Checkpoint(path=Path(path), format=FORMAT, file_size=sum(os.path.getsize(f) for f in files),
+                      tensors=tensors, extras=extras, files=[str(f) for f in files],
+                      description=f"per-rank state dicts of a sharded model ({folder.name}, {world} ranks)")
+    ckpt.certificate = _certificate(tensors, world)
+    return ckpt
+
+
+def _tensors(files: list[Path], read: list[tuple[dict, dict]], world: int, src: str):
+    """The global tensors, in rank 0's order; and rank 0's entries that are not tensors."""
+    specs = [{k: _dtensor(v, src, f"{f.name}: {k!r}") for k, v in obj.items()
+              if isinstance(v, Opaque) and getattr(v, "wrapper", False)} for f, (obj, _) in zip(files, read)]
+    if not specs[0]:
+        raise FormatError(f"{src}: {files[0].name} holds no DTensor; not the state dict of a sharded model (open "
+                          f"one file by its path)")
+    for f, s in zip(files[1:], specs[1:]):
+        odd = sorted(s.keys() ^ specs[0].keys())
+        if odd:
+            raise FormatError(f"{src}: {odd[0]!r} is a DTensor in one of {files[0].name}, {f.name} only; the files "
+                              f"are from different models or runs")
+    local = [tensor_infos({k: d["local"] for k, d in s.items()}, offsets, str(f), src)
+             for f, s, (_, offsets) in zip(files, specs, read)]
+    obj, offsets = read[0]
+    plain = tensor_infos({k: v for k, v in obj.items() if isinstance(v, TensorRef) and k not in specs[0]}, offsets,
+                         str(files[0]), src)
+    tensors: dict[str, TensorInfo] = {}
+    extras: dict[str, str] = {}
+    for k, v in obj.items():
+        if k in specs[0]:
+            tensors[k] = _global(k, [s[k] for s in specs], [loc[k] for loc in local], world, src)
+        elif k in plain:
+            tensors[k] = plain[k]
+        else:
+            extras[str(k)] = f"{type(v).__name__} (rank 0's)"
+    return tensors, extras
+
+
+def _global(name: str, specs: list[dict], infos: list[TensorInfo], world: int, src: str) -> TensorInfo:
+    """The global tensor from each rank's local tensor and spec."""
+    first = specs[0]
+    shape, dtype, placement = first["shape"], first["dtype"], first["placement"]
+    for r, d in enumerate(specs):
+        if d["size"] is not None and d["size"] != world:
+            raise FormatError(f"{src}: rank {r}'s {name!r} is on a mesh of {d['size']} ranks, not the {world} the "
+                              f"files say; a rank file is from another world size")
+        if (d["shape"], d["dtype"], d["placement"]) != (shape, dtype, placement) or d["local"].dtype != dtype:
+            raise FormatError(f"{src}: rank {r}'s {name!r} ({d['dtype']} {list(d['shape'])}, {d['placement'][0]}) "
+                              f"differs from rank 0's ({dtype} {list(shape)}, {placement[0]}); the files are from "
+                              f"different runs")
+    if placement[0] == "Replicate":
+        if infos[0].shape != shape:
+            raise FormatError(f"{src}: {name!r} is replicated as {list(shape)} but rank 0 holds {list(infos[0].shape)}")
+        return infos[0]
+    dim = placement[1]
+    if not 0 <= dim < len(shape):
+        raise FormatError(f"{src}: {name!r} {list(shape)} is placed as Shard({dim}), a dim it does not have")
+    n = shape[dim]
+    each = -(-n // world)
+    pieces = []
+    for r, (d, info) in enumerate(zip(specs, infos)):
+        at = r if d["coord"] is None else d["coord"]
+        lo = min(at * each, n)
+        want = shape[:dim] + (max(0, min(n, lo + each) - lo),) + shape[dim + 1:]
+        if info.shape != want:
+            raise FormatError(f"{src}: rank {r} holds {list(info.shape)} of {name!r} {list(shape)}; Shard({dim}) on "
+                              f"{world} ranks gives mesh coordinate {at} {list(want)}")
+        if want[dim]:
+            pieces.append(((0,) * dim + (lo,) + (0,) * (len(shape) - dim - 1), info))
+    problem = cover_problem(shape, [(o, p.shape) for o, p in pieces])
+    if problem:
+        raise FormatError(f"{src}: {name!r} {list(shape)} is not covered exactly once by the ranks' pieces: {problem}")
+    if not pieces:
+        return infos[0]
+    if len(pieces) == 1:
+        return pieces[0][1]
+    return chunked(name, dtype, shape, pieces)
+
+
+def _certificate(tensors: dict[str, TensorInfo], world: int) -> Certificate:
+    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
+    return Certificate(source="DTensor specs", ranks=world, tensors=len(tensors),
+                       chunked=sum(1 for d in split.values() if d),
+                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
+                       elements=sum(t.numel for t in tensors.values()), split={n: d for n, d in split.items() if d})
