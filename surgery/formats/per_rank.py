@@ -88,11 +88,23 @@ def _candidates(folder: Path) -> dict[tuple[str, str], dict[int, list[Path]]]:
 
 
 def is_per_rank(p: Path) -> bool:
-    """A folder of per-rank files, or a file named ``*world_size_N_rank_K*`` among them."""
+    """A folder of per-rank files, or a file named ``*world_size_N_rank_K*`` among them. Files
+    named by rank alone (``ckpt_rank0.pt``, ``ckpt_rank1.pt``: DDP's per-rank copies, say) are this
+    layout only when they hold DTensors; else each stays a checkpoint of its own."""
     if p.is_dir():
-        return bool(_candidates(p))
+        sets = _candidates(p)
+        return any(_named_world(pre) or _names_dtensor(min(g.items())[1][0]) for (pre, _), g in sets.items())
     t = _template(p.name)
     return bool(t and _named_world(t[0]) and t[:2] in _candidates(p.parent))
+
+
+def _names_dtensor(path: Path) -> bool:
+    """Whether the first MiB of a torch file (where torch.save puts data.pkl) names DTensor."""
+    try:
+        with open(path, "rb") as f:
+            return b"DTensor" in f.read(1 << 20)
+    except OSError:
+        return False
 
 
 def _rank_files(p: Path, src: str) -> tuple[list[Path], int]:

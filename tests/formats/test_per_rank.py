@@ -153,3 +153,14 @@ def test_one_file_of_a_world_mixed_with_another_names_both(tmp_path, cli):
     _mixed(src, tmp_path)
     r = cli("inspect", src / "model_world_size_3_rank_0.pt")
     assert r.exit_code == 2 and "rank files of a world of 3 beside ones of a world of 4" in r.output.replace("\n", " ")
+
+
+def test_plain_per_rank_copies_stay_checkpoints_of_their_own(tmp_path, cli):
+    """DDP runs save a full copy per rank (ckpt_rank0.pt, ckpt_rank1.pt): no DTensor, no set."""
+    import torch
+
+    for r in (0, 1):
+        torch.save({"w": torch.full((2, 2), float(r))}, tmp_path / f"ckpt_rank{r}.pt")
+    r = cli("inspect", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "ckpt_rank0.pt" in r.stdout and "ckpt_rank1.pt" in r.stdout and "2 checkpoints: 2 read" in r.stdout
