@@ -82,27 +82,35 @@ def _candidates(folder: Path) -> dict[tuple[str, str], dict[int, list[Path]]]:
     optimizer's and extra state's per-rank files beside them), each of two files or more or naming
     a world of two ranks or more."""
     groups = {t: g for t, g in _groups(folder).items()
-              if sum(map(len, g.values())) > 1 or (_named_world(t[0]) or 0) > 1}
+              if sum(map(len, g.values())) > 1 or (_named_world(t[0]) or 0) >= 1}
     models = {t: g for t, g in groups.items() if t[0].startswith("model")}
     return models or groups
 
 
 def is_per_rank(p: Path) -> bool:
-    """A folder of per-rank files, or a file named ``*world_size_N_rank_K*`` among them. Files
-    named by rank alone (``ckpt_rank0.pt``, ``ckpt_rank1.pt``: DDP's per-rank copies, say) are this
-    layout only when they hold DTensors; else each stays a checkpoint of its own."""
+    """A folder of per-rank files holding DTensors, or a file named ``*world_size_N_rank_K*`` among
+    them. Rank files of plain tensors (DDP's per-rank copies, ``ckpt_rank0.pt``) stay checkpoints of
+    their own."""
     if p.is_dir():
-        sets = _candidates(p)
-        return any(_named_world(pre) or _names_dtensor(min(g.items())[1][0]) for (pre, _), g in sets.items())
+        return any(_names_dtensor(min(g.items())[1][0]) for g in _candidates(p).values())
     t = _template(p.name)
-    return bool(t and _named_world(t[0]) and t[:2] in _candidates(p.parent))
+    return bool(t and _named_world(t[0]) and t[:2] in _candidates(p.parent) and _names_dtensor(p))
+
+
+def members(folder: Path) -> set[Path]:
+    """The files of the folder's rank sets that hold DTensors (what a scan lists as one checkpoint,
+    the folder); its other files are checkpoints of their own."""
+    return {f for g in _candidates(folder).values() if _names_dtensor(min(g.items())[1][0])
+            for fs in g.values() for f in fs}
 
 
 def _names_dtensor(path: Path) -> bool:
-    """Whether the first MiB of a torch file (where torch.save puts data.pkl) names DTensor."""
+    """Whether the first MiB of a torch file (where torch.save puts data.pkl) names DTensor's module
+    (a key that merely contains "DTensor" does not)."""
     try:
         with open(path, "rb") as f:
-            return b"DTensor" in f.read(1 << 20)
+            head = f.read(1 << 20)
+            return b"torch.distributed.tensor" in head or b"torch.distributed._tensor" in head
     except OSError:
         return False
 
@@ -151,10 +159,17 @@ def _fields(obj: Opaque) -> dict:
     return state
 
 
+def _int(value: Any, what: str) -> int:
+    """A field that must be an int (not a bool, a float or a string that int() would take)."""
+    if type(value) is not int:
+        raise TypeError(f"{what} is {str(value)[:40]!r}, not an int")
+    return value
+
+
 def _placement(p: Any, src: str, where: str) -> tuple:
     kind = type(p).__name__
     if isinstance(p, Opaque) and p.qualname.endswith(".Shard"):
-        return ("Shard", int(_fields(p)["dim"]))
+        return ("Shard", _int(_fields(p)["dim"], "a Shard's dim"))
     if isinstance(p, Opaque) and p.qualname.endswith(".Replicate"):
         return ("Replicate",)
     raise FormatError(f"{src}: {where} is placed as {kind}; only Shard(d) and Replicate() on a 1-D mesh are read")
@@ -178,8 +193,9 @@ def _dtensor(v: Opaque, src: str, where: str) -> dict:
     ranks = mesh.get("_rank_map", mesh.get("mesh"))
     size = math.prod(ranks.shape) if isinstance(ranks, TensorRef) else None
     coord = mesh.get("_coordinate_on_dim")
-    return {"local": local, "placement": placements[0], "shape": tuple(int(n) for n in shape), "dtype": dtype.dtype,
-            "size": size, "coord": int(coord[0]) if isinstance(coord, (tuple, list)) and coord else None}
+    return {"local": local, "placement": placements[0], "shape": tuple(_int(n, "a size") for n in shape),
+            "dtype": dtype.dtype, "size": size,
+            "coord": _int(coord[0], "a mesh coordinate") if isinstance(coord, (tuple, list)) and coord else None}
 
 
 def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | None = None) -> Checkpoint:
@@ -249,8 +265,10 @@ def _global(name: str, specs: list[dict], infos: list[TensorInfo], world: int, s
                               f"differs from rank 0's ({dtype} {list(shape)}, {placement[0]}); the files are from "
                               f"different runs")
     if placement[0] == "Replicate":
-        if infos[0].shape != shape:
-            raise FormatError(f"{src}: {name!r} is replicated as {list(shape)} but rank 0 holds {list(infos[0].shape)}")
+        for r, info in enumerate(infos):
+            if info.shape != shape or info.dtype != dtype:
+                raise FormatError(f"{src}: {name!r} is replicated as {dtype} {list(shape)} but rank {r} holds "
+                                  f"{info.dtype} {list(info.shape)}")
         return infos[0]
     dim = placement[1]
     if not 0 <= dim < len(shape):

@@ -156,14 +156,29 @@ def _walk(folder: str) -> Iterator[tuple[str, bool]]:
     """(path, is a checkpoint) for every non-hidden file and checkpoint folder under ``folder``."""
     for root, dirs, files in os.walk(folder, onerror=None, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if root != folder and is_checkpoint_folder(root):
+        ranks = _rank_members(root) if root != folder else set()
+        if root != folder and is_checkpoint_folder(root) and not ranks:
             dirs[:] = []
             yield root, True
             continue
+        if ranks:  # a sharded model's rank files are one checkpoint, the folder; the rest are their own
+            yield root, True
+            files = [f for f in files if Path(root, f) not in ranks]
         for name in sorted(files):
             if not name.startswith("."):
                 path = os.path.join(root, name)
                 yield path, is_checkpoint_file(path)
+
+
+def _rank_members(root: str) -> set[Path]:
+    """The per-rank files of a folder that is no other kind of checkpoint folder (DCP, sharded, ZeRO)."""
+    from ..formats.per_rank import members
+    from ..formats.zero import is_zero_folder
+
+    p = Path(root)
+    if (p / ".metadata").is_file() or is_zero_folder(p) or any(p.glob("*.index.json")):
+        return set()
+    return members(p)
 
 
 def is_checkpoint_file(path: str) -> bool:

@@ -34,10 +34,10 @@ def _folder(tmp_path: Path, ranks: int = 3, name: str = "model_world_size_{W}_ra
                           plain=frozenset({"norm.count"}), name=name)
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_per_rank_files_consolidate_bit_for_bit(tmp_path, cli, ranks):
     src = _folder(tmp_path, ranks)
-    for i, path in enumerate((src, src / f"model_world_size_{ranks}_rank_1.pt")):  # the folder or one file
+    for i, path in enumerate((src, src / f"model_world_size_{ranks}_rank_{ranks - 1}.pt")):  # the folder or one file
         out = tmp_path / f"one{i}.safetensors"
         r = cli("remap", path, out, "--verify")
         assert r.exit_code == 0, r.output
@@ -105,18 +105,12 @@ def _linked(src: Path, tmp_path: Path) -> None:
     f.symlink_to(tmp_path / "elsewhere.pt")
 
 
-def _plain(src: Path, tmp_path: Path) -> None:
-    for r in range(3):
-        torch.save(_model(), src / f"model_world_size_3_rank_{r}.pt")
-
-
 @pytest.mark.parametrize("edit,why", [(_missing, "names a world of 3 ranks but 2 files are here (rank 1 missing)"),
                                       (_mixed, "rank files of worlds of 3, 4 ranks"),
                                       (_other_world, "on a mesh of 4 ranks, not the 3"),
                                       (_twice, "not covered exactly once by the ranks' pieces: chunks overlap"),
                                       (_other_model, "differs from rank 0's"),
-                                      (_linked, "outside the checkpoint's folder"),
-                                      (_plain, "holds no DTensor")])
+                                      (_linked, "outside the checkpoint's folder")])
 def test_inconsistent_rank_files_are_refused_in_one_line_and_nothing_is_written(tmp_path, cli, edit, why):
     src = _folder(tmp_path, 3)
     edit(src, tmp_path)
@@ -159,8 +153,20 @@ def test_plain_per_rank_copies_stay_checkpoints_of_their_own(tmp_path, cli):
     """DDP runs save a full copy per rank (ckpt_rank0.pt, ckpt_rank1.pt): no DTensor, no set."""
     import torch
 
-    for r in (0, 1):
-        torch.save({"w": torch.full((2, 2), float(r))}, tmp_path / f"ckpt_rank{r}.pt")
+    for r in (0, 1):  # a key that merely contains "DTensor" does not make them DTensors
+        torch.save({"DTensor_w": torch.full((2, 2), float(r))}, tmp_path / f"ckpt_rank{r}.pt")
+        torch.save({"w": torch.full((2, 2), float(r))}, tmp_path / f"model_world_size_2_rank_{r}.pt")
     r = cli("inspect", tmp_path)
     assert r.exit_code == 0, r.output
-    assert "ckpt_rank0.pt" in r.stdout and "ckpt_rank1.pt" in r.stdout and "2 checkpoints: 2 read" in r.stdout
+    assert "ckpt_rank0.pt" in r.stdout and "model_world_size_2_rank_1.pt" in r.stdout
+    assert "4 checkpoints: 4 read" in r.stdout
+
+
+def test_a_scan_lists_a_rank_set_as_one_and_the_files_beside_it(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    src = _folder(tmp_path / "zoo", 2)
+    save_file({"x": torch.zeros(2)}, src / "other.safetensors")
+    r = cli("inspect", tmp_path / "zoo")
+    assert r.exit_code == 0, r.output
+    assert "torch-per-rank" in r.stdout and "other.safetensors" in r.stdout and "2 checkpoints: 2 read" in r.stdout
