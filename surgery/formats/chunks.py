@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..checkpoint import TensorInfo
+from ..errors import FormatError
 
 KIND = "chunked"
 CELLS_PER_CHUNK = 16  # grid cells the cover check may mark per chunk (a mesh's grid makes one each)
@@ -113,6 +114,23 @@ class Certificate:
         return {"source": self.source, "ranks": self.ranks, "tensors": self.tensors, "chunked": self.chunked,
                 "chunks": self.chunks, "elements": self.elements, "complete": True,
                 "split": {k: list(v) for k, v in self.split.items()}, "digests": dict(self.digests)}
+
+
+def refuse_gaps(src: str, gaps: list[str], pieces: str = "chunks") -> None:
+    """One FormatError for every tensor ``gaps`` names (``"'name' [shape]: why"``), if any."""
+    if gaps:
+        raise FormatError(f"{src}: {len(gaps)} tensor{'s are' if len(gaps) > 1 else ' is'} not covered exactly once "
+                          f"by the ranks' {pieces}, nothing was read: {'; '.join(gaps[:4])}"
+                          f"{' ...' if len(gaps) > 4 else ''}")
+
+
+def certify(tensors: dict[str, TensorInfo], source: str, ranks: int) -> "Certificate":
+    """The certificate of a checkpoint whose chunked tensors each passed :func:`cover_problem`:
+    ``source`` is what the shapes were checked against."""
+    split = {n: d for n, t in tensors.items() if t.kind == KIND and (d := split_dims(t))}
+    return Certificate(source=source, ranks=ranks, tensors=len(tensors), chunked=len(split),
+                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
+                       elements=sum(t.numel for t in tensors.values()), split=split)
 
 
 CERTIFICATE_KEY = "surgery.certificate"  # the metadata entry of an output written from chunks

@@ -22,7 +22,7 @@ from .safetensors_fmt import MAX_RANK
 from .sharded import check_inside
 from .locate import tensor_infos
 from .torch_zip import read_zip
-from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
+from .chunks import KIND, certify, chunked, cover_problem, refuse_gaps
 
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")  # FileSystemWriter's __{rank}_{n}.distcp
 _MD = "torch.distributed.checkpoint.metadata"
@@ -74,7 +74,9 @@ def open_dcp(path: Path, accept=frozenset(), select: str | None = None) -> Check
         select = _default_select(up.obj, tensors)
     ckpt = _select(path, tensors, extras, select, src, meta_file)
     ckpt.containers = _tops(up.obj, tensors)
-    ckpt.certificate = _certificate(ckpt.tensors, ranks)
+    # a certificate only where some tensor is in chunks: a plain DCP folder needs none
+    ckpt.certificate = certify(ckpt.tensors, "DCP .metadata", ranks) if any(
+        t.kind == KIND for t in ckpt.tensors.values()) else None
     return ckpt
 
 
@@ -109,9 +111,7 @@ def _tensors(path: Path, md: Any, src: str) -> tuple[dict[str, TensorInfo], dict
         parts = [(offsets, _chunk(path, where, fqn, offsets, sizes, dtype, src)) for offsets, sizes in boxes]
         whole = len(parts) == 1 and parts[0][1].shape == size
         tensors[fqn] = parts[0][1] if whole else chunked(fqn, dtype.dtype, size, parts)
-    if gaps:
-        raise FormatError(f"{src}: {len(gaps)} tensor{'s are' if len(gaps) > 1 else ' is'} not covered exactly once by "
-                          f"the ranks' chunks, nothing was read: {'; '.join(gaps[:4])}{' ...' if len(gaps) > 4 else ''}")
+    refuse_gaps(src, gaps)
     ranks = {m.group(1) for rel, _, _ in where.values() if (m := _RANK_FILE.match(Path(rel).name))}
     return tensors, extras, len(ranks) or len({rel for rel, _, _ in where.values()})
 
@@ -168,16 +168,6 @@ def _chunk(path: Path, where: dict, fqn: str, offsets: tuple[int, ...], sizes: t
         raise FormatError(f"{src}: the chunk of {fqn!r} at {list(offsets)} is {list(info.shape)} on disk but "
                           f"{list(sizes)} in .metadata")
     return info
-
-
-def _certificate(tensors: dict[str, TensorInfo], ranks: int) -> Certificate | None:
-    """What the cover check proved, for a checkpoint with at least one tensor in several chunks."""
-    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
-    if not split:
-        return None
-    return Certificate(source="DCP .metadata", ranks=ranks, tensors=len(tensors), chunked=len(split),
-                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
-                       elements=sum(t.numel for t in tensors.values()), split=split)
 
 
 def _tops(md: Any, tensors: dict[str, TensorInfo]) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import FormatError
-from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
+from .chunks import certify, chunked, cover_problem, refuse_gaps
 from .safetensors_fmt import open_safetensors
 
 SHARD_FILE = re.compile(r"shard-(\d{5})-model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -49,16 +49,10 @@ def open_hf_dcp(folder: Path, accept=frozenset(), select: str | None = None) -> 
             gaps.append(f"{name!r}: {problem}")
         else:
             tensors[name] = tensor
-    if gaps:
-        raise FormatError(f"{src}: {len(gaps)} tensor{'s are' if len(gaps) > 1 else ' is'} not covered exactly once by "
-                          f"the ranks' pieces, nothing was read: {'; '.join(gaps[:4])}{' ...' if len(gaps) > 4 else ''}")
+    refuse_gaps(src, gaps, "pieces")
     ckpt = Checkpoint(path=folder, format="torch-dcp-hf", file_size=sum(os.path.getsize(p) for p in files),
                       tensors=tensors, files=[str(p) for p in files])
-    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
-    ckpt.certificate = Certificate(
-        source="pieces' own offsets (this layout records no global shape)", ranks=len(ranks), tensors=len(tensors),
-        chunked=len(split), chunks=sum(len(p) for p in pieces.values()),
-        elements=sum(t.numel for t in tensors.values()), split=split)
+    ckpt.certificate = certify(tensors, "pieces' own offsets (this layout records no global shape)", len(ranks))
     return ckpt
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import FormatError, SelectError
-from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
+from .chunks import certify, chunked, cover_problem
 from .locate import tensor_infos
 from .sharded import check_inside
 from .torch_records import DType, Opaque, TensorRef, _opaque_class
@@ -219,7 +219,7 @@ def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | Non
     ckpt = Checkpoint(path=Path(path), format=FORMAT, file_size=sum(os.path.getsize(f) for f in files),
                       tensors=tensors, extras=extras, files=[str(f) for f in files],
                       description=f"per-rank state dicts of a sharded model ({folder.name}, {world} ranks)")
-    ckpt.certificate = _certificate(tensors, world)
+    ckpt.certificate = certify(tensors, "DTensor specs", world)
     return ckpt
 
 
@@ -293,11 +293,3 @@ def _global(name: str, specs: list[dict], infos: list[TensorInfo], world: int, s
     if len(pieces) == 1:
         return pieces[0][1]
     return chunked(name, dtype, shape, pieces)
-
-
-def _certificate(tensors: dict[str, TensorInfo], world: int) -> Certificate:
-    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
-    return Certificate(source="DTensor specs", ranks=world, tensors=len(tensors),
-                       chunked=sum(1 for d in split.values() if d),
-                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
-                       elements=sum(t.numel for t in tensors.values()), split={n: d for n, d in split.items() if d})

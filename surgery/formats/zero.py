@@ -27,7 +27,7 @@ from typing import Any
 
 from ..checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, contiguous_stride
 from ..errors import FormatError, SelectError
-from .chunks import KIND, Certificate, chunked, cover_problem, split_dims
+from .chunks import certify, chunked, cover_problem
 from .locate import tensor_infos
 from .sharded import check_inside
 from .torch_records import Opaque, TensorRef
@@ -157,7 +157,7 @@ def open_zero(path: Path, accept: frozenset = frozenset(), select: str | None = 
                       tensors=tensors, extras=extras, files=files,
                       description=f"DeepSpeed ZeRO stage {stage} checkpoint ({folder.name}, {world} ranks): "
                                   f"its fp32 master weights")
-    ckpt.certificate = _certificate(tensors, world)
+    ckpt.certificate = certify(tensors, "ZeRO param_shapes", world)
     return ckpt
 
 
@@ -330,11 +330,3 @@ def _frozen3(models: list[_File], shapes: dict, src: str) -> dict[str, TensorInf
                               f"fewer than {list(shape)}")
         out[name] = _whole(name, shape, _runs(name, laid, 0, numel, 0), src)
     return out
-
-
-def _certificate(tensors: dict[str, TensorInfo], world: int) -> Certificate:
-    split = {n: split_dims(t) for n, t in tensors.items() if t.kind == KIND}
-    return Certificate(source="ZeRO param_shapes", ranks=world, tensors=len(tensors),
-                       chunked=sum(1 for d in split.values() if d),
-                       chunks=sum(len(t.parts) if t.kind == KIND else 1 for t in tensors.values()),
-                       elements=sum(t.numel for t in tensors.values()), split={n: d for n, d in split.items() if d})
