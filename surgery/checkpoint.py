@@ -304,15 +304,35 @@ class Checkpoint:
         return out
 
 
-def read_range(path: str, start: int, end: int) -> bytes:
+def read_range(path: str, start: int, end: int) -> bytearray:
+    """Bytes ``start..end`` of ``path`` in a fresh buffer; a short file is a FormatError. Read in
+    steps: one ``pread`` returns at most about 2 GiB on Linux, and a tensor can be larger."""
+    buf = bytearray(end - start)
+    read_into(path, start, buf)
+    return buf
+
+
+def read_into(path: str, start: int, buf: Any) -> None:
+    """Fill ``buf`` (a writable buffer) with the bytes of ``path`` from ``start``."""
+    view = memoryview(buf).cast("B")
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.pread(fd, end - start, start)
+        done = 0
+        while done < len(view):
+            n = _pread_into(fd, view[done: done + (1 << 30)], start + done)
+            if n == 0:
+                raise FormatError(f"{path}: file is truncated: expected {len(view)} bytes at offset {start}, got {done}")
+            done += n
     finally:
         os.close(fd)
-    if len(data) != end - start:
-        raise FormatError(f"{path}: file is truncated: expected {end - start} bytes at offset {start}, got {len(data)}")
-    return data
+
+
+def _pread_into(fd: int, view: memoryview, pos: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], pos)
+    data = os.pread(fd, len(view), pos)  # platforms without preadv: one copy more
+    view[: len(data)] = data
+    return len(data)
 
 
 MAX_EXPANSION = 1 << 30  # bytes a strided view may add beyond its storage (stride-0 "expand" views)
@@ -366,8 +386,25 @@ def _chunked(info: TensorInfo) -> "torch.Tensor":
     out = torch.empty((math.prod(info.shape),) if flat else info.shape, dtype=torch_dtype(info.dtype))
     for key, offsets in zip(info.parts, info.params["offsets"]):
         part = info.parts[key]
-        out[tuple(slice(o, o + s) for o, s in zip(offsets, part.shape))] = materialize(part)
+        region = out[tuple(slice(o, o + s) for o, s in zip(offsets, part.shape))]
+        if not _read_in_place(part, region):
+            region.copy_(materialize(part))
     return out.reshape(info.shape) if flat else out
+
+
+def _read_in_place(part: TensorInfo, region: "torch.Tensor") -> bool:
+    """Read a chunk stored as one run of bytes straight into its place in the output, when that
+    place is one run too (a whole-row block): no intermediate copies."""
+    import torch
+
+    rng = part.byte_range
+    if (part.kind != "dense" or rng is None or torch_dtype(part.dtype) != region.dtype
+            or tuple(part.shape) != tuple(region.shape) or not region.is_contiguous()
+            or rng[1] - rng[0] != region.numel() * region.element_size()):
+        return False
+    if region.numel():
+        read_into(part.file, rng[0], region.reshape(-1).view(torch.uint8).numpy())
+    return True
 
 
 def _dense(info: TensorInfo) -> "torch.Tensor":
@@ -381,13 +418,13 @@ def _dense(info: TensorInfo) -> "torch.Tensor":
         raw = read_range(info.file, *rng)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dt)
-        return torch.frombuffer(bytearray(raw), dtype=dt).reshape(info.shape)
+        return torch.frombuffer(raw, dtype=dt).reshape(info.shape)
     if info.storage_nbytes % size:  # checked first: torch.frombuffer raises a bare ValueError
         raise FormatError(f"{info.file}: storage of {info.name!r} has {info.storage_nbytes} bytes, not a multiple of {size}")
     raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
     if info.storage_nbytes == 0:
         return torch.empty(info.shape, dtype=dt)
-    flat = torch.frombuffer(bytearray(raw), dtype=dt)
+    flat = torch.frombuffer(raw, dtype=dt)
     return flat.as_strided(info.shape, info.stride, info.storage_offset).clone()
 
 
@@ -409,7 +446,7 @@ def _quantized(info: TensorInfo) -> "torch.Tensor":
     _check_materializable(info)
     raw = read_range(info.file, info.data_offset, info.data_offset + info.storage_nbytes)
     # a storage over the bytes read, never resizable: a view reaching past it is refused, not grown
-    untyped = torch.frombuffer(bytearray(raw or b"\0"), dtype=torch.uint8)[: len(raw)].untyped_storage()
+    untyped = torch.frombuffer(raw or bytearray(1), dtype=torch.uint8)[: len(raw)].untyped_storage()
     storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=torch_dtype(info.dtype), _internal=True)
     p = info.params
     scheme = getattr(torch, p["qscheme"])

@@ -11,7 +11,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import OutputError
 
@@ -145,6 +145,26 @@ def check_destination(dst: Path, inputs: list[Path], force: bool, in_place: bool
         raise OutputError(f"{dst}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{dst}: folder {parent} is not writable")
+
+
+class Writeback:
+    """Called after each write to a large output: every ``STEP`` bytes, asks the kernel to start
+    writing what is new out (``posix_fadvise(DONTNEED)`` starts writeback without waiting, then
+    drops the pages already clean), so the disk works while the next tensors are read and the
+    closing fsync waits for the last step only."""
+
+    STEP = 64 << 20
+
+    def __init__(self, f: Any):
+        self.f, self.done = f, f.tell()
+
+    def __call__(self) -> None:
+        pos = self.f.tell()
+        if pos - self.done >= self.STEP and hasattr(os, "posix_fadvise"):
+            self.f.flush()
+            with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
+                os.posix_fadvise(self.f.fileno(), self.done, pos - self.done, os.POSIX_FADV_DONTNEED)
+            self.done = pos
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -137,6 +138,7 @@ CERTIFICATE_KEY = "surgery.certificate"  # the metadata entry of an output writt
 # 64 characters, as long as the sha256 that replaces it; random per write, so that no tensor name
 # or other metadata of the output can hold one
 _TOKEN = "{}-{:047d}"
+HASH_ON_THREAD = 1 << 20  # bytes from which a tensor is hashed beside its write
 
 
 class Digests:
@@ -151,6 +153,7 @@ class Digests:
         run = secrets.token_hex(8)
         self.tokens = {n: _TOKEN.format(run, i) for i, n in enumerate(names)} if self.on else {}
         self.sources: dict[str, Callable[[], bytes]] = {}
+        self._job: tuple[threading.Thread, list] | None = None
 
     @property
     def placeholder(self) -> str:
@@ -163,11 +166,37 @@ class Digests:
 
         def read() -> bytes:
             data = source()
-            self.certificate.digests[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+            self._hash(name, data)
             return data
 
         self.sources[name] = source
         return read
+
+    def _hash(self, name: str, data: Any) -> None:
+        """Hash a large tensor on a thread while the writer writes it (hashlib lets go of the GIL):
+        one tensor at a time, so at most two tensors' bytes are held."""
+        self._wait()
+        if len(data) < HASH_ON_THREAD:
+            self.certificate.digests[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+            return
+        failed: list = []
+
+        def run() -> None:
+            try:
+                self.certificate.digests[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+            except BaseException as e:  # raised by _wait on the writer's thread
+                failed.append(e)
+
+        self._job = (threading.Thread(target=run, daemon=True), failed)
+        self._job[0].start()
+
+    def _wait(self) -> None:
+        if self._job is not None:
+            thread, failed = self._job
+            thread.join()
+            self._job = None
+            if failed:
+                raise failed[0]
 
     def final(self) -> dict[str, str]:
         """Placeholder -> digest for every tensor, and the whole placeholder certificate -> the
@@ -175,6 +204,7 @@ class Digests:
         entries (a torch file saves tensors) has its digests taken here."""
         if not self.on:
             return {}
+        self._wait()
         digests = self.certificate.digests
         for name, src in self.sources.items():
             if name not in digests:

@@ -51,6 +51,7 @@ def _tensor(source, dtype: str, shape: tuple[int, ...]):
     from ..checkpoint import read_range
 
     data = source() if callable(source) else read_range(*source)
-    if not data:
+    if len(data) == 0:
         return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype(dtype)).reshape(shape)
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
+                            dtype=torch_dtype(dtype)).reshape(shape)

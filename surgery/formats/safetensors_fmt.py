@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, itemsize
 from ..errors import FormatError
-from ..io import atomic_file
+from ..io import Writeback, atomic_file
 from .writing import Entry, Payload
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -171,11 +171,13 @@ def patch_header(path: Path, replacements: dict[str, str]) -> None:
 def copy_ranges(f, entries: Iterable[Entry]) -> None:
     """Write each entry's bytes in order; adjacent source ranges of one file go in one copy."""
     run: list = []  # [path, start, end]
+    writeback = Writeback(f)
 
     def flush_run():
         if run:
             _copy_file_range(run[0], run[1], run[2], f)
             run.clear()
+            writeback()
 
     for e in entries:
         if callable(e.source):
@@ -185,6 +187,7 @@ def copy_ranges(f, entries: Iterable[Entry]) -> None:
                 raise FormatError(f"tensor {e.name!r}: produced {len(data)} bytes, expected {e.nbytes}")
             f.write(data)
             f.flush()
+            writeback()
             continue
         path, start, end = e.source
         if run and run[0] == path and run[2] == start:

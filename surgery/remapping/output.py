@@ -68,11 +68,12 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
     return lambda: _converted_bytes(ckpt, row)
 
 
-def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> bytes:
+def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
+    """The converted tensor's bytes, a view of its memory (no copy)."""
     import torch
 
     t = converted(ckpt.tensor(row.old), row).contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def converted(t: "torch.Tensor", row: PlanRow) -> "torch.Tensor":
