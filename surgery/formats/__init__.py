@@ -139,7 +139,8 @@ FORMATS: dict[str, Format] = {
                "pieces (shard-R-model-K-of-N.safetensors)", _open_dcp_hf),
         Format("deepspeed-zero", "DeepSpeed ZeRO 1/2/3 folder (latest + global_step*/): its fp32 master weights",
                _open_zero),
-        Format("torch-per-rank", "per-rank torch.save files of an FSDP2 model's DTensors (model_world_size_N_rank_K.pt)",
+        Format("torch-per-rank", "per-rank torch.save files of a sharded model's DTensors (FSDP2, model_world_size_N_rank_K.pt) "
+               "or ShardedTensors (FSDP1, pytorch_model_fsdp_0_rankK.bin)",
                _open_per_rank),
     )
 }

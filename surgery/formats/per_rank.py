@@ -1,6 +1,9 @@
 """Per-rank files of a sharded model: ``torch.save(model.state_dict())`` run on each rank of an
 FSDP2 (``fully_shard``) model, one file a rank (verl's ``model_world_size_N_rank_K.pt``, or any N
-files ``*rank{K}*.pt|.bin`` in one folder), read as one checkpoint.
+files ``*rank{K}*.pt|.bin`` in one folder), read as one checkpoint; and FSDP1's state dicts saved
+so (accelerate's ``pytorch_model_fsdp_0_rank{K}.bin``): ShardedTensors, each rank's local shards
+at the offsets its metadata gives, checked against every shard box the metadata lists (a
+LOCAL_STATE_DICT's flat parameters consolidate as the flat tensors they are).
 
 Each value of such a file is a DTensor: the rank's local tensor and its spec (the device mesh, the
 placements, the global shape, stride and dtype). A global tensor ``Shard(d)`` on a 1-D mesh is made
@@ -31,7 +34,8 @@ FORMAT = "torch-per-rank"
 _RANKED = re.compile(r"^(?P<pre>.*rank[_-]?)(?P<rank>\d+)(?P<post>(?:\D.*)?\.(?:pt|bin))$")
 _WORLD = re.compile(r"world_size_(\d+)")
 _ACCEPT = frozenset({"torch.distributed.tensor.*", "torch.distributed._tensor.*", "torch.distributed.device_mesh.*",
-                     "torch.distributed._mesh_layout.*"})
+                     "torch.distributed._mesh_layout.*", "torch.distributed._shard.*", "torch.distributed.remote_device.*"})
+_SHARDED_TENSOR = "torch.distributed._shard.sharded_tensor.api.ShardedTensor"
 
 
 class _Record(Opaque):
@@ -56,6 +60,18 @@ _RECORDS = {
 }
 for _m in ("torch.distributed.tensor._dtensor_spec", "torch.distributed._tensor.placement_types"):
     _RECORDS[_m, "TensorMeta"] = type("TensorMeta", (_Record,), {"qualname": f"{_m}.TensorMeta"})
+_RECORDS["torch.distributed._shard.sharded_tensor.api", "ShardedTensor"] = _wrapper(_SHARDED_TENSOR)
+
+
+def _nested_class(owner: Any, name: Any) -> type:
+    """``getattr(ShardedTensor, "ProcessGroupState")``, as FSDP1's ShardedTensor pickles its
+    process group's record: an inert class named after the two, never Python's getattr."""
+    if not (isinstance(owner, type) and issubclass(owner, Opaque) and isinstance(name, str) and name.isidentifier()):
+        raise FormatError(f"the pickle calls getattr on {type(owner).__name__}; only a record's nested class is read")
+    return _opaque_class(f"{owner.qualname}.{name}")
+
+
+_RECORDS["builtins", "getattr"] = _nested_class
 
 
 def _template(name: str) -> tuple[str, str, int] | None:
@@ -105,12 +121,13 @@ def members(folder: Path) -> set[Path]:
 
 
 def _names_dtensor(path: Path) -> bool:
-    """Whether the first MiB of a torch file (where torch.save puts data.pkl) names DTensor's module
-    (a key that merely contains "DTensor" does not)."""
+    """Whether the first MiB of a torch file (where torch.save puts data.pkl) names DTensor's or
+    ShardedTensor's module (a key that merely contains "DTensor" does not)."""
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 20)
-            return b"torch.distributed.tensor" in head or b"torch.distributed._tensor" in head
+            return any(m in head for m in (b"torch.distributed.tensor", b"torch.distributed._tensor",
+                                           b"torch.distributed._shard.sharded_tensor"))
     except OSError:
         return False
 
@@ -193,9 +210,39 @@ def _dtensor(v: Opaque, src: str, where: str) -> dict:
     ranks = mesh.get("_rank_map", mesh.get("mesh"))
     size = math.prod(ranks.shape) if isinstance(ranks, TensorRef) else None
     coord = mesh.get("_coordinate_on_dim")
-    return {"local": local, "placement": placements[0], "shape": tuple(_int(n, "a size") for n in shape),
+    return {"kind": "dtensor", "local": local, "placement": placements[0], "shape": tuple(_int(n, "a size") for n in shape),
             "dtype": dtype.dtype, "size": size,
             "coord": _int(coord[0], "a mesh coordinate") if isinstance(coord, (tuple, list)) and coord else None}
+
+
+def _sharded_tensor(v: Opaque, src: str, where: str) -> dict:
+    """An FSDP1 ShardedTensor record: this rank's local shards at their offsets, the global shape
+    and dtype, every rank's shard boxes (the metadata each file carries) and the world size."""
+    local_shards, meta, pg = v.state[0], _fields(v.state[1]), v.state[2]
+    dtype, shape = v.args[0], tuple(_int(n, "a size") for n in v.args[1])
+    if not isinstance(dtype, DType):
+        raise TypeError("the ShardedTensor's dtype is not a dtype")
+
+    def box(m: Opaque) -> tuple:
+        f = _fields(m)
+        rank = _fields(f["placement"]).get("_rank") if isinstance(f["placement"], Opaque) else None
+        return (tuple(_int(n, "an offset") for n in f["shard_offsets"]), tuple(_int(n, "a size") for n in f["shard_sizes"]),
+                rank)
+
+    local = []
+    for shard in local_shards:
+        f = _fields(shard)
+        if not isinstance(f["tensor"], TensorRef) or f["tensor"].kind != "dense":
+            raise FormatError(f"{src}: {where}'s local shard is not a plain tensor")
+        local.append((box(f["metadata"])[0], f["tensor"]))
+    world = _fields(pg).get("global_world_size") if isinstance(pg, Opaque) else None
+    return {"kind": "sharded", "shape": shape, "dtype": dtype.dtype, "local": local,
+            "boxes": sorted(box(m) for m in meta["shards_metadata"]),
+            "size": _int(world, "the world size") if world is not None else None}
+
+
+def _spec(v: Opaque, src: str, where: str) -> dict:
+    return _sharded_tensor(v, src, where) if v.qualname == _SHARDED_TENSOR else _dtensor(v, src, where)
 
 
 def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | None = None) -> Checkpoint:
@@ -211,21 +258,28 @@ def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | Non
             raise FormatError(f"{src}: {f.name} does not hold a state dict")
         read.append((up.obj, offsets))
     try:
-        tensors, extras = _tensors(files, read, world, src)
+        tensors, extras, kinds = _tensors(files, read, world, src)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         raise FormatError(f"{src}: a DTensor record has a field of the wrong type ({type(e).__name__}: "
                           f"{str(e)[:100]}); the files are corrupt or from an unsupported torch") from None
     folder = files[0].parent
+    flat = bool(tensors) and all(k.split(".")[-1] in ("_flat_param", "flat_param")
+                                 for k in tensors if tensors[k].kind == "chunked")
+    said = (f"FSDP1 flat parameters (LOCAL_STATE_DICT, {world} ranks): the names and shapes of the parameters inside "
+            f"them are not in the files; load them into the FSDP-wrapped model, or save with SHARDED_STATE_DICT"
+            if flat else f"per-rank state dicts of a sharded model ({folder.name}, {world} ranks)")
     ckpt = Checkpoint(path=Path(path), format=FORMAT, file_size=sum(os.path.getsize(f) for f in files),
-                      tensors=tensors, extras=extras, files=[str(f) for f in files],
-                      description=f"per-rank state dicts of a sharded model ({folder.name}, {world} ranks)")
-    ckpt.certificate = certify(tensors, "DTensor specs", world)
+                      tensors=tensors, extras=extras, files=[str(f) for f in files], description=said,
+                      file_kind="flat_parameters" if flat else "state_dict")
+    ckpt.certificate = certify(tensors, " and ".join(sorted({"dtensor": "DTensor specs",
+                                                            "sharded": "ShardedTensor metadata"}[k] for k in kinds)), world)
     return ckpt
 
 
 def _tensors(files: list[Path], read: list[tuple[dict, dict]], world: int, src: str):
-    """The global tensors, in rank 0's order; and rank 0's entries that are not tensors."""
-    specs = [{k: _dtensor(v, src, f"{f.name}: {k!r}") for k, v in obj.items()
+    """The global tensors, in rank 0's order; rank 0's entries that are not tensors; the kinds of
+    sharded tensor read ("dtensor", "sharded")."""
+    specs = [{k: _spec(v, src, f"{f.name}: {k!r}") for k, v in obj.items()
               if isinstance(v, Opaque) and getattr(v, "wrapper", False)} for f, (obj, _) in zip(files, read)]
     if not specs[0]:
         raise FormatError(f"{src}: {files[0].name} holds no DTensor; not the state dict of a sharded model (open "
@@ -235,21 +289,67 @@ def _tensors(files: list[Path], read: list[tuple[dict, dict]], world: int, src: 
         if odd:
             raise FormatError(f"{src}: {odd[0]!r} is a DTensor in one of {files[0].name}, {f.name} only; the files "
                               f"are from different models or runs")
-    local = [tensor_infos({k: d["local"] for k, d in s.items()}, offsets, str(f), src)
-             for f, s, (_, offsets) in zip(files, specs, read)]
+    local = [tensor_infos(_local_refs(s), offsets, str(f), src) for f, s, (_, offsets) in zip(files, specs, read)]
     obj, offsets = read[0]
     plain = tensor_infos({k: v for k, v in obj.items() if isinstance(v, TensorRef) and k not in specs[0]}, offsets,
                          str(files[0]), src)
     tensors: dict[str, TensorInfo] = {}
     extras: dict[str, str] = {}
     for k, v in obj.items():
-        if k in specs[0]:
+        if k in specs[0] and specs[0][k]["kind"] == "sharded":
+            tensors[k] = _global_sharded(k, [s[k] for s in specs], local, world, src)
+        elif k in specs[0]:
             tensors[k] = _global(k, [s[k] for s in specs], [loc[k] for loc in local], world, src)
         elif k in plain:
             tensors[k] = plain[k]
         else:
             extras[str(k)] = f"{type(v).__name__} (rank 0's)"
-    return tensors, extras
+    return tensors, extras, {d["kind"] for d in specs[0].values()}
+
+
+def _local_refs(specs: dict) -> dict:
+    """Each rank's local tensors by key: a DTensor's under its name, a ShardedTensor's i-th shard
+    under ``name\0i``."""
+    out = {}
+    for k, d in specs.items():
+        if d["kind"] == "sharded":
+            out.update({f"{k}\0{i}": ref for i, (_, ref) in enumerate(d["local"])})
+        else:
+            out[k] = d["local"]
+    return out
+
+
+def _global_sharded(name: str, specs: list[dict], local: list[dict], world: int, src: str) -> TensorInfo:
+    """A ShardedTensor from every rank's local shards, each where its metadata puts it; each
+    rank's shards must be those every file's metadata gives that rank, and cover the tensor."""
+    first = specs[0]
+    shape, dtype, boxes = first["shape"], first["dtype"], first["boxes"]
+    pieces = []
+    for r, d in enumerate(specs):
+        if d["size"] is not None and d["size"] != world:
+            raise FormatError(f"{src}: rank {r}'s {name!r} was saved in a world of {d['size']} ranks, not the {world} "
+                              f"the files say; a rank file is from another world size")
+        if (d["shape"], d["dtype"], d["boxes"]) != (shape, dtype, boxes):
+            raise FormatError(f"{src}: rank {r}'s {name!r} ({d['dtype']} {list(d['shape'])}, {len(d['boxes'])} "
+                              f"shards) differs from rank 0's ({dtype} {list(shape)}, {len(boxes)} shards); the "
+                              f"files are from different runs")
+        want = sorted((o, s) for o, s, rank in boxes if rank == r)
+        for i, (offsets, _) in enumerate(d["local"]):
+            info = local[r][f"{name}\0{i}"]
+            if info.dtype != dtype or (offsets, info.shape) not in want:
+                raise FormatError(f"{src}: rank {r} holds {info.dtype} {list(info.shape)} at {list(offsets)} of "
+                                  f"{name!r}, a shard its metadata does not give rank {r}")
+            pieces.append((offsets, info))
+        if len(d["local"]) != len(want):
+            raise FormatError(f"{src}: rank {r} holds {len(d['local'])} of the {len(want)} shards of {name!r} its "
+                              f"metadata gives it")
+    problem = cover_problem(shape, [(o, p.shape) for o, p in pieces if math.prod(p.shape)])
+    if problem:
+        raise FormatError(f"{src}: {name!r} {list(shape)} is not covered exactly once by the ranks' shards: {problem}")
+    pieces = [(o, p) for o, p in pieces if math.prod(p.shape)]
+    if len(pieces) == 1 and pieces[0][1].shape == shape:
+        return pieces[0][1]
+    return chunked(name, dtype, shape, pieces)
 
 
 def _global(name: str, specs: list[dict], infos: list[TensorInfo], world: int, src: str) -> TensorInfo:

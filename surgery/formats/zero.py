@@ -124,7 +124,11 @@ def _stage_world(optim: list[_File], src: str) -> tuple[int, int]:
     if stage not in (1, 2, 3) or any(s != stage for s in stages):
         said = ", ".join(map(str, stages))[:80]
         raise FormatError(f"{src}: the rank files say ZeRO stage {said}, not one of 1, 2, 3")
-    if any(w != world for w in worlds) or world != len(optim):
+    if any(w != world for w in worlds):
+        said = ", ".join(str(w)[:20] for w in worlds[:8])
+        raise FormatError(f"{src}: the rank files disagree on the world size (partition_count {said}); a rank's file "
+                          f"is from another run")
+    if world != len(optim):
         raise FormatError(f"{src}: the optimizer states say a world of {world} ranks (partition_count) but "
                           f"{len(optim)} rank files are here; a rank's file is missing or left from another run")
     return stage, world

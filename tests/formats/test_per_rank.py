@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.per_rank_save import write_per_rank
+from fixtures.per_rank_save import write_per_rank, write_sharded_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,3 +170,47 @@ def test_a_scan_lists_a_rank_set_as_one_and_the_files_beside_it(tmp_path, cli):
     r = cli("inspect", tmp_path / "zoo")
     assert r.exit_code == 0, r.output
     assert "torch-per-rank" in r.stdout and "other.safetensors" in r.stdout and "2 checkpoints: 2 read" in r.stdout
+
+
+# ---------------------------------------------------------------- FSDP1: ShardedTensors a file per rank
+
+
+def _fsdp1() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"fc.weight": torch.randn(7, 3, generator=g), "fc.bias": torch.randn(2, generator=g),
+            "ln.weight": torch.randn(5, generator=g).half()}
+
+
+def test_fsdp1_sharded_tensors_a_file_a_rank_consolidate_bit_for_bit(tmp_path, cli):
+    src = write_sharded_tensors(tmp_path / "fsdp1", _fsdp1(), ranks=3)  # fc.bias: 1, 1, 0 rows
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    cert = json.loads(r.output)["certificate"]
+    assert cert["complete"] and cert["ranks"] == 3 and cert["source"] == "ShardedTensor metadata"
+    r = cli("remap", src, tmp_path / "out.safetensors", "--verify")
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out.safetensors")
+    assert sorted(got) == sorted(_fsdp1())
+    for k, want in _fsdp1().items():
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+
+
+@pytest.mark.parametrize("lie, said", [
+    ({"held": {("fc.weight", 1): ([0, 0], [3, 3])}}, "metadata does not give rank 1"),  # rank 1 saved rank 0's rows
+    ({"boxes": {"fc.weight": [([0, 0], [3, 3]), ([2, 0], [3, 3]), ([6, 0], [1, 3])]}}, "not covered exactly once"),
+    ({"boxes": {"fc.weight": [([0, 0], [3, 3]), ([3, 0], [2, 3]), ([6, 0], [1, 3])]}}, "not covered exactly once"),
+])
+def test_fsdp1_shards_that_overlap_leave_a_gap_or_sit_elsewhere_are_refused(tmp_path, cli, lie, said):
+    src = write_sharded_tensors(tmp_path / "fsdp1", _fsdp1(), ranks=3, **lie)
+    for cmd in (("inspect", src), ("remap", src, tmp_path / "out.safetensors")):
+        r = cli(*cmd)
+        assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_missing_fsdp1_rank_file_is_refused(tmp_path, cli):
+    src = write_sharded_tensors(tmp_path / "fsdp1", _fsdp1(), ranks=3)
+    (src / "pytorch_model_fsdp_0_rank1.bin").unlink()
+    r = cli("remap", src, tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and not (tmp_path / "out.safetensors").exists(), r.output
