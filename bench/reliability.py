@@ -31,6 +31,11 @@ Classes, each a generator of inputs (see CLASSES):
                 FIFO, device, socket, symlinks, folders with foreign files (with and without --force)
   manifest      adapted folders whose manifest names code (os:system, subprocess:run, a file
                 factory, timm loaders) or absurd sizes, loaded without trust_code
+  dcp-chunks    DCP folders of ranks' chunks whose .metadata lies: a chunk moved, resized, dropped
+                or repeated, a global size or a storage entry changed, or the pickle's bytes mutated
+  zero-parts    DeepSpeed ZeRO-2/3 folders whose records, partitions, rank files or `latest` lie
+  rank-files    per-rank files of DTensors deleted, duplicated, renamed, linked or mutated
+                (these two: bench/reliability_ranks.py; a folder that lost data must be refused)
   which-pkl     torch zips with a decoy *data.pkl listed first, a DATA.PKL case variant, one raw
                 name twice with and without the UTF-8 flag, entries outside the archive's folder,
                 a stray CONSTANTS.PKL or code/ entry (torch.load still reads them as torch.save files)
@@ -72,13 +77,17 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import reliability_ranks  # noqa: E402 - once the checkout is importable
+
 PARSERS = ("safetensors", "torch-zip", "data.pkl", "torch-legacy", "shard-index", "rules")
-HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest", "dcp-chunks")
+HOSTILE = ("big-ints", "memo", "build", "codecs", "dup-zip", "symlink-shard", "destination", "manifest", "dcp-chunks",
+           "zero-parts", "rank-files")
 # files where two readers could disagree: each must be refused or read exactly as torch's own reader reads it
 DIFFERENTIAL = ("which-pkl", "central-dir", "tar-polyglot", "dup-shard", "jit-decl", "inflate", "records")
 CLASSES = PARSERS + HOSTILE + DIFFERENTIAL
@@ -1189,7 +1198,14 @@ GENERATORS = {"big-ints": gen_big_ints, "memo": gen_memo, "build": gen_build, "c
               "dup-zip": gen_dup_zip, "symlink-shard": gen_symlink_shard, "destination": gen_destination,
               "manifest": gen_manifest, "which-pkl": gen_which_pkl, "central-dir": gen_central_dir,
               "tar-polyglot": gen_tar_polyglot, "dup-shard": gen_dup_shard, "jit-decl": gen_jit_decl,
-              "inflate": gen_inflate, "records": gen_records, "dcp-chunks": gen_dcp_chunks}
+              "inflate": gen_inflate, "records": gen_records, "dcp-chunks": gen_dcp_chunks,
+              "zero-parts": lambda rng, env: reliability_ranks.gen_zero_parts(rng, env, INTERESTING, _byte_mutator(rng), _open_deep),
+              "rank-files": lambda rng, env: reliability_ranks.gen_rank_files(rng, env, _byte_mutator(rng), _open_deep)}
+
+
+def _byte_mutator(rng: random.Random) -> Callable[[bytes], bytes]:
+    """Mutations of a torch.save file's bytes, drawn from ``rng``."""
+    return lambda data: mutate(data, "torch-zip", random_ops(rng, "torch-zip"))
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -1240,6 +1256,11 @@ def warm_up(cls: str, env: Env, seeds: dict[str, list[bytes]]) -> None:
         surgery.adapt(env.tiny_ckpt, arch=env.tiny_arch, num_classes=3, out=env.dir / "warm", force=True)
     elif cls == "dcp-chunks":
         surgery.remap(env.dcp_seed, env.dir / "warm.safetensors", [], force=True)  # and torch.distributed's imports
+    elif cls == "zero-parts":
+        for stage in (2, 3):
+            surgery.remap(reliability_ranks.zero_seed(env.dir, stage), env.dir / "warm.safetensors", [], force=True)
+    elif cls == "rank-files":
+        surgery.remap(reliability_ranks.rank_seed(env.dir), env.dir / "warm.safetensors", [], force=True)
 
 
 def run_input(cls: str, seed: int, i: int, env: Env, seeds: dict[str, list[bytes]]) -> tuple[str, str, dict]:

@@ -208,3 +208,15 @@ def test_deeply_nested_yaml_rules_are_refused_before_they_are_built(text, tmp_pa
     with pytest.raises(RuleError, match="nested more than 100 deep|exceeded maximum nesting depth") as e:
         Rules.from_file(p)  # (the second: a libyaml with its own limit on flow nesting)
     assert "\n" not in e.value.one_line()
+
+
+@pytest.mark.parametrize("cls", ["zero-parts", "rank-files"])
+def test_lying_folders_saved_by_ranks_are_refused_or_read_never_crash(env, cls):
+    """The reliability bench's classes of ZeRO and per-rank folders, 25 inputs each: every one is
+    refused in one line or read whole; a folder that lost data is never read (that is "partial")."""
+    from bench.reliability import run_input
+
+    outcomes = [run_input(cls, 7, i, env, {})[:2] for i in range(25)]
+    bad = [(i, o) for i, o in enumerate(outcomes) if o[0] not in ("ok", "refused")]
+    assert not bad, bad
+    assert sum(o[0] == "refused" for o in outcomes) >= 10  # the lies are seen, not just the bytes
