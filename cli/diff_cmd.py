@@ -22,7 +22,7 @@ def diff(
     a: Annotated[Path, typer.Argument(help="First checkpoint.", show_default=False)],
     b: Annotated[Path, typer.Argument(help="Second checkpoint.", show_default=False)],
     values: Annotated[bool, typer.Option("--values/--no-values", help="Compare tensor values (reads the data).")] = True,
-    strip: Annotated[bool, typer.Option("--strip-wrappers/--exact-names", help="Ignore module./_orig_mod. prefixes on either side.")] = True,
+    strip: Annotated[bool, typer.Option("--strip-wrappers/--exact-names", help="Ignore module./_orig_mod./_forward_module. prefixes on either side.")] = True,
     select_a: Annotated[Optional[str], typer.Option("--select-a", metavar="PATH", help="Container inside A.")] = None,
     select_b: Annotated[Optional[str], typer.Option("--select-b", metavar="PATH", help="Container inside B.")] = None,
     allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,

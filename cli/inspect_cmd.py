@@ -8,7 +8,7 @@ import typer
 
 from .common import console, escaped, handles_errors, human_bytes, human_count, print_json, shared_option
 
-_WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
+_WRAPPER_NAMES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile", "_forward_module.": "Lightning"}
 DEPTH = 2  # the tree depth shown when --depth is not given
 TREE_ROWS = 40  # tree rows shown when --depth is not given: a screenful, whatever the checkpoint
 GROUP_NAMES = 4  # names shown of one tied or shared group

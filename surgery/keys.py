@@ -12,7 +12,8 @@ import re
 from typing import Any, Callable, Hashable, Iterable
 
 # Same set, same rule as ``surgery remap --auto``: a prefix counts only when every key has it.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# ``_forward_module.``: Lightning's wrapper of the LightningModule (its DeepSpeed and FSDP checkpoints).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
 
 # ----------------------------------------------------------------------------- prefixes

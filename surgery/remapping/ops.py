@@ -174,7 +174,7 @@ class OpKind:
 
 
 OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
-    OpKind("auto", FLAG, "Strip module./_orig_mod. (any order, repeatedly) where every key has them.", _auto),
+    OpKind("auto", FLAG, "Strip module./_orig_mod./_forward_module. (any order, repeatedly) where every key has them.", _auto),
     OpKind("strip_prefix", PREFIX, "Remove prefix P from keys that start with it.", _strip_prefix),
     OpKind("add_prefix", PREFIX, "Put prefix P in front of every key.", _add_prefix),
     OpKind("rename", RENAME, "re.sub on every key, e.g. '^fc\\.=>head.'.", _rename_names),

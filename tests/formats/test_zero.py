@@ -131,7 +131,7 @@ def _latest(src: Path, stage: int) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("edit,why", [(_drop_first, "states of rank 0 are missing"),
                                       (_drop_last, "world of 2 ranks (partition_count) but 1 rank files"),
-                                      (_world, "world of 3 ranks"),
+                                      (_world, "disagree on the world size (partition_count 3, 2)"),
                                       (_short, "do not add up to param_shapes"),
                                       (_long, "do not match param_shapes"), (_latest, "no such folder"),
                                       (_linked, "outside the checkpoint's folder")])
@@ -143,3 +143,20 @@ def test_an_inconsistent_folder_is_refused_in_one_line_and_nothing_is_written(tm
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert why in r.output.replace("\n", " "), r.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_lightning_deepspeed_checkpoint_folder_opens_and_auto_strips_lightnings_wrapper(tmp_path, cli):
+    """Lightning's ``trainer.save_checkpoint("epoch=0-step=2.ckpt")`` under DeepSpeed: a folder named
+    like a file, ``latest`` naming the tag ``checkpoint``, keys under ``_forward_module.``."""
+    g = torch.Generator().manual_seed(0)
+    w = {"_forward_module.model.0.weight": torch.randn(4, 3, generator=g),
+         "_forward_module.model.0.bias": torch.randn(4, generator=g)}
+    root = write_zero(tmp_path / "epoch=0-step=2.ckpt", 2, w, {"_forward_module.model.1.running_mean": torch.ones(4)},
+                      ranks=2, tag="checkpoint")
+    r = cli("inspect", root)
+    assert r.exit_code == 0 and "deepspeed-zero" in r.output and "_forward_module. (Lightning)" in r.output, r.output
+    r = cli("remap", root, tmp_path / "out.safetensors", "--auto")
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out.safetensors")
+    assert sorted(got) == ["model.0.bias", "model.0.weight", "model.1.running_mean"]
+    assert torch.equal(got["model.0.weight"], w["_forward_module.model.0.weight"])
