@@ -203,3 +203,33 @@ def test_matches_transformers_own_dequantization(tmp_path):
     loaded = fp8.Fp8Dequantize(None)._dequantize_one(even_w, even_s, output_dtype=torch.bfloat16)
     assert torch.equal(dequantize({"x.weight": even_w, "x.weight_scale_inv": even_s})["x.weight"], loaded)
 
+
+def test_inspect_names_the_scaled_tensors(cli, tmp_path):
+    src = tmp_path / "fp8.safetensors"
+    checkpoint(src)
+    r = cli("inspect", src, "--depth", "0")
+    assert r.exit_code == 0, r.output
+    assert ("fp8 2 tensors F8_E4M3 with block scales 128x128 (layers.0.weight_scale_inv, layers.1.weight_scale_inv); "
+            "--dequantize applies them") in " ".join(r.stdout.split())
+    data = json.loads(cli("inspect", src, "--json").stdout)
+    assert data["scaled_fp8"] == [
+        {"tensor": "layers.0.weight", "dtype": "F8_E4M3", "scale": "layers.0.weight_scale_inv", "scale_shape": [3, 2],
+         "layout": "block", "block": [128, 128]},
+        {"tensor": "layers.1.weight", "dtype": "F8_E4M3", "scale": "layers.1.weight_scale_inv", "scale_shape": [3, 2],
+         "layout": "block", "block": [128, 128]}]
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(plain))
+    assert json.loads(cli("inspect", plain, "--json").stdout)["scaled_fp8"] == []
+    assert not any(ln.startswith("fp8") for ln in cli("inspect", plain).stdout.splitlines())
+
+
+def test_inspect_finds_them_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "fp8.safetensors"
+    checkpoint(src)
+    code = ("import sys, surgery; r = surgery.inspect(sys.argv[1]); assert len(r.scaled_fp8[0]) == 2; "
+            "assert 'torch' not in sys.modules, 'inspect imported torch'")
+    subprocess.run([sys.executable, "-c", code, str(src)], check=True, cwd=Path(__file__).parents[2])
