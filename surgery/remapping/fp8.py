@@ -153,17 +153,20 @@ def refuse_unsafe(src: str, scaled: Mapping[str, Scaling], kept: Mapping[str, "s
     (and cast the scales), and a --dequantize whose scales do not fit their weights."""
     live = [s for s in scaled.values() if kept.get(s.weight) is not None]
     if "dequantize" in kinds:
-        bad = [f"{s.weight!r} {s.dtype}{list(s.shape)} with {s.scale!r} {list(s.scale_shape)}: {s.misfit()}"
-               for s in live if not s.layout or s.dtype not in DEQUANTIZABLE]
-        if bad:
-            drops = "|".join(re.escape(s.weight) for s in live if not s.layout or s.dtype not in DEQUANTIZABLE)
+        unfit = [s for s in live if not s.layout or s.dtype not in DEQUANTIZABLE]
+        if unfit:
+            bad = [f"{s.weight!r} {s.dtype}{list(s.shape)} with {s.scale!r} {list(s.scale_shape)}: {s.misfit()}"
+                   for s in unfit]
+            drop = (f"--drop '^({'|'.join(re.escape(s.weight) for s in unfit)})$'" if len(unfit) <= 4
+                    else "--drop them")
             raise RuleError(f"{src}: cannot apply the scales of {_count(len(bad))}: {_listed(bad)}. Nothing was "
-                            f"written; fix the scales (or the block size in config.json) or --drop '^({drops[:200]})$'")
+                            f"written; fix the scales (or the block size in config.json) or {drop}")
         return
     if target is not None and live:
         pairs = [f"{s.weight!r} ({s.dtype}, scale {s.scale!r})" for s in live]
-        raise RuleError(f"{src}: --dtype {target} would cast {_count(len(live), 'scaled FP8 tensor')} without applying their "
-                        f"scales, and cast the scales: {_listed(pairs, 3)}. Nothing was written; add --dequantize to "
+        what = _count(len(live), "scaled FP8 tensor")
+        raise RuleError(f"{src}: --dtype {target} would cast {what} without applying their scales, and cast the scales: "
+                        f"{_listed(pairs, 3)}. Nothing was written; add --dequantize to "
                         f"apply the scales (the weights written as {target}, the scales dropped)")
 
 

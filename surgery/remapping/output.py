@@ -60,7 +60,8 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
     (and converts, or assembles from chunks) the tensor."""
     info = ckpt.tensors[row.old]
     rng = info.byte_range
-    if row.kind != "dense" or row.scaling is not None:  # --densify / --dequantize, chunks: refuse_unsafetensorable let only those through
+    # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through
+    if row.kind != "dense" or row.scaling is not None:
         return lambda: _converted_bytes(ckpt, row)
     if row.new_dtype == row.dtype and rng is not None:
         return (lambda: read_range(info.file, *rng)) if read else (info.file, rng[0], rng[1])

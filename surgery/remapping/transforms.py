@@ -65,7 +65,8 @@ def densify(sd: Mapping[str, Any]) -> dict[str, Any]:
     return _convert_each(sd, lambda t: t.to_dense() if t.layout != torch.strided else t)
 
 
-def dequantize(sd: Mapping[str, Any], dtype: str = DEQUANTIZED_DTYPE, block_size: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, Any]:
+def dequantize(sd: Mapping[str, Any], dtype: str = DEQUANTIZED_DTYPE,
+               block_size: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, Any]:
     """Quantized tensors as float32 (``t.dequantize()``); FP8 weights with a scale beside them
     (``x.weight_scale_inv``, ``x.weight_scale``) as ``dtype`` with the scale applied
     (``block_size`` blocks, or one scale per tensor or per row), the scales dropped; other
