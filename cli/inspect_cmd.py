@@ -147,11 +147,29 @@ def _summary_rows(report) -> list[tuple[str, str]]:
     rows.append(("tensors", f"{len(c.tensors)} ({human_count(report.num_params)} parameters, "
                             f"{human_bytes(report.nbytes)}{kinds})"))
     rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
+    rows += _fp8_rows(report)
     if c.certificate is not None:
         rows.append(("ranks' chunks", c.certificate.summary() + "; `surgery remap` writes them as one file"))
     devices = report.devices
     if set(devices) != {"cpu"}:
         rows.append(("saved on", ", ".join(f"{d} ({n})" for d, n in devices.items()) + "; opened on the CPU"))
+    return rows
+
+
+def _fp8_rows(report) -> list[tuple[str, str]]:
+    """FP8 weights stored with scales beside them: cast alone they are wrong; --dequantize applies them."""
+    scaled, config_error = report.scaled_fp8
+    groups: dict[tuple[str, str], list] = {}
+    for s in scaled:
+        groups.setdefault((s.dtype, s.describe()), []).append(s)
+    rows = []
+    for (dtype, how), group in groups.items():
+        names = ", ".join(s.scale for s in group[:2]) + (" ..." if len(group) > 2 else "")
+        them = "them" if len(group) > 1 else "it"
+        fix = f"--dequantize applies {them}" if group[0].layout else f"--dequantize refuses {them}"
+        rows.append(("fp8", f"{len(group)} tensor{'s' if len(group) > 1 else ''} {dtype} with {how} ({names}); {fix}"))
+    if config_error and rows:
+        rows.append(("fp8", f"block size assumed 128x128: {config_error}"))
     return rows
 
 

@@ -90,6 +90,18 @@ class InspectReport:
                 d["bytes"] += t.nbytes
         return out
 
+    @functools.cached_property
+    def scaled_fp8(self) -> tuple[list[Any], str | None]:
+        """FP8 weights with scales beside them (`remapping.fp8.Scaling`), and why config.json's block
+        size could not be read (the default 128x128 is assumed then), else None."""
+        from ..remapping import fp8
+
+        try:
+            return list(fp8.scaled_in(self.ckpt).values()), None
+        except RuleError as e:
+            meta = {n: (t.dtype, t.shape) for n, t in self.ckpt.tensors.items()}
+            return list(fp8.find_scaled(meta).values()), str(e)
+
     @property
     def num_params(self) -> int:
         return sum(d["params"] for d in self.dtype_summary.values())
@@ -136,6 +148,7 @@ class InspectReport:
             "dtypes": self.dtype_summary,
             "kinds": c.kinds,
             "certificate": c.certificate.to_json() if c.certificate is not None else None,
+            "scaled_fp8": [s.to_json() for s in self.scaled_fp8[0]],
             "devices": self.devices,
             "wrapper_prefixes": self.wrapper_prefixes,
             "common_prefix": self.common_prefix,

@@ -180,9 +180,10 @@ OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("rename", RENAME, "re.sub on every key, e.g. '^fc\\.=>head.'.", _rename_names),
     OpKind("drop", REGEX, "Drop keys matching REGEX (re.search).", _drop),
     OpKind("keep", REGEX, "Keep only keys matching REGEX.", _keep),
-    OpKind("dtype", DTYPE, "Cast floating tensors."),
+    OpKind("dtype", DTYPE, "Cast floating tensors (FP8 weights with scales beside them need --dequantize)."),
     OpKind("densify", FLAG, "Write sparse tensors (COO, CSR, ...) as dense ones."),
-    OpKind("dequantize", FLAG, "Write quantized tensors as float32 (t.dequantize())."),
+    OpKind("dequantize", FLAG, "Write quantized tensors as float32 (t.dequantize()), and FP8 weights with their "
+                               "scales (x.weight_scale_inv) applied, as bf16 or --dtype; the scales are dropped."),
 )}
 
 

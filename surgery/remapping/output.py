@@ -14,6 +14,7 @@ from ..formats import Format
 from ..formats.chunks import CERTIFICATE_KEY, Digests
 from ..formats.writing import Entry, Payload
 from ..io import BackgroundHash, same_path
+from .fp8 import dequantized
 from .plan import PlanRow
 from .rules import Rules
 
@@ -59,7 +60,8 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
     (and converts, or assembles from chunks) the tensor."""
     info = ckpt.tensors[row.old]
     rng = info.byte_range
-    if row.kind != "dense":  # --densify / --dequantize, chunks: refuse_unsafetensorable let only those through
+    # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through
+    if row.kind != "dense" or row.scaling is not None:
         return lambda: _converted_bytes(ckpt, row)
     if row.new_dtype == row.dtype and rng is not None:
         return (lambda: read_range(info.file, *rng)) if read else (info.file, rng[0], rng[1])
@@ -72,12 +74,15 @@ def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
     """The converted tensor's bytes, a view of its memory (no copy)."""
     import torch
 
-    t = converted(ckpt.tensor(row.old), row).contiguous()
+    t = converted(ckpt.tensor(row.old), row, ckpt).contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def converted(t: "torch.Tensor", row: PlanRow) -> "torch.Tensor":
-    """The tensor as the plan row writes it: densified, dequantized, cast."""
+def converted(t: "torch.Tensor", row: PlanRow, ckpt: Checkpoint) -> "torch.Tensor":
+    """The tensor as the plan row writes it: densified, dequantized, cast. An FP8 weight's scale
+    is read from ``ckpt`` (that one tensor beside the weight)."""
+    if row.scaling is not None:
+        return dequantized(t, ckpt.tensor(row.scaling.scale), row.scaling, torch_dtype(row.new_dtype))
     if row.new_kind == "dense" and row.kind in SPARSE_KINDS:
         t = t.to_dense()
     elif row.new_kind == "dense" and row.kind == "quantized":
@@ -95,7 +100,7 @@ def _state_dict(ckpt: Checkpoint, kept: list[PlanRow]) -> dict[str, Any]:
         t = sd[r.old]
         if r.converted:
             if id(t) not in done:
-                done[id(t)] = converted(t, r)
+                done[id(t)] = converted(t, r, ckpt)
             t = done[id(t)]
         out[r.new] = t
     return out

@@ -14,6 +14,7 @@ from typing import Iterable
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
 from ..errors import RuleError
+from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe, scaled_in
 from .ops import OP_KINDS, Op
 from .rules import Rules
 
@@ -83,6 +84,7 @@ class PlanRow:
     alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
     kind: str = "dense"  # see TensorInfo.kind
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
+    scaling: Scaling | None = None  # an FP8 weight --dequantize writes with its scale applied (fp8.py)
 
     @property
     def converted(self) -> bool:
@@ -101,19 +103,28 @@ def _after_conversion(t: TensorInfo, kinds: set[str]) -> tuple[str, str]:
 
 
 def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tuple[str, int]]]:
-    """One row per source tensor, and each op's text with how many tensors it touched."""
+    """One row per source tensor, and each op's text with how many tensors it touched. FP8 weights
+    with scales beside them are refused a cast without --dequantize; with it, the scales apply."""
     plan = plan_names(ckpt.tensors.keys(), rules.ops)
     kinds, target = {o.kind for o in rules.ops}, rules.dtype
+    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} else {}
+    refuse_unsafe(str(ckpt.path), scaled, plan.mapping, kinds, target)
+    applied = scaled if "dequantize" in kinds else {}
+    scales = {s.scale for s in applied.values()}
     rows = []
     converted = {"dtype": 0, "densify": 0, "dequantize": 0}  # tensors each conversion op changes
     for old, new in plan.mapping.items():
         t = ckpt.tensors[old]
         kind, dtype = _after_conversion(t, kinds)
         new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
-        rows.append(PlanRow(old, new, t.dtype, new_dtype, t.shape, kind=t.kind, new_kind=kind))
-        if new is not None:
-            converted["dtype"] += new_dtype != dtype
+        if old in applied:
+            new_dtype = target or DEQUANTIZED_DTYPE
+        rows.append(PlanRow(old, None if old in scales else new, t.dtype, new_dtype, t.shape, kind=t.kind,
+                            new_kind=kind, scaling=applied.get(old)))
+        if new is not None and old not in scales:
+            converted["dtype"] += new_dtype != dtype and old not in applied
             converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind and t.kind != "chunked"
+            converted["dequantize"] += old in applied
     _mark_aliases(ckpt, rows)
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..checkpoint import torch_dtype
+from .fp8 import DEFAULT_BLOCK, DEQUANTIZED_DTYPE, dequantize_state_dict, refuse_unsafe, scaled_in_memory
 from .ops import Op, parse_dtype
 from .plan import plan_names
 
@@ -16,9 +17,9 @@ def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     kinds = {o.kind for o in ops}
     if "densify" in kinds:
         out = densify(out)
-    if "dequantize" in kinds:
-        out = dequantize(out)
     casts = [o.arg for o in ops if o.kind == "dtype"]
+    if "dequantize" in kinds:  # FP8 scales applied straight into the cast's dtype, not through bf16
+        out = dequantize(out, casts[-1] if casts else DEQUANTIZED_DTYPE)
     return cast(out, casts[-1]) if casts else out
 
 
@@ -50,8 +51,10 @@ def auto_strip(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def cast(sd: Mapping[str, Any], dtype: str) -> dict[str, Any]:
-    """Cast floating tensors to ``dtype`` ('fp16', 'bf16', 'fp32'); other tensors unchanged."""
+    """Cast floating tensors to ``dtype`` ('fp16', 'bf16', 'fp32'); other tensors unchanged. FP8
+    weights with a scale beside them are refused: `dequantize` applies the scales."""
     target = torch_dtype(parse_dtype(dtype))
+    refuse_unsafe("state dict", scaled_in_memory(sd), {k: k for k in sd}, {"dtype"}, parse_dtype(dtype))
     return _convert_each(sd, lambda t: t.to(target) if t.is_floating_point() else t)
 
 
@@ -62,8 +65,13 @@ def densify(sd: Mapping[str, Any]) -> dict[str, Any]:
     return _convert_each(sd, lambda t: t.to_dense() if t.layout != torch.strided else t)
 
 
-def dequantize(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Quantized tensors as float32 (``t.dequantize()``); other tensors unchanged."""
+def dequantize(sd: Mapping[str, Any], dtype: str = DEQUANTIZED_DTYPE,
+               block_size: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, Any]:
+    """Quantized tensors as float32 (``t.dequantize()``); FP8 weights with a scale beside them
+    (``x.weight_scale_inv``, ``x.weight_scale``) as ``dtype`` with the scale applied
+    (``block_size`` blocks, or one scale per tensor or per row), the scales dropped; other
+    tensors unchanged."""
+    sd = dequantize_state_dict(sd, parse_dtype(dtype), tuple(block_size))  # type: ignore[arg-type]
     return _convert_each(sd, lambda t: t.dequantize() if t.is_quantized else t)
 
 

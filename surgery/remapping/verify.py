@@ -48,7 +48,7 @@ def source_digests(ckpt: Checkpoint, rows: list[PlanRow]) -> dict[str, str]:
 
 def _expected(ckpt: Checkpoint, r: PlanRow) -> str:
     if r.new_kind != "dense":
-        return _tensor_digest(converted(ckpt.tensor(r.old), r))
+        return _tensor_digest(converted(ckpt.tensor(r.old), r, ckpt))
     return _digest(ckpt, r.old, source(ckpt, r))
 
 
