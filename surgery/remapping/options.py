@@ -18,6 +18,9 @@ class RemapOptions:
     format: str = option("", "Write DST as safetensors, pt, folder (sharded safetensors) or dcp (a "
                               "torch.distributed.checkpoint folder); by default DST's suffix says.", metavar="NAME")
     shard_size: str | int = option("5GB", "Largest shard when DST is a folder.", cli_type=str)
+    copy_tied: bool = option(False, "Write tied tensors under every name, a copy each, for loaders that ignore "
+                                    "surgery's record of ties (safetensors.torch.load_file); by default they are "
+                                    "stored once.")
     dry_run: bool = option(False, "Print the old -> new table; write nothing.")
     verify: bool = option(False, "Re-read the output and compare every tensor bit for bit.")
     force: bool = option(False, "Replace DST if it exists.")

@@ -24,7 +24,7 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
 
     ``rules``: a `Rules`, a list of `Op` (or of ``(kind, *args)`` tuples), a dict in the rules-file
     schema, or a rules file path. The keywords are the fields of :class:`RemapOptions` (``force``,
-    ``in_place``, ``dry_run``, ``verify``, ``shard_size``, ``allow_globals``).
+    ``in_place``, ``dry_run``, ``verify``, ``shard_size``, ``copy_tied``, ``allow_globals``).
 
     >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
     >>> remap("dp.pth", "clean.safetensors", [("auto",), ("drop", "^fc\\.")])  # doctest: +SKIP
@@ -41,6 +41,9 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
                           f"{' ...' if len(ckpt.containers) > 6 else ''})")
     fmt = output_format(dst_p, o.format)
     rows, counts = build_plan(ckpt, rules)
+    if o.copy_tied:
+        for r in rows:
+            r.alias_of = None  # each name stores its own copy of the shared bytes
     if fmt.name != "torch-zip":
         refuse_unsafetensorable(str(src_p), rows)
     shard_bytes = parse_size(o.shard_size)

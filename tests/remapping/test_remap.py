@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import surgery
@@ -113,6 +114,21 @@ def test_tied_tensors_stored_once_and_restored(make, tmp_path):
     sd = torch.load(back, weights_only=True)
     a = aliases[0]
     assert sd[a.new].data_ptr() == sd[a.alias_of].data_ptr()
+
+
+def test_copy_tied_writes_every_tied_name_for_plain_loaders(make, tmp_path, cli):
+    """safetensors.torch.load_file ignores surgery's record of ties: --copy-tied writes each name."""
+    src = make("tied_pt")
+    ref = torch.load(src, weights_only=True)
+    st = tmp_path / "copies.safetensors"
+    r = cli("remap", src, st, "--copy-tied", "--verify")
+    assert r.exit_code == 0, r.output
+    raw = load_file(st)
+    assert sorted(raw) == sorted(ref)
+    for k, v in ref.items():
+        assert torch.equal(raw[k], v), k
+    with safe_open(st, "pt") as f:
+        assert "surgery.aliases" not in (f.metadata() or {})
 
 
 def test_non_contiguous_views_survive(make, tmp_path):
