@@ -8,6 +8,7 @@ pickled as torch pickles it, since torch reads it with plain ``pickle.load``.
 
 from __future__ import annotations
 
+import errno
 import pickle
 from pathlib import Path
 
@@ -33,7 +34,11 @@ def write(dst: Path, payload: Payload) -> list[str]:
                 e = entries[payload.aliases.get(name, name)]
                 t = _tensor(e.source, e.dtype, e.shape)
                 start = f.tell()
-                torch.save(t, f)
+                try:
+                    torch.save(t, f)
+                except RuntimeError as e:  # torch's writer reports a failed write (ENOSPC) as RuntimeError
+                    first = (str(e).strip().splitlines() or [""])[0][:160]
+                    raise OSError(errno.EIO, f"torch.save could not finish writing ({first}); is the disk full?") from None
                 zeros = torch.Size([0] * t.dim())
                 storage[MetadataIndex(name, zeros, 0)] = _StorageInfo(DATA_FILE, start, f.tell() - start)
                 tensors[name] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,

@@ -16,6 +16,8 @@ classes are never imported or called, no pickled code is run.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import os
 import re
@@ -63,12 +65,16 @@ for _m in ("torch.distributed.tensor._dtensor_spec", "torch.distributed._tensor.
 _RECORDS["torch.distributed._shard.sharded_tensor.api", "ShardedTensor"] = _wrapper(_SHARDED_TENSOR)
 
 
+_PROCESS_GROUP_STATE = _opaque_class(f"{_SHARDED_TENSOR}.ProcessGroupState")
+
+
 def _nested_class(owner: Any, name: Any) -> type:
     """``getattr(ShardedTensor, "ProcessGroupState")``, as FSDP1's ShardedTensor pickles its
-    process group's record: an inert class named after the two, never Python's getattr."""
-    if not (isinstance(owner, type) and issubclass(owner, Opaque) and isinstance(name, str) and name.isidentifier()):
-        raise FormatError(f"the pickle calls getattr on {type(owner).__name__}; only a record's nested class is read")
-    return _opaque_class(f"{owner.qualname}.{name}")
+    process group's record: one inert class, never Python's getattr; any other getattr is refused."""
+    if getattr(owner, "qualname", None) != _SHARDED_TENSOR or name != "ProcessGroupState":
+        raise FormatError(f"the pickle calls getattr({getattr(owner, 'qualname', type(owner).__name__)}, "
+                          f"{str(name)[:40]!r}); only ShardedTensor's ProcessGroupState is read")
+    return _PROCESS_GROUP_STATE
 
 
 _RECORDS["builtins", "getattr"] = _nested_class
@@ -98,19 +104,20 @@ def _candidates(folder: Path) -> dict[tuple[str, str], dict[int, list[Path]]]:
     optimizer's and extra state's per-rank files beside them), each of two files or more or naming
     a world of two ranks or more."""
     groups = {t: g for t, g in _groups(folder).items()
-              if sum(map(len, g.values())) > 1 or (_named_world(t[0]) or 0) >= 1}
+              if sum(map(len, g.values())) > 1 or (_named_world(t[0]) or 0) >= 1
+              or _names_dtensor(min(g.items())[1][0])}  # a world of one rank
     models = {t: g for t, g in groups.items() if t[0].startswith("model")}
     return models or groups
 
 
 def is_per_rank(p: Path) -> bool:
-    """A folder of per-rank files holding DTensors, or a file named ``*world_size_N_rank_K*`` among
-    them. Rank files of plain tensors (DDP's per-rank copies, ``ckpt_rank0.pt``) stay checkpoints of
+    """A folder of per-rank files holding DTensors or ShardedTensors, or one of those files (it
+    stands for its set). Rank files of plain tensors (DDP's per-rank copies, ``ckpt_rank0.pt``) stay checkpoints of
     their own."""
     if p.is_dir():
         return any(_names_dtensor(min(g.items())[1][0]) for g in _candidates(p).values())
     t = _template(p.name)
-    return bool(t and _named_world(t[0]) and t[:2] in _candidates(p.parent) and _names_dtensor(p))
+    return bool(t and t[:2] in _candidates(p.parent) and _names_dtensor(p))
 
 
 def members(folder: Path) -> set[Path]:
@@ -183,6 +190,15 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _shape(values: Any, src: str, where: str) -> tuple[int, ...]:
+    """A global shape as torch could hold it: at most 64 dims, each and their product below 2**63."""
+    shape = tuple(_int(n, "a size") for n in values)
+    if len(shape) > 64 or any(not 0 <= n < 1 << 63 for n in shape) or math.prod(max(n, 1) for n in shape) >= 1 << 63:
+        raise FormatError(f"{src}: {where} has the global shape {list(shape)[:8]}, which no tensor has; the file is "
+                          f"corrupt")
+    return shape
+
+
 def _placement(p: Any, src: str, where: str) -> tuple:
     kind = type(p).__name__
     if isinstance(p, Opaque) and p.qualname.endswith(".Shard"):
@@ -210,7 +226,7 @@ def _dtensor(v: Opaque, src: str, where: str) -> dict:
     ranks = mesh.get("_rank_map", mesh.get("mesh"))
     size = math.prod(ranks.shape) if isinstance(ranks, TensorRef) else None
     coord = mesh.get("_coordinate_on_dim")
-    return {"kind": "dtensor", "local": local, "placement": placements[0], "shape": tuple(_int(n, "a size") for n in shape),
+    return {"kind": "dtensor", "local": local, "placement": placements[0], "shape": _shape(shape, src, where),
             "dtype": dtype.dtype, "size": size,
             "coord": _int(coord[0], "a mesh coordinate") if isinstance(coord, (tuple, list)) and coord else None}
 
@@ -219,7 +235,7 @@ def _sharded_tensor(v: Opaque, src: str, where: str) -> dict:
     """An FSDP1 ShardedTensor record: this rank's local shards at their offsets, the global shape
     and dtype, every rank's shard boxes (the metadata each file carries) and the world size."""
     local_shards, meta, pg = v.state[0], _fields(v.state[1]), v.state[2]
-    dtype, shape = v.args[0], tuple(_int(n, "a size") for n in v.args[1])
+    dtype, shape = v.args[0], _shape(v.args[1], src, where)
     if not isinstance(dtype, DType):
         raise TypeError("the ShardedTensor's dtype is not a dtype")
 
@@ -263,8 +279,8 @@ def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | Non
         raise FormatError(f"{src}: a DTensor record has a field of the wrong type ({type(e).__name__}: "
                           f"{str(e)[:100]}); the files are corrupt or from an unsupported torch") from None
     folder = files[0].parent
-    flat = bool(tensors) and all(k.split(".")[-1] in ("_flat_param", "flat_param")
-                                 for k in tensors if tensors[k].kind == "chunked")
+    sharded = [k for k, kind in kinds.items() if kind == "sharded"]
+    flat = bool(sharded) and all(str(k).split(".")[-1] in ("_flat_param", "flat_param") for k in sharded)
     said = (f"FSDP1 flat parameters (LOCAL_STATE_DICT, {world} ranks): the names and shapes of the parameters inside "
             f"them are not in the files; load them into the FSDP-wrapped model, or save with SHARDED_STATE_DICT"
             if flat else f"per-rank state dicts of a sharded model ({folder.name}, {world} ranks)")
@@ -272,7 +288,8 @@ def open_per_rank(path: Path, accept: frozenset = frozenset(), select: str | Non
                       tensors=tensors, extras=extras, files=[str(f) for f in files], description=said,
                       file_kind="flat_parameters" if flat else "state_dict")
     ckpt.certificate = certify(tensors, " and ".join(sorted({"dtensor": "DTensor specs",
-                                                            "sharded": "ShardedTensor metadata"}[k] for k in kinds)), world)
+                                                            "sharded": "ShardedTensor metadata"}[k]
+                                                           for k in set(kinds.values()))), world)
     return ckpt
 
 
@@ -285,11 +302,16 @@ def _tensors(files: list[Path], read: list[tuple[dict, dict]], world: int, src: 
         raise FormatError(f"{src}: {files[0].name} holds no DTensor; not the state dict of a sharded model (open "
                           f"one file by its path)")
     for f, s in zip(files[1:], specs[1:]):
-        odd = sorted(s.keys() ^ specs[0].keys())
+        odd = sorted(map(str, s.keys() ^ specs[0].keys()))
         if odd:
-            raise FormatError(f"{src}: {odd[0]!r} is a DTensor in one of {files[0].name}, {f.name} only; the files "
-                              f"are from different models or runs")
-    local = [tensor_infos(_local_refs(s), offsets, str(f), src) for f, s, (_, offsets) in zip(files, specs, read)]
+            raise FormatError(f"{src}: {odd[0]!r} is a sharded tensor in one of {files[0].name}, {f.name} only; the "
+                              f"files are from different models or runs")
+        mixed = next((k for k in s if s[k]["kind"] != specs[0][k]["kind"]), None)
+        if mixed is not None:
+            raise FormatError(f"{src}: {mixed!r} is a {_KIND_NAMES[specs[0][mixed]['kind']]} in {files[0].name} but a "
+                              f"{_KIND_NAMES[s[mixed]['kind']]} in {f.name}; the files are from different runs")
+    for f, s, (_, offsets) in zip(files, specs, read):
+        _local_infos(s, offsets, f, src)
     obj, offsets = read[0]
     plain = tensor_infos({k: v for k, v in obj.items() if isinstance(v, TensorRef) and k not in specs[0]}, offsets,
                          str(files[0]), src)
@@ -297,29 +319,39 @@ def _tensors(files: list[Path], read: list[tuple[dict, dict]], world: int, src: 
     extras: dict[str, str] = {}
     for k, v in obj.items():
         if k in specs[0] and specs[0][k]["kind"] == "sharded":
-            tensors[k] = _global_sharded(k, [s[k] for s in specs], local, world, src)
+            tensors[k] = _global_sharded(k, [s[k] for s in specs], world, src)
         elif k in specs[0]:
-            tensors[k] = _global(k, [s[k] for s in specs], [loc[k] for loc in local], world, src)
+            tensors[k] = _global(k, [s[k] for s in specs], [s[k]["info"] for s in specs], world, src)
         elif k in plain:
             tensors[k] = plain[k]
         else:
             extras[str(k)] = f"{type(v).__name__} (rank 0's)"
-    return tensors, extras, {d["kind"] for d in specs[0].values()}
+    return tensors, extras, {k: d["kind"] for k, d in specs[0].items()}
 
 
-def _local_refs(specs: dict) -> dict:
-    """Each rank's local tensors by key: a DTensor's under its name, a ShardedTensor's i-th shard
-    under ``name\0i``."""
-    out = {}
+_KIND_NAMES = {"dtensor": "DTensor", "sharded": "ShardedTensor"}
+
+
+def _local_infos(specs: dict, offsets: dict, file: Path, src: str) -> None:
+    """Each spec's local tensors located in its rank's file: a DTensor's as ``info``, a
+    ShardedTensor's shards as ``infos`` (each named after its tensor)."""
+    refs = {}
     for k, d in specs.items():
         if d["kind"] == "sharded":
-            out.update({f"{k}\0{i}": ref for i, (_, ref) in enumerate(d["local"])})
+            refs.update({(k, i): ref for i, (_, ref) in enumerate(d["local"])})
         else:
-            out[k] = d["local"]
-    return out
+            refs[k, None] = d["local"]
+    keys = list(refs)
+    found = tensor_infos({f"#{n}": refs[key] for n, key in enumerate(keys)}, offsets, str(file), src)
+    for n, (k, i) in enumerate(keys):
+        info = dataclasses.replace(found[f"#{n}"], name=str(k))
+        if i is None:
+            specs[k]["info"] = info
+        else:
+            specs[k].setdefault("infos", []).append(info)
 
 
-def _global_sharded(name: str, specs: list[dict], local: list[dict], world: int, src: str) -> TensorInfo:
+def _global_sharded(name: str, specs: list[dict], world: int, src: str) -> TensorInfo:
     """A ShardedTensor from every rank's local shards, each where its metadata puts it; each
     rank's shards must be those every file's metadata gives that rank, and cover the tensor."""
     first = specs[0]
@@ -333,16 +365,19 @@ def _global_sharded(name: str, specs: list[dict], local: list[dict], world: int,
             raise FormatError(f"{src}: rank {r}'s {name!r} ({d['dtype']} {list(d['shape'])}, {len(d['boxes'])} "
                               f"shards) differs from rank 0's ({dtype} {list(shape)}, {len(boxes)} shards); the "
                               f"files are from different runs")
-        want = sorted((o, s) for o, s, rank in boxes if rank == r)
-        for i, (offsets, _) in enumerate(d["local"]):
-            info = local[r][f"{name}\0{i}"]
-            if info.dtype != dtype or (offsets, info.shape) not in want:
-                raise FormatError(f"{src}: rank {r} holds {info.dtype} {list(info.shape)} at {list(offsets)} of "
-                                  f"{name!r}, a shard its metadata does not give rank {r}")
+        want = collections.Counter((o, s) for o, s, rank in boxes if rank == r)
+        for (offsets, _), info in zip(d["local"], d.get("infos", [])):
+            if info.dtype != dtype:
+                raise FormatError(f"{src}: rank {r} holds a {info.dtype} shard of {name!r}, which is {dtype}; the "
+                                  f"files are corrupt or from different runs")
+            if want[offsets, info.shape] <= 0:
+                raise FormatError(f"{src}: rank {r} holds {list(info.shape)} at {list(offsets)} of {name!r}, a shard "
+                                  f"its metadata does not give rank {r}")
+            want[offsets, info.shape] -= 1
             pieces.append((offsets, info))
-        if len(d["local"]) != len(want):
-            raise FormatError(f"{src}: rank {r} holds {len(d['local'])} of the {len(want)} shards of {name!r} its "
-                              f"metadata gives it")
+        if any(want.values()):
+            raise FormatError(f"{src}: rank {r} holds {len(d['local'])} of the {len(d['local']) + sum(want.values())} "
+                              f"shards of {name!r} its metadata gives it")
     problem = cover_problem(shape, [(o, p.shape) for o, p in pieces if math.prod(p.shape)])
     if problem:
         raise FormatError(f"{src}: {name!r} {list(shape)} is not covered exactly once by the ranks' shards: {problem}")

@@ -214,3 +214,32 @@ def test_a_missing_fsdp1_rank_file_is_refused(tmp_path, cli):
     (src / "pytorch_model_fsdp_0_rank1.bin").unlink()
     r = cli("remap", src, tmp_path / "out.safetensors")
     assert r.exit_code == 2 and not (tmp_path / "out.safetensors").exists(), r.output
+
+
+def test_one_rank_worlds_and_one_file_of_two_sets_open_and_only_flat_parameters_say_so(tmp_path, cli):
+    one = write_per_rank(tmp_path / "one", {"w": torch.arange(6.0).reshape(3, 2)}, ranks=1)
+    r = cli("inspect", one, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["file_kind"] == "state_dict", r.output
+    st1 = write_sharded_tensors(tmp_path / "st1", _fsdp1(), ranks=1)
+    r = cli("inspect", st1 / "pytorch_model_fsdp_0_rank0.bin")
+    assert r.exit_code == 0 and "torch-per-rank" in r.output, r.output
+    two = write_sharded_tensors(tmp_path / "two", _fsdp1(), ranks=2)
+    other = write_sharded_tensors(tmp_path / "other", {"w": torch.ones(4, 2)}, ranks=2)
+    for f in other.iterdir():
+        f.rename(two / f.name.replace("fsdp_0", "fsdp_1"))
+    r = cli("inspect", two)
+    assert r.exit_code == 2 and "pass one of the files" in r.output, r.output
+    r = cli("remap", two / "pytorch_model_fsdp_1_rank1.bin", tmp_path / "w.safetensors")
+    assert r.exit_code == 0 and list(load_file(tmp_path / "w.safetensors")) == ["w"], r.output
+
+
+def test_getattr_in_a_rank_file_reads_shardedtensors_process_group_record_only():
+    from surgery.errors import FormatError
+    from surgery.formats import per_rank
+
+    st = per_rank._RECORDS["torch.distributed._shard.sharded_tensor.api", "ShardedTensor"]
+    nested = per_rank._RECORDS["builtins", "getattr"]
+    assert nested(st, "ProcessGroupState") is nested(st, "ProcessGroupState")  # one class, not one per call
+    for owner, name in ((st, "__class__"), (st, "__init__"), (int, "ProcessGroupState"), (st, 3)):
+        with pytest.raises(FormatError):
+            nested(owner, name)
