@@ -134,12 +134,17 @@ def _mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtyp
         import torch
 
         acc = None
-        for c, name, x in zip(ckpts, names, w):
+        for c, name, x in zip(ckpts, names, w):  # in place: the sum and one input's float64 copy in memory
             t = c.tensor(name).to(torch.float64)
-            t = t if x == 1.0 else t * x
-            acc = t if acc is None else acc.add_(t)
+            if x != 1.0:
+                t.mul_(x)
+            if acc is None:
+                acc = t
+            else:
+                acc.add_(t)
+            del t
         total = sum(w)
-        mean = acc if total == 1.0 else acc / total
+        mean = acc if total == 1.0 else acc.div_(total)
         return _bytes(mean.to(torch_dtype(dtype)))
     return read
 
