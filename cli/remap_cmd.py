@@ -1,4 +1,5 @@
-"""`surgery remap SRC DST`: rename, drop, cast and convert, applied in the order given."""
+"""`surgery remap SRC DST`: rename, drop, cast, convert and reorder, applied in the order given
+(--rules' ops first, then the command line's)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def _render(report: RemapReport) -> None:
                   f"exactly once; the certificate and the sha256 of the {len(c['digests']):,} tensors written are in "
                   f"{where}")
     verified = ", verified bit for bit" if report.verified else ""
+    if report.roundtrip is not None:
+        verified += f", round trip A -> B -> A bit-exact ({report.roundtrip} tensors)"
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     out.print(f"{summary}; wrote {report.dst_format} {escaped(report.dst)} ({human_bytes(report.bytes_written)}{files})"
               f"{verified}")
@@ -142,6 +145,10 @@ def _table(report: RemapReport) -> Table:
         if r.alias_of:
             new += f" (tied to {escaped(r.alias_of)})"
         dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
+        if r.src_shape is not None:
+            dt += f" {list(r.src_shape)} -> {list(r.shape)}"
+        elif r.steps:
+            dt += f" ({', '.join(s.kind.replace('_', '-') for s in r.steps)})"
         if r.kind != "dense" or r.new_kind != "dense":
             dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
         table.add_row(escaped(r.old), new, escaped(dt))
