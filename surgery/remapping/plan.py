@@ -144,6 +144,7 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
             converted["dtype"] += new_dtype != dtype and old not in applied
             converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind and t.kind != "chunked"
             converted["dequantize"] += old in applied
+    _refuse_mixed_head_sizes(rows)
     _mark_aliases(ckpt, rows)
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 
@@ -159,6 +160,21 @@ def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], de
     row.steps = plan_steps(row.old, row.shape, ops)
     if row.steps and row.steps[-1].out_shape != row.shape:
         row.src_shape, row.shape = row.shape, row.steps[-1].out_shape
+
+
+def _refuse_mixed_head_sizes(rows: list[PlanRow]) -> None:
+    """q and k are dotted head by head, so every rope_permute of a plan gives one head size; two
+    sizes mean a head count is wrong (a k projection given the q heads in grouped-query attention)."""
+    sizes: dict[int, tuple[str, Step]] = {}
+    for r in rows:
+        for s in r.steps:
+            if s.kind == "rope_permute":
+                sizes.setdefault(s.in_shape[0] // s.params[0], (r.old, s))
+    if len(sizes) > 1:
+        (a, (na, sa)), (b, (nb, sb)) = list(sizes.items())[:2]
+        raise RuleError(f"rope_permute gives {na!r} head size {a} ({sa.in_shape[0]} rows / {sa.params[0]} heads) but "
+                        f"{nb!r} head size {b} ({sb.in_shape[0]} rows / {sb.params[0]} heads); q and k share one head "
+                        f"size: check the heads and kv-heads (--heads, --kv-heads); nothing was written")
 
 
 def _mark_aliases(ckpt: Checkpoint, rows: list[PlanRow]) -> None:
