@@ -42,7 +42,9 @@ def source_digests(ckpt: Checkpoint, rows: list[PlanRow]) -> dict[str, str]:
 
 
 def _source_digest(ckpt: Checkpoint, r: PlanRow) -> str:
-    if r.kind not in ("dense", "chunked"):  # kept as it is in a torch file
+    if r.kind == "chunked":  # ranks' pieces: the tensor they assemble
+        return hashlib.sha256(_bytes(ckpt.tensor(r.old))).hexdigest()
+    if r.kind != "dense":  # kept as it is in a torch file
         return _tensor_digest(ckpt.tensor(r.old))
     return _digest(ckpt, r.old)
 

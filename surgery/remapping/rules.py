@@ -104,12 +104,13 @@ VARIABLE_SOURCES = {  # where each variable a profile uses can come from, for th
 }
 
 
-def substitute(value: Any, variables: Mapping[str, Any], where: str) -> Any:
-    """``value`` with every string that is exactly ``'{name}'`` replaced by ``variables[name]``."""
-    if isinstance(value, dict):
-        return {k: substitute(v, variables, where) for k, v in value.items()}
-    if isinstance(value, list):
-        return [substitute(v, variables, where) for v in value]
+def substitute(value: Any, variables: Mapping[str, Any], where: str, depth: int = 3) -> Any:
+    """``value`` with every string that is exactly ``'{name}'`` replaced by ``variables[name]``, down
+    to the depth an op has (``{op: {field: [item]}}``): a YAML alias can make a list its own member."""
+    if depth and isinstance(value, dict):
+        return {k: substitute(v, variables, where, depth - 1) for k, v in value.items()}
+    if depth and isinstance(value, list):
+        return [substitute(v, variables, where, depth - 1) for v in value]
     m = _VARIABLE.fullmatch(value) if isinstance(value, str) else None
     if m is None:
         return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import Checkpoint
 from ..errors import RuleError, SelectError
 from ..formats import open_checkpoint, output_format
 from ..io import OUTPUTS, check_destination, check_source, same_path
@@ -12,7 +13,7 @@ from ..option_table import options_from, signature
 from .ops import Op
 from .options import RemapOptions
 from .output import write
-from .plan import build_plan, parse_size, refuse_unsafetensorable
+from .plan import PlanRow, build_plan, parse_size, refuse_unsafetensorable
 from .report import RemapReport
 from .roundtrip import refuse_one_way, source_digests as roundtrip_digests, verify_roundtrip
 from .rules import Rules
@@ -66,12 +67,18 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
     if ckpt.certificate is not None:
         report.certificate = ckpt.certificate.to_json()
+    _check_output(o, ckpt, rows, dst_p, report, before, sources)
+    return report
+
+
+def _check_output(o: RemapOptions, ckpt: Checkpoint, rows: list[PlanRow], dst: Path, report: RemapReport,
+                  before: dict[str, str] | None, sources: dict[str, str] | None) -> None:
+    """--verify (the output against the plan) and --verify-roundtrip (the plan undone against the source)."""
     if o.verify:
-        verify_output(ckpt, rows, dst_p, before)
+        verify_output(ckpt, rows, dst, before)
         report.verified = True
     if o.verify_roundtrip:
-        report.roundtrip = verify_roundtrip(ckpt, rows, dst_p, sources)
-    return report
+        report.roundtrip = verify_roundtrip(ckpt, rows, dst, sources)
 
 
 def _as_ops(rules: object) -> object:
