@@ -163,18 +163,20 @@ def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], de
 
 
 def _refuse_mixed_head_sizes(rows: list[PlanRow]) -> None:
-    """q and k are dotted head by head, so every rope_permute of a plan gives one head size; two
-    sizes mean a head count is wrong (a k projection given the q heads in grouped-query attention)."""
-    sizes: dict[int, tuple[str, Step]] = {}
+    """q and k of one attention module (the same name up to ``.q_proj.weight``) are dotted head by
+    head, so their rope_permutes give one head size; two sizes mean a head count is wrong (a k
+    projection given the q heads in grouped-query attention)."""
+    sizes: dict[str, dict[int, tuple[str, Step]]] = {}
     for r in rows:
         for s in r.steps:
             if s.kind == "rope_permute":
-                sizes.setdefault(s.in_shape[0] // s.params[0], (r.old, s))
-    if len(sizes) > 1:
-        (a, (na, sa)), (b, (nb, sb)) = list(sizes.items())[:2]
-        raise RuleError(f"rope_permute gives {na!r} head size {a} ({sa.in_shape[0]} rows / {sa.params[0]} heads) but "
-                        f"{nb!r} head size {b} ({sb.in_shape[0]} rows / {sb.params[0]} heads); q and k share one head "
-                        f"size: check the heads and kv-heads (--heads, --kv-heads); nothing was written")
+                sizes.setdefault(r.old.rsplit(".", 2)[0], {}).setdefault(s.in_shape[0] // s.params[0], (r.old, s))
+    for found in sizes.values():
+        if len(found) > 1:
+            (a, (na, sa)), (b, (nb, sb)) = list(found.items())[:2]
+            raise RuleError(f"rope_permute gives {na!r} head size {a} ({sa.in_shape[0]} rows / {sa.params[0]} heads) "
+                            f"but {nb!r} head size {b} ({sb.in_shape[0]} rows / {sb.params[0]} heads); q and k share "
+                            f"one head size: check the heads and kv-heads (--heads, --kv-heads); nothing was written")
 
 
 def _mark_aliases(ckpt: Checkpoint, rows: list[PlanRow]) -> None:

@@ -209,3 +209,16 @@ def test_ops_on_every_kind_of_source(make, tmp_path, src_name):
         report = surgery.remap(src, dst, [op], verify=True, verify_roundtrip=True, format=fmt)
         assert report.roundtrip == len(sd) and torch.equal(surgery.open(dst).state_dict()[name], sd[name].t())
 
+
+def test_head_sizes_are_compared_within_one_attention_module(tmp_path):
+    """Two towers with other head sizes are fine; q and k of one module with two sizes are refused."""
+    sd = {f"{tower}.attn.{p}.weight": torch.randn(rows, 4) for tower, rows in (("text", 16), ("vision", 12))
+          for p in ("q_proj", "k_proj")}
+    save_file(sd, tmp_path / "two.safetensors")
+    ok = [Op("rope_permute", r"^text\.attn\.[qk]_proj", "4,hf-to-meta"),
+          Op("rope_permute", r"^vision\.attn\.[qk]_proj", "2,hf-to-meta")]
+    assert surgery.remap(tmp_path / "two.safetensors", tmp_path / "o.safetensors", ok, verify_roundtrip=True).roundtrip == 4
+    wrong = [Op("rope_permute", r"^text\.attn\.q_proj", "4,hf-to-meta"), Op("rope_permute", r"^text\.attn\.k_proj", "2,hf-to-meta")]
+    with pytest.raises(RuleError, match=r"'text\.attn\.k_proj\.weight' head size 8 \(16 rows / 2 heads\) but "
+                                        r"'text\.attn\.q_proj\.weight' head size 4"):
+        surgery.remap(tmp_path / "two.safetensors", tmp_path / "o2.safetensors", wrong)
