@@ -1,4 +1,5 @@
-"""`surgery remap SRC DST`: rename, drop, cast and convert, applied in the order given."""
+"""`surgery remap SRC DST`: rename, drop, cast, convert and reorder, applied in the order given
+(a --profile's ops first, then --rules', then the command line's)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,18 @@ def _with_op_options(fn: Callable) -> Callable:
     return fn
 
 
+def _list_profiles(value: bool) -> None:
+    """--list-profiles: each shipped profile on one line, then exit (before SRC and DST are asked for)."""
+    if not value:
+        return
+    from surgery.remapping.profiles import list_profiles
+
+    out = console()
+    for name, description in list_profiles():
+        out.print(f"{escaped(name)}  {escaped(description)}", soft_wrap=True)
+    raise typer.Exit()
+
+
 def register(app: typer.Typer) -> None:
     app.command("remap", cls=_KeepsArgOrder)(remap)
 
@@ -84,6 +97,10 @@ def remap(
     dst: Annotated[Path, typer.Argument(help="Output: .safetensors, .pt/.pth/.bin, or a folder for sharded safetensors.", show_default=False)],
     *,
     rules_file: Annotated[Optional[Path], typer.Option("--rules", help="YAML or JSON rules file; its ops run before the command-line ones.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", metavar="NAME", help="A shipped rules file (--list-profiles); its ops run first.")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", metavar="N", help="Attention heads, for a profile's {heads}; by default from config.json or params.json beside SRC.")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option("--kv-heads", metavar="M", help="Key/value heads (grouped-query attention), for a profile's {kv_heads}; by default from config.json or params.json beside SRC.")] = None,
+    list_profiles: Annotated[bool, typer.Option("--list-profiles", is_eager=True, callback=_list_profiles, help="List the shipped profiles, one line each, and exit.")] = False,
     select: Annotated[Optional[str], shared_option("select")] = None,
     as_json: Annotated[bool, shared_option("as_json")] = False,
     **values: Any,
@@ -93,8 +110,14 @@ def remap(
     Example: surgery remap dp.pth clean.safetensors --auto --drop 'num_batches_tracked$' --verify
     """
     from surgery.remapping import Rules, remap as run_remap  # the rest of remap loads only when it runs
+    from surgery.remapping.profiles import profile_path, variables
 
-    rules = Rules.from_file(rules_file) if rules_file else Rules()
+    known = variables(src, heads, kv_heads)
+    rules = Rules.from_file(profile_path(profile), known) if profile else Rules()
+    if rules_file:
+        more = Rules.from_file(rules_file, known)
+        rules.ops.extend(more.ops)
+        rules.select = more.select or rules.select
     rules.ops.extend(ops_in_order(ctx.meta.get("surgery.raw_args", []), values))
     if select is not None:
         rules.select = select
@@ -123,6 +146,8 @@ def _render(report: RemapReport) -> None:
                   f"exactly once; the certificate and the sha256 of the {len(c['digests']):,} tensors written are in "
                   f"{where}")
     verified = ", verified bit for bit" if report.verified else ""
+    if report.roundtrip is not None:
+        verified += f", round trip A -> B -> A bit-exact ({report.roundtrip} tensors)"
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     out.print(f"{summary}; wrote {report.dst_format} {escaped(report.dst)} ({human_bytes(report.bytes_written)}{files})"
               f"{verified}")
@@ -142,6 +167,10 @@ def _table(report: RemapReport) -> Table:
         if r.alias_of:
             new += f" (tied to {escaped(r.alias_of)})"
         dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
+        if r.src_shape is not None:
+            dt += f" {list(r.src_shape)} -> {list(r.shape)}"
+        elif r.steps:
+            dt += f" ({', '.join(s.kind.replace('_', '-') for s in r.steps)})"
         if r.kind != "dense" or r.new_kind != "dense":
             dt += f" ({r.kind})" if r.kind == r.new_kind else f" ({r.kind} -> {r.new_kind})"
         table.add_row(escaped(r.old), new, escaped(dt))

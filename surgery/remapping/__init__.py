@@ -7,6 +7,9 @@ tensor's byte range from the source, so peak memory does not grow with the file.
 - `ops`: the op table (`OP_KINDS`): each rule's argument, checks, flag, JSON form, effect on names.
 - `rules`: `Rules`, the ops in order and the container, from the API, a dict or a rules file.
 - `plan`: names first (`plan_names`), then per tensor (`build_plan`), and the refusals.
+- `tensor_ops`: the one-to-one tensor ops (transpose, permute, reshape, rope_permute): shapes, inverses.
+- `profiles`: the rules files shipped in ``profiles/`` and the variables they use (heads, kv-heads).
+- `roundtrip`: ``--verify-roundtrip``, the plan's inverse applied to the output.
 - `transforms`: the same ops as pure ``dict[str, Tensor] -> dict[str, Tensor]`` functions.
 - `output`, `verify`: the plan as the output format's writer takes it; reading it back.
 - `options`: `RemapOptions`, how remap writes (its flags); `run`: `remap()`, the orchestrator.
@@ -24,6 +27,7 @@ _EXPORTS = {
     "NamePlan": "plan", "PlanRow": "plan", "build_plan": "plan", "parse_size": "plan", "plan_names": "plan",
     "REMAP_SCHEMA": "report", "RemapReport": "report",
     "Rules": "rules", "RemapOptions": "options",
+    "list_profiles": "profiles", "profile_rules": "profiles",
     "remap": "run",
     **{name: "transforms" for name in ("add_prefix", "apply_rules", "auto_strip", "cast", "densify", "dequantize",
                                        "drop", "keep", "rename", "strip_prefix")},

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..checkpoint import DTYPE_ALIASES
 from ..errors import RuleError
 from ..keys import detect_wrapper_prefixes, peel
+from . import tensor_ops
 
 NameChange = tuple[list["str | None"], int]  # new name per input name (None: dropped), names touched
 
@@ -93,6 +94,7 @@ class ArgForm:
     to_json: Callable[[str, str], Any]
     json_hint: str  # what the rules file takes, for the error message
     show: Callable[[str, str], str]  # (arg, repl) -> the text after the flag
+    norm: Callable[[str, str], str] | None = None  # (kind, repl) -> repl as stored: its one spelling
 
 
 def _as_arg(value: str) -> tuple[str, str]:
@@ -114,6 +116,21 @@ RENAME = ArgForm(metavar="'REGEX=>REPL'", check=_rename, from_cli=split_rename, 
                  show=lambda a, r: f"'{a}=>{r}'")
 DTYPE = ArgForm(metavar="fp16|bf16|fp32", check=lambda kind, a, r: parse_dtype(a), from_cli=_as_arg,
                 from_json=_text_json, to_json=_arg, json_hint="a string", show=_arg)
+
+
+
+def _tensor_op(kind: str, arg: str, repl: str) -> str:
+    _regex(kind, arg, repl)
+    tensor_ops.parse_params(kind, repl)
+    return arg
+
+
+def _tensor_form(kind: str, metavar: str) -> ArgForm:
+    """A tensor op's form: 'REGEX:ARGS' on the command line, a mapping in a rules file."""
+    return ArgForm(metavar=metavar, check=_tensor_op, from_cli=lambda v: tensor_ops.split_cli(kind, v),
+                   from_json=lambda v: tensor_ops.from_json(kind, v),
+                   to_json=lambda a, r: tensor_ops.to_json(kind, a, r), json_hint=tensor_ops.JSON_HINTS[kind],
+                   show=lambda a, r: f"'{a}:{r}'", norm=tensor_ops.canonical)
 
 
 # ---------------------------------------------------------------- what ops do to key names
@@ -167,6 +184,7 @@ class OpKind:
     form: ArgForm
     help: str  # the command line's help for the flag
     names: Callable[["Op", list[str]], NameChange] | None = None  # None: names unchanged (a tensor conversion)
+    tensor: bool = False  # a one-to-one tensor op (tensor_ops.py): applies to the keys its regex matches
 
     @property
     def flag(self) -> str:
@@ -184,6 +202,16 @@ OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("densify", FLAG, "Write sparse tensors (COO, CSR, ...) as dense ones."),
     OpKind("dequantize", FLAG, "Write quantized tensors as float32 (t.dequantize()), and FP8 weights with their "
                                "scales (x.weight_scale_inv) applied, as bf16 or --dtype; the scales are dropped."),
+    OpKind("transpose", _tensor_form("transpose", "'REGEX:D0,D1'"),
+           "Swap two dims of the tensors whose keys match REGEX, e.g. 'c_attn\\.weight$:0,1'.", tensor=True),
+    OpKind("permute", _tensor_form("permute", "'REGEX:ORDER'"),
+           "Reorder the dims of matching tensors, e.g. '^w$:2,0,1' (torch.permute).", tensor=True),
+    OpKind("reshape", _tensor_form("reshape", "'REGEX:SIZES'"),
+           "Reshape matching tensors, e.g. '^pos$:1,-1,768' (at most one -1).", tensor=True),
+    OpKind("rope_permute", _tensor_form("rope_permute", "'REGEX:HEADS,DIRECTION'"),
+           "Reorder the rows of matching q or k projections between Hugging Face's and Meta's RoPE layouts: "
+           "'q_proj\\.weight$:32,hf-to-meta' (DIRECTION hf-to-meta or meta-to-hf; k with its kv-heads).",
+           tensor=True),
 )}
 
 
@@ -196,14 +224,35 @@ def op_kind(name: str) -> OpKind:
 
 @dataclass(frozen=True)
 class Op:
-    """One rule. ``arg`` is the prefix, regex or dtype; ``repl`` the replacement for rename."""
+    """One rule. ``arg`` is the prefix, regex or dtype; ``repl`` the replacement for rename, or a
+    tensor op's parameters (``"0,1"``, ``(0, 1)``, ``"32,hf-to-meta"``)."""
 
     kind: str
     arg: str = ""
     repl: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arg", op_kind(self.kind).form.check(self.kind, self.arg, self.repl))
+        form = op_kind(self.kind).form
+        if isinstance(self.repl, (tuple, list)):  # Op("transpose", "w$", (0, 1))
+            object.__setattr__(self, "repl", ",".join(map(str, self.repl)))
+        object.__setattr__(self, "arg", form.check(self.kind, self.arg, self.repl))
+        if form.norm is not None:
+            object.__setattr__(self, "repl", form.norm(self.kind, self.repl))
+
+    @property
+    def params(self) -> tuple:
+        """A tensor op's parameters: the dims, the sizes, or (heads, direction)."""
+        return tensor_ops.parse_params(self.kind, self.repl)
+
+    def inverse(self, shape: "tuple[int, ...] | None" = None) -> "Op":
+        """The tensor op that undoes this one, matching the same keys; a reshape needs the ``shape``
+        it was given. Name ops have no inverse of their own: the plan's mapping undoes them."""
+        if not OP_KINDS[self.kind].tensor:
+            raise RuleError(f"{self} has no inverse op; invert a plan instead (its mapping undoes renames)")
+        if self.kind == "reshape" and shape is None:
+            raise RuleError(f"{self}: the inverse of a reshape needs the shape it was given")
+        kind, params = tensor_ops.inverse(self.kind, self.params, tuple(shape or ()))
+        return Op(kind, self.arg, params)
 
     def __str__(self) -> str:
         kind = OP_KINDS[self.kind]

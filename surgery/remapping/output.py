@@ -17,6 +17,7 @@ from ..io import BackgroundHash, same_path
 from .fp8 import dequantized
 from .plan import PlanRow
 from .rules import Rules
+from .tensor_ops import apply_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -60,8 +61,9 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
     (and converts, or assembles from chunks) the tensor."""
     info = ckpt.tensors[row.old]
     rng = info.byte_range
-    # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through
-    if row.kind != "dense" or row.scaling is not None:
+    # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through;
+    # tensor ops (transpose, rope_permute, ...) read the tensor and reorder it
+    if row.kind != "dense" or row.scaling is not None or row.steps:
         return lambda: _converted_bytes(ckpt, row)
     if row.new_dtype == row.dtype and rng is not None:
         return (lambda: read_range(info.file, *rng)) if read else (info.file, rng[0], rng[1])
@@ -79,29 +81,31 @@ def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
 
 
 def converted(t: "torch.Tensor", row: PlanRow, ckpt: Checkpoint) -> "torch.Tensor":
-    """The tensor as the plan row writes it: densified, dequantized, cast. An FP8 weight's scale
-    is read from ``ckpt`` (that one tensor beside the weight)."""
+    """The tensor as the plan row writes it: densified, dequantized, cast, then its tensor ops
+    applied. An FP8 weight's scale is read from ``ckpt`` (that one tensor beside the weight)."""
     if row.scaling is not None:
-        return dequantized(t, ckpt.tensor(row.scaling.scale), row.scaling, torch_dtype(row.new_dtype))
+        return apply_steps(dequantized(t, ckpt.tensor(row.scaling.scale), row.scaling, torch_dtype(row.new_dtype)),
+                           row.steps)
     if row.new_kind == "dense" and row.kind in SPARSE_KINDS:
         t = t.to_dense()
     elif row.new_kind == "dense" and row.kind == "quantized":
         t = t.dequantize()
     target = torch_dtype(row.new_dtype)
-    return t.to(target) if t.dtype != target else t
+    return apply_steps(t.to(target) if t.dtype != target else t, row.steps)
 
 
 def _state_dict(ckpt: Checkpoint, kept: list[PlanRow]) -> dict[str, Any]:
     """Every kept name -> its tensor as written; tied names stay one shared tensor."""
     sd = ckpt.state_dict([r.old for r in kept])  # tied names come back as one shared tensor
-    done: dict[int, Any] = {}
+    done: dict[tuple, Any] = {}
     out = {}
     for r in kept:
         t = sd[r.old]
         if r.converted:
-            if id(t) not in done:
-                done[id(t)] = converted(t, r, ckpt)
-            t = done[id(t)]
+            key = (id(t), r.steps)  # tied names with other tensor ops are other tensors
+            if key not in done:
+                done[key] = converted(t, r, ckpt).contiguous() if r.steps else converted(t, r, ckpt)
+            t = done[key]
         out[r.new] = t
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
@@ -17,12 +17,14 @@ from ..errors import RuleError
 from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe, scaled_in
 from .ops import OP_KINDS, Op
 from .rules import Rules
+from .tensor_ops import Step, plan_steps
 
 
 @dataclass
 class NamePlan:
     mapping: dict[str, str | None]  # old -> new (None: dropped), in source order
     op_counts: list[tuple[Op, int]]  # each op and how many names it touched
+    tensor_ops: dict[str, list[Op]] = field(default_factory=dict)  # old name -> the tensor ops its names matched
 
     @property
     def kept(self) -> dict[str, str]:
@@ -34,12 +36,20 @@ def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
     names = list(names)
     current: list[str | None] = list(names)
     counts: list[tuple[Op, int]] = []
+    tensor_ops: dict[str, list[Op]] = {}
     for k, op in enumerate(ops):
         alive = [i for i, n in enumerate(current) if n is not None]
         if op.kind == "keep" and k > 0 and ops[k - 1].kind == "keep":
             continue  # applied with the first of its run
         if op.kind == "keep":
             counts += _keep_run(list(itertools.takewhile(lambda o: o.kind == "keep", ops[k:])), current, alive)
+            continue
+        if OP_KINDS[op.kind].tensor:  # applies to the tensors whose names match now, in this op's place
+            rx = re.compile(op.arg)
+            hits = [i for i in alive if rx.search(current[i])]  # type: ignore[arg-type]
+            for i in hits:
+                tensor_ops.setdefault(names[i], []).append(op)
+            counts.append((op, len(hits)))
             continue
         change = OP_KINDS[op.kind].names
         new, touched = change(op, [current[i] for i in alive]) if change else (None, 0)  # type: ignore[misc]
@@ -48,7 +58,7 @@ def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
         counts.append((op, touched))
     mapping = dict(zip(names, current))
     _refuse_clashes(mapping)
-    return NamePlan(mapping, counts)
+    return NamePlan(mapping, counts, tensor_ops)
 
 
 def _keep_run(run: list[Op], current: list[str | None], alive: list[int]) -> list[tuple[Op, int]]:
@@ -80,15 +90,21 @@ class PlanRow:
     new: str | None
     dtype: str
     new_dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as written: after the tensor ops
     alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
     kind: str = "dense"  # see TensorInfo.kind
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
     scaling: Scaling | None = None  # an FP8 weight --dequantize writes with its scale applied (fp8.py)
+    steps: tuple[Step, ...] = ()  # the tensor ops (transpose, reshape, ...) applied, in order
+    src_shape: tuple[int, ...] | None = None  # before the tensor ops, where they change it
 
     @property
     def converted(self) -> bool:
-        return self.new_kind != self.kind or self.new_dtype != self.dtype
+        return self.new_kind != self.kind or self.new_dtype != self.dtype or bool(self.steps)
+
+    @property
+    def old_shape(self) -> tuple[int, ...]:
+        return self.src_shape if self.src_shape is not None else self.shape
 
 
 def _after_conversion(t: TensorInfo, kinds: set[str]) -> tuple[str, str]:
@@ -107,7 +123,7 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     with scales beside them are refused a cast without --dequantize; with it, the scales apply."""
     plan = plan_names(ckpt.tensors.keys(), rules.ops)
     kinds, target = {o.kind for o in rules.ops}, rules.dtype
-    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} else {}
+    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops else {}
     refuse_unsafe(str(ckpt.path), scaled, plan.mapping, kinds, target)
     applied = scaled if "dequantize" in kinds else {}
     scales = {s.scale for s in applied.values()}
@@ -119,23 +135,58 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
         if old in applied:
             new_dtype = target or DEQUANTIZED_DTYPE
-        rows.append(PlanRow(old, None if old in scales else new, t.dtype, new_dtype, t.shape, kind=t.kind,
-                            new_kind=kind, scaling=applied.get(old)))
+        row = PlanRow(old, None if old in scales else new, t.dtype, new_dtype, t.shape, kind=t.kind,
+                      new_kind=kind, scaling=applied.get(old))
+        if row.new is not None and old in plan.tensor_ops:
+            _plan_tensor_ops(row, plan.tensor_ops[old], scaled, "dequantize" in kinds)
+        rows.append(row)
         if new is not None and old not in scales:
             converted["dtype"] += new_dtype != dtype and old not in applied
             converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind and t.kind != "chunked"
             converted["dequantize"] += old in applied
+    _refuse_mixed_head_sizes(rows)
     _mark_aliases(ckpt, rows)
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 
 
+def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], dequantize: bool) -> None:
+    """The row's steps and output shape; a tensor they cannot apply to is a one-line refusal."""
+    scales = {s.scale for s in scaled.values()}
+    if row.new_kind != "dense" or ((row.old in scaled or row.old in scales) and not dequantize):
+        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else "an FP8 tensor with a scale beside it"
+        fix = {"quantized": "--dequantize", "dense": "--dequantize"}.get(row.new_kind, "--densify")
+        raise RuleError(f"{ops[0]}: {row.old!r} is {what}, which tensor ops do not reorder; add {fix} "
+                        f"first, or narrow the pattern; nothing was written")
+    row.steps = plan_steps(row.old, row.shape, ops)
+    if row.steps and row.steps[-1].out_shape != row.shape:
+        row.src_shape, row.shape = row.shape, row.steps[-1].out_shape
+
+
+def _refuse_mixed_head_sizes(rows: list[PlanRow]) -> None:
+    """q and k of one attention module (the same name up to ``.q_proj.weight``) are dotted head by
+    head, so their rope_permutes give one head size; two sizes mean a head count is wrong (a k
+    projection given the q heads in grouped-query attention)."""
+    sizes: dict[str, dict[int, tuple[str, Step]]] = {}
+    for r in rows:
+        for s in r.steps:
+            if s.kind == "rope_permute":
+                sizes.setdefault(r.old.rsplit(".", 2)[0], {}).setdefault(s.in_shape[0] // s.params[0], (r.old, s))
+    for found in sizes.values():
+        if len(found) > 1:
+            (a, (na, sa)), (b, (nb, sb)) = list(found.items())[:2]
+            raise RuleError(f"rope_permute gives {na!r} head size {a} ({sa.in_shape[0]} rows / {sa.params[0]} heads) "
+                            f"but {nb!r} head size {b} ({sb.in_shape[0]} rows / {sb.params[0]} heads); q and k share "
+                            f"one head size: check the heads and kv-heads (--heads, --kv-heads); nothing was written")
+
+
 def _mark_aliases(ckpt: Checkpoint, rows: list[PlanRow]) -> None:
-    """Tied tensors: the first kept name of each shared view stores the bytes, later ones alias it."""
+    """Tied tensors: the first kept name of each shared view stores the bytes, later ones alias it
+    (those the same tensor ops apply to: a transposed name and a plain one are two tensors)."""
     first: dict[tuple, str] = {}
     for r in rows:
         if r.new is None:
             continue
-        key = ckpt.tensors[r.old].view_key
+        key = (ckpt.tensors[r.old].view_key, tuple((s.kind, s.params) for s in r.steps))
         if key in first:
             r.alias_of = first[key]
         else:

@@ -22,6 +22,7 @@ class RemapReport:
     bytes_written: int = 0
     files: list[str] = field(default_factory=list)
     verified: bool | None = None
+    roundtrip: int | None = None  # --verify-roundtrip: the tensors proved to come back bit for bit
     source_sha256: str | None = None
     certificate: dict | None = None  # a source in ranks' chunks: formats/chunks.py's Certificate, with digests once written
 
@@ -44,10 +45,13 @@ class RemapReport:
             "ops": [{"op": o, "matched": n} for o, n in self.op_counts],
             "kept": self.kept, "renamed": self.renamed, "dropped": self.dropped,
             "bytes_written": self.bytes_written, "files": self.files, "verified": self.verified,
+            "roundtrip_verified": self.roundtrip,
             "source_sha256": self.source_sha256, "certificate": self.certificate,
             "tensors": [{"old": r.old, "new": r.new, "dtype": r.new_dtype, "shape": list(r.shape),
                          **({"from_dtype": r.dtype} if r.dtype != r.new_dtype else {}),
                          **({"kind": r.new_kind} if r.new_kind != "dense" or r.kind != "dense" else {}),
                          **({"from_kind": r.kind} if r.kind != r.new_kind else {}),
+                         **({"from_shape": list(r.src_shape)} if r.src_shape is not None else {}),
+                         **({"tensor_ops": [s.kind for s in r.steps]} if r.steps else {}),
                          **({"alias_of": r.alias_of} if r.alias_of else {})} for r in self.rows],
         }

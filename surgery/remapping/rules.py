@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import RuleError
 from .ops import Op
@@ -44,7 +45,7 @@ class Rules:
         raise RuleError(f"rules must be Rules, a list of Op, a dict or a rules file path, not {type(rules).__name__}")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Rules":
+    def from_file(cls, path: str | os.PathLike, variables: Mapping[str, Any] | None = None) -> "Rules":
         """Read a rules file: JSON, or YAML when the suffix is .yml/.yaml. Schema::
 
             select: state_dict_ema          # optional
@@ -56,6 +57,11 @@ class Rules:
               - dtype: bf16
               - densify: true               # sparse tensors -> dense
               - dequantize: true            # quantized tensors -> float32
+              - transpose: {match: 'c_fc\\.weight$', dims: [0, 1]}
+              - rope_permute: {match: 'q_proj\\.weight$', heads: '{heads}', direction: hf-to-meta}
+
+        A value written ``'{name}'`` is the variable ``name`` of ``variables`` (``heads``, ``kv_heads``:
+        see profiles.py); ``description`` is a line for people (and ``--list-profiles``).
         """
         p = Path(path)
         try:
@@ -68,22 +74,51 @@ class Rules:
             raise RuleError(f"{p}: rules files are JSON or YAML (.yml/.yaml); TOML is not read: write the same "
                             f"'select' and 'ops' as JSON or YAML")
         data = _parse_yaml(p, text) if p.suffix.lower() in (".yml", ".yaml") else _parse_json(p, text)
-        return cls.from_json(data, str(p))
+        return cls.from_json(data, str(p), variables)
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "rules") -> "Rules":
+    def from_json(cls, data: Any, source: str = "rules", variables: Mapping[str, Any] | None = None) -> "Rules":
         if isinstance(data, list):
             data = {"ops": data}
         if not isinstance(data, dict):
             raise RuleError(f"{source}: expected a mapping with 'ops' (and optional 'select') or a list of ops")
-        unknown = set(data) - {"ops", "select"}
+        unknown = set(data) - {"ops", "select", "description"}
         if unknown:
-            raise RuleError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}; expected 'ops' and 'select'")
+            raise RuleError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}; expected 'ops' and 'select' "
+                            f"(and 'description')")
         select = data.get("select")
         if select is not None and not isinstance(select, str):
             raise RuleError(f"{source}: 'select' must be a string")
-        ops = [Op.from_json(item, f"{source}: op #{i + 1}") for i, item in enumerate(data.get("ops") or [])]
+        items = data.get("ops") or []
+        if not isinstance(items, list):
+            raise RuleError(f"{source}: 'ops' must be a list of ops")
+        ops = [Op.from_json(substitute(item, variables or {}, f"{source}: op #{i + 1}"), f"{source}: op #{i + 1}")
+               for i, item in enumerate(items)]
         return cls(ops=ops, select=select)
+
+
+_VARIABLE = re.compile(r"\{([A-Za-z_]\w*)\}")  # '{heads}'; never a regex's '{2}' or '{2,3}'
+VARIABLE_SOURCES = {  # where each variable a profile uses can come from, for the refusal
+    "heads": "pass --heads N, or keep config.json (num_attention_heads) or params.json (n_heads) beside SRC",
+    "kv_heads": "pass --kv-heads M, or keep config.json (num_key_value_heads) or params.json (n_kv_heads) beside SRC",
+}
+
+
+def substitute(value: Any, variables: Mapping[str, Any], where: str, depth: int = 3) -> Any:
+    """``value`` with every string that is exactly ``'{name}'`` replaced by ``variables[name]``, down
+    to the depth an op has (``{op: {field: [item]}}``): a YAML alias can make a list its own member."""
+    if depth and isinstance(value, dict):
+        return {k: substitute(v, variables, where, depth - 1) for k, v in value.items()}
+    if depth and isinstance(value, list):
+        return [substitute(v, variables, where, depth - 1) for v in value]
+    m = _VARIABLE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        return value
+    name = m.group(1)
+    if name not in variables:
+        how = VARIABLE_SOURCES.get(name, f"known variables: {', '.join(VARIABLE_SOURCES)}")
+        raise RuleError(f"{where} needs {{{name}}}, which is not known: {how}")
+    return variables[name]
 
 
 def _parse_yaml(p: Path, text: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import Checkpoint
 from ..errors import RuleError, SelectError
 from ..formats import open_checkpoint, output_format
 from ..io import OUTPUTS, check_destination, check_source, same_path
@@ -12,8 +13,9 @@ from ..option_table import options_from, signature
 from .ops import Op
 from .options import RemapOptions
 from .output import write
-from .plan import build_plan, parse_size, refuse_unsafetensorable
+from .plan import PlanRow, build_plan, parse_size, refuse_unsafetensorable
 from .report import RemapReport
+from .roundtrip import refuse_one_way, source_digests as roundtrip_digests, verify_roundtrip
 from .rules import Rules
 from .verify import source_digests, verify as verify_output
 
@@ -24,7 +26,7 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
 
     ``rules``: a `Rules`, a list of `Op` (or of ``(kind, *args)`` tuples), a dict in the rules-file
     schema, or a rules file path. The keywords are the fields of :class:`RemapOptions` (``force``,
-    ``in_place``, ``dry_run``, ``verify``, ``shard_size``, ``copy_tied``, ``allow_globals``).
+    ``in_place``, ``dry_run``, ``verify``, ``verify_roundtrip``, ``shard_size``, ``copy_tied``, ``allow_globals``).
 
     >>> remap("dp.pth", "clean.safetensors", [Op("auto")])  # doctest: +SKIP
     >>> remap("dp.pth", "clean.safetensors", [("auto",), ("drop", "^fc\\.")])  # doctest: +SKIP
@@ -46,6 +48,8 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
             r.alias_of = None  # each name stores its own copy of the shared bytes
     if fmt.name != "torch-zip":
         refuse_unsafetensorable(str(src_p), rows)
+    if o.verify_roundtrip:
+        refuse_one_way(str(src_p), rows)
     shard_bytes = parse_size(o.shard_size)
     report = RemapReport(str(src_p), str(dst_p), ckpt.format, fmt.name, ckpt.container, rows, counts, o.dry_run,
                          certificate=ckpt.certificate.to_json() if ckpt.certificate is not None else None)
@@ -56,15 +60,25 @@ def remap(src: str | os.PathLike, dst: str | os.PathLike, rules: Rules | list[Op
     check_destination(dst_p, [src_p, *map(Path, ckpt.files)], force=o.force, in_place=o.in_place,
                       kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
     # in place, the source is gone by the time the output is verified: its digests are taken first
-    before = source_digests(ckpt, rows) if o.verify and same_path(dst_p, src_p) else None
+    in_place = same_path(dst_p, src_p)
+    before = source_digests(ckpt, rows) if o.verify and in_place else None
+    sources = roundtrip_digests(ckpt, rows) if o.verify_roundtrip and in_place else None
     report.files, report.source_sha256 = write(ckpt, rows, rules, dst_p, fmt, shard_bytes)
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
     if ckpt.certificate is not None:
         report.certificate = ckpt.certificate.to_json()
-    if o.verify:
-        verify_output(ckpt, rows, dst_p, before)
-        report.verified = True
+    _check_output(o, ckpt, rows, dst_p, report, before, sources)
     return report
+
+
+def _check_output(o: RemapOptions, ckpt: Checkpoint, rows: list[PlanRow], dst: Path, report: RemapReport,
+                  before: dict[str, str] | None, sources: dict[str, str] | None) -> None:
+    """--verify (the output against the plan) and --verify-roundtrip (the plan undone against the source)."""
+    if o.verify:
+        verify_output(ckpt, rows, dst, before)
+        report.verified = True
+    if o.verify_roundtrip:
+        report.roundtrip = verify_roundtrip(ckpt, rows, dst, sources)
 
 
 def _as_ops(rules: object) -> object:

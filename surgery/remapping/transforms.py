@@ -9,11 +9,16 @@ from ..checkpoint import torch_dtype
 from .fp8 import DEFAULT_BLOCK, DEQUANTIZED_DTYPE, dequantize_state_dict, refuse_unsafe, scaled_in_memory
 from .ops import Op, parse_dtype
 from .plan import plan_names
+from .tensor_ops import apply_steps, plan_steps
 
 
 def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
-    """Names by ``ops``, then the conversions they ask for: densify, dequantize, the last cast."""
-    out = {new: sd[old] for old, new in plan_names(sd.keys(), ops).kept.items()}
+    """Names by ``ops``, then the conversions they ask for: densify, dequantize, the last cast,
+    and the tensor ops (transpose, permute, reshape, rope_permute) on the tensors they matched."""
+    plan = plan_names(sd.keys(), ops)
+    out = {new: sd[old] for old, new in plan.kept.items()}
+    if plan.tensor_ops:
+        out = _tensor_ops(out, {plan.mapping[old]: o for old, o in plan.tensor_ops.items() if plan.mapping[old]})
     kinds = {o.kind for o in ops}
     if "densify" in kinds:
         out = densify(out)
@@ -21,6 +26,19 @@ def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     if "dequantize" in kinds:  # FP8 scales applied straight into the cast's dtype, not through bf16
         out = dequantize(out, casts[-1] if casts else DEQUANTIZED_DTYPE)
     return cast(out, casts[-1]) if casts else out
+
+
+def _tensor_ops(sd: dict[str, Any], ops: dict[str, list[Op]]) -> dict[str, Any]:
+    """Each tensor with its ops applied (shapes checked first); tied tensors given the same ops stay tied."""
+    done: dict[tuple, Any] = {}
+    out = {}
+    for k, t in sd.items():
+        steps = plan_steps(k, tuple(t.shape), ops.get(k, [])) if k in ops else ()
+        key = (id(t), steps)
+        if key not in done:
+            done[key] = apply_steps(t, steps).contiguous() if steps else t
+        out[k] = done[key]
+    return out
 
 
 def strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -227,7 +227,9 @@ def test_outputs_get_the_usual_file_mode(make, tmp_path):
 def test_every_op_kind_reads_and_writes_its_own_forms():
     """Each row of the op table: the rules file's JSON form and the command line's text come back
     as the same op, and the plan reports it under that text."""
-    args = {"": "", "P": "m.", "REGEX": "^a", "'REGEX=>REPL'": "^a=>b", "fp16|bf16|fp32": "bf16"}
+    args = {"": "", "P": "m.", "REGEX": "^a", "'REGEX=>REPL'": "^a=>b", "fp16|bf16|fp32": "bf16",
+            "'REGEX:D0,D1'": "^a:0,1", "'REGEX:ORDER'": "^a:1,0", "'REGEX:SIZES'": "^a:-1",
+            "'REGEX:HEADS,DIRECTION'": "^a:2,meta-to-hf"}
     for kind in OP_KINDS.values():
         op = Op.from_cli(kind.name, args[kind.form.metavar or ""])
         assert Rules.from_json([op.to_json()]).ops == [op]
