@@ -29,7 +29,8 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
     return checkpoint_from_pickle(path, "torch-legacy", up, offsets, str(path), select)
 
 
-def read_legacy(path: Path, accept: frozenset[str] = frozenset()) -> tuple[Unpickled, dict[str, tuple[int, int]]]:
+def read_legacy(path: Path, accept: frozenset[str] = frozenset(),
+                extra: dict | None = None) -> tuple[Unpickled, dict[str, tuple[int, int]]]:
     """Unpickle the object and locate every storage: (unpickled, storage offsets), as `read_zip`."""
     src = str(path)
     size = os.path.getsize(path)
@@ -40,7 +41,7 @@ def read_legacy(path: Path, accept: frozenset[str] = frozenset()) -> tuple[Unpic
         if not head[2].get("little_endian", True):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
         storages: dict[str, StorageRef] = {}
-        up = unpickle(f, src, accept, pid_handler=lambda pid: _persistent(pid, storages))
+        up = unpickle(f, src, accept, extra, pid_handler=lambda pid: _persistent(pid, storages))
         up.storages = storages
         keys = unpickle(f, src).obj
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(up.storages):

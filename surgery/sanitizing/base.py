@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from ..formats.torch_records import _Sealed
 
 DROP: Any = object()  # a value with no weights-only form: left out of its container
 
@@ -15,3 +18,10 @@ def label(path: str, key: Any) -> str:
     """``path.key`` (a key that is not a string as its repr); lists add ``[i]`` themselves."""
     part = key if isinstance(key, str) else repr(key)
     return part if not path else f"{path}.{part}"
+
+
+@dataclass(frozen=True)
+class Device(_Sealed):
+    """``torch.device(...)`` as a record, so that DST holds a torch.device again, not its name."""
+
+    name: str

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..formats.torch_records import DType, Opaque, StorageRef, TensorRef, _Dict
 from . import omega
-from .base import DROP, Unsupported, label
+from .base import DROP, Device, Unsupported, label
 from .numpy_records import array_data, dtype_of, scalar_value
 
 @dataclass
@@ -110,7 +110,7 @@ class Walker:
         self.memo: dict[int, Any] = {}
 
     def value(self, x: Any, path: str) -> Any:
-        if x is None or type(x) in (bool, int, float, complex, str, bytes, bytearray, TensorRef, DType):
+        if x is None or type(x) in (bool, int, float, complex, str, bytes, bytearray, TensorRef, DType, Device):
             return x
         if id(x) in self.memo:
             return self.memo[id(x)]

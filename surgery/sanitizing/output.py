@@ -15,7 +15,7 @@ from ..checkpoint import materialize, read_range, torch_dtype
 from ..errors import FormatError
 from ..formats.locate import tensor_infos
 from ..formats.torch_records import DType, TensorRef
-from .base import label
+from .base import Device, label
 from .numpy_records import ArrayData
 from .read import Source
 
@@ -45,6 +45,10 @@ class Builder:
             return self.memo[id(x)] if id(x) in self.memo else array_tensor(x)
         if isinstance(x, DType):
             return torch_dtype(x.dtype)
+        if isinstance(x, Device):
+            import torch
+
+            return torch.device(x.name)
         if isinstance(x, dict):
             out = type(x)() if type(x) in (dict, collections.OrderedDict, collections.Counter) else dict()
             self.memo[id(x)] = out

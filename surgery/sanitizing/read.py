@@ -9,11 +9,19 @@ from typing import Any
 
 from ..errors import CodeNeededError, FormatError
 from ..formats.torch_pickle import _accepted
-from ..formats.torch_records import Opaque, StorageRef, _Dict
+from ..formats.torch_records import Opaque, StorageRef, _device, _Dict
+from .base import Device
 from .convert import PARTS, RULES
 
 EVERY_GLOBAL = frozenset({"*"})  # inert records: nothing a file names is imported or called
 READABLE = ("torch-zip", "torch-legacy", "torch-per-rank")
+
+
+def _device_record(*args: Any) -> Device:
+    return Device(_device(*args))  # torch.device's own grammar, checked by the shared stand-in
+
+
+RECORDS = {("torch", "device"): _device_record}
 
 
 @dataclass
@@ -36,11 +44,11 @@ def read_source(src: Path, allow: tuple[str, ...]) -> Source:
     if fmt == "torch-legacy":
         from ..formats.torch_legacy import read_legacy
 
-        up, offsets = read_legacy(real, EVERY_GLOBAL)
+        up, offsets = read_legacy(real, EVERY_GLOBAL, RECORDS)
     else:
         from ..formats.torch_zip import read_zip
 
-        up, offsets = read_zip(real, EVERY_GLOBAL)
+        up, offsets = read_zip(real, EVERY_GLOBAL, extra=RECORDS)
         if getattr(up, "torchscript", False):
             raise FormatError(f"{src}: a TorchScript archive; load it with torch.jit.load, which runs no pickled "
                               f"globals, or read its weights with surgery remap")

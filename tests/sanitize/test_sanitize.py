@@ -80,7 +80,8 @@ def test_tensors_equal_what_the_reader_sees_and_shared_storages_stay_shared(tmp_
     base = torch.arange(12, dtype=torch.float32)
     ckpt = {"a": base[:6].view(2, 3), "b": base[6:], "t": base.view(3, 4).t(), "same": base,
             "half": torch.randn(3).half(), "bf": torch.randn(2).bfloat16(), "nan": torch.tensor([float("nan"), -0.0]),
-            "args": argparse.Namespace(k=1)}
+            "args": argparse.Namespace(k=1), "device": torch.device("cuda", 1), "dtype": torch.bfloat16,
+            "size": torch.Size([2, 3])}
     ckpt["alias"] = ckpt["same"]
     torch.save(ckpt, tmp_path / "in.pt")
     sanitize(tmp_path / "in.pt", tmp_path / "out.pt", verify=True)
@@ -91,6 +92,7 @@ def test_tensors_equal_what_the_reader_sees_and_shared_storages_stay_shared(tmp_
     assert out["a"].untyped_storage().data_ptr() == out["b"].untyped_storage().data_ptr() == \
         out["same"].untyped_storage().data_ptr()
     assert out["alias"] is out["same"]
+    assert out["device"] == torch.device("cuda:1") and out["dtype"] is torch.bfloat16 and out["size"] == (2, 3)
     got = surgery.open(tmp_path / "out.pt", select="")
     assert got.read_bytes("half") == ckpt["half"].numpy().tobytes()
 
