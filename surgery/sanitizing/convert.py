@@ -12,6 +12,7 @@ import collections
 import datetime
 import ntpath
 import posixpath
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -195,6 +196,8 @@ class Walker:
             out = rule(self, rec, path)
         except Unsupported as e:
             return self.drop(path, str(e))
+        except (ValueError, TypeError, OverflowError, struct.error) as e:  # a record no writer of the type makes
+            return self.drop(path, f"{rec.qualname} record is malformed ({type(e).__name__}: {str(e)[:80]})")
         original = rec.qualname
         if original in _DESCRIBED:
             out, original = out

@@ -66,3 +66,15 @@ def test_shared_values_stay_shared_and_cycles_end():
     loop.append(loop)
     _, (out, _) = _converted({"a": shared, "b": shared, "loop": loop})
     assert out["a"] is out["b"] and out["loop"][0] is out["loop"]
+
+
+def test_a_malformed_record_of_a_known_type_is_dropped_with_why():
+    obj = {"when": datetime.datetime(2024, 5, 1), "gap": datetime.timedelta(days=1), "ok": 1}
+    data = pickle.dumps(obj, protocol=2)
+    # a datetime whose month byte is 13 (its bytes travel as UTF-8 text), a timedelta of 2**31 - 1 days
+    data = data.replace(b"\x07\xc3\xa8\x05\x01", b"\x07\xc3\xa8\x0d\x01")
+    data = data.replace(b"K\x01K\x00K\x00", b"J\xff\xff\xff\x7fK\x00K\x00")
+    got = unpickle(data, "test", EVERY_GLOBAL).obj
+    out, notes = convert(got)
+    assert out == {"ok": 1} and set(notes.dropped) == {"when", "gap"}
+    assert "malformed" in notes.dropped["when"] and "malformed" in notes.dropped["gap"]
