@@ -22,7 +22,7 @@ def average(
                                       show_default=False)],
     weights: Annotated[Optional[str], typer.Option("--weights", metavar="W1,W2,...",
                                                    help="One weight per checkpoint (default: equal).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[bool, shared_option("force")] = False,
     allow_global: Annotated[Optional[list[str]], shared_option("allow_globals")] = None,
     as_json: Annotated[bool, shared_option("as_json")] = False,
 ) -> None:

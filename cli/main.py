@@ -14,7 +14,8 @@ from surgery import __version__
 COMMANDS = {
     "inspect": "inspect_cmd", "remap": "remap_cmd", "adapt": "adapt_cmd", "advise": "advise_cmd",
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
-    "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "demo": "demo_cmd",
+    "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
+    "demo": "demo_cmd",
 }
 
 

@@ -53,11 +53,13 @@ _EXPORTS = {
     "export": ("surgery.deploy", "export"),
     "review_factory": ("surgery.trust", "review_factory"),
     "repin_factory": ("surgery.trust", "repin_factory"),
+    "sanitize": ("surgery.sanitizing", "sanitize"),
+    "SanitizeOptions": ("surgery.sanitizing.options", "SanitizeOptions"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 # their errors name the caller's keywords (num_classes), not the command line's flags (--num-classes)
-_KEYWORD_ERRORS = ("remap", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict")
+_KEYWORD_ERRORS = ("remap", "sanitize", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict")
 
 
 def __getattr__(name: str) -> Any:

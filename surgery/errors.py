@@ -129,3 +129,16 @@ class ExportError(SurgeryError):
 
 class LoggerError(SurgeryError):
     """A logger that cannot start."""
+
+
+class CodeNeededError(UnsafeCheckpointError):
+    """``sanitize``: values the pickle builds by calling globals it knows no data form for; nothing ran."""
+
+    def __init__(self, path: str, names: list[str]):
+        self.path = path
+        self.names = sorted(set(names))
+        allow = " ".join(f"--allow-global {n}" for n in self.names[:4])
+        SurgeryError.__init__(self, (
+            f"{path}: refusing to sanitize: the pickle builds values by calling {_listed(self.names)}, code that "
+            f"surgery never runs. Nothing was executed. Such values cannot be kept as data; if you trust the file, "
+            f"{allow} drops them (each listed in the report)"))

@@ -72,6 +72,8 @@ SHARED = {
     "device": Flag("auto: CUDA when present.", metavar="auto|cpu|cuda"),
     "as_json": Flag("Print the result as JSON on stdout, nothing else there.", flag="--json"),
     "quiet": Flag("Only the final summary (and warnings).", short="-q"),
+    "verify": Flag("Re-read the output and compare every tensor bit for bit."),
+    "force": Flag("Replace DST if it exists."),
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, itemsize
 from ..errors import FormatError
-from .torch_pickle import storage_ref, unpickle
+from .torch_pickle import Unpickled, storage_ref, unpickle
 from .torch_records import StorageRef
 from .torch_zip import checkpoint_from_pickle
 
@@ -25,6 +25,13 @@ SIGNATURE = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 
 
 def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | None = None) -> Checkpoint:
+    up, offsets = read_legacy(path, accept)
+    return checkpoint_from_pickle(path, "torch-legacy", up, offsets, str(path), select)
+
+
+def read_legacy(path: Path, accept: frozenset[str] = frozenset(),
+                extra: dict | None = None) -> tuple[Unpickled, dict[str, tuple[int, int]]]:
+    """Unpickle the object and locate every storage: (unpickled, storage offsets), as `read_zip`."""
     src = str(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -34,7 +41,7 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
         if not head[2].get("little_endian", True):
             raise FormatError(f"{src}: big-endian checkpoints are not supported")
         storages: dict[str, StorageRef] = {}
-        up = unpickle(f, src, accept, pid_handler=lambda pid: _persistent(pid, storages))
+        up = unpickle(f, src, accept, extra, pid_handler=lambda pid: _persistent(pid, storages))
         up.storages = storages
         keys = unpickle(f, src).obj
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(up.storages):
@@ -56,7 +63,7 @@ def open_legacy(path: Path, accept: frozenset[str] = frozenset(), select: str | 
                 raise FormatError(f"{src}: storage {key!r} declares {nbytes} bytes past the end of the file; the file is truncated")
             offsets[key] = (pos + 8, nbytes)
             pos += 8 + nbytes
-    return checkpoint_from_pickle(path, "torch-legacy", up, offsets, src, select)
+    return up, offsets
 
 
 def _persistent(pid: Any, storages: dict[str, StorageRef]) -> Any:

@@ -166,10 +166,10 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         module, name = _py3_name(module, name)  # protocol-2 pickles use Python 2 names
         key = (module, name)
+        if key in self.extra:  # a reader's own record for a name, before the shared stand-in
+            return self.extra[key]
         if key in _SAFE:
             return _SAFE[key]
-        if key in self.extra:
-            return self.extra[key]
         known = _torch_global(module, name)
         if known is not None:
             return known

@@ -22,10 +22,10 @@ class RemapOptions:
                                     "surgery's record of ties (safetensors.torch.load_file); by default they are "
                                     "stored once.")
     dry_run: bool = option(False, "Print the old -> new table; write nothing.")
-    verify: bool = option(False, "Re-read the output and compare every tensor bit for bit.")
+    verify: bool = shared("verify", False)
     verify_roundtrip: bool = option(False, "Apply the inverse plan to the output (names back, tensor ops undone) "
                                            "and prove A -> B -> A bit for bit.")
-    force: bool = option(False, "Replace DST if it exists.")
+    force: bool = shared("force", False)
     in_place: bool = option(False, "Allow DST to be SRC (written to a temp file, then renamed).")
     allow_globals: tuple[str, ...] = shared("allow_globals", ())
 
