@@ -84,8 +84,14 @@ def _tensor_problem(t: TensorRef, storages: dict[str, StorageRef]) -> str | None
 
 
 def _records(obj: Any) -> list[TensorRef]:
-    """Every tensor record reachable from the unpickled object, each once (a loop: no recursion)."""
-    out: list[TensorRef] = []
+    """Every tensor record reachable from the unpickled object, each once."""
+    return reachable(obj, TensorRef)
+
+
+def reachable(obj: Any, kind: type) -> list[Any]:
+    """Every ``kind`` instance reachable from ``obj`` through containers and inert records, each
+    once (a loop: no recursion)."""
+    out: list[Any] = []
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -93,7 +99,7 @@ def _records(obj: Any) -> list[TensorRef]:
         if x is None or id(x) in seen or isinstance(x, (str, bytes, int, float)):
             continue
         seen.add(id(x))
-        if isinstance(x, TensorRef):
+        if isinstance(x, kind):
             out.append(x)
         elif isinstance(x, dict):
             stack.extend(x.values())

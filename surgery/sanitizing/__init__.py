@@ -83,13 +83,12 @@ def _merged_notes(old: Any, report: SanitizeReport) -> dict[str, Any]:
 
 
 def _write(tree: Any, source: Any, dst: Path, opts: SanitizeOptions, report: SanitizeReport) -> None:
-    from .numpy_records import ArrayData
     from .output import Builder, save, verify
 
     builder = Builder(source)
     obj = builder.build(tree)
     report.tensors = len(builder.expected)
-    report.arrays = sum(isinstance(v, ArrayData) for v in _placeholders(tree))
+    report.arrays = len(_placeholders(tree))
     try:
         with atomic_file(dst) as tmp:
             save(obj, tmp)
@@ -102,21 +101,10 @@ def _write(tree: Any, source: Any, dst: Path, opts: SanitizeOptions, report: San
 
 
 def _placeholders(tree: Any) -> list[Any]:
+    from ..formats.record_checks import reachable
     from .numpy_records import ArrayData
 
-    out, stack, seen = [], [tree], set()
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, ArrayData):
-            out.append(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set)):
-            stack.extend(x)
-    return out
+    return reachable(tree, ArrayData)
 
 
 __all__ = ["sanitize", "SanitizeReport", "SanitizeOptions", "SCHEMA", "NOTES_KEY"]
