@@ -283,10 +283,7 @@ class Checkpoint:
         rng = info.byte_range
         if rng is not None:
             return read_range(info.file, *rng)
-        import torch
-
-        # a strided view: let torch gather it; viewed as bytes so bf16 (which numpy lacks) works too
-        return self.tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return bytes(tensor_bytes(self.tensor(name)))  # a strided view: torch gathers it
 
     def tensor(self, name: str) -> "torch.Tensor":
         """Materialise one tensor on the CPU (a fresh, writable copy)."""
@@ -302,6 +299,14 @@ class Checkpoint:
                 by_view[key] = self.tensor(name)
             out[name] = by_view[key]
         return out
+
+
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """A tensor's bytes in C order: a view of its memory where it is contiguous, else of a
+    contiguous copy (viewed as bytes, so bf16, which numpy lacks, works too)."""
+    import torch
+
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def read_range(path: str, start: int, end: int) -> bytearray:

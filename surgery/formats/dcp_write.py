@@ -12,7 +12,6 @@ import errno
 import pickle
 from pathlib import Path
 
-from ..checkpoint import torch_dtype
 from ..io import atomic_dir
 from .writing import Payload
 
@@ -32,7 +31,7 @@ def write(dst: Path, payload: Payload) -> list[str]:
         with open(tmp / DATA_FILE, "wb") as f:
             for name in payload.names:  # a tied name is stored again under its own name, as DCP does
                 e = entries[payload.aliases.get(name, name)]
-                t = _tensor(e.source, e.dtype, e.shape)
+                t = e.tensor()
                 start = f.tell()
                 try:
                     torch.save(t, f)
@@ -47,16 +46,3 @@ def write(dst: Path, payload: Payload) -> list[str]:
         md = Metadata(state_dict_metadata=tensors, planner_data={n: (n,) for n in tensors}, storage_data=storage)
         (tmp / ".metadata").write_bytes(pickle.dumps(md))
     return [str(dst / ".metadata"), str(dst / DATA_FILE)]
-
-
-def _tensor(source, dtype: str, shape: tuple[int, ...]):
-    """The entry's tensor, from its bytes (a file range or a function returning them)."""
-    import torch
-
-    from ..checkpoint import read_range
-
-    data = source() if callable(source) else read_range(*source)
-    if len(data) == 0:
-        return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
-                            dtype=torch_dtype(dtype)).reshape(shape)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import itemsize
+from ..checkpoint import itemsize, read_range, torch_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @dataclass
@@ -27,6 +30,16 @@ class Entry:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    def tensor(self) -> "torch.Tensor":
+        """The entry as a tensor, from its bytes (for formats that save tensors)."""
+        import torch
+
+        data = self.source() if callable(self.source) else read_range(*self.source)
+        if len(data) == 0:
+            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+        buf = data if isinstance(data, bytearray) else bytearray(data)
+        return torch.frombuffer(buf, dtype=torch_dtype(self.dtype)).reshape(self.shape)
 
 
 def _nothing() -> dict[str, str]:

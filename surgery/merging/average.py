@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..checkpoint import Checkpoint, torch_dtype
+from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
 from ..formats import open_checkpoint, output_format
 from ..formats.writing import Entry, Payload
@@ -82,7 +82,7 @@ def average(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, weights
     meta = {"format": "pt", "surgery.average": json.dumps({"inputs": [p.name for p in paths], "weights": w},
                                                           separators=(",", ":"))}
     payload = Payload(entries=entries, names=[e.name for e in entries], aliases={}, metadata=meta,
-                      state_dict=lambda: {e.name: _tensor_of(e) for e in entries})
+                      state_dict=lambda: {e.name: e.tensor() for e in entries})
     report.files = fmt.writer(out, payload)  # type: ignore[misc]
     report.bytes_written = sum(os.path.getsize(f) for f in report.files)
     return report
@@ -145,24 +145,9 @@ def _mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtyp
             del t
         total = sum(w)
         mean = acc if total == 1.0 else acc.div_(total)
-        return _bytes(mean.to(torch_dtype(dtype)))
+        return tensor_bytes(mean.to(torch_dtype(dtype)))
     return read
 
 
 def _first_source(ckpt: Checkpoint, name: str) -> Callable[[], Any]:
-    return lambda: _bytes(ckpt.tensor(name))
-
-
-def _bytes(t: Any) -> memoryview:
-    import torch
-
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _tensor_of(e: Entry) -> Any:
-    import torch
-
-    data = bytearray(e.source())  # type: ignore[operator]
-    if not data:
-        return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-    return torch.frombuffer(data, dtype=torch_dtype(e.dtype)).reshape(e.shape)
+    return lambda: tensor_bytes(ckpt.tensor(name))

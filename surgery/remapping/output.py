@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import SPARSE_KINDS, Checkpoint, read_range, torch_dtype
+from ..checkpoint import SPARSE_KINDS, Checkpoint, read_range, tensor_bytes, torch_dtype
 from ..errors import OutputError
 from ..formats import Format
 from ..formats.chunks import CERTIFICATE_KEY, Digests
@@ -74,10 +74,7 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
 
 def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
     """The converted tensor's bytes, a view of its memory (no copy)."""
-    import torch
-
-    t = converted(ckpt.tensor(row.old), row, ckpt).contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return tensor_bytes(converted(ckpt.tensor(row.old), row, ckpt))
 
 
 def converted(t: "torch.Tensor", row: PlanRow, ckpt: Checkpoint) -> "torch.Tensor":

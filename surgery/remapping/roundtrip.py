@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, tensor_bytes
 from ..errors import OutputError, RuleError
 from ..formats import open_checkpoint
 from .plan import PlanRow
@@ -78,6 +78,4 @@ def verify_roundtrip(ckpt: Checkpoint, rows: list[PlanRow], dst: Path, before: d
 
 
 def _bytes(t) -> bytes:  # noqa: ANN001 - a torch.Tensor; torch loads only when this runs
-    import torch
-
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return bytes(tensor_bytes(t))

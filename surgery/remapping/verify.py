@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, tensor_bytes
 from ..errors import FormatError, OutputError
 from ..formats import open_checkpoint
 from ..formats.chunks import CERTIFICATE_KEY
@@ -125,7 +125,7 @@ def _tensor_digest(t: "torch.Tensor") -> str:
         parts = [t.int_repr()] if per_tensor else [t.int_repr(), t.q_per_channel_scales(), t.q_per_channel_zero_points()]
     else:
         h.update(repr(tuple(t.shape)).encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
         parts = []
     for p in parts:
         h.update(_tensor_digest(p).encode())
