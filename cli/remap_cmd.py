@@ -164,9 +164,13 @@ def _table(report: RemapReport) -> Table:
     table.add_column("dtype")
     for r in report.rows:
         new = "[red](dropped)[/red]" if r.new is None else ("=" if r.new == r.old else escaped(r.new))
+        if r.into is not None:
+            new = f"into {escaped(r.into)}"
         if r.alias_of:
             new += f" (tied to {escaped(r.alias_of)})"
         dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
+        if r.group is not None:
+            dt += f" ({r.group.kind})"
         if r.src_shape is not None:
             dt += f" {list(r.src_shape)} -> {list(r.shape)}"
         elif r.steps:

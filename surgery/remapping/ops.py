@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..checkpoint import DTYPE_ALIASES
 from ..errors import RuleError
 from ..keys import detect_wrapper_prefixes, peel
-from . import tensor_ops
+from . import group_ops, tensor_ops
 
 NameChange = tuple[list["str | None"], int]  # new name per input name (None: dropped), names touched
 
@@ -133,6 +133,21 @@ def _tensor_form(kind: str, metavar: str) -> ArgForm:
                    show=lambda a, r: f"'{a}:{r}'", norm=tensor_ops.canonical)
 
 
+def _group_op(kind: str, arg: str, repl: str) -> str:
+    group_ops.parse(kind, arg, repl)
+    return arg
+
+
+def _group_form(kind: str) -> ArgForm:
+    """A group op's form: 'REGEX=>INTO:DIM' on the command line, a mapping in a rules file."""
+    reads = kind in group_ops.READS_PARTS  # the placeholder is in the regex, else in the names written
+    metavar = "'REGEX{a,b}=>NAME[:DIM]'" if reads else "'REGEX=>NAME{a,b}[:DIM]'"
+    return ArgForm(metavar=metavar, check=_group_op, from_cli=lambda v: group_ops.split_cli(kind, v),
+                   from_json=lambda v: group_ops.from_json(kind, v),
+                   to_json=lambda a, r: group_ops.to_json(kind, a, r), json_hint=group_ops.JSON_HINTS[kind],
+                   show=lambda a, r: f"'{a}=>{r}'", norm=group_ops.canonical)
+
+
 # ---------------------------------------------------------------- what ops do to key names
 
 def _auto(op: "Op", names: list[str]) -> NameChange:
@@ -185,6 +200,7 @@ class OpKind:
     help: str  # the command line's help for the flag
     names: Callable[["Op", list[str]], NameChange] | None = None  # None: names unchanged (a tensor conversion)
     tensor: bool = False  # a one-to-one tensor op (tensor_ops.py): applies to the keys its regex matches
+    group: bool = False  # a many-to-one or one-to-many op (group_ops.py): reads some names, writes others
 
     @property
     def flag(self) -> str:
@@ -212,6 +228,19 @@ OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
            "Reorder the rows of matching q or k projections between Hugging Face's and Meta's RoPE layouts: "
            "'q_proj\\.weight$:32,hf-to-meta' (DIRECTION hf-to-meta or meta-to-hf; k with its kv-heads).",
            tensor=True),
+    OpKind("split", _group_form("split"),
+           "Split matching tensors along DIM into the parts the name after '=>' lists: "
+           "'qkv\\.weight$=>{q,k,v}.weight:0' (equal chunks; INTO:DIM:sizes=A,B,C for others, {i} with chunks=N).",
+           group=True),
+    OpKind("concat", _group_form("concat"),
+           "Concatenate the tensors whose names differ in the regex's {q,k,v} (or {i}: 0, 1, ...), in that order, "
+           "along DIM: '\\.{q,k,v}\\.weight$=>.qkv.weight:0'; the inverse of split.", group=True),
+    OpKind("stack", _group_form("stack"),
+           "Stack the tensors whose names differ in the regex's {i} (0, 1, ... all present) along a new DIM: "
+           "'^experts\\.{i}\\.w1\\.weight$=>experts.w1.weight:0'.", group=True),
+    OpKind("unstack", _group_form("unstack"),
+           "One tensor per index of DIM of matching tensors, named with {i} (or {a,b,...}): "
+           "'^experts\\.w1\\.weight$=>experts.{i}.w1.weight:0'; the inverse of stack.", group=True),
 )}
 
 
@@ -232,7 +261,13 @@ class Op:
     repl: str = ""
 
     def __post_init__(self) -> None:
-        form = op_kind(self.kind).form
+        kind = op_kind(self.kind)
+        form = kind.form
+        if isinstance(self.repl, dict) and kind.group:  # Op("split", r"qkv$", {"into": "{q,k,v}", "dim": 0})
+            args = form.from_json({"match": self.arg, **self.repl})
+            if args is None:
+                raise RuleError(f"{self.kind} takes {form.json_hint}, not {self.repl!r}")
+            object.__setattr__(self, "repl", args[1])
         if isinstance(self.repl, (tuple, list)):  # Op("transpose", "w$", (0, 1))
             object.__setattr__(self, "repl", ",".join(map(str, self.repl)))
         object.__setattr__(self, "arg", form.check(self.kind, self.arg, self.repl))
@@ -241,12 +276,18 @@ class Op:
 
     @property
     def params(self) -> tuple:
-        """A tensor op's parameters: the dims, the sizes, or (heads, direction)."""
+        """A tensor op's parameters: the dims, the sizes, or (heads, direction); a group op's `GroupSpec`."""
+        if OP_KINDS[self.kind].group:
+            return group_ops.parse(self.kind, self.arg, self.repl)
         return tensor_ops.parse_params(self.kind, self.repl)
 
     def inverse(self, shape: "tuple[int, ...] | None" = None) -> "Op":
         """The tensor op that undoes this one, matching the same keys; a reshape needs the ``shape``
-        it was given. Name ops have no inverse of their own: the plan's mapping undoes them."""
+        it was given. Name ops have no inverse of their own: the plan's mapping undoes them; nor
+        group ops, which --verify-roundtrip undoes tensor by tensor (split <-> concat, stack <-> unstack)."""
+        if OP_KINDS[self.kind].group:
+            raise RuleError(f"{self} has no inverse op of its own: a {group_ops.INVERSE[self.kind]} of the names it "
+                            f"wrote undoes it (vit-split-qkv and vit-fuse-qkv are such a pair); invert a plan instead")
         if not OP_KINDS[self.kind].tensor:
             raise RuleError(f"{self} has no inverse op; invert a plan instead (its mapping undoes renames)")
         if self.kind == "reshape" and shape is None:

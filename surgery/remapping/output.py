@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import SPARSE_KINDS, Checkpoint, read_range, tensor_bytes, torch_dtype
+from ..checkpoint import SPARSE_KINDS, Checkpoint, itemsize, read_range, tensor_bytes, torch_dtype
 from ..errors import OutputError
 from ..formats import Format
 from ..formats.chunks import CERTIFICATE_KEY, Digests
 from ..formats.writing import Entry, Payload
 from ..io import BackgroundHash, same_path
 from .fp8 import dequantized
+from .group_ops import apply as apply_group, piece_range
 from .plan import PlanRow
 from .rules import Rules
 from .tensor_ops import apply_steps
@@ -42,7 +43,8 @@ def write(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, fmt: F
         sha.append(hasher.get())
         return {PENDING_SHA: sha[0], **digests.final()}
 
-    payload = Payload(entries=[Entry(r.new, r.new_dtype, r.shape, digests.taken(r.new, source(ckpt, r, digests.on)))
+    last = LastRead(ckpt)
+    payload = Payload(entries=[Entry(r.new, r.new_dtype, r.shape, digests.taken(r.new, source(ckpt, r, digests.on, last)))
                                for r in stored],
                       names=[r.new for r in kept], aliases={r.new: r.alias_of for r in kept if r.alias_of is not None},
                       metadata=metadata, state_dict=lambda: _state_dict(ckpt, kept),
@@ -55,12 +57,34 @@ def write(ckpt: Checkpoint, rows: list[PlanRow], rules: Rules, dst: Path, fmt: F
     return files, sha[0]
 
 
-def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int, int] | Callable[[], bytes]:
+class LastRead:
+    """The last source tensor read, kept while the pieces of one split or unstack are written
+    (they are written one after another): the source is read once, and memory holds one group."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt, self.name, self.t = ckpt, None, None
+
+    def __call__(self, name: str, keep: bool) -> "torch.Tensor":
+        if name == self.name:
+            return self.t
+        t = self.ckpt.tensor(name)
+        self.name, self.t = (name, t) if keep else (None, None)
+        return t
+
+
+def source(ckpt: Checkpoint, row: PlanRow, read: bool = False, last: LastRead | None = None
+           ) -> tuple[str, int, int] | Callable[[], bytes]:
     """Where a row's bytes come from: a byte range of the source file when they are written as
     stored (unless ``read``: the bytes pass through this process), else a function that reads
     (and converts, or assembles from chunks) the tensor."""
     info = ckpt.tensors[row.old]
     rng = info.byte_range
+    g = row.group
+    if g is not None:
+        if g.contiguous_piece and row.new_dtype == row.dtype and rng is not None and info.kind == "dense":
+            start, end = piece_range(g, rng[0], itemsize(info.dtype))
+            return (lambda: read_range(info.file, start, end)) if read else (info.file, start, end)
+        return lambda: tensor_bytes(made(ckpt, row, last or LastRead(ckpt)))
     # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through;
     # tensor ops (transpose, rope_permute, ...) read the tensor and reorder it
     if row.kind != "dense" or row.scaling is not None or row.steps:
@@ -70,6 +94,15 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False) -> tuple[str, int
     if row.new_dtype == row.dtype:
         return lambda: ckpt.read_bytes(row.old)
     return lambda: _converted_bytes(ckpt, row)
+
+
+def made(ckpt: Checkpoint, row: PlanRow, last: LastRead) -> "torch.Tensor":
+    """A split, concat, stack or unstack's output: its sources read (a split's once for all its
+    pieces), cast as the plan says, then joined or cut."""
+    g: Any = row.group
+    target = torch_dtype(row.new_dtype)
+    tensors = [last(s, keep=g.count > 1) for s in g.sources]
+    return apply_group(g, [t.to(target) if t.dtype != target else t for t in tensors])
 
 
 def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
@@ -93,10 +126,14 @@ def converted(t: "torch.Tensor", row: PlanRow, ckpt: Checkpoint) -> "torch.Tenso
 
 def _state_dict(ckpt: Checkpoint, kept: list[PlanRow]) -> dict[str, Any]:
     """Every kept name -> its tensor as written; tied names stay one shared tensor."""
-    sd = ckpt.state_dict([r.old for r in kept])  # tied names come back as one shared tensor
+    sd = ckpt.state_dict([r.old for r in kept if r.group is None])  # tied names come back as one shared tensor
     done: dict[tuple, Any] = {}
     out = {}
+    last = LastRead(ckpt)
     for r in kept:
+        if r.group is not None:
+            out[r.new] = made(ckpt, r, last).contiguous()
+            continue
         t = sd[r.old]
         if r.converted:
             key = (id(t), r.steps)  # tied names with other tensor ops are other tensors

@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
 from ..errors import RuleError
 from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe, scaled_in
+from .group_ops import Group, Made, expand, plan_group
 from .ops import OP_KINDS, Op
 from .rules import Rules
 from .tensor_ops import Step, plan_steps
@@ -25,16 +26,22 @@ class NamePlan:
     mapping: dict[str, str | None]  # old -> new (None: dropped), in source order
     op_counts: list[tuple[Op, int]]  # each op and how many names it touched
     tensor_ops: dict[str, list[Op]] = field(default_factory=dict)  # old name -> the tensor ops its names matched
+    made: list[tuple[str | None, Made]] = field(default_factory=list)  # what group ops write: final name, how
+    read_by: dict[str, list[int]] = field(default_factory=dict)  # old name -> what group ops make of it (in made)
 
     @property
     def kept(self) -> dict[str, str]:
         return {o: n for o, n in self.mapping.items() if n is not None}
 
 
-def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
-    """Apply ``ops`` in order to key names. Raises RuleError on collisions, listing all of them."""
+def plan_names(names: Iterable[str], ops: list[Op], shapes: Mapping[str, tuple[int, ...]] | None = None) -> NamePlan:
+    """Apply ``ops`` in order to key names. Raises RuleError on collisions, listing all of them.
+    ``shapes`` (old name -> shape) names the pieces of an unstack into ``{i}``."""
     names = list(names)
     current: list[str | None] = list(names)
+    origin: list[str | None] = list(names)  # the source tensor each name is; None: a group op makes it
+    made: dict[int, Made] = {}
+    read_by: dict[str, list[int]] = {}
     counts: list[tuple[Op, int]] = []
     tensor_ops: dict[str, list[Op]] = {}
     for k, op in enumerate(ops):
@@ -44,10 +51,15 @@ def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
         if op.kind == "keep":
             counts += _keep_run(list(itertools.takewhile(lambda o: o.kind == "keep", ops[k:])), current, alive)
             continue
+        if OP_KINDS[op.kind].group:
+            counts.append((op, _apply_group(op, alive, current, origin, made, read_by, shapes)))
+            continue
         if OP_KINDS[op.kind].tensor:  # applies to the tensors whose names match now, in this op's place
             rx = re.compile(op.arg)
             hits = [i for i in alive if rx.search(current[i])]  # type: ignore[arg-type]
             for i in hits:
+                if origin[i] is None:
+                    _refuse_mixed(op, current[i])  # type: ignore[arg-type]
                 tensor_ops.setdefault(names[i], []).append(op)
             counts.append((op, len(hits)))
             continue
@@ -56,9 +68,43 @@ def plan_names(names: Iterable[str], ops: list[Op]) -> NamePlan:
         for i, n in zip(alive, new or ()):
             current[i] = n
         counts.append((op, touched))
+    both = next((n for n in read_by if n in tensor_ops), None)
+    if both is not None:
+        _refuse_mixed(tensor_ops[both][0], both)
     mapping = dict(zip(names, current))
-    _refuse_clashes(mapping)
-    return NamePlan(mapping, counts, tensor_ops)
+    products = [(current[i], m) for i, m in sorted(made.items())]
+    order = {i: j for j, i in enumerate(sorted(made))}
+    _refuse_clashes({**mapping, **{_label(m, j): n for j, (n, m) in enumerate(products)}})
+    return NamePlan(mapping, counts, tensor_ops, products, {o: [order[i] for i in v] for o, v in read_by.items()})
+
+
+def _apply_group(op: Op, alive: list[int], current: list[str | None], origin: list[str | None],
+                 made: dict[int, Made], read_by: dict[str, list[int]],
+                 shapes: Mapping[str, tuple[int, ...]] | None) -> int:
+    """A group op in its place: the names it reads leave, the names it writes join; how many it read."""
+    by_name = {current[i]: shapes[o] for i in alive if (o := origin[i]) is not None and o in shapes} if shapes else None
+    groups = expand(op, [(i, current[i]) for i in alive], lambda i: origin[i], by_name)  # type: ignore[misc]
+    for read, written in groups:
+        new = []
+        for name, m in written:
+            made[len(current)] = m
+            new.append(len(current))
+            current.append(name)
+            origin.append(None)
+        for i in read:
+            current[i] = None
+            read_by.setdefault(origin[i], []).extend(new)  # type: ignore[arg-type]
+    return sum(len(read) for read, _ in groups)
+
+
+def _refuse_mixed(op: Op, name: str) -> None:
+    raise RuleError(f"{op}: {name!r} is read or written by a split, concat, stack or unstack; tensor ops and group "
+                    f"ops do not apply to one tensor together: narrow the pattern; nothing was written")
+
+
+def _label(m: Made, j: int) -> str:
+    more = f" and {len(m.sources) - 1} more" if len(m.sources) > 1 else ""
+    return f"the {m.kind} of {m.sources[0]}{more} (#{m.index})" if m.count > 1 else f"the {m.kind} of {m.sources[0]}{more}"
 
 
 def _keep_run(run: list[Op], current: list[str | None], alive: list[int]) -> list[tuple[Op, int]]:
@@ -81,7 +127,7 @@ def _refuse_clashes(mapping: dict[str, str | None]) -> None:
         parts = [f"{' and '.join(repr(o) for o in olds)} -> {n!r}" for n, olds in list(clashes.items())[:5]]
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
         raise RuleError(f"rules map several keys to one name: {'; '.join(parts)}{more}; "
-                        f"adjust the rename or drop one of them first")
+                        f"adjust the rename or drop one of them first; nothing was written")
 
 
 @dataclass
@@ -96,11 +142,13 @@ class PlanRow:
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
     scaling: Scaling | None = None  # an FP8 weight --dequantize writes with its scale applied (fp8.py)
     steps: tuple[Step, ...] = ()  # the tensor ops (transpose, reshape, ...) applied, in order
-    src_shape: tuple[int, ...] | None = None  # before the tensor ops, where they change it
+    src_shape: tuple[int, ...] | None = None  # before the tensor ops or group op, where they change it
+    group: Group | None = None  # written by a split, concat, stack or unstack (group_ops.py) from group.sources
+    into: str | None = None  # a concat's or stack's member after the first: the name it is written into
 
     @property
     def converted(self) -> bool:
-        return self.new_kind != self.kind or self.new_dtype != self.dtype or bool(self.steps)
+        return self.new_kind != self.kind or self.new_dtype != self.dtype or bool(self.steps) or self.group is not None
 
     @property
     def old_shape(self) -> tuple[int, ...]:
@@ -121,15 +169,22 @@ def _after_conversion(t: TensorInfo, kinds: set[str]) -> tuple[str, str]:
 def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tuple[str, int]]]:
     """One row per source tensor, and each op's text with how many tensors it touched. FP8 weights
     with scales beside them are refused a cast without --dequantize; with it, the scales apply."""
-    plan = plan_names(ckpt.tensors.keys(), rules.ops)
+    groups = any(OP_KINDS[o.kind].group for o in rules.ops)
+    plan = plan_names(ckpt.tensors.keys(), rules.ops, {k: t.shape for k, t in ckpt.tensors.items()} if groups else None)
     kinds, target = {o.kind for o in rules.ops}, rules.dtype
-    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops else {}
+    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops or plan.read_by else {}
     refuse_unsafe(str(ckpt.path), scaled, plan.mapping, kinds, target)
     applied = scaled if "dequantize" in kinds else {}
     scales = {s.scale for s in applied.values()}
     rows = []
     converted = {"dtype": 0, "densify": 0, "dequantize": 0}  # tensors each conversion op changes
+    problems: list[str] = []
     for old, new in plan.mapping.items():
+        if old in plan.read_by:
+            made = _group_rows(ckpt, plan, old, target, scaled, problems)
+            converted["dtype"] += sum(r.new is not None and r.new_dtype != r.dtype for r in made)
+            rows += made
+            continue
         t = ckpt.tensors[old]
         kind, dtype = _after_conversion(t, kinds)
         new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
@@ -144,9 +199,42 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
             converted["dtype"] += new_dtype != dtype and old not in applied
             converted["densify" if t.kind in SPARSE_KINDS else "dequantize"] += kind != t.kind and t.kind != "chunked"
             converted["dequantize"] += old in applied
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RuleError("; ".join(problems[:3]) + more)
     _refuse_mixed_head_sizes(rows)
     _mark_aliases(ckpt, rows)
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
+
+
+def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, scaled: dict[str, Scaling],
+                problems: list[str]) -> list[PlanRow]:
+    """The rows of a tensor a group op reads: a split's pieces; a concat's or stack's output (for
+    its first member) or the name it goes into (the others). Problems are added to ``problems``."""
+    t = ckpt.tensors[old]
+    new_dtype = target if (target and t.dtype in FLOAT_DTYPES) else t.dtype
+    unfit = t.kind not in ("dense", "chunked") or old in scaled or old in {s.scale for s in scaled.values()}
+    rows = []
+    for j in plan.read_by[old]:
+        new, made = plan.made[j]
+        if made.kind in ("concat", "stack") and old != made.sources[0]:
+            rows.append(PlanRow(old, None, t.dtype, new_dtype, t.shape, into=new))
+            continue
+        if unfit and not any(old in p for p in problems):
+            what = f"a {t.kind} tensor" if t.kind not in ("dense", "chunked") else "an FP8 tensor with a scale beside it"
+            problems.append(f"{made.op}: {old!r} is {what}, which group ops do not split or join: write it dense "
+                            f"first (--densify, --dequantize) or narrow the pattern; nothing was written")
+            continue
+        try:
+            group = plan_group(made, {s: ckpt.tensors[s].shape for s in made.sources},
+                               {s: ckpt.tensors[s].dtype for s in made.sources})
+        except RuleError as e:
+            if str(e) not in problems:  # once for a split, not once per piece
+                problems.append(str(e))
+            continue
+        rows.append(PlanRow(old, new, t.dtype, new_dtype, group.out_shape, group=group,
+                            src_shape=t.shape if group.out_shape != t.shape else None))
+    return rows
 
 
 def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], dequantize: bool) -> None:
@@ -184,7 +272,7 @@ def _mark_aliases(ckpt: Checkpoint, rows: list[PlanRow]) -> None:
     (those the same tensor ops apply to: a transposed name and a plain one are two tensors)."""
     first: dict[tuple, str] = {}
     for r in rows:
-        if r.new is None:
+        if r.new is None or r.group is not None:
             continue
         key = (ckpt.tensors[r.old].view_key, tuple((s.kind, s.params) for s in r.steps))
         if key in first:

@@ -32,7 +32,7 @@ class RemapReport:
 
     @property
     def dropped(self) -> int:
-        return sum(1 for r in self.rows if r.new is None)
+        return sum(1 for r in self.rows if r.new is None and r.into is None)
 
     @property
     def kept(self) -> int:
@@ -53,5 +53,8 @@ class RemapReport:
                          **({"from_kind": r.kind} if r.kind != r.new_kind else {}),
                          **({"from_shape": list(r.src_shape)} if r.src_shape is not None else {}),
                          **({"tensor_ops": [s.kind for s in r.steps]} if r.steps else {}),
+                         **({"group": {"op": r.group.kind, "sources": list(r.group.sources), "dim": r.group.dim}}
+                            if r.group is not None else {}),
+                         **({"into": r.into} if r.into is not None else {}),
                          **({"alias_of": r.alias_of} if r.alias_of else {})} for r in self.rows],
         }

@@ -7,7 +7,8 @@ from typing import Any, Callable, Mapping
 
 from ..checkpoint import torch_dtype
 from .fp8 import DEFAULT_BLOCK, DEQUANTIZED_DTYPE, dequantize_state_dict, refuse_unsafe, scaled_in_memory
-from .ops import Op, parse_dtype
+from .group_ops import Made, apply as apply_group, plan_group
+from .ops import OP_KINDS, Op, parse_dtype
 from .plan import plan_names
 from .tensor_ops import apply_steps, plan_steps
 
@@ -15,8 +16,10 @@ from .tensor_ops import apply_steps, plan_steps
 def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     """Names by ``ops``, then the conversions they ask for: densify, dequantize, the last cast,
     and the tensor ops (transpose, permute, reshape, rope_permute) on the tensors they matched."""
-    plan = plan_names(sd.keys(), ops)
+    groups = any(OP_KINDS[o.kind].group for o in ops)
+    plan = plan_names(sd.keys(), ops, {k: tuple(t.shape) for k, t in sd.items()} if groups else None)
     out = {new: sd[old] for old, new in plan.kept.items()}
+    out.update(_made(sd, plan.made))
     if plan.tensor_ops:
         out = _tensor_ops(out, {plan.mapping[old]: o for old, o in plan.tensor_ops.items() if plan.mapping[old]})
     kinds = {o.kind for o in ops}
@@ -26,6 +29,19 @@ def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     if "dequantize" in kinds:  # FP8 scales applied straight into the cast's dtype, not through bf16
         out = dequantize(out, casts[-1] if casts else DEQUANTIZED_DTYPE)
     return cast(out, casts[-1]) if casts else out
+
+
+def _made(sd: Mapping[str, Any], made: "list[tuple[str | None, Made]]") -> dict[str, Any]:
+    """What split, concat, stack and unstack write, each a tensor of its own (a piece is copied
+    out of its source, so that the result saves as separate tensors)."""
+    out = {}
+    for name, m in made:
+        if name is None:
+            continue
+        g = plan_group(m, {s: tuple(sd[s].shape) for s in m.sources}, {s: str(sd[s].dtype) for s in m.sources})
+        t = apply_group(g, [sd[s] for s in m.sources])
+        out[name] = t.clone() if g.kind in ("split", "unstack") else t
+    return out
 
 
 def _tensor_ops(sd: dict[str, Any], ops: dict[str, list[Op]]) -> dict[str, Any]:

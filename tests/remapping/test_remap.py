@@ -229,7 +229,8 @@ def test_every_op_kind_reads_and_writes_its_own_forms():
     as the same op, and the plan reports it under that text."""
     args = {"": "", "P": "m.", "REGEX": "^a", "'REGEX=>REPL'": "^a=>b", "fp16|bf16|fp32": "bf16",
             "'REGEX:D0,D1'": "^a:0,1", "'REGEX:ORDER'": "^a:1,0", "'REGEX:SIZES'": "^a:-1",
-            "'REGEX:HEADS,DIRECTION'": "^a:2,meta-to-hf"}
+            "'REGEX:HEADS,DIRECTION'": "^a:2,meta-to-hf", "'REGEX=>NAME{a,b}[:DIM]'": "^m.a$=>m.{x,y}",
+            "'REGEX{a,b}=>NAME[:DIM]'": "^m.{a,b}$=>m.ab:0"}
     for kind in OP_KINDS.values():
         op = Op.from_cli(kind.name, args[kind.form.metavar or ""])
         assert Rules.from_json([op.to_json()]).ops == [op]
