@@ -8,6 +8,7 @@ tensor's byte range from the source, so peak memory does not grow with the file.
 - `rules`: `Rules`, the ops in order and the container, from the API, a dict or a rules file.
 - `plan`: names first (`plan_names`), then per tensor (`build_plan`), and the refusals.
 - `tensor_ops`: the one-to-one tensor ops (transpose, permute, reshape, rope_permute): shapes, inverses.
+- `group_ops`: split, concat, stack, unstack (several tensors into one and back): names, shapes, inverses.
 - `profiles`: the rules files shipped in ``profiles/`` and the variables they use (heads, kv-heads).
 - `roundtrip`: ``--verify-roundtrip``, the plan's inverse applied to the output.
 - `transforms`: the same ops as pure ``dict[str, Tensor] -> dict[str, Tensor]`` functions.

@@ -111,7 +111,7 @@ def _check(kind: str, regex: str, spec: GroupSpec) -> None:
         raise RuleError(f"{kind} takes its placeholder in {where} only")
     count = len(spec.sizes) if spec.sizes else spec.chunks or (len(parts) if parts else None)
     if kind == "split" and parts is None and count is None:
-        raise RuleError(f"split into {{i}} needs sizes=A,B,... or chunks=N: how many pieces")
+        raise RuleError("split into {i} needs sizes=A,B,... or chunks=N: how many pieces")
     if kind == "split" and parts is not None and count != len(parts):
         raise RuleError(f"split into {len(parts)} parts {{{','.join(parts)}}} takes {len(parts)} sizes, not {count}")
     if count is not None and count > MAX_PIECES:

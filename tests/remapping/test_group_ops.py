@@ -312,3 +312,33 @@ def test_a_sharded_hugging_face_folder_is_a_source_for_the_profiles(tmp_path):
     report = surgery.remap(hf, tmp_path / "meta.safetensors", profile_rules("llama-hf-to-meta", hf), verify_roundtrip=True)
     assert report.roundtrip == 3
     assert ("--rope-permute '^model\\.layers\\.\\d+\\.self_attn\\.k_proj\\.weight$:2,hf-to-meta'", 1) in report.op_counts
+
+
+@pytest.mark.parametrize("src_name", ["dcp_dir", "per_rank_dir"])
+def test_group_ops_on_other_kinds_of_source(make, tmp_path, src_name):
+    """DCP and ranks' chunks (assembled first) split along either dim, into every output format."""
+    src = make(src_name)
+    sd = surgery.open(src).state_dict()
+    name = next(k for k, v in sd.items() if v.dim() == 2 and v.shape[0] % 2 == 0 and v.shape[1] % 2 == 0)
+    for fmt, dim in (("safetensors", 1), ("pt", 0), ("dcp", 1)):
+        op = Op("split", "^" + re.escape(name) + "$", f"{name}.{{a,b}}:{dim}")
+        dst = tmp_path / f"out-{fmt}"
+        report = surgery.remap(src, dst, [op], verify=True, verify_roundtrip=True, format=fmt)
+        out = surgery.open(dst).state_dict()
+        assert report.roundtrip == len(sd) and torch.equal(torch.cat([out[name + ".a"], out[name + ".b"]], dim), sd[name])
+
+
+def test_in_place_ties_and_pieces_renamed_or_dropped(tmp_path):
+    save_file({f"e.{i}": torch.randn(2, 3) for i in range(3)}, tmp_path / "ip.safetensors")
+    report = surgery.remap(tmp_path / "ip.safetensors", tmp_path / "ip.safetensors", [Op("stack", r"^e\.{i}$", "e")],
+                           in_place=True, verify=True, verify_roundtrip=True)
+    assert report.roundtrip == 3 and list(load_file(tmp_path / "ip.safetensors")) == ["e"]
+    w = torch.randn(6, 2)
+    torch.save({"a": w, "b": w}, tmp_path / "tied.pt")
+    report = surgery.remap(tmp_path / "tied.pt", tmp_path / "t.safetensors", [Op("split", "^a$", "a.{x,y,z}")],
+                           verify=True, verify_roundtrip=True)
+    assert report.roundtrip == 2 and torch.equal(load_file(tmp_path / "t.safetensors")["a.z"], w[4:])
+    ops = [Op("split", "^a$", "a.{x,y,z}"), Op("drop", r"^a\.y$"), Op("rename", r"^a\.x$", "first")]
+    report = surgery.remap(tmp_path / "tied.pt", tmp_path / "d.safetensors", ops, verify=True, verify_roundtrip=True)
+    assert sorted(load_file(tmp_path / "d.safetensors")) == ["a.z", "b", "first"]
+    assert report.roundtrip == 1 and report.dropped == 1  # 'a' lost a piece: only 'b' comes back
