@@ -14,6 +14,7 @@ shape from its sources' metadata (the refusals are worded there), `apply` makes 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from math import prod
@@ -204,8 +205,15 @@ def _members(op: "Op", spec: GroupSpec, items: list[Item], shapes: Any) -> list:
     found: dict[str, dict[str, tuple[int, str]]] = {}  # name written -> part -> (item, name read)
     problems = []
     detect = re.compile(PLACEHOLDER.sub(lambda m: INDEX, op.arg)) if parts is None else None
+    literal: dict[str, re.Pattern[str]] = {}  # part -> the regex with it in the placeholder's place
+
+    def part_rx(part: str) -> re.Pattern[str]:
+        if part not in literal:
+            literal[part] = re.compile(PLACEHOLDER.sub(lambda m: re.escape(part), op.arg))
+        return literal[part]
+
     for i, name in items:
-        labels = [p for p in parts if re.search(PLACEHOLDER.sub(re.escape(p), op.arg), name)] if parts else []
+        labels = [p for p in parts if part_rx(p).search(name)] if parts else []
         if detect is not None and (m := detect.search(name)):
             labels = [m.group("surgery_index")]
         if len(labels) > 1:
@@ -213,7 +221,7 @@ def _members(op: "Op", spec: GroupSpec, items: list[Item], shapes: Any) -> list:
             continue
         if not labels:
             continue
-        m = re.search(PLACEHOLDER.sub(re.escape(labels[0]), op.arg), name)
+        m = part_rx(labels[0]).search(name)
         into = _sub(m, spec.into) if m else ""
         group = found.setdefault(into, {})
         if labels[0] in group:
@@ -224,12 +232,13 @@ def _members(op: "Op", spec: GroupSpec, items: list[Item], shapes: Any) -> list:
         group[labels[0]] = (i, name)
     out = []
     for into, group in found.items():
-        order = parts or tuple(map(str, range(max(map(int, group)) + 1)))
-        missing = [p for p in order if p not in group]
+        missing = _missing(parts, group)
         if missing:
-            problems.append(f"{into!r} lacks part{'s' if len(missing) > 1 else ''} {', '.join(missing[:6])} "
-                            f"(has {', '.join(sorted(group, key=_order_key(order))[:6])})")
+            has = sorted(group, key=lambda p: parts.index(p) if parts else int(p))
+            problems.append(f"{into!r} lacks part{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                            f"(has {', '.join(has[:6])}{' ...' if len(has) > 6 else ''})")
             continue
+        order = parts or tuple(map(str, range(len(group))))
         out.append(([group[p][0] for p in order], [(into, Made(op, ()))]))
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
@@ -237,8 +246,13 @@ def _members(op: "Op", spec: GroupSpec, items: list[Item], shapes: Any) -> list:
     return out
 
 
-def _order_key(order: tuple[str, ...]) -> Callable[[str], int]:
-    return lambda p: order.index(p) if p in order else len(order)
+def _missing(parts: tuple[str, ...] | None, group: dict[str, Any]) -> list[str]:
+    """The first few parts a group lacks: of its names, or of 0 .. its largest index (never
+    listing them all: one member named 99999999 is not a hundred million missing ones)."""
+    if parts:
+        return [p for p in parts if p not in group][:6]
+    end = max(map(int, group)) + 1
+    return list(itertools.islice((str(k) for k in range(end) if str(k) not in group), 6))
 
 
 # ---------------------------------------------------------------- shapes, before any byte is read

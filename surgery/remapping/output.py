@@ -101,7 +101,7 @@ def made(ckpt: Checkpoint, row: PlanRow, last: LastRead) -> "torch.Tensor":
     pieces), cast as the plan says, then joined or cut."""
     g: Any = row.group
     target = torch_dtype(row.new_dtype)
-    tensors = [last(s, keep=g.count > 1) for s in g.sources]
+    tensors = [last(s, keep=g.index < g.count - 1) for s in g.sources]  # the last piece lets the source go
     return apply_group(g, [t.to(target) if t.dtype != target else t for t in tensors])
 
 

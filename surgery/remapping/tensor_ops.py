@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 TENSOR_KINDS = ("transpose", "permute", "reshape", "rope_permute")
 DIRECTIONS = ("hf-to-meta", "meta-to-hf")
 Params = tuple  # ints, and for rope_permute (heads, direction)
+MAX_DIMS = 64
 
 
 def _ints(kind: str, text: str) -> tuple[int, ...]:
@@ -40,6 +41,8 @@ def parse_params(kind: str, text: str) -> Params:
             raise RuleError(f"rope_permute takes HEADS,DIRECTION (a positive head count, then hf-to-meta or "
                             f"meta-to-hf), not {text!r}")
         return int(heads), direction.strip()
+    if text.count(",") >= MAX_DIMS:  # before parsing: 'reshape 1,1,1,...' a million times over
+        raise RuleError(f"{kind} takes at most {MAX_DIMS} dims (torch's limit), not {text.count(',') + 1}")
     dims = _ints(kind, text)
     if kind == "transpose" and len(dims) != 2:
         raise RuleError(f"transpose takes two dims, e.g. 0,1, not {text!r}")

@@ -12,7 +12,7 @@ from ..checkpoint import Checkpoint, tensor_bytes
 from ..errors import FormatError, OutputError
 from ..formats import open_checkpoint
 from ..formats.chunks import CERTIFICATE_KEY
-from .output import converted, source
+from .output import LastRead, converted, source
 from .plan import PlanRow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,13 +43,14 @@ def _digest(ckpt: Checkpoint, name: str, rng: tuple[str, int, int] | Callable[[]
 def source_digests(ckpt: Checkpoint, rows: list[PlanRow]) -> dict[str, str]:
     """What :func:`verify` compares each written tensor with, taken from the source now: a
     rewrite in place replaces the source before it is verified."""
-    return {r.new: _expected(ckpt, r) for r in rows if r.new is not None}
+    last = LastRead(ckpt)
+    return {r.new: _expected(ckpt, r, last) for r in rows if r.new is not None}
 
 
-def _expected(ckpt: Checkpoint, r: PlanRow) -> str:
+def _expected(ckpt: Checkpoint, r: PlanRow, last: LastRead) -> str:
     if r.new_kind != "dense":
         return _tensor_digest(converted(ckpt.tensor(r.old), r, ckpt))
-    return _digest(ckpt, r.old, source(ckpt, r))
+    return _digest(ckpt, r.old, source(ckpt, r, last=last))
 
 
 def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path, expected: dict[str, str] | None = None) -> None:
@@ -60,6 +61,7 @@ def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path, expected: dict[str,
     problems = []
     kept = [r for r in rows if r.new is not None]
     written: dict[str, str] = {}  # name -> sha256 of its bytes in the output
+    last = LastRead(ckpt)  # a split's source read once for all its pieces, as when they were written
     extra = set(out.tensors) - {r.new for r in kept}
     if extra:
         problems.append(f"unexpected tensors {sorted(extra)[:3]}")
@@ -72,7 +74,7 @@ def verify(ckpt: Checkpoint, rows: list[PlanRow], dst: Path, expected: dict[str,
             problems.append(f"{r.new!r} is {t.dtype}{list(t.shape)} {t.kind}, expected {r.new_dtype}{list(r.shape)} "
                             f"{r.new_kind}")
             continue
-        want = expected[r.new] if expected is not None else _expected(ckpt, r)
+        want = expected[r.new] if expected is not None else _expected(ckpt, r, last)
         if r.new_kind != "dense":  # kept as it is in a torch file: compare what makes it that tensor
             if _tensor_digest(out.tensor(r.new)) != want:
                 problems.append(f"{r.new!r} differs from the source")

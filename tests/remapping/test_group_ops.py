@@ -130,8 +130,11 @@ def test_members_of_one_group_share_a_dtype(tmp_path):
 def test_an_incomplete_moe_is_named(tmp_path):
     sd = {f"experts.{i}.w1.weight": torch.randn(2, 2) for i in range(8) if i != 3}
     save_file(sd, tmp_path / "moe.safetensors")
-    with pytest.raises(RuleError, match=r"'experts\.w1\.weight' lacks part 3 \(has 0, 1, 2, 4, 5, 6\)"):
+    with pytest.raises(RuleError, match=r"'experts\.w1\.weight' lacks part 3 \(has 0, 1, 2, 4, 5, 6 \.\.\.\)"):
         surgery.remap(tmp_path / "moe.safetensors", tmp_path / "o.safetensors", [STACK])
+    # one expert named 99999999 is six missing ones named, not a hundred million listed
+    with pytest.raises(RuleError, match=r"'e' lacks parts 1, 2, 3, 4, 5, 6 \(has 0, 99999999\)"):
+        apply_rules({"e.0": torch.zeros(1), "e.99999999": torch.zeros(1)}, [Op("stack", r"^e\.{i}$", "e")])
 
 
 def test_a_huge_unstack_is_refused(tmp_path):
@@ -155,6 +158,7 @@ def test_a_huge_unstack_is_refused(tmp_path):
     (("split", "(x", "y.{a,b}"), "not a valid regex"),
     (("split", "x", r"\1.{a,b}"), "invalid group reference 1"),
     (("split", "x", {"into": "y.{a,b}", "dims": 0}), r"split takes \{match: REGEX, into:"),
+    (("reshape", "x", "1," * 100_000 + "-1"), "reshape takes at most 64 dims"),
 ])
 def test_bad_parameters_are_refused_when_the_op_is_made(args, message):
     with pytest.raises(RuleError, match=message):
