@@ -346,3 +346,15 @@ def test_in_place_ties_and_pieces_renamed_or_dropped(tmp_path):
     report = surgery.remap(tmp_path / "tied.pt", tmp_path / "d.safetensors", ops, verify=True, verify_roundtrip=True)
     assert sorted(load_file(tmp_path / "d.safetensors")) == ["a.z", "b", "first"]
     assert report.roundtrip == 1 and report.dropped == 1  # 'a' lost a piece: only 'b' comes back
+
+
+def test_sparse_and_scaled_fp8_tensors_are_refused(tmp_path):
+    torch.save({"sp": torch.eye(4).to_sparse(), "d": torch.eye(4)}, tmp_path / "sp.pt")
+    with pytest.raises(RuleError, match=r"'sp' is a sparse_coo tensor, which group ops do not split or join: write it "
+                                        r"dense first \(--densify, --dequantize\)"):
+        surgery.remap(tmp_path / "sp.pt", tmp_path / "o.pt", [Op("split", "^sp$", "sp.{a,b}")])
+    fp8 = {"l.weight": torch.randn(4, 4).to(torch.float8_e4m3fn), "l.weight_scale_inv": torch.ones(1, 1)}
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    with pytest.raises(RuleError, match="'l.weight' is an FP8 tensor with a scale beside it"):
+        surgery.remap(tmp_path / "fp8.safetensors", tmp_path / "o.safetensors", [Op("split", r"^l\.weight$", "l.{a,b}")])
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "o.safetensors").exists()
