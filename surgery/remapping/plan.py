@@ -74,7 +74,7 @@ def plan_names(names: Iterable[str], ops: list[Op], shapes: Mapping[str, tuple[i
     mapping = dict(zip(names, current))
     products = [(current[i], m) for i, m in sorted(made.items())]
     order = {i: j for j, i in enumerate(sorted(made))}
-    _refuse_clashes({**mapping, **{_label(m, j): n for j, (n, m) in enumerate(products)}})
+    _refuse_clashes({**mapping, **{_label(m): n for n, m in products}})
     return NamePlan(mapping, counts, tensor_ops, products, {o: [order[i] for i in v] for o, v in read_by.items()})
 
 
@@ -102,7 +102,8 @@ def _refuse_mixed(op: Op, name: str) -> None:
                     f"ops do not apply to one tensor together: narrow the pattern; nothing was written")
 
 
-def _label(m: Made, j: int) -> str:
+def _label(m: Made) -> str:
+    """What a group op writes, named for the clash refusal."""
     more = f" and {len(m.sources) - 1} more" if len(m.sources) > 1 else ""
     return f"the {m.kind} of {m.sources[0]}{more} (#{m.index})" if m.count > 1 else f"the {m.kind} of {m.sources[0]}{more}"
 

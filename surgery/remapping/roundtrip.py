@@ -16,7 +16,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, tensor_bytes
 from ..errors import OutputError, RuleError
 from ..formats import open_checkpoint
-from .group_ops import undo
+from .group_ops import Group, undo
 from .plan import PlanRow
 from .tensor_ops import undo_steps
 from .verify import _digest, _tensor_digest
@@ -103,12 +103,12 @@ def _groups_back(out: Checkpoint, rows: list[PlanRow], wanted: set[str]) -> dict
         if r.group is not None and r.new is not None:
             groups.setdefault((r.group.kind, r.group.sources, r.group.op), []).append(r)
     for members in groups.values():
-        g = members[0].group
-        if not set(g.sources) & wanted or any(r.new not in out.tensors for r in members):  # type: ignore[union-attr]
+        g: Group = members[0].group  # type: ignore[assignment]
+        if not set(g.sources) & wanted or any(r.new not in out.tensors for r in members):
             continue
-        for name, t in zip(g.sources, undo(g, [out.tensor(r.new) for r in members])):  # type: ignore[union-attr, arg-type]
-            shape = next(s for n, s in zip(g.sources, g.shapes) if n == name)  # type: ignore[union-attr]
-            got[name] = hashlib.sha256(_bytes(t)).hexdigest() if tuple(t.shape) == tuple(shape) else ""
+        back = undo(g, [out.tensor(r.new) for r in members])  # type: ignore[arg-type]
+        for name, shape, t in zip(g.sources, g.shapes, back):
+            got[name] = hashlib.sha256(_bytes(t)).hexdigest() if tuple(t.shape) == shape else ""
     return got
 
 
