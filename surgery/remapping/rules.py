@@ -59,6 +59,8 @@ class Rules:
               - dequantize: true            # quantized tensors -> float32
               - transpose: {match: 'c_fc\\.weight$', dims: [0, 1]}
               - rope_permute: {match: 'q_proj\\.weight$', heads: '{heads}', direction: hf-to-meta}
+              - split: {match: 'qkv\\.weight$', into: '{q,k,v}.weight', dim: 0}
+              - stack: {match: '^experts\\.{i}\\.w1\\.weight$', into: experts.w1.weight}
 
         A value written ``'{name}'`` is the variable ``name`` of ``variables`` (``heads``, ``kv_heads``:
         see profiles.py); ``description`` is a line for people (and ``--list-profiles``).
@@ -115,6 +117,8 @@ def substitute(value: Any, variables: Mapping[str, Any], where: str, depth: int 
     if m is None:
         return value
     name = m.group(1)
+    if name == "i" and name not in variables:  # the group ops' index placeholder (group_ops.py), never a variable
+        return value
     if name not in variables:
         how = VARIABLE_SOURCES.get(name, f"known variables: {', '.join(VARIABLE_SOURCES)}")
         raise RuleError(f"{where} needs {{{name}}}, which is not known: {how}")
