@@ -48,8 +48,8 @@ class GroupSpec:
     chunks: int | None = None
 
     def text(self) -> str:
-        extra = f":sizes={','.join(map(str, self.sizes))}" if self.sizes else (
-            f":chunks={self.chunks}" if self.chunks else "")
+        extra = f":sizes={','.join(map(str, self.sizes))}" if self.sizes is not None else (
+            f":chunks={self.chunks}" if self.chunks is not None else "")
         return f"{self.into}:{self.dim}{extra}"
 
 
@@ -85,6 +85,8 @@ def _parse_text(kind: str, text: str) -> GroupSpec:
         key, _, value = rest[1].partition("=")
         if kind != "split" or key not in ("sizes", "chunks"):
             raise RuleError(f"{kind}: only split takes sizes=A,B,... or chunks=N, not {rest[1]!r}")
+        if key == "sizes" and value.count(",") >= MAX_PIECES:
+            raise RuleError(f"{kind} into {value.count(',') + 1} pieces: at most {MAX_PIECES} from one tensor")
         if key == "sizes":
             sizes = tuple(_int(kind, v, "size") for v in value.split(","))
         else:
@@ -407,8 +409,8 @@ def from_json(kind: str, value: Any) -> tuple[str, str] | None:
             or not isinstance(value.get("into"), str)):
         return None
     dim, sizes, chunks = value.get("dim", 0), value.get("sizes"), value.get("chunks")
-    if not _is_int(dim) or (sizes is not None and (not isinstance(sizes, list) or not sizes or not all(map(_is_int, sizes))))\
-            or (chunks is not None and not _is_int(chunks)) or (sizes is not None and chunks is not None):
+    sizes_ok = sizes is None or (isinstance(sizes, list) and bool(sizes) and all(map(_is_int, sizes)))
+    if not _is_int(dim) or not sizes_ok or not (chunks is None or _is_int(chunks)) or None not in (sizes, chunks):
         return None
     spec = GroupSpec(value["into"], dim, tuple(sizes) if sizes else None, chunks)
     return value["match"], spec.text()
