@@ -360,3 +360,24 @@ def test_sparse_and_scaled_fp8_tensors_are_refused(tmp_path):
     with pytest.raises(RuleError, match="'l.weight' is an FP8 tensor with a scale beside it"):
         surgery.remap(tmp_path / "fp8.safetensors", tmp_path / "o.safetensors", [Op("split", r"^l\.weight$", "l.{a,b}")])
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.float8_e4m3fn])
+def test_every_dtype_comes_back_bit_for_bit(tmp_path, dtype):
+    """Pieces are cut and joined as bytes: NaN payloads, -0.0 and FP8 without a scale come back as they were."""
+    torch.manual_seed(0)
+    shape = (4, 6, 2)
+    if dtype in (torch.float16, torch.bfloat16):  # every bit pattern: NaNs with payloads, -0.0, infinities
+        t = torch.randint(-2**15, 2**15, shape, dtype=torch.int16).view(dtype)
+    elif dtype == torch.float8_e4m3fn:
+        t = torch.randint(0, 256, shape, dtype=torch.uint8).view(dtype)
+    else:
+        t = torch.randint(0, 2, shape).to(dtype)
+    save_file({"t": t, "u": t.clone()}, tmp_path / "a.safetensors")
+    ops = [Op("split", "^t$", "t.{i}:1:sizes=1,5"), Op("stack", "^{t,u}$", "tu:2")]
+    report = surgery.remap(tmp_path / "a.safetensors", tmp_path / "b.safetensors", ops[:1], verify=True, verify_roundtrip=True)
+    assert report.roundtrip == 2
+    report = surgery.remap(tmp_path / "a.safetensors", tmp_path / "c.safetensors", ops[1:], verify=True, verify_roundtrip=True)
+    out = load_file(tmp_path / "c.safetensors")["tu"]
+    assert report.roundtrip == 2 and out.shape == (4, 6, 2, 2)
+    assert torch.equal(out.select(2, 0).contiguous().view(torch.uint8), t.view(torch.uint8))
