@@ -381,3 +381,28 @@ def test_every_dtype_comes_back_bit_for_bit(tmp_path, dtype):
     out = load_file(tmp_path / "c.safetensors")["tu"]
     assert report.roundtrip == 2 and out.shape == (4, 6, 2, 2)
     assert torch.equal(out.select(2, 0).contiguous().view(torch.uint8), t.view(torch.uint8))
+
+
+def test_the_docs_table_of_group_ops_runs(tmp_path, cli):
+    """Each command line of docs/remap.md's table, on names it fits, then its inverse from the same table."""
+    rows = [r for r in re.findall(r"^\| `(\w+)` \| `(--\w+ '[^']+')` \| `(\w+): (\{.*\})` \|", DOCS.read_text(), re.M)
+            if r[0] in ("split", "concat", "stack", "unstack")]
+    flags = {kind: shlex.split(cli_form) for kind, cli_form, _, _ in rows}
+    assert sorted(flags) == ["concat", "split", "stack", "unstack"]
+    for kind, _, key, yaml_form in rows:  # the rules-file column is the same op
+        assert Rules.from_file(_write(tmp_path / f"{kind}.yaml", f"ops:\n  - {key}: {yaml_form}\n")).ops == \
+            [Op.from_cli(kind, flags[kind][1])]
+    sd = {"blocks.0.attn.qkv.weight": torch.randn(6, 2), "experts.0.w1.weight": torch.randn(2), "experts.1.w1.weight": torch.randn(2)}
+    save_file(sd, tmp_path / "a.safetensors")
+    assert cli("remap", tmp_path / "a.safetensors", tmp_path / "b.safetensors", *flags["split"], *flags["stack"]).exit_code == 0
+    assert sorted(load_file(tmp_path / "b.safetensors")) == ["blocks.0.attn.k.weight", "blocks.0.attn.q.weight",
+                                                           "blocks.0.attn.v.weight", "experts.w1.weight"]
+    r = cli("remap", tmp_path / "b.safetensors", tmp_path / "c.safetensors", *flags["concat"], *flags["unstack"])
+    assert r.exit_code == 0, r.output
+    back = load_file(tmp_path / "c.safetensors")
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
