@@ -57,8 +57,8 @@ def parts_of(text: str, kind: str = "") -> tuple[str, ...] | None:
     """The part names of the placeholder in ``text``; None for ``{i}``. RuleError when there is not exactly one."""
     found = PLACEHOLDER.findall(text)
     if len(found) != 1:
-        raise RuleError(f"{kind}{': ' if kind else ''}{text!r} needs one placeholder, {{q,k,v}} (the parts, in order) or {{i}} (0, 1, 2, ...), "
-                        f"not {len(found)}")
+        raise RuleError(f"{kind}{': ' if kind else ''}{text!r} needs one placeholder, {{q,k,v}} (the parts, in order: "
+                        f"names, not numbers) or {{i}} (0, 1, 2, ...), not {len(found)}")
     if found[0] == "i":
         return None
     parts = tuple(found[0].split(","))
@@ -100,7 +100,7 @@ def _int(kind: str, text: str, what: str) -> int:
     except ValueError:
         raise RuleError(f"{kind}: {what} must be an integer, not {text!r}") from None
     if what != "dim" and not 0 < value < 2**62:
-        raise RuleError(f"{kind}: {what} must be positive, not {text!r}")
+        raise RuleError(f"{kind}: {what} must be from 1 to 2**62, not {text!r}")
     if what == "dim" and not -MAX_DIMS <= value <= MAX_DIMS:
         raise RuleError(f"{kind}: dim {value} is out of range for any tensor")
     return value
