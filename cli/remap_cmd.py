@@ -169,8 +169,8 @@ def _table(report: RemapReport) -> Table:
         if r.alias_of:
             new += f" (tied to {escaped(r.alias_of)})"
         dt = r.new_dtype if r.new_dtype == r.dtype else f"{r.dtype} -> {r.new_dtype}"
-        if r.group is not None:
-            dt += f" ({r.group.kind})"
+        if r.group is not None:  # and the tensor ops after it
+            dt += f" ({', '.join([r.group.kind, *(s.kind.replace('_', '-') for s in r.steps)])})"
         if r.src_shape is not None:
             dt += f" {list(r.src_shape)} -> {list(r.shape)}"
         elif r.steps:

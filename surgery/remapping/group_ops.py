@@ -133,13 +133,14 @@ def _check(kind: str, regex: str, spec: GroupSpec) -> None:
 
 @dataclass(frozen=True)
 class Made:
-    """A tensor a group op writes: the op, the source names it reads (in order) and, for split
-    and unstack, which of how many pieces it is."""
+    """A tensor a group op writes: the op, the source names it reads (in order), for split and
+    unstack which of how many pieces it is, and the tensor ops later in the list that match it."""
 
     op: "Op"
     sources: tuple[str, ...]
     index: int = 0
     count: int = 1
+    after: tuple["Op", ...] = ()  # the tensor ops that apply to it once made (a transpose of the stacked experts)
 
     @property
     def kind(self) -> str:

@@ -81,7 +81,7 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False, last: LastRead | 
     rng = info.byte_range
     g = row.group
     if g is not None:
-        if g.contiguous_piece and row.new_dtype == row.dtype and rng is not None and info.kind == "dense":
+        if g.contiguous_piece and row.new_dtype == row.dtype and not row.steps and rng is not None and info.kind == "dense":
             start, end = piece_range(g, rng[0], itemsize(info.dtype))
             return (lambda: read_range(info.file, start, end)) if read else (info.file, start, end)
         return lambda: tensor_bytes(made(ckpt, row, last or LastRead(ckpt)))
@@ -98,11 +98,11 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False, last: LastRead | 
 
 def made(ckpt: Checkpoint, row: PlanRow, last: LastRead) -> "torch.Tensor":
     """A split, concat, stack or unstack's output: its sources read (a split's once for all its
-    pieces), cast as the plan says, then joined or cut."""
+    pieces), cast as the plan says, joined or cut, then the tensor ops that follow applied."""
     g: Any = row.group
     target = torch_dtype(row.new_dtype)
     tensors = [last(s, keep=g.index < g.count - 1) for s in g.sources]  # the last piece lets the source go
-    return apply_group(g, [t.to(target) if t.dtype != target else t for t in tensors])
+    return apply_steps(apply_group(g, [t.to(target) if t.dtype != target else t for t in tensors]), row.steps)
 
 
 def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:

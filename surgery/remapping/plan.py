@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
@@ -58,9 +58,10 @@ def plan_names(names: Iterable[str], ops: list[Op], shapes: Mapping[str, tuple[i
             rx = re.compile(op.arg)
             hits = [i for i in alive if rx.search(current[i])]  # type: ignore[arg-type]
             for i in hits:
-                if origin[i] is None:
-                    _refuse_mixed(op, current[i])  # type: ignore[arg-type]
-                tensor_ops.setdefault(names[i], []).append(op)
+                if origin[i] is None:  # what a group op wrote: reordered once made
+                    made[i] = replace(made[i], after=(*made[i].after, op))
+                else:
+                    tensor_ops.setdefault(names[i], []).append(op)
             counts.append((op, len(hits)))
             continue
         change = OP_KINDS[op.kind].names
@@ -98,8 +99,8 @@ def _apply_group(op: Op, alive: list[int], current: list[str | None], origin: li
 
 
 def _refuse_mixed(op: Op, name: str) -> None:
-    raise RuleError(f"{op}: {name!r} is read or written by a split, concat, stack or unstack; tensor ops and group "
-                    f"ops do not apply to one tensor together: narrow the pattern; nothing was written")
+    raise RuleError(f"{op}: {name!r} is read by a split, concat, stack or unstack later; a tensor op applies to what "
+                    f"a group op writes (put it after the group op), not to what it reads; nothing was written")
 
 
 def _label(m: Made) -> str:
@@ -233,8 +234,16 @@ def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, 
             if str(e) not in problems:  # once for a split, not once per piece
                 problems.append(str(e))
             continue
-        rows.append(PlanRow(old, new, t.dtype, new_dtype, group.out_shape, group=group,
-                            src_shape=t.shape if group.out_shape != t.shape else None))
+        row = PlanRow(old, new, t.dtype, new_dtype, group.out_shape, group=group)
+        if made.after and new is not None:
+            try:
+                row.steps = plan_steps(new, group.out_shape, list(made.after))
+            except RuleError as e:
+                problems.append(str(e))
+                continue
+            row.shape = row.steps[-1].out_shape
+        row.src_shape = t.shape if row.shape != t.shape else None
+        rows.append(row)
     return rows
 
 

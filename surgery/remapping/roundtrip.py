@@ -106,7 +106,7 @@ def _groups_back(out: Checkpoint, rows: list[PlanRow], wanted: set[str]) -> dict
         g: Group = members[0].group  # type: ignore[assignment]
         if not set(g.sources) & wanted or any(r.new not in out.tensors for r in members):
             continue
-        back = undo(g, [out.tensor(r.new) for r in members])  # type: ignore[arg-type]
+        back = undo(g, [undo_steps(out.tensor(r.new), r.steps) for r in members])  # type: ignore[arg-type]
         for name, shape, t in zip(g.sources, g.shapes, back):
             got[name] = hashlib.sha256(_bytes(t)).hexdigest() if tuple(t.shape) == shape else ""
     return got

@@ -39,8 +39,8 @@ def _made(sd: Mapping[str, Any], made: "list[tuple[str | None, Made]]") -> dict[
         if name is None:
             continue
         g = plan_group(m, {s: tuple(sd[s].shape) for s in m.sources}, {s: str(sd[s].dtype) for s in m.sources})
-        t = apply_group(g, [sd[s] for s in m.sources])
-        out[name] = t.clone() if g.kind in ("split", "unstack") else t
+        t = apply_steps(apply_group(g, [sd[s] for s in m.sources]), plan_steps(name, g.out_shape, list(m.after)))
+        out[name] = t.contiguous().clone() if g.kind in ("split", "unstack") else t.contiguous()
     return out
 
 

@@ -102,7 +102,8 @@ def test_a_group_is_read_once_and_pieces_along_dim_0_are_byte_ranges(src, tmp_pa
     ([Op("concat", r"^blocks\.\d+\.attn\.qkv\.{weight,bias}$", "qkv")], r"two groups write 'qkv': 'blocks\.0\.attn\.qkv\.bias' and 'blocks\.1\.attn\.qkv\.bias' are both its part bias \(the name written needs the captures"),
     ([SPLIT_QKV, Op("split", r"^blocks\.0\.attn\.q\.weight$", "q.{a,b}")], r"'blocks\.0\.attn\.q\.weight' is made by an earlier split, concat, stack or unstack; a name is captured by one group op"),
     ([Op("split", "^cols$", "x.{a,b}"), Op("split", "^blocks.0.attn.qkv.bias$", "x.{a,b,c}")], r"rules map several keys to one name: 'the split of cols \(#0\)' and 'the split of blocks\.0\.attn\.qkv\.bias \(#0\)' -> 'x\.a'"),
-    ([SPLIT_QKV, Op("transpose", r"q\.weight$", "0,1")], r"'blocks\.0\.attn\.q\.weight' is read or written by a split, concat, stack or unstack; tensor ops and group ops do not apply to one tensor together"),
+    ([Op("transpose", r"qkv\.weight$", "0,1"), SPLIT_QKV], r"'blocks\.0\.attn\.qkv\.weight' is read by a split, concat, stack or unstack later; a tensor op applies to what a group op writes \(put it after the group op\)"),
+    ([STACK, Op("transpose", r"^experts\.w1\.weight$", "0,3")], r"dim 3 is out of range for 'experts\.w1\.weight' of shape \[4, 3, 4\]"),
     ([Op("reshape", "^cols$", "99999999999999999999,-1")], r"reshape to \[99999999999999999999, -1\] does not fit 'cols'"),
     ([Op("unstack", r"^cols$", "c.{i}:1"), Op("split", "^x$", "y.{i}:0:chunks=3")], None),
     ([Op("unstack", r"^cols$", "c.{a,b}:1")], r"unstacking 'cols' of shape \[2, 6\] along dim 1 gives 6 tensors, not the 2 parts named"),
@@ -408,3 +409,20 @@ def test_the_docs_table_of_group_ops_runs(tmp_path, cli):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_tensor_ops_after_a_group_op_reorder_what_it_wrote(src, tmp_path):
+    """Stacked experts transposed, split pieces transposed (no longer byte ranges): planned, verified, undone."""
+    path, sd = src
+    ops = [STACK, Op("transpose", r"^experts\.w1\.weight$", "1,2"), SPLIT_QKV, Op("transpose", r"attn\.[qk]\.weight$", "0,1")]
+    for dst in (tmp_path / "b.safetensors", tmp_path / "b.pt"):
+        report = surgery.remap(path, dst, ops, verify=True, verify_roundtrip=True)
+        out = surgery.open(dst).state_dict()
+        want = torch.stack([sd[f"experts.{i}.w1.weight"] for i in range(4)]).transpose(1, 2)
+        assert report.roundtrip == len(sd) and torch.equal(out["experts.w1.weight"], want)
+        assert torch.equal(out["blocks.0.attn.k.weight"], sd["blocks.0.attn.qkv.weight"][4:8].t())
+        assert torch.equal(out["blocks.0.attn.v.weight"], sd["blocks.0.attn.qkv.weight"][8:])
+    rows = {r.new: r for r in report.rows}
+    assert rows["experts.w1.weight"].shape == (4, 4, 3) and [s.kind for s in rows["blocks.0.attn.q.weight"].steps] == ["transpose"]
+    mem = apply_rules(sd, ops)
+    assert torch.equal(mem["experts.w1.weight"], want) and mem["blocks.0.attn.q.weight"].is_contiguous()
