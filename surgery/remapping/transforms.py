@@ -15,7 +15,8 @@ from .tensor_ops import apply_steps, plan_steps
 
 def apply_rules(sd: Mapping[str, Any], ops: list[Op]) -> dict[str, Any]:
     """Names by ``ops``, then the conversions they ask for: densify, dequantize, the last cast,
-    and the tensor ops (transpose, permute, reshape, rope_permute) on the tensors they matched."""
+    the tensor ops (transpose, permute, reshape, rope_permute) on the tensors they matched, and
+    what split, concat, stack and unstack write."""
     groups = any(OP_KINDS[o.kind].group for o in ops)
     plan = plan_names(sd.keys(), ops, {k: tuple(t.shape) for k, t in sd.items()} if groups else None)
     out = {new: sd[old] for old, new in plan.kept.items()}
