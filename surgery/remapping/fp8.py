@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from ..checkpoint import FLOAT_DTYPES
 from ..errors import RuleError
@@ -27,8 +27,7 @@ from ..errors import RuleError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4_E2M1FN_X2"})
-DEQUANTIZABLE = SCALED_DTYPES - {"F4_E2M1FN_X2"}  # packed FP4 needs unpacking first: not done here
+SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})  # packed FP4: fp4.py
 # `<name>_scale_inv` (DeepSeek, transformers), `<name>_scale` (vLLM, compressed-tensors); for
 # `<prefix>.weight` these are `<prefix>.weight_scale_inv` and `<prefix>.weight_scale`
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -61,13 +60,28 @@ class Scaling:
 
     def misfit(self) -> str:
         """Why the scale's shape fits no layout, for the refusal."""
-        if self.dtype not in DEQUANTIZABLE:
-            return f"{self.dtype} is packed FP4, which --dequantize does not unpack"
         expected = [f"{list(self.block_shape)} ({self.block[0]}x{self.block[1]} blocks)"] if len(self.shape) >= 2 else []
         expected.append("one value (per tensor)")
         if len(self.shape) == 2:
             expected.append(f"[{self.shape[0]}] or [{self.shape[0]}, 1] (per row)")
         return f"a scale for {list(self.shape)} is {', '.join(expected)}"
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """The tensors --dequantize applies and drops (fp4.Packed has the same interface)."""
+        return (self.scale,)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def out_name(self, new: str) -> str:
+        return new
+
+    def dequantize(self, weight: "torch.Tensor", read: Callable[[str], "torch.Tensor"],
+                   dtype: "torch.dtype") -> "torch.Tensor":
+        """The weight with its scale applied, as ``dtype``; ``read`` gives the scale by name."""
+        return dequantized(weight, read(self.scale), self, dtype)
 
     def to_json(self) -> dict:
         return {"tensor": self.weight, "dtype": self.dtype, "scale": self.scale, "scale_shape": list(self.scale_shape),
@@ -153,7 +167,7 @@ def refuse_unsafe(src: str, scaled: Mapping[str, Scaling], kept: Mapping[str, "s
     (and cast the scales), and a --dequantize whose scales do not fit their weights."""
     live = [s for s in scaled.values() if kept.get(s.weight) is not None]
     if "dequantize" in kinds:
-        unfit = [s for s in live if not s.layout or s.dtype not in DEQUANTIZABLE]
+        unfit = [s for s in live if not s.layout]
         if unfit:
             bad = [f"{s.weight!r} {s.dtype}{list(s.shape)} with {s.scale!r} {list(s.scale_shape)}: {s.misfit()}"
                    for s in unfit]

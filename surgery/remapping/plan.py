@@ -14,7 +14,8 @@ from typing import Iterable
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
 from ..errors import RuleError
-from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe, scaled_in
+from .fp4 import Packed, refuse_unsafe, scaled_weights_in
+from .fp8 import DEQUANTIZED_DTYPE, Scaling
 from .ops import OP_KINDS, Op
 from .rules import Rules
 from .tensor_ops import Step, plan_steps
@@ -94,7 +95,7 @@ class PlanRow:
     alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
     kind: str = "dense"  # see TensorInfo.kind
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
-    scaling: Scaling | None = None  # an FP8 weight --dequantize writes with its scale applied (fp8.py)
+    scaling: Scaling | Packed | None = None  # a weight --dequantize writes with its scales applied (fp8.py, fp4.py)
     steps: tuple[Step, ...] = ()  # the tensor ops (transpose, reshape, ...) applied, in order
     src_shape: tuple[int, ...] | None = None  # before the tensor ops, where they change it
 
@@ -123,10 +124,10 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     with scales beside them are refused a cast without --dequantize; with it, the scales apply."""
     plan = plan_names(ckpt.tensors.keys(), rules.ops)
     kinds, target = {o.kind for o in rules.ops}, rules.dtype
-    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops else {}
+    scaled = scaled_weights_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops else {}
     refuse_unsafe(str(ckpt.path), scaled, plan.mapping, kinds, target)
     applied = scaled if "dequantize" in kinds else {}
-    scales = {s.scale for s in applied.values()}
+    scales = {n for s in applied.values() for n in s.scales}
     rows = []
     converted = {"dtype": 0, "densify": 0, "dequantize": 0}  # tensors each conversion op changes
     for old, new in plan.mapping.items():
@@ -135,8 +136,9 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
         if old in applied:
             new_dtype = target or DEQUANTIZED_DTYPE
-        row = PlanRow(old, None if old in scales else new, t.dtype, new_dtype, t.shape, kind=t.kind,
-                      new_kind=kind, scaling=applied.get(old))
+        s = applied.get(old)
+        row = PlanRow(old, None if old in scales else s.out_name(new) if s and new else new, t.dtype, new_dtype,
+                      s.out_shape if s else t.shape, kind=t.kind, new_kind=kind, scaling=s)
         if row.new is not None and old in plan.tensor_ops:
             _plan_tensor_ops(row, plan.tensor_ops[old], scaled, "dequantize" in kinds)
         rows.append(row)
@@ -149,11 +151,11 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 
 
-def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], dequantize: bool) -> None:
+def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling | Packed], dequantize: bool) -> None:
     """The row's steps and output shape; a tensor they cannot apply to is a one-line refusal."""
-    scales = {s.scale for s in scaled.values()}
+    scales = {n for s in scaled.values() for n in s.scales}
     if row.new_kind != "dense" or ((row.old in scaled or row.old in scales) and not dequantize):
-        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else "an FP8 tensor with a scale beside it"
+        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else "a scaled FP8 or FP4 tensor"
         fix = {"quantized": "--dequantize", "dense": "--dequantize"}.get(row.new_kind, "--densify")
         raise RuleError(f"{ops[0]}: {row.old!r} is {what}, which tensor ops do not reorder; add {fix} "
                         f"first, or narrow the pattern; nothing was written")
