@@ -36,9 +36,6 @@ DTYPES: dict[str, tuple[int, str]] = {
     "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
     "F8_E8M0": (1, "float8_e8m0fnu"),
     "F4_E2M1FN_X2": (1, "float4_e2m1fn_x2"),
-    # safetensors' F4: e2m1 values two to a byte, the first in the low nibble; its shapes count
-    # values, so it reads as torch's float4_e2m1fn_x2 with the last dimension halved
-    "F4": (1, "float4_e2m1fn_x2"),
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),
@@ -70,7 +67,11 @@ DTYPES: dict[str, tuple[int, str]] = {
 SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
                                 "F8_E8M0", "F4", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64"})
 PACKED_DTYPES = {"QU4X2": 2, "QU2X4": 4}  # values per byte: torch counts their storages in bytes
-SUB_BYTE_DTYPES = {"F4": 2}  # values per byte, for dtypes whose shapes count values, not bytes
+# safetensors' F4: e2m1 values two to a byte, the first in the low nibble. Its shapes count values,
+# so it reads as torch's float4_e2m1fn_x2 with the last dimension halved: values per byte, and the
+# dtype torch holds them in (DTYPES names each torch dtype once).
+SUB_BYTE_DTYPES = {"F4": 2}
+SUB_BYTE_TORCH = {"F4": "F4_E2M1FN_X2"}
 QUANTIZED_DTYPES = {"QI8": "I8", "QU8": "U8", "QI32": "I32", "QU4X2": "U8", "QU2X4": "U8"}  # -> integer repr
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"}
 # Names users type for --dtype, mapped to canonical names.
@@ -80,7 +81,7 @@ DTYPE_ALIASES = {
     "bf16": "BF16", "bfloat16": "BF16",
     "fp64": "F64", "float64": "F64",
 }
-_TORCH_TO_CANONICAL = {v[1]: k for k, v in DTYPES.items() if k not in SUB_BYTE_DTYPES}
+_TORCH_TO_CANONICAL = {v[1]: k for k, v in DTYPES.items()}
 
 
 @contextlib.contextmanager
@@ -106,7 +107,9 @@ def gc_paused():
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype][0]
+    """Bytes of one element as torch stores it."""
+    entry = DTYPES.get(dtype)
+    return entry[0] if entry is not None else DTYPES[SUB_BYTE_TORCH[dtype]][0]
 
 
 def dense_nbytes(dtype: str, shape: Iterable[int]) -> int:
@@ -130,7 +133,7 @@ def canonical_from_torch(name: str) -> str | None:
 def torch_dtype(dtype: str) -> "torch.dtype":
     import torch
 
-    return getattr(torch, DTYPES[dtype][1])
+    return getattr(torch, DTYPES[SUB_BYTE_TORCH.get(dtype, dtype)][1])
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

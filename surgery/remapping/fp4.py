@@ -157,22 +157,9 @@ def scaled_weights_in(ckpt) -> dict[str, "fp8.Scaling | Packed"]:
     return {**fp8.scaled_in(ckpt), **packed_in(ckpt)}
 
 
-def refuse_unsafe(src: str, scaled: Mapping[str, "fp8.Scaling | Packed"], kept: Mapping[str, "str | None"],
-                  kinds: set[str], target: str | None) -> None:
-    """fp8.refuse_unsafe for the FP8 weights, and the same refusals for FP4 ones, raised as one error."""
-    errors = []
-    for check, part in ((fp8.refuse_unsafe, {k: s for k, s in scaled.items() if not isinstance(s, Packed)}),
-                        (_refuse_fp4, {k: s for k, s in scaled.items() if isinstance(s, Packed)})):
-        try:
-            check(src, part, kept, kinds, target)  # type: ignore[operator]
-        except RuleError as e:
-            errors.append(str(e))
-    if errors:
-        raise RuleError(" ".join(errors))
-
-
-def _refuse_fp4(src: str, packed: Mapping[str, Packed], kept: Mapping[str, "str | None"], kinds: set[str],
-                target: str | None) -> None:
+def refuse_unsafe_fp4(src: str, packed: Mapping[str, Packed], kept: Mapping[str, "str | None"], kinds: set[str],
+                      target: str | None) -> None:
+    """fp8.refuse_unsafe's refusals for packed FP4 weights: it calls this one."""
     live = [p for p in packed.values() if kept.get(p.weight) is not None]
     if "dequantize" in kinds:
         bad = [f"{p.weight!r} {p.dtype}{list(p.shape)} with {p.scale!r} {p.scale_dtype}{list(p.scale_shape)}: "

@@ -14,8 +14,8 @@ from typing import Iterable
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
 from ..errors import RuleError
-from .fp4 import Packed, refuse_unsafe, scaled_weights_in
-from .fp8 import DEQUANTIZED_DTYPE, Scaling
+from .fp4 import Packed, scaled_weights_in
+from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe
 from .ops import OP_KINDS, Op
 from .rules import Rules
 from .tensor_ops import Step, plan_steps
@@ -97,7 +97,7 @@ class PlanRow:
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
     scaling: Scaling | Packed | None = None  # a weight --dequantize writes with its scales applied (fp8.py, fp4.py)
     steps: tuple[Step, ...] = ()  # the tensor ops (transpose, reshape, ...) applied, in order
-    src_shape: tuple[int, ...] | None = None  # before the tensor ops, where they change it
+    src_shape: tuple[int, ...] | None = None  # as stored, where the tensor ops or FP4 unpacking change it
 
     @property
     def converted(self) -> bool:
@@ -138,7 +138,8 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
             new_dtype = target or DEQUANTIZED_DTYPE
         s = applied.get(old)
         row = PlanRow(old, None if old in scales else s.out_name(new) if s and new else new, t.dtype, new_dtype,
-                      s.out_shape if s else t.shape, kind=t.kind, new_kind=kind, scaling=s)
+                      s.out_shape if s else t.shape, kind=t.kind, new_kind=kind, scaling=s,
+                      src_shape=t.shape if s and s.out_shape != t.shape else None)  # unpacked FP4
         if row.new is not None and old in plan.tensor_ops:
             _plan_tensor_ops(row, plan.tensor_ops[old], scaled, "dequantize" in kinds)
         rows.append(row)
@@ -161,7 +162,7 @@ def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling | Pa
                         f"first, or narrow the pattern; nothing was written")
     row.steps = plan_steps(row.old, row.shape, ops)
     if row.steps and row.steps[-1].out_shape != row.shape:
-        row.src_shape, row.shape = row.shape, row.steps[-1].out_shape
+        row.src_shape, row.shape = row.src_shape or row.shape, row.steps[-1].out_shape
 
 
 def _refuse_mixed_head_sizes(rows: list[PlanRow]) -> None:

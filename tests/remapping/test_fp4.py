@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery.errors import RuleError
 from surgery.formats import open_checkpoint
-from surgery.remapping import Op, Rules, build_plan
+from surgery.remapping import Op, Rules, apply_rules, build_plan, cast, dequantize
 from surgery.remapping.output import source
 
 E, ROWS, GROUPS = 2, 6, 3  # gpt-oss style: [experts, rows, blocks of 32 values, 16 bytes]
@@ -220,6 +220,21 @@ def test_a_packed_weight_streams_from_its_own_bytes_and_its_scales_only(tmp_path
     assert callable(fn) and not read  # nothing read until the writer asks
     assert len(bytes(fn())) == NV_ROWS * NV_COLS * 2
     assert read == ["layers.1.weight", "layers.1.weight_scale", "layers.1.weight_scale_2"]
+
+
+def test_in_memory_state_dicts(tmp_path):
+    t = gpt_oss(tmp_path / "fp4.safetensors")
+    out = dequantize(t)
+    assert set(out) == {"mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "attn.q_proj.weight"}
+    want = mx_reference(t["mlp.experts.gate_up_proj_blocks"], t["mlp.experts.gate_up_proj_scales"])
+    assert bits_equal(out["mlp.experts.gate_up_proj"], want.to(torch.bfloat16))
+    with pytest.raises(RuleError, match="add --dequantize"):
+        cast(t, "bf16")
+    packed, scale = codes(NV_ROWS, NV_COLS // 2), block_scales(NV_ROWS, 5)
+    f4 = {"x.weight": packed.view(torch.float4_e2m1fn_x2), "x.weight_scale": scale, "x.weight_scale_2": torch.tensor(0.5)}
+    got = apply_rules(f4, [Op("dequantize"), Op("dtype", "fp32")])
+    assert set(got) == {"x.weight"}
+    assert torch.equal(got["x.weight"], nv_reference(packed, scale, torch.tensor(0.5), divide=False).to(torch.float32))
 
 
 def test_renames_apply_before_the_blocks_suffix_is_dropped(tmp_path):
