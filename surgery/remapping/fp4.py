@@ -18,6 +18,7 @@ Like fp8.py, finding them reads metadata only (no torch: inspect uses it too).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ VALUES_PER_ELEMENT = {"U8": 2, "F4_E2M1FN_X2": 2, "F4": 1}  # 4-bit values per s
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
 MX_SCALE_DTYPES = ("U8", "F8_E8M0")
 E8M0_BIAS = 127
-VALUES_PER_STEP = 1 << 22  # values unpacked at a time: float32 temporaries of 16 MB
+VALUES_PER_STEP = 1 << 20  # values unpacked at a time: float32 temporaries of 4 MB each
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,9 @@ def dequantized(packed: "torch.Tensor", scale: "torch.Tensor", global_scale: "to
     import torch
 
     codes = packed.view(torch.uint8)
-    if p.kind == "mxfp4":
-        factors = scale.view(torch.uint8).to(torch.int32) - E8M0_BIAS
+    if p.kind == "mxfp4":  # torch.ldexp(x, e) is x * 2.0**e: the same products, the power taken once per block
+        exps = scale.view(torch.uint8).to(torch.int32) - E8M0_BIAS
+        factors = torch.ldexp(torch.ones(exps.shape), exps)
     else:
         factors = scale.to(torch.float32)
         if global_scale is not None:
@@ -216,20 +218,30 @@ def dequantized(packed: "torch.Tensor", scale: "torch.Tensor", global_scale: "to
 
 
 def _fill(dst: "torch.Tensor", codes: "torch.Tensor", factors: "torch.Tensor", p: Packed) -> None:
-    """``dst`` [rows, K] from ``codes`` [rows, K/2] bytes and ``factors`` [rows, blocks]."""
+    """``dst`` [rows, K] from ``codes`` [rows, K/2] bytes and ``factors`` [rows, blocks] (float32)."""
     import torch
 
-    lut = torch.tensor(E2M1, dtype=torch.float32)
-    k = dst.shape[1]
+    pairs = _pairs()
+    k, blocks = dst.shape[1], factors.shape[1]
+    ragged = blocks * p.block - k  # values the last block lacks
     step = max(1, VALUES_PER_STEP // max(k, 1))
     for r in range(0, dst.shape[0], step):
         rows = codes[r:r + step]
-        values = torch.empty(rows.shape[0], k, dtype=torch.float32)
-        values[:, 0::2] = lut[(rows & 0x0F).long()]
-        values[:, 1::2] = lut[(rows >> 4).long()]
-        per_value = factors[r:r + step].repeat_interleave(p.block, dim=1)[:, :k]
-        values = torch.ldexp(values, per_value) if p.kind == "mxfp4" else values * per_value
-        dst[r:r + step] = values.to(dst.dtype)
+        values = pairs[rows.int()].reshape(rows.shape[0], k)
+        if ragged:
+            values = torch.nn.functional.pad(values, (0, ragged))
+        scaled = values.view(rows.shape[0], blocks, p.block) * factors[r:r + step, :, None]
+        dst[r:r + step] = scaled.view(rows.shape[0], -1)[:, :k]
+
+
+@functools.lru_cache(maxsize=1)
+def _pairs() -> "torch.Tensor":
+    """Byte -> its two values, [256, 2] float32: the low nibble's first."""
+    import torch
+
+    lut = torch.tensor(E2M1, dtype=torch.float32)
+    byte = torch.arange(256)
+    return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=1)
 
 
 def _pattern(names: list[str]) -> str:

@@ -156,7 +156,9 @@ def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling | Pa
     """The row's steps and output shape; a tensor they cannot apply to is a one-line refusal."""
     scales = {n for s in scaled.values() for n in s.scales}
     if row.new_kind != "dense" or ((row.old in scaled or row.old in scales) and not dequantize):
-        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else "a scaled FP8 or FP4 tensor"
+        fp4 = any(isinstance(s, Packed) and row.old in (s.weight, *s.scales) for s in scaled.values())
+        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else (
+            "a packed FP4 tensor with scales beside it" if fp4 else "an FP8 tensor with a scale beside it")
         fix = {"quantized": "--dequantize", "dense": "--dequantize"}.get(row.new_kind, "--densify")
         raise RuleError(f"{ops[0]}: {row.old!r} is {what}, which tensor ops do not reorder; add {fix} "
                         f"first, or narrow the pattern; nothing was written")

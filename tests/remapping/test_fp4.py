@@ -127,6 +127,7 @@ def test_dequantize_mxfp4_as_transformers_names_and_lays_it_out(cli, tmp_path, o
     assert torch.equal(got["attn.q_proj.weight"], t["attn.q_proj.weight"])
 
 
+@pytest.mark.slow  # importing the reference library takes seconds
 def test_matches_transformers_convert_moe_packed_tensors(tmp_path):
     mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
     src, dst = tmp_path / "fp4.safetensors", tmp_path / "out.safetensors"
@@ -163,6 +164,7 @@ def test_dequantize_nvfp4_applies_block_and_global_scales(tmp_path, style):
         assert torch.equal(got[f"layers.{i}.weight"], want.to(torch.float32))
 
 
+@pytest.mark.slow  # importing the reference library takes seconds
 def test_matches_compressed_tensors_decompression(tmp_path):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
@@ -235,6 +237,17 @@ def test_in_memory_state_dicts(tmp_path):
     got = apply_rules(f4, [Op("dequantize"), Op("dtype", "fp32")])
     assert set(got) == {"x.weight"}
     assert torch.equal(got["x.weight"], nv_reference(packed, scale, torch.tensor(0.5), divide=False).to(torch.float32))
+
+
+def test_tensor_ops_apply_to_the_unpacked_weight(tmp_path):
+    src, dst = tmp_path / "fp4.safetensors", tmp_path / "out.safetensors"
+    t = nvfp4(src)
+    transpose = Op("transpose", r"^layers\.0\.weight$", "0,1")
+    with pytest.raises(RuleError, match="'layers.0.weight' is a packed FP4 tensor with scales beside it.*--dequantize"):
+        surgery.remap(src, dst, [transpose])
+    surgery.remap(src, dst, [Op("dequantize"), Op("dtype", "fp32"), transpose])
+    want = nv_reference(t["layers.0.weight"], t["layers.0.weight_scale"], t["layers.0.weight_scale_2"], divide=False)
+    assert torch.equal(load_file(str(dst))["layers.0.weight"], want.to(torch.float32).T.contiguous())
 
 
 def test_renames_apply_before_the_blocks_suffix_is_dropped(tmp_path):
