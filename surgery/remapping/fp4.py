@@ -166,8 +166,10 @@ def refuse_unsafe_fp4(src: str, packed: Mapping[str, Packed], kept: Mapping[str,
         bad = [f"{p.weight!r} {p.dtype}{list(p.shape)} with {p.scale!r} {p.scale_dtype}{list(p.scale_shape)}: "
                f"{p.problem()}" for p in live if p.problem()]
         if bad:
+            names = [p.weight for p in live if p.problem()]
+            drop = f"--drop '{_pattern(names)}'" if len(names) <= 4 else "--drop them"
             raise RuleError(f"{src}: cannot unpack {fp8._count(len(bad), 'FP4 tensor')}: {fp8._listed(bad)}. Nothing "
-                            f"was written; fix the scales or --drop those weights")
+                            f"was written; fix the scales or {drop}")
         _refuse_clashes(src, live, kept)
         return
     if target is not None and live:
@@ -200,9 +202,9 @@ def dequantized(packed: "torch.Tensor", scale: "torch.Tensor", global_scale: "to
         factors = torch.ldexp(torch.ones(exps.shape), exps)
     else:
         factors = scale.to(torch.float32)
-        if global_scale is not None:
-            g = global_scale.to(torch.float32).reshape(())
-            factors = factors / g if p.divide else factors * g
+    if global_scale is not None:
+        g = global_scale.to(torch.float32).reshape(())
+        factors = factors / g if p.divide else factors * g
     out = torch.empty(p.out_shape, dtype=dtype)
     if p.layout == "rows":
         _fill(out.view(-1, p.values), codes.reshape(-1, codes.shape[-1]), factors.reshape(-1, factors.shape[-1]), p)
@@ -245,4 +247,5 @@ def _pairs() -> "torch.Tensor":
 
 
 def _pattern(names: list[str]) -> str:
+    """A --drop pattern matching exactly ``names``."""
     return f"^({'|'.join(re.escape(n) for n in names)})$"

@@ -112,11 +112,11 @@ def test_dtype_refuses_packed_fp4_in_one_line_and_writes_nothing(cli, tmp_path):
     assert not dst.exists()
 
 
-@pytest.mark.parametrize("out", ["out.safetensors", "out.pt"])
+@pytest.mark.parametrize("out", ["out.safetensors", "out.pt", "sharded"])
 def test_dequantize_mxfp4_as_transformers_names_and_lays_it_out(cli, tmp_path, out):
     src, dst = tmp_path / "fp4.safetensors", tmp_path / out
     t = gpt_oss(src)
-    r = cli("remap", src, dst, "--dequantize", "--verify", "--json")
+    r = cli("remap", src, dst, "--dequantize", "--verify", "--json", "--shard-size", "1KB")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dropped"] == 1
     got = surgery.open(dst).state_dict()
@@ -250,6 +250,14 @@ def test_tensor_ops_apply_to_the_unpacked_weight(tmp_path):
     assert torch.equal(load_file(str(dst))["layers.0.weight"], want.to(torch.float32).T.contiguous())
 
 
+def test_a_per_tensor_scale_beside_mxfp4_exponents_applies_too():
+    packed, exps = codes(NV_ROWS, 32), exponents(NV_ROWS, 2)
+    sd = {"x.weight_packed": packed, "x.weight_scale": exps, "x.weight_global_scale": torch.tensor([4.0])}
+    got = dequantize(sd, "fp32")
+    want = unpack(packed) * 2.0 ** (exps.to(torch.float64) - 127).repeat_interleave(32, dim=1) / 4
+    assert set(got) == {"x.weight"} and torch.equal(got["x.weight"], want.to(torch.float32))
+
+
 def test_renames_apply_before_the_blocks_suffix_is_dropped(tmp_path):
     src, dst = tmp_path / "fp4.safetensors", tmp_path / "out.safetensors"
     gpt_oss(src)
@@ -275,7 +283,8 @@ def test_malformed_groups_are_refused_in_one_line_before_writing(cli, tmp_path, 
     r = cli("remap", src, dst, "--dequantize")
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and why in err and "Nothing was written" in err and "--drop" in err, err
+    assert len(err.splitlines()) == 1 and why in err and "Nothing was written" in err, err
+    assert f"--drop '^({next(iter(tensors)).replace('.', chr(92) + '.')})$'" in err, err
     assert not dst.exists()
 
 
