@@ -148,6 +148,7 @@ def _summary_rows(report) -> list[tuple[str, str]]:
                             f"{human_bytes(report.nbytes)}{kinds})"))
     rows.append(("dtypes", "; ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in report.dtype_summary.items())))
     rows += _fp8_rows(report)
+    rows += _fp4_rows(report)
     if c.certificate is not None:
         rows.append(("ranks' chunks", c.certificate.summary() + "; `surgery remap` writes them as one file"))
     devices = report.devices
@@ -170,6 +171,20 @@ def _fp8_rows(report) -> list[tuple[str, str]]:
         rows.append(("fp8", f"{len(group)} tensor{'s' if len(group) > 1 else ''} {dtype} with {how} ({names}); {fix}"))
     if config_error and rows:
         rows.append(("fp8", f"block size assumed 128x128: {config_error}"))
+    return rows
+
+
+def _fp4_rows(report) -> list[tuple[str, str]]:
+    """Packed FP4 weights with scales: --dtype leaves them packed; --dequantize unpacks them."""
+    groups: dict[tuple[str, bool], list] = {}
+    for p in report.scaled_fp4:
+        groups.setdefault((p.describe(), not p.problem()), []).append(p)
+    rows = []
+    for (how, fits), group in groups.items():
+        names = "; ".join(" + ".join(p.scales) for p in group[:2]) + (" ..." if len(group) > 2 else "")
+        them = "them" if len(group) > 1 else "it"
+        fix = f"--dequantize unpacks {them}" if fits else f"--dequantize refuses {them}: {group[0].problem()}"
+        rows.append(("fp4", f"{len(group)} tensor{'s' if len(group) > 1 else ''} {how} with scales ({names}); {fix}"))
     return rows
 
 

@@ -63,10 +63,15 @@ DTYPES: dict[str, tuple[int, str]] = {
     "QU4X2": (1, "quint4x2"),
     "QU2X4": (1, "quint2x4"),
 }
-# The dtypes a safetensors file can hold (safetensors' Dtype enum, minus its sub-byte F4/F6 kinds).
+# The dtypes a safetensors file can hold (safetensors' Dtype enum, minus its F6 kinds).
 SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
-                                "F8_E8M0", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64"})
+                                "F8_E8M0", "F4", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64"})
 PACKED_DTYPES = {"QU4X2": 2, "QU2X4": 4}  # values per byte: torch counts their storages in bytes
+# safetensors' F4: e2m1 values two to a byte, the first in the low nibble. Its shapes count values,
+# so it reads as torch's float4_e2m1fn_x2 with the last dimension halved: values per byte, and the
+# dtype torch holds them in (DTYPES names each torch dtype once).
+SUB_BYTE_DTYPES = {"F4": 2}
+SUB_BYTE_TORCH = {"F4": "F4_E2M1FN_X2"}
 QUANTIZED_DTYPES = {"QI8": "I8", "QU8": "U8", "QI32": "I32", "QU4X2": "U8", "QU2X4": "U8"}  # -> integer repr
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"}
 # Names users type for --dtype, mapped to canonical names.
@@ -102,7 +107,22 @@ def gc_paused():
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype][0]
+    """Bytes of one element as torch stores it."""
+    entry = DTYPES.get(dtype)
+    return entry[0] if entry is not None else DTYPES[SUB_BYTE_TORCH[dtype]][0]
+
+
+def dense_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a dense tensor of ``dtype`` and ``shape``; a sub-byte dtype's last byte may be half used."""
+    numel = math.prod(shape)
+    per = SUB_BYTE_DTYPES.get(dtype)
+    return -(-numel // per) if per else numel * itemsize(dtype)
+
+
+def torch_shape(dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape torch gives a tensor of ``dtype``: an F4 tensor's last dimension counts bytes."""
+    per = SUB_BYTE_DTYPES.get(dtype)
+    return (*shape[:-1], shape[-1] // per) if per and shape else tuple(shape)
 
 
 def canonical_from_torch(name: str) -> str | None:
@@ -113,7 +133,7 @@ def canonical_from_torch(name: str) -> str | None:
 def torch_dtype(dtype: str) -> "torch.dtype":
     import torch
 
-    return getattr(torch, DTYPES[dtype][1])
+    return getattr(torch, DTYPES[SUB_BYTE_TORCH.get(dtype, dtype)][1])
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -183,7 +203,7 @@ class TensorInfo:
         if self.dtype in PACKED_DTYPES:
             return -(-self.numel // PACKED_DTYPES[self.dtype])
         if self.has_storage:
-            return self.numel * itemsize(self.dtype)
+            return dense_nbytes(self.dtype, self.shape)
         return sum(p.nbytes for p in self.parts.values())
 
     @property
@@ -416,6 +436,8 @@ def _dense(info: TensorInfo) -> "torch.Tensor":
     import torch
 
     _check_materializable(info)
+    if info.dtype in SUB_BYTE_DTYPES:
+        return _sub_byte(info)
     dt = torch_dtype(info.dtype)
     size = itemsize(info.dtype)
     rng = info.byte_range
@@ -431,6 +453,20 @@ def _dense(info: TensorInfo) -> "torch.Tensor":
         return torch.empty(info.shape, dtype=dt)
     flat = torch.frombuffer(raw, dtype=dt)
     return flat.as_strided(info.shape, info.stride, info.storage_offset).clone()
+
+
+def _sub_byte(info: TensorInfo) -> "torch.Tensor":
+    """An F4 tensor as torch holds it: one float4_e2m1fn_x2 element per byte, two values each."""
+    import torch
+
+    per, shape = SUB_BYTE_DTYPES[info.dtype], info.shape
+    if not shape or shape[-1] % per or info.byte_range is None:
+        raise FormatError(f"{info.file}: tensor {info.name!r} {info.dtype}{list(shape)[:8]}: torch holds {info.dtype} "
+                          f"{per} values to a byte along the last dimension, so that dimension must be a multiple of {per}")
+    raw = read_range(info.file, *info.byte_range)
+    if not raw:
+        return torch.empty(torch_shape(info.dtype, shape), dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype(info.dtype)).reshape(torch_shape(info.dtype, shape))
 
 
 def _torch_call(info: TensorInfo, what: str, fn: Any, *args: Any, **kwargs: Any) -> "torch.Tensor":

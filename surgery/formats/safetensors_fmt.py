@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, itemsize
+from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, dense_nbytes
 from ..errors import FormatError
 from ..io import Writeback, atomic_file
 from .writing import Entry, Payload
@@ -66,7 +66,7 @@ def open_safetensors(path: Path, accept=frozenset(), select: str | None = None, 
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
             raise FormatError(f"{src}: tensor {name!r} has data_offsets {_short(offs)} outside the {data_len}-byte data section")
-        nbytes = math.prod(shape) * itemsize(dtype)
+        nbytes = dense_nbytes(dtype, shape)
         if nbytes != offs[1] - offs[0]:
             raise FormatError(f"{src}: tensor {name!r} {dtype}{shape} needs {nbytes} bytes but its offsets span {offs[1] - offs[0]}")
         spans.append((offs[0], offs[1], name))

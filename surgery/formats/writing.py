@@ -8,11 +8,10 @@ source ranges), a torch file saves ``state_dict()``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import itemsize, read_range, torch_dtype
+from ..checkpoint import dense_nbytes, read_range, torch_dtype, torch_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,7 +28,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return dense_nbytes(self.dtype, self.shape)
 
     def tensor(self) -> "torch.Tensor":
         """The entry as a tensor, from its bytes (for formats that save tensors)."""
@@ -37,9 +36,9 @@ class Entry:
 
         data = self.source() if callable(self.source) else read_range(*self.source)
         if len(data) == 0:
-            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+            return torch.empty(torch_shape(self.dtype, self.shape), dtype=torch_dtype(self.dtype))
         buf = data if isinstance(data, bytearray) else bytearray(data)
-        return torch.frombuffer(buf, dtype=torch_dtype(self.dtype)).reshape(self.shape)
+        return torch.frombuffer(buf, dtype=torch_dtype(self.dtype)).reshape(torch_shape(self.dtype, self.shape))
 
 
 def _nothing() -> dict[str, str]:

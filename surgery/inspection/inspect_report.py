@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import PACKED_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
+from ..checkpoint import PACKED_DTYPES, SUB_BYTE_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
 from ..errors import RuleError
 
 SCHEMA = "surgery.inspect/1"
@@ -79,7 +79,7 @@ class InspectReport:
             if d is None:
                 d = out[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
             d["tensors"] += 1
-            if t.kind == "dense" and t.dtype not in PACKED_DTYPES:  # `numel` and `nbytes`, inlined
+            if t.kind == "dense" and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES:  # inlined `nbytes`
                 n = numels.get(t.shape)
                 if n is None:
                     n = numels[t.shape] = math.prod(t.shape)
@@ -101,6 +101,13 @@ class InspectReport:
         except RuleError as e:
             meta = {n: (t.dtype, t.shape) for n, t in self.ckpt.tensors.items()}
             return list(fp8.find_scaled(meta).values()), str(e)
+
+    @functools.cached_property
+    def scaled_fp4(self) -> list[Any]:
+        """Packed FP4 weights with scales beside them (`remapping.fp4.Packed`)."""
+        from ..remapping import fp4
+
+        return list(fp4.packed_in(self.ckpt).values())
 
     @property
     def num_params(self) -> int:
@@ -149,6 +156,7 @@ class InspectReport:
             "kinds": c.kinds,
             "certificate": c.certificate.to_json() if c.certificate is not None else None,
             "scaled_fp8": [s.to_json() for s in self.scaled_fp8[0]],
+            "scaled_fp4": [p.to_json() for p in self.scaled_fp4],
             "devices": self.devices,
             "wrapper_prefixes": self.wrapper_prefixes,
             "common_prefix": self.common_prefix,

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from ..checkpoint import FLOAT_DTYPES
 from ..errors import RuleError
@@ -27,8 +27,9 @@ from ..errors import RuleError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4_E2M1FN_X2"})
-DEQUANTIZABLE = SCALED_DTYPES - {"F4_E2M1FN_X2"}  # packed FP4 needs unpacking first: not done here
+    from .fp4 import Packed
+
+SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})  # packed FP4: fp4.py
 # `<name>_scale_inv` (DeepSeek, transformers), `<name>_scale` (vLLM, compressed-tensors); for
 # `<prefix>.weight` these are `<prefix>.weight_scale_inv` and `<prefix>.weight_scale`
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -61,13 +62,28 @@ class Scaling:
 
     def misfit(self) -> str:
         """Why the scale's shape fits no layout, for the refusal."""
-        if self.dtype not in DEQUANTIZABLE:
-            return f"{self.dtype} is packed FP4, which --dequantize does not unpack"
         expected = [f"{list(self.block_shape)} ({self.block[0]}x{self.block[1]} blocks)"] if len(self.shape) >= 2 else []
         expected.append("one value (per tensor)")
         if len(self.shape) == 2:
             expected.append(f"[{self.shape[0]}] or [{self.shape[0]}, 1] (per row)")
         return f"a scale for {list(self.shape)} is {', '.join(expected)}"
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """The tensors --dequantize applies and drops (fp4.Packed has the same interface)."""
+        return (self.scale,)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def out_name(self, new: str) -> str:
+        return new
+
+    def dequantize(self, weight: "torch.Tensor", read: Callable[[str], "torch.Tensor"],
+                   dtype: "torch.dtype") -> "torch.Tensor":
+        """The weight with its scale applied, as ``dtype``; ``read`` gives the scale by name."""
+        return dequantized(weight, read(self.scale), self, dtype)
 
     def to_json(self) -> dict:
         return {"tensor": self.weight, "dtype": self.dtype, "scale": self.scale, "scale_shape": list(self.scale_shape),
@@ -147,13 +163,29 @@ def _listed(items: list[str], limit: int = 4) -> str:
     return "; ".join(items[:limit]) + (f"; ... {len(items) - limit} more" if len(items) > limit else "")
 
 
-def refuse_unsafe(src: str, scaled: Mapping[str, Scaling], kept: Mapping[str, "str | None"], kinds: set[str],
-                  target: str | None) -> None:
+def refuse_unsafe(src: str, scaled: Mapping[str, "Scaling | Packed"], kept: Mapping[str, "str | None"],
+                  kinds: set[str], target: str | None) -> None:
     """Refuse, before anything is written, a cast that would upcast FP8 weights without their scales
-    (and cast the scales), and a --dequantize whose scales do not fit their weights."""
+    (and cast the scales) or leave FP4 weights packed, and a --dequantize whose scales do not fit
+    their weights: every refusal that applies, in one error."""
+    from .fp4 import Packed, refuse_unsafe_fp4
+
+    errors = []
+    for check, part in ((_refuse_fp8, {k: s for k, s in scaled.items() if not isinstance(s, Packed)}),
+                        (refuse_unsafe_fp4, {k: s for k, s in scaled.items() if isinstance(s, Packed)})):
+        try:
+            check(src, part, kept, kinds, target)  # type: ignore[operator]
+        except RuleError as e:
+            errors.append(str(e))
+    if errors:
+        raise RuleError(" ".join(errors))
+
+
+def _refuse_fp8(src: str, scaled: Mapping[str, Scaling], kept: Mapping[str, "str | None"], kinds: set[str],
+                target: str | None) -> None:
     live = [s for s in scaled.values() if kept.get(s.weight) is not None]
     if "dequantize" in kinds:
-        unfit = [s for s in live if not s.layout or s.dtype not in DEQUANTIZABLE]
+        unfit = [s for s in live if not s.layout]
         if unfit:
             bad = [f"{s.weight!r} {s.dtype}{list(s.shape)} with {s.scale!r} {list(s.scale_shape)}: {s.misfit()}"
                    for s in unfit]
@@ -204,21 +236,24 @@ def _steps(n: int, step: int) -> Iterator[slice]:
 
 def dequantize_state_dict(sd: Mapping[str, "torch.Tensor"], dtype: str = DEQUANTIZED_DTYPE,
                           block: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, "torch.Tensor"]:
-    """A state dict's scaled FP8 weights with their scales applied (as ``dtype``), the scales dropped."""
+    """A state dict's scaled FP8 and packed FP4 weights with their scales applied (as ``dtype``), the
+    scales dropped; an unpacked FP4 weight takes its name without ``_blocks`` / ``_packed``."""
     from ..checkpoint import torch_dtype
 
     scaled = scaled_in_memory(sd, block)
     refuse_unsafe("state dict", scaled, {k: k for k in sd}, {"dequantize"}, None)
-    scales = {s.scale for s in scaled.values()}
+    scales = {n for s in scaled.values() for n in s.scales}
     target = torch_dtype(dtype)
-    return {k: dequantized(t, sd[scaled[k].scale], scaled[k], target) if k in scaled else t
-            for k, t in sd.items() if k not in scales}
+    return {scaled[k].out_name(k) if k in scaled else k: scaled[k].dequantize(t, sd.__getitem__, target)
+            if k in scaled else t for k, t in sd.items() if k not in scales}
 
 
-def scaled_in_memory(sd: Mapping[str, "torch.Tensor"], block: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, Scaling]:
-    """`find_scaled` over tensors in memory."""
+def scaled_in_memory(sd: Mapping[str, "torch.Tensor"],
+                     block: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, "Scaling | Packed"]:
+    """`find_scaled` and `fp4.find_packed` over tensors in memory."""
     from ..checkpoint import canonical_from_torch
+    from .fp4 import find_packed
 
     meta = {k: (canonical_from_torch(str(t.dtype)) or "", tuple(t.shape)) for k, t in sd.items()
             if hasattr(t, "dtype") and hasattr(t, "shape")}
-    return find_scaled(meta, block)
+    return {**find_scaled(meta, block), **find_packed(meta)}

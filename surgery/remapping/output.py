@@ -14,7 +14,6 @@ from ..formats import Format
 from ..formats.chunks import CERTIFICATE_KEY, Digests
 from ..formats.writing import Entry, Payload
 from ..io import BackgroundHash, same_path
-from .fp8 import dequantized
 from .group_ops import apply as apply_group, piece_range
 from .plan import PlanRow
 from .rules import Rules
@@ -112,10 +111,9 @@ def _converted_bytes(ckpt: Checkpoint, row: PlanRow) -> memoryview:
 
 def converted(t: "torch.Tensor", row: PlanRow, ckpt: Checkpoint) -> "torch.Tensor":
     """The tensor as the plan row writes it: densified, dequantized, cast, then its tensor ops
-    applied. An FP8 weight's scale is read from ``ckpt`` (that one tensor beside the weight)."""
+    applied. A scaled FP8 or FP4 weight's scales are read from ``ckpt`` (the tensors beside it)."""
     if row.scaling is not None:
-        return apply_steps(dequantized(t, ckpt.tensor(row.scaling.scale), row.scaling, torch_dtype(row.new_dtype)),
-                           row.steps)
+        return apply_steps(row.scaling.dequantize(t, ckpt.tensor, torch_dtype(row.new_dtype)), row.steps)
     if row.new_kind == "dense" and row.kind in SPARSE_KINDS:
         t = t.to_dense()
     elif row.new_kind == "dense" and row.kind == "quantized":

@@ -14,7 +14,8 @@ from typing import Iterable, Mapping
 
 from ..checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, SPARSE_KINDS, Checkpoint, TensorInfo
 from ..errors import RuleError
-from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe, scaled_in
+from .fp4 import Packed, scaled_weights_in
+from .fp8 import DEQUANTIZED_DTYPE, Scaling, refuse_unsafe
 from .group_ops import Group, Made, expand, plan_group
 from .ops import OP_KINDS, Op
 from .rules import Rules
@@ -142,9 +143,9 @@ class PlanRow:
     alias_of: str | None = None  # stored once: this name shares the bytes of alias_of
     kind: str = "dense"  # see TensorInfo.kind
     new_kind: str = "dense"  # "dense" where --densify / --dequantize converts it
-    scaling: Scaling | None = None  # an FP8 weight --dequantize writes with its scale applied (fp8.py)
+    scaling: Scaling | Packed | None = None  # a weight --dequantize writes with its scales applied (fp8.py, fp4.py)
     steps: tuple[Step, ...] = ()  # the tensor ops (transpose, reshape, ...) applied, in order
-    src_shape: tuple[int, ...] | None = None  # before the tensor ops or group op, where they change it
+    src_shape: tuple[int, ...] | None = None  # as stored, where tensor ops, a group op or FP4 unpacking change it
     group: Group | None = None  # written by a split, concat, stack or unstack (group_ops.py) from group.sources
     into: str | None = None  # a concat's or stack's member after the first: the name it is written into
 
@@ -174,10 +175,10 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     groups = any(OP_KINDS[o.kind].group for o in rules.ops)
     plan = plan_names(ckpt.tensors.keys(), rules.ops, {k: t.shape for k, t in ckpt.tensors.items()} if groups else None)
     kinds, target = {o.kind for o in rules.ops}, rules.dtype
-    scaled = scaled_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops or plan.read_by else {}
+    scaled = scaled_weights_in(ckpt) if kinds & {"dtype", "dequantize"} or plan.tensor_ops or plan.read_by else {}
     refuse_unsafe(str(ckpt.path), scaled, plan.mapping, kinds, target)
     applied = scaled if "dequantize" in kinds else {}
-    scales = {s.scale for s in applied.values()}
+    scales = {n for s in applied.values() for n in s.scales}
     rows = []
     converted = {"dtype": 0, "densify": 0, "dequantize": 0}  # tensors each conversion op changes
     problems: list[str] = []
@@ -192,8 +193,10 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
         new_dtype = target if (target and dtype in FLOAT_DTYPES) else dtype
         if old in applied:
             new_dtype = target or DEQUANTIZED_DTYPE
-        row = PlanRow(old, None if old in scales else new, t.dtype, new_dtype, t.shape, kind=t.kind,
-                      new_kind=kind, scaling=applied.get(old))
+        s = applied.get(old)
+        row = PlanRow(old, None if old in scales else s.out_name(new) if s and new else new, t.dtype, new_dtype,
+                      s.out_shape if s else t.shape, kind=t.kind, new_kind=kind, scaling=s,
+                      src_shape=t.shape if s and s.out_shape != t.shape else None)  # unpacked FP4
         if row.new is not None and old in plan.tensor_ops:
             _plan_tensor_ops(row, plan.tensor_ops[old], scaled, "dequantize" in kinds)
         rows.append(row)
@@ -209,13 +212,13 @@ def build_plan(ckpt: Checkpoint, rules: Rules) -> tuple[list[PlanRow], list[tupl
     return rows, [(str(op), converted.get(op.kind, n)) for op, n in plan.op_counts]
 
 
-def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, scaled: dict[str, Scaling],
+def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, scaled: dict[str, Scaling | Packed],
                 problems: list[str]) -> list[PlanRow]:
     """The rows of a tensor a group op reads: a split's pieces; a concat's or stack's output (for
     its first member) or the name it goes into (the others). Problems are added to ``problems``."""
     t = ckpt.tensors[old]
     new_dtype = target if (target and t.dtype in FLOAT_DTYPES) else t.dtype
-    unfit = t.kind not in ("dense", "chunked") or old in scaled or old in {s.scale for s in scaled.values()}
+    unfit = t.kind not in ("dense", "chunked") or old in scaled or old in {n for s in scaled.values() for n in s.scales}
     rows = []
     for j in plan.read_by[old]:
         new, made = plan.made[j]
@@ -223,7 +226,7 @@ def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, 
             rows.append(PlanRow(old, None, t.dtype, new_dtype, t.shape, into=new))
             continue
         if unfit and not any(old in p for p in problems):
-            what = f"a {t.kind} tensor" if t.kind not in ("dense", "chunked") else "an FP8 tensor with a scale beside it"
+            what = f"a {t.kind} tensor" if t.kind not in ("dense", "chunked") else _scaled_what(old, scaled)
             problems.append(f"{made.op}: {old!r} is {what}, which group ops do not split or join: write it dense "
                             f"first (--densify, --dequantize) or narrow the pattern; nothing was written")
             continue
@@ -247,17 +250,22 @@ def _group_rows(ckpt: Checkpoint, plan: NamePlan, old: str, target: str | None, 
     return rows
 
 
-def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling], dequantize: bool) -> None:
+def _scaled_what(name: str, scaled: dict[str, Scaling | Packed]) -> str:
+    fp4 = any(isinstance(s, Packed) and name in (s.weight, *s.scales) for s in scaled.values())
+    return "a packed FP4 tensor with scales beside it" if fp4 else "an FP8 tensor with a scale beside it"
+
+
+def _plan_tensor_ops(row: PlanRow, ops: list[Op], scaled: dict[str, Scaling | Packed], dequantize: bool) -> None:
     """The row's steps and output shape; a tensor they cannot apply to is a one-line refusal."""
-    scales = {s.scale for s in scaled.values()}
+    scales = {n for s in scaled.values() for n in s.scales}
     if row.new_kind != "dense" or ((row.old in scaled or row.old in scales) and not dequantize):
-        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else "an FP8 tensor with a scale beside it"
+        what = f"a {row.new_kind} tensor" if row.new_kind != "dense" else _scaled_what(row.old, scaled)
         fix = {"quantized": "--dequantize", "dense": "--dequantize"}.get(row.new_kind, "--densify")
         raise RuleError(f"{ops[0]}: {row.old!r} is {what}, which tensor ops do not reorder; add {fix} "
                         f"first, or narrow the pattern; nothing was written")
     row.steps = plan_steps(row.old, row.shape, ops)
     if row.steps and row.steps[-1].out_shape != row.shape:
-        row.src_shape, row.shape = row.shape, row.steps[-1].out_shape
+        row.src_shape, row.shape = row.src_shape or row.shape, row.steps[-1].out_shape
 
 
 def _refuse_mixed_head_sizes(rows: list[PlanRow]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, tensor_bytes
 from ..errors import OutputError, RuleError
 from ..formats import open_checkpoint
+from .fp8 import Scaling
 from .group_ops import Group, undo
 from .plan import PlanRow
 from .tensor_ops import undo_steps
@@ -35,7 +36,8 @@ def refuse_one_way(src: str, rows: list[PlanRow]) -> None:
 
 def _change(r: PlanRow) -> str:
     if r.scaling is not None:
-        return f"FP8 with scale {r.scaling.scale!r} -> {r.new_dtype}"
+        kind = "FP8" if isinstance(r.scaling, Scaling) else "packed FP4"
+        return f"{kind} with scales {', '.join(map(repr, r.scaling.scales))} -> {r.new_dtype}"
     return f"{r.kind} -> {r.new_kind}" if r.kind != r.new_kind else f"{r.dtype} -> {r.new_dtype}"
 
 
