@@ -1,0 +1,106 @@
+"""A pairing as a rules file `surgery remap --rules` reads: drop what B has no place for, rename
+the rest onto B's names (a module at a time where a whole module moves), then reorder the dims
+the values showed reordered. The ops are checked by running remap's own name planner over A."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import OutputError
+from ..io import atomic_file, check_destination
+from ..remapping import Op, Rules, plan_names
+from .pairing import Pair
+
+_TEMP = "match_tmp_"  # the first pass's prefix when one rename would feed the next
+
+
+def propose_rules(names: Iterable[str], pairs: list[Pair], drop: list[str]) -> Rules:
+    """Ops that take ``names`` (A's keys, in order) to each pair's B name, dropping ``drop``."""
+    names = list(names)
+    want = {p.a: p.b for p in pairs}
+    want.update({k: None for k in drop})
+    moves = [p for p in pairs if p.a != p.b]
+    drops = [Op("drop", f"^{re.escape(k)}$") for k in drop]
+    reorders = [_reorder(p) for p in pairs if p.dims is not None]
+    kept = [k for k in names if k not in want or want[k] is not None]
+    for renames in (_renames(kept, moves), _two_pass(kept, moves)):
+        rules = Rules(ops=drops + renames + reorders)
+        if _does(rules, names, want):
+            return rules
+    raise OutputError("the proposed rules do not reproduce the match; please report this with the two key lists")
+
+
+def _does(rules: Rules, names: list[str], want: dict[str, str | None]) -> bool:
+    from ..errors import RuleError
+
+    try:
+        got = plan_names(names, rules.ops).mapping
+    except RuleError:  # two keys onto one name
+        return False
+    return all(got[k] == want.get(k, k) for k in names)
+
+
+def _renames(names: list[str], moves: list[Pair], prefix: str = "") -> list[Op]:
+    """One rename per module whose direct tensors all move, with their leaf names, to one other
+    module; one per key otherwise."""
+    children: dict[str, set[str]] = {}
+    for k in names:
+        mod, _, leaf = k.rpartition(".")
+        children.setdefault(mod, set()).add(k)
+    groups: dict[tuple[str, str, str], list[Pair]] = {}
+    for p in moves:
+        (ma, _, la), (mb, _, lb) = p.a.rpartition("."), p.b.rpartition(".")
+        key = ("module", ma, mb) if ma and mb and la == lb and ma != mb else ("key", p.a, p.b)
+        groups.setdefault(key, []).append(p)
+    ops = []
+    for (how, src, dst), group in groups.items():
+        if how == "module" and children.get(src) == {p.a for p in group}:
+            ops.append(Op("rename", rf"^{re.escape(src)}\.([^.]+)$", _literal(prefix + dst) + r".\1"))
+        else:
+            ops += [Op("rename", f"^{re.escape(p.a)}$", _literal(prefix + p.b)) for p in group]
+    return ops
+
+
+def _two_pass(names: list[str], moves: list[Pair]) -> list[Op]:
+    """Every move under a prefix no key has, then the prefix removed: no rename sees another's output."""
+    prefix = _TEMP
+    while any(k.startswith(prefix) for k in names):
+        prefix += "_"
+    return _renames(names, moves, prefix) + [Op("rename", f"^{re.escape(prefix)}", "")]
+
+
+def _literal(text: str) -> str:
+    return text.replace("\\", "\\\\")
+
+
+def _reorder(p: Pair) -> Op:
+    match = f"^{re.escape(p.b)}$"
+    if len(p.dims) >= 2 and _is_swap(p.dims):
+        i, j = [d for d, x in enumerate(p.dims) if d != x]
+        return Op("transpose", match, (i, j))
+    return Op("permute", match, p.dims)
+
+
+def _is_swap(dims: tuple[int, ...]) -> bool:
+    return sum(d != x for d, x in enumerate(dims)) == 2
+
+
+def write_rules(rules: Rules, dst: str | Path, inputs: list[Path], force: bool, header: list[str]) -> None:
+    """``rules`` as YAML (``.yml``/``.yaml``) or JSON (any other name), as ``Rules.from_file`` reads them."""
+    dst = Path(dst)
+    check_destination(dst, inputs, force, None)
+    data = {"description": header[0], "ops": [op.to_json() for op in rules.ops]}
+    if dst.suffix.lower() in (".yml", ".yaml"):
+        import yaml
+
+        text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    try:
+        with atomic_file(dst) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write: {e.strerror or e}; nothing was written") from None
