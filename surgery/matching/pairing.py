@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .sides import Side
-from .structure import KeyParts, dtype_family, key_parts, layouts, structural_score
+from .structure import STRONG, KeyParts, dtype_family, key_parts, layouts, structural_score
 from .values import Values
 
 # value evidence, best first: bit-equal as it is, bit-equal in another dim order, not compared, different
@@ -139,9 +139,9 @@ def _top_of_a(sc: _Scorer, free_a: dict, free_b: dict) -> dict[str, set[str]]:
 
 
 def _pair(ak: str, bk: str, f: _Fit) -> Pair:
-    names = f.score[1:6]
+    names = f.score[1:-2]  # structural_score's entries
     evidence = ("value" if f.value >= EQUAL_REORDERED else "name" if names[0]
-                else "structure" if any(names[1:4]) else "shape")
+                else "structure" if any(names[1:STRONG]) or names[STRONG] > 1 or any(names[STRONG + 1:-1]) else "shape")
     values = {EQUAL: "equal", EQUAL_REORDERED: "equal", DIFFERENT: "different"}.get(f.value, "not compared")
     return Pair(ak, bk, f.dims, evidence, values)
 

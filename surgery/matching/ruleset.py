@@ -23,7 +23,7 @@ def propose_rules(names: Iterable[str], pairs: list[Pair], drop: list[str]) -> R
     want = {p.a: p.b for p in pairs}
     want.update({k: None for k in drop})
     moves = [p for p in pairs if p.a != p.b]
-    drops = [Op("drop", f"^{re.escape(k)}$") for k in drop]
+    drops = _drops(names, drop)
     reorders = [_reorder(p) for p in pairs if p.dims is not None]
     kept = [k for k in names if k not in want or want[k] is not None]
     for renames in (_renames(kept, moves), _two_pass(kept, moves)):
@@ -44,24 +44,52 @@ def _does(rules: Rules, names: list[str], want: dict[str, str | None]) -> bool:
 
 
 def _renames(names: list[str], moves: list[Pair], prefix: str = "") -> list[Op]:
-    """One rename per module whose direct tensors all move, with their leaf names, to one other
-    module; one per key otherwise."""
-    children: dict[str, set[str]] = {}
+    """One rename per subtree that moves whole: the shortest module path of a key whose every key
+    moves under one other path, the rest of each name kept (``module.`` stripped is one rename)."""
+    want = {p.a: p.b for p in moves}
+    under: dict[str, list[str]] = {"": list(names)}
     for k in names:
-        mod, _, leaf = k.rpartition(".")
-        children.setdefault(mod, set()).add(k)
-    groups: dict[tuple[str, str, str], list[Pair]] = {}
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            under.setdefault(".".join(parts[:i]) + ".", []).append(k)
+    valid: dict[tuple[str, str], bool] = {}
+
+    def moves_whole(src: str, dst: str) -> bool:
+        if (src, dst) not in valid:
+            valid[(src, dst)] = src != dst and all(want.get(k, k) == dst + k[len(src):] for k in under[src])
+        return valid[(src, dst)]
+
+    ops: dict[tuple[str, str, bool], None] = {}
     for p in moves:
-        (ma, _, la), (mb, _, lb) = p.a.rpartition("."), p.b.rpartition(".")
-        key = ("module", ma, mb) if ma and mb and la == lb and ma != mb else ("key", p.a, p.b)
-        groups.setdefault(key, []).append(p)
-    ops = []
-    for (how, src, dst), group in groups.items():
-        if how == "module" and children.get(src) == {p.a for p in group}:
-            ops.append(Op("rename", rf"^{re.escape(src)}\.([^.]+)$", _literal(prefix + dst) + r".\1"))
-        else:
-            ops += [Op("rename", f"^{re.escape(p.a)}$", _literal(prefix + p.b)) for p in group]
-    return ops
+        ops[_subtree(p, moves_whole)] = None
+    return [Op("rename", f"^{re.escape(src)}" + ("$" if whole else ""), _literal(prefix + dst))
+            for src, dst, whole in ops]
+
+
+def _subtree(p: Pair, moves_whole) -> tuple[str, str, bool]:
+    """(``Pa.``, ``Pb.``, False) for the shortest such paths of ``p``; (a, b, True) when none moves whole."""
+    pa, pb = p.a.split("."), p.b.split(".")
+    for i in range(len(pa)):
+        rest = pa[i:]
+        cut = len(pb) - len(rest)
+        if cut < 0 or pb[cut:] != rest:
+            continue
+        src = "".join(c + "." for c in pa[:i])
+        if moves_whole(src, "".join(c + "." for c in pb[:cut])):
+            return src, "".join(c + "." for c in pb[:cut]), False
+    return p.a, p.b, True
+
+
+def _drops(names: list[str], drop: list[str]) -> list[Op]:
+    """One drop per leaf name every key of which goes (``num_batches_tracked``), one per key otherwise."""
+    gone = set(drop)
+    leaves: dict[str, list[str]] = {}
+    for k in names:
+        leaves.setdefault(k.rpartition(".")[2], []).append(k)
+    whole = {leaf for leaf, keys in leaves.items() if len(keys) > 1 and gone.issuperset(keys)}
+    ops = [Op("drop", f"(^|\\.){re.escape(leaf)}$") for leaf in dict.fromkeys(k.rpartition(".")[2] for k in drop)
+           if leaf in whole]
+    return ops + [Op("drop", f"^{re.escape(k)}$") for k in drop if k.rpartition(".")[2] not in whole]
 
 
 def _two_pass(names: list[str], moves: list[Pair]) -> list[Op]:

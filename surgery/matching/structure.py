@@ -32,13 +32,32 @@ def key_parts(key: str) -> KeyParts:
     return KeyParts(leaf, tuple(tuple(int(n) for n in _NUMBER.findall(m)) for m in modules))
 
 
-def structural_score(a: str, b: str, pa: KeyParts, pb: KeyParts) -> tuple[bool, ...]:
-    """How strongly the names say ``a`` is ``b``, best first: the same name; the same numbers at
-    the same levels and the same leaf; the same numbers and leaf at any depth (a prefix added or
-    removed); the same numbers; the same leaf."""
+def structural_score(a: str, b: str, pa: KeyParts, pb: KeyParts) -> tuple[int, ...]:
+    """How strongly the names say ``a`` is ``b``, best first: the same name; the same leaf and the
+    same numbers at the same levels; or at the same levels counted from the leaf, the levels one
+    side has more holding no numbers (a prefix added or removed); how many trailing components
+    the names share; the same leaf and numbers at any level; the same numbers; the same leaf."""
     same_leaf = pa.leaf == pb.leaf
-    return (a == b, same_leaf and pa.numbers == pb.numbers, same_leaf and pa.flat == pb.flat,
-            pa.flat == pb.flat, same_leaf)
+    return (a == b, same_leaf and pa.numbers == pb.numbers, same_leaf and _tail_aligned(pa.numbers, pb.numbers),
+            _shared_tail(a, b), same_leaf and pa.flat == pb.flat, pa.flat == pb.flat, same_leaf)
+
+
+STRONG = 3  # structural_score's entries before the shared tail: each says which key, not just which kind
+
+
+def _tail_aligned(na: tuple, nb: tuple) -> bool:
+    short, long_ = sorted((na, nb), key=len)
+    extra = len(long_) - len(short)
+    return long_[extra:] == short and not any(long_[:extra])
+
+
+def _shared_tail(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(reversed(a.split(".")), reversed(b.split("."))):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def dtype_family(dtype: str) -> str:

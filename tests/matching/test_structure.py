@@ -69,3 +69,10 @@ def test_numbers_break_ties_between_blocks():
     assert rep.complete
     assert {p.a: p.b for p in rep.pairing.pairs} == {f"enc.layers.{i}.{x}": f"blocks_{i}.{x}"
                                                      for i in range(3) for x in ("w", "b")}
+
+
+def test_a_wrapper_prefix_is_one_rename():
+    sd = resnet18_state(meta=True)
+    rep = surgery.match({f"module.{k}": v for k, v in sd.items()}, "resnet18")
+    assert rep.complete
+    assert [o.to_json() for o in rep.rules.ops] == [{"rename": [r"^module\.", ""]}]

@@ -79,3 +79,22 @@ def plan_after(rep) -> dict:
     from surgery.remapping import plan_names
 
     return plan_names([p.a for p in rep.pairing.pairs], rep.rules.ops).mapping
+
+
+def test_swapped_names_are_renamed_through_a_first_pass():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    rep = surgery.match({"enc.w": x, "dec.w": y}, {"enc.w": y.clone(), "dec.w": x.clone()})
+    assert rep.complete
+    assert plan_after(rep) == {"enc.w": "dec.w", "dec.w": "enc.w"}
+    assert rep.rules.ops[-1].to_json() == {"rename": ["^match_tmp_", ""]}
+
+
+def test_a_whole_leaf_of_unused_keys_is_one_drop():
+    a = {"bn.weight": torch.ones(2), "bn.num_batches_tracked": torch.tensor(0),
+         "bn2.weight": torch.full((2,), 2.0), "bn2.num_batches_tracked": torch.tensor(0)}
+    b = {"norm.weight": torch.ones(2), "norm2.weight": torch.full((2,), 2.0)}
+    rep = surgery.match(a, b)
+    assert rep.complete and rep.pairing.unused == ["bn.num_batches_tracked", "bn2.num_batches_tracked"]
+    assert rep.rules.ops[0].to_json() == {"drop": r"(^|\.)num_batches_tracked$"}
+    assert plan_after(rep) == {"bn.weight": "norm.weight", "bn2.weight": "norm2.weight"}
