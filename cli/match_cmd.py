@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from surgery.keys import collapse_keys
+
 from .common import console, escaped, handles_errors, print_json, shared_option
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,8 +37,7 @@ def match(
 ) -> None:
     """Propose remap rules taking A's keys to B's, from shapes, dtypes, key structure and values.
 
-    Exit code 0 when every key of B is mapped unambiguously, 1 when some are missing or ambiguous
-    (the rules are still written, with what was found), 2 on bad input."""
+    Exit code 0 when every key of B is mapped unambiguously, 1 when not (rules still written), 2 on bad input."""
     from surgery.matching import match as run_match  # the library loads only when a match runs
 
     rep = run_match(a, b, out=out, force=force, values=values, allow_globals=tuple(allow_global or ()))
@@ -49,15 +50,15 @@ def match(
 
 def _render(rep: MatchReport) -> None:
     out, pg = console(), rep.pairing
-    for p in pg.pairs[:SHOWN]:
-        if p.a != p.b or p.dims:
-            how = f" (dims {','.join(map(str, p.dims))})" if p.dims else ""
-            out.print(f"  {escaped(p.a)} -> {escaped(p.b)}{how}  [{p.evidence}]")
-    if len(pg.pairs) > SHOWN:
-        out.print(f"  ... {len(pg.pairs) - SHOWN} more pairs (--json lists them all)")
+    ops = rep.rules.ops
+    for op in ops[:SHOWN]:
+        out.print(f"  {escaped(op)}")
+    if len(ops) > SHOWN:
+        out.print(f"  ... {len(ops) - SHOWN} more ops (--json lists them, and each pair)")
     for bs, as_ in pg.ambiguous:
         out.print(f"  ambiguous: {escaped(', '.join(bs))} <- one of {escaped(', '.join(as_))}")
-    for label, keys in (("missing in A", pg.missing), ("unused in A", pg.unused)):
+    for label, names in (("missing in A", pg.missing), ("unused in A", pg.unused)):
+        keys = collapse_keys(names)
         for k in keys[:SHOWN]:
             out.print(f"  {label}: {escaped(k)}")
         if len(keys) > SHOWN:

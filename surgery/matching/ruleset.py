@@ -24,7 +24,7 @@ def propose_rules(names: Iterable[str], pairs: list[Pair], drop: list[str]) -> R
     want.update({k: None for k in drop})
     moves = [p for p in pairs if p.a != p.b]
     drops = _drops(names, drop)
-    reorders = [_reorder(p) for p in pairs if p.dims is not None]
+    reorders = _reorders([want.get(k, k) for k in names if want.get(k, k) is not None], pairs)
     kept = [k for k in names if k not in want or want[k] is not None]
     for renames in (_renames(kept, moves), _two_pass(kept, moves)):
         rules = Rules(ops=drops + renames + reorders)
@@ -104,27 +104,54 @@ def _literal(text: str) -> str:
     return text.replace("\\", "\\\\")
 
 
-def _reorder(p: Pair) -> Op:
-    match = f"^{re.escape(p.b)}$"
-    if len(p.dims) >= 2 and _is_swap(p.dims):
-        i, j = [d for d, x in enumerate(p.dims) if d != x]
+def _reorders(final: list[str], pairs: list[Pair]) -> list[Op]:
+    """One op per dim order and name pattern (numbered components as ``\\d+``) where the pattern
+    matches exactly the keys in that order, as the names are after the renames; one per key otherwise."""
+    by_dims: dict[tuple[int, ...], list[str]] = {}
+    for p in pairs:
+        if p.dims is not None:
+            by_dims.setdefault(p.dims, []).append(p.b)
+    ops = []
+    for dims, keys in by_dims.items():
+        patterns = dict.fromkeys(_numbered(k) for k in keys)
+        if {k for k in final if any(re.search(pat, k) for pat in patterns)} != set(keys):
+            patterns = dict.fromkeys(f"^{re.escape(k)}$" for k in keys)
+        ops += [_reorder(pat, dims) for pat in patterns]
+    return ops
+
+
+def _numbered(key: str) -> str:
+    return "^" + r"\.".join(r"\d+" if c.isdigit() else re.escape(c) for c in key.split(".")) + "$"
+
+
+def _reorder(match: str, dims: tuple[int, ...]) -> Op:
+    if _is_swap(dims):
+        i, j = [d for d, x in enumerate(dims) if d != x]
         return Op("transpose", match, (i, j))
-    return Op("permute", match, p.dims)
+    return Op("permute", match, dims)
 
 
 def _is_swap(dims: tuple[int, ...]) -> bool:
     return sum(d != x for d, x in enumerate(dims)) == 2
 
 
+def _readable(op: Op) -> dict:
+    """A rename as one 'REGEX=>REPLACEMENT' string where that reads back the same."""
+    data = op.to_json()
+    if op.kind == "rename" and "=>" not in op.arg + op.repl:
+        return {"rename": f"{op.arg}=>{op.repl}"}
+    return data
+
+
 def write_rules(rules: Rules, dst: str | Path, inputs: list[Path], force: bool, header: list[str]) -> None:
     """``rules`` as YAML (``.yml``/``.yaml``) or JSON (any other name), as ``Rules.from_file`` reads them."""
     dst = Path(dst)
     check_destination(dst, inputs, force, None)
-    data = {"description": header[0], "ops": [op.to_json() for op in rules.ops]}
+    data = {"description": header[0], "ops": [_readable(op) for op in rules.ops]}
     if dst.suffix.lower() in (".yml", ".yaml"):
         import yaml
 
-        text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200)
+        text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200, default_flow_style=None)
     else:
         text = json.dumps(data, indent=2) + "\n"
     try:

@@ -26,8 +26,10 @@ def test_conv1d_against_linear_detects_every_transpose_by_value(tmp_path):
     assert all(p.dims == (1, 0) and p.b == f"transformer.{k}" for k, p in pairs.items() if p.dims)
     # the square c_proj ([8, 8]) has B's shape as it is: only its values say it is transposed
     assert pairs["h.0.attn.c_proj.weight"].dims == (1, 0)
-    ops = [o.kind for o in rep.rules.ops]
-    assert ops.count("transpose") == 2 * 4 and "permute" not in ops  # two blocks of four Conv1D weights
+    # one transpose per Conv1D weight of every block, as the shipped gpt2-conv1d-to-linear profile does
+    assert [o.to_json() for o in rep.rules.ops if o.kind != "rename"] == [
+        {"transpose": {"match": rf"^transformer\.h\.\d+\.{m}\.weight$", "dims": [0, 1]}}
+        for m in (r"attn\.c_attn", r"attn\.c_proj", r"mlp\.c_fc", r"mlp\.c_proj")]
     torch.save(a, tmp_path / "a.pt")
     surgery.remap(tmp_path / "a.pt", tmp_path / "b.safetensors", rep.rules)
     assert _same(surgery.open(tmp_path / "b.safetensors").state_dict(), b)
@@ -40,7 +42,7 @@ def test_a_permute_of_four_dims_is_found_by_value():
     b = {"kernel": w.permute(2, 3, 1, 0).contiguous(), "other": a["u"].clone()}
     rep = surgery.match(a, b)
     assert rep.complete
-    got = {p.b: (p.a, p.dims) for p in rep.pairing.pairs}
+    got = {p.b: (p.a, p.dims) for p in rep.pairing.pairs}  # kernel[i, j, k, l] == w[l, k, i, j]
     assert got == {"kernel": ("w", (2, 3, 1, 0)), "other": ("u", None)}
     assert [o.to_json() for o in rep.rules.ops if o.kind == "permute"] == [{"permute": {"match": "^kernel$",
                                                                                      "dims": [2, 3, 1, 0]}}]
@@ -98,3 +100,14 @@ def test_a_whole_leaf_of_unused_keys_is_one_drop():
     assert rep.complete and rep.pairing.unused == ["bn.num_batches_tracked", "bn2.num_batches_tracked"]
     assert rep.rules.ops[0].to_json() == {"drop": r"(^|\.)num_batches_tracked$"}
     assert plan_after(rep) == {"bn.weight": "norm.weight", "bn2.weight": "norm2.weight"}
+
+
+def test_a_reorder_pattern_is_widened_only_where_it_matches_exactly_those_keys():
+    g = torch.Generator().manual_seed(4)
+    a = {f"h.{i}.w": torch.randn(3, 3, generator=g) for i in range(3)}
+    b = {"h.0.w": a["h.0.w"].t().contiguous(), "h.1.w": a["h.1.w"].t().contiguous(), "h.2.w": a["h.2.w"].clone()}
+    rep = surgery.match(a, b)  # h.\d+.w would transpose h.2.w too
+    assert [o.to_json() for o in rep.rules.ops] == [{"transpose": {"match": rf"^h\.{i}\.w$", "dims": [0, 1]}}
+                                                    for i in (0, 1)]
+    b["h.2.w"] = b["h.2.w"].t().contiguous()
+    assert [str(o) for o in surgery.match(a, b).rules.ops] == [r"--transpose '^h\.\d+\.w$:0,1'"]
