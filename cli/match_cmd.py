@@ -68,5 +68,9 @@ def _render(rep: MatchReport) -> None:
     checked = f", {rep.confirmed} confirmed by value" if rep.values_compared else ""
     out.print(f"{len(pg.pairs)} of {rep.b_keys} keys of B mapped, {len(pg.pairs)} of {rep.a_keys} keys of A used"
               f"{checked}; {len(pg.ambiguous)} ambiguous, {len(pg.missing)} missing"
-              + (f"; wrote {escaped(rep.written)} ({len(rep.rules.ops)} ops)" if rep.written else ""))
+              + (f"; wrote {escaped(rep.written)} ({_ops(len(rep.rules.ops))})" if rep.written else ""))
     out.print("complete" if rep.complete else "incomplete")
+
+
+def _ops(n: int) -> str:
+    return f"{n} op" if n == 1 else f"{n} ops"

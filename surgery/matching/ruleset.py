@@ -143,6 +143,18 @@ def _readable(op: Op) -> dict:
     return data
 
 
+def _yaml(yaml, data: dict) -> str:
+    """One line per op, as the docs write them: ``- rename: ...``, ``- transpose: {match: ..., dims: [0, 1]}``."""
+    def flow(v) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1 << 30).removesuffix("...\n").strip()
+
+    text = f"description: {flow(data['description'])}\nops:\n" + "".join(
+        f"- {kind}: {flow(v)}\n" for op in data["ops"] for kind, v in op.items())
+    if yaml.safe_load(text) != data:  # the rules file must read back as the ops it was made from
+        raise OutputError("the rules could not be written as YAML that reads back the same; write JSON (--out X.json)")
+    return text
+
+
 def write_rules(rules: Rules, dst: str | Path, inputs: list[Path], force: bool, header: list[str]) -> None:
     """``rules`` as YAML (``.yml``/``.yaml``) or JSON (any other name), as ``Rules.from_file`` reads them."""
     dst = Path(dst)
@@ -151,7 +163,7 @@ def write_rules(rules: Rules, dst: str | Path, inputs: list[Path], force: bool, 
     if dst.suffix.lower() in (".yml", ".yaml"):
         import yaml
 
-        text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200, default_flow_style=None)
+        text = "".join(f"# {line}\n" for line in header[1:]) + _yaml(yaml, data)
     else:
         text = json.dumps(data, indent=2) + "\n"
     try:

@@ -111,3 +111,17 @@ def test_a_reorder_pattern_is_widened_only_where_it_matches_exactly_those_keys()
                                                     for i in (0, 1)]
     b["h.2.w"] = b["h.2.w"].t().contiguous()
     assert [str(o) for o in surgery.match(a, b).rules.ops] == [r"--transpose '^h\.\d+\.w$:0,1'"]
+
+
+def test_odd_key_names_survive_the_rules_file(tmp_path):
+    from surgery.remapping import plan_names
+
+    g = torch.Generator().manual_seed(5)
+    names = ["a: b.w", "#c.'q'.w", 'd"=>e.w', "f\\g.w"]
+    a = {n: torch.randn(2, generator=g) for n in names}
+    b = {f"new {i}.w": v.clone() for i, v in enumerate(a.values())}
+    for out in ("rules.yaml", "rules.json"):
+        rep = surgery.match(a, b, out=tmp_path / out)
+        assert rep.complete
+        rules = surgery.Rules.from_file(tmp_path / out)
+        assert plan_names(names, rules.ops).mapping == {n: f"new {i}.w" for i, n in enumerate(names)}
