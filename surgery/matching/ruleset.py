@@ -148,8 +148,8 @@ def _yaml(yaml, data: dict) -> str:
     def flow(v) -> str:
         return yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1 << 30).removesuffix("...\n").strip()
 
-    text = f"description: {flow(data['description'])}\nops:\n" + "".join(
-        f"- {kind}: {flow(v)}\n" for op in data["ops"] for kind, v in op.items())
+    ops = "".join(f"- {kind}: {flow(v)}\n" for op in data["ops"] for kind, v in op.items())
+    text = f"description: {flow(data['description'])}\n" + ("ops:\n" + ops if ops else "ops: []\n")
     if yaml.safe_load(text) != data:  # the rules file must read back as the ops it was made from
         raise OutputError("the rules could not be written as YAML that reads back the same; write JSON (--out X.json)")
     return text

@@ -47,9 +47,11 @@ def test_ambiguity_is_listed_and_exits_1(cli, tmp_path):
     z = torch.zeros(4)
     torch.save({"x.bias": z, "y.bias": z.clone()}, tmp_path / "a.pt")
     torch.save({"p.bias": z.clone(), "q.bias": z.clone()}, tmp_path / "b.pt")
-    r = cli("match", tmp_path / "a.pt", tmp_path / "b.pt")
+    r = cli("match", tmp_path / "a.pt", tmp_path / "b.pt", "--out", tmp_path / "r.yaml")
     assert r.exit_code == 1
     assert "ambiguous: p.bias, q.bias <- one of x.bias, y.bias" in r.stdout
+    assert "# ambiguous, not mapped: p.bias, q.bias <- one of x.bias, y.bias" in (tmp_path / "r.yaml").read_text()
+    assert surgery.Rules.from_file(tmp_path / "r.yaml").ops == []
 
 
 @pytest.mark.parametrize("b, message", [
