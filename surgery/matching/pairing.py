@@ -48,9 +48,8 @@ class _Scorer:
     def __init__(self, a: Side, b: Side, values: Values | None):
         self.a, self.b, self.values = a, b, values
         self.parts: dict[tuple[str, str], KeyParts] = {}
-        self.by_family: dict[tuple, list[str]] = {}
-        for k, s in a.shapes.items():
-            self.by_family.setdefault((tuple(sorted(s)), dtype_family(a.dtypes[k])), []).append(k)
+        self.by_family = _families(a)
+        self.rank_a, self.rank_b = _ranks(a, self.by_family), _ranks(b, _families(b))
         self.fits: dict[str, dict[str, _Fit]] = {bk: self._fits(bk) for bk in b.shapes}
 
     def _part(self, side: str, key: str) -> KeyParts:
@@ -73,7 +72,8 @@ class _Scorer:
             return None
         names = structural_score(ak, bk, self._part("a", ak), self._part("b", bk))
         same_dtype = self.a.dtypes[ak] == self.b.dtypes[bk]
-        return _Fit((value, *names, dims is None, same_dtype), dims, value)
+        in_order = self.rank_a is not None and self.rank_b is not None and self.rank_a[ak] == self.rank_b[bk]
+        return _Fit((value, *names, in_order, dims is None, same_dtype), dims, value)
 
     def _value(self, ak: str, bk: str, as_: tuple, bs: tuple) -> tuple[int | None, tuple[int, ...] | None]:
         """The value evidence and the dim order it needs; (None, None): the shapes cannot meet."""
@@ -91,6 +91,25 @@ class _Scorer:
         if as_ == bs:
             return DIFFERENT, None
         return (DIFFERENT, orders[0]) if len(orders) == 1 else (None, None)
+
+
+def _families(side: Side) -> dict[tuple, list[str]]:
+    """Keys by what they can pair with: their dims in any order, and their dtype family."""
+    out: dict[tuple, list[str]] = {}
+    for k, s in side.shapes.items():
+        out.setdefault((tuple(sorted(s)), dtype_family(side.dtypes[k])), []).append(k)
+    return out
+
+
+def _ranks(side: Side, families: dict[tuple, list[str]]) -> dict[str, tuple[int, int]] | None:
+    """Each key's place among its family in the side's own order, with the family's size: the
+    n-th of n tensors of a shape is the n-th of n in the other model when both list their modules
+    in the order they were built. None when the keys are sorted by name (safetensors stores them
+    so), which says nothing of the model."""
+    keys = list(side.shapes)
+    if side.kind == "checkpoint" and len(keys) > 2 and keys == sorted(keys):
+        return None
+    return {k: (i, len(members)) for members in families.values() for i, k in enumerate(members)}
 
 
 def pair_keys(a: Side, b: Side, values: Values | None) -> Pairing:
@@ -139,9 +158,10 @@ def _top_of_a(sc: _Scorer, free_a: dict, free_b: dict) -> dict[str, set[str]]:
 
 
 def _pair(ak: str, bk: str, f: _Fit) -> Pair:
-    names = f.score[1:-2]  # structural_score's entries
+    names, in_order = f.score[1:-3], f.score[-3]  # structural_score's entries, then the order
     evidence = ("value" if f.value >= EQUAL_REORDERED else "name" if names[0]
-                else "structure" if any(names[1:STRONG]) or names[STRONG] > 1 or any(names[STRONG + 1:-1]) else "shape")
+                else "structure" if any(names[1:STRONG]) or names[STRONG] > 1 or any(names[STRONG + 1:-1])
+                else "order" if in_order else "shape")
     values = {EQUAL: "equal", EQUAL_REORDERED: "equal", DIFFERENT: "different"}.get(f.value, "not compared")
     return Pair(ak, bk, f.dims, evidence, values)
 

@@ -38,8 +38,10 @@ def structural_score(a: str, b: str, pa: KeyParts, pb: KeyParts) -> tuple[int, .
     side has more holding no numbers (a prefix added or removed); how many trailing components
     the names share; the same leaf and numbers at any level; the same numbers; the same leaf."""
     same_leaf = pa.leaf == pb.leaf
-    return (a == b, same_leaf and pa.numbers == pb.numbers, same_leaf and _tail_aligned(pa.numbers, pb.numbers),
-            _shared_tail(a, b), same_leaf and pa.flat == pb.flat, pa.flat == pb.flat, same_leaf)
+    numbered = bool(pa.flat or pb.flat)  # two names without numbers agree on nothing by that
+    return (a == b, same_leaf and numbered and pa.numbers == pb.numbers,
+            same_leaf and numbered and _tail_aligned(pa.numbers, pb.numbers), _shared_tail(a, b),
+            same_leaf and numbered and pa.flat == pb.flat, numbered and pa.flat == pb.flat, same_leaf)
 
 
 STRONG = 3  # structural_score's entries before the shared tail: each says which key, not just which kind

@@ -44,13 +44,16 @@ def test_json_schema_and_incomplete_exit_code(cli, pair):
 
 
 def test_ambiguity_is_listed_and_exits_1(cli, tmp_path):
+    from safetensors.torch import save_file
+
     z = torch.zeros(4)
-    torch.save({"x.bias": z, "y.bias": z.clone()}, tmp_path / "a.pt")
-    torch.save({"p.bias": z.clone(), "q.bias": z.clone()}, tmp_path / "b.pt")
-    r = cli("match", tmp_path / "a.pt", tmp_path / "b.pt", "--out", tmp_path / "r.yaml")
+    save_file({"x.bias": z, "y.bias": z.clone(), "z.bias": z.clone()}, tmp_path / "a.safetensors")  # keys sorted
+    torch.save({"p.bias": z.clone(), "q.bias": z.clone(), "o.bias": z.clone()}, tmp_path / "b.pt")
+    r = cli("match", tmp_path / "a.safetensors", tmp_path / "b.pt", "--out", tmp_path / "r.yaml")
     assert r.exit_code == 1
-    assert "ambiguous: p.bias, q.bias <- one of x.bias, y.bias" in r.stdout
-    assert "# ambiguous, not mapped: p.bias, q.bias <- one of x.bias, y.bias" in (tmp_path / "r.yaml").read_text()
+    tie = "p.bias, q.bias, o.bias <- one of x.bias, y.bias, z.bias"
+    assert f"ambiguous: {tie}" in r.stdout
+    assert f"# ambiguous, not mapped: {tie}" in (tmp_path / "r.yaml").read_text()
     assert surgery.Rules.from_file(tmp_path / "r.yaml").ops == []
 
 

@@ -47,16 +47,16 @@ def test_a_head_of_other_classes_is_missing_and_unused():
 def test_tied_candidates_are_reported_not_guessed():
     import torch
 
-    a = {"x.weight": torch.empty(4, device="meta"), "y.weight": torch.empty(4, device="meta"),
-         "proj.weight": torch.empty(3, 4, device="meta")}
+    a = {"proj.weight": torch.empty(3, 4, device="meta"), "x.weight": torch.empty(4, device="meta"),
+         "y.weight": torch.empty(4, device="meta")}  # sorted by name, as safetensors stores keys: no order
     b = {"p.weight": torch.empty(4, device="meta"), "q.weight": torch.empty(4, device="meta"),
          "out.weight": torch.empty(3, 4, device="meta")}
     rep = surgery.match(a, b)
     assert not rep.complete
     assert rep.pairing.ambiguous == [(["p.weight", "q.weight"], ["x.weight", "y.weight"])]
     assert [(p.a, p.b) for p in rep.pairing.pairs] == [("proj.weight", "out.weight")]
-    assert plan_names(list(a), rep.rules.ops).mapping == {"x.weight": "x.weight", "y.weight": "y.weight",
-                                                          "proj.weight": "out.weight"}
+    assert plan_names(list(a), rep.rules.ops).mapping == {"proj.weight": "out.weight", "x.weight": "x.weight",
+                                                          "y.weight": "y.weight"}
 
 
 def test_numbers_break_ties_between_blocks():
@@ -76,3 +76,55 @@ def test_a_wrapper_prefix_is_one_rename():
     rep = surgery.match({f"module.{k}": v for k, v in sd.items()}, "resnet18")
     assert rep.complete
     assert [o.to_json() for o in rep.rules.ops] == [{"rename": [r"^module\.", ""]}]
+
+
+def _meta(names, shape=(4,)):
+    import torch
+
+    return {n: torch.empty(*shape, device="meta") for n in names}
+
+
+def test_module_order_breaks_ties_unless_the_keys_are_sorted_by_name():
+    b = _meta(["x.w", "a.w", "m.w"])
+    rep = surgery.match(_meta(["stem.w", "body.w", "norm.w"]), b)  # both in the order the modules were built
+    assert rep.complete
+    assert [(p.a, p.b, p.evidence) for p in rep.pairing.pairs] == [("stem.w", "x.w", "order"), ("body.w", "a.w", "order"),
+                                                                  ("norm.w", "m.w", "order")]
+    rep = surgery.match(_meta(["body.w", "norm.w", "stem.w"]), b)  # as safetensors stores them: no order to go by
+    assert rep.pairing.ambiguous == [(["x.w", "a.w", "m.w"], ["body.w", "norm.w", "stem.w"])]
+
+
+def test_names_without_numbers_are_not_alike_for_that():
+    """``encoder.ln.bias`` and ``patch_embed.proj.bias`` both lack numbers, which makes them no more alike."""
+    a = _meta(["stem.proj.bias", "encoder.layers.0.ln.bias", "encoder.ln.bias"])
+    b = _meta(["patch_embed.proj.bias", "blocks.0.norm1.bias", "norm.bias"])
+    rep = surgery.match(a, b)
+    assert {p.a: p.b for p in rep.pairing.pairs} == {"stem.proj.bias": "patch_embed.proj.bias",
+                                                     "encoder.layers.0.ln.bias": "blocks.0.norm1.bias",
+                                                     "encoder.ln.bias": "norm.bias"}
+
+
+@pytest.mark.slow  # two real models each, built and run on an image
+@pytest.mark.parametrize("tv, tm", [("efficientnet_b0", "timm:efficientnet_b0"), ("vit_b_16", "timm:vit_base_patch16_224")])
+def test_torchvision_weights_run_in_timms_model_after_the_match(tv, tm):
+    """Other names, same layout: matched by structure and module order alone (B built on meta),
+    the remapped weights give timm's model torchvision's outputs."""
+    pytest.importorskip("timm")
+    import torch
+
+    from surgery.adapter.arch import build, resolve_arch
+    from surgery.remapping import apply_rules
+
+    torch.manual_seed(0)
+    src = build(resolve_arch(tv)).eval()
+    with torch.no_grad():
+        for t in src.state_dict().values():  # every BatchNorm statistic distinct, so a wrong pair shows
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.01)
+    rep = surgery.match(src.state_dict(), tm)
+    assert rep.complete
+    dst = build(resolve_arch(tm)).eval()
+    dst.load_state_dict(apply_rules(src.state_dict(), rep.rules.ops), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=1e-4)  # attention kernels differ in rounding

@@ -59,9 +59,10 @@ def test_values_pick_the_partner_names_cannot():
 
 def test_equal_values_and_no_structure_stay_ambiguous():
     z = torch.zeros(4)
-    rep = surgery.match({"x.bias": z, "y.bias": z.clone()}, {"p.bias": z.clone(), "q.bias": z.clone()})
+    a = {"x.bias": z, "y.bias": z.clone(), "z.bias": z.clone()}  # sorted by name: no module order either
+    rep = surgery.match(a, {"p.bias": z.clone(), "q.bias": z.clone(), "o.bias": z.clone()})
     assert not rep.complete
-    assert rep.pairing.ambiguous == [(["p.bias", "q.bias"], ["x.bias", "y.bias"])]
+    assert rep.pairing.ambiguous == [(["p.bias", "q.bias", "o.bias"], ["x.bias", "y.bias", "z.bias"])]
     assert rep.rules.ops == []
 
 
