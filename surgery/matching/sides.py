@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..adapter.arch import build, resolve_arch, torchvision_models
 from ..checkpoint import canonical_from_torch
 from ..errors import ArchError, InputError
+from ..formats import open_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,19 +38,15 @@ def open_side(x: Any, role: str, select: str | None = None, allow_globals: tuple
     if not isinstance(x, (str, os.PathLike)):
         raise InputError(f"{role}: expected a checkpoint path or a state dict, not {type(x).__name__}")
     if Path(x).exists() or not arch_allowed or not _looks_like_arch(str(x)):
-        return _from_path(x, role, select, allow_globals, arch_allowed)
+        return _from_path(x, select, allow_globals, arch_allowed)
     return _from_arch(str(x))
 
 
 def _looks_like_arch(text: str) -> bool:
-    from ..adapter.arch import torchvision_models
-
     return text.startswith("timm:") or ":" in text or text in torchvision_models()
 
 
-def _from_path(x: Any, role: str, select: str | None, allow_globals: tuple[str, ...], arch_allowed: bool) -> Side:
-    from ..formats import open_checkpoint
-
+def _from_path(x: Any, select: str | None, allow_globals: tuple[str, ...], arch_allowed: bool) -> Side:
     try:
         c = open_checkpoint(x, select=select, allow_globals=allow_globals)
     except InputError as e:
@@ -62,8 +60,6 @@ def _from_path(x: Any, role: str, select: str | None, allow_globals: tuple[str, 
 
 def _arch_refusal(name: str) -> str:
     """Why ``name`` is no architecture either, as adapt's --arch would say it."""
-    from ..adapter.arch import resolve_arch
-
     try:
         resolve_arch(name)
     except ArchError as e:
@@ -82,8 +78,6 @@ def _from_state_dict(sd: Mapping[str, Any]) -> Side:
 
 
 def _from_arch(name: str) -> Side:
-    from ..adapter.arch import build, resolve_arch
-
     spec = resolve_arch(name)
     sd = build(spec, meta=True).state_dict()
     return Side(spec.display, "architecture", {k: tuple(v.shape) for k, v in sd.items()},
