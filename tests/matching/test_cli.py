@@ -79,3 +79,13 @@ def test_missing_a_and_existing_out_are_refused_before_work(cli, pair):
     assert (pair / "rules.yaml").read_text() == "mine"
     r = cli("match", pair / "a.pt", pair / "b.pt", "--out", pair / "rules.yaml", "--force")
     assert r.exit_code == 0 and surgery.Rules.from_file(pair / "rules.yaml").ops
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_a_corrupt_checkpoint_on_either_side_is_one_line_exit_2(cli, pair, which):
+    bad = pair / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    a, b = (bad, pair / "b.pt") if which == "a" else (pair / "a.pt", bad)
+    r = cli("match", a, b, "--out", pair / "r.yaml")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert not (pair / "r.yaml").exists()
