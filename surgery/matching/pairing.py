@@ -104,10 +104,10 @@ def _families(side: Side) -> dict[tuple, list[str]]:
 def _ranks(side: Side, families: dict[tuple, list[str]]) -> dict[str, tuple[int, int]] | None:
     """Each key's place among its family in the side's own order, with the family's size: the
     n-th of n tensors of a shape is the n-th of n in the other model when both list their modules
-    in the order they were built. None when the keys are sorted by name (safetensors stores them
-    so), which says nothing of the model."""
+    in the order they were built. None when the side's format does not keep that order, or its
+    keys are sorted by name, which says nothing of the model."""
     keys = list(side.shapes)
-    if side.kind == "checkpoint" and len(keys) > 2 and keys == sorted(keys):
+    if not side.ordered or (side.kind == "checkpoint" and len(keys) > 2 and keys == sorted(keys)):
         return None
     return {k: (i, len(members)) for members in families.values() for i, k in enumerate(members)}
 

@@ -1,5 +1,5 @@
 """A pairing as a rules file `surgery remap --rules` reads: drop what B has no place for, rename
-the rest onto B's names (a module at a time where a whole module moves), then reorder the dims
+the rest onto B's names (a subtree at a time where a whole subtree moves), then reorder the dims
 the values showed reordered. The ops are checked by running remap's own name planner over A."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import OutputError
+from ..errors import OutputError, RuleError
 from ..io import atomic_file, check_destination
 from ..remapping import Op, Rules, plan_names
 from .pairing import Pair
@@ -28,19 +28,18 @@ def propose_rules(names: Iterable[str], pairs: list[Pair], drop: list[str]) -> R
     kept = [k for k in names if k not in want or want[k] is not None]
     for renames in (_renames(kept, moves), _two_pass(kept, moves)):
         rules = Rules(ops=drops + renames + reorders)
-        if _does(rules, names, want):
+        if _does(rules, names, want, {p.a for p in pairs if p.dims is not None}):
             return rules
     raise OutputError("the proposed rules do not reproduce the match; please report this with the two key lists")
 
 
-def _does(rules: Rules, names: list[str], want: dict[str, str | None]) -> bool:
-    from ..errors import RuleError
-
+def _does(rules: Rules, names: list[str], want: dict[str, str | None], reordered: set[str]) -> bool:
+    """Whether remap's planner takes every name where ``want`` says, reordering exactly ``reordered``."""
     try:
-        got = plan_names(names, rules.ops).mapping
+        plan = plan_names(names, rules.ops)
     except RuleError:  # two keys onto one name
         return False
-    return all(got[k] == want.get(k, k) for k in names)
+    return all(plan.mapping[k] == want.get(k, k) for k in names) and set(plan.tensor_ops) == reordered
 
 
 def _renames(names: list[str], moves: list[Pair], prefix: str = "") -> list[Op]:

@@ -27,6 +27,12 @@ class Side:
     dtypes: dict[str, str]
     get: Callable[[str], "torch.Tensor"] | None = None
     readable: frozenset[str] = frozenset()  # the names whose values can be compared
+    ordered: bool = True  # the keys come in the order the model built its modules
+
+
+# formats that keep a state dict's own order: a pickled dict keeps its insertion order, while
+# safetensors headers list names sorted and sharded or distributed layouts group them by file
+ORDERED_FORMATS = frozenset({"torch-zip", "torch-legacy", "torch-tar"})
 
 
 def open_side(x: Any, role: str, select: str | None = None, allow_globals: tuple[str, ...] = (),
@@ -55,7 +61,7 @@ def _from_path(x: Any, select: str | None, allow_globals: tuple[str, ...], arch_
         raise InputError(f"{e}, and {_arch_refusal(str(x))}") from None
     readable = frozenset(k for k, t in c.tensors.items() if t.kind == "dense")
     return Side(str(x), "checkpoint", {k: tuple(t.shape) for k, t in c.tensors.items()},
-                {k: t.dtype for k, t in c.tensors.items()}, c.tensor, readable)
+                {k: t.dtype for k, t in c.tensors.items()}, c.tensor, readable, c.format in ORDERED_FORMATS)
 
 
 def _arch_refusal(name: str) -> str:

@@ -128,3 +128,20 @@ def test_torchvision_weights_run_in_timms_model_after_the_match(tv, tm):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=1e-4)  # attention kernels differ in rounding
+
+
+def test_a_sharded_folder_gives_no_module_order(tmp_path):
+    """Its reader lists keys shard by shard, each shard's sorted: an order, but not the model's."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"stem.w": torch.randn(4)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"body.w": torch.randn(4), "norm.w": torch.randn(4)}, tmp_path / "model-00002-of-00002.safetensors")
+    shard = {"stem.w": 1, "body.w": 2, "norm.w": 2}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f"model-0000{i}-of-00002.safetensors" for k, i in shard.items()}}))
+    assert list(surgery.open(tmp_path).tensors) == ["stem.w", "body.w", "norm.w"]
+    rep = surgery.match(tmp_path, _meta(["x.w", "a.w", "m.w"]))
+    assert rep.pairing.ambiguous == [(["x.w", "a.w", "m.w"], ["body.w", "norm.w", "stem.w"])]
