@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import OutputError
+from ..io import check_destination
 from .pairing import Pair, Pairing, pair_keys
 from .ruleset import propose_rules, write_rules
 from .sides import Side, open_side
@@ -96,8 +98,8 @@ def _inputs(a: Any, b: Any) -> list[Path]:
 
 
 def _check_out(out: Path, inputs: list, force: bool) -> None:
-    from ..io import check_destination
-
+    if out.suffix.lower() == ".toml":  # remap's reader refuses it
+        raise OutputError(f"{out}: rules files are YAML (.yaml/.yml) or JSON (any other name), not TOML")
     check_destination(out, [Path(x) for x in inputs if Path(x).exists()], force, None)
 
 

@@ -77,6 +77,8 @@ def test_missing_a_and_existing_out_are_refused_before_work(cli, pair):
     r = cli("match", pair / "a.pt", pair / "b.pt", "--out", pair / "rules.yaml")
     assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
     assert (pair / "rules.yaml").read_text() == "mine"
+    r = cli("match", pair / "a.pt", pair / "b.pt", "--out", pair / "rules.toml")
+    assert r.exit_code == 2 and "not TOML" in r.stderr and not (pair / "rules.toml").exists()
     r = cli("match", pair / "a.pt", pair / "b.pt", "--out", pair / "rules.yaml", "--force")
     assert r.exit_code == 0 and surgery.Rules.from_file(pair / "rules.yaml").ops
 
