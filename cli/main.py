@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
     "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
     "demo": "demo_cmd",
+    "match": "match_cmd",
 }
 
 

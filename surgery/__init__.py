@@ -23,6 +23,7 @@ _EXPORTS = {
     "inspect": ("surgery.inspection.inspect_report", "inspect"),
     "scan": ("surgery.inspection.zoo_scan", "scan"),
     "diff": ("surgery.inspection.diff_report", "diff"),
+    "match": ("surgery.matching", "match"),
     "average": ("surgery.merging.average", "average"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
