@@ -35,8 +35,8 @@ def merge(
     t: Annotated[Optional[float], typer.Option("--t", "-t", help="slerp: 0 gives the first (or --base), 1 the other "
                                                "(default 0.5).", show_default=False)] = None,
     normalize: Annotated[Optional[bool], typer.Option(
-        "--normalize/--no-normalize", help="Divide by the sum of the weights (default: linear and ties yes, "
-        "task-arithmetic and dare no).", show_default=False)] = None,
+        "--normalize/--no-normalize", help="Divide by the sum of the weights (ties: of those that "
+        "agree; default: linear and ties yes, task-arithmetic and dare no).", show_default=False)] = None,
     rescale: Annotated[Optional[str], typer.Option(
         "--rescale", metavar="density|l1|none", help="dare: scale what is kept by 1/density (the paper), to the "
         "delta's l1 norm (mergekit), or not (default density).", show_default=False)] = None,

@@ -155,8 +155,8 @@ def _count_problems(method: str, n: int, has_base: bool) -> list[str]:
             return [f"{method} needs --base, the checkpoint the models were fine-tuned from"]
         return [] if n >= 1 else [f"{method} needs one model or more besides --base"]
     if method == "linear":
-        return (["linear takes no --base (task-arithmetic adds weighted differences to a base)"] if has_base else []) + \
-            ([] if n >= 2 else [f"linear needs two checkpoints or more; got {n}"])
+        problems = ["linear takes no --base (task-arithmetic adds weighted differences to a base)"] if has_base else []
+        return problems + ([] if n >= 2 else [f"linear needs two checkpoints or more; got {n}"])
     total = n + has_base
     return [] if total == 2 else [f"slerp interpolates exactly two checkpoints (--base, or the first, at t=0); "
                                   f"got {total}"]

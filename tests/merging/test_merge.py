@@ -96,7 +96,8 @@ def _ties_reference(base, models, density, lam=1.0):
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
 def test_ties_trims_elects_the_sign_and_takes_the_disjoint_mean(tmp_path, density):
     sds = _models(4)
-    want = {k: _ties_reference(sds[0][k], [sd[k] for sd in sds[1:]], density, lam=1.2) for k in ("fc.weight", "fc.bias")}
+    want = {k: _ties_reference(sds[0][k], [sd[k] for sd in sds[1:]], density, lam=1.2)
+            for k in ("fc.weight", "fc.bias")}
     _check(_merge(tmp_path, sds, "ties", density=density, lam=1.2), want)
 
 
@@ -109,7 +110,8 @@ def test_ties_by_hand(tmp_path):
     got = _merge(tmp_path, sds, "ties", density=0.5)
     assert got["w"].tolist() == [-3.0, -2.0, 0.0, 2.5]
     # equal magnitudes: the first by index are kept, so the trim is reproducible
-    one = [{"w": torch.zeros(5, dtype=torch.float64)}, {"w": torch.tensor([0.5, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)}]
+    one = [{"w": torch.zeros(5, dtype=torch.float64)},
+           {"w": torch.tensor([0.5, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)}]
     assert _merge(tmp_path, one, "ties", density=0.4)["w"].tolist() == [0.0, 1.0, -1.0, 0.0, 0.0]
 
 
