@@ -109,6 +109,7 @@ def test_ties_by_hand(tmp_path):
     sds = [{"w": torch.zeros(4, dtype=torch.float64)}] + [{"w": torch.tensor(t, dtype=torch.float64)} for t in taus]
     got = _merge(tmp_path, sds, "ties", density=0.5)
     assert got["w"].tolist() == [-3.0, -2.0, 0.0, 2.5]
+    assert _merge(tmp_path, sds, "ties", density=0.5, normalize=False)["w"].tolist() == [-3.0, -2.0, 0.0, 5.0]
     # equal magnitudes: the first by index are kept, so the trim is reproducible
     one = [{"w": torch.zeros(5, dtype=torch.float64)},
            {"w": torch.tensor([0.5, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)}]
@@ -253,6 +254,9 @@ def test_slerp_refuses_three_and_mismatched_inputs_are_listed_in_one_line(tmp_pa
     out = tmp_path / "out.safetensors"
     r = cli("merge", "--method", "slerp", *paths, "--out", out)
     assert r.exit_code == 2 and "got 3" in r.output and not out.exists()
+    before = paths[0].read_bytes()
+    r = cli("merge", "--method", "task-arithmetic", "--base", paths[0], paths[1], "--out", paths[0], "--force")
+    assert r.exit_code == 2 and "destination is the source" in r.output and paths[0].read_bytes() == before
     bad = dict(sds[2])
     bad["fc.weight"] = torch.zeros(7, 5, dtype=torch.float64)
     del bad["fc.bias"]
