@@ -25,6 +25,7 @@ _EXPORTS = {
     "diff": ("surgery.inspection.diff_report", "diff"),
     "match": ("surgery.matching", "match"),
     "average": ("surgery.merging.average", "average"),
+    "merge": ("surgery.merging.merge", "merge"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "RemapOptions": ("surgery.remapping.options", "RemapOptions"),

@@ -12,7 +12,6 @@ largest tensor, whatever the number or size of the inputs.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,10 @@ from typing import Any, Callable, Sequence
 
 from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
-from ..formats import open_checkpoint, output_format
-from ..formats.writing import Entry, Payload
-from ..io import OUTPUTS, check_destination, check_source
-from ..keys import strip_wrappers
+from ..formats.writing import Entry
+from .inputs import MERGED, check_output, copy_source, open_inputs, write
 
 SCHEMA = "surgery.average/1"
-AVERAGED = ("F64", "F32", "F16", "BF16")  # floating dtypes averaged; scaled FP8 needs its scales first
 
 
 @dataclass
@@ -59,32 +55,21 @@ def average(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, weights
     if len(paths) < 2:
         raise RuleError(f"average needs two checkpoints or more; got {len(paths)}")
     w = _weights(weights, len(paths))
-    for p in paths:
-        check_source(p)
-    ckpts = [open_checkpoint(p, allow_globals=tuple(allow_globals)) for p in paths]
-    names, prefixes = zip(*(_clean_names(c) for c in ckpts))
-    _refuse_disagreements(paths, ckpts, list(names))
-    fmt = output_format(out)
-    check_destination(out, [*paths, *(Path(f) for c in ckpts for f in c.files)], force=force, in_place=None,
-                      kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
-    report = AverageReport([str(p) for p in paths], w, str(out), fmt.name, list(prefixes))
-    first = names[0]
+    src = open_inputs(paths, "average", allow_globals)
+    fmt = check_output(out, src, force)
+    report = AverageReport([str(p) for p in paths], w, str(out), fmt.name, list(src.prefixes))
     entries = []
-    for clean, orig in first.items():
-        info = ckpts[0].tensors[orig]
-        if info.dtype in AVERAGED:
+    for clean, orig in src.names[0].items():
+        info = src.ckpts[0].tensors[orig]
+        if info.dtype in MERGED:
             report.averaged.append(clean)
-            src: Callable[[], Any] = _mean_source(ckpts, [n[clean] for n in names], w, info.dtype)
+            read: Callable[[], Any] = _mean_source(src.ckpts, [n[clean] for n in src.names], w, info.dtype)
         else:
             report.copied.append(clean)
-            src = _first_source(ckpts[0], orig)
-        entries.append(Entry(clean, info.dtype, tuple(info.shape), src))
-    meta = {"format": "pt", "surgery.average": json.dumps({"inputs": [p.name for p in paths], "weights": w},
-                                                          separators=(",", ":"))}
-    payload = Payload(entries=entries, names=[e.name for e in entries], aliases={}, metadata=meta,
-                      state_dict=lambda: {e.name: e.tensor() for e in entries})
-    report.files = fmt.writer(out, payload)  # type: ignore[misc]
-    report.bytes_written = sum(os.path.getsize(f) for f in report.files)
+            read = copy_source(src.ckpts[0], orig)
+        entries.append(Entry(clean, info.dtype, tuple(info.shape), read))
+    report.files, report.bytes_written = write(out, fmt, entries, "surgery.average",
+                                               {"inputs": [p.name for p in paths], "weights": w})
     return report
 
 
@@ -97,36 +82,6 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if any(not (x >= 0 and x < float("inf")) for x in w) or sum(w) <= 0:
         raise RuleError(f"--weights {','.join(map(str, w))}: weights must be finite, non-negative and not all zero")
     return w
-
-
-def _clean_names(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
-    """Name without wrapper prefixes -> the checkpoint's own name; and the prefix stripped."""
-    keys = list(ckpt.tensors)
-    clean, prefix = strip_wrappers(keys)
-    return dict(zip(clean, keys)), prefix
-
-
-def _refuse_disagreements(paths: list[Path], ckpts: list[Checkpoint], names: list[dict[str, str]]) -> None:
-    """One error listing every name missing from an input, and every shape, dtype or kind that differs."""
-    problems = []
-    for p, n in zip(paths[1:], names[1:]):
-        problems += [f"{k!r} is only in {paths[0].name}" for k in names[0] if k not in n]
-        problems += [f"{k!r} is not in {paths[0].name} but in {p.name}" for k in n if k not in names[0]]
-    for k, orig in names[0].items():
-        a = ckpts[0].tensors[orig]
-        if a.kind not in ("dense", "chunked"):
-            problems.append(f"{k!r} is a {a.kind.replace('_', ' ')} tensor in {paths[0].name}; remap it to dense first")
-        elif a.dtype.startswith("F8") or a.dtype.startswith("F4"):
-            problems.append(f"{k!r} is {a.dtype}; average after `surgery remap --dequantize`")
-        for p, c, n in zip(paths[1:], ckpts[1:], names[1:]):
-            b = c.tensors.get(n.get(k, ""))
-            if b is not None and (tuple(b.shape), b.dtype) != (tuple(a.shape), a.dtype):
-                problems.append(f"{k!r} is {a.dtype} {list(a.shape)} in {paths[0].name} but {b.dtype} {list(b.shape)} "
-                                f"in {p.name}")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot average: {len(problems)} disagreement{'s' if len(problems) > 1 else ''}: {shown}. "
-                        f"Nothing was written; the checkpoints must hold one architecture's tensors")
 
 
 def _mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtype: str) -> Callable[[], Any]:
@@ -147,7 +102,3 @@ def _mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtyp
         mean = acc if total == 1.0 else acc.div_(total)
         return tensor_bytes(mean.to(torch_dtype(dtype)))
     return read
-
-
-def _first_source(ckpt: Checkpoint, name: str) -> Callable[[], Any]:
-    return lambda: tensor_bytes(ckpt.tensor(name))
