@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
     "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
     "demo": "demo_cmd",
+    "merge-lora": "merge_lora_cmd", "extract-lora": "extract_lora_cmd",
 }
 
 

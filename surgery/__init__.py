@@ -24,6 +24,8 @@ _EXPORTS = {
     "scan": ("surgery.inspection.zoo_scan", "scan"),
     "diff": ("surgery.inspection.diff_report", "diff"),
     "average": ("surgery.merging.average", "average"),
+    "merge_lora": ("surgery.merging.lora", "merge_lora"),
+    "extract_lora": ("surgery.merging.lora_extract", "extract_lora"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "RemapOptions": ("surgery.remapping.options", "RemapOptions"),
