@@ -24,7 +24,7 @@ def extract_lora(
     out: Annotated[Path, typer.Option("--out", "-o", help="The adapter folder to write (adapter_config.json, "
                                                           "adapter_model.safetensors).", show_default=False)],
     fan_in_fan_out: Annotated[bool, typer.Option("--fan-in-fan-out", help="The linears are GPT-2's Conv1D "
-                                                                          "(weights stored [in, out]).")] = False,
+                                                                          "(weights stored transposed, in by out).")] = False,
     embedding: Annotated[Optional[list[str]], typer.Option("--embedding", metavar="NAME",
                                                            help="An nn.Embedding weight (repeatable): factored as "
                                                                 "peft's lora_embedding_A/B.")] = None,
