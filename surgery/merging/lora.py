@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -132,10 +132,25 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
         else:
             replaced[name] = key
     problems += [f"{n!r} is both merged and replaced by the adapter" for n in targets if n in replaced]
+    _follow_ties(ckpt, names, targets, replaced)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
         raise RuleError(f"cannot merge {lora.path} into {ckpt.path}: {shown}. Nothing was written")
     return targets, replaced
+
+
+def _follow_ties(ckpt: Checkpoint, names: dict[str, str], targets: dict[str, Target], replaced: dict[str, str]) -> None:
+    """Names that share one tensor in the base (a tied lm_head and embedding) change together, as
+    peft's in-place merge changes the one parameter they share."""
+    clean = {orig: name for name, orig in names.items()}
+    for group in ckpt.tied_groups():
+        members = [clean[o] for o in group if o in clean]
+        hit = next((m for m in members if m in targets), None)
+        for m in members if hit is not None else ():
+            targets.setdefault(m, replace(targets[hit], name=m))
+        hit = next((m for m in members if m in replaced), None)
+        for m in members if hit is not None else ():
+            replaced.setdefault(m, replaced[hit])
 
 
 def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str], lora: Adapter,

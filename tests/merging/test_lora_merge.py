@@ -136,3 +136,29 @@ def test_text_output_and_an_existing_out_needs_force(tmp_path, cli):
     assert "6 tensors merged, " in r.output
     r = cli(*args)
     assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_a_tied_tensor_changes_with_its_twin_as_in_peft(tmp_path):
+    """GPT-2 saved by torch.save keeps lm_head.weight tied to transformer.wte.weight: a LoRA on the
+    embedding changes both, as peft's in-place merge changes the parameter they share."""
+    sd = load_file(DATA / "lora_gpt2" / "base" / "model.safetensors")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    torch.save(sd, tmp_path / "tied.pt")
+    g = torch.Generator().manual_seed(0)
+    ad = {"base_model.model.transformer.wte.lora_embedding_A": torch.randn(2, 40, generator=g),
+          "base_model.model.transformer.wte.lora_embedding_B": torch.randn(16, 2, generator=g)}
+    rep = surgery.merge_lora(tmp_path / "tied.pt", _adapter(tmp_path, ad), tmp_path / "m.safetensors")
+    assert sorted(t.name for t in rep.merged) == ["lm_head.weight", "transformer.wte.weight"]
+    got = load_file(tmp_path / "m.safetensors")
+    want = sd["transformer.wte.weight"] + (ad["base_model.model.transformer.wte.lora_embedding_B"]
+                                           @ ad["base_model.model.transformer.wte.lora_embedding_A"]).T
+    assert torch.allclose(got["transformer.wte.weight"], want, atol=1e-5)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
+def test_peft_names_without_a_config_are_refused(tmp_path, cli):
+    folder = tmp_path / "noconf"
+    folder.mkdir()
+    shutil.copy(DATA / "lora_net" / "adapter" / "adapter_model.safetensors", folder)
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", folder, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "no adapter_config.json" in r.output, r.output
