@@ -48,6 +48,7 @@ def extract_lora(
     for name, why in rep.not_representable.items():
         c.print(f"  not carried: {escaped(name)} ({escaped(why)}); merging keeps the base's")
     worst = max(f.residual for f in rep.factored)
-    c.print(f"{len(rep.factored)} tensors factored at rank {rep.rank} (largest residual {worst:.3g}), "
+    n = len(rep.factored)
+    c.print(f"{n} tensor{'s' if n != 1 else ''} factored at rank {rep.rank} (largest residual {worst:.3g}), "
             f"{rep.unchanged} unchanged, {len(rep.not_representable)} not carried; wrote {escaped(rep.out)} "
             f"({human_bytes(rep.bytes_written)})")

@@ -42,5 +42,6 @@ def merge_lora(
     if len(rep.merged) > 8:
         c.print(f"  ... {len(rep.merged) - 8} more")
     replaced = f", {len(rep.replaced)} replaced by the adapter's copies" if rep.replaced else ""
-    c.print(f"{len(rep.merged)} tensors merged{replaced}, {rep.copied} copied; wrote {rep.format} {escaped(rep.out)} "
+    n = len(rep.merged)
+    c.print(f"{n} tensor{'s' if n != 1 else ''} merged{replaced}, {rep.copied} copied; wrote {rep.format} {escaped(rep.out)} "
             f"({human_bytes(rep.bytes_written)})")
