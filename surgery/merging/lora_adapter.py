@@ -3,7 +3,7 @@
 A peft folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or
 ``adapter_model.bin``, read with surgery's restricted pickle reader); a kohya or diffusers LoRA
 is one ``.safetensors`` file whose ``.alpha`` tensors give the scale (``alpha / rank``; 1 where a
-module has none). peft's scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+module has none, for the prefixes of :data:`ALPHA_IS_RANK`). peft's scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 ``use_rslora``), r and lora_alpha taken from ``rank_pattern`` / ``alpha_pattern`` where a pattern
 matches the module's path as peft matches it.
 """
@@ -38,6 +38,11 @@ REFUSED: dict[str, str] = {
 }
 
 
+# a file with no adapter_config.json and no `.alpha` tensor: modules under these prefixes (kohya's,
+# diffusers' pipeline components) have alpha = rank, scale 1, as kohya and diffusers load them
+ALPHA_IS_RANK = ("lora_", "unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+
+
 @dataclass
 class Adapter:
     path: Path
@@ -63,8 +68,8 @@ class Adapter:
         if alpha_key is not None:
             return float(self.ckpt.tensor(alpha_key).double()) / rank, None
         if self.config is None:
-            if module.startswith("lora_"):
-                return 1.0, None  # kohya: no alpha means alpha = rank
+            if module.startswith(ALPHA_IS_RANK):
+                return 1.0, None
             return None, f"{module!r}: no adapter_config.json and no {module}.alpha tensor gives its scale"
         path = module.removeprefix("base_model.model.")
         r = _pattern(self.config.get("rank_pattern") or {}, path, self.config.get("r", 8))

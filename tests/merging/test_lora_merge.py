@@ -162,3 +162,16 @@ def test_peft_names_without_a_config_are_refused(tmp_path, cli):
     shutil.copy(DATA / "lora_net" / "adapter" / "adapter_model.safetensors", folder)
     r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", folder, "--out", tmp_path / "m.pt")
     assert r.exit_code == 2 and "no adapter_config.json" in r.output, r.output
+
+
+def test_a_diffusers_file_without_alphas_has_scale_one(tmp_path):
+    """diffusers' LoRA attention processor names (`.lora.down.weight`) under a pipeline's `unet.`,
+    merged into a UNet-only base: no config and no alpha, so alpha = rank as diffusers loads it."""
+    base = load_file(DATA / "lora_net" / "base.safetensors")
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)
+    save_file({"unet.body.2.lora.down.weight": a, "unet.body.2.lora.up.weight": b}, tmp_path / "lora.safetensors")
+    rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", tmp_path / "lora.safetensors", tmp_path / "m.safetensors")
+    assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 1.0)]
+    got = load_file(tmp_path / "m.safetensors")
+    assert torch.allclose(got["body.2.weight"], base["body.2.weight"] + b @ a, atol=1e-6)
