@@ -36,7 +36,7 @@ FLOATING = ("F64", "F32", "F16", "BF16")
 class Target:
     name: str  # the base tensor (wrapper prefixes stripped)
     module: str  # the module as the adapter names it
-    layout: str  # "linear" (B @ A), "transposed" ((B @ A)^T: Conv1D, Embedding) or "conv"
+    layout: str  # "linear" (B @ A), "transposed" ((B @ A)^T: Conv1D), "embedding" (the same) or "conv"
     a: str
     b: str
     rank: int
@@ -168,7 +168,8 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
     info = ckpt.tensors[names[name]]
     ta, tb = lora.ckpt.tensors[a], lora.ckpt.tensors[b]
     sa, sb, shape = tuple(ta.shape), tuple(tb.shape), tuple(info.shape)
-    layout = "transposed" if emb or (len(shape) == 2 and lora.fan_in_fan_out) else "linear" if len(shape) == 2 else "conv"
+    layout = ("embedding" if emb else "transposed" if len(shape) == 2 and lora.fan_in_fan_out
+              else "linear" if len(shape) == 2 else "conv")
     if info.kind != "dense" or info.dtype not in FLOATING:
         problems.append(f"{name!r} is {info.dtype} {info.kind.replace('_', ' ')}; merge into a float checkpoint "
                         f"(`surgery remap --dequantize` first)")
@@ -195,7 +196,7 @@ def _delta_shape(layout: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[i
         return (b[0], a[1], *a[2:]) if len(a) == len(b) and all(k == 1 for k in b[2:]) else None
     if len(a) != 2 or len(b) != 2:
         return None
-    return (b[0], a[1]) if layout == "linear" else (a[1], b[0])
+    return (b[0], a[1]) if layout == "linear" else (a[1], b[0])  # transposed, embedding
 
 
 def delta(layout: str, a: "Any", b: "Any", scale: float) -> "Any":
@@ -204,7 +205,7 @@ def delta(layout: str, a: "Any", b: "Any", scale: float) -> "Any":
 
     if layout == "linear":
         return (b @ a).mul_(scale)
-    if layout == "transposed":
+    if layout in ("transposed", "embedding"):
         return (b @ a).T.mul_(scale)
     conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
     if all(k == 1 for k in a.shape[2:]):  # peft's 1x1 path: a matmul
@@ -219,6 +220,8 @@ def _merged_source(ckpt: Checkpoint, name: str, adapter: Checkpoint, t: Target, 
         work = torch.float64 if dtype == "F64" else torch.float32
         d = delta(t.layout, adapter.tensor(t.a).to(work), adapter.tensor(t.b).to(work), t.scale)
         w = ckpt.tensor(name)
+        if t.layout == "embedding":  # peft's Embedding.merge casts the delta to the weight's dtype first
+            return tensor_bytes(w.add_(d.to(w.dtype)))
         merged = d.add_(w.to(work)) if w.dtype != work else w.add_(d)  # in place: the base and one delta in memory
         del w, d
         return tensor_bytes(merged.to(torch_dtype(dtype)).contiguous())

@@ -47,7 +47,7 @@ def test_the_net_case_reports_scales_and_replacements(tmp_path):
     rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", DATA / "lora_net" / "adapter", tmp_path / "m.pt")
     got = {t.module.removeprefix("base_model.model."): (t.rank, t.scale, t.layout) for t in rep.merged}
     assert got == {"body.0": (4, 2.0, "linear"), "body.2": (2, 4.0, "linear"), "conv": (3, 8 / 3, "conv"),
-                   "pw": (4, 0.75, "conv"), "emb": (4, 2.0, "transposed")}
+                   "pw": (4, 0.75, "conv"), "emb": (4, 2.0, "embedding")}
     assert rep.replaced["head.weight"] == "base_model.model.head.weight"  # modules_to_save
     assert rep.replaced["conv.bias"] == "base_model.model.conv.base_layer.bias"  # bias="lora_only"
     _close(torch.load(tmp_path / "m.pt", weights_only=True), load_file(DATA / "lora_net" / "merged.safetensors"))

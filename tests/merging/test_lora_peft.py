@@ -61,3 +61,16 @@ def test_peft_loads_an_extracted_adapter_and_merges_it_as_surgery_does(tmp_path)
     for k, v in ours.items():
         assert torch.allclose(theirs[k], v, rtol=0, atol=1e-5), k
     assert not torch.equal(ours["conv.weight"], base["conv.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_rounds_once_as_peft_does(tmp_path, dtype):
+    """peft keeps the factors in float32 and adds the float32 delta into the half-precision weight:
+    one rounding, which surgery's float32 sum cast back reproduces bit for bit."""
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv", "pw", "body.0", "emb"])
+    want = _peft_merge(tmp_path, make_lora.Net().to(dtype), config, seed=5)
+    surgery.merge_lora(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in want.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v), k
