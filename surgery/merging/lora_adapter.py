@@ -66,7 +66,10 @@ class Adapter:
     def scale(self, module: str, rank: int, alpha_key: str | None) -> tuple[float | None, str | None]:
         """(scale, None) for a target module, or (None, why not)."""
         if alpha_key is not None:
-            return float(self.ckpt.tensor(alpha_key).double()) / rank, None
+            alpha = self.ckpt.tensor(alpha_key)
+            if alpha.numel() != 1:
+                return None, f"{alpha_key!r} holds {alpha.numel()} values, not one alpha"
+            return float(alpha.double()) / rank, None
         if self.config is None:
             if module.startswith(ALPHA_IS_RANK):
                 return 1.0, None
@@ -87,6 +90,29 @@ def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """The fields the merge computes with hold what peft writes: one error listing what does not."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    problems = [f"{k} is {config[k]!r}, not a positive number" for k in ("r", "lora_alpha")
+                if k in config and not number(config[k])]
+    for k in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(k) or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"{k} is a {type(patterns).__name__}, not an object of pattern: number")
+            continue
+        for pat, v in patterns.items():
+            try:
+                re.compile(pat)
+            except re.error as e:
+                problems.append(f"{k} pattern {pat!r} is not a regular expression ({e})")
+            if not number(v):
+                problems.append(f"{k}[{pat!r}] is {v!r}, not a positive number")
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems) + "; fix the config peft wrote")
+
+
 def open_adapter(path: str | os.PathLike, allow_globals: tuple[str, ...] = ()) -> Adapter:
     """A peft adapter folder, or a single LoRA weights file."""
     p = Path(path)
@@ -105,4 +131,5 @@ def open_adapter(path: str | os.PathLike, allow_globals: tuple[str, ...] = ()) -
             raise InputError(f"{p / CONFIG}: not valid JSON ({e}); it is the adapter's config, peft writes it") from None
         if not isinstance(config, dict):
             raise InputError(f"{p / CONFIG}: holds a {type(config).__name__}, not the object peft writes")
+        _check_config(p / CONFIG, config)
     return Adapter(p, open_checkpoint(weights[0], allow_globals=allow_globals), config)

@@ -175,3 +175,24 @@ def test_a_diffusers_file_without_alphas_has_scale_one(tmp_path):
     assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 1.0)]
     got = load_file(tmp_path / "m.safetensors")
     assert torch.allclose(got["body.2.weight"], base["body.2.weight"] + b @ a, atol=1e-6)
+
+
+@pytest.mark.parametrize("config, said", [
+    ({"r": "4"}, "r is '4', not a positive number"),
+    ({"lora_alpha": None}, "lora_alpha is None"),
+    ({"rank_pattern": {"(": 2}}, "rank_pattern pattern '(' is not a regular expression"),
+    ({"alpha_pattern": {"body": -1}}, "alpha_pattern['body'] is -1"),
+])
+def test_a_malformed_config_is_one_line(tmp_path, cli, config, said):
+    tensors = {"base_model.model.body.0.lora_A.weight": torch.ones(2, 6), "base_model.model.body.0.lora_B.weight": torch.ones(8, 2)}
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", _adapter(tmp_path, tensors, **config), "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and said in r.output, r.output
+
+
+def test_a_kohya_alpha_must_be_one_value(tmp_path, cli):
+    _kohya(tmp_path)
+    sd = load_file(tmp_path / "kohya.safetensors")
+    sd["lora_unet_conv.alpha"] = torch.ones(2)
+    save_file(sd, tmp_path / "kohya.safetensors")
+    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "'lora_unet_conv.alpha' holds 2 values" in r.output, r.output
