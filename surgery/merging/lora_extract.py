@@ -93,6 +93,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
             report.unchanged += 1
         elif layout.startswith("not:"):
             report.not_representable[name] = layout[4:]
+        elif not bool(d.isfinite().all()):
+            report.not_representable[name] = "its delta holds NaN or inf"
         else:
             f, factors = _factor(name, layout, d, rank)
             report.factored.append(f)

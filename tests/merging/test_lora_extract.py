@@ -103,6 +103,18 @@ def test_refusals_before_any_write(tmp_path, cli, change, said):
     assert not (tmp_path / "lora").exists()
 
 
+def test_a_rank_below_one_and_a_non_finite_delta(tmp_path, cli):
+    base, tuned = _pair(tmp_path)
+    r = cli("extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "-r", "0", "-o", tmp_path / "lora")
+    assert r.exit_code == 2 and "--rank 0" in r.output, r.output
+    tuned["conv.weight"] = tuned["conv.weight"].clone()
+    tuned["conv.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    rep = surgery.extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "lora", rank=2)
+    assert rep.not_representable["conv.weight"] == "its delta holds NaN or inf"
+    assert [f.name for f in rep.factored] == ["fc.weight"]
+
+
 def test_text_output(tmp_path, cli):
     _pair(tmp_path)
     r = cli("extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "-r", "2", "-o", tmp_path / "lora")
