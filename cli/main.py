@@ -15,9 +15,8 @@ COMMANDS = {
     "inspect": "inspect_cmd", "remap": "remap_cmd", "adapt": "adapt_cmd", "advise": "advise_cmd",
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
     "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
-    "merge": "merge_cmd",
+    "match": "match_cmd", "merge": "merge_cmd", "merge-lora": "merge_lora_cmd", "extract-lora": "extract_lora_cmd",
     "demo": "demo_cmd",
-    "match": "match_cmd",
 }
 
 

@@ -26,6 +26,8 @@ _EXPORTS = {
     "match": ("surgery.matching", "match"),
     "average": ("surgery.merging.average", "average"),
     "merge": ("surgery.merging.merge", "merge"),
+    "merge_lora": ("surgery.merging.lora", "merge_lora"),
+    "extract_lora": ("surgery.merging.lora_extract", "extract_lora"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "RemapOptions": ("surgery.remapping.options", "RemapOptions"),
