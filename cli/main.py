@@ -15,6 +15,7 @@ COMMANDS = {
     "inspect": "inspect_cmd", "remap": "remap_cmd", "adapt": "adapt_cmd", "advise": "advise_cmd",
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
     "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
+    "soup": "soup_cmd",
     "demo": "demo_cmd",
 }
 

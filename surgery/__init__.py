@@ -24,6 +24,7 @@ _EXPORTS = {
     "scan": ("surgery.inspection.zoo_scan", "scan"),
     "diff": ("surgery.inspection.diff_report", "diff"),
     "average": ("surgery.merging.average", "average"),
+    "soup": ("surgery.merging.soup", "soup"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "RemapOptions": ("surgery.remapping.options", "RemapOptions"),
