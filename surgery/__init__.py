@@ -60,7 +60,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 # their errors name the caller's keywords (num_classes), not the command line's flags (--num-classes)
-_KEYWORD_ERRORS = ("remap", "sanitize", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict")
+_KEYWORD_ERRORS = ("remap", "sanitize", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict", "soup")
 
 
 def __getattr__(name: str) -> Any:

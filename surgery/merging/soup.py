@@ -75,8 +75,9 @@ def soup(runs: Sequence[str | os.PathLike], data: str | os.PathLike, out: str | 
 
     if method not in METHODS:
         raise InputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
+    if batch_size < 1 or workers < 0:
+        raise InputError(f"--batch-size must be a positive integer and --workers at least 0, got {batch_size} "
+                         f"and {workers}")
     tell = observer or (lambda event, info: None)
     ing = read_runs(runs, trust_code=trust_code)
     out_p = Path(out)

@@ -91,7 +91,6 @@ class Scorer:
         count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if count and self.train:
             torch.optim.swa_utils.update_bn(self._loader(self.train), model, device=self.ld.device)
-            model.eval()
         return count if self.train else 0
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -143,6 +143,17 @@ def test_json_follows_its_schema(runs, tmp_path, cli):
     assert d["verdict"] in ("soup", "best-run", "no-gain")
 
 
+def test_force_replaces_a_soup(runs, tmp_path, cli):
+    (tmp_path / "soup").mkdir()
+    (tmp_path / "soup" / "manifest.json").write_text("{}")
+    r = cli("soup", runs["good"], runs["plus"], "--data", runs["data"], "--out", tmp_path / "soup", "--trust-code")
+    assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
+    r = cli("soup", runs["good"], runs["plus"], "--data", runs["data"], "--out", tmp_path / "soup", "--trust-code",
+            "--force", "--method", "uniform", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "soup" / "manifest.json").read_text())["results"]["soup"]["method"] == "uniform"
+
+
 def _manifest_edit(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
     m = json.loads((dst / "manifest.json").read_text())
@@ -170,6 +181,18 @@ def test_mismatched_runs_are_one_line_errors_and_nothing_is_written(runs, tmp_pa
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     import re
     assert re.search(message, r.stderr), r.stderr
+    assert not (tmp_path / "soup").exists()
+
+
+def test_runs_that_split_the_data_differently_are_refused(runs, tmp_path, cli):
+    def split(seed):
+        return lambda m: m["results"]["train_args"].update(val_split=0.25, seed=seed)
+
+    a = _manifest_edit(runs["good"], tmp_path / "a", split(0))
+    b = _manifest_edit(runs["good"], tmp_path / "b", split(1))
+    flat = runs["data"] / "train"  # class folders, no split: each run's --seed splits it
+    r = cli("soup", a, b, "--data", flat, "--out", tmp_path / "soup", "--trust-code")
+    assert r.exit_code == 2 and "split it differently" in r.stderr, r.output
     assert not (tmp_path / "soup").exists()
 
 
