@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "train_cmd", "evaluate": "evaluate_cmd", "predict": "predict_cmd", "export": "export_cmd",
     "trust": "trust_cmd", "diff": "diff_cmd", "average": "average_cmd", "sanitize": "sanitize_cmd",
     "match": "match_cmd", "merge": "merge_cmd", "merge-lora": "merge_lora_cmd", "extract-lora": "extract_lora_cmd",
+    "soup": "soup_cmd",
     "demo": "demo_cmd",
 }
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "merge": ("surgery.merging.merge", "merge"),
     "merge_lora": ("surgery.merging.lora", "merge_lora"),
     "extract_lora": ("surgery.merging.lora_extract", "extract_lora"),
+    "soup": ("surgery.merging.soup", "soup"),
     "remap": ("surgery.remapping", "remap"),
     "Rules": ("surgery.remapping", "Rules"),
     "RemapOptions": ("surgery.remapping.options", "RemapOptions"),
@@ -63,7 +64,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 # their errors name the caller's keywords (num_classes), not the command line's flags (--num-classes)
-_KEYWORD_ERRORS = ("remap", "sanitize", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict")
+_KEYWORD_ERRORS = ("remap", "sanitize", "adapt", "train", "find_lr", "compare_scratch", "evaluate", "predict", "soup")
 
 
 def __getattr__(name: str) -> Any:
