@@ -63,7 +63,7 @@ def average(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, weights
         info = src.ckpts[0].tensors[orig]
         if info.dtype in MERGED:
             report.averaged.append(clean)
-            read: Callable[[], Any] = _mean_source(src.ckpts, [n[clean] for n in src.names], w, info.dtype)
+            read: Callable[[], Any] = mean_source(src.ckpts, [n[clean] for n in src.names], w, info.dtype)
         else:
             report.copied.append(clean)
             read = copy_source(src.ckpts[0], orig)
@@ -84,7 +84,8 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return w
 
 
-def _mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtype: str) -> Callable[[], Any]:
+def mean_source(ckpts: list[Checkpoint], names: list[str], w: list[float], dtype: str) -> Callable[[], Any]:
+    """Reads the weighted mean of ``names`` (one per checkpoint), accumulated in float64, as ``dtype``."""
     def read() -> memoryview:
         import torch
 

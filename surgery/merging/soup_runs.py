@@ -12,10 +12,10 @@ from ..adapter.arch import ArchSpec, check_trust
 from ..adapter.manifest import Manifest, inside, read_manifest
 from ..checkpoint import Checkpoint
 from ..errors import InputError, ManifestError
-from ..formats import open_checkpoint
 from ..formats.writing import Entry
 from ..io import check_source, same_path, sha256_file
-from .average import AVERAGED, _clean_names, _first_source, _mean_source, _refuse_disagreements
+from .average import mean_source
+from .inputs import MERGED, copy_source, open_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,8 +47,8 @@ class Ingredients:
         out = {}
         for clean, orig in names[0].items():
             info = ckpts[0].tensors[orig]
-            src = (_mean_source(ckpts, [n[clean] for n in names], w, info.dtype) if info.dtype in AVERAGED
-                   else _first_source(ckpts[0], orig))
+            src = (mean_source(ckpts, [n[clean] for n in names], w, info.dtype) if info.dtype in MERGED
+                   else copy_source(ckpts[0], orig))
             out[clean] = Entry(clean, info.dtype, tuple(info.shape), src).tensor()
         return out
 
@@ -67,11 +67,8 @@ def read_runs(runs: Sequence[str | os.PathLike], *, trust_code: bool) -> Ingredi
     for p, m in zip(paths, manifests):
         check_trust(ArchSpec.from_json(m["arch"]), m.path or p, trust_code)
     _refuse_other_models(paths, manifests)
-    weights = [_weights_file(m) for m in manifests]
-    ckpts = [open_checkpoint(w) for w in weights]
-    names = [_clean_names(c)[0] for c in ckpts]
-    _refuse_disagreements(weights, ckpts, names)
-    return Ingredients(paths, manifests, ckpts, names)
+    opened = open_inputs([_weights_file(m) for m in manifests], "mix these runs")
+    return Ingredients(paths, manifests, opened.ckpts, opened.names)
 
 
 def _weights_file(m: Manifest) -> Path:
