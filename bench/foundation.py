@@ -465,8 +465,10 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int, counts: tuple[in
         cpus: dict[str, list[tuple[int, float]]] = {}
         for n in counts:
             path = workdir / f"small_{shape}_{n}x{SMALL_SHAPE}.pt"
-            if not path.exists():
-                subprocess.run([py, "-c", MAKE_SMALL % KEY_SHAPES[shape], str(path), str(n)], cwd=REPO, check=True)
+            if not path.exists():  # written under another name first: a run killed here leaves no empty file
+                part = path.with_name(path.stem + "_part.pt")
+                subprocess.run([py, "-c", MAKE_SMALL % KEY_SHAPES[shape], str(part), str(n)], cwd=REPO, check=True)
+                os.replace(part, path)
             warm_page_cache(path)
             try:
                 base, insp, opened = measure_group([
