@@ -9,6 +9,7 @@ median wall time and the largest peak RSS seen.
     python bench/foundation.py                          # ~2 GB checkpoints, 3 repeats
     python bench/foundation.py --size-gb 0.1 --repeat 1 # a quick smoke run
     python bench/foundation.py --cases small            # only torch files of many small tensors
+    python bench/foundation.py --cases small --counts 50000 --shapes flat  # one of them
     python bench/foundation.py --cases startup --repeat 9  # only start-up: --help, inspect of one tensor
 
 Results go to stdout as a table and to ``WORKDIR/foundation.json``. The exit status is 0 when
@@ -62,11 +63,20 @@ LOAD_RENAME_SAVE = (
     "save_file(sd, dst, metadata={'format': 'pt'})\n"
 )
 OPEN_PT = "import sys, surgery\nprint(len(surgery.open(sys.argv[1]).tensors))\n"
-# torch files of many small tensors: what the reader's per-opcode checks cost next to torch.load
-SMALL_COUNTS = (1000, 10_000, 50_000)
+# torch files of many small tensors: what the reader's per-opcode checks and inspect's key analysis
+# cost next to torch.load, for three ways checkpoints name their tensors
+SMALL_COUNTS = (1000, 10_000, 50_000, 200_000)
 SMALL_SHAPE = 4
+NESTED_LEAVES = ("attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias", "attn.v.weight", "attn.v.bias",
+                 "mlp.fc1.weight", "mlp.fc1.bias", "norm.weight", "norm.bias")
+KEY_SHAPES = {  # name -> the expression of tensor i's key in MAKE_SMALL
+    "dotted": "f'layers.{i}.weight'",  # nn.ModuleList / Sequential: numbered after a dot
+    "flat": "f'layer{i}.weight'",  # numbered in the name
+    "nested": "f'model.encoder.layer.{i // 10}.{LEAVES[i % 10]}'",  # blocks of 10 tensors, 3 levels down
+}
 MAKE_SMALL = ("import sys, torch\n"
-              "torch.save({f'layers.{i}.weight': torch.full((%d,), float(i)) for i in range(int(sys.argv[2]))}, sys.argv[1])\n"
+              f"LEAVES = {NESTED_LEAVES!r}\n"
+              "torch.save({%%s: torch.full((%d,), float(i)) for i in range(int(sys.argv[2]))}, sys.argv[1])\n"
               % SMALL_SHAPE)
 # cp, then fsync the copy: surgery writes through a temp file and fsyncs before renaming, cp does not
 CP_FSYNC = 'cp -- "$1" "$2" && sync -- "$2"'
@@ -297,6 +307,14 @@ class Row:
             return None
         return self.surgery.wall / self.baseline.wall
 
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The same ratio of CPU times (user + system): what other processes on the machine
+        change least."""
+        if self.baseline is None or self.surgery.cpu is None or not self.baseline.cpu:
+            return None
+        return self.surgery.cpu / self.baseline.cpu
+
     def verdict(self) -> tuple[str, list[str]]:
         if self.surgery.error or (self.baseline and self.baseline.error):
             return "ERROR", []
@@ -307,6 +325,8 @@ class Row:
             failed.append("wall")
         if "max_ratio" in self.goals and (self.ratio is None or self.ratio > self.goals["max_ratio"]):
             failed.append("ratio")
+        if "max_cpu_ratio" in self.goals and (self.cpu_ratio is None or self.cpu_ratio > self.goals["max_cpu_ratio"]):
+            failed.append("cpu ratio")
         if "max_rss_mb" in self.goals and self.surgery.rss_mb > self.goals["max_rss_mb"]:
             failed.append("rss")
         return ("FAIL" if failed else "PASS"), failed
@@ -315,7 +335,8 @@ class Row:
         status, failed = self.verdict()
         return {"case": self.case, "surgery": self.surgery.to_json(),
                 "baseline": self.baseline.to_json() if self.baseline else None,
-                "ratio_surgery_over_baseline": self.ratio, "goals": self.goals, "goal": self.goal_text,
+                "ratio_surgery_over_baseline": self.ratio, "cpu_ratio_surgery_over_baseline": self.cpu_ratio,
+                "goals": self.goals, "goal": self.goal_text,
                 "status": status, "failed": failed}
 
 
@@ -338,17 +359,17 @@ def print_grid(head: tuple, body: list[tuple], right: set[int]) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = ("case", "surgery", "baseline", "base time", "ratio", "surg RSS", "base RSS", "goal", "result")
+    head = ("case", "surgery", "baseline", "base time", "ratio", "cpu ratio", "surg RSS", "base RSS", "goal", "result")
     body = []
     for r in rows:
         status, failed = r.verdict()
         b = r.baseline
         body.append((
             r.case, _fmt(r.surgery.wall, ".3f", " s"), b.name if b else "-", _fmt(b.wall if b else None, ".3f", " s"),
-            _fmt(r.ratio, ".3f", "x"), _fmt(r.surgery.rss_mb, ".0f", " MB"), _fmt(b.rss_mb if b else None, ".0f", " MB"),
+            _fmt(r.ratio, ".3f", "x"), _fmt(r.cpu_ratio, ".3f", "x"), _fmt(r.surgery.rss_mb, ".0f", " MB"), _fmt(b.rss_mb if b else None, ".0f", " MB"),
             r.goal_text, status + (f" ({','.join(failed)})" if failed else ""),
         ))
-    print_grid(head, body, right={1, 3, 4, 5, 6})
+    print_grid(head, body, right={1, 3, 4, 5, 6, 7})
     for r in rows:
         for m in (r.surgery, r.baseline):
             if m is not None and m.error:
@@ -403,9 +424,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints (reused next run)")
     p.add_argument("--cases", default="large,small,startup",
                    help="comma-separated: 'large' (inspect/remap of --size-gb files), 'small' (torch files of "
-                        f"{', '.join(map(str, SMALL_COUNTS))} small tensors: inspect and surgery.open vs torch.load), "
+                        "--counts small tensors named --shapes ways: inspect and surgery.open vs torch.load), "
                         "'startup' (--help, train --help, inspect of a one-tensor file)")
+    p.add_argument("--counts", default=",".join(map(str, SMALL_COUNTS)),
+                   help="comma-separated tensor counts of the 'small' files (default: %(default)s)")
+    p.add_argument("--shapes", default=",".join(KEY_SHAPES),
+                   help="comma-separated key shapes of the 'small' files: 'dotted' (layers.0.weight), 'flat' "
+                        "(layer0.weight), 'nested' (model.encoder.layer.0.attn.q.weight ...) (default: %(default)s)")
     args = p.parse_args(argv)
+    try:
+        args.counts = tuple(int(c) for c in args.counts.split(",") if c.strip())
+    except ValueError:
+        p.error(f"--counts {args.counts!r} is not a list of integers")
+    args.shapes = tuple(c.strip() for c in args.shapes.split(",") if c.strip())
+    if not args.counts or min(args.counts) < 10 or not args.shapes or set(args.shapes) - set(KEY_SHAPES):
+        p.error(f"--counts must list integers of 10 or more, --shapes names among {', '.join(KEY_SHAPES)}")
     args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
     if args.size_gb <= 0 or args.repeat < 1 or not args.cases or args.cases - {"large", "small", "startup"}:
         p.error("--size-gb must be > 0, --repeat >= 1, --cases a list of 'large', 'small' and 'startup'")
@@ -420,35 +453,41 @@ def _short(p: Path) -> str:
         return str(p)
 
 
-def small_tensor_rows(workdir: Path, logdir: Path, repeat: int) -> list[Row]:
+def small_tensor_rows(workdir: Path, logdir: Path, repeat: int, counts: tuple[int, ...],
+                      shapes: tuple[str, ...]) -> list[Row]:
     """torch files of many small tensors: the pickle, not the data, is the whole read. Times
     `surgery inspect` (the CLI, run as ``python -m cli.main`` from this checkout) and
-    ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group."""
+    ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group,
+    for each key shape and count."""
     py = sys.executable
     rows: list[Row] = []
-    cpus: dict[str, list[tuple[int, float]]] = {}
-    for n in SMALL_COUNTS:
-        path = workdir / f"small_{n}x{SMALL_SHAPE}.pt"
-        if not path.exists():
-            subprocess.run([py, "-c", MAKE_SMALL, str(path), str(n)], cwd=REPO, check=True)
-        warm_page_cache(path)
-        try:
-            base, insp, opened = measure_group([
-                Spec(f"torch.load {n} small", [py, "-c", LOAD_PT, str(path)], check_count(n)),
-                Spec(f"surgery inspect {n} small", [py, "-m", "cli.main", "inspect", str(path)], check_inspect(n, False)),
-                Spec(f"surgery.open {n} small", [py, "-c", OPEN_PT, str(path)], check_count(n)),
-            ], repeat, logdir)
-        finally:
-            path.unlink(missing_ok=True)
-        goal = {"max_ratio": 0.25}
-        rows.append(Row(f"inspect pt, {n} small tensors", insp, base, goal, "ratio<=0.25"))
-        rows.append(Row(f"surgery.open pt, {n} small tensors", opened, base, goal, "ratio<=0.25"))
-        if base.cpu and insp.cpu and opened.cpu:
-            print(f"  cpu time ratios at {n}: inspect {insp.cpu / base.cpu:.3f}x, surgery.open {opened.cpu / base.cpu:.3f}x "
-                  f"of torch.load")
-            for m in (base, insp, opened):
-                cpus.setdefault(m.name.split(f" {n} ")[0], []).append((n, m.cpu))
-    print_growth(cpus)
+    for shape in shapes:
+        cpus: dict[str, list[tuple[int, float]]] = {}
+        for n in counts:
+            path = workdir / f"small_{shape}_{n}x{SMALL_SHAPE}.pt"
+            if not path.exists():  # written under another name first: a run killed here leaves no empty file
+                part = path.with_name(path.stem + "_part.pt")
+                subprocess.run([py, "-c", MAKE_SMALL % KEY_SHAPES[shape], str(part), str(n)], cwd=REPO, check=True)
+                os.replace(part, path)
+            warm_page_cache(path)
+            try:
+                base, insp, opened = measure_group([
+                    Spec(f"torch.load {shape} {n}", [py, "-c", LOAD_PT, str(path)], check_count(n)),
+                    Spec(f"surgery inspect {shape} {n}", [py, "-m", "cli.main", "inspect", str(path)],
+                         check_inspect(n, False)),
+                    Spec(f"surgery.open {shape} {n}", [py, "-c", OPEN_PT, str(path)], check_count(n)),
+                ], repeat, logdir)
+            finally:
+                path.unlink(missing_ok=True)
+            goal = {"max_ratio": 0.25, "max_cpu_ratio": 0.25}
+            rows.append(Row(f"inspect pt, {n} {shape} keys", insp, base, goal, "ratio<=0.25"))
+            rows.append(Row(f"surgery.open pt, {n} {shape} keys", opened, base, goal, "ratio<=0.25"))
+            if base.cpu and insp.cpu and opened.cpu:
+                print(f"  ratios at {n} {shape}: inspect wall {insp.wall / base.wall:.3f}x, cpu {insp.cpu / base.cpu:.3f}x; "
+                      f"surgery.open wall {opened.wall / base.wall:.3f}x, cpu {opened.cpu / base.cpu:.3f}x of torch.load")
+                for m in (base, insp, opened):
+                    cpus.setdefault(m.name.split(f" {shape} ")[0] + f" ({shape} keys)", []).append((n, m.cpu))
+        print_growth(cpus)
     return rows
 
 
@@ -489,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     n = n_tensors_for(args.size_gb)
 
     cmd = [_short(Path(sys.executable)), "bench/foundation.py", "--workdir", _short(workdir), "--size-gb", f"{args.size_gb:g}",
-           "--repeat", str(args.repeat), "--cases", ",".join(sorted(args.cases))] + (["--keep"] if args.keep else [])
+           "--repeat", str(args.repeat), "--cases", ",".join(sorted(args.cases)),
+           "--counts", ",".join(map(str, args.counts)), "--shapes", ",".join(args.shapes)] + (["--keep"] if args.keep else [])
     print("reproduce: " + shlex.join(cmd))
     facts = machine_facts()
     print("machine:   " + ", ".join(f"{k}={facts[k]}" for k in ("nproc", "cpu", "mem_gb", "kernel", "python", "torch",
@@ -520,10 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if "small" in args.cases:
-        print(f"\nsmall tensors: torch files of {', '.join(map(str, SMALL_COUNTS))} float32 [{SMALL_SHAPE}] tensors "
+        print(f"\nsmall tensors: torch files of {', '.join(map(str, args.counts))} float32 [{SMALL_SHAPE}] tensors, "
+              f"keys {', '.join(args.shapes)} "
               f"(1 untimed warm-up each, then {args.repeat} interleaved rounds):")
         try:
-            rows += small_tensor_rows(workdir, logdir, args.repeat)
+            rows += small_tensor_rows(workdir, logdir, args.repeat, args.counts, args.shapes)
         except subprocess.CalledProcessError as e:
             print(f"error: generating a small-tensor file failed (exit {e.returncode})", file=sys.stderr)
             return 1

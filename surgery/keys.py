@@ -139,7 +139,14 @@ def subtree_signatures(root: KeyNode, leaf_sig: Callable[[Any], Hashable], order
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
     for node in order or bottom_up(root):
-        kids = tuple(sorted((name, out[id(child)]) for name, child in node.children.items())) if node.children else ()
+        children = node.children
+        if not children:
+            kids: tuple = ()
+        elif len(children) == 1:  # most modules of a large model hold one child: no sort, no generator
+            for name, child in children.items():
+                kids = ((name, out[id(child)]),)
+        else:
+            kids = tuple(sorted([(name, out[id(child)]) for name, child in children.items()]))
         tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
             else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
         key = (None if node.info is None else leaf_sig(node.info), kids, tails)

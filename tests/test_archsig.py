@@ -45,6 +45,17 @@ def test_unknown_keys_have_no_guess():
     assert guess_architecture(FOREIGN)[0].score < KNOWN_MIN_SCORE  # the raw ranking still ranks
 
 
+@pytest.mark.parametrize("extra", [500, 15_000])
+def test_a_model_among_many_other_keys_is_judged_as_without_the_shortcut(extra):
+    """A file of more keys than any model could match a tenth of skips the tables; the answer
+    is the one scoring every model gives (a model's own keys among them or not)."""
+    keys = {**model_signature("efficientnet_v2_l"), **{f"extra{i}.weight": (3,) for i in range(extra)}}
+    scored = [g for g in guess_architecture(keys) + guess_architecture(keys, table=TIMM_TABLE_PATH)
+              if g.score >= KNOWN_MIN_SCORE]
+    assert [g.arch for g in known_architectures(keys)] == [g.arch for g in sorted(scored, key=lambda g: -g.score)][:3]
+    assert bool(scored) == (extra == 500)
+
+
 def test_torchvision_guesses_keep_their_fits_and_drop_the_noise():
     g = known_architectures({"module." + k: v for k, v in model_signature("resnet18").items()})
     assert [x.arch for x in g] == ["resnet18", "resnet34", "resnet50"] and g[0].score == 1.0

@@ -170,6 +170,7 @@ def test_module_tree_key_that_is_also_a_module():
     ("layers_{}", None, "layers_{0..11}"),
     ("block-{}", None, "block-{0..11}"),
     ("h.{}", "h", "h.{0..11}"),             # a dotted index, as before
+    ("blocks.{}", "blocks", "blocks.{0..11}"),
     ("encoder.layer.{}", "encoder", "encoder.layer.{0..11}"),
 ])
 def test_module_tree_collapses_numbered_siblings_whatever_the_style(style, top, label):
@@ -195,6 +196,8 @@ def test_module_tree_glued_numbers_collapse_only_identical_structures():
         {"layer0.w": info("layer0.w", (4,)), "layer1.w": info("layer1.w", (4,)), "layer1.b": info("layer1.b", (4,))},
         {"layer0.w": info("layer0.w", (4,)), "norm.w": info("norm.w", (4,)), "layer1.w": info("layer1.w", (4,))},
         {"conv.w": info("conv.w", (4,)), "conv1.w": info("conv1.w", (4,))},  # 'conv' carries no number
+        {"h.0.w": info("h.0.w", (4,)), "h.1.w": info("h.1.w", (5,))},  # a dotted index, other shapes
+        {"layers_0.w": info("layers_0.w", (4,)), "layers_1.v": info("layers_1.v", (4,))},  # other names
     ]
     for infos in cases:
         rows = module_tree(infos)

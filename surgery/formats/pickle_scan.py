@@ -249,8 +249,11 @@ def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work
     """Account for the state-dict entries that start at ``pos``; None when not one is there."""
     end, start = len(data), pos
     head, tail, u32, fb = _ENTRY_HEAD.match, _ENTRY_TAIL.match, _U32.unpack_from, int.from_bytes
-    shapes: dict[bytes, tuple[int, int, int]] = {}
-    gets: dict[tuple, tuple] = {}  # the memoized objects an entry names stay as they are for the whole run
+    # Entries differ in their names, memo slots and offsets. What `_run` counts for one depends on
+    # its key's length and on the rest (rebuild function, storage type, location, shape, stride):
+    # a handful of combinations in a file, each worked out once (`_template`). The memoized
+    # objects an entry names stay as they are for the whole run: no slot is stored twice.
+    templates: dict[tuple, tuple] = {}
     while pos + 5 < end and data[pos] == 88:
         p = pos + 5 + u32(data, pos + 1)[0]
         m = head(data, p) if p < end else None
@@ -263,25 +266,26 @@ def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work
         if t is None:
             break
         key_put, loc, p_put, shape, shape_put, stride, stride_put, od, h_put, a_put, t_put = t.groups()
-        puts = [fb(g[1:], "little") for g in (name_put, key_put, p_put, shape_put, stride_put, h_put, a_put, t_put) if g]
+        puts = [fb(name_put[1:], "little"), fb(key_put[1:], "little"), fb(p_put[1:], "little")]
+        if shape_put:
+            puts.append(fb(shape_put[1:], "little"))
+        if stride_put:
+            puts.append(fb(stride_put[1:], "little"))
+        puts += (fb(h_put[1:], "little"), fb(a_put[1:], "little"), fb(t_put[1:], "little"))
         if max(puts) > len(memo) + MEMO_SLACK or not memo.keys().isdisjoint(puts):
             break  # a slot far out, or one filled before: `_run` takes it opcode by opcode
-        named = (fn, tag, stype, loc, od)
-        g = gets.get(named)
-        if g is None:
-            try:
-                c, s, ty, lc, o = (memo[fb(x[1:], "little")] for x in named)
-            except KeyError:
+        named = (fn, tag, stype, loc, od, shape, stride)
+        tp = templates.get(named)
+        if tp is None:
+            tp = _template(memo, named)
+            if tp is None:
                 break
-            g = gets[named] = (c[0], c[1], s[0] + ty[0] + lc[0] + 3, max(s[1], ty[1], lc[1]) + 1, o[0] + 2, o[1] + 1)
-        c0, c1, p0, p1, h0, h1 = g
-        sh = shapes.get(shape) or shapes.setdefault(shape, _shape_node(shape))
-        st = shapes.get(stride) or shapes.setdefault(stride, _shape_node(stride))
+            templates[named] = tp
+        p0, p1, a0, a1, t0, t1, work, h0, h1, sh, st = tp
         p0 += lk
-        a0 = p0 + sh[0] + st[0] + h0 + 4
-        a1 = max(p1 + 1, sh[1], st[1], h1) + 1
-        t0, t1 = c0 + a0 + 1, (c1 if c1 > a1 else a1) + 1
-        work = 2 * p0 + 1 + sh[2] + st[2] + h0 + a0 + t0
+        a0 += lk
+        t0 += lk
+        work += 4 * lk
         if t1 > MAX_DEPTH or t0 > limit or work_left < work:
             break
         work_left -= work
@@ -297,6 +301,24 @@ def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work
         stack += (name, tn)
         pos = t.end()
     return None if pos == start else (pos, work_left)
+
+
+def _template(memo: dict, named: tuple) -> tuple | None:
+    """What `_run` counts for an entry naming these memo slots, shape and stride, for a key of
+    length 0: the key's length adds to every size, and four times it to the work. None when a
+    slot is empty."""
+    fn, tag, stype, loc, od, shape, stride = named
+    try:
+        c, s, ty, lc, o = (memo[int.from_bytes(x[1:], "little")] for x in (fn, tag, stype, loc, od))
+    except KeyError:
+        return None
+    sh, st = _shape_node(shape), _shape_node(stride)
+    p0, p1, h0, h1 = s[0] + ty[0] + lc[0] + 3, max(s[1], ty[1], lc[1]) + 1, o[0] + 2, o[1] + 1
+    a0 = p0 + sh[0] + st[0] + h0 + 4
+    a1 = max(p1 + 1, sh[1], st[1], h1) + 1
+    t0, t1 = c[0] + a0 + 1, (c[1] if c[1] > a1 else a1) + 1
+    work = 2 * p0 + 1 + sh[2] + st[2] + h0 + a0 + t0
+    return p0, p1, a0, a1, t0, t1, work, h0, h1, sh, st
 
 
 def _rare(data: bytes, pos: int, op: int, cat: int, stack: list, marks: list, memo: dict, limit: int, work_left: int,

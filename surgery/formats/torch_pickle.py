@@ -197,6 +197,14 @@ class _Unpickler(pickle.Unpickler):
 def storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
     """torch's storage persistent id ``('storage', type, key, location, numel[, view])`` as the
     one `StorageRef` of ``key`` in ``storages`` (made on first sight)."""
+    if type(pid) is tuple and len(pid) == 5:  # what torch.save writes, once per tensor: checked in one line
+        tag, stype, key, location, numel = pid
+        if (tag == "storage" and type(key) is str and type(stype) is StorageType and type(location) is str
+                and type(numel) is int and numel >= 0):
+            ref = storages.get(key)
+            if ref is None:
+                ref = storages[key] = StorageRef(key, stype.dtype, location, numel)
+            return ref
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
         raise FormatError(f"unknown persistent id {str(pid)[:80]!r}")
     if not isinstance(pid[2], str):  # torch looks storages up by the key as pickled: str() would join keys it keeps apart
@@ -306,7 +314,8 @@ class _Metered(_Call):
         object.__setattr__(self, "meter", meter)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.meter.spend(args + tuple(kwargs.values()))
+        if args or kwargs:  # torch.save's empty OrderedDict of hooks, once per tensor, builds nothing
+            self.meter.spend(args + tuple(kwargs.values()))
         return self.fn(*args, **kwargs)
 
 

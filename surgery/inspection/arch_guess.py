@@ -271,9 +271,20 @@ def known_architectures(infos: Mapping[str, "TensorInfo"] | Mapping[str, Iterabl
     >>> known_architectures(convnext_ckpt.tensors)[0].arch  # doctest: +SKIP
     'timm:convnext_tiny'
     """
+    n_keys = sum(1 for k in infos if not k.endswith(_IGNORED_SUFFIX))
+    if n_keys * min_score > max(_largest_model(TABLE_PATH), _largest_model(TIMM_TABLE_PATH)):
+        # a score is matched keys over a union of at least n_keys, matched at most the model's
+        # keys: too many keys for any model to reach min_score (a 50,000-tensor file skips both tables)
+        return []
     guesses = guess_architecture(infos, top=top) + guess_architecture(infos, top=top, table=TIMM_TABLE_PATH)
     guesses.sort(key=lambda g: (-g.score, -g.matched, g.arch))
     return [g for g in guesses if g.score >= min_score][:top]
+
+
+@functools.lru_cache(maxsize=4)
+def _largest_model(table: str | os.PathLike) -> int:
+    """The most keys a model of ``table`` has (every key it may count in a score's ``total``)."""
+    return max((len(m.signature) for m in _table(table)[1].values()), default=0)
 
 
 # ----------------------------------------------------------------------------- rebuilding

@@ -36,26 +36,46 @@ class InspectReport:
         return self._groups[0]
 
     @functools.cached_property
-    def _groups(self) -> tuple[dict[tuple, list[str]], set[tuple]]:
-        """`views`, and the storages (file, offset) that two different views share, in one pass."""
+    def _groups(self) -> tuple[dict[tuple, list[str]], set[tuple], dict[str, dict[str, int]], dict[str, int]]:
+        """`views`, the storages (file, offset) that two different views share, `dtype_summary`
+        and `devices`: one pass over the tensors, which may be hundreds of thousands."""
         groups: dict[tuple, list[str]] = {}
         first_view: dict[tuple, tuple] = {}  # storage -> the first view of it seen
         shared: set[tuple] = set()
+        summary: dict[str, dict[str, int]] = {}
+        numels: dict[tuple, int] = {}  # a model repeats a few shapes many times
+        devices: dict[str, int] = {}
         for name, t in self.ckpt.tensors.items():
-            if t.kind == "dense":  # as `view_key` spells it, without a property call per tensor
+            dense = t.kind == "dense"
+            if dense:  # as `view_key` spells it, without a property call per tensor
                 key = (t.file, t.data_offset, t.storage_offset, t.shape, t.stride, t.dtype)
             else:
                 key = t.view_key
+            device = t.device
+            devices[device] = devices.get(device, 0) + 1
             g = groups.get(key)
             if g is not None:
                 g.append(name)
                 continue
             groups[key] = [name]
-            if t.kind in ("dense", "quantized"):  # `has_storage`: sparse, nested, meta own none
+            if dense or t.kind == "quantized":  # `has_storage`: sparse, nested, meta own none
                 storage = (t.file, t.data_offset)
                 if first_view.setdefault(storage, key) is not key:
                     shared.add(storage)
-        return groups, shared
+            d = summary.get(t.dtype)  # each view counted once, as its first name
+            if d is None:
+                d = summary[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
+            d["tensors"] += 1
+            if dense and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES:  # `numel` and `nbytes`, inlined
+                n = numels.get(t.shape)
+                if n is None:
+                    n = numels[t.shape] = math.prod(t.shape)
+                d["params"] += n
+                d["bytes"] += n * itemsize(t.dtype)
+            else:
+                d["params"] += t.numel
+                d["bytes"] += t.nbytes
+        return groups, shared, summary, devices
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -68,27 +88,10 @@ class InspectReport:
         """As `Checkpoint.tied_groups`."""
         return [g for g in self.views.values() if len(g) > 1]
 
-    @functools.cached_property
+    @property
     def dtype_summary(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        numels: dict[tuple, int] = {}  # a model repeats a few shapes many times
-        tensors = self.ckpt.tensors
-        for g in self.views.values():
-            t = tensors[g[0]]
-            d = out.get(t.dtype)
-            if d is None:
-                d = out[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
-            d["tensors"] += 1
-            if t.kind == "dense" and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES:  # inlined `nbytes`
-                n = numels.get(t.shape)
-                if n is None:
-                    n = numels[t.shape] = math.prod(t.shape)
-                d["params"] += n
-                d["bytes"] += n * itemsize(t.dtype)
-            else:
-                d["params"] += t.numel
-                d["bytes"] += t.nbytes
-        return out
+        """dtype -> tensors, params, bytes, each view of bytes counted once."""
+        return self._groups[2]
 
     @functools.cached_property
     def scaled_fp8(self) -> tuple[list[Any], str | None]:
@@ -96,6 +99,8 @@ class InspectReport:
         size could not be read (the default 128x128 is assumed then), else None."""
         from ..remapping import fp8
 
+        if not fp8.SCALED_DTYPES & self.dtype_summary.keys():  # no FP8/FP4 tensor: no names to pair
+            return [], None
         try:
             return list(fp8.scaled_in(self.ckpt).values()), None
         except RuleError as e:
@@ -117,12 +122,9 @@ class InspectReport:
     def nbytes(self) -> int:
         return sum(d["bytes"] for d in self.dtype_summary.values())
 
-    @functools.cached_property
+    @property
     def devices(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.ckpt.tensors.values():
-            out[t.device] = out.get(t.device, 0) + 1
-        return out
+        return self._groups[3]
 
     def shared_storage(self) -> list[list[str]]:
         """Names that view one storage differently (e.g. a weight and its transpose)."""

@@ -85,8 +85,19 @@ def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozense
     empty: frozenset = frozenset()
     leaf_stats: dict[tuple, tuple[int, int, frozenset]] = {}  # (shape, dtype) of a dense tensor -> its figures
     for node in order:
-        tails = node.tails
-        if not node.children and node.info is None and tails is not None and len(tails) == 1:
+        tails, children, info = node.tails, node.children, node.info
+        if tails is None and len(children) == 1 and info is None:  # a module holding one module: its figures
+            for child in children.values():
+                stats[id(node)] = stats[id(child)]
+            continue
+        if not children and tails is None and info is not None and info.kind == "dense":  # a tensor
+            key = (tuple(info.shape), info.dtype)
+            st = leaf_stats.get(key)
+            if st is None:
+                st = leaf_stats[key] = (info.numel, 1, frozenset((info.dtype,)))
+            stats[id(node)] = st
+            continue
+        if not children and info is None and tails is not None and len(tails) == 1:
             info = tails[0][1]  # the commonest node at the depth shown: one module holding one tensor
             if info is not None and info.kind == "dense":
                 key = (tuple(info.shape), info.dtype)
@@ -114,6 +125,9 @@ def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozense
     return stats
 
 
+_DIGITS = "0123456789"
+
+
 def _numbered(name: str) -> tuple[str, int] | None:
     """'3' -> ('', 3); 'layer12' -> ('layer', 12); 'layers_0' -> ('layers_', 0); 'fc' -> None.
 
@@ -123,7 +137,7 @@ def _numbered(name: str) -> tuple[str, int] | None:
     """
     if name.isdecimal():  # nn.Sequential's children (and the odd non-ASCII number)
         return "", int(name)
-    stem = name.rstrip("0123456789")  # a C loop: a model may have 50,000 such names
+    stem = name.rstrip(_DIGITS)  # a C loop: a model may have 50,000 such names
     return (stem, int(name[len(stem):])) if len(stem) < len(name) else None
 
 
@@ -147,14 +161,21 @@ def _tree_groups(node: "KeyNode", sigs: dict[int, int]) -> list[tuple[str, list[
     """Children of ``node`` as (label, members): consecutive numbered siblings with the same stem
     and the same signature become one group, whatever the numbering style."""
     groups: list[tuple[list[str], list[KeyNode], Any]] = []
-    for name, child in node.children.items():
-        num = _numbered(name)
-        key = None if num is None else (num[0], sigs[id(child)])
-        if key is not None and groups and groups[-1][2] == key:
-            groups[-1][0].append(name)
-            groups[-1][1].append(child)
+    last = None  # the key of groups[-1]
+    for name, child in node.children.items():  # `_numbered`'s stem, inlined: a model may have 50,000 children
+        stem = "" if name.isdecimal() else name.rstrip(_DIGITS)
+        if len(stem) == len(name):
+            groups.append(([name], [child], None))
+            last = None
+            continue
+        key = (stem, sigs[id(child)])
+        if key == last:
+            names, members, _ = groups[-1]
+            names.append(name)
+            members.append(child)
         else:
             groups.append(([name], [child], key))
+            last = key
     return [(_label(names, "" if key is None else key[0]), members) for names, members, key in groups]
 
 

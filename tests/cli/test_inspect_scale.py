@@ -82,6 +82,48 @@ def test_every_hint_shows_what_it_promises(cli, uneven):
     assert json.loads(cli("inspect", uneven, "--json", "--depth", "0").stdout)["tree"] == []
 
 
+def _header_only(path, names: list[str], shape=(1,)):
+    """A safetensors file of ``names`` (one float32 each), written as its header and zeros: cheap
+    at tens of thousands of tensors."""
+    n = int(np.prod(shape))
+    header = {k: {"dtype": "F32", "shape": list(shape), "data_offsets": [4 * n * i, 4 * n * (i + 1)]}
+              for i, k in enumerate(names)}
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(4 * n * len(names)))
+    return path
+
+
+@pytest.mark.parametrize("style", ["layer{i}.weight", "layers_{i}.weight", "h.{i}.attn.weight", "blocks.{i}.weight",
+                                   "encoder.layer.{i}.attn.weight"])
+def test_every_numbering_style_collapses_to_one_row(cli, tmp_path, style):
+    names = [style.format(i=i) for i in range(3_000)]
+    path = _header_only(tmp_path / "many.safetensors", names)
+    r = cli("inspect", path, "--depth", "9")  # every row
+    assert r.exit_code == 0, r.stderr
+    rows = _tree_lines(r.stdout)
+    assert len(rows) == style.count(".") + 1 and "{0..2999}  x3000" in r.stdout, rows
+    assert len(json.loads(cli("inspect", path, "--json", "--depth", "9").stdout)["tree"]) == len(rows)
+
+
+def test_a_large_file_that_nothing_collapses_prints_a_screenful_and_json_every_row(cli, tmp_path):
+    """5,000 modules of two tensors each, neighbours of different shapes: 15,000 rows at depth 2."""
+    off, header = 0, {}
+    for i in range(5_000):
+        for p in ("a", "b"):
+            header[f"blk{i}.{p}"] = {"dtype": "I8", "shape": [1 + i % 2], "data_offsets": [off, off + 1 + i % 2]}
+            off += 1 + i % 2
+    raw = json.dumps(header).encode()
+    path = tmp_path / "uneven.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(off))
+    r = cli("inspect", path)
+    assert r.exit_code == 0, r.stderr
+    assert len(r.stdout.splitlines()) <= TREE_ROWS + 20
+    hidden = 15_000 - TREE_ROWS
+    shown = TREE_ROWS // 3  # whole modules shown; the next one's row is shown, its two tensors are not
+    assert f"... {hidden:,} more rows: {2 + 5_000 - shown - 1:,} more modules like blkN (" in r.stdout
+    assert len(json.loads(cli("inspect", path, "--json").stdout)["tree"]) == 15_000
+
+
 def test_a_long_tied_group_prints_its_first_names(cli, tmp_path):
     import torch
 
