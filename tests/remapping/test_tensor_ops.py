@@ -84,7 +84,8 @@ def test_shape_refusals_are_one_line_and_write_nothing(src, tmp_path, op, messag
 @pytest.mark.parametrize("args", [("transpose", "x", "0"), ("transpose", "x", "a,b"), ("permute", "x", "0,0"),
                                   ("reshape", "x", "-1,-1"), ("reshape", "x", "-2"), ("rope_permute", "x", "4"),
                                   ("rope_permute", "x", "0,hf-to-meta"), ("rope_permute", "x", "4,sideways"),
-                                  ("transpose", "(", "0,1")])
+                                  ("transpose", "(", "0,1"), ("reshape", "x", "0,1000000000000000000,1000000000000000000"),
+                                  ("reshape", "x", "0,-1,99999999999999999999")])
 def test_bad_parameters_are_refused_when_the_op_is_made(args):
     with pytest.raises(RuleError):
         Op(*args)
