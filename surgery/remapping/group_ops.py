@@ -124,6 +124,8 @@ def _check(kind: str, regex: str, spec: GroupSpec) -> None:
     try:
         rx = re.compile(pattern)
         rx.sub(PLACEHOLDER.sub(example, spec.into), "")
+        if reads and parts is None:  # _members finds the index with this one
+            re.compile(PLACEHOLDER.sub(lambda m: INDEX, regex))
     except (re.error, IndexError, OverflowError, RecursionError) as e:
         raise RuleError(f"{kind} {regex!r}=>{spec.into!r} is not a valid regex and name template: {e}") from None
 

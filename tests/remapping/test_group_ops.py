@@ -104,7 +104,7 @@ def test_a_group_is_read_once_and_pieces_along_dim_0_are_byte_ranges(src, tmp_pa
     ([Op("split", "^cols$", "x.{a,b}"), Op("split", "^blocks.0.attn.qkv.bias$", "x.{a,b,c}")], r"rules map several keys to one name: 'the split of cols \(#0\)' and 'the split of blocks\.0\.attn\.qkv\.bias \(#0\)' -> 'x\.a'"),
     ([Op("transpose", r"qkv\.weight$", "0,1"), SPLIT_QKV], r"'blocks\.0\.attn\.qkv\.weight' is read by a split, concat, stack or unstack later; a tensor op applies to what a group op writes \(put it after the group op\)"),
     ([STACK, Op("transpose", r"^experts\.w1\.weight$", "0,3")], r"dim 3 is out of range for 'experts\.w1\.weight' of shape \[4, 3, 4\]"),
-    ([Op("reshape", "^cols$", "99999999999999999999,-1")], r"reshape to \[99999999999999999999, -1\] does not fit 'cols'"),
+    ([Op("reshape", "^cols$", "999999999999999999,-1")], r"reshape to \[999999999999999999, -1\] does not fit 'cols'"),
     ([Op("unstack", r"^cols$", "c.{i}:1"), Op("split", "^x$", "y.{i}:0:chunks=3")], None),
     ([Op("unstack", r"^cols$", "c.{a,b}:1")], r"unstacking 'cols' of shape \[2, 6\] along dim 1 gives 6 tensors, not the 2 parts named"),
 ])
@@ -162,6 +162,7 @@ def test_a_huge_unstack_is_refused(tmp_path):
     (("split", "x", r"\1.{a,b}"), "invalid group reference 1"),
     (("split", "x", {"into": "y.{a,b}", "dims": 0}), r"split takes \{match: REGEX, into:"),
     (("reshape", "x", "1," * 100_000 + "-1"), "reshape takes at most 64 dims"),
+    (("stack", r"(?P<surgery_index>e)\.{i}", "y"), "redefinition of group name 'surgery_index'"),
 ])
 def test_bad_parameters_are_refused_when_the_op_is_made(args, message):
     with pytest.raises(RuleError, match=message):
