@@ -434,12 +434,14 @@ def test_f4_tensors_are_cut_and_joined_by_their_bytes_and_round_trip(tmp_path):
     f4 = torch.float4_e2m1fn_x2
     w, c = torch.arange(64, dtype=torch.uint8).view(4, 16), torch.arange(100, 132, dtype=torch.uint8).view(2, 4, 4)
     e = [torch.arange(4 * i, 4 * i + 4, dtype=torch.uint8).view(2, 2) for i in range(2)]
-    save_file({"w": w.view(f4), "c": c.view(f4), "e.0": e[0].view(f4), "e.1": e[1].view(f4), "t": torch.ones(2)},
+    save_file({"w": w.view(f4), "c": c.view(f4), "e.0": e[0].view(f4), "e.1": e[1].view(f4), "t": torch.ones(2),
+               "kept": w.clone().view(f4)},
               tmp_path / "a.safetensors")
     ops = [Op("split", "^w$", "w.{a,b}:0"), Op("split", "^c$", "c.{a,b}:1"), Op("stack", r"^e\.{i}$", "e:1")]
     report = surgery.remap(tmp_path / "a.safetensors", tmp_path / "b.safetensors", ops, verify=True, verify_roundtrip=True)
-    assert report.roundtrip == 5
+    assert report.roundtrip == 6
     out = {k: v.view(torch.uint8) for k, v in load_file(tmp_path / "b.safetensors").items() if k != "t"}
+    assert torch.equal(out["kept"], w)
     assert torch.equal(out["w.b"], w[2:]) and torch.equal(out["c.a"], c[:, :2]) and torch.equal(out["e"], torch.stack(e, 1))
     for op in (Op("split", "^w$", "w.{a,b}:1"), Op("stack", r"^e\.{i}$", "e:-1"), Op("concat", r"^e\.{i}$", "e:1")):
         with pytest.raises(RuleError, match=r"is F4\[\d+, \d+\], two values to a byte along its last dim"):
