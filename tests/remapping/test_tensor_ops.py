@@ -100,7 +100,7 @@ def test_inverses_undo_each_op():
     assert Op("reshape", "w", "-1").inverse((8, 6)) == Op("reshape", "w", "8,6")
     with pytest.raises(RuleError, match="needs the shape"):
         Op("reshape", "w", "-1").inverse()
-    with pytest.raises(RuleError, match="no inverse op"):
+    with pytest.raises(RuleError, match="no inverse op: a rename is undone by a rename back"):
         Op("drop", "w").inverse()
     steps = (Step("rope_permute", (2, "hf-to-meta"), (8, 6), (8, 6)), Step("transpose", (0, 1), (8, 6), (6, 8)),
              Step("reshape", (48,), (6, 8), (48,)))
