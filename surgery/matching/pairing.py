@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import InputError
 from .sides import Side
 from .structure import STRONG, KeyParts, dtype_family, key_parts, layouts, structural_score
 from .values import Values
 
 # value evidence, best first: bit-equal as it is, bit-equal in another dim order, not compared, different
 EQUAL, EQUAL_REORDERED, UNKNOWN, DIFFERENT = 3, 2, 1, 0
+# Every key of B is scored against every key of A of its shape: n of one shape on each side cost
+# n * n (tens of microseconds each), so 30,000 MoE experts of one shape would take days.
+MAX_CANDIDATES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class _Scorer:
         self.parts: dict[tuple[str, str], KeyParts] = {}
         self.by_family = _families(a)
         self.rank_a, self.rank_b = _ranks(a, self.by_family), _ranks(b, _families(b))
+        _refuse_too_many(a, b, self.by_family, _families(b))
         self.fits: dict[str, dict[str, _Fit]] = {bk: self._fits(bk) for bk in b.shapes}
 
     def _part(self, side: str, key: str) -> KeyParts:
@@ -91,6 +96,17 @@ class _Scorer:
         if as_ == bs:
             return DIFFERENT, None
         return (DIFFERENT, orders[0]) if len(orders) == 1 else (None, None)
+
+
+def _refuse_too_many(a: Side, b: Side, fam_a: dict[tuple, list[str]], fam_b: dict[tuple, list[str]]) -> None:
+    """Refuse, before any value is read, a pairing whose candidates would take hours to score."""
+    sizes = {f: (len(fam_a.get(f, ())), len(keys)) for f, keys in fam_b.items()}
+    total = sum(na * nb for na, nb in sizes.values())
+    if total > MAX_CANDIDATES:
+        (shape, family), (na, nb) = max(sizes.items(), key=lambda kv: kv[1][0] * kv[1][1])
+        raise InputError(f"{a.label} and {b.label}: {total:,} candidate pairs to score, at most {MAX_CANDIDATES:,} "
+                         f"({na:,} {family} tensors of A and {nb:,} of B have dims {list(shape)}); match a part of "
+                         f"each at a time: `surgery remap CHECKPOINT PART.safetensors --keep REGEX` writes one")
 
 
 def _families(side: Side) -> dict[tuple, list[str]]:

@@ -206,6 +206,8 @@ def dequantized(packed: "torch.Tensor", scale: "torch.Tensor", global_scale: "to
         g = global_scale.to(torch.float32).reshape(())
         factors = factors / g if p.divide else factors * g
     out = torch.empty(p.out_shape, dtype=dtype)
+    if out.numel() == 0:  # no values: reshape(-1, 0) below could not infer its rows
+        return out
     if p.layout == "rows":
         _fill(out.view(-1, p.values), codes.reshape(-1, codes.shape[-1]), factors.reshape(-1, factors.shape[-1]), p)
         return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..checkpoint import SUB_BYTE_DTYPES, dense_nbytes
 from ..errors import RuleError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,6 +125,8 @@ def _check(kind: str, regex: str, spec: GroupSpec) -> None:
     try:
         rx = re.compile(pattern)
         rx.sub(PLACEHOLDER.sub(example, spec.into), "")
+        if reads and parts is None:  # _members finds the index with this one
+            re.compile(PLACEHOLDER.sub(lambda m: INDEX, regex))
     except (re.error, IndexError, OverflowError, RecursionError) as e:
         raise RuleError(f"{kind} {regex!r}=>{spec.into!r} is not a valid regex and name template: {e}") from None
 
@@ -287,6 +290,7 @@ def plan_group(made: Made, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappin
     op, src = made.op, made.sources
     spec: GroupSpec = op.params
     shape = tuple(shapes[src[0]])
+    _refuse_packed_values(made, spec, shape, dtypes[src[0]])
     if made.kind in READS_PARTS:
         _same_dtype(op, src, dtypes)
         ndim = len(shape) + (made.kind == "stack")
@@ -310,6 +314,15 @@ def plan_group(made: Made, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappin
     start = sum(sizes[:made.index])
     return Group("split", str(op), src, (shape,), dim, shape[:dim] + (sizes[made.index],) + shape[dim + 1:],
                  made.index, start, sizes[made.index], made.count)
+
+
+def _refuse_packed_values(made: Made, spec: GroupSpec, shape: tuple[int, ...], dtype: str) -> None:
+    """F4 packs two values to a byte along the last dim: cutting or joining along it would split bytes."""
+    last = len(shape) - (made.kind != "stack")
+    if dtype in SUB_BYTE_DTYPES and -(last + 1) <= spec.dim <= last and spec.dim % (last + 1) == last:
+        raise RuleError(f"{made.op}: {made.sources[0]!r} is {dtype}{list(shape)}, two values to a byte along its "
+                        f"last dim, which a {made.kind} cannot cut or join there: use another dim, or --dequantize "
+                        f"it first where it has scales; nothing was written")
 
 
 def _norm(op: "Op", dim: int, ndim: int, name: str, shape: tuple[int, ...]) -> int:
@@ -357,6 +370,8 @@ def apply(g: Group, tensors: "list[torch.Tensor]") -> "torch.Tensor":
     """The written tensor from its sources (a view for a piece; the writer makes it contiguous)."""
     import torch
 
+    if tensors and _packed(tensors[0]):  # torch cannot cat float4 along most dims; its bytes it can
+        return apply(g, [t.view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
     if g.kind == "concat":
         return torch.cat(tensors, g.dim)
     if g.kind == "stack":
@@ -370,6 +385,8 @@ def undo(g: Group, written: "list[torch.Tensor]") -> "list[torch.Tensor]":
     """The sources from what was written: a concat's or stack's one tensor, or every piece of a split or unstack."""
     import torch
 
+    if written and _packed(written[0]):
+        return [t.view(written[0].dtype) for t in undo(g, [w.view(torch.uint8) for w in written])]
     if g.kind == "concat":
         return list(torch.split(written[0], [s[g.dim] for s in g.shapes], g.dim))
     if g.kind == "stack":
@@ -379,9 +396,13 @@ def undo(g: Group, written: "list[torch.Tensor]") -> "list[torch.Tensor]":
     return [torch.cat(written, g.dim)]
 
 
-def piece_range(g: Group, start: int, itemsize: int) -> tuple[int, int]:
+def _packed(t: "torch.Tensor") -> bool:
+    return str(t.dtype) == "torch.float4_e2m1fn_x2"
+
+
+def piece_range(g: Group, start: int, dtype: str) -> tuple[int, int]:
     """A contiguous piece's byte range, from the source's first byte at ``start``."""
-    inner = prod(g.shapes[0][g.dim + 1:]) * itemsize
+    inner = dense_nbytes(dtype, g.shapes[0][g.dim + 1:])  # F4's values two to a byte: never cut along their dim
     first = g.start if g.kind == "split" else g.index
     length = g.length if g.kind == "split" else 1
     return start + first * inner, start + (first + length) * inner

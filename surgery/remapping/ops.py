@@ -287,9 +287,10 @@ class Op:
         group ops, which --verify-roundtrip undoes tensor by tensor (split <-> concat, stack <-> unstack)."""
         if OP_KINDS[self.kind].group:
             raise RuleError(f"{self} has no inverse op of its own: a {group_ops.INVERSE[self.kind]} of the names it "
-                            f"wrote undoes it (vit-split-qkv and vit-fuse-qkv are such a pair); invert a plan instead")
+                            f"wrote undoes it (vit-split-qkv and vit-fuse-qkv are such a pair): write that op in the inverse rules")
         if not OP_KINDS[self.kind].tensor:
-            raise RuleError(f"{self} has no inverse op; invert a plan instead (its mapping undoes renames)")
+            raise RuleError(f"{self} has no inverse op: a rename is undone by a rename back, written in the inverse "
+                           f"rules; a drop, prefix or cast by none")
         if self.kind == "reshape" and shape is None:
             raise RuleError(f"{self}: the inverse of a reshape needs the shape it was given")
         kind, params = tensor_ops.inverse(self.kind, self.params, tuple(shape or ()))

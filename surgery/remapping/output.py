@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..checkpoint import SPARSE_KINDS, Checkpoint, itemsize, read_range, tensor_bytes, torch_dtype
+from ..checkpoint import SPARSE_KINDS, Checkpoint, read_range, tensor_bytes, torch_dtype
 from ..errors import OutputError
 from ..formats import Format
 from ..formats.chunks import CERTIFICATE_KEY, Digests
@@ -81,7 +81,7 @@ def source(ckpt: Checkpoint, row: PlanRow, read: bool = False, last: LastRead | 
     g = row.group
     if g is not None:
         if g.contiguous_piece and row.new_dtype == row.dtype and not row.steps and rng is not None and info.kind == "dense":
-            start, end = piece_range(g, rng[0], itemsize(info.dtype))
+            start, end = piece_range(g, rng[0], info.dtype)
             return (lambda: read_range(info.file, start, end)) if read else (info.file, start, end)
         return lambda: tensor_bytes(made(ckpt, row, last or LastRead(ckpt)))
     # --densify / --dequantize (FP8 scales too), chunks: refuse_unsafetensorable let only those through;

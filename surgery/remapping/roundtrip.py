@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, tensor_bytes
+from ..checkpoint import Checkpoint, tensor_bytes, torch_shape
 from ..errors import OutputError, RuleError
 from ..formats import open_checkpoint
 from .fp8 import Scaling
@@ -92,7 +92,7 @@ def _plain_back(out: Checkpoint, r: PlanRow) -> str:
     back = undo_steps(out.tensor(r.new), r.steps)
     if r.kind not in ("dense", "chunked"):
         return _tensor_digest(back)
-    if tuple(back.shape) != tuple(r.old_shape):
+    if tuple(back.shape) != torch_shape(r.dtype, r.old_shape):
         return ""
     return hashlib.sha256(_bytes(back)).hexdigest()
 
@@ -110,7 +110,8 @@ def _groups_back(out: Checkpoint, rows: list[PlanRow], wanted: set[str]) -> dict
             continue
         back = undo(g, [undo_steps(out.tensor(r.new), r.steps) for r in members])  # type: ignore[arg-type]
         for name, shape, t in zip(g.sources, g.shapes, back):
-            got[name] = hashlib.sha256(_bytes(t)).hexdigest() if tuple(t.shape) == shape else ""
+            same = tuple(t.shape) == torch_shape(members[0].dtype, shape)  # F4: torch counts its bytes
+            got[name] = hashlib.sha256(_bytes(t)).hexdigest() if same else ""
     return got
 
 

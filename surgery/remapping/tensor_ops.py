@@ -50,6 +50,8 @@ def parse_params(kind: str, text: str) -> Params:
         raise RuleError(f"permute takes an order of all the dims, each once (e.g. 1,0,2), not {text!r}")
     if kind == "reshape" and (dims.count(-1) > 1 or any(d < -1 for d in dims)):
         raise RuleError(f"reshape takes sizes of at least 0 with at most one -1, not {text!r}")
+    if kind == "reshape" and prod(max(d, 1) for d in dims) >= 2**63:  # torch's strides are int64, even with a 0
+        raise RuleError(f"reshape to {text!r} has sizes whose product torch cannot index (at least 2**63)")
     return dims
 
 

@@ -91,3 +91,22 @@ def test_a_corrupt_checkpoint_on_either_side_is_one_line_exit_2(cli, pair, which
     r = cli("match", a, b, "--out", pair / "r.yaml")
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (pair / "r.yaml").exists()
+
+
+def test_too_many_candidate_pairs_are_refused_before_any_value_is_read(cli, tmp_path, monkeypatch):
+    """Keys of one shape are scored pair by pair: n of them on each side cost n * n, refused past a bound."""
+    import surgery.matching.pairing as pairing
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(pairing, "MAX_CANDIDATES", 15)
+    save_file({f"l.{i}.w": torch.randn(3) for i in range(4)}, tmp_path / "a.safetensors")
+    save_file({f"m.{i}.w": torch.randn(3) for i in range(4)}, tmp_path / "b.safetensors")
+    read = []
+    monkeypatch.setattr(pairing.Values, "digest", lambda *a: read.append(a))
+    r = cli("match", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--out", tmp_path / "r.yaml")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "16 candidate pairs" in err and "--keep" in err, err
+    assert not read and not (tmp_path / "r.yaml").exists()
+    monkeypatch.undo()
+    assert cli("match", tmp_path / "a.safetensors", tmp_path / "b.safetensors").exit_code in (0, 1)

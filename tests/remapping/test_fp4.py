@@ -327,3 +327,15 @@ def test_inspect_finds_them_without_importing_torch(tmp_path):
     code = ("import sys, surgery; r = surgery.inspect(sys.argv[1]); assert len(r.scaled_fp4) == 1; "
             "assert 'torch' not in sys.modules, 'inspect imported torch'")
     subprocess.run([sys.executable, "-c", code, str(src)], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("tensors", [
+    {"l.weight": torch.empty(4, 0, dtype=torch.uint8), "l.weight_scale": torch.empty(4, 0, dtype=torch.float8_e4m3fn)},
+    {"w_blocks": torch.empty(2, 0, 16, dtype=torch.uint8), "w_scales": torch.empty(2, 0, dtype=torch.uint8)},
+], ids=["rows-of-no-values", "no-blocks"])
+def test_an_empty_packed_weight_dequantizes_to_an_empty_one(tmp_path, tensors):
+    src, dst = tmp_path / "fp4.safetensors", tmp_path / "out.safetensors"
+    save_file(tensors, str(src))
+    surgery.remap(src, dst, [Op("dequantize")], verify=True)
+    (name, t), = load_file(str(dst)).items()
+    assert name in ("l.weight", "w") and t.numel() == 0 and t.dtype == torch.bfloat16 and t.shape[0] in (4, 2)

@@ -104,7 +104,7 @@ def test_a_group_is_read_once_and_pieces_along_dim_0_are_byte_ranges(src, tmp_pa
     ([Op("split", "^cols$", "x.{a,b}"), Op("split", "^blocks.0.attn.qkv.bias$", "x.{a,b,c}")], r"rules map several keys to one name: 'the split of cols \(#0\)' and 'the split of blocks\.0\.attn\.qkv\.bias \(#0\)' -> 'x\.a'"),
     ([Op("transpose", r"qkv\.weight$", "0,1"), SPLIT_QKV], r"'blocks\.0\.attn\.qkv\.weight' is read by a split, concat, stack or unstack later; a tensor op applies to what a group op writes \(put it after the group op\)"),
     ([STACK, Op("transpose", r"^experts\.w1\.weight$", "0,3")], r"dim 3 is out of range for 'experts\.w1\.weight' of shape \[4, 3, 4\]"),
-    ([Op("reshape", "^cols$", "99999999999999999999,-1")], r"reshape to \[99999999999999999999, -1\] does not fit 'cols'"),
+    ([Op("reshape", "^cols$", "999999999999999999,-1")], r"reshape to \[999999999999999999, -1\] does not fit 'cols'"),
     ([Op("unstack", r"^cols$", "c.{i}:1"), Op("split", "^x$", "y.{i}:0:chunks=3")], None),
     ([Op("unstack", r"^cols$", "c.{a,b}:1")], r"unstacking 'cols' of shape \[2, 6\] along dim 1 gives 6 tensors, not the 2 parts named"),
 ])
@@ -162,6 +162,7 @@ def test_a_huge_unstack_is_refused(tmp_path):
     (("split", "x", r"\1.{a,b}"), "invalid group reference 1"),
     (("split", "x", {"into": "y.{a,b}", "dims": 0}), r"split takes \{match: REGEX, into:"),
     (("reshape", "x", "1," * 100_000 + "-1"), "reshape takes at most 64 dims"),
+    (("stack", r"(?P<surgery_index>e)\.{i}", "y"), "redefinition of group name 'surgery_index'"),
 ])
 def test_bad_parameters_are_refused_when_the_op_is_made(args, message):
     with pytest.raises(RuleError, match=message):
@@ -179,7 +180,7 @@ def test_python_rules_file_and_command_line_forms_agree(tmp_path):
     assert Rules.from_file(tmp_path / "r.yaml").ops == [Op("stack", r"^e\.{i}$", "e:1"), Op("split", "^w$", "w.{i}:0:sizes=2,2")]
     # '{i}' alone is the index placeholder, not a profile variable
     assert Rules.from_json({"ops": [{"unstack": {"match": "^w$", "into": "{i}"}}]}).ops == [Op("unstack", "^w$", "{i}:0")]
-    with pytest.raises(RuleError, match=r"has no inverse op of its own: a concat of the names it wrote undoes it"):
+    with pytest.raises(RuleError, match=r"has no inverse op of its own: a concat of the names it wrote undoes it .*: write that op in the inverse rules$"):
         SPLIT_QKV.inverse()
     with pytest.raises(RuleError, match=r"op #1: stack takes \{match:"):
         Rules.from_json({"ops": [{"stack": {"match": "x", "into": "y", "sizes": [1]}}]})
@@ -426,3 +427,23 @@ def test_tensor_ops_after_a_group_op_reorder_what_it_wrote(src, tmp_path):
     assert rows["experts.w1.weight"].shape == (4, 4, 3) and [s.kind for s in rows["blocks.0.attn.q.weight"].steps] == ["transpose"]
     mem = apply_rules(sd, ops)
     assert torch.equal(mem["experts.w1.weight"], want) and mem["blocks.0.attn.q.weight"].is_contiguous()
+
+
+def test_f4_tensors_are_cut_and_joined_by_their_bytes_and_round_trip(tmp_path):
+    """safetensors' F4 shapes count values, two to a byte: [4, 32] is 4 rows of 16 bytes."""
+    f4 = torch.float4_e2m1fn_x2
+    w, c = torch.arange(64, dtype=torch.uint8).view(4, 16), torch.arange(100, 132, dtype=torch.uint8).view(2, 4, 4)
+    e = [torch.arange(4 * i, 4 * i + 4, dtype=torch.uint8).view(2, 2) for i in range(2)]
+    save_file({"w": w.view(f4), "c": c.view(f4), "e.0": e[0].view(f4), "e.1": e[1].view(f4), "t": torch.ones(2),
+               "kept": w.clone().view(f4)},
+              tmp_path / "a.safetensors")
+    ops = [Op("split", "^w$", "w.{a,b}:0"), Op("split", "^c$", "c.{a,b}:1"), Op("stack", r"^e\.{i}$", "e:1")]
+    report = surgery.remap(tmp_path / "a.safetensors", tmp_path / "b.safetensors", ops, verify=True, verify_roundtrip=True)
+    assert report.roundtrip == 6
+    out = {k: v.view(torch.uint8) for k, v in load_file(tmp_path / "b.safetensors").items() if k != "t"}
+    assert torch.equal(out["kept"], w)
+    assert torch.equal(out["w.b"], w[2:]) and torch.equal(out["c.a"], c[:, :2]) and torch.equal(out["e"], torch.stack(e, 1))
+    for op in (Op("split", "^w$", "w.{a,b}:1"), Op("stack", r"^e\.{i}$", "e:-1"), Op("concat", r"^e\.{i}$", "e:1")):
+        with pytest.raises(RuleError, match=r"is F4\[\d+, \d+\], two values to a byte along its last dim"):
+            surgery.remap(tmp_path / "a.safetensors", tmp_path / "x.safetensors", [op])
+    assert not (tmp_path / "x.safetensors").exists()
