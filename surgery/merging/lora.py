@@ -158,6 +158,9 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
     """One module's factors checked against its base tensor (problems appended), or None."""
     emb = "emb_A" in f.keys or "emb_B" in f.keys
     a, b = f.keys.get("emb_A" if emb else "A"), f.keys.get("emb_B" if emb else "B")
+    if a is None and b is None:
+        problems.append(f"{f.module!r} has an alpha but no lora_A and no lora_B")
+        return None
     if a is None or b is None:
         problems.append(f"{f.module!r} has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}")
         return None

@@ -69,7 +69,10 @@ class Adapter:
             alpha = self.ckpt.tensor(alpha_key)
             if alpha.numel() != 1:
                 return None, f"{alpha_key!r} holds {alpha.numel()} values, not one alpha"
-            return float(alpha.double()) / rank, None
+            value = float(alpha.double())
+            if not math.isfinite(value):  # it would turn every merged weight of the module into NaN or inf
+                return None, f"{alpha_key!r} is {value}, not a finite alpha"
+            return value / rank, None
         if self.config is None:
             if module.startswith(ALPHA_IS_RANK):
                 return 1.0, None

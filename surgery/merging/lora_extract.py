@@ -187,7 +187,8 @@ def _write(out: Path, tensors: dict[str, Any], config: dict[str, Any]) -> list[s
 
 
 def _config(report: ExtractLoraReport, fan_in_fan_out: bool) -> dict[str, Any]:
-    small = {re.escape(f.module): f.rank for f in report.factored if f.rank != report.rank}
+    # anchored: peft matches a pattern against the end of a module path, and `fc` would reach `body.fc`
+    small = {"^" + re.escape(f.module): f.rank for f in report.factored if f.rank != report.rank}
     return {"peft_type": "LORA", "r": report.rank, "lora_alpha": report.rank, "target_modules": [f.module for f in report.factored],
             "rank_pattern": small, "alpha_pattern": dict(small), "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
             "bias": "none", "lora_dropout": 0.0, "modules_to_save": None, "init_lora_weights": True,
