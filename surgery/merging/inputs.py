@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..checkpoint import Checkpoint, tensor_bytes
+from ..checkpoint import SPARSE_KINDS, Checkpoint, tensor_bytes
 from ..errors import RuleError
 from ..formats import open_checkpoint, output_format
 from ..formats.writing import Entry, Payload
@@ -44,7 +44,7 @@ def open_inputs(paths: Sequence[Path], verb: str, allow_globals: Sequence[str] =
     for p in paths:
         check_source(p)
     ckpts = [open_checkpoint(p, allow_globals=tuple(allow_globals)) for p in paths]
-    names, prefixes = zip(*(_clean_names(c) for c in ckpts))
+    names, prefixes = zip(*(clean_names(c) for c in ckpts))
     inputs = Inputs(paths, ckpts, list(names), list(prefixes))
     _refuse_disagreements(inputs, verb)
     return inputs
@@ -73,7 +73,18 @@ def copy_source(ckpt: Checkpoint, name: str) -> Callable[[], Any]:
     return lambda: tensor_bytes(ckpt.tensor(name))
 
 
-def _clean_names(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
+def kind_problem(name: str, info: Any, path: Path) -> str | None:
+    """Why a tensor has no plain values to read (sparse, quantized, nested, meta), with the remap
+    flag that gives it some; None for a dense (or chunked) one."""
+    if info.kind in ("dense", "chunked"):
+        return None
+    fix = ("`surgery remap --densify` first" if info.kind in SPARSE_KINDS
+           else "`surgery remap --dequantize` first" if info.kind == "quantized"
+           else "`surgery remap --drop` it first")  # nested, meta: nothing to combine
+    return f"{name!r} is a {info.kind.replace('_', ' ')} tensor in {path.name}; {fix}"
+
+
+def clean_names(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
     """Name without wrapper prefixes -> the checkpoint's own name; and the prefix stripped."""
     keys = list(ckpt.tensors)
     clean, prefix = strip_wrappers(keys)
@@ -89,8 +100,9 @@ def _refuse_disagreements(inputs: Inputs, verb: str) -> None:
         problems += [f"{k!r} is not in {paths[0].name} but in {p.name}" for k in n if k not in names[0]]
     for k, orig in names[0].items():
         a = ckpts[0].tensors[orig]
-        if a.kind not in ("dense", "chunked"):
-            problems.append(f"{k!r} is a {a.kind.replace('_', ' ')} tensor in {paths[0].name}; remap it to dense first")
+        kind = kind_problem(k, a, paths[0])
+        if kind is not None:
+            problems.append(kind)
         elif a.dtype.startswith("F8") or a.dtype.startswith("F4"):
             problems.append(f"{k!r} is {a.dtype}; {verb} after `surgery remap --dequantize`")
         for p, c, n in zip(paths[1:], ckpts[1:], names[1:]):

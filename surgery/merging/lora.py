@@ -13,7 +13,6 @@ float32 copies of the largest tensor, whatever the model's size.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,14 +21,14 @@ from typing import Any, Callable, Sequence
 from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
 from ..formats import open_checkpoint, output_format
-from ..formats.writing import Entry, Payload
+from ..formats.writing import Entry
 from ..io import OUTPUTS, check_destination, check_source
-from ..keys import strip_wrappers
+from .inputs import MERGED, clean_names, copy_source, kind_problem, write
 from .lora_adapter import Adapter, open_adapter
 from .lora_keys import BaseNames, Factors, classify
 
 SCHEMA = "surgery.merge-lora/1"
-FLOATING = ("F64", "F32", "F16", "BF16")
+FLOATING = MERGED
 
 
 @dataclass
@@ -75,8 +74,7 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     check_source(base_p)
     ckpt = open_checkpoint(base_p, allow_globals=tuple(allow_globals))
     lora = open_adapter(adapter, tuple(allow_globals))
-    clean, prefix = strip_wrappers(list(ckpt.tensors))
-    names = dict(zip(clean, ckpt.tensors))
+    names, prefix = clean_names(ckpt)
     targets, replaced = plan(ckpt, names, lora)
     fmt = output_format(out)
     check_destination(out, [base_p, lora.path, *(Path(f) for f in ckpt.files)], force=force, in_place=None,
@@ -91,14 +89,11 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
             src = _replacement_source(lora.ckpt, replaced[name], info.dtype)
         else:
             report.copied += 1
-            src = _copy_source(ckpt, orig)
+            src = copy_source(ckpt, orig)
         entries.append(Entry(name, info.dtype, tuple(info.shape), src))
-    meta = {"format": "pt", "surgery.merge-lora": json.dumps({"adapter": lora.path.name, "merged": len(targets),
-                                                               "replaced": len(replaced)}, separators=(",", ":"))}
-    payload = Payload(entries=entries, names=[e.name for e in entries], aliases={}, metadata=meta,
-                      state_dict=lambda: {e.name: e.tensor() for e in entries})
-    report.files = fmt.writer(out, payload)  # type: ignore[misc]
-    report.bytes_written = sum(os.path.getsize(f) for f in report.files)
+    report.files, report.bytes_written = write(out, fmt, entries, "surgery.merge-lora",
+                                               {"adapter": lora.path.name, "merged": len(targets),
+                                                "replaced": len(replaced)})
     return report
 
 
@@ -107,6 +102,7 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
     Raises one RuleError listing every key that does not fit."""
     modules, plain, foreign = classify(list(lora.ckpt.tensors))
     problems = lora.refusals()
+    problems += [p for n, o in names.items() if (p := kind_problem(n, ckpt.tensors[o], ckpt.path)) is not None]
     if foreign:
         problems.append(f"{len(foreign)} key{'s' if len(foreign) > 1 else ''} of an adapter kind surgery does not "
                         f"merge (DoRA, LoHa, LoKr, IA3, ...), e.g. {foreign[0]!r}")
@@ -233,8 +229,3 @@ def _merged_source(ckpt: Checkpoint, name: str, adapter: Checkpoint, t: Target, 
 
 def _replacement_source(adapter: Checkpoint, key: str, dtype: str) -> Callable[[], Any]:
     return lambda: tensor_bytes(adapter.tensor(key).to(torch_dtype(dtype)).contiguous())
-
-
-def _copy_source(ckpt: Checkpoint, name: str) -> Callable[[], Any]:
-    return lambda: tensor_bytes(ckpt.tensor(name))
-

@@ -25,8 +25,7 @@ from ..errors import RuleError
 from ..formats import FORMATS, open_checkpoint
 from ..formats.writing import Entry, Payload
 from ..io import atomic_dir, check_destination, check_source
-from ..keys import strip_wrappers
-from .lora import FLOATING
+from .inputs import MERGED as FLOATING, clean_names, kind_problem
 from .lora_adapter import CONFIG
 
 SCHEMA = "surgery.extract-lora/1"
@@ -80,7 +79,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     for p in paths:
         check_source(p)
     a, b = (open_checkpoint(p, allow_globals=tuple(allow_globals)) for p in paths)
-    na, nb = _names(a), _names(b)
+    (na, _), (nb, _) = clean_names(a), clean_names(b)
     _refuse_disagreements(paths, a, b, na, nb, embeddings)
     check_destination(out, [*paths, *(Path(f) for c in (a, b) for f in c.files)], force=force, in_place=None,
                       kind="folder", owned=WRITTEN)
@@ -108,11 +107,6 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     return report
 
 
-def _names(ckpt: Checkpoint) -> dict[str, str]:
-    clean, _ = strip_wrappers(list(ckpt.tensors))
-    return dict(zip(clean, ckpt.tensors))
-
-
 def _refuse_disagreements(paths: list[Path], a: Checkpoint, b: Checkpoint, na: dict[str, str], nb: dict[str, str],
                           embeddings: Sequence[str]) -> None:
     problems = [f"{k!r} is only in {paths[0].name}" for k in na if k not in nb]
@@ -120,7 +114,10 @@ def _refuse_disagreements(paths: list[Path], a: Checkpoint, b: Checkpoint, na: d
     problems += [f"--embedding {k!r} is not a tensor of {paths[0].name}" for k in embeddings if k not in na]
     for k in na.keys() & nb.keys():
         x, y = a.tensors[na[k]], b.tensors[nb[k]]
-        if (tuple(x.shape), x.dtype) != (tuple(y.shape), y.dtype):
+        kind = kind_problem(k, x, paths[0]) or kind_problem(k, y, paths[1])
+        if kind is not None:  # no values to compare
+            problems.append(kind)
+        elif (tuple(x.shape), x.dtype) != (tuple(y.shape), y.dtype):
             problems.append(f"{k!r} is {x.dtype} {list(x.shape)} in {paths[0].name} but {y.dtype} {list(y.shape)} "
                             f"in {paths[1].name}")
     if problems:

@@ -137,3 +137,12 @@ def test_a_small_tensors_rank_pattern_does_not_reach_a_module_ending_in_its_name
     surgery.merge_lora(tmp_path / "base.safetensors", tmp_path / "lora", tmp_path / "m.safetensors")
     back = load_file(tmp_path / "m.safetensors")
     assert torch.allclose(back["fc.weight"], tuned["fc.weight"], atol=1e-5)
+
+
+def test_a_sparse_tensor_is_refused_with_the_remap_flag_that_densifies_it(tmp_path, cli):
+    base, tuned = _pair(tmp_path)
+    torch.save({**base, "extra": torch.eye(3).to_sparse()}, tmp_path / "base.pt")
+    torch.save({**tuned, "extra": (2 * torch.eye(3)).to_sparse()}, tmp_path / "tuned.pt")
+    r = cli("extract-lora", tmp_path / "base.pt", tmp_path / "tuned.pt", "--rank", 2, "--out", tmp_path / "lora")
+    assert r.exit_code == 2 and "'extra' is a sparse coo tensor in base.pt; `surgery remap --densify`" in r.output, r.output
+    assert not (tmp_path / "lora").exists()

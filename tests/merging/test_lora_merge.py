@@ -218,3 +218,15 @@ def test_an_alpha_with_no_factors_names_both_missing(tmp_path, cli):
     save_file(sd, tmp_path / "kohya.safetensors")
     r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
     assert r.exit_code == 2 and "'lora_unet_extra' has an alpha but no lora_A and no lora_B" in r.output, r.output
+
+
+def test_a_sparse_base_tensor_is_refused_with_the_remap_flag_that_densifies_it(tmp_path, cli):
+    """A sparse tensor the adapter does not touch has no bytes to copy: refused before any write,
+    naming the flag that fixes it, rather than a traceback halfway through the output."""
+    sd = load_file(DATA / "lora_net" / "base.safetensors")
+    sd["extra"] = torch.eye(3).to_sparse()
+    torch.save(sd, tmp_path / "sparse.pt")
+    out = tmp_path / "m.safetensors"
+    r = cli("merge-lora", tmp_path / "sparse.pt", DATA / "lora_net" / "adapter", "--out", out)
+    assert r.exit_code == 2 and "'extra' is a sparse coo tensor in sparse.pt; `surgery remap --densify`" in r.output, r.output
+    assert not out.exists()
