@@ -76,7 +76,9 @@ class Adapter:
         if self.config is None:
             if module.startswith(ALPHA_IS_RANK):
                 return 1.0, None
-            return None, f"{module!r}: no adapter_config.json and no {module}.alpha tensor gives its scale"
+            beside = self.path.parent / CONFIG
+            hint = f"; pass the folder {self.path.parent}, whose {CONFIG} gives it" if beside.is_file() else ""
+            return None, f"{module!r}: no adapter_config.json and no {module}.alpha tensor gives its scale{hint}"
         path = module.removeprefix("base_model.model.")
         r = _pattern(self.config.get("rank_pattern") or {}, path, self.config.get("r", 8))
         alpha = _pattern(self.config.get("alpha_pattern") or {}, path, self.config.get("lora_alpha", 8))

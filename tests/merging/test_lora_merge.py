@@ -230,3 +230,12 @@ def test_a_sparse_base_tensor_is_refused_with_the_remap_flag_that_densifies_it(t
     r = cli("merge-lora", tmp_path / "sparse.pt", DATA / "lora_net" / "adapter", "--out", out)
     assert r.exit_code == 2 and "'extra' is a sparse coo tensor in sparse.pt; `surgery remap --densify`" in r.output, r.output
     assert not out.exists()
+
+
+def test_the_weights_file_of_a_peft_folder_points_at_the_folder(tmp_path, cli):
+    adapter = DATA / "lora_net" / "adapter"
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", adapter / "adapter_model.safetensors", "--out",
+            tmp_path / "m.pt")
+    assert r.exit_code == 2 and f"pass the folder {adapter}, whose adapter_config.json gives it" in r.output, r.output
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", adapter, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
