@@ -167,8 +167,7 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
     info = ckpt.tensors[names[name]]
     ta, tb = lora.ckpt.tensors[a], lora.ckpt.tensors[b]
     sa, sb, shape = tuple(ta.shape), tuple(tb.shape), tuple(info.shape)
-    layout = ("embedding" if emb else "transposed" if len(shape) == 2 and lora.fan_in_fan_out
-              else "linear" if len(shape) == 2 else "conv")
+    layout = "embedding" if emb else "conv" if len(shape) != 2 else _matrix_layout(sa, sb, shape, lora.fan_in_fan_out)
     if info.kind != "dense" or info.dtype not in FLOATING:
         problems.append(f"{name!r} is {info.dtype} {info.kind.replace('_', ' ')}; merge into a float checkpoint "
                         f"(`surgery remap --dequantize` first)")
@@ -186,6 +185,16 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
         problems.append(why)
         return None
     return Target(name, f.module, layout, a, b, sa[0], float(scale))
+
+
+def _matrix_layout(a: tuple[int, ...], b: tuple[int, ...], shape: tuple[int, ...], fan_in_fan_out: bool) -> str:
+    """"linear" or "transposed" (Conv1D). peft picks it per layer kind and rewrites the config's
+    fan_in_fan_out as it goes, so the saved value may be either: the shape decides where only one
+    layout fits, the config only a square weight, which either would fit."""
+    fits = [layout for layout in ("linear", "transposed") if _delta_shape(layout, a, b) == shape]
+    if len(fits) == 1:
+        return fits[0]
+    return "transposed" if fan_in_fan_out else "linear"
 
 
 def _delta_shape(layout: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -239,3 +239,23 @@ def test_the_weights_file_of_a_peft_folder_points_at_the_folder(tmp_path, cli):
     assert r.exit_code == 2 and f"pass the folder {adapter}, whose adapter_config.json gives it" in r.output, r.output
     r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", adapter, "--out", tmp_path / "m.pt")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_shape_only_one_layout_fits_decides_it_whatever_fan_in_fan_out_says(tmp_path, fan_in_fan_out):
+    """peft picks the layout per layer kind (a Conv1D is transposed, an nn.Linear is not) and
+    rewrites the config's fan_in_fan_out as it goes, so a saved config may say either: a Conv1D
+    [in, out] and a Linear [out, in] of other shapes merge as peft merges them under both."""
+    g = torch.Generator().manual_seed(0)
+    base = {"c_attn.weight": torch.randn(6, 12, generator=g), "score.weight": torch.randn(3, 6, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    f = {f"base_model.model.{m}.lora_{x}.weight": torch.randn(s, generator=g)
+         for m, shapes in (("c_attn", {"A": (2, 6), "B": (12, 2)}), ("score", {"A": (2, 6), "B": (3, 2)}))
+         for x, s in shapes.items()}
+    rep = surgery.merge_lora(tmp_path / "base.safetensors", _adapter(tmp_path, f, fan_in_fan_out=fan_in_fan_out),
+                             tmp_path / "m.safetensors")
+    assert {t.name: t.layout for t in rep.merged} == {"c_attn.weight": "transposed", "score.weight": "linear"}
+    got = load_file(tmp_path / "m.safetensors")
+    ab = {m: f[f"base_model.model.{m}.lora_B.weight"] @ f[f"base_model.model.{m}.lora_A.weight"] for m in ("c_attn", "score")}
+    assert torch.allclose(got["c_attn.weight"], base["c_attn.weight"] + ab["c_attn"].T, atol=1e-6)
+    assert torch.allclose(got["score.weight"], base["score.weight"] + ab["score"], atol=1e-6)
