@@ -91,26 +91,41 @@ def clean_names(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
     return dict(zip(clean, keys)), prefix
 
 
-def _refuse_disagreements(inputs: Inputs, verb: str) -> None:
-    """One error listing every name missing from an input, and every shape, dtype or kind that differs."""
-    paths, ckpts, names = inputs.paths, inputs.ckpts, inputs.names
+def disagreements(paths: list[Path], ckpts: list[Checkpoint], names: list[dict[str, str]]) -> list[str]:
+    """Every clean name missing from an input, and every tensor whose shape or dtype is not the
+    first input's, or that has no plain values (sparse, quantized) in any input."""
     problems = []
     for p, n in zip(paths[1:], names[1:]):
         problems += [f"{k!r} is only in {paths[0].name}" for k in names[0] if k not in n]
         problems += [f"{k!r} is not in {paths[0].name} but in {p.name}" for k in n if k not in names[0]]
     for k, orig in names[0].items():
         a = ckpts[0].tensors[orig]
-        kind = kind_problem(k, a, paths[0])
-        if kind is not None:
-            problems.append(kind)
-        elif a.dtype.startswith("F8") or a.dtype.startswith("F4"):
-            problems.append(f"{k!r} is {a.dtype}; {verb} after `surgery remap --dequantize`")
-        for p, c, n in zip(paths[1:], ckpts[1:], names[1:]):
+        for p, c, n in zip(paths, ckpts, names):
             b = c.tensors.get(n.get(k, ""))
+            kind = None if b is None else kind_problem(k, b, p)
+            if kind is not None:
+                problems.append(kind)
+                break
             if b is not None and (tuple(b.shape), b.dtype) != (tuple(a.shape), a.dtype):
                 problems.append(f"{k!r} is {a.dtype} {list(a.shape)} in {paths[0].name} but {b.dtype} {list(b.shape)} "
                                 f"in {p.name}")
+    return problems
+
+
+def listed(problems: list[str], shown: int = 6) -> str:
+    """The first ``shown`` problems, and how many more."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; ... {more} more" if more > 0 else "")
+
+
+def _refuse_disagreements(inputs: Inputs, verb: str) -> None:
+    """One error listing every name missing from an input, and every shape, dtype or kind that differs."""
+    paths, ckpts, names = inputs.paths, inputs.ckpts, inputs.names
+    problems = disagreements(paths, ckpts, names)
+    for k, orig in names[0].items():
+        dtype = ckpts[0].tensors[orig].dtype
+        if dtype.startswith("F8") or dtype.startswith("F4"):
+            problems.append(f"{k!r} is {dtype}; {verb} after `surgery remap --dequantize`")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot {verb}: {len(problems)} disagreement{'s' if len(problems) > 1 else ''}: {shown}. "
-                        f"Nothing was written; the checkpoints must hold one architecture's tensors")
+        raise RuleError(f"cannot {verb}: {len(problems)} disagreement{'s' if len(problems) > 1 else ''}: "
+                        f"{listed(problems)}. Nothing was written; the checkpoints must hold one architecture's tensors")

@@ -23,7 +23,7 @@ from ..errors import RuleError
 from ..formats import open_checkpoint, output_format
 from ..formats.writing import Entry
 from ..io import OUTPUTS, check_destination, check_source
-from .inputs import MERGED, clean_names, copy_source, kind_problem, write
+from .inputs import MERGED, clean_names, copy_source, kind_problem, listed, write
 from .lora_adapter import Adapter, open_adapter
 from .lora_keys import BaseNames, Factors, classify
 
@@ -130,8 +130,7 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
     problems += [f"{n!r} is both merged and replaced by the adapter" for n in targets if n in replaced]
     _follow_ties(ckpt, names, targets, replaced)
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot merge {lora.path} into {ckpt.path}: {shown}. Nothing was written")
+        raise RuleError(f"cannot merge {lora.path} into {ckpt.path}: {listed(problems)}. Nothing was written")
     return targets, replaced
 
 

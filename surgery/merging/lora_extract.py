@@ -25,7 +25,7 @@ from ..errors import RuleError
 from ..formats import FORMATS, open_checkpoint
 from ..formats.writing import Entry, Payload
 from ..io import atomic_dir, check_destination, check_source
-from .inputs import MERGED as FLOATING, clean_names, kind_problem
+from .inputs import MERGED as FLOATING, clean_names, disagreements, listed
 from .lora_adapter import CONFIG
 
 SCHEMA = "surgery.extract-lora/1"
@@ -109,21 +109,11 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
 
 def _refuse_disagreements(paths: list[Path], a: Checkpoint, b: Checkpoint, na: dict[str, str], nb: dict[str, str],
                           embeddings: Sequence[str]) -> None:
-    problems = [f"{k!r} is only in {paths[0].name}" for k in na if k not in nb]
-    problems += [f"{k!r} is only in {paths[1].name}" for k in nb if k not in na]
+    problems = disagreements(paths, [a, b], [na, nb])
     problems += [f"--embedding {k!r} is not a tensor of {paths[0].name}" for k in embeddings if k not in na]
-    for k in na.keys() & nb.keys():
-        x, y = a.tensors[na[k]], b.tensors[nb[k]]
-        kind = kind_problem(k, x, paths[0]) or kind_problem(k, y, paths[1])
-        if kind is not None:  # no values to compare
-            problems.append(kind)
-        elif (tuple(x.shape), x.dtype) != (tuple(y.shape), y.dtype):
-            problems.append(f"{k!r} is {x.dtype} {list(x.shape)} in {paths[0].name} but {y.dtype} {list(y.shape)} "
-                            f"in {paths[1].name}")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot extract a LoRA: {shown}. Nothing was written; TUNED must be BASE fine-tuned, same "
-                        f"names, shapes and dtypes")
+        raise RuleError(f"cannot extract a LoRA: {listed(problems)}. Nothing was written; TUNED must be BASE "
+                        f"fine-tuned, same names, shapes and dtypes")
 
 
 def _layout(name: str, info: Any, fan_in_fan_out: bool, embeddings: set[str]) -> str:
