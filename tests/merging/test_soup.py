@@ -209,3 +209,16 @@ def test_a_factory_needs_trust_and_bad_arguments_are_refused(runs, tmp_path, cli
     r = cli("soup", runs["good"], runs["plus"], "--data", runs["data"], "--out", runs["good"] / "inner", "--trust-code")
     assert r.exit_code == 2 and "lies inside the source" in r.stderr
     assert not (tmp_path / "soup").exists() and not (runs["good"] / "inner").exists()
+
+
+def test_a_split_given_on_the_command_line_does_not_hide_runs_that_split_differently(runs, tmp_path, cli):
+    """--seed scores every run on one split, but each run trained on its own: one's validation
+    images would still be another's training images."""
+    def split(seed):
+        return lambda m: m["results"]["train_args"].update(val_split=0.25, seed=seed)
+
+    a = _manifest_edit(runs["good"], tmp_path / "a", split(0))
+    b = _manifest_edit(runs["good"], tmp_path / "b", split(1))
+    r = cli("soup", a, b, "--data", runs["data"] / "train", "--seed", "0", "--out", tmp_path / "soup", "--trust-code")
+    assert r.exit_code == 2 and "split it differently" in r.stderr, r.output
+    assert not (tmp_path / "soup").exists()
