@@ -37,6 +37,9 @@ REFUSED: dict[str, str] = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora) has its own layout",
 }
 
+# init_lora_weights values whose init subtracts the adapter's start from the base weights: the adapter
+# is relative to that rewritten base, not to the checkpoint it was made from
+REWRITES_BASE = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 # a file with no adapter_config.json and no `.alpha` tensor: modules under these prefixes (kohya's,
 # diffusers' pipeline components) have alpha = rank, scale 1, as kohya and diffusers load them
@@ -60,8 +63,14 @@ class Adapter:
         kind = self.config.get("peft_type", "LORA")
         if kind != "LORA":
             return [f"{self.path}: peft_type {kind!r} is not LoRA; merge it with peft's merge_and_unload()"]
-        return [f"{self.path}: {why}; merge it with peft's merge_and_unload()"
-                for key, why in REFUSED.items() if self.config.get(key) not in (None, False, [], {}, "")]
+        problems = [f"{self.path}: {why}; merge it with peft's merge_and_unload()"
+                    for key, why in REFUSED.items() if self.config.get(key) not in (None, False, [], {}, "")]
+        init = self.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
+            problems.append(f"{self.path}: init_lora_weights {init!r} trained against a base peft rewrote (the "
+                            f"original minus the adapter's start); merge it into that base with peft, or save it "
+                            f"with path_initial_model_for_weight_conversion for a LoRA of the original base")
+        return problems
 
     def scale(self, module: str, rank: int, alpha_key: str | None) -> tuple[float | None, str | None]:
         """(scale, None) for a target module, or (None, why not)."""

@@ -259,3 +259,17 @@ def test_a_shape_only_one_layout_fits_decides_it_whatever_fan_in_fan_out_says(tm
     ab = {m: f[f"base_model.model.{m}.lora_B.weight"] @ f[f"base_model.model.{m}.lora_A.weight"] for m in ("c_attn", "score")}
     assert torch.allclose(got["c_attn.weight"], base["c_attn.weight"] + ab["c_attn"].T, atol=1e-6)
     assert torch.allclose(got["score.weight"], base["score.weight"] + ab["score"], atol=1e-6)
+
+
+@pytest.mark.parametrize("init, refused", [("pissa", True), ("pissa_niter_4", True), ("olora", True), ("corda", True),
+                                           ("loftq", True), ("lora_ga", True), ("eva", False), ("gaussian", False)])
+def test_an_adapter_trained_against_a_base_peft_rewrote_is_refused(tmp_path, cli, init, refused):
+    """PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the adapter's start from the base weights:
+    folded into the original base, the merge would be off by that start."""
+    tensors = {"base_model.model.body.0.lora_A.weight": torch.ones(2, 6), "base_model.model.body.0.lora_B.weight": torch.ones(8, 2)}
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", _adapter(tmp_path, tensors, init_lora_weights=init),
+            "--out", tmp_path / "m.pt")
+    if refused:
+        assert r.exit_code == 2 and f"init_lora_weights {init!r}" in r.output and "path_initial_model_for_weight_conversion" in r.output, r.output
+    else:
+        assert r.exit_code == 0, r.output
