@@ -107,8 +107,9 @@ def disagreements(paths: list[Path], ckpts: list[Checkpoint], names: list[dict[s
                 problems.append(kind)
                 break
             if b is not None and (tuple(b.shape), b.dtype) != (tuple(a.shape), a.dtype):
+                cast = tuple(b.shape) == tuple(a.shape) and {a.dtype, b.dtype} <= set(MERGED)
                 problems.append(f"{k!r} is {a.dtype} {list(a.shape)} in {paths[0].name} but {b.dtype} {list(b.shape)} "
-                                f"in {p.name}")
+                                f"in {p.name}" + (" (`surgery remap --dtype` casts one to the other's)" if cast else ""))
     return problems
 
 
