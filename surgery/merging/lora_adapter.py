@@ -24,6 +24,7 @@ from ..formats import open_checkpoint
 from ..io import check_source
 
 CONFIG = "adapter_config.json"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA config, kept in a .safetensors file's metadata
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # config fields whose non-default value asks for something other than a plain LoRA merge
 REFUSED: dict[str, str] = {
@@ -59,7 +60,7 @@ class Adapter:
     def refusals(self) -> list[str]:
         """Why this config is not a LoRA surgery merges (an empty list when it is)."""
         if self.config is None:
-            return []
+            return self._metadata_refusals()
         kind = self.config.get("peft_type", "LORA")
         if kind != "LORA":
             return [f"{self.path}: peft_type {kind!r} is not LoRA; merge it with peft's merge_and_unload()"]
@@ -71,6 +72,25 @@ class Adapter:
                             f"original minus the adapter's start); merge it into that base with peft, or save it "
                             f"with path_initial_model_for_weight_conversion for a LoRA of the original base")
         return problems
+
+    def _metadata_refusals(self) -> list[str]:
+        """diffusers keeps each component's LoRA config in the file's ``lora_adapter_metadata``: where it
+        gives a scale other than 1 (alpha not r, patterns, rsLoRA), merging at scale 1 would be wrong."""
+        try:
+            meta = json.loads(self.ckpt.metadata.get(DIFFUSERS_METADATA) or "{}")
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            return [f"{self.path}: its {DIFFUSERS_METADATA} is not a JSON object; fix or remove it"]
+        prefixes = sorted({k.rpartition(".")[0] + "." for k in meta if k.endswith(".r")})
+        odd = [f"{p!r} r={meta[p + 'r']}, lora_alpha={meta.get(p + 'lora_alpha')}" for p in prefixes
+               if meta.get(p + "lora_alpha", meta[p + "r"]) != meta[p + "r"] or meta.get(p + "use_rslora")
+               or meta.get(p + "rank_pattern") or meta.get(p + "alpha_pattern")]
+        if not odd:
+            return []
+        return [f"{self.path}: its {DIFFUSERS_METADATA} gives {'; '.join(odd)} (or rank/alpha patterns, rsLoRA), a "
+                f"scale surgery does not read from a file; put it in a folder as adapter_model.safetensors beside an "
+                f"{CONFIG} with that r and lora_alpha"]
 
     def scale(self, module: str, rank: int, alpha_key: str | None) -> tuple[float | None, str | None]:
         """(scale, None) for a target module, or (None, why not)."""

@@ -273,3 +273,22 @@ def test_an_adapter_trained_against_a_base_peft_rewrote_is_refused(tmp_path, cli
         assert r.exit_code == 2 and f"init_lora_weights {init!r}" in r.output and "path_initial_model_for_weight_conversion" in r.output, r.output
     else:
         assert r.exit_code == 0, r.output
+
+
+def test_a_diffusers_file_whose_metadata_gives_another_scale_is_refused(tmp_path, cli):
+    """diffusers keeps r and lora_alpha in the file's `lora_adapter_metadata`: scale 1 would be
+    wrong where they differ, so such a file is refused with the folder that merges it."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)
+    meta = {"unet.r": 3, "unet.lora_alpha": 6, "unet.rank_pattern": {}, "unet.alpha_pattern": {}}
+    tensors = {"unet.body.2.lora_A.weight": a, "unet.body.2.lora_B.weight": b}
+    save_file(tensors, tmp_path / "lora.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", tmp_path / "lora.safetensors", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "'unet.' r=3, lora_alpha=6" in r.output, r.output
+    folder = _adapter(tmp_path, tensors, r=3, lora_alpha=6)  # the fix the message gives
+    rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", folder, tmp_path / "m.safetensors")
+    assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 2.0)]
+    meta["unet.lora_alpha"] = 3
+    save_file(tensors, tmp_path / "same.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", tmp_path / "same.safetensors", tmp_path / "s.pt")
+    assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 1.0)]
