@@ -50,10 +50,11 @@ def open_inputs(paths: Sequence[Path], verb: str, allow_globals: Sequence[str] =
     return inputs
 
 
-def check_output(out: Path, inputs: Inputs, force: bool) -> Any:
-    """The output format of ``out``, after refusing a destination that is an input or not ours."""
+def check_output(out: Path, paths: Sequence[Path], ckpts: Sequence[Checkpoint], force: bool) -> Any:
+    """The output format of ``out``, after refusing a destination that is an input (or one of the
+    files it was read from) or not ours."""
     fmt = output_format(out)
-    check_destination(out, [*inputs.paths, *(Path(f) for c in inputs.ckpts for f in c.files)], force=force,
+    check_destination(out, [*paths, *(Path(f) for c in ckpts for f in c.files)], force=force,
                       in_place=None, kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
     return fmt
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Sequence
 
 from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
-from ..formats import open_checkpoint, output_format
+from ..formats import open_checkpoint
 from ..formats.writing import Entry
-from ..io import OUTPUTS, check_destination, check_source
-from .inputs import MERGED, clean_names, copy_source, kind_problem, listed, write
+from ..io import check_source
+from .inputs import MERGED, check_output, clean_names, copy_source, kind_problem, listed, write
 from .lora_adapter import Adapter, open_adapter
 from .lora_keys import BaseNames, Factors, classify
 
@@ -76,9 +76,7 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     lora = open_adapter(adapter, tuple(allow_globals))
     names, prefix = clean_names(ckpt)
     targets, replaced = plan(ckpt, names, lora)
-    fmt = output_format(out)
-    check_destination(out, [base_p, lora.path, *(Path(f) for f in ckpt.files)], force=force, in_place=None,
-                      kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
+    fmt = check_output(out, [base_p, lora.path], [ckpt, lora.ckpt], force)
     report = MergeLoraReport(str(base_p), str(lora.path), str(out), fmt.name, prefix, list(targets.values()), replaced)
     entries = []
     for name, orig in names.items():
