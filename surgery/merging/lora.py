@@ -104,7 +104,7 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
     if foreign:
         problems.append(f"{len(foreign)} key{'s' if len(foreign) > 1 else ''} of an adapter kind surgery does not "
                         f"merge (DoRA, LoHa, LoKr, IA3, ...), e.g. {foreign[0]!r}")
-    if not modules and not plain and not problems:
+    if not modules and not problems:  # plain tensors alone would only write the base back (or another model)
         problems.append(f"{lora.path}: holds no LoRA tensors (no lora_A/lora_B, lora_down/lora_up keys)")
     base = BaseNames(list(names))
     targets: dict[str, Target] = {}

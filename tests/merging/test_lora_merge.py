@@ -292,3 +292,11 @@ def test_a_diffusers_file_whose_metadata_gives_another_scale_is_refused(tmp_path
     save_file(tensors, tmp_path / "same.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
     rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", tmp_path / "same.safetensors", tmp_path / "s.pt")
     assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 1.0)]
+
+
+def test_a_checkpoint_given_as_its_own_adapter_is_refused(tmp_path, cli):
+    """Every tensor of a plain checkpoint is a 'replacement' of the same name: without one LoRA
+    factor the merge would silently write the base back."""
+    base = DATA / "lora_net" / "base.safetensors"
+    r = cli("merge-lora", base, base, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "holds no LoRA tensors" in r.output, r.output
