@@ -56,7 +56,7 @@ def average(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, weights
         raise RuleError(f"average needs two checkpoints or more; got {len(paths)}")
     w = _weights(weights, len(paths))
     src = open_inputs(paths, "average", allow_globals)
-    fmt = check_output(out, src, force)
+    fmt = check_output(out, src.paths, src.ckpts, force)
     report = AverageReport([str(p) for p in paths], w, str(out), fmt.name, list(src.prefixes))
     entries = []
     for clean, orig in src.names[0].items():

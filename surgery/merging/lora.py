@@ -13,7 +13,6 @@ float32 copies of the largest tensor, whatever the model's size.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,15 +20,15 @@ from typing import Any, Callable, Sequence
 
 from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
-from ..formats import open_checkpoint, output_format
-from ..formats.writing import Entry, Payload
-from ..io import OUTPUTS, check_destination, check_source
-from ..keys import strip_wrappers
+from ..formats import open_checkpoint
+from ..formats.writing import Entry
+from ..io import check_source
+from .inputs import MERGED, check_output, clean_names, copy_source, kind_problem, listed, write
 from .lora_adapter import Adapter, open_adapter
 from .lora_keys import BaseNames, Factors, classify
 
 SCHEMA = "surgery.merge-lora/1"
-FLOATING = ("F64", "F32", "F16", "BF16")
+FLOATING = MERGED
 
 
 @dataclass
@@ -75,12 +74,9 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     check_source(base_p)
     ckpt = open_checkpoint(base_p, allow_globals=tuple(allow_globals))
     lora = open_adapter(adapter, tuple(allow_globals))
-    clean, prefix = strip_wrappers(list(ckpt.tensors))
-    names = dict(zip(clean, ckpt.tensors))
+    names, prefix = clean_names(ckpt)
     targets, replaced = plan(ckpt, names, lora)
-    fmt = output_format(out)
-    check_destination(out, [base_p, lora.path, *(Path(f) for f in ckpt.files)], force=force, in_place=None,
-                      kind="folder" if fmt.folder else "file", owned=OUTPUTS["remap"])
+    fmt = check_output(out, [base_p, lora.path], [ckpt, lora.ckpt], force)
     report = MergeLoraReport(str(base_p), str(lora.path), str(out), fmt.name, prefix, list(targets.values()), replaced)
     entries = []
     for name, orig in names.items():
@@ -91,14 +87,11 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
             src = _replacement_source(lora.ckpt, replaced[name], info.dtype)
         else:
             report.copied += 1
-            src = _copy_source(ckpt, orig)
+            src = copy_source(ckpt, orig)
         entries.append(Entry(name, info.dtype, tuple(info.shape), src))
-    meta = {"format": "pt", "surgery.merge-lora": json.dumps({"adapter": lora.path.name, "merged": len(targets),
-                                                               "replaced": len(replaced)}, separators=(",", ":"))}
-    payload = Payload(entries=entries, names=[e.name for e in entries], aliases={}, metadata=meta,
-                      state_dict=lambda: {e.name: e.tensor() for e in entries})
-    report.files = fmt.writer(out, payload)  # type: ignore[misc]
-    report.bytes_written = sum(os.path.getsize(f) for f in report.files)
+    report.files, report.bytes_written = write(out, fmt, entries, "surgery.merge-lora",
+                                               {"adapter": lora.path.name, "merged": len(targets),
+                                                "replaced": len(replaced)})
     return report
 
 
@@ -107,10 +100,11 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
     Raises one RuleError listing every key that does not fit."""
     modules, plain, foreign = classify(list(lora.ckpt.tensors))
     problems = lora.refusals()
+    problems += [p for n, o in names.items() if (p := kind_problem(n, ckpt.tensors[o], ckpt.path)) is not None]
     if foreign:
         problems.append(f"{len(foreign)} key{'s' if len(foreign) > 1 else ''} of an adapter kind surgery does not "
                         f"merge (DoRA, LoHa, LoKr, IA3, ...), e.g. {foreign[0]!r}")
-    if not modules and not plain and not problems:
+    if not modules and not problems:  # plain tensors alone would only write the base back (or another model)
         problems.append(f"{lora.path}: holds no LoRA tensors (no lora_A/lora_B, lora_down/lora_up keys)")
     base = BaseNames(list(names))
     targets: dict[str, Target] = {}
@@ -134,8 +128,7 @@ def plan(ckpt: Checkpoint, names: dict[str, str], lora: Adapter) -> tuple[dict[s
     problems += [f"{n!r} is both merged and replaced by the adapter" for n in targets if n in replaced]
     _follow_ties(ckpt, names, targets, replaced)
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot merge {lora.path} into {ckpt.path}: {shown}. Nothing was written")
+        raise RuleError(f"cannot merge {lora.path} into {ckpt.path}: {listed(problems)}. Nothing was written")
     return targets, replaced
 
 
@@ -158,6 +151,9 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
     """One module's factors checked against its base tensor (problems appended), or None."""
     emb = "emb_A" in f.keys or "emb_B" in f.keys
     a, b = f.keys.get("emb_A" if emb else "A"), f.keys.get("emb_B" if emb else "B")
+    if a is None and b is None:
+        problems.append(f"{f.module!r} has an alpha but no lora_A and no lora_B")
+        return None
     if a is None or b is None:
         problems.append(f"{f.module!r} has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}")
         return None
@@ -168,8 +164,7 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
     info = ckpt.tensors[names[name]]
     ta, tb = lora.ckpt.tensors[a], lora.ckpt.tensors[b]
     sa, sb, shape = tuple(ta.shape), tuple(tb.shape), tuple(info.shape)
-    layout = ("embedding" if emb else "transposed" if len(shape) == 2 and lora.fan_in_fan_out
-              else "linear" if len(shape) == 2 else "conv")
+    layout = "embedding" if emb else "conv" if len(shape) != 2 else _matrix_layout(sa, sb, shape, lora.fan_in_fan_out)
     if info.kind != "dense" or info.dtype not in FLOATING:
         problems.append(f"{name!r} is {info.dtype} {info.kind.replace('_', ' ')}; merge into a float checkpoint "
                         f"(`surgery remap --dequantize` first)")
@@ -187,6 +182,16 @@ def _target(f: Factors, base: BaseNames, ckpt: Checkpoint, names: dict[str, str]
         problems.append(why)
         return None
     return Target(name, f.module, layout, a, b, sa[0], float(scale))
+
+
+def _matrix_layout(a: tuple[int, ...], b: tuple[int, ...], shape: tuple[int, ...], fan_in_fan_out: bool) -> str:
+    """"linear" or "transposed" (Conv1D). peft picks it per layer kind and rewrites the config's
+    fan_in_fan_out as it goes, so the saved value may be either: the shape decides where only one
+    layout fits, the config only a square weight, which either would fit."""
+    fits = [layout for layout in ("linear", "transposed") if _delta_shape(layout, a, b) == shape]
+    if len(fits) == 1:
+        return fits[0]
+    return "transposed" if fan_in_fan_out else "linear"
 
 
 def _delta_shape(layout: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -230,8 +235,3 @@ def _merged_source(ckpt: Checkpoint, name: str, adapter: Checkpoint, t: Target, 
 
 def _replacement_source(adapter: Checkpoint, key: str, dtype: str) -> Callable[[], Any]:
     return lambda: tensor_bytes(adapter.tensor(key).to(torch_dtype(dtype)).contiguous())
-
-
-def _copy_source(ckpt: Checkpoint, name: str) -> Callable[[], Any]:
-    return lambda: tensor_bytes(ckpt.tensor(name))
-

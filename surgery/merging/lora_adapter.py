@@ -24,6 +24,7 @@ from ..formats import open_checkpoint
 from ..io import check_source
 
 CONFIG = "adapter_config.json"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA config, kept in a .safetensors file's metadata
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # config fields whose non-default value asks for something other than a plain LoRA merge
 REFUSED: dict[str, str] = {
@@ -37,6 +38,9 @@ REFUSED: dict[str, str] = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora) has its own layout",
 }
 
+# init_lora_weights values whose init subtracts the adapter's start from the base weights: the adapter
+# is relative to that rewritten base, not to the checkpoint it was made from
+REWRITES_BASE = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 # a file with no adapter_config.json and no `.alpha` tensor: modules under these prefixes (kohya's,
 # diffusers' pipeline components) have alpha = rank, scale 1, as kohya and diffusers load them
@@ -56,12 +60,37 @@ class Adapter:
     def refusals(self) -> list[str]:
         """Why this config is not a LoRA surgery merges (an empty list when it is)."""
         if self.config is None:
-            return []
+            return self._metadata_refusals()
         kind = self.config.get("peft_type", "LORA")
         if kind != "LORA":
             return [f"{self.path}: peft_type {kind!r} is not LoRA; merge it with peft's merge_and_unload()"]
-        return [f"{self.path}: {why}; merge it with peft's merge_and_unload()"
-                for key, why in REFUSED.items() if self.config.get(key) not in (None, False, [], {}, "")]
+        problems = [f"{self.path}: {why}; merge it with peft's merge_and_unload()"
+                    for key, why in REFUSED.items() if self.config.get(key) not in (None, False, [], {}, "")]
+        init = self.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
+            problems.append(f"{self.path}: init_lora_weights {init!r} trained against a base peft rewrote (the "
+                            f"original minus the adapter's start); merge it into that base with peft, or save it "
+                            f"with path_initial_model_for_weight_conversion for a LoRA of the original base")
+        return problems
+
+    def _metadata_refusals(self) -> list[str]:
+        """diffusers keeps each component's LoRA config in the file's ``lora_adapter_metadata``: where it
+        gives a scale other than 1 (alpha not r, patterns, rsLoRA), merging at scale 1 would be wrong."""
+        try:
+            meta = json.loads(self.ckpt.metadata.get(DIFFUSERS_METADATA) or "{}")
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            return [f"{self.path}: its {DIFFUSERS_METADATA} is not a JSON object; fix or remove it"]
+        prefixes = sorted({k.rpartition(".")[0] + "." for k in meta if k.endswith(".r")})
+        odd = [f"{p!r} r={meta[p + 'r']}, lora_alpha={meta.get(p + 'lora_alpha')}" for p in prefixes
+               if meta.get(p + "lora_alpha", meta[p + "r"]) != meta[p + "r"] or meta.get(p + "use_rslora")
+               or meta.get(p + "rank_pattern") or meta.get(p + "alpha_pattern")]
+        if not odd:
+            return []
+        return [f"{self.path}: its {DIFFUSERS_METADATA} gives {'; '.join(odd)} (or rank/alpha patterns, rsLoRA), a "
+                f"scale surgery does not read from a file; put it in a folder as adapter_model.safetensors beside an "
+                f"{CONFIG} with that r and lora_alpha"]
 
     def scale(self, module: str, rank: int, alpha_key: str | None) -> tuple[float | None, str | None]:
         """(scale, None) for a target module, or (None, why not)."""
@@ -69,11 +98,16 @@ class Adapter:
             alpha = self.ckpt.tensor(alpha_key)
             if alpha.numel() != 1:
                 return None, f"{alpha_key!r} holds {alpha.numel()} values, not one alpha"
-            return float(alpha.double()) / rank, None
+            value = float(alpha.double())
+            if not math.isfinite(value):  # it would turn every merged weight of the module into NaN or inf
+                return None, f"{alpha_key!r} is {value}, not a finite alpha"
+            return value / rank, None
         if self.config is None:
             if module.startswith(ALPHA_IS_RANK):
                 return 1.0, None
-            return None, f"{module!r}: no adapter_config.json and no {module}.alpha tensor gives its scale"
+            beside = self.path.parent / CONFIG
+            hint = f"; pass the folder {self.path.parent}, whose {CONFIG} gives it" if beside.is_file() else ""
+            return None, f"{module!r}: no adapter_config.json and no {module}.alpha tensor gives its scale{hint}"
         path = module.removeprefix("base_model.model.")
         r = _pattern(self.config.get("rank_pattern") or {}, path, self.config.get("r", 8))
         alpha = _pattern(self.config.get("alpha_pattern") or {}, path, self.config.get("lora_alpha", 8))

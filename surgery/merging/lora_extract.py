@@ -25,8 +25,7 @@ from ..errors import RuleError
 from ..formats import FORMATS, open_checkpoint
 from ..formats.writing import Entry, Payload
 from ..io import atomic_dir, check_destination, check_source
-from ..keys import strip_wrappers
-from .lora import FLOATING
+from .inputs import MERGED as FLOATING, clean_names, disagreements, listed
 from .lora_adapter import CONFIG
 
 SCHEMA = "surgery.extract-lora/1"
@@ -80,7 +79,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     for p in paths:
         check_source(p)
     a, b = (open_checkpoint(p, allow_globals=tuple(allow_globals)) for p in paths)
-    na, nb = _names(a), _names(b)
+    (na, _), (nb, _) = clean_names(a), clean_names(b)
     _refuse_disagreements(paths, a, b, na, nb, embeddings)
     check_destination(out, [*paths, *(Path(f) for c in (a, b) for f in c.files)], force=force, in_place=None,
                       kind="folder", owned=WRITTEN)
@@ -108,25 +107,13 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     return report
 
 
-def _names(ckpt: Checkpoint) -> dict[str, str]:
-    clean, _ = strip_wrappers(list(ckpt.tensors))
-    return dict(zip(clean, ckpt.tensors))
-
-
 def _refuse_disagreements(paths: list[Path], a: Checkpoint, b: Checkpoint, na: dict[str, str], nb: dict[str, str],
                           embeddings: Sequence[str]) -> None:
-    problems = [f"{k!r} is only in {paths[0].name}" for k in na if k not in nb]
-    problems += [f"{k!r} is only in {paths[1].name}" for k in nb if k not in na]
+    problems = disagreements(paths, [a, b], [na, nb])
     problems += [f"--embedding {k!r} is not a tensor of {paths[0].name}" for k in embeddings if k not in na]
-    for k in na.keys() & nb.keys():
-        x, y = a.tensors[na[k]], b.tensors[nb[k]]
-        if (tuple(x.shape), x.dtype) != (tuple(y.shape), y.dtype):
-            problems.append(f"{k!r} is {x.dtype} {list(x.shape)} in {paths[0].name} but {y.dtype} {list(y.shape)} "
-                            f"in {paths[1].name}")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RuleError(f"cannot extract a LoRA: {shown}. Nothing was written; TUNED must be BASE fine-tuned, same "
-                        f"names, shapes and dtypes")
+        raise RuleError(f"cannot extract a LoRA: {listed(problems)}. Nothing was written; TUNED must be BASE "
+                        f"fine-tuned, same names, shapes and dtypes")
 
 
 def _layout(name: str, info: Any, fan_in_fan_out: bool, embeddings: set[str]) -> str:
@@ -187,7 +174,8 @@ def _write(out: Path, tensors: dict[str, Any], config: dict[str, Any]) -> list[s
 
 
 def _config(report: ExtractLoraReport, fan_in_fan_out: bool) -> dict[str, Any]:
-    small = {re.escape(f.module): f.rank for f in report.factored if f.rank != report.rank}
+    # anchored: peft matches a pattern against the end of a module path, and `fc` would reach `body.fc`
+    small = {"^" + re.escape(f.module): f.rank for f in report.factored if f.rank != report.rank}
     return {"peft_type": "LORA", "r": report.rank, "lora_alpha": report.rank, "target_modules": [f.module for f in report.factored],
             "rank_pattern": small, "alpha_pattern": dict(small), "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
             "bias": "none", "lora_dropout": 0.0, "modules_to_save": None, "init_lora_weights": True,

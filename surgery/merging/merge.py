@@ -88,7 +88,7 @@ def merge(models: Sequence[str | os.PathLike], out: str | os.PathLike, method: s
                           t=t, normalize=normalize, rescale=rescale, seed=seed)
     everyone = ([base_path] if base_path else []) + paths
     src = open_inputs(everyone, "merge", allow_globals)
-    fmt = check_output(out, src, force)
+    fmt = check_output(out, src.paths, src.ckpts, force)
     report = MergeReport(method, params, str(base_path) if base_path else None, [str(p) for p in paths], str(out),
                          fmt.name, list(src.prefixes))
     entries = []

@@ -18,6 +18,7 @@ that ``surgery evaluate``, ``predict`` and ``export`` take.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,18 @@ class SoupReport:
     def to_json(self) -> dict:
         d = {"schema": SCHEMA, **asdict(self)}
         d["noise"] = d.pop("steps")
-        return d
+        return _finite(d)
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with NaN and infinite floats (a diverged run's loss) as None: strict JSON has no NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def soup(runs: Sequence[str | os.PathLike], data: str | os.PathLike, out: str | os.PathLike, *,

@@ -98,10 +98,23 @@ class Scorer:
         return {k: v.detach().cpu().clone() for k, v in self.ld.model.state_dict().items()}
 
 
+class SplitMismatch(DataError):
+    """Two runs split DATA differently."""
+
+
 def _same_split(runs: Ingredients, data: str | os.PathLike, val_split: float | None, seed: int | None) -> Any:
     """DATA's samples as ``surgery evaluate`` splits them for each run (its recorded --val-split and
     --seed unless given), refused when two runs split it differently: one run's validation images
-    would be another's training images, and the greedy rule would reward memory."""
+    would be another's training images, and the greedy rule would reward memory. The runs' own
+    splits are compared even when a split is given, as each trained on its own."""
+    given = val_split is not None or seed is not None
+    if given:
+        try:
+            _same_split(runs, data, None, None)
+        except SplitMismatch:
+            raise
+        except DataError:
+            pass  # the recorded split does not apply to this DATA (no val folder, no saved fraction): nothing to compare
     seen: dict[tuple, Any] = {}
     first = None
     for path, m in zip(runs.paths, runs.manifests):
@@ -113,7 +126,7 @@ def _same_split(runs: Ingredients, data: str | os.PathLike, val_split: float | N
         if first is None:
             first = (path, samples)
         elif (samples.train, samples.val) != (first[1].train, first[1].val):
-            raise DataError(f"{data}: {path} and {first[0]} split it differently (their --seed or --val-split), so "
+            raise SplitMismatch(f"{data}: {path} and {first[0]} split it differently (their --seed or --val-split), so "
                             f"one's validation images trained the other; soup runs trained on one split, or data "
                             f"with train/ and val/ folders. Nothing was written")
     return first[1]  # type: ignore[index]

@@ -113,3 +113,14 @@ def test_one_input_an_existing_output_and_an_input_as_output_are_refused(tmp_pat
     r = cli("average", a, b, "--out", tmp_path / "m.safetensors")
     assert r.exit_code == 2 and "--force" in r.output and (tmp_path / "m.safetensors").read_bytes() == b"mine"
     assert cli("average", a, b, "--out", tmp_path / "m.safetensors", "--force").exit_code == 0
+
+
+def test_a_dtype_disagreement_names_the_cast_that_fixes_it(tmp_path, cli):
+    save_file({"w": torch.ones(3, 3)}, tmp_path / "f32.safetensors")
+    save_file({"w": torch.zeros(3, 3, dtype=torch.bfloat16)}, tmp_path / "bf16.safetensors")
+    r = cli("average", tmp_path / "f32.safetensors", tmp_path / "bf16.safetensors", "--out", tmp_path / "m.safetensors")
+    assert r.exit_code == 2 and "(`surgery remap --dtype` casts one to the other's)" in r.output, r.output
+    r = cli("remap", tmp_path / "bf16.safetensors", tmp_path / "cast.safetensors", "--dtype", "fp32")
+    assert r.exit_code == 0, r.output
+    r = cli("average", tmp_path / "f32.safetensors", tmp_path / "cast.safetensors", "--out", tmp_path / "m.safetensors")
+    assert r.exit_code == 0 and torch.equal(load_file(tmp_path / "m.safetensors")["w"], torch.full((3, 3), 0.5)), r.output

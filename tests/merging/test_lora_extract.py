@@ -70,7 +70,7 @@ def test_a_rank_above_a_tensors_size_keeps_its_full_rank_through_rank_pattern(tm
     assert {f.name: f.rank for f in rep.factored} == {"fc.weight": 10, "conv.weight": 6}
     assert max(f.residual for f in rep.factored) < 1e-5
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert cfg["rank_pattern"] == {"fc": 10, "conv": 6} == cfg["alpha_pattern"]
+    assert cfg["rank_pattern"] == {"^fc": 10, "^conv": 6} == cfg["alpha_pattern"]
 
 
 def test_peft_adapters_come_back_from_their_merge(tmp_path):
@@ -122,3 +122,27 @@ def test_text_output(tmp_path, cli):
     assert "  conv.weight  rank 2, residual " in r.output and ", conv" in r.output
     assert "  not carried: fc.bias (1-D (a bias or a norm)); merging keeps the base's" in r.output
     assert "2 tensors factored at rank 2" in r.output and "1 unchanged, 3 not carried" in r.output
+
+
+def test_a_small_tensors_rank_pattern_does_not_reach_a_module_ending_in_its_name(tmp_path):
+    """peft matches a rank_pattern key against the end of each module path: an unanchored `fc`
+    would give `body.fc` fc's smaller rank, and the adapter would load in neither peft nor merge-lora."""
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.randn(4, 6, generator=g), "body.fc.weight": torch.randn(6, 6, generator=g)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    rep = surgery.extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "lora", rank=5)
+    assert {f.name: f.rank for f in rep.factored} == {"fc.weight": 4, "body.fc.weight": 5}
+    surgery.merge_lora(tmp_path / "base.safetensors", tmp_path / "lora", tmp_path / "m.safetensors")
+    back = load_file(tmp_path / "m.safetensors")
+    assert torch.allclose(back["fc.weight"], tuned["fc.weight"], atol=1e-5)
+
+
+def test_a_sparse_tensor_is_refused_with_the_remap_flag_that_densifies_it(tmp_path, cli):
+    base, tuned = _pair(tmp_path)
+    torch.save({**base, "extra": torch.eye(3).to_sparse()}, tmp_path / "base.pt")
+    torch.save({**tuned, "extra": (2 * torch.eye(3)).to_sparse()}, tmp_path / "tuned.pt")
+    r = cli("extract-lora", tmp_path / "base.pt", tmp_path / "tuned.pt", "--rank", 2, "--out", tmp_path / "lora")
+    assert r.exit_code == 2 and "'extra' is a sparse coo tensor in base.pt; `surgery remap --densify`" in r.output, r.output
+    assert not (tmp_path / "lora").exists()

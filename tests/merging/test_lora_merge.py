@@ -196,3 +196,107 @@ def test_a_kohya_alpha_must_be_one_value(tmp_path, cli):
     save_file(sd, tmp_path / "kohya.safetensors")
     r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
     assert r.exit_code == 2 and "'lora_unet_conv.alpha' holds 2 values" in r.output, r.output
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_a_kohya_alpha_that_is_not_finite_is_refused(tmp_path, cli, alpha):
+    """A NaN or infinite alpha would turn every merged weight of its module into NaN or inf."""
+    _kohya(tmp_path)
+    sd = load_file(tmp_path / "kohya.safetensors")
+    sd["lora_unet_conv.alpha"] = torch.tensor(alpha)
+    save_file(sd, tmp_path / "kohya.safetensors")
+    out = tmp_path / "m.pt"
+    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", out)
+    assert r.exit_code == 2 and f"'lora_unet_conv.alpha' is {alpha}" in r.output, r.output
+    assert not out.exists()
+
+
+def test_an_alpha_with_no_factors_names_both_missing(tmp_path, cli):
+    _kohya(tmp_path)
+    sd = load_file(tmp_path / "kohya.safetensors")
+    sd["lora_unet_extra.alpha"] = torch.tensor(2.0)
+    save_file(sd, tmp_path / "kohya.safetensors")
+    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "'lora_unet_extra' has an alpha but no lora_A and no lora_B" in r.output, r.output
+
+
+def test_a_sparse_base_tensor_is_refused_with_the_remap_flag_that_densifies_it(tmp_path, cli):
+    """A sparse tensor the adapter does not touch has no bytes to copy: refused before any write,
+    naming the flag that fixes it, rather than a traceback halfway through the output."""
+    sd = load_file(DATA / "lora_net" / "base.safetensors")
+    sd["extra"] = torch.eye(3).to_sparse()
+    torch.save(sd, tmp_path / "sparse.pt")
+    out = tmp_path / "m.safetensors"
+    r = cli("merge-lora", tmp_path / "sparse.pt", DATA / "lora_net" / "adapter", "--out", out)
+    assert r.exit_code == 2 and "'extra' is a sparse coo tensor in sparse.pt; `surgery remap --densify`" in r.output, r.output
+    assert not out.exists()
+
+
+def test_the_weights_file_of_a_peft_folder_points_at_the_folder(tmp_path, cli):
+    adapter = DATA / "lora_net" / "adapter"
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", adapter / "adapter_model.safetensors", "--out",
+            tmp_path / "m.pt")
+    assert r.exit_code == 2 and f"pass the folder {adapter}, whose adapter_config.json gives it" in r.output, r.output
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", adapter, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_shape_only_one_layout_fits_decides_it_whatever_fan_in_fan_out_says(tmp_path, fan_in_fan_out):
+    """peft picks the layout per layer kind (a Conv1D is transposed, an nn.Linear is not) and
+    rewrites the config's fan_in_fan_out as it goes, so a saved config may say either: a Conv1D
+    [in, out] and a Linear [out, in] of other shapes merge as peft merges them under both."""
+    g = torch.Generator().manual_seed(0)
+    base = {"c_attn.weight": torch.randn(6, 12, generator=g), "score.weight": torch.randn(3, 6, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    f = {f"base_model.model.{m}.lora_{x}.weight": torch.randn(s, generator=g)
+         for m, shapes in (("c_attn", {"A": (2, 6), "B": (12, 2)}), ("score", {"A": (2, 6), "B": (3, 2)}))
+         for x, s in shapes.items()}
+    rep = surgery.merge_lora(tmp_path / "base.safetensors", _adapter(tmp_path, f, fan_in_fan_out=fan_in_fan_out),
+                             tmp_path / "m.safetensors")
+    assert {t.name: t.layout for t in rep.merged} == {"c_attn.weight": "transposed", "score.weight": "linear"}
+    got = load_file(tmp_path / "m.safetensors")
+    ab = {m: f[f"base_model.model.{m}.lora_B.weight"] @ f[f"base_model.model.{m}.lora_A.weight"] for m in ("c_attn", "score")}
+    assert torch.allclose(got["c_attn.weight"], base["c_attn.weight"] + ab["c_attn"].T, atol=1e-6)
+    assert torch.allclose(got["score.weight"], base["score.weight"] + ab["score"], atol=1e-6)
+
+
+@pytest.mark.parametrize("init, refused", [("pissa", True), ("pissa_niter_4", True), ("olora", True), ("corda", True),
+                                           ("loftq", True), ("lora_ga", True), ("eva", False), ("gaussian", False)])
+def test_an_adapter_trained_against_a_base_peft_rewrote_is_refused(tmp_path, cli, init, refused):
+    """PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the adapter's start from the base weights:
+    folded into the original base, the merge would be off by that start."""
+    tensors = {"base_model.model.body.0.lora_A.weight": torch.ones(2, 6), "base_model.model.body.0.lora_B.weight": torch.ones(8, 2)}
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", _adapter(tmp_path, tensors, init_lora_weights=init),
+            "--out", tmp_path / "m.pt")
+    if refused:
+        assert r.exit_code == 2 and f"init_lora_weights {init!r}" in r.output and "path_initial_model_for_weight_conversion" in r.output, r.output
+    else:
+        assert r.exit_code == 0, r.output
+
+
+def test_a_diffusers_file_whose_metadata_gives_another_scale_is_refused(tmp_path, cli):
+    """diffusers keeps r and lora_alpha in the file's `lora_adapter_metadata`: scale 1 would be
+    wrong where they differ, so such a file is refused with the folder that merges it."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)
+    meta = {"unet.r": 3, "unet.lora_alpha": 6, "unet.rank_pattern": {}, "unet.alpha_pattern": {}}
+    tensors = {"unet.body.2.lora_A.weight": a, "unet.body.2.lora_B.weight": b}
+    save_file(tensors, tmp_path / "lora.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    r = cli("merge-lora", DATA / "lora_net" / "base.safetensors", tmp_path / "lora.safetensors", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "'unet.' r=3, lora_alpha=6" in r.output, r.output
+    folder = _adapter(tmp_path, tensors, r=3, lora_alpha=6)  # the fix the message gives
+    rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", folder, tmp_path / "m.safetensors")
+    assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 2.0)]
+    meta["unet.lora_alpha"] = 3
+    save_file(tensors, tmp_path / "same.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    rep = surgery.merge_lora(DATA / "lora_net" / "base.safetensors", tmp_path / "same.safetensors", tmp_path / "s.pt")
+    assert [(t.name, t.scale) for t in rep.merged] == [("body.2.weight", 1.0)]
+
+
+def test_a_checkpoint_given_as_its_own_adapter_is_refused(tmp_path, cli):
+    """Every tensor of a plain checkpoint is a 'replacement' of the same name: without one LoRA
+    factor the merge would silently write the base back."""
+    base = DATA / "lora_net" / "base.safetensors"
+    r = cli("merge-lora", base, base, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "holds no LoRA tensors" in r.output, r.output

@@ -74,3 +74,23 @@ def test_a_half_precision_base_rounds_once_as_peft_does(tmp_path, dtype):
     got = load_file(tmp_path / "m.safetensors")
     for k, v in want.items():
         assert got[k].dtype == dtype and torch.equal(got[k], v), k
+
+
+def test_a_conv1d_beside_linears_merges_as_peft_merges_it(tmp_path):
+    """peft rewrites fan_in_fan_out per layer kind while it wraps them (the saved config says what
+    the last one set): GPT-2's Conv1D beside a non-square and a square nn.Linear."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn, self.score, self.sq = Conv1D(12, 6), nn.Linear(6, 3), nn.Linear(6, 6)
+
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "score", "sq"], fan_in_fan_out=True)
+    want = _peft_merge(tmp_path, Mixed(), config, seed=5)
+    surgery.merge_lora(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, rtol=0, atol=1e-5), k

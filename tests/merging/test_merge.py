@@ -265,3 +265,13 @@ def test_slerp_refuses_three_and_mismatched_inputs_are_listed_in_one_line(tmp_pa
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "cannot merge: 2 disagreements" in r.output and "[7, 5]" in r.output and "'fc.bias'" in r.output
     assert not out.exists()
+
+
+def test_a_sparse_tensor_in_any_input_is_refused_not_only_in_the_first(tmp_path, cli):
+    torch.save({"w": torch.eye(3)}, tmp_path / "dense.pt")
+    torch.save({"w": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
+    out = tmp_path / "m.pt"
+    r = cli("merge", "--method", "ties", "--base", tmp_path / "dense.pt", tmp_path / "dense.pt", tmp_path / "sparse.pt",
+            "--density", "0.5", "--out", out)
+    assert r.exit_code == 2 and "'w' is a sparse coo tensor in sparse.pt; `surgery remap --densify` first" in r.output, r.output
+    assert not out.exists()

@@ -209,3 +209,33 @@ def test_a_factory_needs_trust_and_bad_arguments_are_refused(runs, tmp_path, cli
     r = cli("soup", runs["good"], runs["plus"], "--data", runs["data"], "--out", runs["good"] / "inner", "--trust-code")
     assert r.exit_code == 2 and "lies inside the source" in r.stderr
     assert not (tmp_path / "soup").exists() and not (runs["good"] / "inner").exists()
+
+
+def test_a_split_given_on_the_command_line_does_not_hide_runs_that_split_differently(runs, tmp_path, cli):
+    """--seed scores every run on one split, but each run trained on its own: one's validation
+    images would still be another's training images."""
+    def split(seed):
+        return lambda m: m["results"]["train_args"].update(val_split=0.25, seed=seed)
+
+    a = _manifest_edit(runs["good"], tmp_path / "a", split(0))
+    b = _manifest_edit(runs["good"], tmp_path / "b", split(1))
+    r = cli("soup", a, b, "--data", runs["data"] / "train", "--seed", "0", "--out", tmp_path / "soup", "--trust-code")
+    assert r.exit_code == 2 and "split it differently" in r.stderr, r.output
+    assert not (tmp_path / "soup").exists()
+
+
+def test_a_diverged_run_leaves_the_json_strict(runs, tmp_path, cli):
+    """A run whose weights went NaN has a NaN loss: --json writes null there, not the bare NaN no
+    strict JSON reader accepts."""
+    def nan(w):
+        return {k: torch.full_like(v, float("nan")) if k == "fc.bias" else v for k, v in w.items()}
+
+    bad = variant(runs["good"], tmp_path / "nan", nan)
+    r = cli("soup", runs["good"], bad, "--data", runs["data"], "--out", tmp_path / "soup", "--trust-code", "--json")
+    assert r.exit_code == 0, r.output
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in --json output")
+
+    data = json.loads(r.stdout, parse_constant=refuse)
+    assert data["ingredients"][1]["val_loss"] is None
