@@ -57,6 +57,19 @@ def _defaultdict(w: "Walker", rec: Opaque, path: str) -> Any:
     return w.mapping(dict(items), path)
 
 
+def _attribute_dict(w: "Walker", rec: Opaque, path: str) -> Any:
+    # a dict subclass: pickle stores its items as dict items, and its attributes are those items
+    items = rec.__dict__.get("_items", [])
+    if rec.args or rec.kwargs or rec.state or not all(isinstance(kv, tuple) and len(kv) == 2 for kv in items):
+        raise Unsupported(f"{rec.qualname} record is malformed")
+    return w.mapping(dict(items), path)
+
+
+# Lightning's hyper_parameters (save_hyperparameters()), by every module that has defined the class
+_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
+                    "lightning_fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.AttributeDict")
+
+
 def _path(join: Callable[..., str]) -> Callable[["Walker", Opaque, str], Any]:
     def convert(w: "Walker", rec: Opaque, path: str) -> Any:
         if not rec.args or not all(isinstance(p, str) for p in rec.args):
@@ -92,6 +105,7 @@ RULES: dict[str, Callable[["Walker", Opaque, str], Any]] = {
     **{n: _array for n in _numpy("_reconstruct")},
     "numpy.dtype": _dtype,
     "collections.defaultdict": _defaultdict,
+    **{n: _attribute_dict for n in _ATTRIBUTE_DICTS},
     **{name: _path(join) for name, join in _PATHS.items()},
     "datetime.datetime": _datetime(datetime.datetime),
     "datetime.date": _datetime(datetime.date),
