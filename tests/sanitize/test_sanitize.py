@@ -242,6 +242,14 @@ def test_safetensors_and_folders_are_not_what_sanitize_reads(tmp_path):
         sanitize(tmp_path / "w.safetensors", tmp_path / "out.pt")
 
 
+def test_a_whole_pickled_model_is_refused_not_written_as_none(tmp_path, cli):
+    # torch.save(model) (BeatNet's model-1.pt, YOLO's .pt): every tensor lives inside the dropped module
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "model.pt")
+    with pytest.raises(FormatError, match="whole object is an instance of torch.nn.modules.linear.Linear.*surgery remap"):
+        sanitize(tmp_path / "model.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_a_legacy_format_file_is_read_too(tmp_path):
     ckpt = {"w": torch.arange(4.0), "args": argparse.Namespace(lr=0.5)}
     torch.save(ckpt, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
