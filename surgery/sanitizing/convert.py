@@ -123,14 +123,21 @@ class Walker:
     def __init__(self) -> None:
         self.notes = Notes()
         self.memo: dict[int, Any] = {}
+        self.why: dict[int, str] = {}  # id of a dropped value -> why
+        self.last_why = ""
 
     def value(self, x: Any, path: str) -> Any:
         if x is None or type(x) in (bool, int, float, complex, str, bytes, bytearray, TensorRef, DType, Device):
             return x
         if id(x) in self.memo:
-            return self.memo[id(x)]
+            out = self.memo[id(x)]
+            if out is DROP:  # a shared value dropped: listed at each place it is left out of
+                self.drop(path, self.why[id(x)])
+            return out
         out = self._convert(x, path)
         self.memo[id(x)] = out
+        if out is DROP:
+            self.why[id(x)] = self.last_why
         return out
 
     def _convert(self, x: Any, path: str) -> Any:
@@ -220,6 +227,7 @@ class Walker:
 
     def drop(self, path: str, why: str) -> Any:
         self.notes.dropped[path or "(the whole object)"] = why
+        self.last_why = why
         return DROP
 
 
