@@ -66,6 +66,11 @@ def sanitize(src: str | os.PathLike, dst: str | os.PathLike, options: SanitizeOp
         tree, notes = convert(source.obj)
     except RecursionError:
         raise FormatError(f"{src}: pickle is nested too deeply to be a checkpoint") from None
+    whole = notes.dropped.get("(the whole object)")
+    if whole is not None:  # a whole pickled model (torch.save(model)): DST would hold None
+        raise FormatError(f"{src}: nothing would be left to write: the whole object is {whole.split(', which')[0]}; "
+                          f"for the tensors of a whole pickled model use surgery remap SRC out.safetensors with "
+                          f"--allow-global for its classes (never imported or run)")
     report = SanitizeReport(str(src), str(dst), source.format, notes.converted, notes.dropped)
     if isinstance(tree, dict) and (notes.converted or notes.dropped):
         tree[NOTES_KEY] = _merged_notes(tree.get(NOTES_KEY), report)

@@ -57,6 +57,19 @@ def _defaultdict(w: "Walker", rec: Opaque, path: str) -> Any:
     return w.mapping(dict(items), path)
 
 
+def _attribute_dict(w: "Walker", rec: Opaque, path: str) -> Any:
+    # a dict subclass: pickle stores its items as dict items, and its attributes are those items
+    items = rec.__dict__.get("_items", [])
+    if rec.args or rec.kwargs or rec.state or not all(isinstance(kv, tuple) and len(kv) == 2 for kv in items):
+        raise Unsupported(f"{rec.qualname} record is malformed")
+    return w.mapping(dict(items), path)
+
+
+# Lightning's hyper_parameters (save_hyperparameters()), by every module that has defined the class
+_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
+                    "lightning_fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.AttributeDict")
+
+
 def _path(join: Callable[..., str]) -> Callable[["Walker", Opaque, str], Any]:
     def convert(w: "Walker", rec: Opaque, path: str) -> Any:
         if not rec.args or not all(isinstance(p, str) for p in rec.args):
@@ -92,6 +105,7 @@ RULES: dict[str, Callable[["Walker", Opaque, str], Any]] = {
     **{n: _array for n in _numpy("_reconstruct")},
     "numpy.dtype": _dtype,
     "collections.defaultdict": _defaultdict,
+    **{n: _attribute_dict for n in _ATTRIBUTE_DICTS},
     **{name: _path(join) for name, join in _PATHS.items()},
     "datetime.datetime": _datetime(datetime.datetime),
     "datetime.date": _datetime(datetime.date),
@@ -109,14 +123,21 @@ class Walker:
     def __init__(self) -> None:
         self.notes = Notes()
         self.memo: dict[int, Any] = {}
+        self.why: dict[int, str] = {}  # id of a dropped value -> why
+        self.last_why = ""
 
     def value(self, x: Any, path: str) -> Any:
         if x is None or type(x) in (bool, int, float, complex, str, bytes, bytearray, TensorRef, DType, Device):
             return x
         if id(x) in self.memo:
-            return self.memo[id(x)]
+            out = self.memo[id(x)]
+            if out is DROP:  # a shared value dropped: listed at each place it is left out of
+                self.drop(path, self.why[id(x)])
+            return out
         out = self._convert(x, path)
         self.memo[id(x)] = out
+        if out is DROP:
+            self.why[id(x)] = self.last_why
         return out
 
     def _convert(self, x: Any, path: str) -> Any:
@@ -206,6 +227,7 @@ class Walker:
 
     def drop(self, path: str, why: str) -> Any:
         self.notes.dropped[path or "(the whole object)"] = why
+        self.last_why = why
         return DROP
 
 

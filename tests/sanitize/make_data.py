@@ -2,8 +2,8 @@
 
 The files are committed, so the tests need neither library; run this again only to change them:
 
-    pip install --target /tmp/omega omegaconf
-    PYTHONPATH=/tmp/omega:. python tests/sanitize/make_data.py
+    pip install --no-deps --target /tmp/omega omegaconf antlr4-python3-runtime==4.9.3 lightning lightning-utilities
+    PYTHONPATH=/tmp/omega:. python tests/sanitize/make_data.py [FILE ...]   # all files, or the ones named
 
 Each file is a few KB: a tiny model's state dict and the metadata that makes torch.load(weights_only=True)
 refuse the file. tests/sanitize/data/README.md records the versions that wrote them.
@@ -59,6 +59,20 @@ def lightning_omegaconf() -> dict:
     return ckpt
 
 
+def lightning_attributedict() -> dict:
+    """Lightning's own layout (admet-ai's chemprop models): save_hyperparameters() stores an
+    AttributeDict, nested ones inside, next to a class reference and a module instance."""
+    from lightning.fabric.utilities.data import AttributeDict
+
+    Thing.__module__ = "made_up_module"
+    sys.modules["made_up_module"] = sys.modules[__name__]
+    ckpt = lightning_namespace()
+    ckpt["hyper_parameters"] = AttributeDict(
+        lr=np.float64(0.001), layers=[4, 3, 2], activation=torch.nn.ReLU(), cls=torch.nn.Linear,
+        predictor=AttributeDict(n_tasks=1, dropout=0.0, output_transform=Thing()))
+    return ckpt
+
+
 def fairseq() -> dict:
     args = argparse.Namespace(arch="transformer_tiny", lr=[0.0005], max_tokens=4096, fp16=False,
                               task="translation", save_dir="checkpoints", seed=1)
@@ -103,6 +117,7 @@ def unknown_object() -> dict:
 
 
 FILES = {"lightning_namespace.ckpt": lightning_namespace, "lightning_omegaconf.ckpt": lightning_omegaconf,
+         "lightning_attributedict.ckpt": lightning_attributedict,
          "fairseq.pt": fairseq, "numpy_values.pt": numpy_values, "unknown_object.pt": unknown_object}
 
 
@@ -111,6 +126,8 @@ def main() -> None:
 
     DATA.mkdir(exist_ok=True)
     for name, make in FILES.items():
+        if sys.argv[1:] and name not in sys.argv[1:]:
+            continue
         torch.save(make(), DATA / name)
         print(f"{name}: {(DATA / name).stat().st_size} bytes")
     print(f"torch {torch.__version__}, numpy {np.__version__}, omegaconf {omegaconf.__version__}, "

@@ -60,6 +60,14 @@ def test_an_instance_built_by_a_call_is_code_and_a_plain_instance_is_data():
     assert "c" in notes.dropped and out == {"ns": {"a": 1}}
 
 
+def test_a_shared_dropped_value_is_listed_at_every_place():
+    # pickle memoizes one Enum member: openff-nagl-models' layers all share ActivationFunction.ReLU
+    got, (out, notes) = _converted({"layers": [{"act": Color.RED, "n": i} for i in range(3)]})
+    assert out == {"layers": [{"n": 0}, {"n": 1}, {"n": 2}]}
+    assert set(notes.dropped) == {f"layers[{i}].act" for i in range(3)}
+    assert len(set(notes.dropped.values())) == 1
+
+
 def test_shared_values_stay_shared_and_cycles_end():
     shared = [1, 2]
     loop: list = []

@@ -40,7 +40,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                                      b.reshape(-1).view(torch.uint8))
 
 
-@pytest.mark.parametrize("name", ["lightning_namespace.ckpt", "lightning_omegaconf.ckpt", "fairseq.pt",
+@pytest.mark.parametrize("name", ["lightning_namespace.ckpt", "lightning_omegaconf.ckpt", "lightning_attributedict.ckpt", "fairseq.pt",
                                   "numpy_values.pt", "unknown_object.pt"])
 def test_every_data_file_is_refused_by_torch_then_loads_after_sanitize(name, tmp_path):
     src = DATA / name
@@ -72,6 +72,20 @@ def test_lightning_checkpoint_keeps_its_tensors_byte_for_byte_and_its_hyperparam
     opt = out["optimizer_states"][0]
     assert opt["param_groups"][0]["lr"] == 1e-3 and len(opt["state"]) == 8
     assert out["callbacks"]["ModelCheckpoint"]["best_model_score"].item() == 0.875
+
+
+def test_lightning_attributedict_hyperparameters_become_dicts(tmp_path):
+    # save_hyperparameters() stores an AttributeDict (a dict subclass): its items are the data
+    report = sanitize(DATA / "lightning_attributedict.ckpt", tmp_path / "out.ckpt", verify=True)
+    hp = _load(tmp_path / "out.ckpt")["hyper_parameters"]
+    assert type(hp) is dict and hp == {"lr": 0.001, "layers": [4, 3, 2], "predictor": {"n_tasks": 1, "dropout": 0.0}}
+    assert type(hp["lr"]) is float
+    owner = "lightning.fabric.utilities.data.AttributeDict"
+    assert report.converted == {"epoch": "numpy.int64", "global_step": "numpy.int64", "hyper_parameters.lr": "numpy.float64",
+                                "hyper_parameters.predictor": owner, "hyper_parameters": owner}
+    assert set(report.dropped) == {"hyper_parameters.activation", "hyper_parameters.cls",
+                                   "hyper_parameters.predictor.output_transform"}
+    assert "torch.nn.modules.activation.ReLU" in report.dropped["hyper_parameters.activation"]
 
 
 def test_tensors_equal_what_the_reader_sees_and_shared_storages_stay_shared(tmp_path):
@@ -226,6 +240,14 @@ def test_safetensors_and_folders_are_not_what_sanitize_reads(tmp_path):
     save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
     with pytest.raises(FormatError, match="not a torch.save file"):
         sanitize(tmp_path / "w.safetensors", tmp_path / "out.pt")
+
+
+def test_a_whole_pickled_model_is_refused_not_written_as_none(tmp_path, cli):
+    # torch.save(model) (BeatNet's model-1.pt, YOLO's .pt): every tensor lives inside the dropped module
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "model.pt")
+    with pytest.raises(FormatError, match="whole object is an instance of torch.nn.modules.linear.Linear.*surgery remap"):
+        sanitize(tmp_path / "model.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_a_legacy_format_file_is_read_too(tmp_path):
