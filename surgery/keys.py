@@ -139,19 +139,25 @@ def subtree_signatures(root: KeyNode, leaf_sig: Callable[[Any], Hashable], order
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
     for node in order or bottom_up(root):
-        children = node.children
-        if not children:
-            kids: tuple = ()
-        elif len(children) == 1:  # most modules of a large model hold one child: no sort, no generator
-            for name, child in children.items():
-                kids = ((name, out[id(child)]),)
-        else:
-            kids = tuple(sorted([(name, out[id(child)]) for name, child in children.items()]))
-        tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
-            else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
-        key = (None if node.info is None else leaf_sig(node.info), kids, tails)
-        out[id(node)] = interned.setdefault(key, len(interned))
+        out[id(node)] = node_signature(node, leaf_sig, out, interned)
     return out
+
+
+def node_signature(node: KeyNode, leaf_sig: Callable[[Any], Hashable], sigs: dict[int, int], interned: dict[tuple, int]) -> int:
+    """`subtree_signatures` of one node whose children's are in ``sigs`` (``interned``: the table
+    of the signatures handed out so far)."""
+    children = node.children
+    if not children:
+        kids: tuple = ()
+    elif len(children) == 1:  # most modules of a large model hold one child: no sort, no generator
+        for name, child in children.items():
+            kids = ((name, sigs[id(child)]),)
+    else:
+        kids = tuple(sorted([(name, sigs[id(child)]) for name, child in children.items()]))
+    tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
+        else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
+    key = (None if node.info is None else leaf_sig(node.info), kids, tails)
+    return interned.setdefault(key, len(interned))
 
 
 _INDEXED = re.compile(r"^(.*[_\-])?(\d+)$")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import io
 import os
 import pickle
@@ -144,14 +145,16 @@ def _explain(refused: list[str], obj: Any, classes: dict[str, type]) -> Refused:
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None,
                  pickle_bytes: int):
+        self.storages: dict[str, StorageRef] = {}
+        self.pid_handler = pid_handler
+        if pid_handler is None:  # torch's storage ids, once per tensor: no method frame around `storage_ref`
+            self.persistent_load = functools.partial(storage_ref, storages=self.storages)
         super().__init__(f, encoding="utf-8")
         self.size = pickle_bytes
         self.meter = _Meter(pickle_bytes)
         self.accept = accept
         self.extra = extra or {}
         self.refused: list[str] = []
-        self.storages: dict[str, StorageRef] = {}
-        self.pid_handler = pid_handler
         self.opaque: dict[str, type] = {}
 
     def load(self) -> Any:

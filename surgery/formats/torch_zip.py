@@ -124,10 +124,12 @@ def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str,
     """Each storage's (absolute offset, bytes): a stored entry wholly inside the archive."""
     keys = list(storages)
     entries = []
+    by_name = zf.entries
     for key in keys:
         entry = f"{prefix}data/{key}"
-        found = zf.find(entry)
-        zi = None if found is None else zf.entries[found]
+        # the exact name is the entry `find` returns: `_check_names` refused two names equal ignoring case
+        found = entry if entry in by_name else zf.find(entry)
+        zi = None if found is None else by_name[found]
         if zi is None:
             raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete")
         if zi.method != STORED:
