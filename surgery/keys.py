@@ -102,7 +102,14 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
     """The keys as a tree of their dotted parts. With ``depth``, no node lies deeper: a node at
     that depth keeps the rest of each longer key, with its info, in ``tails`` (a model of 50,000
     tensors then needs one node per module shown, not one per name part)."""
+    return key_trie_bottom_up(items, depth)[-1]
+
+
+def key_trie_bottom_up(items: Iterable[tuple[str, Any]], depth: int | None = None) -> list[KeyNode]:
+    """`key_trie`'s nodes, children before their parent (as `bottom_up` orders them), the root
+    last: a node is made after its parent, so the order they are made in, reversed, is one."""
     root = KeyNode()
+    made = [root]
     floor = None if depth is None else max(depth, 0)
     for key, info in items:
         parts = key.split(".")
@@ -111,6 +118,7 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
             nxt = node.children.get(part)
             if nxt is None:
                 nxt = node.children[part] = KeyNode()
+                made.append(nxt)
             node = nxt
         if floor is None or len(parts) <= floor:
             node.info = info
@@ -118,7 +126,8 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
             node.tails = [(tuple(parts[floor:]), info)]
         else:
             node.tails.append((tuple(parts[floor:]), info))
-    return root
+    made.reverse()
+    return made
 
 
 def bottom_up(root: KeyNode) -> list[KeyNode]:

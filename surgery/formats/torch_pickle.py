@@ -22,7 +22,7 @@ from ..checkpoint import canonical_from_torch, gc_paused
 from ..errors import FormatError, UnsafeCheckpointError
 from .pickle_scan import Truncated, scan
 from .record_checks import _records, check_records
-from .torch_records import (_LEGACY_TENSOR_DTYPES, _QSCHEMES, _STORAGE_DTYPES, DType, LegacyTensorType, Opaque, QScheme,
+from .torch_records import (_LEGACY_TENSOR_DTYPES, _Dict, _QSCHEMES, _STORAGE_DTYPES, DType, LegacyTensorType, Opaque, QScheme,
                             StorageRef, StorageType, TensorRef, _bytearray, _codecs_encode, _device, _get_layout,
                             _LegacyTensor, _opaque_class, _ordered_dict, _Parameter, _rebuild_device_tensor_from_cpu_tensor,
                             _rebuild_device_tensor_from_numpy, _rebuild_from_type_v2, _rebuild_meta_tensor_no_storage,
@@ -322,6 +322,18 @@ class _Metered(_Call):
         return self.fn(*args, **kwargs)
 
 
+class _MeteredDict(_Metered):
+    """`_Metered` of OrderedDict: torch.save's empty OrderedDict of hooks, once per tensor, is made
+    in this frame (``_ordered_dict()`` is ``_Dict()``), and builds nothing to charge."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:
+            return _Dict()
+        return _Metered.__call__(self, *args, **kwargs)
+
+
 BUILD_BUDGET = 1 << 20
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 _METERED = {id(f) for f in (_torch_size, _ordered_dict, _bytearray, _codecs_encode, set, frozenset,
@@ -338,6 +350,8 @@ class _Guarded(_Unpickler):
         obj = super().find_class(module, name)
         if isinstance(obj, _Sealed) or not callable(obj):
             return obj
+        if obj is _ordered_dict:
+            return _MeteredDict(obj, self.meter)
         if id(obj) in _METERED:
             return _Metered(obj, self.meter)
         if isinstance(obj, type) and hasattr(obj, "__setstate__"):

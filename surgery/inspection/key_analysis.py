@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..keys import bottom_up as _bottom_up
-from ..keys import KeyNode, common_prefix, detect_wrapper_prefixes
-from ..keys import key_trie as _trie
-from ..keys import node_signature
+from ..keys import KeyNode, common_prefix, detect_wrapper_prefixes, key_trie_bottom_up, node_signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import TensorInfo
@@ -160,7 +157,9 @@ def _label(names: list[str], stem: str) -> str:
     """'layer{0..11}' for runs of three or more, 'layer{0,1,5}' otherwise; ``names`` share ``stem``."""
     if len(names) == 1:
         return names[0]
-    ordered = sorted((int(n[len(stem):]), n[len(stem):]) for n in names)
+    k = len(stem)
+    nums = [n[k:] for n in names]
+    ordered = sorted(zip(map(int, nums), nums))  # C loops: a run may hold 200,000 names
     text: list[str] = []
     start = 0
     for i in range(1, len(ordered) + 1):
@@ -206,8 +205,8 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     rows with at most that many components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by
     ``row.depth - 1``.
     """
-    root = _trie(infos.items(), depth)
-    order = _bottom_up(root)
+    order = key_trie_bottom_up(infos.items(), depth)
+    root = order[-1]
     sigs, stats = _sigs_and_stats(order)
     rows: list[TreeRow] = []
     todo = [(label, members, "", 1, 1) for label, members in reversed(_tree_groups(root, sigs))]
