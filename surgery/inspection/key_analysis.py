@@ -82,12 +82,14 @@ def _leaf_sig(t: "TensorInfo") -> tuple:
 def _sigs_and_stats(order: list["KeyNode"]) -> tuple[dict[int, int], dict[int, tuple[int, int, frozenset]]]:
     """`keys.subtree_signatures` by (shape, dtype), and id(node) -> (elements, tensors, dtypes) of
     its whole subtree, in one pass (``order``: children first). A model of many tensors is mostly
-    tensor leaves and modules holding one child: both are worked out once per (shape, dtype) or
-    per (name, child), the other nodes node by node."""
+    tensor leaves, modules holding one child and (at the depth shown) modules holding one tensor:
+    each is worked out once per (shape, dtype), (name, child) or (rest of key, shape, dtype), the
+    other nodes node by node."""
     interned: dict[tuple, int] = {}
     sigs: dict[int, int] = {}
     stats: dict[int, tuple[int, int, frozenset]] = {}
     leaves: dict[tuple, tuple[int, tuple[int, int, frozenset]]] = {}  # (shape, dtype) -> (signature, stats)
+    floor_leaves: dict[tuple, tuple[int, tuple[int, int, frozenset]]] = {}  # (rest of key, shape, dtype) -> the same
     one_dtype: dict[str, frozenset] = {}
     for node in order:
         children, info = node.children, node.info
@@ -104,6 +106,16 @@ def _sigs_and_stats(order: list["KeyNode"]) -> tuple[dict[int, int], dict[int, t
                 for name, child in children.items():
                     sigs[id(node)] = interned.setdefault((None, ((name, sigs[id(child)]),), ()), len(interned))
                     stats[id(node)] = stats[id(child)]
+                continue
+        elif not children and info is None and len(node.tails) == 1:  # at the floor: a module holding one tensor
+            tail, t = node.tails[0]
+            if t is not None and t.kind == "dense":
+                key = (tail, tuple(t.shape), t.dtype)
+                hit = floor_leaves.get(key)
+                if hit is None:
+                    sig = interned.setdefault((None, (), ((tail, (tuple(t.shape), t.dtype)),)), len(interned))
+                    hit = floor_leaves[key] = (sig, (t.numel, 1, frozenset((t.dtype,))))
+                sigs[id(node)], stats[id(node)] = hit
                 continue
         sigs[id(node)] = node_signature(node, _leaf_sig, sigs, interned)
         stats[id(node)] = _node_stats(node, stats, leaves, one_dtype)
