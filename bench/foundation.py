@@ -454,7 +454,7 @@ def _short(p: Path) -> str:
 
 
 def small_tensor_rows(workdir: Path, logdir: Path, repeat: int, counts: tuple[int, ...],
-                      shapes: tuple[str, ...]) -> list[Row]:
+                      shapes: tuple[str, ...], keep: bool = False) -> list[Row]:
     """torch files of many small tensors: the pickle, not the data, is the whole read. Times
     `surgery inspect` (the CLI, run as ``python -m cli.main`` from this checkout) and
     ``surgery.open`` against ``torch.load(weights_only=True)`` of the same file, in one group,
@@ -478,7 +478,8 @@ def small_tensor_rows(workdir: Path, logdir: Path, repeat: int, counts: tuple[in
                     Spec(f"surgery.open {shape} {n}", [py, "-c", OPEN_PT, str(path)], check_count(n)),
                 ], repeat, logdir)
             finally:
-                path.unlink(missing_ok=True)
+                if not keep:  # with --keep, a later run (or bench/inspect_stages.py) reuses it
+                    path.unlink(missing_ok=True)
             goal = {"max_ratio": 0.25, "max_cpu_ratio": 0.25}
             rows.append(Row(f"inspect pt, {n} {shape} keys", insp, base, goal, "ratio<=0.25"))
             rows.append(Row(f"surgery.open pt, {n} {shape} keys", opened, base, goal, "ratio<=0.25"))
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
               f"keys {', '.join(args.shapes)} "
               f"(1 untimed warm-up each, then {args.repeat} interleaved rounds):")
         try:
-            rows += small_tensor_rows(workdir, logdir, args.repeat, args.counts, args.shapes)
+            rows += small_tensor_rows(workdir, logdir, args.repeat, args.counts, args.shapes, args.keep)
         except subprocess.CalledProcessError as e:
             print(f"error: generating a small-tensor file failed (exit {e.returncode})", file=sys.stderr)
             return 1

@@ -102,7 +102,14 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
     """The keys as a tree of their dotted parts. With ``depth``, no node lies deeper: a node at
     that depth keeps the rest of each longer key, with its info, in ``tails`` (a model of 50,000
     tensors then needs one node per module shown, not one per name part)."""
+    return key_trie_bottom_up(items, depth)[-1]
+
+
+def key_trie_bottom_up(items: Iterable[tuple[str, Any]], depth: int | None = None) -> list[KeyNode]:
+    """`key_trie`'s nodes, children before their parent (as `bottom_up` orders them), the root
+    last: a node is made after its parent, so the order they are made in, reversed, is one."""
     root = KeyNode()
+    made = [root]
     floor = None if depth is None else max(depth, 0)
     for key, info in items:
         parts = key.split(".")
@@ -111,6 +118,7 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
             nxt = node.children.get(part)
             if nxt is None:
                 nxt = node.children[part] = KeyNode()
+                made.append(nxt)
             node = nxt
         if floor is None or len(parts) <= floor:
             node.info = info
@@ -118,7 +126,8 @@ def key_trie(items: Iterable[tuple[str, Any]], depth: int | None = None) -> KeyN
             node.tails = [(tuple(parts[floor:]), info)]
         else:
             node.tails.append((tuple(parts[floor:]), info))
-    return root
+    made.reverse()
+    return made
 
 
 def bottom_up(root: KeyNode) -> list[KeyNode]:
@@ -139,19 +148,25 @@ def subtree_signatures(root: KeyNode, leaf_sig: Callable[[Any], Hashable], order
     interned: dict[tuple, int] = {}
     out: dict[int, int] = {}
     for node in order or bottom_up(root):
-        children = node.children
-        if not children:
-            kids: tuple = ()
-        elif len(children) == 1:  # most modules of a large model hold one child: no sort, no generator
-            for name, child in children.items():
-                kids = ((name, out[id(child)]),)
-        else:
-            kids = tuple(sorted([(name, out[id(child)]) for name, child in children.items()]))
-        tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
-            else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
-        key = (None if node.info is None else leaf_sig(node.info), kids, tails)
-        out[id(node)] = interned.setdefault(key, len(interned))
+        out[id(node)] = node_signature(node, leaf_sig, out, interned)
     return out
+
+
+def node_signature(node: KeyNode, leaf_sig: Callable[[Any], Hashable], sigs: dict[int, int], interned: dict[tuple, int]) -> int:
+    """`subtree_signatures` of one node whose children's are in ``sigs`` (``interned``: the table
+    of the signatures handed out so far)."""
+    children = node.children
+    if not children:
+        kids: tuple = ()
+    elif len(children) == 1:  # most modules of a large model hold one child: no sort, no generator
+        for name, child in children.items():
+            kids = ((name, sigs[id(child)]),)
+    else:
+        kids = tuple(sorted([(name, sigs[id(child)]) for name, child in children.items()]))
+    tails = () if not node.tails else ((node.tails[0][0], leaf_sig(node.tails[0][1])),) if len(node.tails) == 1 \
+        else tuple(sorted((t, leaf_sig(i)) for t, i in node.tails))
+    key = (None if node.info is None else leaf_sig(node.info), kids, tails)
+    return interned.setdefault(key, len(interned))
 
 
 _INDEXED = re.compile(r"^(.*[_\-])?(\d+)$")

@@ -14,18 +14,21 @@ from .torch_records import TensorRef
 def tensor_infos(refs: dict[str, TensorRef], offsets: dict[str, tuple[int, int]], file: str, src: str) -> dict[str, TensorInfo]:
     out = {}
     dense = TensorInfo.dense
-    spans: dict[tuple, int] = {}  # (shape, stride) -> last element's distance from the first, -1 if none
+    # (shape, stride, dtype) -> (last element's distance from the first or -1 if none, item size)
+    spans: dict[tuple, tuple[int, int]] = {}
     for name, t in refs.items():
         if t.kind != "dense":  # quantized, sparse, nested, meta: built from parts
             out[name] = tensor_info(name, t, offsets, file, src)
             continue
         s = t.storage
         start, nbytes = offsets[s.key]
-        key = (t.shape, t.stride)
-        span = spans.get(key)
-        if span is None:
-            span = spans[key] = -1 if 0 in t.shape else sum((n - 1) * st for n, st in zip(t.shape, t.stride))
-        if span >= 0 and (t.storage_offset + span + 1) * itemsize(t.dtype) > nbytes:
+        key = (t.shape, t.stride, t.dtype)
+        lay = spans.get(key)
+        if lay is None:
+            lay = spans[key] = (-1 if 0 in t.shape else sum((n - 1) * st for n, st in zip(t.shape, t.stride)),
+                                itemsize(t.dtype))
+        span, size = lay
+        if span >= 0 and (t.storage_offset + span + 1) * size > nbytes:
             _check_extent(name, t, nbytes, src)  # raises, with the tensor named
         out[name] = dense(name, t.dtype, t.shape, file, start, nbytes, t.storage_offset, t.stride, s.key, s.location)
     return out

@@ -266,12 +266,13 @@ def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work
         if t is None:
             break
         key_put, loc, p_put, shape, shape_put, stride, stride_put, od, h_put, a_put, t_put = t.groups()
-        puts = [fb(name_put[1:], "little"), fb(key_put[1:], "little"), fb(p_put[1:], "little")]
+        # a PUT's index: its bytes after the opcode, read as one little-endian int with the opcode shifted out
+        puts = [fb(name_put, "little") >> 8, fb(key_put, "little") >> 8, fb(p_put, "little") >> 8]
         if shape_put:
-            puts.append(fb(shape_put[1:], "little"))
+            puts.append(fb(shape_put, "little") >> 8)
         if stride_put:
-            puts.append(fb(stride_put[1:], "little"))
-        puts += (fb(h_put[1:], "little"), fb(a_put[1:], "little"), fb(t_put[1:], "little"))
+            puts.append(fb(stride_put, "little") >> 8)
+        puts += (fb(h_put, "little") >> 8, fb(a_put, "little") >> 8, fb(t_put, "little") >> 8)
         if max(puts) > len(memo) + MEMO_SLACK or not memo.keys().isdisjoint(puts):
             break  # a slot far out, or one filled before: `_run` takes it opcode by opcode
         named = (fn, tag, stype, loc, od, shape, stride)

@@ -23,6 +23,21 @@ def _storage_problem(s: StorageRef) -> str | None:
     return None
 
 
+def _storage_problems(storages: dict[str, StorageRef]) -> list[str]:
+    """`_storage_problem` of each storage; one whose fields are plainly sound (what torch.save
+    writes, once per tensor) is passed in one line, any other goes through it (which words the error)."""
+    out = []
+    for s in storages.values():
+        key, loc, numel, entry = s.key, s.location, s.numel, DTYPES.get(s.dtype) if type(s.dtype) is str else None
+        if (entry is not None and type(key) is str and type(loc) is str and type(numel) is int and len(key) <= MAX_NAME
+                and len(loc) <= MAX_NAME and 0 <= numel and numel * entry[0] <= MAX_INT64):
+            continue
+        problem = _storage_problem(s)
+        if problem:
+            out.append(problem)
+    return out
+
+
 def _int64s(values: tuple) -> bool:
     for x in values:
         if type(x) is not int or not 0 <= x <= MAX_INT64:
@@ -102,7 +117,13 @@ def reachable(obj: Any, kind: type) -> list[Any]:
         if isinstance(x, kind):
             out.append(x)
         elif isinstance(x, dict):
-            stack.extend(x.values())
+            for v in x.values():  # a state dict's values, taken here: one loop step per tensor, not three
+                if type(v) is kind:
+                    if id(v) not in seen:
+                        seen.add(id(v))
+                        out.append(v)
+                else:
+                    stack.append(v)
         elif isinstance(x, (list, tuple, set, frozenset)):
             stack.extend(x)
         elif isinstance(x, Opaque):
@@ -115,7 +136,7 @@ def check_records(tensors: list[TensorRef], storages: dict[str, StorageRef], sou
     nothing a later opcode changed escapes): dtypes known, sizes, strides and offsets in int64,
     rank at most MAX_RANK, every view inside its storage; parts of sparse, nested and quantized
     tensors likewise. Raises one FormatError for all."""
-    problems = [p for p in map(_storage_problem, storages.values()) if p]
+    problems = _storage_problems(storages)
     if not problems:
         problems = _tensor_problems(tensors, storages)
     if problems:

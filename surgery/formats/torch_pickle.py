@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import io
 import os
 import pickle
@@ -21,7 +22,7 @@ from ..checkpoint import canonical_from_torch, gc_paused
 from ..errors import FormatError, UnsafeCheckpointError
 from .pickle_scan import Truncated, scan
 from .record_checks import _records, check_records
-from .torch_records import (_LEGACY_TENSOR_DTYPES, _QSCHEMES, _STORAGE_DTYPES, DType, LegacyTensorType, Opaque, QScheme,
+from .torch_records import (_LEGACY_TENSOR_DTYPES, _Dict, _QSCHEMES, _STORAGE_DTYPES, DType, LegacyTensorType, Opaque, QScheme,
                             StorageRef, StorageType, TensorRef, _bytearray, _codecs_encode, _device, _get_layout,
                             _LegacyTensor, _opaque_class, _ordered_dict, _Parameter, _rebuild_device_tensor_from_cpu_tensor,
                             _rebuild_device_tensor_from_numpy, _rebuild_from_type_v2, _rebuild_meta_tensor_no_storage,
@@ -144,14 +145,16 @@ def _explain(refused: list[str], obj: Any, classes: dict[str, type]) -> Refused:
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, accept: set[str], extra: dict[tuple[str, str], Any] | None, pid_handler: Callable | None,
                  pickle_bytes: int):
+        self.storages: dict[str, StorageRef] = {}
+        self.pid_handler = pid_handler
+        if pid_handler is None:  # torch's storage ids, once per tensor: no method frame around `storage_ref`
+            self.persistent_load = functools.partial(storage_ref, storages=self.storages)
         super().__init__(f, encoding="utf-8")
         self.size = pickle_bytes
         self.meter = _Meter(pickle_bytes)
         self.accept = accept
         self.extra = extra or {}
         self.refused: list[str] = []
-        self.storages: dict[str, StorageRef] = {}
-        self.pid_handler = pid_handler
         self.opaque: dict[str, type] = {}
 
     def load(self) -> Any:
@@ -319,6 +322,18 @@ class _Metered(_Call):
         return self.fn(*args, **kwargs)
 
 
+class _MeteredDict(_Metered):
+    """`_Metered` of OrderedDict: torch.save's empty OrderedDict of hooks, once per tensor, is made
+    in this frame (``_ordered_dict()`` is ``_Dict()``), and builds nothing to charge."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:
+            return _Dict()
+        return _Metered.__call__(self, *args, **kwargs)
+
+
 BUILD_BUDGET = 1 << 20
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 _METERED = {id(f) for f in (_torch_size, _ordered_dict, _bytearray, _codecs_encode, set, frozenset,
@@ -335,6 +350,8 @@ class _Guarded(_Unpickler):
         obj = super().find_class(module, name)
         if isinstance(obj, _Sealed) or not callable(obj):
             return obj
+        if obj is _ordered_dict:
+            return _MeteredDict(obj, self.meter)
         if id(obj) in _METERED:
             return _Metered(obj, self.meter)
         if isinstance(obj, type) and hasattr(obj, "__setstate__"):

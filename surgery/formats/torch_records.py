@@ -175,7 +175,24 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    # what torch.save writes for every tensor, passed in this frame: a storage record, an int offset and
+    # two tuples of one rank of plain non-negative ints, which `_tensor` would keep as they are; it
+    # takes (and checks) anything else
+    if (type(storage) is StorageRef and type(storage_offset) is int and type(size) is tuple and type(stride) is tuple
+            and storage_offset >= 0 and len(size) == len(stride) <= MAX_RANK and _plain_dims(size, stride)):
+        return TensorRef(storage, storage_offset, size, stride, storage.dtype, bool(requires_grad))
     return _tensor(storage, storage_offset, size, stride, requires_grad, None)
+
+
+def _plain_dims(size: tuple, stride: tuple) -> bool:
+    """Every size and stride a plain non-negative int (a loop: a tensor has a few dimensions)."""
+    for x in size:
+        if type(x) is not int or x < 0:
+            return False
+    for x in stride:
+        if type(x) is not int or x < 0:
+            return False
+    return True
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):

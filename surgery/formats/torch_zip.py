@@ -123,20 +123,21 @@ def _check_records(zf: ZipIndex, prefix: str, src: str) -> None:
 def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str, tuple[int, int]]:
     """Each storage's (absolute offset, bytes): a stored entry wholly inside the archive."""
     keys = list(storages)
-    entries = []
-    for key in keys:
-        entry = f"{prefix}data/{key}"
-        found = zf.find(entry)
-        zi = None if found is None else zf.entries[found]
-        if zi is None:
-            raise FormatError(f"{src}: storage {key!r} is referenced but {entry!r} is missing; the file is incomplete")
-        if zi.method != STORED:
-            raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
-        entries.append(found)
+    by_name = zf.entries
+    names = [f"{prefix}data/{key}" for key in keys]
+    # the exact name is the entry `find` returns: `_check_names` refused two names equal ignoring case
+    found = [n if n in by_name else zf.find(n) for n in names]
+    infos = [None if f is None else by_name[f] for f in found]
+    if None in infos or any(zi.method != STORED for zi in infos):
+        for key, name, zi in zip(keys, names, infos):
+            if zi is None:
+                raise FormatError(f"{src}: storage {key!r} is referenced but {name!r} is missing; the file is incomplete")
+            if zi.method != STORED:
+                raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
     offsets: dict[str, tuple[int, int]] = {}
     base, end = zf.base, zf.length
-    for key, entry, start in zip(keys, entries, zf.data_offsets(entries)):
-        nbytes = zf.entries[entry].file_size
+    for key, zi, start in zip(keys, infos, zf.data_offsets(found)):
+        nbytes = zi.file_size
         if start + nbytes > end:
             raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")
         offsets[key] = (base + start, nbytes)

@@ -43,7 +43,7 @@ class InspectReport:
         first_view: dict[tuple, tuple] = {}  # storage -> the first view of it seen
         shared: set[tuple] = set()
         summary: dict[str, dict[str, int]] = {}
-        numels: dict[tuple, int] = {}  # a model repeats a few shapes many times
+        numels: dict[tuple, tuple[int, int]] = {}  # (shape, dtype) -> (elements, bytes): a model repeats a few
         devices: dict[str, int] = {}
         for name, t in self.ckpt.tensors.items():
             dense = t.kind == "dense"
@@ -67,11 +67,12 @@ class InspectReport:
                 d = summary[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
             d["tensors"] += 1
             if dense and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES:  # `numel` and `nbytes`, inlined
-                n = numels.get(t.shape)
-                if n is None:
-                    n = numels[t.shape] = math.prod(t.shape)
-                d["params"] += n
-                d["bytes"] += n * itemsize(t.dtype)
+                sized = numels.get((t.shape, t.dtype))
+                if sized is None:
+                    n = math.prod(t.shape)
+                    sized = numels[(t.shape, t.dtype)] = (n, n * itemsize(t.dtype))
+                d["params"] += sized[0]
+                d["bytes"] += sized[1]
             else:
                 d["params"] += t.numel
                 d["bytes"] += t.nbytes

@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..keys import bottom_up as _bottom_up
-from ..keys import KeyNode, common_prefix, detect_wrapper_prefixes
-from ..keys import key_trie as _trie
-from ..keys import subtree_signatures as _signatures
+from ..keys import KeyNode, common_prefix, detect_wrapper_prefixes, key_trie_bottom_up, node_signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import TensorInfo
@@ -78,51 +75,78 @@ class TreeRow:
                 "shape": None if self.shape is None else list(self.shape), "repeat": self.repeat}
 
 
-def _subtree_stats(order: list["KeyNode"]) -> dict[int, tuple[int, int, frozenset]]:
-    """id(node) -> (elements, tensors, dtypes) of its whole subtree; ``order``: children first."""
+def _leaf_sig(t: "TensorInfo") -> tuple:
+    return (tuple(t.shape), t.dtype)
+
+
+def _sigs_and_stats(order: list["KeyNode"]) -> tuple[dict[int, int], dict[int, tuple[int, int, frozenset]]]:
+    """`keys.subtree_signatures` by (shape, dtype), and id(node) -> (elements, tensors, dtypes) of
+    its whole subtree, in one pass (``order``: children first). A model of many tensors is mostly
+    tensor leaves, modules holding one child and (at the depth shown) modules holding one tensor:
+    each is worked out once per (shape, dtype), (name, child) or (rest of key, shape, dtype), the
+    other nodes node by node."""
+    interned: dict[tuple, int] = {}
+    sigs: dict[int, int] = {}
     stats: dict[int, tuple[int, int, frozenset]] = {}
+    leaves: dict[tuple, tuple[int, tuple[int, int, frozenset]]] = {}  # (shape, dtype) -> (signature, stats)
+    floor_leaves: dict[tuple, tuple[int, tuple[int, int, frozenset]]] = {}  # (rest of key, shape, dtype) -> the same
     one_dtype: dict[str, frozenset] = {}
-    empty: frozenset = frozenset()
-    leaf_stats: dict[tuple, tuple[int, int, frozenset]] = {}  # (shape, dtype) of a dense tensor -> its figures
     for node in order:
-        tails, children, info = node.tails, node.children, node.info
-        if tails is None and len(children) == 1 and info is None:  # a module holding one module: its figures
-            for child in children.values():
-                stats[id(node)] = stats[id(child)]
-            continue
-        if not children and tails is None and info is not None and info.kind == "dense":  # a tensor
-            key = (tuple(info.shape), info.dtype)
-            st = leaf_stats.get(key)
-            if st is None:
-                st = leaf_stats[key] = (info.numel, 1, frozenset((info.dtype,)))
-            stats[id(node)] = st
-            continue
-        if not children and info is None and tails is not None and len(tails) == 1:
-            info = tails[0][1]  # the commonest node at the depth shown: one module holding one tensor
-            if info is not None and info.kind == "dense":
+        children, info = node.children, node.info
+        if node.tails is None:
+            if not children and info is not None and info.kind == "dense":  # a tensor
                 key = (tuple(info.shape), info.dtype)
-                st = leaf_stats.get(key)
-                if st is None:
-                    st = leaf_stats[key] = (info.numel, 1, frozenset((info.dtype,)))
-                stats[id(node)] = st
+                hit = leaves.get(key)
+                if hit is None:
+                    hit = leaves[key] = (interned.setdefault((key, (), ()), len(interned)),
+                                         (info.numel, 1, frozenset((info.dtype,))))
+                sigs[id(node)], stats[id(node)] = hit
                 continue
-        params, count, dts = 0, 0, empty
-        infos = [] if node.info is None else [node.info]
-        if tails is not None:
-            infos += [i for _, i in tails if i is not None]
-        for info in infos:
-            params += info.numel
-            count += 1
-            d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
-            if d is not dts:
-                dts = d if dts <= d else dts if d <= dts else dts | d
-        for child in node.children.values():
-            p, c, d = stats[id(child)]
-            params += p
-            count += c
+            if info is None and len(children) == 1:  # a module holding one module or tensor: its figures
+                for name, child in children.items():
+                    sigs[id(node)] = interned.setdefault((None, ((name, sigs[id(child)]),), ()), len(interned))
+                    stats[id(node)] = stats[id(child)]
+                continue
+        elif not children and info is None and len(node.tails) == 1:  # at the floor: a module holding one tensor
+            tail, t = node.tails[0]
+            if t is not None and t.kind == "dense":
+                key = (tail, tuple(t.shape), t.dtype)
+                hit = floor_leaves.get(key)
+                if hit is None:
+                    sig = interned.setdefault((None, (), ((tail, (tuple(t.shape), t.dtype)),)), len(interned))
+                    hit = floor_leaves[key] = (sig, (t.numel, 1, frozenset((t.dtype,))))
+                sigs[id(node)], stats[id(node)] = hit
+                continue
+        sigs[id(node)] = node_signature(node, _leaf_sig, sigs, interned)
+        stats[id(node)] = _node_stats(node, stats, leaves, one_dtype)
+    return sigs, stats
+
+
+def _node_stats(node: "KeyNode", stats: dict, leaves: dict, one_dtype: dict) -> tuple[int, int, frozenset]:
+    """(elements, tensors, dtypes) of ``node``'s subtree, its children's in ``stats``."""
+    tails = node.tails
+    if not node.children and node.info is None and tails is not None and len(tails) == 1:
+        info = tails[0][1]  # the commonest node at the depth shown: one module holding one tensor
+        if info is not None and info.kind == "dense":
+            key = (tuple(info.shape), info.dtype)
+            hit = leaves.get(key)
+            return hit[1] if hit is not None else (info.numel, 1, frozenset((info.dtype,)))
+    params, count, dts = 0, 0, frozenset()
+    infos = [] if node.info is None else [node.info]
+    if tails is not None:
+        infos += [i for _, i in tails if i is not None]
+    for info in infos:
+        params += info.numel
+        count += 1
+        d = one_dtype.get(info.dtype) or one_dtype.setdefault(info.dtype, frozenset((info.dtype,)))
+        if d is not dts:
             dts = d if dts <= d else dts if d <= dts else dts | d
-        stats[id(node)] = (params, count, dts)
-    return stats
+    for child in node.children.values():
+        p, c, d = stats[id(child)]
+        params += p
+        count += c
+        dts = d if dts <= d else dts if d <= dts else dts | d
+    return params, count, dts
 
 
 _DIGITS = "0123456789"
@@ -145,7 +169,9 @@ def _label(names: list[str], stem: str) -> str:
     """'layer{0..11}' for runs of three or more, 'layer{0,1,5}' otherwise; ``names`` share ``stem``."""
     if len(names) == 1:
         return names[0]
-    ordered = sorted((int(n[len(stem):]), n[len(stem):]) for n in names)
+    k = len(stem)
+    nums = [n[k:] for n in names]
+    ordered = sorted(zip(map(int, nums), nums))  # C loops: a run may hold 200,000 names
     text: list[str] = []
     start = 0
     for i in range(1, len(ordered) + 1):
@@ -191,10 +217,9 @@ def module_tree(infos: Mapping[str, "TensorInfo"], depth: int | None = None) -> 
     rows with at most that many components (``depth=2``: ``layer1``, ``layer1.{0,1}``). Indent by
     ``row.depth - 1``.
     """
-    root = _trie(infos.items(), depth)
-    order = _bottom_up(root)
-    sigs = _signatures(root, lambda t: (tuple(t.shape), t.dtype), order)
-    stats = _subtree_stats(order)
+    order = key_trie_bottom_up(infos.items(), depth)
+    root = order[-1]
+    sigs, stats = _sigs_and_stats(order)
     rows: list[TreeRow] = []
     todo = [(label, members, "", 1, 1) for label, members in reversed(_tree_groups(root, sigs))]
     while todo:  # depth first, parents before children, in key order
