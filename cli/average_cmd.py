@@ -29,14 +29,10 @@ def average(
     """Average checkpoints tensor by tensor: floating tensors in float64, cast back to their dtype;
     integer buffers (num_batches_tracked) from the first. Wrapper prefixes (module., _orig_mod.,
     _forward_module.) are stripped; names, shapes and dtypes must agree. Streamed."""
-    from surgery.errors import RuleError
     from surgery.merging.average import average as run
+    from surgery.merging.options import weights_text
 
-    try:
-        w = [float(x) for x in weights.split(",")] if weights is not None else None
-    except ValueError:
-        raise RuleError(f"--weights {weights!r}: give numbers separated by commas, e.g. 1,1,2") from None
-    rep = run(inputs, out, w, force=force, allow_globals=tuple(allow_global or ()))
+    rep = run(inputs, out, weights_text(weights), force=force, allow_globals=tuple(allow_global or ()))
     if as_json:
         print_json(rep.to_json())
         return

@@ -19,7 +19,9 @@ from ..checkpoint import Checkpoint, tensor_bytes, torch_dtype
 from ..errors import RuleError
 from ..formats.writing import Entry
 from . import methods
+from ..option_table import options_from, signature
 from .inputs import MERGED, copy_source, check_output, open_inputs, write
+from .options import MergeOptions
 
 SCHEMA = "surgery.merge/1"
 METHODS = ("linear", "task-arithmetic", "ties", "dare", "slerp")
@@ -73,43 +75,45 @@ class MergeReport:
                 "copied": self.copied, "files": self.files, "bytes_written": self.bytes_written}
 
 
-def merge(models: Sequence[str | os.PathLike], out: str | os.PathLike, method: str, *,
-          base: str | os.PathLike | None = None, weights: Sequence[float] | None = None, density: float | None = None,
-          lam: float | None = None, t: float | None = None, normalize: bool | None = None, rescale: str | None = None,
-          seed: int | None = None, force: bool = False, allow_globals: Sequence[str] = ()) -> MergeReport:
-    """Merge ``models`` (onto ``base`` for task-arithmetic, ties and dare) into ``out``.
+def merge(models: Sequence[str | os.PathLike], out: str | os.PathLike, method: str,
+          options: MergeOptions | None = None, **keywords: Any) -> MergeReport:
+    """Merge ``models`` (onto ``base`` for task-arithmetic, ties and dare) into ``out``; the
+    keywords are :class:`MergeOptions`' fields.
 
     >>> merge(["math.safetensors", "code.safetensors"], "ties.safetensors", "ties", base="base.safetensors",
     ...       density=0.2)  # doctest: +SKIP
     """
+    o = options_from(MergeOptions, options, keywords, "merge")
     paths, out = [Path(p) for p in models], Path(out)
-    base_path = Path(base) if base is not None else None
-    params = check_params(method, len(paths), base_path is not None, weights=weights, density=density, lam=lam,
-                          t=t, normalize=normalize, rescale=rescale, seed=seed)
-    everyone = ([base_path] if base_path else []) + paths
-    src = open_inputs(everyone, "merge", allow_globals)
-    fmt = check_output(out, src.paths, src.ckpts, force)
-    report = MergeReport(method, params, str(base_path) if base_path else None, [str(p) for p in paths], str(out),
+    params = check_params(method, len(paths), o)
+    src = open_inputs(([o.base] if o.base else []) + paths, "merge", o.allow_globals)
+    fmt = check_output(out, src.paths, src.ckpts, o.force)
+    report = MergeReport(method, params, str(o.base) if o.base else None, [str(p) for p in paths], str(out),
                          fmt.name, list(src.prefixes))
     entries = []
     for clean, orig in src.names[0].items():
         info = src.ckpts[0].tensors[orig]
         if info.dtype in MERGED:
             report.merged.append(clean)
-            read: Callable[[], Any] = _merged_source(clean, src.sources(clean), params, base_path is not None,
+            read: Callable[[], Any] = _merged_source(clean, src.sources(clean), params, o.base is not None,
                                                      info.dtype)
         else:
             report.copied.append(clean)
             read = copy_source(src.ckpts[0], orig)
         entries.append(Entry(clean, info.dtype, tuple(info.shape), read))
-    record = {"method": method, "base": base_path.name if base_path else None, "models": [p.name for p in paths],
+    record = {"method": method, "base": o.base.name if o.base else None, "models": [p.name for p in paths],
               **report.to_json()["params"]}
     report.files, report.bytes_written = write(out, fmt, entries, "surgery.merge", record)
     return report
 
 
-def check_params(method: str, n_models: int, has_base: bool, **given: Any) -> MergeParams:
+merge.__signature__ = signature(merge, MergeOptions)  # type: ignore[attr-defined]
+
+
+def check_params(method: str, n_models: int, o: MergeOptions) -> MergeParams:
     """The parameters with defaults filled in, or one error listing every problem."""
+    has_base = o.base is not None
+    given = {k: getattr(o, k) for k in _FLAG}
     if method not in METHODS:
         raise RuleError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     takes = _TAKES[method]
