@@ -108,25 +108,23 @@ def soup(runs: Sequence[str | os.PathLike], data: str | os.PathLike, out: str | 
     chosen = kept if method == "greedy" else list(range(len(ing)))
     state, final, bn = _batchnorm(ing, sc, chosen)
     tell("bn", bn)
-    report = _report(out_p, method, ing, sc, order, alone, kept, steps, greedy, uniform, chosen, final, bn, interp)
-    report.files = _write(out_p, ing, order[0], state, report)
-    return report
-
-
-def _report(out: Path, method: str, ing: Any, sc: Any, order: list[int], alone: list, kept: list[int],
-            steps: list[dict], greedy: Any, uniform: Any, chosen: list[int], final: Any, bn: dict,
-            interp: dict) -> SoupReport:
     best = alone[order[0]]
-    return SoupReport(
-        out=str(out), method=method, images=len(sc.val),
+    report = SoupReport(
+        out=str(out_p), method=method, images=len(sc.val),
         ingredients=[{"path": str(ing.paths[i]), "val_acc": alone[i].accuracy, "val_loss": alone[i].loss}
                      for i in order],
         kept=[str(ing.paths[i]) for i in kept], steps=steps,
         val_acc={"best_run": best.accuracy, "uniform": uniform.accuracy, "greedy": greedy.accuracy,
                  "out": final.accuracy},
         val_loss=final.loss, bn=bn, interpolation=interp,
-        verdict=("best-run" if chosen == [order[0]] and bn["kept"] == "averaged"
-                 else "soup" if final.accuracy > best.accuracy else "no-gain"))
+        verdict=_verdict(chosen == [order[0]] and bn["kept"] == "averaged", final.accuracy, best.accuracy))
+    report.files = _write(out_p, ing, order[0], state, report)
+    return report
+
+
+def _verdict(is_best_run: bool, out_acc: float, best_acc: float) -> str:
+    """"best-run": OUT is the best run unchanged; "soup": OUT beats it; "no-gain": it does not."""
+    return "best-run" if is_best_run else "soup" if out_acc > best_acc else "no-gain"
 
 
 def _interpolation(ing: Any, sc: Any, a: int, b: int) -> dict:
