@@ -71,6 +71,11 @@ def as_tensor(v: Any) -> TensorRef | None:
 
 def _tensor_entries(d: dict | list | tuple, share: float = 0.5) -> tuple[dict[str, TensorRef], dict[str, Any]] | None:
     """A tensor dict or list: string keys (list indices), values mostly (``share``) tensors; else None."""
+    if isinstance(d, dict):  # a state dict as torch.save writes it, every value a tensor record: one pass
+        tensors = {k: v for k, v in d.items() if type(v) is TensorRef and type(k) is str
+                   and (v.kind != "dense" or type(v.storage) is StorageRef)}
+        if tensors and len(tensors) == len(d):
+            return tensors, {}
     # most large containers in a checkpoint hold no tensor at all: ruled out before any item is built
     refs = sum(1 for v in (d.values() if isinstance(d, dict) else d) if isinstance(v, (TensorRef, StorageRef)))
     if not refs or refs < share * len(d):

@@ -9,7 +9,9 @@ import functools
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from ..checkpoint import PACKED_DTYPES, SUB_BYTE_DTYPES, Checkpoint, TensorInfo, gc_paused, itemsize
@@ -38,45 +40,30 @@ class InspectReport:
     @functools.cached_property
     def _groups(self) -> tuple[dict[tuple, list[str]], set[tuple], dict[str, dict[str, int]], dict[str, int]]:
         """`views`, the storages (file, offset) that two different views share, `dtype_summary`
-        and `devices`: one pass over the tensors, which may be hundreds of thousands."""
+        and `devices`. A checkpoint may hold hundreds of thousands of tensors: what can be is
+        counted by C loops (`attrgetter`, `Counter`), and only tied or non-plain tensors one by one."""
+        tensors = self.ckpt.tensors
+        infos = list(tensors.values())
+        layouts = Counter(map(attrgetter("kind", "dtype", "shape"), infos))
+        if all(kind == "dense" for kind, _, _ in layouts):  # `view_key` of a dense tensor, in one C call each
+            keys = list(map(attrgetter(*_DENSE_VIEW), infos))
+        else:
+            keys = [t.view_key for t in infos]
         groups: dict[tuple, list[str]] = {}
-        first_view: dict[tuple, tuple] = {}  # storage -> the first view of it seen
-        shared: set[tuple] = set()
-        summary: dict[str, dict[str, int]] = {}
-        numels: dict[tuple, tuple[int, int]] = {}  # (shape, dtype) -> (elements, bytes): a model repeats a few
-        devices: dict[str, int] = {}
-        for name, t in self.ckpt.tensors.items():
-            dense = t.kind == "dense"
-            if dense:  # as `view_key` spells it, without a property call per tensor
-                key = (t.file, t.data_offset, t.storage_offset, t.shape, t.stride, t.dtype)
-            else:
-                key = t.view_key
-            device = t.device
-            devices[device] = devices.get(device, 0) + 1
-            g = groups.get(key)
-            if g is not None:
-                g.append(name)
-                continue
-            groups[key] = [name]
-            if dense or t.kind == "quantized":  # `has_storage`: sparse, nested, meta own none
-                storage = (t.file, t.data_offset)
-                if first_view.setdefault(storage, key) is not key:
-                    shared.add(storage)
-            d = summary.get(t.dtype)  # each view counted once, as its first name
-            if d is None:
-                d = summary[t.dtype] = {"tensors": 0, "params": 0, "bytes": 0}
-            d["tensors"] += 1
-            if dense and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES:  # `numel` and `nbytes`, inlined
-                sized = numels.get((t.shape, t.dtype))
-                if sized is None:
-                    n = math.prod(t.shape)
-                    sized = numels[(t.shape, t.dtype)] = (n, n * itemsize(t.dtype))
-                d["params"] += sized[0]
-                d["bytes"] += sized[1]
-            else:
-                d["params"] += t.numel
-                d["bytes"] += t.nbytes
-        return groups, shared, summary, devices
+        if len(set(keys)) == len(keys):  # no two names view the same bytes the same way
+            groups = {k: [n] for k, n in zip(keys, tensors)}
+            firsts = infos
+        else:
+            for name, key in zip(tensors, keys):
+                g = groups.get(key)
+                if g is None:
+                    groups[key] = [name]
+                else:
+                    g.append(name)
+            firsts = [tensors[g[0]] for g in groups.values()]
+            layouts = Counter(map(attrgetter("kind", "dtype", "shape"), firsts))
+        devices = dict(Counter(map(attrgetter("device"), infos)))
+        return groups, _shared_storages(firsts), _dtype_summary(firsts, layouts), devices
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -113,6 +100,8 @@ class InspectReport:
         """Packed FP4 weights with scales beside them (`remapping.fp4.Packed`)."""
         from ..remapping import fp4
 
+        if not fp4.VALUES_PER_ELEMENT.keys() & self.dtype_summary.keys():  # no dtype FP4 is packed in: no names to pair
+            return []
         return list(fp4.packed_in(self.ckpt).values())
 
     @property
@@ -173,6 +162,44 @@ class InspectReport:
             data["tensors"] = [{"name": n, "dtype": c.tensors[n].dtype, "shape": list(c.tensors[n].shape),
                                 "params": c.tensors[n].numel, "kind": c.tensors[n].kind} for n in self.keys]
         return data
+
+
+_DENSE_VIEW = ("file", "data_offset", "storage_offset", "shape", "stride", "dtype")  # as `TensorInfo.view_key`
+
+
+def _shared_storages(views: list[TensorInfo]) -> set[tuple]:
+    """The storages (file, offset) that two of ``views`` (one tensor per view of bytes) view differently."""
+    held = [(t.file, t.data_offset) for t in views if t.kind == "dense" or t.kind == "quantized"]  # `has_storage`
+    if len(set(held)) == len(held):
+        return set()
+    seen: set[tuple] = set()
+    return {s for s in held if s in seen or seen.add(s)}
+
+
+def _dtype_summary(views: list[TensorInfo], layouts: Counter) -> dict[str, dict[str, int]]:
+    """dtype -> tensors, params, bytes of ``views`` (one tensor per view of bytes), in the order
+    the dtypes first appear; ``layouts`` counts their (kind, dtype, shape). A model repeats a few
+    layouts: plain tensors are counted by layout, the others one by one."""
+    summary: dict[str, dict[str, int]] = {}
+    others = False
+    for (kind, dtype, shape), n in layouts.items():
+        d = summary.get(dtype)
+        if d is None:
+            d = summary[dtype] = {"tensors": 0, "params": 0, "bytes": 0}
+        if kind == "dense" and dtype not in PACKED_DTYPES and dtype not in SUB_BYTE_DTYPES:
+            numel = math.prod(shape)
+            d["tensors"] += n
+            d["params"] += n * numel
+            d["bytes"] += n * numel * itemsize(dtype)
+        else:
+            others = True
+    for t in views if others else ():
+        if not (t.kind == "dense" and t.dtype not in PACKED_DTYPES and t.dtype not in SUB_BYTE_DTYPES):
+            d = summary[t.dtype]
+            d["tensors"] += 1
+            d["params"] += t.numel
+            d["bytes"] += t.nbytes
+    return summary
 
 
 def inspect(path: str | os.PathLike, *, select: str | None = None, allow_globals: tuple[str, ...] = (),
