@@ -70,6 +70,21 @@ def _check_record(src: str, raw: bytes, flags: int, method: int, csize: int, siz
         raise _corrupt(src, f"entry {raw[:60]!r} {problem}; torch refuses such an archive")
 
 
+def _check_name(raw: bytes, src: str) -> None:
+    if b"\0" in raw or len(raw) >= MAX_NAME_BYTES:
+        # torch reads names as C strings in a buffer of 512 bytes: a NUL or a long name is cut short
+        raise _corrupt(src, f"entry name {raw[:60]!r} holds a NUL byte or is {MAX_NAME_BYTES} bytes or longer; torch "
+                            f"would read it cut short")
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _corrupt(src: str, why: str) -> FormatError:
     return FormatError(f"{src}: not a readable zip archive ({why}); the file may be truncated or corrupt")
 
@@ -146,8 +161,9 @@ class ZipIndex:
 
     def _directory(self, start_dir: int, size_cd: int, count: int) -> None:
         cd = self._pread(size_cd, start_dir)
-        unpack, concat, entries, names = _CENTRAL.unpack_from, self.concat, self.entries, self.names
-        folded_names, length = self._folded, self.length
+        unpack, concat, length = _CENTRAL.unpack_from, self.concat, self.length
+        raws: list[bytes] = []
+        records: list[Entry] = []
         new, entry = tuple.__new__, Entry  # an Entry without its Python-level __new__: one per entry
         pos = 0
         while pos < size_cd:
@@ -162,29 +178,41 @@ class ZipIndex:
             if end + elen + clen > size_cd:
                 raise _corrupt(self.src, "truncated central directory")
             raw = cd[pos + 46:end]
-            if b"\0" in raw or nlen >= MAX_NAME_BYTES:
-                # torch reads names as C strings in a buffer of 512 bytes: a NUL or a long name is cut short
-                raise _corrupt(self.src, f"entry name {raw[:60]!r} holds a NUL byte or is {MAX_NAME_BYTES} bytes or "
-                                         f"longer; torch would read it cut short")
-            try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _corrupt(self.src, f"entry name {raw[:60]!r} is not UTF-8") from None
+            if nlen >= MAX_NAME_BYTES:
+                _check_name(raw, self.src)
             if elen:
                 size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
             if (flags & _REFUSED_FLAGS or method != STORED or csize != size or disk > 1
                     or offset + concat + 30 + csize > length):  # anything but a plain stored entry: worded there
                 _check_record(self.src, raw, flags, method, csize, size, disk, offset + concat, length)
-            folded = raw.lower()
-            if folded in folded_names:
-                self.twice.append(name)
-            folded_names[folded] = name
-            names.append(name)
-            entries[name] = new(entry, (offset + concat, method, flags, crc, csize, size))
+            raws.append(raw)
+            records.append(new(entry, (offset + concat, method, flags, crc, csize, size)))
             pos = end + elen + clen
-        if len(names) != count:
+        if len(raws) != count:
             # torch walks as many records as the end record counts, zipfile as many as fit its size
-            raise _corrupt(self.src, f"its end record counts {count} entries, its central directory holds {len(names)}")
+            raise _corrupt(self.src, f"its end record counts {count} entries, its central directory holds {len(raws)}")
+        self._name(raws, records)
+
+    def _name(self, raws: list[bytes], records: list[Entry]) -> None:
+        """Decode the entry names and index them as torch looks them up, all at once: once no name
+        holds a NUL byte, the names joined by NUL decode (or fail) as each would alone, and split
+        back at NUL."""
+        joined = b"\0".join(raws)
+        if raws and joined.count(b"\0") != len(raws) - 1:
+            for raw in raws:
+                _check_name(raw, self.src)
+        try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
+            names = joined.decode("utf-8").split("\0") if raws else []
+        except UnicodeDecodeError:
+            bad = next(raw for raw in raws if not _utf8(raw))
+            raise _corrupt(self.src, f"entry name {bad[:60]!r} is not UTF-8") from None
+        folded = joined.lower().split(b"\0") if raws else []
+        self.names = names
+        self._folded = dict(zip(folded, names))  # as torch's lookup: ASCII case ignored
+        if len(self._folded) < len(names):  # names equal ignoring ASCII case: each one after the first
+            seen: set[bytes] = set()
+            self.twice = [name for f, name in zip(folded, names) if f in seen or seen.add(f)]
+        self.entries = dict(zip(names, records))
 
     def data_offset(self, name: str) -> int:
         """Offset (from the archive's start) of a stored entry's first byte: after its local header."""

@@ -195,3 +195,30 @@ def test_a_central_directory_the_size_of_a_huge_file_is_refused_before_it_is_rea
         surgery.open(path)
     r = cli("inspect", path)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+
+@pytest.mark.parametrize("name, match", [
+    (b"small/data/\xff", r"entry name b'small/data/\\xff' is not UTF-8"),
+    (b"small/data\xc3\xa9", "not UTF-8"),  # valid UTF-8: read, then refused for what it names
+    (b"small/data/\xc3", r"entry name b'small/data/\\xc3' is not UTF-8"),  # a sequence cut short by the name's end
+    (b"small/DATA/8", "holds 1 entry twice .*'small/data/8'"),  # torch's lookup ignores ASCII case
+])
+def test_names_are_decoded_and_compared_as_torch_looks_them_up(tmp_path, name, match):
+    """The names are decoded all at once: a bad one is still named, wherever it lies."""
+    src = _small(tmp_path)
+    raw = bytearray(src.read_bytes())
+    end = _eocd_at(raw)
+    cd = struct.unpack_from("<L", raw, end + 16)[0]
+    target = b"small/data/7"  # an entry in the middle of the directory, renamed in place
+    assert len(name) == len(target)
+    rec = next(i for i in range(cd, end) if raw[i:i + 4] == b"PK\x01\x02"
+               and raw[i + 46:i + 46 + struct.unpack_from("<H", raw, i + 28)[0]] == target)
+    raw[rec + 46:rec + 46 + len(target)] = name
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    if match == "not UTF-8":  # the renamed entry reads; storage 7 is then missing
+        match = "storage '7' is referenced but 'small/data/7' is missing"
+    with pytest.raises(FormatError, match=match) as e:
+        surgery.open(bad)
+    assert "\n" not in str(e.value)
