@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from operator import itemgetter
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, gc_paused
@@ -126,9 +127,9 @@ def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str,
     by_name = zf.entries
     names = [f"{prefix}data/{key}" for key in keys]
     # the exact name is the entry `find` returns: `_check_names` refused two names equal ignoring case
-    found = [n if n in by_name else zf.find(n) for n in names]
-    infos = [None if f is None else by_name[f] for f in found]
-    if None in infos or any(zi.method != STORED for zi in infos):
+    found = names if all(map(by_name.__contains__, names)) else [n if n in by_name else zf.find(n) for n in names]
+    infos = list(map(by_name.get, found))
+    if None in infos or any(map(STORED.__ne__, map(itemgetter(1), infos))):  # an entry missing or not stored
         for key, name, zi in zip(keys, names, infos):
             if zi is None:
                 raise FormatError(f"{src}: storage {key!r} is referenced but {name!r} is missing; the file is incomplete")
@@ -136,7 +137,7 @@ def _storage_offsets(zf: ZipIndex, storages, prefix: str, src: str) -> dict[str,
                 raise FormatError(f"{src}: storage {key!r} is compressed; torch never writes that, the file was re-zipped")
     offsets: dict[str, tuple[int, int]] = {}
     base, end = zf.base, zf.length
-    for key, zi, start in zip(keys, infos, zf.data_offsets(found)):
+    for key, zi, start in zip(keys, infos, zf.data_offsets(found, infos)):
         nbytes = zi.file_size
         if start + nbytes > end:
             raise FormatError(f"{src}: storage {key!r} runs past the end of the file; the file is truncated")

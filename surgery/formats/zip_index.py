@@ -32,6 +32,7 @@ _EOCD64 = struct.Struct("<4sQ2H2L4Q")   # zip64 end of central directory: 56 byt
 # method, CRC-32, compressed and uncompressed size, name, extra and comment lengths, local header offset
 _CENTRAL = struct.Struct("<4s2xB1xHH4xLLLHHHH6xL")
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # one local header: 30 bytes
+_LOCAL_LENGTHS = struct.Struct("<4s22x2H")  # of a local header, what locating its data needs: magic, name and extra lengths
 _MAX_COMMENT = 1 << 16
 _MAX_EXTRACT_VERSION = 63  # as zipfile: newer features (and their version numbers) it cannot read
 _U32 = 0xFFFF_FFFF
@@ -220,15 +221,15 @@ class ZipIndex:
         hdr = self._local(name, e)
         return e.header_offset + 30 + hdr[10] + hdr[11]
 
-    def data_offsets(self, names: list[str]) -> list[int]:
-        """`data_offset` of each name. Local headers are read a window of up to 16 MiB at a time
-        in offset order (a file of 200,000 small tensors: a few preads, not 200,000); a header
-        outside the archive goes through `data_offset`, which names the entry."""
-        es = [self.entries[n] for n in names]
+    def data_offsets(self, names: list[str], entries: list[Entry]) -> list[int]:
+        """`data_offset` of each name (``entries``: their entries). Local headers are read a window
+        of up to 16 MiB at a time in offset order (a file of 200,000 small tensors: a few preads,
+        not 200,000); a header outside the archive goes through `data_offset`, which names the entry."""
+        es = entries
         starts = [e.header_offset for e in es]
         order = sorted(range(len(es)), key=starts.__getitem__)  # torch writes them in order: a linear pass
         out = [0] * len(es)
-        unpack, length = _LOCAL.unpack_from, self.length
+        unpack, length = _LOCAL_LENGTHS.unpack_from, self.length
         i = 0
         while i < len(order):
             lo = starts[order[i]]
@@ -243,10 +244,10 @@ class ZipIndex:
             buf = self._pread(starts[order[j - 1]] + 30 - lo, lo)
             for k in order[i:j]:
                 at = starts[k]
-                hdr = unpack(buf, at - lo)
-                if hdr[0] != b"PK\x03\x04":
+                sig, name_len, extra_len = unpack(buf, at - lo)
+                if sig != b"PK\x03\x04":
                     raise FormatError(f"zip entry {names[k]!r} has a corrupt local header")
-                out[k] = at + 30 + hdr[10] + hdr[11]
+                out[k] = at + 30 + name_len + extra_len
             i = j
         return out
 
