@@ -33,37 +33,40 @@ class InspectReport:
 
     @functools.cached_property
     def views(self) -> dict[tuple, list[str]]:
-        """Names by the view of bytes they are (`TensorInfo.view_key`), in checkpoint order:
-        computed once for the unique tensors, the tied groups and the totals."""
-        return self._groups[0]
+        """Names by the view of bytes they are (`TensorInfo.view_key`), in checkpoint order."""
+        groups: dict[tuple, list[str]] = {}
+        tensors = self.ckpt.tensors
+        if all(t.kind == "dense" for t in tensors.values()):  # `view_key` of a dense tensor, in one C call each
+            keys = map(attrgetter(*_DENSE_VIEW), tensors.values())
+        else:
+            keys = (t.view_key for t in tensors.values())
+        for name, key in zip(tensors, keys):
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [name]
+            else:
+                g.append(name)
+        return groups
 
     @functools.cached_property
-    def _groups(self) -> tuple[dict[tuple, list[str]], set[tuple], dict[str, dict[str, int]], dict[str, int]]:
-        """`views`, the storages (file, offset) that two different views share, `dtype_summary`
-        and `devices`. A checkpoint may hold hundreds of thousands of tensors: what can be is
-        counted by C loops (`attrgetter`, `Counter`), and only tied or non-plain tensors one by one."""
-        tensors = self.ckpt.tensors
-        infos = list(tensors.values())
+    def _groups(self) -> tuple[list[list[str]], set[tuple], dict[str, dict[str, int]], dict[str, int]]:
+        """`tied_groups`, the storages (file, offset) that two different views share,
+        `dtype_summary` and `devices`. A checkpoint may hold hundreds of thousands of tensors:
+        counted by C loops (`attrgetter`, `Counter`), and only when two names share a storage are
+        the views worked out name by name."""
+        infos = list(self.ckpt.tensors.values())
         layouts = Counter(map(attrgetter("kind", "dtype", "shape"), infos))
-        if all(kind == "dense" for kind, _, _ in layouts):  # `view_key` of a dense tensor, in one C call each
-            keys = list(map(attrgetter(*_DENSE_VIEW), infos))
+        storages = list(map(attrgetter("file", "data_offset"), infos))
+        if all(kind == "dense" for kind, _, _ in layouts) and len(set(storages)) == len(storages):
+            tied, shared, firsts = [], set(), infos  # each tensor has bytes of its own: each is its own view
         else:
-            keys = [t.view_key for t in infos]
-        groups: dict[tuple, list[str]] = {}
-        if len(set(keys)) == len(keys):  # no two names view the same bytes the same way
-            groups = {k: [n] for k, n in zip(keys, tensors)}
-            firsts = infos
-        else:
-            for name, key in zip(tensors, keys):
-                g = groups.get(key)
-                if g is None:
-                    groups[key] = [name]
-                else:
-                    g.append(name)
-            firsts = [tensors[g[0]] for g in groups.values()]
+            views = self.views.values()
+            tied = [g for g in views if len(g) > 1]
+            firsts = [self.ckpt.tensors[g[0]] for g in views]
             layouts = Counter(map(attrgetter("kind", "dtype", "shape"), firsts))
+            shared = _shared_storages(firsts)
         devices = dict(Counter(map(attrgetter("device"), infos)))
-        return groups, _shared_storages(firsts), _dtype_summary(firsts, layouts), devices
+        return tied, shared, _dtype_summary(firsts, layouts), devices
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -74,7 +77,7 @@ class InspectReport:
     @property
     def tied_groups(self) -> list[list[str]]:
         """As `Checkpoint.tied_groups`."""
-        return [g for g in self.views.values() if len(g) > 1]
+        return self._groups[0]
 
     @property
     def dtype_summary(self) -> dict[str, dict[str, int]]:
