@@ -282,7 +282,7 @@ def _ops(data: bytes) -> list[tuple[str, object, int]]:
 
 
 def _entries(data: bytes) -> list[list[int]]:
-    """Positions of the LONG_BINPUTs of each state-dict entry stored with them (past slot 255)."""
+    """Positions of the LONG_BINPUTs of each state-dict entry whose name is stored by one (past slot 255)."""
     ops, out = _ops(data), []
     for i, (name, arg, pos) in enumerate(ops):
         if name == "LONG_BINPUT" and ops[i - 1][0] == "BINUNICODE" and ops[i + 1][:2] == ("BINGET", 2):
@@ -329,8 +329,10 @@ def _deepened(data: bytes) -> bytes:
     30-deep tuple, and with the entries dropped (POP_MARK) instead of set into the dict: the
     tensors after that point are the deepest and largest objects there are."""
     ops = _ops(data)
-    slot = next(ops[i + 1][1] for i, (name, arg, _) in enumerate(ops) if (name, arg) == ("GLOBAL", "collections OrderedDict"))
-    at = _entries(data)[len(_entries(data)) // 2][0] - len(b"layers.000.w") - 5  # the entry's name
+    slot = next(ops[i + 1][1] for i, (name, arg, _) in enumerate(ops)
+                if (name, arg) == ("GLOBAL", "collections OrderedDict"))
+    first_put = _entries(data)[len(_entries(data)) // 2][0]
+    at = next(ops[i - 1][2] for i, (_, _, pos) in enumerate(ops) if pos == first_put)  # the entry's name
     assert data[at:at + 1] == b"X" and data.endswith(b"u.")
     return data[:at] + b")" + b"\x85" * 30 + b"r" + struct.pack("<I", slot) + b"0" + data[at:-2] + b"1."
 
@@ -353,7 +355,8 @@ def test_scan_reads_a_state_dict_torch_writes():
 
 @pytest.mark.parametrize("bound, work_factor", [("MAX_DEPTH", 4), ("MAX_EXPANDED", 1), ("MAX_EXPANDED", 10 ** 9)])
 @pytest.mark.parametrize("variant", [_probed, _deepened])
-def test_a_state_dict_is_held_to_the_same_limits_whatever_its_storage_keys_read(monkeypatch, variant, bound, work_factor):
+def test_a_state_dict_is_held_to_the_same_limits_whatever_its_storage_keys_read(monkeypatch, variant, bound,
+                                                                                 work_factor):
     """The limits depend on the objects a pickle builds, never on a string's characters: a
     torch.save state dict whose storage keys are numbers, as torch writes them, and the same
     with letters (all of them, or every other one) pass from the same limit on, and below it are
@@ -389,18 +392,22 @@ def test_a_memo_slot_far_past_those_filled_is_refused_inside_a_run_of_tensors():
     filled = struct.unpack_from("<I", data, puts[0] + 1)[0]  # torch.save fills slots in order
     assert _outcome(_put(data, puts[0], filled + MEMO_SLACK)) == f"read to {len(data)}"
     for slot in (filled + MEMO_SLACK + 1, 2 ** 32 - 1):
-        assert _outcome(_put(data, puts[0], slot)).startswith(f"x: pickle stores into memo slot {slot} after filling {filled};")
+        refusal = f"x: pickle stores into memo slot {slot} after filling {filled};"
+        assert _outcome(_put(data, puts[0], slot)).startswith(refusal)
     # the whole entry's slots far out, in order: the first is refused
     far = _renumbered(data, [puts], filled + MEMO_SLACK + 1)
-    assert _outcome(far).startswith(f"x: pickle stores into memo slot {filled + MEMO_SLACK + 1} after filling {filled};")
+    slot = filled + MEMO_SLACK + 1
+    assert _outcome(far).startswith(f"x: pickle stores into memo slot {slot} after filling {filled};")
     assert _outcome(_renumbered(data, [puts], 2 ** 32 - len(puts))).startswith("x: pickle stores into memo slot ")
 
 
 def test_memo_slots_stored_twice_inside_a_run_of_tensors_count_as_the_pickle_reads_them(monkeypatch):
     """A PUT may store into a slot filled before: the unpickler replaces what it held, and so
-    must the count. Float tensors that store the slots from 2 on, where the rebuild function,
-    the 'storage' tag and FloatStorage were, make each next one's storage tuple hold the one
-    before: each nests one level deeper, and the pickle deeper than allowed."""
+    must the count. An entry stored where an earlier one was changes nothing read after it. Float
+    tensors that store the slots from 2 on, where the rebuild function, the 'storage' tag and
+    FloatStorage were, make each next one's storage tuple hold the one before: with the 0-d ones,
+    whose slot 6 (read as the location) then holds their arguments, twice (a bomb); without, once
+    (each nests one level deeper)."""
     from surgery.formats import pickle_scan
 
     data = _state_dict_pickle()
@@ -411,8 +418,6 @@ def test_memo_slots_stored_twice_inside_a_run_of_tensors_count_as_the_pickle_rea
     again = _renumbered(data, [middle], earlier)  # where an earlier entry was: nothing reads those slots
     assert _outcome(again) == _outcome(_lettered(again)) == f"read to {len(data)}"
     assert _outcome(_probed(again)) == _outcome(_lettered(_probed(again))) == f"read to {len(_probed(again))}"
-    # with the 0-d ones too, whose slot 6 (read as the location) holds the arguments, storage tuple
-    # and all: each next storage tuple holds the one before twice
     doubled = _renumbered(data, [puts for puts in entries[len(entries) // 2:]
                                  if data[puts[0] + 5:puts[0] + 13] == b"h\x02((h\x03h\x04"], 2)
     assert "(a pickle bomb)" in _outcome(doubled) == _outcome(_lettered(doubled))
