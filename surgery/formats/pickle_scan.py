@@ -213,113 +213,182 @@ def _run(data: bytes, pos: int, limit: int, source: str) -> int:  # noqa: C901 -
         raise _refuse(source, "pops an empty stack or mark") from None
 
 
-# One dict entry of a state dict as torch.save (pickle protocol 2) writes it once the rebuild
-# function, the 'storage' tag, the storage type, the location and OrderedDict are memoized:
+# One dict entry of a state dict as torch.save (pickle protocol 2) writes it, once the rebuild
+# function, the 'storage' tag, the storage type, the location and OrderedDict are memoized and
+# 256 memo slots are filled (every PUT is then a LONG_BINPUT: 'r' and a 4-byte slot):
 #   X name PUT  GET(_rebuild_tensor_v2) ( ( GET('storage') GET(type) X key PUT GET(location) INT t PUT Q
 #   INT(offset) SHAPE PUT? STRIDE PUT? NEWFALSE GET(OrderedDict) ) R PUT t PUT R PUT
-# `_tensor_run` matches such entries with two compiled patterns (the strings between them are
-# length-prefixed, which a pattern cannot follow) and accounts for them exactly as `_run` would,
-# one entry per step instead of one opcode per step. Anything else, and any entry near a bound,
-# goes back to `_run`, which then raises the precise error.
+# `_tensor_run` accounts for such entries exactly as `_run` would, one entry per step instead of
+# one opcode per step. `_run` reads an entry's opcodes, its strings' lengths and the memo slots it
+# reads and stores, never a string's characters nor an int's value. Entries alike in all it reads
+# but their names and the slots they store share a *template* (`_template`): what `_run` counts
+# for them, worked out once from the memo, and their bytes after the name, with the bytes `_run`
+# ignores masked out and with PUTs of slots 0, 1, ... (``base``). An entry whose PUTs store slots
+# n, n+1, ... (torch.save's do) is one of the template exactly when its bytes, read as one
+# little-endian integer v, give
+#   v & mask == base + n * step      (n: its first PUT's slot; step: a 1 in each PUT's slot field)
+# as long as n + 7 < 2**32 (checked), so that no slot carries into the byte after it. Anything else
+# (no template fits, a bound is near, the PUTs store other slots) goes back to `_run`, which takes
+# it opcode by opcode and raises the precise error.
 _INT_RX = rb"(?:K.|M..|J....)"
+_GET_RX = rb"(?:h.|j....)"
 _SHAPE_RX = rb"(\)|" + _INT_RX + rb"\x85|" + _INT_RX * 2 + rb"\x86|" + _INT_RX * 3 + rb"\x87|\(" + _INT_RX + rb"*t)"
-_ENTRY_HEAD = re.compile(rb"(q.|r....)(h.|j....)\(\((h.|j....)(h.|j....)X", re.S)
-_ENTRY_TAIL = re.compile(rb"(q.|r....)(h.|j....)" + _INT_RX + rb"t(q.|r....)Q" + _INT_RX + _SHAPE_RX + rb"(q.|r....)?"
-                         + _SHAPE_RX + rb"(q.|r....)?[\x88\x89](h.|j....)\)R(q.|r....)t(q.|r....)R(q.|r....)", re.S)
+# Finds an entry's template where no guess fits. The groups: 1 the memo slots it reads first and
+# the key's length, 2 the location's slot, 3 and 4 the opcodes of the storage's size and of the
+# offset, 5 the shape, 6 b"r" when a PUT follows it, 7 and 8 the same for the stride, 9 the
+# OrderedDict's slot. torch.save writes the key as a decimal number.
+_ENTRY = re.compile(
+    rb"r....(" + _GET_RX + rb"\(\(" + _GET_RX * 2 + rb"X.\x00\x00\x00)[0-9]+r....(" + _GET_RX + rb")(?=([KMJ]))"
+    + _INT_RX + rb"tr....Q(?=([KMJ]))" + _INT_RX + _SHAPE_RX + rb"(?=(r?))(?:r....)?" + _SHAPE_RX
+    + rb"(?=(r?))(?:r....)?([\x88\x89]" + _GET_RX + rb")\)Rr....tr....Rr....", re.S)
+_HEAD = re.compile(rb"(h.|j....)\(\((h.|j....)(h.|j....)X(.)", re.S)
+_INT_VALUES = re.compile(rb"(K).|(M)..|(J)....", re.S)  # ints as their opcodes alone: `_INT_VALUES.sub(rb"\1\2\3", b)`
+_VALUE_BYTES = {75: 1, 77: 2, 74: 4}  # the value bytes after BININT1, BININT2, BININT
+_LAST_FIRST_SLOT = (1 << 32) - 8  # n + 7 still fits 4 bytes: no slot carries into the byte after it
 _RANK_OP = {0x85: (2, 2), 0x86: (3, 3), 0x87: (4, 3)}  # TUPLE1-3 of ints: (size, work) as `_run` counts them
-_INT_LEN = {75: 2, 77: 3, 74: 5}
 
 
-def _shape_node(g: bytes) -> tuple[int, int, int]:
-    """A shape or stride tuple of ints: (size, depth) of its node and the work `_run` charges."""
-    if g == b")":
+def _shape_node(ops: bytes) -> tuple[int, int, int]:
+    """A shape or stride tuple of ints, by its opcodes: (size, depth) of its node and the work `_run` charges."""
+    if ops == b")":
         return 1, 0, 0
-    last = g[-1]
-    if last != 116:  # TUPLE1, TUPLE2, TUPLE3
-        size, work = _RANK_OP[last]
+    if ops[-1] != 116:  # TUPLE1, TUPLE2, TUPLE3
+        size, work = _RANK_OP[ops[-1]]
         return size, 1, work
-    n, i = 0, 1
-    while i < len(g) - 1:
-        i += _INT_LEN[g[i]]
-        n += 1
+    n = len(ops) - 2  # MARK, the ints, TUPLE
     return 1 + n, 1, 1 + n
+
+
+def _parts(ops: bytes) -> list:
+    """The layout parts (see `_template`) of opcodes whose ints' values are left out."""
+    out: list = []
+    for op in ops:
+        out.append(bytes((op,)))
+        if op in _VALUE_BYTES:
+            out.append(_VALUE_BYTES[op])
+    return out
 
 
 def _tensor_run(data: bytes, pos: int, stack: list, memo: dict, limit: int, work_left: int) -> tuple[int, int] | None:
     """Account for the state-dict entries that start at ``pos``; None when not one is there."""
     end, start = len(data), pos
-    head, tail, u32, fb = _ENTRY_HEAD.match, _ENTRY_TAIL.match, _U32.unpack_from, int.from_bytes
-    # Entries differ in their names, memo slots and offsets. What `_run` counts for one depends on
-    # its key's length and on the rest (rebuild function, storage type, location, shape, stride):
-    # a handful of combinations in a file, each worked out once (`_template`). The memoized
-    # objects an entry names stay as they are for the whole run: no slot is stored twice.
-    templates: dict[tuple, tuple] = {}
+    u32 = _U32.unpack_from
+    # A template's counts hold while no PUT stores into a slot it read: an entry is taken here
+    # only if its slots are all above ``read``, the largest slot any template of this call read.
+    # (A PUT may store into another slot filled before: `_run` would too, and the memo ends up the
+    # same.) The slack check below holds the largest slot to the fewest filled: `_run`'s, or
+    # stricter. A file's entries come in a few templates, often in a cycle (a layer's weight,
+    # bias, ...): each template keeps the two that came after it last, which are tried first.
+    templates: dict[tuple, list | None] = {}
+    read = -1
+    after: list = []  # the templates that came after the entry before's, the latest first
     while pos + 5 < end and data[pos] == 88:
         p = pos + 5 + u32(data, pos + 1)[0]
-        m = head(data, p) if p < end else None
-        if m is None or m.end() + 4 > end:
-            break
-        name_put, fn, tag, stype = m.groups()
-        k = m.end()
-        lk = u32(data, k)[0]
-        t = tail(data, k + 4 + lk) if k + 4 + lk < end else None
-        if t is None:
-            break
-        key_put, loc, p_put, shape, shape_put, stride, stride_put, od, h_put, a_put, t_put = t.groups()
-        # a PUT's index: its bytes after the opcode, read as one little-endian int with the opcode shifted out
-        puts = [fb(name_put, "little") >> 8, fb(key_put, "little") >> 8, fb(p_put, "little") >> 8]
-        if shape_put:
-            puts.append(fb(shape_put, "little") >> 8)
-        if stride_put:
-            puts.append(fb(stride_put, "little") >> 8)
-        puts += (fb(h_put, "little") >> 8, fb(a_put, "little") >> 8, fb(t_put, "little") >> 8)
-        if max(puts) > len(memo) + MEMO_SLACK or not memo.keys().isdisjoint(puts):
-            break  # a slot far out, or one filled before: `_run` takes it opcode by opcode
-        named = (fn, tag, stype, loc, od, shape, stride)
-        tp = templates.get(named)
-        if tp is None:
-            tp = _template(memo, named)
+        for tp in after:
+            n = _first_slot(tp, data, p)
+            if n >= 0:
+                break
+        else:  # none of them: find the template by the entry's bytes
+            tp = _find_template(data, p, memo, templates, limit)
             if tp is None:
                 break
-            templates[named] = tp
-        p0, p1, a0, a1, t0, t1, work, h0, h1, sh, st = tp
-        p0 += lk
-        a0 += lk
-        t0 += lk
-        work += 4 * lk
-        if t1 > MAX_DEPTH or t0 > limit or work_left < work:
+            read = max(read, tp[1])
+            n = _first_slot(tp, data, p)
+            if n < 0:
+                break
+        c, length, key_node, p0, p1, a0, a1, t0, t1, work, h0, h1, shape, stride = tp[2]
+        if n <= read or n + c - 1 > len(memo) + MEMO_SLACK or n > _LAST_FIRST_SLOT or work_left < work:
             break
+        if not after or after[0] is not tp:
+            after[:] = [tp] + after[:1]
+        after = tp[-1]
         work_left -= work
         name = (p - pos - 4, 0)  # 1 + its length, as `_run` counts a string
         tn = [t0, t1]
-        nodes = [name, (1 + lk, 0), [p0, p1]]
-        if shape_put:
-            nodes.append([sh[0], sh[1]] if sh[1] else _LEAF_NODE)
-        if stride_put:
-            nodes.append([st[0], st[1]] if st[1] else _LEAF_NODE)
-        nodes += ([h0, h1], [a0, a1], tn)
-        memo.update(zip(puts, nodes))
+        memo[n] = name
+        memo[n + 1] = key_node
+        memo[n + 2] = [p0, p1]
+        if shape is not None:
+            memo[n + 3] = [shape[0], shape[1]] if shape[1] else _LEAF_NODE
+            n += 1
+        if stride is not None:
+            memo[n + 3] = [stride[0], stride[1]] if stride[1] else _LEAF_NODE
+            n += 1
+        memo[n + 3] = [h0, h1]
+        memo[n + 4] = [a0, a1]
+        memo[n + 5] = tn
         stack += (name, tn)
-        pos = t.end()
+        pos = p + length
+    for tp in templates.values():  # successor lists make cycles, which a paused gc would keep
+        if tp is not None:
+            tp[-1].clear()
     return None if pos == start else (pos, work_left)
 
 
-def _template(memo: dict, named: tuple) -> tuple | None:
-    """What `_run` counts for an entry naming these memo slots, shape and stride, for a key of
-    length 0: the key's length adds to every size, and four times it to the work. None when a
-    slot is empty."""
-    fn, tag, stype, loc, od, shape, stride = named
+def _first_slot(tp: list, data: bytes, p: int) -> int:
+    """The slot the entry at ``p`` stores first, if it is one of template ``tp``; else -1."""
+    length, mask, base, step = tp[0]
+    b = data[p:p + length]
+    v = int.from_bytes(b, "little")
+    n = v >> 8 & 0xFFFFFFFF
+    return n if v & mask == base + n * step and len(b) == length else -1
+
+
+def _find_template(data: bytes, p: int, memo: dict, templates: dict, limit: int) -> list | None:
+    """The template of the entry at ``p``, made when first met; None when there is no entry
+    there, a memo slot it reads is empty, or the tensor alone is past a bound (`_run` says which)."""
+    m = _ENTRY.match(data, p)
+    if m is None:
+        return None
+    head, loc, size_op, offset_op, shape, shape_put, stride, stride_put, od = m.groups()
+    named = (head, loc, size_op, offset_op, _INT_VALUES.sub(rb"\1\2\3", shape), shape_put,
+             _INT_VALUES.sub(rb"\1\2\3", stride), stride_put, od)
+    if named not in templates:
+        templates[named] = _template(memo, named, limit)
+    return templates[named]
+
+
+def _template(memo: dict, named: tuple, limit: int) -> list | None:
+    """[the entry's bytes as (length, mask, base, step), the largest slot it reads, what `_run`
+    counts for it, the templates that came after it] for `_find_template`'s key."""
+    head, loc, size_op, offset_op, shape, shape_put, stride, stride_put, od = named
+    fn, tag, stype, klen = _HEAD.match(head).groups()
+    slots = [int.from_bytes(x[1:], "little") for x in (fn, tag, stype, loc, od[1:])]
     try:
-        c, s, ty, lc, o = (memo[int.from_bytes(x[1:], "little")] for x in (fn, tag, stype, loc, od))
+        c, s, ty, lc, o = (memo[k] for k in slots)
     except KeyError:
         return None
+    lk = klen[0]
     sh, st = _shape_node(shape), _shape_node(stride)
-    p0, p1, h0, h1 = s[0] + ty[0] + lc[0] + 3, max(s[1], ty[1], lc[1]) + 1, o[0] + 2, o[1] + 1
+    p0, p1, h0, h1 = s[0] + ty[0] + lc[0] + 3 + lk, max(s[1], ty[1], lc[1]) + 1, o[0] + 2, o[1] + 1
     a0 = p0 + sh[0] + st[0] + h0 + 4
     a1 = max(p1 + 1, sh[1], st[1], h1) + 1
     t0, t1 = c[0] + a0 + 1, (c[1] if c[1] > a1 else a1) + 1
     work = 2 * p0 + 1 + sh[2] + st[2] + h0 + a0 + t0
-    return p0, p1, a0, a1, t0, t1, work, h0, h1, sh, st
+    if t1 > MAX_DEPTH or t0 > limit:
+        return None
+    # the entry's bytes after its name, in order: None for a PUT, a number for that many bytes
+    # `_run` ignores (the key's characters, ints' values), else the bytes themselves
+    parts = [None, head, lk, None, loc, *_parts(size_op), b"t", None, b"Q", *_parts(offset_op), *_parts(shape),
+             *([None] if shape_put else []), *_parts(stride), *([None] if stride_put else []), od, b")R", None,
+             b"t", None, b"R", None]
+    base, mask, step, puts = bytearray(), bytearray(), 0, 0
+    for part in parts:
+        if part is None:  # a PUT of slot n + puts: 'r', then the slot's 4 bytes
+            step |= 1 << (8 * len(base) + 8)
+            base += b"r" + puts.to_bytes(4, "little")
+            mask += b"\xff" * 5
+            puts += 1
+        elif type(part) is int:
+            base += bytes(part)
+            mask += bytes(part)
+        else:
+            base += part
+            mask += b"\xff" * len(part)
+    layout = (len(base), int.from_bytes(mask, "little"), int.from_bytes(base, "little"), step)
+    counts = (puts, len(base), (1 + lk, 0), p0, p1, a0, a1, t0, t1, work, h0, h1,
+              sh[:2] if shape_put else None, st[:2] if stride_put else None)
+    return [layout, max(slots), counts, []]
 
 
 def _rare(data: bytes, pos: int, op: int, cat: int, stack: list, marks: list, memo: dict, limit: int, work_left: int,

@@ -4,9 +4,11 @@ correctly; none reaches a traceback, a crash, or code inside surgery's process."
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
+import pickletools
 import struct
 import subprocess
 import sys
@@ -256,6 +258,195 @@ def test_scan_refuses_extension_codes_and_buffers():
     for pkl in (b"\x80\x02\x82\x01.", b"\x80\x05\x97.", b"\x80\x05K\x01\x98."):
         with pytest.raises(FormatError, match="opcode"):
             scan(pkl, "x")
+
+
+@functools.lru_cache(maxsize=1)
+def _state_dict_pickle() -> bytes:
+    """data.pkl of a torch.save state dict past 256 memo slots: tensors of several ranks (0-d and
+    5-d among them), dtypes, strides and offsets, some requiring grad, some keys over 255 bytes."""
+    import torch
+
+    makers = (lambda: torch.zeros(3), lambda: torch.zeros(2, 3, dtype=torch.bfloat16), lambda: torch.tensor(1.5),
+              lambda: torch.zeros(1, 2, 1, 2, 1, dtype=torch.int64), lambda: torch.zeros(4, 4)[:, 1],
+              lambda: torch.zeros(300)[257:260], lambda: torch.zeros(3, dtype=torch.bool),
+              lambda: torch.zeros(2, 2, requires_grad=True))
+    sd = {("k" * 300 if i % 50 == 7 else "") + f"layers.{i}.w": makers[i % len(makers)]() for i in range(400)}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    with zipfile.ZipFile(buf) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def _ops(data: bytes) -> list[tuple[str, object, int]]:
+    return [(op.name, arg, pos) for op, arg, pos in pickletools.genops(data)]
+
+
+def _entries(data: bytes) -> list[list[int]]:
+    """Positions of the LONG_BINPUTs of each state-dict entry whose name is stored by one (past slot 255)."""
+    ops, out = _ops(data), []
+    for i, (name, arg, pos) in enumerate(ops):
+        if name == "LONG_BINPUT" and ops[i - 1][0] == "BINUNICODE" and ops[i + 1][:2] == ("BINGET", 2):
+            out.append([])  # the name's PUT, before GET(_rebuild_tensor_v2)
+        if name == "LONG_BINPUT" and out:
+            out[-1].append(pos)
+    return out
+
+
+def _put(data: bytes, pos: int, slot: int) -> bytes:
+    """``data`` with the LONG_BINPUT at ``pos`` storing ``slot``."""
+    return data[:pos + 1] + struct.pack("<I", slot) + data[pos + 5:]
+
+
+def _renumbered(data: bytes, entries: list[list[int]], first: int) -> bytes:
+    """``data`` with each of ``entries`` storing slots ``first``, ``first`` + 1, ..."""
+    for puts in entries:
+        for j, pos in enumerate(puts):
+            data = _put(data, pos, first + j)
+    return data
+
+
+def _lettered(data: bytes, every: int = 1) -> bytes:
+    """``data`` with every ``every``-th storage key's digits written as letters."""
+    keys = [pos for name, arg, pos in _ops(data) if name == "BINUNICODE" and arg.isdigit()]
+    out = bytearray(data)
+    for pos in keys[::every]:
+        n = struct.unpack_from("<I", data, pos + 1)[0]
+        out[pos + 5:pos + 5 + n] = data[pos + 5:pos + 5 + n].translate(bytes.maketrans(b"0123456789", b"abcdefghij"))
+    return bytes(out)
+
+
+def _probed(data: bytes) -> bytes:
+    """``data`` with its result dropped for a list of every memo slot its LONG_BINPUTs store, the
+    i-th wrapped in i % 5 one-tuples: the limits of that pickle depend on all those objects."""
+    slots = sorted({arg for name, arg, _ in _ops(data) if name == "LONG_BINPUT"})
+    gets = b"".join(b"j" + struct.pack("<I", s) + b"\x85" * (i % 5) for i, s in enumerate(slots))
+    assert data.endswith(b".")
+    return data[:-1] + b"0(" + gets + b"l."
+
+
+def _deepened(data: bytes) -> bytes:
+    """``data`` with the memoized OrderedDict class replaced, halfway through the entries, by a
+    30-deep tuple, and with the entries dropped (POP_MARK) instead of set into the dict: the
+    tensors after that point are the deepest and largest objects there are."""
+    ops = _ops(data)
+    slot = next(ops[i + 1][1] for i, (name, arg, _) in enumerate(ops)
+                if (name, arg) == ("GLOBAL", "collections OrderedDict"))
+    first_put = _entries(data)[len(_entries(data)) // 2][0]
+    at = next(ops[i - 1][2] for i, (_, _, pos) in enumerate(ops) if pos == first_put)  # the entry's name
+    assert data[at:at + 1] == b"X" and data.endswith(b"u.")
+    return data[:at] + b")" + b"\x85" * 30 + b"r" + struct.pack("<I", slot) + b"0" + data[at:-2] + b"1."
+
+
+def _outcome(pkl: bytes) -> str:
+    from surgery.formats.pickle_scan import scan
+
+    try:
+        return f"read to {scan(pkl, 'x')}"
+    except FormatError as e:
+        return str(e)
+
+
+def test_scan_reads_a_state_dict_torch_writes():
+    data = _state_dict_pickle()
+    assert _outcome(data) == _outcome(_lettered(data)) == f"read to {len(data)}"
+    probed = _probed(data)
+    assert _outcome(probed) == f"read to {len(probed)}"
+
+
+@pytest.mark.parametrize("bound, work_factor", [("MAX_DEPTH", 4), ("MAX_EXPANDED", 1), ("MAX_EXPANDED", 10 ** 9)])
+@pytest.mark.parametrize("variant", [_probed, _deepened])
+def test_a_state_dict_is_held_to_the_same_limits_whatever_its_storage_keys_read(monkeypatch, variant, bound,
+                                                                                 work_factor):
+    """The limits depend on the objects a pickle builds, never on a string's characters: a
+    torch.save state dict whose storage keys are numbers, as torch writes them, and the same
+    with letters (all of them, or every other one) pass from the same limit on, and below it are
+    refused with the same error. The variants make objects in the memo count (a list of them all,
+    ends the pickle) and the entries after some point the deepest and largest of all. (A work
+    factor of 1 makes the limit the work of all objects together; a huge one, the largest's size.)"""
+    from surgery.formats import pickle_scan
+
+    data = variant(_state_dict_pickle())
+    monkeypatch.setattr(pickle_scan, "EXPANSION_PER_BYTE", 0)  # the budget apart from the pickle's length
+    monkeypatch.setattr(pickle_scan, "WORK_FACTOR", work_factor)
+
+    def outcome(pkl: bytes, value: int) -> str:
+        monkeypatch.setattr(pickle_scan, bound, value)
+        return _outcome(pkl)
+
+    lo, hi = 0, 1 << 24  # the lowest limit the pickle passes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if outcome(data, mid).startswith("read") else (mid + 1, hi)
+    assert 5 < lo < 1 << 24
+    for other in (_lettered(data), _lettered(data, 2)):
+        assert outcome(other, lo) == outcome(data, lo) == f"read to {len(data)}"
+        assert outcome(other, lo - 1) == outcome(data, lo - 1) != f"read to {len(data)}"
+
+
+def test_a_memo_slot_far_past_those_filled_is_refused_inside_a_run_of_tensors():
+    from surgery.formats.pickle_scan import MEMO_SLACK
+
+    data = _state_dict_pickle()
+    entries = _entries(data)
+    puts = entries[len(entries) // 2]
+    filled = struct.unpack_from("<I", data, puts[0] + 1)[0]  # torch.save fills slots in order
+    assert _outcome(_put(data, puts[0], filled + MEMO_SLACK)) == f"read to {len(data)}"
+    for slot in (filled + MEMO_SLACK + 1, 2 ** 32 - 1):
+        refusal = f"x: pickle stores into memo slot {slot} after filling {filled};"
+        assert _outcome(_put(data, puts[0], slot)).startswith(refusal)
+    # the whole entry's slots far out, in order: the first is refused
+    far = _renumbered(data, [puts], filled + MEMO_SLACK + 1)
+    slot = filled + MEMO_SLACK + 1
+    assert _outcome(far).startswith(f"x: pickle stores into memo slot {slot} after filling {filled};")
+    assert _outcome(_renumbered(data, [puts], 2 ** 32 - len(puts))).startswith("x: pickle stores into memo slot ")
+
+
+def test_memo_slots_stored_twice_inside_a_run_of_tensors_count_as_the_pickle_reads_them(monkeypatch):
+    """A PUT may store into a slot filled before: the unpickler replaces what it held, and so
+    must the count. An entry stored where an earlier one was changes nothing read after it. Float
+    tensors that store the slots from 2 on, where the rebuild function, the 'storage' tag and
+    FloatStorage were, make each next one's storage tuple hold the one before: with the 0-d ones,
+    whose slot 6 (read as the location) then holds their arguments, twice (a bomb); without, once
+    (each nests one level deeper)."""
+    from surgery.formats import pickle_scan
+
+    data = _state_dict_pickle()
+    entries = _entries(data)
+    assert len(entries) > 300
+    middle = entries[len(entries) // 2]
+    earlier = struct.unpack_from("<I", data, entries[len(entries) // 3][0] + 1)[0]
+    again = _renumbered(data, [middle], earlier)  # where an earlier entry was: nothing reads those slots
+    assert _outcome(again) == _outcome(_lettered(again)) == f"read to {len(data)}"
+    assert _outcome(_probed(again)) == _outcome(_lettered(_probed(again))) == f"read to {len(_probed(again))}"
+    doubled = _renumbered(data, [puts for puts in entries[len(entries) // 2:]
+                                 if data[puts[0] + 5:puts[0] + 13] == b"h\x02((h\x03h\x04"], 2)
+    assert "(a pickle bomb)" in _outcome(doubled) == _outcome(_lettered(doubled))
+    floats = [puts for puts in entries[len(entries) // 2:]  # with a shape and a stride: 8 PUTs
+              if data[puts[0] + 5:puts[0] + 13] == b"h\x02((h\x03h\x04" and len(puts) == 8]
+    assert len(floats) > 60
+    chained = _renumbered(data, floats, 2)
+    monkeypatch.setattr(pickle_scan, "MAX_DEPTH", 50)
+    assert _outcome(data) == f"read to {len(data)}"
+    assert "nests objects more than 50 levels deep" in _outcome(chained) == _outcome(_lettered(chained))
+
+
+def test_refusals_inside_a_run_of_tensors_are_those_of_any_pickle():
+    from surgery.formats.pickle_scan import Truncated, scan
+
+    data = _state_dict_pickle()
+    pos = data.index(b"QK\x00", len(data) // 2) + 1  # an offset of 0, as BININT1
+    wide = data[:pos] + b"\x8b" + struct.pack("<i", 2000) + bytes(2000) + data[pos + 2:]
+    assert "holds a 2000-byte integer" in _outcome(wide)
+    persids = [pos for name, _, pos in _ops(data) if name == "BINPERSID"]
+    pos = persids[len(persids) // 2]
+    assert f"uses opcode 0x82 at offset {pos};" in _outcome(data[:pos] + b"\x82" + data[pos + 1:])
+    locations = [pos for name, arg, pos in _ops(data) if (name, arg) == ("BINGET", 6)]  # 'cpu'
+    pos = locations[len(locations) // 2]
+    assert "corrupt pickle" in _outcome(data[:pos] + b"j" + struct.pack("<I", 10 ** 6) + data[pos + 2:])
+    start = _entries(data)[len(_entries(data)) // 2][0]
+    for end in range(start, start + 160):  # every cut through two entries
+        with pytest.raises(Truncated):
+            scan(data[:end], "x")
 
 
 def test_legacy_stream_scan_reads_past_the_first_chunk(tmp_path):
