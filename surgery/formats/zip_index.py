@@ -71,13 +71,6 @@ def _check_record(src: str, raw: bytes, flags: int, method: int, csize: int, siz
         raise _corrupt(src, f"entry {raw[:60]!r} {problem}; torch refuses such an archive")
 
 
-def _check_name(raw: bytes, src: str) -> None:
-    if b"\0" in raw or len(raw) >= MAX_NAME_BYTES:
-        # torch reads names as C strings in a buffer of 512 bytes: a NUL or a long name is cut short
-        raise _corrupt(src, f"entry name {raw[:60]!r} holds a NUL byte or is {MAX_NAME_BYTES} bytes or longer; torch "
-                            f"would read it cut short")
-
-
 def _utf8(raw: bytes) -> bool:
     try:
         raw.decode("utf-8")
@@ -167,49 +160,55 @@ class ZipIndex:
         records: list[Entry] = []
         new, entry = tuple.__new__, Entry  # an Entry without its Python-level __new__: one per entry
         pos = 0
-        while pos < size_cd:
-            if pos + 46 > size_cd:
-                raise _corrupt(self.src, "truncated central directory")
-            sig, version, flags, method, crc, csize, size, nlen, elen, clen, disk, offset = unpack(cd, pos)
-            if sig != b"PK\x01\x02":
-                raise _corrupt(self.src, "bad magic number for central directory")
-            if version > _MAX_EXTRACT_VERSION:
-                raise _corrupt(self.src, f"zip file version {version / 10:.1f}")
-            end = pos + 46 + nlen
-            if end + elen + clen > size_cd:
-                raise _corrupt(self.src, "truncated central directory")
-            raw = cd[pos + 46:end]
-            if nlen >= MAX_NAME_BYTES:
-                _check_name(raw, self.src)
-            if elen:
-                size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
-            if (flags & _REFUSED_FLAGS or method != STORED or csize != size or disk > 1
-                    or offset + concat + 30 + csize > length):  # anything but a plain stored entry: worded there
-                _check_record(self.src, raw, flags, method, csize, size, disk, offset + concat, length)
-            raws.append(raw)
-            records.append(new(entry, (offset + concat, method, flags, crc, csize, size)))
-            pos = end + elen + clen
-        if len(raws) != count:
-            # torch walks as many records as the end record counts, zipfile as many as fit its size
-            raise _corrupt(self.src, f"its end record counts {count} entries, its central directory holds {len(raws)}")
-        self._name(raws, records)
+        try:
+            while pos < size_cd:
+                if pos + 46 > size_cd:
+                    raise _corrupt(self.src, "truncated central directory")
+                sig, version, flags, method, crc, csize, size, nlen, elen, clen, disk, offset = unpack(cd, pos)
+                if sig != b"PK\x01\x02":
+                    raise _corrupt(self.src, "bad magic number for central directory")
+                if version > _MAX_EXTRACT_VERSION:
+                    raise _corrupt(self.src, f"zip file version {version / 10:.1f}")
+                end = pos + 46 + nlen
+                if end + elen + clen > size_cd:
+                    raise _corrupt(self.src, "truncated central directory")
+                raw = cd[pos + 46:end]
+                if b"\0" in raw or nlen >= MAX_NAME_BYTES:
+                    # torch reads names as C strings in a buffer of 512 bytes: a NUL or a long name is cut short
+                    raise _corrupt(self.src, f"entry name {raw[:60]!r} holds a NUL byte or is {MAX_NAME_BYTES} bytes "
+                                             f"or longer; torch would read it cut short")
+                raws.append(raw)
+                if elen:
+                    size, csize, offset = _zip64(cd[end:end + elen], size, csize, offset, self.src)
+                if (flags & _REFUSED_FLAGS or method != STORED or csize != size or disk > 1
+                        or offset + concat + 30 + csize > length):  # anything but a plain stored entry: worded there
+                    _check_record(self.src, raw, flags, method, csize, size, disk, offset + concat, length)
+                records.append(new(entry, (offset + concat, method, flags, crc, csize, size)))
+                pos = end + elen + clen
+            if len(raws) != count:
+                # torch walks as many records as the end record counts, zipfile as many as fit its size
+                raise _corrupt(self.src, f"its end record counts {count} entries, its central directory holds {len(raws)}")
+        except FormatError:
+            self._decoded(raws)  # a name read before the fault that is not UTF-8: named first, as it comes first
+            raise
+        self._index(raws, records)
 
-    def _name(self, raws: list[bytes], records: list[Entry]) -> None:
-        """Decode the entry names and index them as torch looks them up, all at once: once no name
-        holds a NUL byte, the names joined by NUL decode (or fail) as each would alone, and split
-        back at NUL."""
-        joined = b"\0".join(raws)
-        if raws and joined.count(b"\0") != len(raws) - 1:
-            for raw in raws:
-                _check_name(raw, self.src)
+    def _decoded(self, raws: list[bytes]) -> list[str]:
+        """The names, decoded all at once: they hold no NUL byte (checked as they are read), so
+        joined by NUL they decode (or fail) as each would alone, and split back at NUL. The
+        first name that is not UTF-8 is named."""
         try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
-            names = joined.decode("utf-8").split("\0") if raws else []
+            return b"\0".join(raws).decode("utf-8").split("\0") if raws else []
         except UnicodeDecodeError:
             bad = next(raw for raw in raws if not _utf8(raw))
             raise _corrupt(self.src, f"entry name {bad[:60]!r} is not UTF-8") from None
-        folded = joined.lower().split(b"\0") if raws else []
+
+    def _index(self, raws: list[bytes], records: list[Entry]) -> None:
+        """Index the entries by name, and by name as torch looks them up (ASCII case ignored)."""
+        names = self._decoded(raws)
+        folded = b"\0".join(raws).lower().split(b"\0") if raws else []
         self.names = names
-        self._folded = dict(zip(folded, names))  # as torch's lookup: ASCII case ignored
+        self._folded = dict(zip(folded, names))
         if len(self._folded) < len(names):  # names equal ignoring ASCII case: each one after the first
             seen: set[bytes] = set()
             self.twice = [name for f, name in zip(folded, names) if f in seen or seen.add(f)]

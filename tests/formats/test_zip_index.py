@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -222,3 +224,40 @@ def test_names_are_decoded_and_compared_as_torch_looks_them_up(tmp_path, name, m
     with pytest.raises(FormatError, match=match) as e:
         surgery.open(bad)
     assert "\n" not in str(e.value)
+
+
+def _raw_zip(names: list[bytes], count: int | None = None, methods: list[int] | None = None) -> bytes:
+    out, cd = bytearray(), bytearray()
+    for i, raw in enumerate(names):
+        method = methods[i] if methods else 0
+        off = len(out)
+        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, 0, 0, 0, len(raw), 0) + raw
+        cd += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0, 0, 0, 0, len(raw), 0, 0, 0, 0, 0,
+                          off) + raw
+    n = len(names) if count is None else count
+    return bytes(out + cd + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, len(cd), len(out), 0))
+
+
+def _refusal(data: bytes) -> str:
+    fd, path = tempfile.mkstemp()
+    try:
+        os.write(fd, data)
+        with pytest.raises(FormatError) as e:
+            ZipIndex(fd, 0, len(data), "x.pt")
+        return str(e.value)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("names, kw, match", [
+    ([b"a/\xff", b"a/b\0"], {}, r"b'a/\\xff' is not UTF-8"),               # a bad name before a NUL one
+    ([b"a/\xff", b"x" * 600], {}, r"b'a/\\xff' is not UTF-8"),             # before a long one
+    ([b"a/b\0", b"a/c"], {"count": 3}, "holds a NUL byte"),                 # before a wrong count
+    ([b"a/b\0", b"a/c"], {"methods": [12, 0]}, "holds a NUL byte"),         # on a record refused for its method
+])
+def test_the_first_bad_record_is_the_one_named(names, kw, match):
+    """Names are decoded all at once, after the walk; a corrupt directory is still refused for
+    its first fault, as torch's reader meets them."""
+    msg = _refusal(_raw_zip(names, **kw))
+    assert re.search(match, msg) and "\n" not in msg, msg
