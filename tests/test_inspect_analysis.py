@@ -216,6 +216,93 @@ def test_module_tree_of_fifty_thousand_glued_names_is_two_rows():
         ("layer{0..49999}", 50_000, 100_000), ("layer{0..49999}.weight", 50_000, 100_000)]
 
 
+def _rows(infos, depth=None):
+    return [(r.path, r.params, r.repeat) for r in module_tree(infos, depth=depth)]
+
+
+def test_module_tree_cuts_a_counted_run_where_a_member_differs():
+    # names counting up (layer0, layer1... or 0, 1...) are read at once: one that differs still cuts the run
+    infos = {**infos_of({f"layer{i}.w": (4,) for i in range(10)}), "layer5.w": info("layer5.w", (4,), "F16")}
+    assert _rows(infos) == [("layer{0..4}", 20, 5), ("layer{0..4}.w", 20, 5), ("layer5", 4, 1),
+                            ("layer5.w", 4, 1), ("layer{6..9}", 16, 4), ("layer{6..9}.w", 16, 4)]
+    infos = infos_of({**{f"h.{i}.w": (4,) for i in range(10)}, "h.3.w": (5,)})
+    assert _rows(infos, depth=2) == [("h", 41, 1), ("h.{0..2}", 12, 3), ("h.3", 5, 1), ("h.{4..9}", 24, 6)]
+    infos = infos_of({"layer0.w": (1,), "layer1.b": (1,), "layer2.b": (1,)})  # another key name
+    assert [p for p, _, _ in _rows(infos)] == ["layer0", "layer0.w", "layer{1,2}", "layer{1,2}.b"]
+
+
+@pytest.mark.parametrize("shapes, expected", [
+    ({"l00.w": (1,), "l01.w": (1,), "l02.w": (1,)}, ["l{00..02}", "l{00..02}.w"]),  # leading zeros
+    ({"layer2.w": (1,), "layer1.w": (1,), "layer0.w": (1,)}, ["layer{0..2}", "layer{0..2}.w"]),  # counting down
+    ({"x1.w": (1,), "x01.w": (1,), "x2.w": (1,)}, ["x{01,1,2}", "x{01,1,2}.w"]),  # one number twice
+    ({f"b{10 ** 30 + i}.w": (1,) for i in range(3)},
+     ["b{1000000000000000000000000000000..1000000000000000000000000000002}",
+      "b{1000000000000000000000000000000..1000000000000000000000000000002}.w"]),
+    ({"h.١.w": (1,), "h.٢.w": (1,), "h.٣.w": (1,), "x١.w": (1,), "x٢.w": (1,)},  # other digits: whole names only
+     ["h", "h.{١..٣}", "h.{١..٣}.w", "x١", "x١.w", "x٢", "x٢.w"]),
+])
+def test_module_tree_labels_numbers_however_they_are_written(shapes, expected):
+    assert [r.path for r in module_tree(infos_of(shapes))] == expected
+
+
+def test_module_tree_a_name_without_its_number_merges_with_nothing():
+    infos = infos_of({"conv.w": (1,), "conv1.w": (1,), "conv2.w": (1,), "conv3.w": (1,)})
+    assert [p for p, _, _ in _rows(infos)] == ["conv", "conv.w", "conv{1..3}", "conv{1..3}.w"]
+    infos = infos_of({"conv1.w": (1,), "conv.w": (1,), "conv2.w": (1,)})
+    assert [p for p, _, _ in _rows(infos)] == ["conv1", "conv1.w", "conv", "conv.w", "conv2", "conv2.w"]
+    infos = infos_of({"b.0.w": (1,), "b.1.w": (1,), "b..w": (1,), "b.2.w": (1,), "b.3.w": (1,)})  # an empty name
+    assert _rows(infos) == [("b", 5, 1), ("b.{0,1}", 2, 2), ("b.{0,1}.w", 2, 2), ("b.", 1, 1), ("b..w", 1, 1),
+                            ("b.{2,3}", 2, 2), ("b.{2,3}.w", 2, 2)]
+
+
+def test_module_tree_collapses_tensors_that_are_modules_too():
+    rows = module_tree(infos_of({"m.0": (2,), "m.0.w": (3,), "m.1": (2,), "m.1.w": (3,)}))
+    assert [(r.path, r.params, r.n_tensors, r.shape, r.repeat) for r in rows] == [
+        ("m", 10, 4, None, 1), ("m.{0,1}", 10, 4, (2,), 2), ("m.{0,1}.w", 6, 2, (3,), 2)]
+
+
+def test_module_tree_tells_siblings_apart_by_keys_below_the_depth_shown():
+    infos = infos_of({"h.0.a.x": (2,), "h.1.a.y": (2,), "h.2.a.y": (2,)})
+    assert _rows(infos, depth=2) == [("h", 6, 1), ("h.0", 2, 1), ("h.{1,2}", 4, 2)]
+    assert _rows(infos, depth=1) == [("h", 6, 1)]
+    assert module_tree(infos, depth=0) == module_tree(infos, depth=-1) == module_tree({}) == []
+
+
+def test_module_tree_totals_are_exact_when_elements_do_not_follow_from_shapes():
+    # a nested tensor's elements are its buffer's: siblings of one shape may hold more or fewer.
+    # The parent counts each; a collapsed row, as ever, its first member times the repeat
+    def nested(shape, n):
+        return TensorInfo("t", "F32", shape, "x", 0, 4 * n, kind="nested", parts={"buffer": info("b", (n,))})
+
+    infos = {"m.l.0.w": nested((4,), 3), "m.l.1.w": nested((4,), 5), "m.l.2.w": nested((4,), 7)}
+    rows = module_tree(infos, depth=3)
+    assert [(r.path, r.params, r.n_tensors, r.repeat) for r in rows] == [
+        ("m", 15, 3, 1), ("m.l", 15, 3, 1), ("m.l.{0..2}", 9, 3, 3)]
+    # the kind is no part of the comparison: a meta tensor among dense ones of its shape merges
+    meta = TensorInfo("l.1.w", "F32", (4,), "x", 0, 0, kind="meta")
+    infos = {**infos_of({"l.0.w": (4,), "l.2.w": (4,)}), "l.1.w": meta}
+    assert _rows(infos, depth=2) == [("l", 12, 1), ("l.{0..2}", 12, 3)]
+
+
+def test_module_tree_of_deep_numbered_modules():
+    shapes = {f"a.{i}.b.c.d.e.f.{j}.w": (2,) for i in range(2) for j in range(3)}
+    assert _rows(infos_of(shapes)) == [
+        ("a", 12, 1), ("a.{0,1}", 12, 2), ("a.{0,1}.b", 12, 2), ("a.{0,1}.b.c", 12, 2), ("a.{0,1}.b.c.d", 12, 2),
+        ("a.{0,1}.b.c.d.e", 12, 2), ("a.{0,1}.b.c.d.e.f", 12, 2), ("a.{0,1}.b.c.d.e.f.{0..2}", 12, 6),
+        ("a.{0,1}.b.c.d.e.f.{0..2}.w", 12, 6)]
+    shapes["a.1.b.c.d.e.f.2.w"] = (3,)  # a difference six levels down keeps a.0 and a.1 apart
+    assert [p for p, _, _ in _rows(infos_of(shapes))] == [
+        "a", "a.0", "a.0.b", "a.0.b.c", "a.0.b.c.d", "a.0.b.c.d.e", "a.0.b.c.d.e.f", "a.0.b.c.d.e.f.{0..2}",
+        "a.0.b.c.d.e.f.{0..2}.w", "a.1", "a.1.b", "a.1.b.c", "a.1.b.c.d", "a.1.b.c.d.e", "a.1.b.c.d.e.f",
+        "a.1.b.c.d.e.f.{0,1}", "a.1.b.c.d.e.f.{0,1}.w", "a.1.b.c.d.e.f.2", "a.1.b.c.d.e.f.2.w"]
+    # numbered siblings at each of 1,200 levels: no recursion, one row per module
+    levels = 1200
+    chain = infos_of({"0." * k + f"{n}.w": (2,) for k in range(levels) for n in (1, 2)})
+    rows = [(r.path, r.repeat) for r in module_tree(chain)]
+    assert rows[:5] == [("{1,2}", 2), ("{1,2}.w", 2), ("0", 1), ("0.{1,2}", 2), ("0.{1,2}.w", 2)]
+    assert len(rows) == 3 * levels - 1 and rows[-1] == ("0." * (levels - 1) + "{1,2}.w", 2)
+
+
 def test_cut_tree_keeps_the_first_rows_and_totals_the_rest():
     infos = infos_of({f"layer{i}.{p}": (i + 1,) for i in range(100) for p in ("weight", "bias")})
     rows = module_tree(infos, depth=2)
