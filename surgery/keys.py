@@ -170,6 +170,9 @@ def node_signature(node: KeyNode, leaf_sig: Callable[[Any], Hashable], sigs: dic
 
 
 _INDEXED = re.compile(r"^(.*[_\-])?(\d+)$")
+# a longer number is no index (no model has 10**18 blocks): such a name groups with nothing, and is
+# never read as an int (Python refuses to parse one of over 4,300 digits, which a file may hold)
+MAX_INDEX_DIGITS = 18
 
 
 def _index_name(name: str) -> tuple[str, int] | None:
@@ -179,9 +182,9 @@ def _index_name(name: str) -> tuple[str, int] | None:
     ``conv1``/``conv2`` are distinct modules that merely look alike.
     """
     if name.isdecimal():  # the common case, nn.Sequential's children: no regular expression
-        return "", int(name)
+        return ("", int(name)) if len(name) <= MAX_INDEX_DIGITS else None
     m = _INDEXED.match(name)
-    return (m.group(1) or "", int(m.group(2))) if m else None
+    return (m.group(1) or "", int(m.group(2))) if m and len(m.group(2)) <= MAX_INDEX_DIGITS else None
 
 
 def _brace(names: list[str]) -> str:

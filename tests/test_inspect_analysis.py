@@ -235,14 +235,30 @@ def test_module_tree_cuts_a_counted_run_where_a_member_differs():
     ({"l00.w": (1,), "l01.w": (1,), "l02.w": (1,)}, ["l{00..02}", "l{00..02}.w"]),  # leading zeros
     ({"layer2.w": (1,), "layer1.w": (1,), "layer0.w": (1,)}, ["layer{0..2}", "layer{0..2}.w"]),  # counting down
     ({"x1.w": (1,), "x01.w": (1,), "x2.w": (1,)}, ["x{01,1,2}", "x{01,1,2}.w"]),  # one number twice
-    ({f"b{10 ** 30 + i}.w": (1,) for i in range(3)},
-     ["b{1000000000000000000000000000000..1000000000000000000000000000002}",
-      "b{1000000000000000000000000000000..1000000000000000000000000000002}.w"]),
+    ({f"b{10 ** 17 + i}.w": (1,) for i in range(3)},  # 18 digits: an index still
+     ["b{100000000000000000..100000000000000002}", "b{100000000000000000..100000000000000002}.w"]),
+    ({f"b{10 ** 18 + i}.w": (1,) for i in range(2)},  # 19: no model has that many blocks, a name like any other
+     ["b1000000000000000000", "b1000000000000000000.w", "b1000000000000000001", "b1000000000000000001.w"]),
     ({"h.١.w": (1,), "h.٢.w": (1,), "h.٣.w": (1,), "x١.w": (1,), "x٢.w": (1,)},  # other digits: whole names only
      ["h", "h.{١..٣}", "h.{١..٣}.w", "x١", "x١.w", "x٢", "x٢.w"]),
 ])
 def test_module_tree_labels_numbers_however_they_are_written(shapes, expected):
     assert [r.path for r in module_tree(infos_of(shapes))] == expected
+
+
+@pytest.mark.parametrize("stem", ["", "layer"])
+def test_module_tree_of_numbers_python_cannot_parse_is_no_crash(stem, tmp_path):
+    """int() refuses a number of more than 4,300 digits: such names are names, never parsed."""
+    names = [stem + str(d) * 5000 for d in (1, 2, 3)]
+    rows = module_tree(infos_of({f"{n}.w": (1,) for n in names}))
+    assert [r.path for r in rows] == [p for n in names for p in (n, f"{n}.w")]
+    assert cut_tree(rows, 2).like == f"{names[1]}"
+    import torch
+
+    torch.save({f"{n}.w": torch.zeros(1) for n in names}, tmp_path / "long.pt")
+    out = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(tmp_path / "long.pt")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_module_tree_a_name_without_its_number_merges_with_nothing():
@@ -328,6 +344,10 @@ def test_collapse_keys():
     assert collapse_keys([f"blocks.{i}.w" for i in range(12)]) == ["blocks.{0..11}.w"]
     assert collapse_keys([f"b.{i}.w" for i in (0, 1, 2, 4, 6, 7)]) == ["b.{0..2,4,6,7}.w"]
     assert collapse_keys([]) == []
+    # numbers of more digits than any index (int() refuses one of over 4,300) are names like any other
+    long = [str(d) * 5000 for d in (1, 2)]
+    assert collapse_keys([f"b.{n}.w" for n in long]) == [f"b.{n}.w" for n in long]
+    assert collapse_keys([f"b_{10 ** 17 + i}.w" for i in range(3)]) == ["b_{100000000000000000..100000000000000002}.w"]
 
 
 def test_dtype_totals():

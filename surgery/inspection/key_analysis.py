@@ -8,14 +8,14 @@ torch, so ``surgery inspect`` of a multi-GB checkpoint stays a header read.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import compress, groupby, repeat
-from operator import attrgetter, itemgetter
-from collections.abc import Sequence
+from operator import attrgetter, itemgetter, sub
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
 
-from ..keys import common_prefix, detect_wrapper_prefixes
+from ..keys import MAX_INDEX_DIGITS, common_prefix, detect_wrapper_prefixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import TensorInfo
@@ -100,22 +100,27 @@ def _numbered(name: str) -> tuple[str, int] | None:
     the name (``layer0``, ``block12``): its siblings merge only when their keys, shapes and dtypes
     are the same, so ``conv1``/``conv2`` of different shapes stay apart.
     """
-    if name.isdecimal():  # nn.Sequential's children (and the odd non-ASCII number)
-        return "", int(name)
-    stem = name.rstrip(_DIGITS)  # a C loop: a model may have 50,000 such names
-    return (stem, int(name[len(stem):])) if len(stem) < len(name) else None
+    stem = "" if name.isdecimal() else name.rstrip(_DIGITS)  # a decimal name: nn.Sequential's children
+    if not 0 < len(name) - len(stem) <= MAX_INDEX_DIGITS:
+        return None
+    return stem, int(name[len(stem):])
 
 
 def _stems(names: list[str]) -> list[str]:
     """`_numbered`'s stem of each name, the name itself when it carries no number; in C loops, as a
     module may hold 200,000 children."""
     joined = "".join(names)
-    if joined.isdecimal():  # nn.Sequential's or nn.ModuleList's children ('' is its own stem too)
+    lengths = list(map(len, names))
+    if joined.isdecimal() and max(lengths) <= MAX_INDEX_DIGITS:  # nn.Sequential's or nn.ModuleList's children
         return [""] * len(names)
     stems = list(map(str.rstrip, names, repeat(_DIGITS)))
     if not joined.isascii():  # a number in other digits is a number too
         for j in compress(range(len(names)), map(str.isdecimal, names)):
             stems[j] = ""
+    if max(map(sub, lengths, map(len, stems))) > MAX_INDEX_DIGITS:
+        for j in range(len(names)):
+            if lengths[j] - len(stems[j]) > MAX_INDEX_DIGITS:
+                stems[j] = names[j]
     return stems
 
 
@@ -126,7 +131,7 @@ def _counted(names: list[str]) -> tuple[str, int] | None:
     with that stem, and none is there twice."""
     stem = names[0].rstrip(_DIGITS)
     number = names[0][len(stem):]
-    if not number or len(number) > 18 or stem.isdecimal() or number != str(int(number)):
+    if not number or len(number) > MAX_INDEX_DIGITS or stem.isdecimal() or number != str(int(number)):
         return None  # no number, one in other digits (`_numbered` reads the whole name), a leading zero
     start = int(number)
     if names[-1] != f"{stem}{start + len(names) - 1}" or \
