@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import compress, groupby, repeat
+from itertools import accumulate, compress, groupby, repeat
 from operator import attrgetter, itemgetter, sub
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
 
@@ -209,6 +209,7 @@ class _Keys:
         self._stats: dict[int, tuple] = {}  # id(idx) -> (idx, elements, tensors, dtypes)
         self._deep: dict[tuple[int, int], tuple] = {}  # (id(idx), level) -> (idx, signature)
         self._longest: dict[int, tuple] = {}  # id(idx) -> (idx, the most parts a key holds)
+        self._ends: dict[int, list[int]] = {}  # key index -> where each of its parts ends (`_start`)
         self._interned: dict[tuple, int] = {}  # a deep node's (own, children's signatures) -> its signature
 
     def _rows(self, table: list, idx: Sequence[int]) -> Iterable:
@@ -227,16 +228,30 @@ class _Keys:
             return (None, [parts[level]], [idx], None) if level < self.floor else (None, [], [], None)
         hit = self._splits.get((id(idx), level))
         if hit is None:
-            own = self.by_key.get(".".join(self.parts[idx[0]][:level])) if level else None
+            own = None
+            if level:  # the key that ends at the node: the one of ``level`` parts (found in the keys
+                lengths = list(self._rows(self.lengths, idx))  # already here, not by its path: a chain
+                if level in lengths:  # of modules 4,000 deep would rebuild 4,000 paths of 4,000 parts)
+                    own = self.infos[idx[lengths.index(level)]]
             kids: tuple = ([], [], None)
             if level < self.floor:
                 kids = self._children(idx if own is None else [i for i in idx if len(self.parts[i]) > level], level)
             hit = self._splits[id(idx), level] = (idx, own, *kids)
         return hit[1:]
 
+    def _start(self, i: int, level: int) -> int:
+        """Where key ``i``'s part ``level`` starts: its parts' lengths summed once per key (a chain
+        of modules thousands deep asks for every level of one key)."""
+        if not level:
+            return 0
+        ends = self._ends.get(i)
+        if ends is None:
+            ends = self._ends[i] = list(accumulate(map(len, self.parts[i])))
+        return ends[level - 1] + level
+
     def _children(self, idx: Sequence[int], level: int) -> tuple[list[str], list[Sequence[int]], tuple | None]:
         first = self.parts[idx[0]]
-        at = sum(map(len, first[:level])) + level  # where the keys' parts at ``level`` start
+        at = self._start(idx[0], level)  # where the keys' parts at ``level`` start
         if all(map(str.startswith, self._rows(self.keys, idx), repeat(first[level] + "."), repeat(at))):
             return [first[level]], [idx], None  # a module holding one module
         heads = list(map(itemgetter(level), self._rows(self.parts, idx)))
