@@ -193,20 +193,21 @@ class ZipIndex:
             raise
         self._index(raws, records)
 
-    def _decoded(self, raws: list[bytes]) -> list[str]:
+    def _decoded(self, raws: list[bytes], joined: bytes | None = None) -> list[str]:
         """The names, decoded all at once: they hold no NUL byte (checked as they are read), so
-        joined by NUL they decode (or fail) as each would alone, and split back at NUL. The
-        first name that is not UTF-8 is named."""
+        joined by NUL (``joined``, when the caller has it) they decode (or fail) as each would
+        alone, and split back at NUL. The first name that is not UTF-8 is named."""
         try:  # torch compares raw bytes with UTF-8 strings, whatever the flag says
-            return b"\0".join(raws).decode("utf-8").split("\0") if raws else []
+            return (b"\0".join(raws) if joined is None else joined).decode("utf-8").split("\0") if raws else []
         except UnicodeDecodeError:
             bad = next(raw for raw in raws if not _utf8(raw))
             raise _corrupt(self.src, f"entry name {bad[:60]!r} is not UTF-8") from None
 
     def _index(self, raws: list[bytes], records: list[Entry]) -> None:
         """Index the entries by name, and by name as torch looks them up (ASCII case ignored)."""
-        names = self._decoded(raws)
-        folded = b"\0".join(raws).lower().split(b"\0") if raws else []
+        joined = b"\0".join(raws)
+        names = self._decoded(raws, joined)
+        folded = joined.lower().split(b"\0") if raws else []
         self.names = names
         self._folded = dict(zip(folded, names))
         if len(self._folded) < len(names):  # names equal ignoring ASCII case: each one after the first
@@ -224,10 +225,9 @@ class ZipIndex:
         """`data_offset` of each name (``entries``: their entries). Local headers are read a window
         of up to 16 MiB at a time in offset order (a file of 200,000 small tensors: a few preads,
         not 200,000); a header outside the archive goes through `data_offset`, which names the entry."""
-        es = entries
-        starts = [e.header_offset for e in es]
-        order = sorted(range(len(es)), key=starts.__getitem__)  # torch writes them in order: a linear pass
-        out = [0] * len(es)
+        starts = [e.header_offset for e in entries]
+        order = sorted(range(len(starts)), key=starts.__getitem__)  # torch writes them in order: a linear pass
+        out = [0] * len(starts)
         unpack, length = _LOCAL_LENGTHS.unpack_from, self.length
         i = 0
         while i < len(order):

@@ -197,7 +197,6 @@ class _Keys:
     """
 
     def __init__(self, infos: Mapping[str, "TensorInfo"], depth: int | None) -> None:
-        self.by_key = infos
         self.keys = list(infos)
         self.infos = list(infos.values())
         # no node lies below the floor: the parts of a key past it stay one string, its tail
