@@ -189,34 +189,30 @@ def test_a_malformed_config_is_one_line(tmp_path, cli, config, said):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and said in r.output, r.output
 
 
-def test_a_kohya_alpha_must_be_one_value(tmp_path, cli):
+def _merge_kohya_with(tmp_path, cli, name: str, value: torch.Tensor):
+    """merge-lora of the kohya adapter with tensor ``name`` set to ``value``."""
     _kohya(tmp_path)
     sd = load_file(tmp_path / "kohya.safetensors")
-    sd["lora_unet_conv.alpha"] = torch.ones(2)
+    sd[name] = value
     save_file(sd, tmp_path / "kohya.safetensors")
-    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
+    return cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
+
+
+def test_a_kohya_alpha_must_be_one_value(tmp_path, cli):
+    r = _merge_kohya_with(tmp_path, cli, "lora_unet_conv.alpha", torch.ones(2))
     assert r.exit_code == 2 and "'lora_unet_conv.alpha' holds 2 values" in r.output, r.output
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
 def test_a_kohya_alpha_that_is_not_finite_is_refused(tmp_path, cli, alpha):
     """A NaN or infinite alpha would turn every merged weight of its module into NaN or inf."""
-    _kohya(tmp_path)
-    sd = load_file(tmp_path / "kohya.safetensors")
-    sd["lora_unet_conv.alpha"] = torch.tensor(alpha)
-    save_file(sd, tmp_path / "kohya.safetensors")
-    out = tmp_path / "m.pt"
-    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", out)
+    r = _merge_kohya_with(tmp_path, cli, "lora_unet_conv.alpha", torch.tensor(alpha))
     assert r.exit_code == 2 and f"'lora_unet_conv.alpha' is {alpha}" in r.output, r.output
-    assert not out.exists()
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_an_alpha_with_no_factors_names_both_missing(tmp_path, cli):
-    _kohya(tmp_path)
-    sd = load_file(tmp_path / "kohya.safetensors")
-    sd["lora_unet_extra.alpha"] = torch.tensor(2.0)
-    save_file(sd, tmp_path / "kohya.safetensors")
-    r = cli("merge-lora", tmp_path / "unet.safetensors", tmp_path / "kohya.safetensors", "--out", tmp_path / "m.pt")
+    r = _merge_kohya_with(tmp_path, cli, "lora_unet_extra.alpha", torch.tensor(2.0))
     assert r.exit_code == 2 and "'lora_unet_extra' has an alpha but no lora_A and no lora_B" in r.output, r.output
 
 
