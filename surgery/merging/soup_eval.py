@@ -107,14 +107,12 @@ def _same_split(runs: Ingredients, data: str | os.PathLike, val_split: float | N
     --seed unless given), refused when two runs split it differently: one run's validation images
     would be another's training images, and the greedy rule would reward memory. The runs' own
     splits are compared even when a split is given, as each trained on its own."""
-    given = val_split is not None or seed is not None
-    if given:
+    if val_split is not None or seed is not None:
         try:
             _same_split(runs, data, None, None)
-        except SplitMismatch:
-            raise
-        except DataError:
-            pass  # the recorded split does not apply to this DATA (no val folder, no saved fraction): nothing to compare
+        except DataError as e:  # unless the runs split apart, the recorded split does not apply to this
+            if isinstance(e, SplitMismatch):  # DATA (no val folder, no saved fraction): nothing to compare
+                raise
     seen: dict[tuple, Any] = {}
     first = None
     for path, m in zip(runs.paths, runs.manifests):
